@@ -1,0 +1,93 @@
+"""Command line: argument parsing only; the work happens in the modules it calls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .config import ConfigError, load_config
+
+log = logging.getLogger("imgtrain")
+
+EXIT_CONFIG = 2
+EXIT_DATA = 3
+EXIT_CHECKPOINT = 4
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML recipe (defaults < recipe < overrides)")
+    p.add_argument("--output-dir", help="run directory (same as output_dir=DIR)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="override any config value, e.g. training.epochs=3 model.name=resnet18")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgtrain", description="Distributed image-classification training")
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a model (resumes automatically from the newest checkpoint)")
+    _add_common(t)
+    t.add_argument("--resume", help="checkpoint to resume from (same as checkpoint.resume=PATH)")
+    e = sub.add_parser("eval", help="top-1/top-5 of a checkpoint or model.pt on the validation split")
+    e.add_argument("--checkpoint", required=True,
+                   help="a checkpoint directory, its checkpoints/ folder (newest good one), or model.pt")
+    _add_common(e)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    ov = list(args.overrides)
+    if args.output_dir:
+        ov.append(f"output_dir={args.output_dir}")
+    if getattr(args, "resume", None):
+        ov.append(f"checkpoint.resume={args.resume}")
+    return ov
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .data import DataError
+
+    try:
+        if args.command == "train":
+            cfg = load_config(args.config, _overrides(args))
+            return _train(cfg)
+        return _eval(args)
+    except ConfigError as e:
+        print(f"imgtrain: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except DataError as e:
+        print(f"imgtrain: data error: {e}", file=sys.stderr)
+        return EXIT_DATA
+    except CheckpointError as e:
+        print(f"imgtrain: checkpoint error: {e}", file=sys.stderr)
+        return EXIT_CHECKPOINT
+
+
+def _train(cfg) -> int:
+    from .trainer import Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        result = trainer.train()
+    finally:
+        trainer.close()
+    if result.get("preempted"):
+        return int(result["exit_code"])
+    if trainer.info.is_main:
+        print(json.dumps({k: result[k] for k in ("val_top1", "val_top5", "epochs", "steps",
+                                                   "wall_seconds", "mean_train_images_per_s")}))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import run_eval
+
+    return run_eval(args.checkpoint, args.config, _overrides(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,424 @@
+"""Typed run configuration: one dataclass per YAML section, loading, dotted overrides, validation.
+
+Precedence, lowest first: the defaults below < the YAML recipe (``--config``) < command-line overrides
+(``section.key=value``). Everything is validated here, before any process group, data or model is
+touched; a bad value raises :class:`ConfigError` naming the full key path, the value and what was
+expected (the CLI turns it into exit code 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or impossible."""
+
+    def __init__(self, key: str, value: Any, expected: str):
+        self.key, self.value, self.expected = key, value, expected
+        super().__init__(f"config key '{key}': got {value!r}, expected {expected}")
+
+
+def _check(cond: bool, key: str, value: Any, expected: str) -> None:
+    if not cond:
+        raise ConfigError(key, value, expected)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet50"
+    """torchvision name (resnet18..152, vit_b_16), an imgtrain small model, or ``timm/<name>``."""
+    pretrained: bool = False
+    """Load published weights. Needs the weights in the local torch/timm cache: nothing is downloaded."""
+    small_input: bool = False
+    """CIFAR-style stem (3x3 stride-1 conv, no max-pool) for images of 32 px and less."""
+    width: int = 64
+    """Channel width of imgtrain's own small models (simple_cnn); ignored by torchvision/timm models."""
+    activation_checkpointing: bool = False
+    """Recompute activations of each residual stage / transformer block in backward to save memory."""
+    channels_last: bool = True
+    """Use channels-last memory format on CUDA (faster convolutions with tensor cores)."""
+
+    def validate(self, p: str) -> None:
+        _check(bool(self.name), f"{p}.name", self.name, "a model name")
+        _check(self.width >= 1, f"{p}.width", self.width, "an integer >= 1")
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None
+    """ImageFolder root with train/ and val/. None: the embedded default (scikit-learn's digits)."""
+    image_size: int = 224
+    """Training crop size (pixels)."""
+    val_resize: int | None = None
+    """Eval resize of the shorter side before the center crop; None: image_size / 0.875."""
+    workers: int = 8
+    """DataLoader worker processes per training process."""
+    prefetch_factor: int = 4
+    """Batches loaded ahead by each worker."""
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    random_resized_crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    hflip: float = 0.5
+    """Probability of a horizontal flip."""
+    auto_augment: Literal["none", "randaugment", "trivialaugment"] = "none"
+    randaugment_magnitude: int = 9
+    random_erase: float = 0.0
+    """Probability of random erasing."""
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    max_bad_fraction: float = 0.001
+    """Stop with an error once more than this fraction of a split's files failed to decode."""
+
+    def validate(self, p: str) -> None:
+        _check(self.image_size >= 8, f"{p}.image_size", self.image_size, "an integer >= 8")
+        _check(self.val_resize is None or self.val_resize >= self.image_size, f"{p}.val_resize",
+               self.val_resize, f"null or an integer >= data.image_size ({self.image_size})")
+        _check(self.workers >= 0, f"{p}.workers", self.workers, "an integer >= 0")
+        _check(self.prefetch_factor >= 1, f"{p}.prefetch_factor", self.prefetch_factor, "an integer >= 1")
+        s = self.random_resized_crop_scale
+        _check(len(s) == 2 and 0 < s[0] <= s[1] <= 1, f"{p}.random_resized_crop_scale", s,
+               "[min, max] with 0 < min <= max <= 1")
+        for k in ("hflip", "random_erase", "max_bad_fraction"):
+            v = getattr(self, k)
+            _check(0.0 <= v <= 1.0, f"{p}.{k}", v, "a number in [0, 1]")
+        for k in ("mixup_alpha", "cutmix_alpha"):
+            v = getattr(self, k)
+            _check(v >= 0.0, f"{p}.{k}", v, "a number >= 0")
+        _check(0 <= self.randaugment_magnitude <= 30, f"{p}.randaugment_magnitude",
+               self.randaugment_magnitude, "an integer in [0, 30]")
+        for k in ("mean", "std"):
+            v = getattr(self, k)
+            _check(len(v) == 3, f"{p}.{k}", v, "a list of 3 numbers (RGB)")
+        _check(all(x > 0 for x in self.std), f"{p}.std", self.std, "positive numbers")
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = 90
+    batch_size: int = 64
+    """Per-process micro-batch size."""
+    base_lr: float = 0.1
+    """Learning rate at a global batch of ``lr_reference_batch``; scaled linearly with the global batch."""
+    lr_reference_batch: int = 256
+    warmup_epochs: float = 5.0
+    warmup_start_factor: float = 0.0
+    """LR at step 0 as a fraction of the peak LR."""
+    lr_schedule: Literal["cosine", "step", "constant"] = "cosine"
+    lr_step_epochs: list[int] = field(default_factory=lambda: [30, 60, 80])
+    lr_step_gamma: float = 0.1
+    min_lr_factor: float = 0.0
+    """Cosine floor as a fraction of the peak LR."""
+    seed: int = 0
+    deterministic: bool = False
+    """Deterministic algorithms: with the same seed and world size, bit-identical weights on CPU."""
+    log_interval: int = 10
+    """Optimizer steps between metrics.jsonl records."""
+    eval_interval: int = 1
+    """Epochs between evaluations (the last epoch is always evaluated)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (smoke tests, benchmarks)."""
+    progress_bar: bool = True
+
+    def validate(self, p: str) -> None:
+        _check(self.epochs >= 1, f"{p}.epochs", self.epochs, "an integer >= 1")
+        _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.base_lr > 0, f"{p}.base_lr", self.base_lr, "a number > 0")
+        _check(self.lr_reference_batch >= 1, f"{p}.lr_reference_batch", self.lr_reference_batch,
+               "an integer >= 1")
+        _check(0 <= self.warmup_epochs <= self.epochs, f"{p}.warmup_epochs", self.warmup_epochs,
+               f"a number in [0, training.epochs={self.epochs}]")
+        _check(0 <= self.warmup_start_factor <= 1, f"{p}.warmup_start_factor", self.warmup_start_factor,
+               "a number in [0, 1]")
+        _check(0 < self.lr_step_gamma <= 1, f"{p}.lr_step_gamma", self.lr_step_gamma, "a number in (0, 1]")
+        _check(0 <= self.min_lr_factor <= 1, f"{p}.min_lr_factor", self.min_lr_factor, "a number in [0, 1]")
+        _check(self.lr_step_epochs == sorted(self.lr_step_epochs), f"{p}.lr_step_epochs",
+               self.lr_step_epochs, "epochs in increasing order")
+        _check(self.log_interval >= 1, f"{p}.log_interval", self.log_interval, "an integer >= 1")
+        _check(self.eval_interval >= 1, f"{p}.eval_interval", self.eval_interval, "an integer >= 1")
+        _check(self.max_steps is None or self.max_steps >= 1, f"{p}.max_steps", self.max_steps,
+               "null or an integer >= 1")
+
+
+@dataclass
+class OptimizationConfig:
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-4
+    no_weight_decay_on_norm_bias: bool = False
+    """Exclude normalization weights and all biases from weight decay."""
+    mixed_precision: Literal["none", "bf16", "fp16"] = "none"
+    """bf16 or fp16 autocast; fp16 uses dynamic loss scaling. bf16 also works on CPU."""
+    gradient_clip: float | None = None
+    """Max global gradient L2 norm; null disables clipping."""
+    accumulation_steps: int = 1
+    label_smoothing: float = 0.0
+    ema: bool = False
+    ema_decay: float = 0.9998
+    ema_interval: int = 1
+    """Optimizer steps between EMA updates."""
+
+    def validate(self, p: str) -> None:
+        _check(0 <= self.momentum < 1, f"{p}.momentum", self.momentum, "a number in [0, 1)")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{p}.betas", self.betas,
+               "two numbers in [0, 1)")
+        _check(self.weight_decay >= 0, f"{p}.weight_decay", self.weight_decay, "a number >= 0")
+        _check(self.gradient_clip is None or self.gradient_clip > 0, f"{p}.gradient_clip",
+               self.gradient_clip, "null or a number > 0")
+        _check(self.accumulation_steps >= 1, f"{p}.accumulation_steps", self.accumulation_steps,
+               "an integer >= 1")
+        _check(0 <= self.label_smoothing < 1, f"{p}.label_smoothing", self.label_smoothing,
+               "a number in [0, 1)")
+        _check(0 < self.ema_decay < 1, f"{p}.ema_decay", self.ema_decay, "a number in (0, 1)")
+        _check(self.ema_interval >= 1, f"{p}.ema_interval", self.ema_interval, "an integer >= 1")
+        _check(not (self.nesterov and self.momentum == 0), f"{p}.nesterov", self.nesterov,
+               "false when optimization.momentum is 0")
+
+
+@dataclass
+class DistributedConfig:
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """auto: NCCL when CUDA is available, else Gloo."""
+    bucket_cap_mb: float = 25.0
+    sync_batchnorm: bool = False
+    timeout: float = 600.0
+    """Process-group (collective) timeout in seconds once training runs."""
+    init_timeout: float = 1800.0
+    """Timeout of the first collectives (rendezvous, model broadcast, checkpoint load)."""
+    elastic_batch: Literal["keep_global", "keep_per_process"] = "keep_global"
+    """When the world size changes: keep the global batch by changing gradient accumulation, or keep
+    the per-process batch and rescale the LR linearly."""
+
+    def validate(self, p: str) -> None:
+        _check(self.bucket_cap_mb > 0, f"{p}.bucket_cap_mb", self.bucket_cap_mb, "a number > 0")
+        _check(self.timeout > 0, f"{p}.timeout", self.timeout, "a number of seconds > 0")
+        _check(self.init_timeout >= self.timeout, f"{p}.init_timeout", self.init_timeout,
+               f"seconds >= distributed.timeout ({self.timeout})")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None
+    """Local directory or fsspec URL (s3://, gs://). None: <output-dir>/checkpoints."""
+    save_interval: float | None = None
+    """Seconds between time-based saves; null disables them."""
+    save_every_steps: int | None = None
+    """Optimizer steps between saves; null disables them."""
+    save_at_epoch_end: bool = True
+    keep_last_n: int = 3
+    async_save: bool = True
+    """Serialize and write in a background thread; the loop only pays for the copy off the device."""
+    resume: str = "auto"
+    """auto (newest valid checkpoint in dir), never, or a checkpoint path."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """Passed to fsspec (e.g. {client_kwargs: {endpoint_url: ...}} for an S3-compatible store)."""
+
+    def validate(self, p: str) -> None:
+        _check(self.save_interval is None or self.save_interval > 0, f"{p}.save_interval",
+               self.save_interval, "null or seconds > 0")
+        _check(self.save_every_steps is None or self.save_every_steps >= 1, f"{p}.save_every_steps",
+               self.save_every_steps, "null or an integer >= 1")
+        _check(self.keep_last_n >= 1, f"{p}.keep_last_n", self.keep_last_n, "an integer >= 1")
+        _check(bool(self.resume), f"{p}.resume", self.resume, "'auto', 'never' or a checkpoint path")
+
+
+@dataclass
+class FaultToleranceConfig:
+    grace_period: float = 30.0
+    """Seconds a SIGTERM/SIGINT leaves to finish the step, save and exit."""
+    hang_timeout: float | None = 1800.0
+    """Seconds without a completed step before the watchdog dumps all stacks and exits; null disables."""
+    first_step_timeout: float | None = 3600.0
+    """Watchdog limit for the first step (loader start-up, compilation); null: hang_timeout."""
+
+    def validate(self, p: str) -> None:
+        _check(self.grace_period > 0, f"{p}.grace_period", self.grace_period, "seconds > 0")
+        _check(self.hang_timeout is None or self.hang_timeout > 0, f"{p}.hang_timeout", self.hang_timeout,
+               "null or seconds > 0")
+        _check(self.first_step_timeout is None or self.first_step_timeout > 0, f"{p}.first_step_timeout",
+               self.first_step_timeout, "null or seconds > 0")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
+    output_dir: str = "runs/default"
+    """Run directory: config.yaml, metrics.jsonl, summary.json, checkpoints/, model.pt."""
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                section.validate(f.name)
+        _check(bool(self.output_dir), "output_dir", self.output_dir, "a directory path")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building the typed objects from plain YAML data, with the key path in every error.
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"a list of {_type_name(inner)}"
+    if origin is dict:
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(key, value, _type_name(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(key, value, _type_name(tp))
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                pass
+        raise ConfigError(key, value, _type_name(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(key, value, _type_name(tp))
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, value, "a mapping")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, value, "true/false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(key, value, "an integer")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(key, value, "a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(key, value, "a string")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    raise TypeError(f"unsupported config type {tp} at {key}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(prefix or "<root>", data, "a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        path = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(path, v, "a known key; valid keys here: " + ", ".join(sorted(names)))
+        kwargs[k] = _coerce(v, hints[k], path)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value), the value parsed as YAML (so 3 is int, true is bool)."""
+    if "=" not in text:
+        raise ConfigError(text, text, "an override of the form section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(key or text, raw, "a dotted key such as training.epochs")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(key, raw, f"a YAML value ({e.__class__.__name__})") from None
+    return key.split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: dict[str, Any] | None = None) -> Config:
+    """Defaults < ``base`` (e.g. a checkpoint's config) or YAML file < overrides, validated.
+    Raises ConfigError on any bad key or value."""
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("--config", str(path), "an existing YAML file")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError("--config", str(path), f"valid YAML ({e})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError("--config", str(path), "a YAML mapping of sections")
+        data = loaded or {}
+    for ov in overrides:
+        keys, value = parse_override(ov)
+        nested: dict[str, Any] = {}
+        cur = nested
+        for k in keys[:-1]:
+            cur[k] = {}
+            cur = cur[k]
+        cur[keys[-1]] = value
+        data = _merge(data, nested)
+    cfg = _build(Config, data, "")
+    cfg.validate()
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = _build(Config, data, "")
+    cfg.validate()
+    return cfg
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

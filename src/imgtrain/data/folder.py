@@ -1,0 +1,100 @@
+"""ImageFolder-style dataset that decodes with torchvision.io and survives bad files."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torchvision.io import ImageReadMode, decode_image
+
+log = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+class DataError(RuntimeError):
+    """The data on disk cannot be used as configured (missing root, no classes, too many bad files)."""
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """What the batch sampler hands to the dataset: an index and the weight its loss gets.
+
+    Weight 0 marks padding that only keeps ranks in step at the end of an epoch: it is decoded and run
+    through the model but contributes nothing to the gradient or the accuracy counts.
+    """
+
+    index: int
+    weight: float = 1.0
+    epoch: int = 0  # carried with the index because persistent workers hold their own dataset copy
+
+
+def scan_classes(split_dir: Path) -> list[str]:
+    if not split_dir.is_dir():
+        raise DataError(f"data split directory not found: {split_dir}")
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DataError(f"no class folders in {split_dir} (expected {split_dir}/<class>/<image files>)")
+    return classes
+
+
+def scan_samples(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
+    samples: list[tuple[str, int]] = []
+    for idx, c in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(split_dir / c, followlinks=True)):
+            for f in sorted(files):
+                if f.lower().endswith(IMG_EXTENSIONS):
+                    samples.append((os.path.join(dirpath, f), idx))
+    if not samples:
+        raise DataError(f"no image files under {split_dir} (extensions: {', '.join(IMG_EXTENSIONS)})")
+    return samples
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """``root/<class>/<file>`` -> (uint8 CHW tensor, label, weight, bad path or "").
+
+    Decoding and augmentation stay in uint8 (cheap to move between processes); normalization happens on
+    the device. A file that fails to decode yields a zero image with weight 0 and its path, so that the
+    main process can name it, count it and drop it from the batch: one bad JPEG never stops a run.
+
+    Augmentation randomness is seeded per (seed, epoch, index), so a sample's crop does not depend on
+    the worker, the rank, the world size or a resume: that is what makes resume bit-exact.
+    """
+
+    def __init__(self, split_dir: Path, classes: list[str], transform: Callable | None,
+                 seed: int = 0, image_size: int = 224):
+        self.split_dir = split_dir
+        self.classes = classes
+        self.samples = scan_samples(split_dir, classes)
+        self.transform = transform
+        self.seed = seed
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, ref: SampleRef | int):
+        if not isinstance(ref, SampleRef):
+            ref = SampleRef(int(ref))
+        path, label = self.samples[ref.index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + ref.epoch) * 10_000_019 + ref.index)
+            try:
+                img = decode_image(path, mode=ImageReadMode.RGB)
+                if self.transform is not None:
+                    img = self.transform(img)
+            except Exception as e:  # noqa: BLE001 - any decode failure is a bad file, by design
+                log.warning("skipping unreadable image %s: %s", path, e)
+                return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), label, 0.0, path
+        return img, label, ref.weight, ""
+
+
+def collate(batch):
+    """Stack a batch, keeping the weights and the paths of files that failed to decode."""
+    imgs, labels, weights, bad = zip(*batch, strict=True)
+    return (torch.stack(imgs), torch.tensor(labels, dtype=torch.long),
+            torch.tensor(weights, dtype=torch.float32), [b for b in bad if b])

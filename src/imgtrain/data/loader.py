@@ -1,0 +1,85 @@
+"""Build the train/val datasets and DataLoaders for one rank."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import DataConfig
+from .embedded import ensure_digits
+from .folder import DataError, ImageFolderDataset, SampleRef, collate, scan_classes
+from .sampler import ShardedBatchSampler, eval_shard
+from .transforms import eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataBundle:
+    classes: list[str]
+    train_set: ImageFolderDataset
+    val_set: ImageFolderDataset
+    train_sampler: ShardedBatchSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def resolve_data_root(cfg: DataConfig) -> Path:
+    if cfg.root is None:
+        return ensure_digits()
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.root does not exist or is not a directory: {root}")
+    return root
+
+
+def _loader_kwargs(cfg: DataConfig, device: torch.device) -> dict:
+    kw: dict = {"num_workers": cfg.workers, "collate_fn": collate,
+                "pin_memory": cfg.pin_memory and device.type == "cuda"}
+    if cfg.workers > 0:
+        kw["prefetch_factor"] = cfg.prefetch_factor
+        kw["persistent_workers"] = cfg.persistent_workers
+    return kw
+
+
+class _RefList(torch.utils.data.Sampler):
+    def __init__(self, indices: list[int]):
+        self.indices = indices
+
+    def __iter__(self):
+        return (SampleRef(i) for i in self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def build_data(cfg: DataConfig, batch_size: int, rank: int, world_size: int, seed: int,
+               device: torch.device, eval_batch_size: int | None = None) -> DataBundle:
+    root = resolve_data_root(cfg)
+    train_classes = scan_classes(root / "train")
+    val_classes = scan_classes(root / "val")
+    if train_classes != val_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
+        raise DataError(f"class folders differ between {root / 'train'} and {root / 'val'}: "
+                        f"only in train: {only_train[:10]}, only in val: {only_val[:10]}")
+    train_set = ImageFolderDataset(root / "train", train_classes, train_transform(cfg), seed=seed,
+                                   image_size=cfg.image_size)
+    val_set = ImageFolderDataset(root / "val", val_classes, eval_transform(cfg), seed=seed,
+                                 image_size=cfg.image_size)
+    sampler = ShardedBatchSampler(len(train_set), batch_size, rank, world_size, seed)
+    kw = _loader_kwargs(cfg, device)
+    train_loader = DataLoader(train_set, batch_sampler=sampler, **kw)
+    val_loader = DataLoader(val_set, batch_size=eval_batch_size or batch_size,
+                            sampler=_RefList(eval_shard(len(val_set), rank, world_size)), **kw)
+    log.info("data: %s, %d classes, %d train / %d val images", root, len(train_classes), len(train_set),
+             len(val_set))
+    return DataBundle(train_classes, train_set, val_set, sampler, train_loader, val_loader)

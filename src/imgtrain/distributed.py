@@ -1,0 +1,151 @@
+"""Process group from torchrun's environment, DDP wrapping and small rank helpers."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import DistributedConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands in the job. A value, not global state: pass it to what needs it."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str | None  # None when running as a single process without a process group
+    node: str
+    restart_count: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.backend is not None
+
+
+def _choose_backend(cfg: DistributedConfig) -> str:
+    if cfg.backend != "auto":
+        return cfg.backend
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(cfg: DistributedConfig) -> DistInfo:
+    """Join the job that torchrun describes in the environment, or run as one process without one.
+
+    The first collectives (rendezvous, parameter broadcast, checkpoint load) use the long
+    ``init_timeout``; call :func:`set_collective_timeout` after the first step to tighten it to
+    ``timeout`` so that a dead peer is noticed quickly.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    restart_count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    backend = _choose_backend(cfg)
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise RuntimeError("distributed.backend is 'nccl' but CUDA is not available; use 'gloo' or 'auto'")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    use_pg = "MASTER_ADDR" in os.environ and world_size >= 1 and "RANK" in os.environ
+    if use_pg and not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(seconds=cfg.init_timeout),
+            device_id=device if backend == "nccl" else None,
+        )
+    return DistInfo(
+        rank=rank,
+        local_rank=local_rank,
+        world_size=world_size if use_pg else 1,
+        device=device,
+        backend=backend if use_pg else None,
+        node=socket.gethostname(),
+        restart_count=restart_count,
+    )
+
+
+def set_collective_timeout(info: DistInfo, seconds: float) -> None:
+    """Tighten (or widen) the default group's collective timeout once the job is running."""
+    if not info.enabled:
+        return
+    try:
+        # Private but stable since 2.3; used by torchtitan for the same purpose.
+        dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=seconds), None)
+    except (AttributeError, RuntimeError) as e:  # pragma: no cover - depends on torch build
+        log.warning("could not change the process-group timeout to %ss: %s", seconds, e)
+
+
+def destroy_distributed(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo, cfg: DistributedConfig) -> nn.Module:
+    if not info.enabled:
+        return model
+    if cfg.sync_batchnorm:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+        bucket_cap_mb=cfg.bucket_cap_mb,
+        # Accumulation uses no_sync(); static_graph would forbid that with some hooks.
+        gradient_as_bucket_view=True,
+    )
+
+
+def comm_device(info: DistInfo) -> torch.device:
+    """Where tensors handed to collectives must live: CUDA for NCCL, CPU for Gloo."""
+    return info.device if info.backend == "nccl" else torch.device("cpu")
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum a tensor over ranks in place (a no-op in a single process) and return it."""
+    if info.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def broadcast_string(text: str | None, info: DistInfo, src: int = 0) -> str | None:
+    """Rank ``src``'s string on every rank (used to agree on the checkpoint to resume from)."""
+    if not info.enabled:
+        return text
+    # Sent as bytes in a tensor rather than broadcast_object_list: nothing is unpickled.
+    data = b"\x00" if text is None else b"\x01" + text.encode()
+    dev = comm_device(info)
+    length = torch.tensor([len(data)], dtype=torch.int64, device=dev)
+    dist.broadcast(length, src=src)
+    buf = torch.zeros(int(length.item()), dtype=torch.uint8, device=dev)
+    if info.rank == src:
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    dist.broadcast(buf, src=src)
+    raw = bytes(buf.cpu().tolist())
+    return None if raw[:1] == b"\x00" else raw[1:].decode()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()

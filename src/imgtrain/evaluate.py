@@ -1,0 +1,124 @@
+"""Evaluation: exact distributed top-1/top-5, and the `imgtrain eval` command."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+import torch
+from torch import nn
+
+from . import distributed as D
+from .checkpoint import MANIFEST, CheckpointError, CheckpointManager, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    top1: float
+    top5: float
+    loss: float
+    count: int
+    bad: int = 0
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, loader, normalize: nn.Module, info: D.DistInfo,
+                   amp_dtype: torch.dtype | None = None, on_batch: Callable[[], None] | None = None) -> EvalResult:
+    """Each validation image is counted exactly once across ranks (the loader's sampler shards without
+    padding) and the per-rank sums are added with one all-reduce."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(5, dtype=torch.float64)  # top1 hits, top5 hits, loss sum, count, bad files
+    amp = (torch.autocast(info.device.type, dtype=amp_dtype) if amp_dtype is not None
+           else contextlib.nullcontext())
+    for images, labels, weights, bad_paths in loader:
+        images = images.to(info.device, non_blocking=True)
+        labels = labels.to(info.device, non_blocking=True)
+        weights = weights.to(info.device, non_blocking=True).double()
+        with amp:
+            logits = model(normalize(images)).float()
+        hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+        loss = nn.functional.cross_entropy(logits, labels, reduction="none").double()
+        sums += torch.stack([(hit[:, 0].double() * weights).sum(), (hit.any(1).double() * weights).sum(),
+                             (loss * weights).sum(), weights.sum(),
+                             torch.tensor(float(len(bad_paths)), device=weights.device, dtype=torch.float64)
+                             ]).cpu()
+        if on_batch is not None:
+            on_batch()
+    sums = D.all_reduce_sum(sums.to(D.comm_device(info)), info).cpu()
+    model.train(was_training)
+    cnt = max(sums[3].item(), 1.0)
+    return EvalResult(top1=100 * sums[0].item() / cnt, top5=100 * sums[1].item() / cnt,
+                      loss=sums[2].item() / cnt, count=int(sums[3].item()), bad=int(sums[4].item()))
+
+
+def resolve_checkpoint(path: str, storage_options: dict | None = None) -> str:
+    """A checkpoint directory as given; a checkpoints/ folder or '<folder>/latest': its newest good one."""
+    fs, root = fsspec.core.url_to_fs(path.rstrip("/"), **(storage_options or {}))
+    if fs.isfile(root) or fs.exists(f"{root}/{MANIFEST}"):
+        return path
+    folder = path.rstrip("/")
+    if folder.endswith("/latest") and not fs.exists(root):
+        folder = folder[: -len("/latest")]
+    from .config import CheckpointConfig
+
+    found = CheckpointManager(CheckpointConfig(storage_options=storage_options or {}), folder,
+                              is_writer=False).find_latest_valid()
+    if found is None:
+        raise CheckpointError(f"no valid checkpoint at {path}")
+    return found
+
+
+def load_any(path: str, storage_options: dict | None = None) -> dict:
+    """A checkpoint directory (verified) or a model.pt file, as plain data."""
+    resolved = resolve_checkpoint(path, storage_options)
+    if Path(resolved).is_file():
+        try:
+            return torch.load(resolved, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{resolved}: cannot be loaded as plain data: {e}") from None
+    return load_checkpoint(resolved, storage_options)
+
+
+def run_eval(checkpoint: str, config_path: str | None, overrides: list[str]) -> int:
+    from .config import load_config
+    from .data import build_data
+    from .data.transforms import DeviceNormalize
+    from .models import create_model
+    from .trainer import _configure_logging
+
+    # Validate what the user typed before touching the process group or data.
+    load_config(config_path, overrides)
+    sd = load_any(checkpoint)
+    base = sd.get("config") if config_path is None else None
+    cfg = load_config(config_path, overrides, base=base)
+    info = D.init_distributed(cfg.distributed)
+    _configure_logging(info)
+    try:
+        data = build_data(cfg.data, cfg.training.batch_size, info.rank, info.world_size, cfg.training.seed,
+                          info.device)
+        meta = sd.get("meta", {})
+        if meta.get("num_classes") not in (None, data.num_classes):
+            raise CheckpointError(f"{checkpoint} was trained on {meta['num_classes']} classes, the data at "
+                                  f"{data.val_set.split_dir} has {data.num_classes}")
+        model = create_model(cfg.model, data.num_classes, cfg.data.image_size).to(info.device)
+        try:
+            model.load_state_dict(sd["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{checkpoint} does not fit model.name='{cfg.model.name}': {e}") from None
+        normalize = DeviceNormalize(cfg.data.mean, cfg.data.std, info.device)
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.optimization.mixed_precision)
+        res = evaluate_model(model, data.val_loader, normalize, info, amp)
+        if info.is_main:
+            print(json.dumps({"checkpoint": checkpoint, "val_top1": res.top1, "val_top5": res.top5,
+                              "val_loss": res.loss, "val_images": res.count, "bad_images": res.bad}))
+    finally:
+        D.destroy_distributed(info)
+    return 0

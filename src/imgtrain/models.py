@@ -1,0 +1,113 @@
+"""Model registry: name -> nn.Module (torchvision, timm, and imgtrain's small models), plus
+activation checkpointing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torchvision
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+from .config import ModelConfig
+
+_SMALL_MODELS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {}
+
+
+def register_model(name: str):
+    def deco(fn: Callable[[ModelConfig, int], nn.Module]):
+        _SMALL_MODELS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_model("simple_cnn")
+def simple_cnn(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """Two conv layers and a linear head, no normalization layers: a model whose output does not depend
+    on how a batch is split across ranks, used by the equivalence tests and tiny smoke runs."""
+    w = cfg.width
+    return nn.Sequential(
+        nn.Conv2d(3, w, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(2 * w, num_classes),
+    )
+
+
+TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vit_b_16",
+                      "wide_resnet50_2", "resnext50_32x4d", "mobilenet_v3_large", "efficientnet_b0",
+                      "convnext_tiny", "vit_b_32", "vit_l_16", "swin_t")
+
+
+def list_models() -> list[str]:
+    return sorted(_SMALL_MODELS) + list(TORCHVISION_MODELS) + ["timm/<name>"]
+
+
+def _small_input_resnet(model: torchvision.models.ResNet) -> None:
+    # CIFAR-style stem: at 32 px a 7x7/2 conv plus max-pool would leave 8x8 maps before layer1.
+    model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+
+
+def _checkpointed(block: nn.Module) -> nn.Module:
+    # torch's wrapper (as torchtitan uses it) also strips its prefix from state_dict keys, so
+    # checkpoints load the same with activation checkpointing on or off.
+    return checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+
+
+def apply_activation_checkpointing(model: nn.Module) -> int:
+    """Checkpoint ResNet residual blocks or ViT encoder blocks; returns how many were wrapped."""
+    count = 0
+    if isinstance(model, torchvision.models.ResNet):
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            stage = getattr(model, name)
+            for i in range(len(stage)):
+                stage[i] = _checkpointed(stage[i])
+                count += 1
+    elif isinstance(model, torchvision.models.VisionTransformer):
+        layers = model.encoder.layers
+        for i in range(len(layers)):
+            layers[i] = _checkpointed(layers[i])
+            count += 1
+    elif hasattr(model, "set_grad_checkpointing"):  # timm models
+        model.set_grad_checkpointing(True)
+        count = 1
+    return count
+
+
+def create_model(cfg: ModelConfig, num_classes: int, image_size: int) -> nn.Module:
+    name = cfg.name
+    if name in _SMALL_MODELS:
+        model = _SMALL_MODELS[name](cfg, num_classes)
+    elif name.startswith("timm/"):
+        try:
+            import timm
+        except ImportError as e:
+            raise ValueError(f"model.name '{name}' needs timm: pip install 'imgtrain[timm]'") from e
+        model = timm.create_model(name[len("timm/"):], pretrained=cfg.pretrained, num_classes=num_classes)
+    elif name in TORCHVISION_MODELS:
+        kwargs: dict = {}
+        if name.startswith("vit_"):
+            kwargs["image_size"] = image_size
+        if cfg.pretrained:
+            # Published weights come with 1000 classes; load them and replace the head.
+            model = torchvision.models.get_model(name, weights="DEFAULT", **kwargs)
+            _replace_head(model, num_classes)
+        else:
+            model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+        if cfg.small_input and isinstance(model, torchvision.models.ResNet):
+            _small_input_resnet(model)
+    else:
+        raise ValueError(f"model.name: unknown model '{name}'; known: {', '.join(list_models())}")
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    return model
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> None:
+    if isinstance(model, torchvision.models.ResNet):
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+    elif isinstance(model, torchvision.models.VisionTransformer):
+        model.heads.head = nn.Linear(model.heads.head.in_features, num_classes)
+    else:
+        raise ValueError(f"model.pretrained with a new class count is not supported for {type(model)}")

@@ -1,0 +1,5 @@
+"""Metrics sinks (JSON lines, progress bar) behind one interface."""
+
+from .sinks import JsonlSink, MetricsSink, ProgressBar
+
+__all__ = ["JsonlSink", "MetricsSink", "ProgressBar"]

@@ -1,0 +1,87 @@
+"""Optimizer, parameter groups and the per-step LR schedule (linear warmup, then cosine or step)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import OptimizationConfig, TrainingConfig
+
+
+def scaled_lr(training: TrainingConfig, global_batch: int) -> float:
+    """Linear scaling rule (Goyal et al. 2017): base_lr is quoted for ``lr_reference_batch`` images."""
+    return training.base_lr * global_batch / training.lr_reference_batch
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool) -> list[dict]:
+    if not no_decay_norm_bias:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    norm_types = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+    no_decay_ids: set[int] = set()
+    for module in model.modules():
+        for pname, p in module.named_parameters(recurse=False):
+            # Biases, norm scales and 1-d tensors such as ViT's class token / position embedding scale.
+            if isinstance(module, norm_types) or pname.endswith("bias") or p.ndim <= 1:
+                no_decay_ids.add(id(p))
+    decay = [p for p in model.parameters() if p.requires_grad and id(p) not in no_decay_ids]
+    no_decay = [p for p in model.parameters() if p.requires_grad and id(p) in no_decay_ids]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+_OPTIMIZERS: dict[str, Callable[[list[dict], float, OptimizationConfig], torch.optim.Optimizer]] = {
+    "sgd": lambda groups, lr, c: torch.optim.SGD(groups, lr=lr, momentum=c.momentum, nesterov=c.nesterov),
+    "adamw": lambda groups, lr, c: torch.optim.AdamW(groups, lr=lr, betas=tuple(c.betas)),
+}
+
+
+def create_optimizer(model: nn.Module, cfg: OptimizationConfig, lr: float) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay, cfg.no_weight_decay_on_norm_bias)
+    return _OPTIMIZERS[cfg.optimizer](groups, lr, cfg)
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """LR multiplier as a pure function of training progress in epochs (a float: 2.5 is half-way
+    through the third epoch). Being a function of progress rather than of a step counter, it stays
+    right when the world size, and with it the number of steps per epoch, changes on an elastic restart,
+    and it needs no state of its own in a checkpoint."""
+
+    epochs: float
+    warmup_epochs: float
+    kind: str = "cosine"
+    warmup_start_factor: float = 0.0
+    min_factor: float = 0.0
+    milestones: tuple[float, ...] = ()  # epochs, for kind="step"
+    gamma: float = 0.1
+
+    def __call__(self, progress: float) -> float:
+        if progress < self.warmup_epochs:
+            return self.warmup_start_factor + (1.0 - self.warmup_start_factor) * progress / self.warmup_epochs
+        if self.kind == "constant":
+            return 1.0
+        if self.kind == "step":
+            return self.gamma ** sum(1 for m in self.milestones if progress >= m)
+        span = max(1e-12, self.epochs - self.warmup_epochs)
+        t = min(1.0, (progress - self.warmup_epochs) / span)
+        return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def create_schedule(training: TrainingConfig) -> LRSchedule:
+    return LRSchedule(
+        epochs=float(training.epochs),
+        warmup_epochs=float(training.warmup_epochs),
+        kind=training.lr_schedule,
+        warmup_start_factor=training.warmup_start_factor,
+        min_factor=training.min_lr_factor,
+        milestones=tuple(float(e) for e in training.lr_step_epochs),
+        gamma=training.lr_step_gamma,
+    )
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,540 @@
+"""The training loop. It owns the step/epoch counters and composes the components built in setup()."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from . import distributed as D
+from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from .config import Config, dump_config
+from .data import DataBundle, DataError, build_data
+from .data.transforms import DeviceNormalize, batch_mix
+from .evaluate import EvalResult, evaluate_model
+from .fault import PreemptionHandler, Watchdog
+from .models import create_model
+from .monitoring import JsonlSink, ProgressBar
+from .optim import create_optimizer, create_schedule, scaled_lr, set_lr
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class Progress:
+    """Counters that only the trainer advances; saved in every checkpoint."""
+
+    epoch: int = 0
+    step: int = 0  # optimizer steps since the start of the run
+    images_seen: int = 0  # real (non-padding) training samples, all ranks
+    train_seconds: float = 0.0  # wall time spent in training epochs, summed over restarts
+    restarts: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG streams as plain data (loadable with weights_only=True)."""
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                  "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
+        self.progress = Progress()
+        self.info: D.DistInfo
+        self.data: DataBundle
+        self.model: nn.Module
+        self.model_without_ddp: nn.Module
+        self.ema: AveragedModel | None = None
+        self.optimizer: torch.optim.Optimizer
+        self.scaler: torch.amp.GradScaler
+        self.checkpointer: CheckpointManager
+        self.preemption = PreemptionHandler(cfg.fault_tolerance.grace_period)
+        self.watchdog: Watchdog
+        self.accumulation = cfg.optimization.accumulation_steps
+        self.reference_world_size: int | None = None
+        self.last_eval: EvalResult | None = None
+        self.last_ema_eval: EvalResult | None = None
+        self.resumed_from: str | None = None
+        self.epoch_bad = 0
+        self.last_checkpoint_stall = 0.0
+        self._sinks: list = []
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> Trainer:
+        cfg = self.cfg
+        self.info = D.init_distributed(cfg.distributed)
+        _configure_logging(self.info)
+        info = self.info
+        if cfg.training.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        else:
+            torch.backends.cudnn.benchmark = True
+        seed_everything(cfg.training.seed)
+        if info.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.output_dir / "config.yaml")
+
+        self.data = build_data(cfg.data, cfg.training.batch_size, info.rank, info.world_size,
+                               cfg.training.seed, info.device)
+        self.model_without_ddp = create_model(cfg.model, self.data.num_classes, cfg.data.image_size)
+        self.model_without_ddp.to(info.device)
+        self.channels_last = cfg.model.channels_last and info.device.type == "cuda"
+        if self.channels_last:
+            self.model_without_ddp.to(memory_format=torch.channels_last)
+        self.normalize = DeviceNormalize(cfg.data.mean, cfg.data.std, info.device, self.channels_last)
+        self.mix = batch_mix(cfg.data, self.data.num_classes)
+        oc = cfg.optimization
+        self.optimizer = create_optimizer(self.model_without_ddp, oc, lr=cfg.training.base_lr)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(oc.mixed_precision)
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=oc.mixed_precision == "fp16")
+        if oc.ema:
+            self.ema = AveragedModel(self.model_without_ddp, multi_avg_fn=get_ema_multi_avg_fn(oc.ema_decay),
+                                     use_buffers=True)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=oc.label_smoothing, reduction="none")
+        self.schedule = create_schedule(cfg.training)
+
+        ckpt_dir = cfg.checkpoint.dir or str(self.output_dir / "checkpoints")
+        self.checkpointer = CheckpointManager(cfg.checkpoint, ckpt_dir, is_writer=info.is_main)
+        self._maybe_resume()
+        # DDP broadcasts rank 0's parameters at construction: build it after loading the checkpoint.
+        self.model = D.wrap_ddp(self.model_without_ddp, info, cfg.distributed)
+        self._apply_elastic_policy()
+        if info.is_main:
+            self._sinks.append(JsonlSink(self.output_dir / "metrics.jsonl"))
+        self.bar = ProgressBar(info.is_main and cfg.training.progress_bar)
+        self.watchdog = Watchdog(cfg.fault_tolerance.hang_timeout, cfg.fault_tolerance.first_step_timeout,
+                                 rank=info.rank)
+        log.info("imgtrain: world size %d (%s), device %s, global batch %d = %d per process x %d "
+                 "processes x %d accumulation steps, peak LR %.4g",
+                 info.world_size, info.backend or "no process group", info.device, self.global_batch,
+                 cfg.training.batch_size, info.world_size, self.accumulation, self.peak_lr)
+        return self
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.training.batch_size * self.info.world_size * self.accumulation
+
+    @property
+    def peak_lr(self) -> float:
+        return scaled_lr(self.cfg.training, self.global_batch)
+
+    def _apply_elastic_policy(self) -> None:
+        """On a restart with a different world size, keep the global batch (change accumulation) or
+        keep the per-process batch (the LR follows the global batch through the linear scaling rule)."""
+        ref = self.reference_world_size
+        w = self.info.world_size
+        if ref is None:
+            self.reference_world_size = w
+            return
+        if ref == w:
+            return
+        oc, tc = self.cfg.optimization, self.cfg.training
+        if self.cfg.distributed.elastic_batch == "keep_global":
+            target = tc.batch_size * ref * oc.accumulation_steps
+            accum = max(1, math.ceil(target / (tc.batch_size * w)))
+            if accum * tc.batch_size * w != target:
+                log.warning("elastic: global batch %d cannot be kept exactly at world size %d; using %d",
+                            target, w, accum * tc.batch_size * w)
+            self.accumulation = accum
+        log.warning("elastic: world size changed %d -> %d; policy %s: accumulation %d, global batch %d, "
+                    "peak LR %.4g; the rest of epoch %d is re-sharded over the new ranks",
+                    ref, w, self.cfg.distributed.elastic_batch, self.accumulation, self.global_batch,
+                    self.peak_lr, self.progress.epoch + 1)
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly. Collective: every rank must call it."""
+        rngs = [rng_state()]
+        if self.info.enabled:
+            gathered: list = [None] * self.info.world_size
+            # Live ranks of this very job exchange their RNG streams; nothing read from disk is unpickled.
+            dist.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.model_without_ddp.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "progress": vars(self.progress).copy(),
+            "sampler": self.data.train_sampler.state_dict(),
+            "rng": rngs,
+            "world_size": self.info.world_size,
+            "reference_world_size": self.reference_world_size,
+            "accumulation": self.accumulation,
+            "meta": {"model": self.cfg.model.name, "num_classes": self.data.num_classes,
+                     "classes": self.data.classes, "train_samples": len(self.data.train_set)},
+            "config": self.cfg.to_dict(),
+        }
+
+    def load_state_dict(self, sd: dict[str, Any], source: str) -> None:
+        meta = sd.get("meta", {})
+        if meta.get("model") != self.cfg.model.name:
+            raise CheckpointError(f"checkpoint {source} holds model '{meta.get('model')}', the config asks "
+                                  f"for model.name='{self.cfg.model.name}'")
+        if meta.get("num_classes") != self.data.num_classes:
+            raise CheckpointError(f"checkpoint {source} was trained on {meta.get('num_classes')} classes, "
+                                  f"the data at {self.data.train_set.split_dir} has {self.data.num_classes}")
+        try:
+            self.model_without_ddp.load_state_dict(sd["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoint {source} does not fit the configured model: {e}") from None
+        self.optimizer.load_state_dict(sd["optimizer"])
+        self.scaler.load_state_dict(sd["scaler"])
+        if self.ema is not None and sd.get("ema") is not None:
+            self.ema.load_state_dict(sd["ema"])
+        self.progress = Progress(**sd["progress"])
+        self.data.train_sampler.load_state_dict(sd["sampler"])
+        self.reference_world_size = sd.get("reference_world_size")
+        self.accumulation = int(sd.get("accumulation", self.accumulation))
+        rngs = sd.get("rng") or []
+        if sd.get("world_size") == self.info.world_size and self.info.rank < len(rngs):
+            set_rng_state(rngs[self.info.rank])
+        else:
+            seed_everything(self.cfg.training.seed * 7919 + self.progress.step * 31 + self.info.rank)
+            log.warning("RNG streams re-seeded: the checkpoint has %d rank(s), the job now has %d",
+                        len(rngs), self.info.world_size)
+
+    def _maybe_resume(self) -> None:
+        mode = self.cfg.checkpoint.resume
+        if mode == "never":
+            return
+        path: str | None = None
+        if self.info.is_main:
+            path = self.checkpointer.find_latest_valid() if mode == "auto" else mode
+        path = D.broadcast_string(path, self.info)
+        if path is None:
+            log.info("no checkpoint to resume from in %s: starting fresh", self.checkpointer.directory)
+            return
+        sd = load_checkpoint(path, self.cfg.checkpoint.storage_options)
+        self.load_state_dict(sd, path)
+        self.progress.restarts += 1
+        self.resumed_from = path
+        log.warning("resumed from %s: epoch %d, step %d, %d samples into the epoch",
+                    path, self.progress.epoch + 1, self.progress.step, self.data.train_sampler.state.consumed)
+
+    def save_checkpoint(self, blocking: bool | None = None) -> float:
+        """Collective. Returns the stall the training loop paid on this rank."""
+        t0 = time.perf_counter()
+        state = self.state_dict()
+        self.checkpointer.save(self.progress.step, state, blocking=blocking)
+        stall = time.perf_counter() - t0
+        self.last_checkpoint_stall = stall
+        return stall
+
+    # ------------------------------------------------------------------ training
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.preemption.install()
+        self.watchdog.start()
+        t_start = time.perf_counter()
+        self._log_event("start", resumed_from=self.resumed_from)
+        stopped_early = False
+        try:
+            D.set_collective_timeout(self.info, cfg.distributed.init_timeout)
+            while self.progress.epoch < cfg.training.epochs:
+                finished = self.train_epoch()
+                if not finished:
+                    stopped_early = True
+                    break
+                epoch = self.progress.epoch  # the epoch just completed (0-based)
+                if (epoch + 1) % cfg.training.eval_interval == 0 or epoch + 1 == cfg.training.epochs:
+                    self.evaluate_and_log(epoch)
+                self.progress.epoch += 1
+                self.data.train_sampler.state.epoch = self.progress.epoch
+                self.data.train_sampler.state.consumed = 0
+                if cfg.checkpoint.save_at_epoch_end:
+                    self.save_checkpoint()
+        finally:
+            self.bar.close()
+            self.watchdog.stop()
+        self.checkpointer.wait()
+        if self.preemption.requested:
+            return {"preempted": True, "exit_code": self.preemption.exit_code}
+        summary = self._summary(time.perf_counter() - t_start, stopped_early)
+        if self.info.is_main:
+            self._write_final(summary)
+        return summary
+
+    def _micro_batches_of_epoch(self):
+        sampler = self.data.train_sampler
+        return iter(self.data.train_loader), sampler.global_sizes()
+
+    def train_epoch(self) -> bool:
+        """Runs the rest of the current epoch. Returns False if stopped early (preemption, max_steps)."""
+        cfg, info = self.cfg, self.info
+        sampler = self.data.train_sampler
+        sampler.state.epoch = self.progress.epoch
+        n = len(self.data.train_set)
+        self.model.train()
+        it, sizes = self._micro_batches_of_epoch()
+        total_steps = math.ceil(sampler.steps_per_epoch() / self.accumulation)
+        done_steps = math.ceil(sampler.state.consumed / (sampler.global_batch * self.accumulation))
+        self.bar.start_epoch(self.progress.epoch, cfg.training.epochs, total_steps, done_steps)
+        window = _Window()
+        if sampler.state.consumed == 0:
+            self.epoch_bad = 0
+        epoch_t0 = time.perf_counter()
+        micro = 0
+        while micro < len(sizes):
+            group = sizes[micro:micro + self.accumulation]
+            lr = self.peak_lr * self.schedule(self.progress.epoch + sampler.state.consumed / n)
+            set_lr(self.optimizer, lr)
+            t0 = time.perf_counter()
+            batches = []
+            for _ in group:
+                batches.append(next(it))
+            t_data = time.perf_counter() - t0
+            stats = self.train_step(batches, group)
+            micro += len(group)
+            sampler.state.consumed += sum(group)
+            self.progress.step += 1
+            self.progress.images_seen += sum(group)
+            t_step = time.perf_counter() - t0
+            self.watchdog.beat()
+            if self.progress.step == 1:
+                D.set_collective_timeout(info, cfg.distributed.timeout)
+            window.add(stats, t_data, t_step, sum(group))
+            self.bar.update(1, loss=f"{stats['loss_sum'] / max(stats['count'], 1e-9):.4f}",
+                            lr=f"{lr:.3g}", img_s=f"{sum(group) / max(t_step, 1e-9):.0f}")
+            stop = self._should_stop()
+            if self.progress.step % cfg.training.log_interval == 0 or stop or micro >= len(sizes):
+                self._log_window(window, lr, n)
+                window = _Window()
+            if stop:
+                self.progress.train_seconds += time.perf_counter() - epoch_t0
+                if self.preemption.requested:
+                    log.warning("preemption (%s): saving a checkpoint at step %d before exiting",
+                                self.preemption.signal_name, self.progress.step)
+                    self.save_checkpoint(blocking=True)
+                return False
+            if self.checkpointer.due(self.progress.step) and micro < len(sizes):
+                self.save_checkpoint()
+        del it
+        self.progress.train_seconds += time.perf_counter() - epoch_t0
+        return True
+
+    def _should_stop(self) -> bool:
+        """All ranks agree on stopping after this step, so that they also agree on the step saved."""
+        flag = torch.tensor([1.0 if self.preemption.requested else 0.0], device=D.comm_device(self.info))
+        D.all_reduce_max(flag, self.info)
+        if flag.item() > 0 and not self.preemption.requested:
+            self.preemption.requested_at = time.monotonic()
+            self.preemption.signal_name = "peer-preemption"
+            self.preemption.exit_code = 143
+        max_steps = self.cfg.training.max_steps
+        return flag.item() > 0 or (max_steps is not None and self.progress.step >= max_steps)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.info.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, batches: list, global_sizes: list[int]) -> dict[str, float]:
+        """One optimizer step over ``len(batches)`` micro-batches (gradient accumulation).
+
+        Each sample's loss is divided by the number of real samples in the whole step across all ranks
+        (times the world size, which DDP's averaging divides out again): the step's gradient is the
+        exact mean over its samples however they are split across ranks, micro-batches or a short
+        last batch.
+        """
+        info = self.info
+        denom = float(sum(global_sizes))
+        loss_sum = correct = count = 0.0
+        bad = 0
+        for i, (images, labels, weights, bad_paths) in enumerate(batches):
+            bad += len(bad_paths)
+            images = images.to(info.device, non_blocking=True)
+            labels = labels.to(info.device, non_blocking=True)
+            weights = weights.to(info.device, non_blocking=True)
+            x = self.normalize(images)
+            targets = labels
+            if self.mix is not None:
+                x, targets = self.mix(x, labels)
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext() if last or not info.enabled else self.model.no_sync()
+            with sync:
+                with self._autocast():
+                    logits = self.model(x)
+                    per_sample = self.criterion(logits.float(), targets)
+                loss = (per_sample * weights).sum() * (info.world_size / denom)
+                self.scaler.scale(loss).backward()
+            with torch.no_grad():
+                loss_sum += float((per_sample.detach() * weights).sum())
+                count += float(weights.sum())
+                correct += float(((logits.argmax(1) == labels).float() * weights).sum())
+        oc = self.cfg.optimization
+        if oc.gradient_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model_without_ddp.parameters(), oc.gradient_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None and self.progress.step % oc.ema_interval == 0:
+            self.ema.update_parameters(self.model_without_ddp)
+        return {"loss_sum": loss_sum, "correct": correct, "count": count, "bad": bad}
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, model: nn.Module | None = None) -> EvalResult:
+        model = model if model is not None else self.model_without_ddp
+        return evaluate_model(model, self.data.val_loader, self.normalize, self.info, self.amp_dtype,
+                              on_batch=self.watchdog.beat)
+
+    def evaluate_and_log(self, epoch: int) -> None:
+        self.bar.close()
+        self.last_eval = self.evaluate()
+        record = {"event": "eval", "epoch": epoch + 1, "step": self.progress.step,
+                  "val_top1": self.last_eval.top1, "val_top5": self.last_eval.top5,
+                  "val_loss": self.last_eval.loss, "val_images": self.last_eval.count}
+        if self.ema is not None:
+            self.last_ema_eval = self.evaluate(self.ema.module)
+            record.update(val_ema_top1=self.last_ema_eval.top1, val_ema_top5=self.last_ema_eval.top5)
+        self._emit(record)
+        log.info("epoch %d/%d: val top-1 %.2f%%, top-5 %.2f%% on %d images%s", epoch + 1,
+                 self.cfg.training.epochs, self.last_eval.top1, self.last_eval.top5, self.last_eval.count,
+                 f" (EMA top-1 {self.last_ema_eval.top1:.2f}%)" if self.last_ema_eval else "")
+
+    # ------------------------------------------------------------------ reporting
+
+    def _log_window(self, w: _Window, lr: float, n: int) -> None:
+        t = torch.tensor([w.loss_sum, w.correct, w.count, w.bad], dtype=torch.float64,
+                         device=D.comm_device(self.info))
+        D.all_reduce_sum(t, self.info)
+        loss_sum, correct, count, bad = t.cpu().tolist()
+        self.epoch_bad += int(bad)
+        limit = self.cfg.data.max_bad_fraction * n
+        if self.epoch_bad > limit:
+            raise DataError(f"{self.epoch_bad} training images failed to decode this epoch, more than "
+                            f"data.max_bad_fraction={self.cfg.data.max_bad_fraction} of {n}; see the "
+                            f"warnings above for their paths")
+        record = {"event": "train", "epoch": self.progress.epoch + 1, "step": self.progress.step,
+                  "loss": loss_sum / max(count, 1e-9), "train_top1": 100 * correct / max(count, 1e-9),
+                  "lr": lr, "images_per_s": w.images / max(w.seconds, 1e-9),
+                  "data_wait_s": w.data_wait / max(w.steps, 1), "step_s": w.seconds / max(w.steps, 1),
+                  "bad_images": int(bad)}
+        if not math.isfinite(record["loss"]):
+            log.error("loss is %s at step %d", record["loss"], self.progress.step)
+        self._emit(record)
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        for s in self._sinks:
+            s.log(record)
+
+    def _log_event(self, event: str, **fields: Any) -> None:
+        self._emit({"event": event, "step": self.progress.step, "epoch": self.progress.epoch + 1,
+                    "world_size": self.info.world_size, **fields})
+
+    def _summary(self, wall: float, stopped_early: bool) -> dict[str, Any]:
+        ev = self.last_eval
+        return {
+            "val_top1": ev.top1 if ev else None,
+            "val_top5": ev.top5 if ev else None,
+            "val_images": ev.count if ev else None,
+            "val_ema_top1": self.last_ema_eval.top1 if self.last_ema_eval else None,
+            "epochs": self.progress.epoch,
+            "steps": self.progress.step,
+            "images_seen": self.progress.images_seen,
+            "wall_seconds": wall,
+            "train_seconds": self.progress.train_seconds,
+            "mean_train_images_per_s": self.progress.images_seen / max(self.progress.train_seconds, 1e-9),
+            "world_size": self.info.world_size,
+            "global_batch": self.global_batch,
+            "restarts": self.progress.restarts,
+            "completed": not stopped_early,
+        }
+
+    def _write_final(self, summary: dict[str, Any]) -> None:
+        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        torch.save({"model": self.model_without_ddp.state_dict(),
+                    "ema": self.ema.module.state_dict() if self.ema is not None else None,
+                    "meta": {"model": self.cfg.model.name, "num_classes": self.data.num_classes,
+                             "classes": self.data.classes},
+                    "config": self.cfg.to_dict()}, self.output_dir / "model.pt")
+        self._emit({"event": "finished", **summary})
+
+    def close(self) -> None:
+        self.preemption.uninstall()
+        if hasattr(self, "checkpointer"):
+            self.checkpointer.close()
+        for s in self._sinks:
+            s.close()
+        if hasattr(self, "info"):
+            D.destroy_distributed(self.info)
+
+
+@dataclass
+class _Window:
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    count: float = 0.0
+    bad: int = 0
+    images: int = 0
+    seconds: float = 0.0
+    data_wait: float = 0.0
+    steps: int = 0
+
+    def add(self, stats: dict[str, float], t_data: float, t_step: float, images: int) -> None:
+        self.loss_sum += stats["loss_sum"]
+        self.correct += stats["correct"]
+        self.count += stats["count"]
+        self.bad += int(stats["bad"])
+        self.images += images
+        self.seconds += t_step
+        self.data_wait += t_data
+        self.steps += 1
+
+
+def _configure_logging(info: D.DistInfo) -> None:
+    level = logging.INFO if info.is_main else logging.WARNING
+    fmt = f"%(asctime)s [rank {info.rank}] %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, force=True)
