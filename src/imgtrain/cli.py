@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from .config import ConfigError, load_config
+from .config import DEFAULT_RECIPE, ConfigError, load_config
 
 log = logging.getLogger("imgtrain")
 
@@ -17,7 +17,8 @@ EXIT_CHECKPOINT = 4
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML recipe (defaults < recipe < overrides)")
+    p.add_argument("--config", help="YAML recipe or the name of a shipped one (default for train: quickstart); "
+                                    "precedence: defaults < recipe < overrides")
     p.add_argument("--output-dir", help="run directory (same as output_dir=DIR)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="override any config value, e.g. training.epochs=3 model.name=resnet18")
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "train":
-            cfg = load_config(args.config, _overrides(args))
+            cfg = load_config(args.config or DEFAULT_RECIPE, _overrides(args))
             return _train(cfg)
         return _eval(args)
     except ConfigError as e:

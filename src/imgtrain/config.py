@@ -384,13 +384,25 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+RECIPES_DIR = Path(__file__).parent / "recipes"
+DEFAULT_RECIPE = "quickstart"
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """A YAML path, or the bare name of a recipe shipped in the package (``quickstart``)."""
+    p = Path(path)
+    if not p.exists() and (RECIPES_DIR / f"{p.name}.yaml").is_file() and p.suffix == "":
+        return RECIPES_DIR / f"{p.name}.yaml"
+    return p
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 base: dict[str, Any] | None = None) -> Config:
     """Defaults < ``base`` (e.g. a checkpoint's config) or YAML file < overrides, validated.
     Raises ConfigError on any bad key or value."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
-        p = Path(path)
+        p = resolve_recipe(path)
         if not p.is_file():
             raise ConfigError("--config", str(path), "an existing YAML file")
         try:

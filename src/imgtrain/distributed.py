@@ -86,8 +86,7 @@ def set_collective_timeout(info: DistInfo, seconds: float) -> None:
     if not info.enabled:
         return
     try:
-        # Private but stable since 2.3; used by torchtitan for the same purpose.
-        dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=seconds), None)
+        dist.set_timeout(datetime.timedelta(seconds=seconds))
     except (AttributeError, RuntimeError) as e:  # pragma: no cover - depends on torch build
         log.warning("could not change the process-group timeout to %ss: %s", seconds, e)
 

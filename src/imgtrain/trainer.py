@@ -356,6 +356,8 @@ class Trainer:
                     log.warning("preemption (%s): saving a checkpoint at step %d before exiting",
                                 self.preemption.signal_name, self.progress.step)
                     self.save_checkpoint(blocking=True)
+                else:  # training.max_steps reached: keep the position so that a longer run can go on
+                    self.save_checkpoint()
                 return False
             if self.checkpointer.due(self.progress.step) and micro < len(sizes):
                 self.save_checkpoint()

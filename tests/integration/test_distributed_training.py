@@ -1,0 +1,70 @@
+"""Real torchrun (Gloo) runs of tiny models: the same results whatever the process layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY, load_weights, read_jsonl, run_cli, run_torchrun
+
+pytestmark = pytest.mark.integration
+
+# Two-epoch runs with a model without batch norm, so that how a batch is split cannot change results.
+EQUIV = [*TINY, "training.max_steps=6", "checkpoint.save_at_epoch_end=false"]
+
+
+def _assert_close(a: dict, b: dict, atol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_torchrun_two_processes_trains_and_writes_summary(image_folder, tmp_path):
+    out = tmp_path / "run"
+    run_torchrun(2, ["train", "--output-dir", str(out), f"data.root={image_folder}", *TINY])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["global_batch"] == 16
+    assert summary["epochs"] == 2
+    assert summary["val_images"] == 12  # every val image counted once, none twice
+    assert (out / "config.yaml").is_file() and (out / "model.pt").is_file()
+    evals = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "eval"]
+    assert [r["epoch"] for r in evals] == [1, 2]
+
+
+def test_two_processes_batch_b_match_one_process_batch_2b(image_folder, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_cli(["train", "--output-dir", str(one), f"data.root={image_folder}", *EQUIV, "training.batch_size=8"])
+    run_torchrun(2, ["train", "--output-dir", str(two), f"data.root={image_folder}", *EQUIV,
+                     "training.batch_size=4"])
+    _assert_close(load_weights(one), load_weights(two))
+
+
+def test_gradient_accumulation_matches_larger_batch(image_folder, tmp_path):
+    big, acc = tmp_path / "big", tmp_path / "acc"
+    run_cli(["train", "--output-dir", str(big), f"data.root={image_folder}", *EQUIV, "training.batch_size=8"])
+    run_cli(["train", "--output-dir", str(acc), f"data.root={image_folder}", *EQUIV, "training.batch_size=4",
+             "optimization.accumulation_steps=2"])
+    _assert_close(load_weights(big), load_weights(acc))
+
+
+def test_accumulation_under_torchrun_matches_single_process(image_folder, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_cli(["train", "--output-dir", str(one), f"data.root={image_folder}", *EQUIV, "training.batch_size=8"])
+    run_torchrun(2, ["train", "--output-dir", str(two), f"data.root={image_folder}", *EQUIV,
+                     "training.batch_size=2", "optimization.accumulation_steps=2"])
+    _assert_close(load_weights(one), load_weights(two))
+
+
+def test_eval_command_under_torchrun_counts_every_image_once(image_folder, tmp_path):
+    out = tmp_path / "run"
+    run_cli(["train", "--output-dir", str(out), f"data.root={image_folder}", *TINY])
+    single = json.loads(run_cli(["eval", "--checkpoint", str(out / "model.pt")]).stdout.strip().splitlines()[-1])
+    multi = run_torchrun(2, ["eval", "--checkpoint", str(out / "checkpoints")])
+    line = [ln for ln in multi.stdout.splitlines() if ln.startswith("{")][-1]
+    multi = json.loads(line)
+    assert single["val_images"] == multi["val_images"] == 12
+    assert single["val_top1"] == pytest.approx(multi["val_top1"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert single["val_top1"] == pytest.approx(summary["val_top1"])
