@@ -20,8 +20,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML recipe or the name of a shipped one (default for train: quickstart); "
                                     "precedence: defaults < recipe < overrides")
     p.add_argument("--output-dir", help="run directory (same as output_dir=DIR)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="override any config value, e.g. training.epochs=3 model.name=resnet18")
+    p.epilog = ("Any further section.key=value arguments override config values, anywhere on the line, "
+                "e.g. training.epochs=3 optimization.base_lr=0.2 model.name=resnet18")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +47,12 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    unknown = [a for a in rest if a.startswith("-") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides look like section.key=value)")
+    args.overrides = rest
     from .checkpoint import CheckpointError
     from .data import DataError
 
