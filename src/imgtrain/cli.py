@@ -39,10 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> list[str]:
     ov = list(args.overrides)
+    # Quoted (a JSON string is YAML) so that a path such as "run #2" or "2024" stays that string.
     if args.output_dir:
-        ov.append(f"output_dir={args.output_dir}")
+        ov.append(f"output_dir={json.dumps(args.output_dir)}")
     if getattr(args, "resume", None):
-        ov.append(f"checkpoint.resume={args.resume}")
+        ov.append(f"checkpoint.resume={json.dumps(args.resume)}")
     return ov
 
 
@@ -53,17 +54,23 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides look like section.key=value)")
     args.overrides = rest
+    try:
+        if args.command == "train":
+            # Validated before torch is even imported: a typo is reported at once.
+            cfg = load_config(args.config or DEFAULT_RECIPE, _overrides(args))
+            return _run(_train, cfg)
+        return _run(_eval, args)
+    except ConfigError as e:
+        print(f"imgtrain: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _run(fn, arg) -> int:
     from .checkpoint import CheckpointError
     from .data import DataError
 
     try:
-        if args.command == "train":
-            cfg = load_config(args.config or DEFAULT_RECIPE, _overrides(args))
-            return _train(cfg)
-        return _eval(args)
-    except ConfigError as e:
-        print(f"imgtrain: error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+        return fn(arg)
     except DataError as e:
         print(f"imgtrain: data error: {e}", file=sys.stderr)
         return EXIT_DATA

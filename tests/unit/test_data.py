@@ -1,0 +1,180 @@
+"""Data: bad files are skipped and named, unusable folders are clear errors, the embedded digits set."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, make_image_folder, run_cli
+from PIL import Image
+
+from imgtrain.config import DataConfig, load_config
+from imgtrain.data import DataError, ImageFolderDataset, SampleRef, build_data
+from imgtrain.data.embedded import ensure_digits
+from imgtrain.data.folder import scan_classes
+from imgtrain.data.transforms import eval_transform
+
+CPU = torch.device("cpu")
+
+
+def _corrupt(path: Path) -> Path:
+    path.write_bytes(np.random.default_rng(1).bytes(700))
+    return path
+
+
+def _truncated(path: Path) -> Path:
+    buf = io.BytesIO()
+    img = np.random.default_rng(2).integers(0, 255, (20, 20, 3), dtype=np.uint8)
+    Image.fromarray(img).save(buf, format="JPEG")
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    return path
+
+
+def _cfg(root: Path, **kw) -> DataConfig:
+    return DataConfig(root=str(root), image_size=16, val_resize=16, workers=0, **kw)
+
+
+@pytest.mark.parametrize("make_bad", [_corrupt, _truncated], ids=["random_bytes", "truncated"])
+def test_unreadable_image_is_skipped_with_weight_zero_and_named(make_bad, tmp_path, caplog):
+    root = make_image_folder(tmp_path / "data", classes=2, train_per_class=2, val_per_class=1)
+    bad = make_bad(root / "train" / "class_1" / "zz_bad.JPEG")
+    classes = scan_classes(root / "train")
+    ds = ImageFolderDataset(root / "train", classes, eval_transform(_cfg(root)), image_size=16)
+    idx = [p for p, _ in ds.samples].index(str(bad))
+    with caplog.at_level(logging.WARNING):
+        img, label, weight, path = ds[SampleRef(idx)]
+    assert weight == 0.0 and path == str(bad) and label == 1
+    assert img.shape == (3, 16, 16) and img.dtype == torch.uint8
+    assert any(str(bad) in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    good_img, _, good_weight, good_path = ds[SampleRef(0)]
+    assert good_weight == 1.0 and good_path == "" and good_img.shape == (3, 16, 16)
+
+
+def test_bad_files_reach_the_batch_with_their_path(tmp_path):
+    root = make_image_folder(tmp_path / "data", classes=2, train_per_class=3, val_per_class=3)
+    bad = _corrupt(root / "val" / "class_0" / "bad.JPEG")
+    data = build_data(_cfg(root), batch_size=4, rank=0, world_size=1, seed=0, device=CPU)
+    seen_bad, weights = [], []
+    for images, labels, w, bad_paths in data.val_loader:
+        assert images.shape[1:] == (3, 16, 16) and len(labels) == len(w)
+        seen_bad += bad_paths
+        weights += w.tolist()
+    assert seen_bad == [str(bad)]
+    assert sorted(weights) == [0.0] + [1.0] * 6
+
+
+def test_missing_root_is_a_data_error_naming_it(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError, match="data.root") as ei:
+        build_data(_cfg(missing), 4, 0, 1, 0, CPU)
+    assert str(missing) in str(ei.value)
+
+
+def test_missing_split_is_a_data_error_naming_it(tmp_path):
+    root = make_image_folder(tmp_path / "data", classes=2, train_per_class=1, val_per_class=1)
+    shutil.rmtree(root / "val")
+    with pytest.raises(DataError) as ei:
+        build_data(_cfg(root), 4, 0, 1, 0, CPU)
+    assert str(root / "val") in str(ei.value)
+
+
+def test_split_without_class_folders_is_a_data_error_naming_it(tmp_path):
+    root = make_image_folder(tmp_path / "data", classes=2, train_per_class=1, val_per_class=1)
+    shutil.rmtree(root / "val")
+    (root / "val").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "val" / "loose.png")  # a file, not a class folder
+    with pytest.raises(DataError, match="no class folders") as ei:
+        build_data(_cfg(root), 4, 0, 1, 0, CPU)
+    assert str(root / "val") in str(ei.value)
+
+
+def test_class_folder_without_images_is_a_data_error(tmp_path):
+    root = make_image_folder(tmp_path / "data", classes=2, train_per_class=1, val_per_class=1)
+    for f in (root / "train").rglob("*.jpeg"):
+        f.rename(f.with_suffix(".txt"))
+    with pytest.raises(DataError) as ei:
+        build_data(_cfg(root), 4, 0, 1, 0, CPU)
+    assert str(root / "train") in str(ei.value)
+
+
+def test_val_classes_differing_from_train_is_a_data_error(tmp_path):
+    root = make_image_folder(tmp_path / "data", classes=3, train_per_class=1, val_per_class=1)
+    (root / "val" / "class_2").rename(root / "val" / "class_9")
+    with pytest.raises(DataError) as ei:
+        build_data(_cfg(root), 4, 0, 1, 0, CPU)
+    msg = str(ei.value)
+    assert str(root / "train") in msg and str(root / "val") in msg
+    assert "class_2" in msg and "class_9" in msg
+
+
+def test_build_data_shapes_and_classes(tmp_path):
+    root = make_image_folder(tmp_path / "data", classes=3, train_per_class=5, val_per_class=2)
+    data = build_data(_cfg(root), batch_size=4, rank=0, world_size=1, seed=0, device=CPU)
+    assert data.classes == ["class_0", "class_1", "class_2"] and data.num_classes == 3
+    assert (len(data.train_set), len(data.val_set)) == (15, 6)
+    batches = list(data.train_loader)
+    assert [len(b[1]) for b in batches] == [4, 4, 4, 3]
+    assert sorted(torch.cat([b[1] for b in batches]).tolist()) == [0] * 5 + [1] * 5 + [2] * 5
+    assert all(b[0].shape[1:] == (3, 16, 16) and b[0].dtype == torch.uint8 for b in batches)
+
+
+def _folder_with_one_corrupt_file(tmp_path: Path) -> tuple[Path, Path]:
+    root = make_image_folder(tmp_path / "data")  # 36 train / 12 val images
+    bad = _corrupt(root / "train" / "class_1" / "broken.JPEG")
+    return root, bad
+
+
+def test_cli_run_survives_one_corrupt_file(tmp_path):
+    root, bad = _folder_with_one_corrupt_file(tmp_path)
+    out = tmp_path / "run #1"  # also: an output dir that YAML would misread is taken literally
+    args = [f"data.root={root}", *TINY, "data.max_bad_fraction=0.05"]
+    proc = run_cli(["train", "--output-dir", str(out), *args])
+    assert str(bad) in proc.stderr  # the warning names the file
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["completed"] and summary["epochs"] == 2
+    assert summary["val_images"] == 12
+    # The resolved config is written as config.yaml and loads back to the same config.
+    written = load_config(out / "config.yaml")
+    assert written == load_config("quickstart", [*args, f"output_dir='{out}'"])
+    assert written.data.root == str(root) and written.output_dir == str(out)
+
+
+def test_cli_stops_when_bad_files_exceed_max_bad_fraction(tmp_path):
+    root, bad = _folder_with_one_corrupt_file(tmp_path)
+    out = tmp_path / "run"
+    proc = run_cli(["train", "--output-dir", str(out), f"data.root={root}", *TINY,
+                    "data.max_bad_fraction=0.0"], check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "data.max_bad_fraction" in proc.stderr
+    assert str(bad) in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (out / "summary.json").exists()
+
+
+def test_ensure_digits_writes_the_tree_once(tmp_path, monkeypatch):
+    root = ensure_digits(tmp_path)
+    assert root.parent == tmp_path
+    for split, total in (("train", 1437), ("val", 360)):
+        classes = sorted(p.name for p in (root / split).iterdir())
+        assert classes == [str(d) for d in range(10)]
+        files = list((root / split).rglob("*.png"))
+        assert len(files) == total
+    with Image.open(next((root / "val" / "3").iterdir())) as im:
+        assert im.size == (8, 8)
+    assert [p.name for p in tmp_path.iterdir()] == [root.name]  # no temporary folder left behind
+    stamp = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+
+    import sklearn.datasets
+
+    def must_not_run(*a, **k):
+        raise AssertionError("ensure_digits rewrote an existing tree")
+
+    monkeypatch.setattr(sklearn.datasets, "load_digits", must_not_run)
+    assert ensure_digits(tmp_path) == root
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == stamp

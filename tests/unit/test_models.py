@@ -1,0 +1,99 @@
+"""Model registry contract: output shape, backward, checkpoint-compatible activation checkpointing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from imgtrain.config import ModelConfig, load_config
+from imgtrain.models import create_model, list_models
+
+# (config, image size); kept small so that each case runs in well under a second on a CPU.
+# vit_b_16 (86M parameters) takes several seconds even at 32 px: only its structure is checked, on the
+# meta device, below.
+CASES = {
+    "simple_cnn": (ModelConfig(name="simple_cnn", width=8), 16),
+    "resnet18_small_input": (ModelConfig(name="resnet18", small_input=True), 16),
+}
+NUM_CLASSES = 7
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Two intra-op threads on two shared cores are many times slower than one for these tiny tensors.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _build(cfg: ModelConfig, size: int, checkpointing: bool = False, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{**vars(cfg), "activation_checkpointing": checkpointing})
+    return create_model(cfg, NUM_CLASSES, size)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_backward_and_checkpointing_contract(case):
+    cfg, size = CASES[case]
+    plain = _build(cfg, size)
+    ckpt = _build(cfg, size, checkpointing=True)
+    # Same parameter names: a checkpoint saved with activation checkpointing loads without it.
+    assert list(plain.state_dict()) == list(ckpt.state_dict())
+    ckpt.load_state_dict(plain.state_dict())
+    plain.load_state_dict(ckpt.state_dict())
+
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, size, size)
+    labels = torch.tensor([0, NUM_CLASSES - 1])
+    grads = []
+    for model in (plain, ckpt):
+        model.train()
+        out = model(x)
+        assert out.shape == (2, NUM_CLASSES)
+        assert torch.isfinite(out).all()
+        torch.nn.functional.cross_entropy(out, labels).backward()
+        params = [p for p in model.parameters() if p.requires_grad]
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+        grads.append([p.grad for p in params])
+    # Recomputing activations in backward changes memory use, not the gradients.
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("name", "size", "blocks"), [("resnet18", 16, 8), ("vit_b_16", 32, 12)])
+def test_activation_checkpointing_wraps_blocks_and_keeps_state_dict_keys(name, size, blocks):
+    with torch.device("meta"):  # structure only: no memory, no initialization cost
+        plain = create_model(ModelConfig(name=name), NUM_CLASSES, size)
+        ckpt = create_model(ModelConfig(name=name, activation_checkpointing=True), NUM_CLASSES, size)
+    wrapped = [m for m in ckpt.modules() if type(m).__name__ == "CheckpointWrapper"]
+    assert len(wrapped) == blocks  # resnet18: 4 stages x 2 blocks; vit_b_16: 12 encoder blocks
+    assert not [m for m in plain.modules() if type(m).__name__ == "CheckpointWrapper"]
+    assert list(plain.state_dict()) == list(ckpt.state_dict())
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in ckpt.state_dict().items()}
+    if name.startswith("vit"):
+        assert plain.heads.head.out_features == NUM_CLASSES
+
+
+def test_small_input_keeps_resolution_in_the_stem():
+    with torch.device("meta"):
+        big = create_model(ModelConfig(name="resnet18"), 3, 32)
+        small = create_model(ModelConfig(name="resnet18", small_input=True), 3, 32)
+    assert big.conv1.stride == (2, 2) and small.conv1.stride == (1, 1)
+    assert isinstance(small.maxpool, torch.nn.Identity)
+
+
+def test_unknown_model_name_lists_known_names():
+    with pytest.raises(ValueError) as ei:
+        create_model(ModelConfig(name="resnet19"), 10, 32)
+    msg = str(ei.value)
+    assert "resnet19" in msg
+    for name in ("simple_cnn", "resnet18", "resnet50", "vit_b_16"):
+        assert name in msg
+    assert {"simple_cnn", "resnet18", "vit_b_16"} <= set(list_models())
+
+
+def test_model_name_from_config_builds():
+    cfg = load_config(None, ["model.name=simple_cnn", "model.width=4"])
+    model = create_model(cfg.model, 3, 8)
+    assert model(torch.zeros(1, 3, 8, 8)).shape == (1, 3)
