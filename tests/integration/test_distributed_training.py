@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+
 from conftest import TINY, load_weights, read_jsonl, run_cli, run_torchrun
 
 pytestmark = pytest.mark.integration

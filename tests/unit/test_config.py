@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_cli, subprocess_env
 
 from imgtrain import cli
 from imgtrain.config import RECIPES_DIR, Config, ConfigError, dump_config, load_config
+
+from conftest import run_cli, subprocess_env
 
 # (override, key path, value as the message shows it, words of the expectation)
 BAD_OVERRIDES = [

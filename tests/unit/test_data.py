@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, make_image_folder, run_cli
 from PIL import Image
 
 from imgtrain.config import DataConfig, load_config
@@ -19,6 +18,8 @@ from imgtrain.data import DataError, ImageFolderDataset, SampleRef, build_data
 from imgtrain.data.embedded import ensure_digits
 from imgtrain.data.folder import scan_classes
 from imgtrain.data.transforms import eval_transform
+
+from conftest import TINY, make_image_folder, run_cli
 
 CPU = torch.device("cpu")
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import make_image_folder
 from torch import nn
 
 from imgtrain.config import DataConfig, ModelConfig
@@ -22,6 +21,8 @@ from imgtrain.data.transforms import DeviceNormalize
 from imgtrain.distributed import DistInfo
 from imgtrain.evaluate import evaluate_model
 from imgtrain.models import create_model
+
+from conftest import make_image_folder
 
 CPU = torch.device("cpu")
 WORLD = 3

@@ -1,0 +1,103 @@
+"""Helpers for multi-node tests: each "node" is one torchrun agent (plus its workers) in its own
+session, optionally inside its own network namespace."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from conftest import read_jsonl, subprocess_env
+
+# The rendezvous settings imgtrain documents (see docs/fault_tolerance.md and shared/notes/elastic.md).
+RDZV_CONF = ("last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3,read_timeout=15,"
+             "close_timeout=5,heartbeat_timeout=5")
+
+
+class Node:
+    def __init__(self, name: str, endpoint: str, args: list[str], log_dir: Path, nnodes: str = "1:2",
+                 netns: str | None = None, ifname: str | None = None, max_restarts: int = 10,
+                 is_host: bool | None = None, local_addr: str | None = None):
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        env = subprocess_env()
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+        if ifname:
+            env["GLOO_SOCKET_IFNAME"] = ifname
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", "--nproc-per-node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=imgtrain-test",
+               f"--rdzv-conf={RDZV_CONF}" + ("" if is_host is None else f",is_host={str(is_host).lower()}"), f"--max-restarts={max_restarts}", "--monitor-interval=0.5",
+               *([f"--local-addr={local_addr}"] if local_addr else []),
+               "-m", "imgtrain", *args]
+        if netns:
+            cmd = ["ip", "netns", "exec", netns, *cmd]
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+
+    def tree(self) -> list[psutil.Process]:
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def kill(self) -> None:
+        """kill -9 the whole node: the agent and every worker (workers run in sessions of their own)."""
+        procs = self.tree()
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=10)
+
+    def output(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.kill()
+        self.log.close()
+
+
+def wait_for(predicate, timeout: float, what: str, nodes: list[Node] = (), poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    logs = "\n\n".join(f"--- {n.name} ---\n{n.output()[-5000:]}" for n in nodes)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{logs}")
+
+
+def events(run_dir: Path, kind: str) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    try:
+        return [r for r in read_jsonl(path) if r.get("event") == kind]
+    except ValueError:  # a line being written
+        return []
+
+
+def cleanup_pids(nodes: list[Node]) -> None:
+    for n in nodes:
+        n.close()
+    # Orphaned workers of killed agents, if any survived.
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info.get("cmdline") or [])
+        if "imgtrain" in cmd and "train" in cmd and p.pid != os.getpid() and "pytest" not in cmd:
+            try:
+                if any(str(n.log_path.parent) in cmd for n in nodes):
+                    p.kill()
+            except psutil.NoSuchProcess:
+                pass
