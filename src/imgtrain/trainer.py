@@ -117,12 +117,12 @@ class Trainer:
         else:
             torch.backends.cudnn.benchmark = True
         seed_everything(cfg.training.seed)
+        # Data first: a wrong data.root must not leave a half-made run directory behind.
+        self.data = build_data(cfg.data, cfg.training.batch_size, info.rank, info.world_size,
+                               cfg.training.seed, info.device)
         if info.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.output_dir / "config.yaml")
-
-        self.data = build_data(cfg.data, cfg.training.batch_size, info.rank, info.world_size,
-                               cfg.training.seed, info.device)
         self.model_without_ddp = create_model(cfg.model, self.data.num_classes, cfg.data.image_size)
         self.model_without_ddp.to(info.device)
         self.channels_last = cfg.model.channels_last and info.device.type == "cuda"
@@ -435,6 +435,11 @@ class Trainer:
     def evaluate_and_log(self, epoch: int) -> None:
         self.bar.close()
         self.last_eval = self.evaluate()
+        n_val = len(self.data.val_set)
+        if self.last_eval.bad > self.cfg.data.max_bad_fraction * n_val:
+            raise DataError(f"{self.last_eval.bad} of {n_val} validation images failed to decode, more than "
+                            f"data.max_bad_fraction={self.cfg.data.max_bad_fraction}; see the warnings above "
+                            f"for their paths")
         record = {"event": "eval", "epoch": epoch + 1, "step": self.progress.step,
                   "val_top1": self.last_eval.top1, "val_top5": self.last_eval.top5,
                   "val_loss": self.last_eval.loss, "val_images": self.last_eval.count}
