@@ -265,9 +265,12 @@ class Trainer:
         """Collective. Returns the stall the training loop paid on this rank."""
         t0 = time.perf_counter()
         state = self.state_dict()
-        self.checkpointer.save(self.progress.step, state, blocking=blocking)
+        report = self.checkpointer.save(self.progress.step, state, blocking=blocking)
         stall = time.perf_counter() - t0
         self.last_checkpoint_stall = stall
+        self._emit({"event": "checkpoint", "step": self.progress.step, "epoch": self.progress.epoch + 1,
+                    "path": report.path, "stall_s": stall,
+                    "async": self.cfg.checkpoint.async_save if blocking is None else not blocking})
         return stall
 
     # ------------------------------------------------------------------ training
