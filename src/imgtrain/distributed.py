@@ -99,8 +99,11 @@ def destroy_distributed(info: DistInfo) -> None:
 def wrap_ddp(model: nn.Module, info: DistInfo, cfg: DistributedConfig) -> nn.Module:
     if not info.enabled:
         return model
-    if cfg.sync_batchnorm:
+    if cfg.sync_batchnorm and info.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif cfg.sync_batchnorm:
+        log.warning("distributed.sync_batchnorm: torch's SyncBatchNorm needs CUDA; on %s each process "
+                    "keeps its own BatchNorm statistics", info.device)
     return nn.parallel.DistributedDataParallel(
         model,
         device_ids=[info.local_rank] if info.device.type == "cuda" else None,

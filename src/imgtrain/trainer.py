@@ -288,6 +288,8 @@ class Trainer:
                 finished = self.train_epoch()
                 if not finished:
                     stopped_early = True
+                    if not self.preemption.requested:  # max_steps: still say how good the model is
+                        self.evaluate_and_log(self.progress.epoch)
                     break
                 epoch = self.progress.epoch  # the epoch just completed (0-based)
                 if (epoch + 1) % cfg.training.eval_interval == 0 or epoch + 1 == cfg.training.epochs:
