@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True,
                    help="a checkpoint directory, its checkpoints/ folder (newest good one), or model.pt")
     _add_common(e)
+    s = sub.add_parser("rendezvous-store",
+                       help="serve a standalone c10d rendezvous store (for torchrun agents with is_host=false)")
+    s.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all)")
+    s.add_argument("--port", type=int, default=29400)
     return parser
 
 
@@ -55,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides look like section.key=value)")
     args.overrides = rest
     try:
+        if args.command == "rendezvous-store":
+            if rest:
+                parser.error(f"rendezvous-store takes no overrides: {' '.join(rest)}")
+            from .rendezvous import serve_store
+
+            serve_store(args.host, args.port)
+            return 0
         if args.command == "train":
             # Validated before torch is even imported: a typo is reported at once.
             cfg = load_config(args.config or DEFAULT_RECIPE, _overrides(args))

@@ -22,7 +22,7 @@ RDZV_CONF = ("last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3
 class Node:
     def __init__(self, name: str, endpoint: str, args: list[str], log_dir: Path, nnodes: str = "1:2",
                  netns: str | None = None, ifname: str | None = None, max_restarts: int = 10,
-                 is_host: bool | None = None, local_addr: str | None = None):
+                 is_host: bool | None = None, local_addr: str | None = None, backend: str = "c10d"):
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         env = subprocess_env()
@@ -30,7 +30,7 @@ class Node:
         if ifname:
             env["GLOO_SOCKET_IFNAME"] = ifname
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", "--nproc-per-node=1",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=imgtrain-test",
+               f"--rdzv-backend={backend}", f"--rdzv-endpoint={endpoint}", "--rdzv-id=imgtrain-test",
                f"--rdzv-conf={RDZV_CONF}" + ("" if is_host is None else f",is_host={str(is_host).lower()}"), f"--max-restarts={max_restarts}", "--monitor-interval=0.5",
                *([f"--local-addr={local_addr}"] if local_addr else []),
                "-m", "imgtrain", *args]

@@ -1,0 +1,115 @@
+"""No single point of failure among the training nodes: the rendezvous lives outside them, either in a
+standalone c10d store process (`imgtrain rendezvous-store`) or in a 3-member etcd cluster. Killing the
+node that started first (the one that would host the store with plain c10d) must not stop the job."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import free_port, make_image_folder, subprocess_env
+from elastic_nodes import Node, cleanup_pids, events, wait_for
+from test_elastic import _train_args
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _lose_first_node_then_rejoin(tmp_path, data, out, make_node, kill_extra=None):
+    first = make_node("first")
+    time.sleep(1.0)
+    second = make_node("second")
+    nodes = [first, second]
+    try:
+        wait_for(lambda: any(e["world_size"] == 2 for e in events(out, "start")), 120, "a 2-node group", nodes)
+        wait_for(lambda: list((out / "checkpoints").glob("step_*/manifest.json")), 120, "a checkpoint", nodes)
+        starts = len(events(out, "start"))
+        first.kill()
+        if kill_extra:
+            kill_extra()
+        killed_at = time.time()
+        alone = wait_for(lambda: [e for e in events(out, "start")[starts:] if e["world_size"] == 1], 120,
+                         "the second node to continue alone", nodes)[0]
+        step = wait_for(lambda: [e for e in events(out, "train") if e["time"] > alone["time"]], 120,
+                        "a step after losing the first node", nodes)[0]
+        assert step["time"] - killed_at < 60
+        starts = len(events(out, "start"))
+        again = make_node("first-again")
+        nodes.append(again)
+        wait_for(lambda: [e for e in events(out, "start")[starts:] if e["world_size"] == 2], 120,
+                 "the restarted node to join", nodes)
+        assert second.proc.wait(timeout=300) == 0, second.output()[-3000:]
+        assert again.proc.wait(timeout=60) == 0, again.output()[-3000:]
+    finally:
+        cleanup_pids(nodes)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["completed"] and summary["world_size"] == 2
+    assert summary["images_seen"] == 6 * 48
+
+
+def test_standalone_store_survives_loss_of_first_node(tmp_path):
+    data = make_image_folder(tmp_path / "data", classes=3, train_per_class=16, val_per_class=2, size=16)
+    out = tmp_path / "run"
+    port = free_port()
+    store = subprocess.Popen([sys.executable, "-m", "imgtrain", "rendezvous-store", "--host", "127.0.0.1",
+                              "--port", str(port)], stdout=subprocess.PIPE, text=True, env=subprocess_env())
+    try:
+        assert "listening" in store.stdout.readline()
+        args = _train_args(data, out)
+        _lose_first_node_then_rejoin(
+            tmp_path, data, out,
+            lambda name: Node(name, f"127.0.0.1:{port}", args, tmp_path, is_host=False))
+    finally:
+        store.terminate()
+        store.wait(timeout=10)
+
+
+@pytest.fixture
+def etcd_cluster(tmp_path):
+    if shutil.which("etcd") is None:
+        pytest.skip("etcd is not installed (Debian: etcd-server)")
+    pytest.importorskip("etcd", reason="torch's etcd-v2 rendezvous needs python-etcd")
+    names = ["m0", "m1", "m2"]
+    client = [free_port() for _ in names]
+    peer = [free_port() for _ in names]
+    cluster = ",".join(f"{n}=http://127.0.0.1:{p}" for n, p in zip(names, peer, strict=True))
+    procs = []
+    for n, c, p in zip(names, client, peer, strict=True):
+        log = open(tmp_path / f"etcd-{n}.log", "w")
+        procs.append(subprocess.Popen(
+            ["etcd", "--name", n, "--data-dir", str(tmp_path / f"etcd-{n}"), "--enable-v2=true",
+             "--listen-client-urls", f"http://127.0.0.1:{c}", "--advertise-client-urls", f"http://127.0.0.1:{c}",
+             "--listen-peer-urls", f"http://127.0.0.1:{p}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{p}",
+             "--initial-cluster", cluster, "--initial-cluster-state", "new", "--initial-cluster-token", tmp_path.name],
+            stdout=log, stderr=subprocess.STDOUT))
+    import etcd
+
+    def healthy():
+        try:
+            return etcd.Client(host="127.0.0.1", port=client[0]).leader is not None
+        except Exception:  # noqa: BLE001 - not up yet
+            return False
+
+    wait_for(healthy, 60, "the etcd cluster to elect a leader")
+    yield client, procs
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def test_etcd_rendezvous_survives_loss_of_first_node_and_an_etcd_member(tmp_path, etcd_cluster):
+    client, members = etcd_cluster
+    data = make_image_folder(tmp_path / "data", classes=3, train_per_class=16, val_per_class=2, size=16)
+    out = tmp_path / "run"
+    args = _train_args(data, out)
+    # Each node talks to its own etcd member (as nodes would through a Service or a local proxy); the
+    # first node and its member die together, the remaining two members keep the quorum.
+    endpoints = {"first": client[0], "second": client[1], "first-again": client[2]}
+    _lose_first_node_then_rejoin(
+        tmp_path, data, out,
+        lambda name: Node(name, f"127.0.0.1:{endpoints[name]}", args, tmp_path, backend="etcd-v2"),
+        kill_extra=lambda: (members[0].kill(), members[0].wait()))
