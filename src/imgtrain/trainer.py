@@ -101,6 +101,7 @@ class Trainer:
         self.resumed_from: str | None = None
         self.epoch_bad = 0
         self.last_checkpoint_stall = 0.0
+        self._steps_this_run = 0  # steps since this process started (the first one gets init_timeout)
         self._sinks: list = []
 
     # ------------------------------------------------------------------ setup
@@ -155,6 +156,7 @@ class Trainer:
                  "processes x %d accumulation steps, peak LR %.4g",
                  info.world_size, info.backend or "no process group", info.device, self.global_batch,
                  cfg.training.batch_size, info.world_size, self.accumulation, self.peak_lr)
+        self._log_fault_tolerance_settings()
         return self
 
     @property
@@ -265,13 +267,36 @@ class Trainer:
         """Collective. Returns the stall the training loop paid on this rank."""
         t0 = time.perf_counter()
         state = self.state_dict()
+        blocking_write = (not self.cfg.checkpoint.async_save) if blocking is None else blocking
+        if blocking_write and self.info.enabled:
+            # The other ranks wait in their next collective while rank 0 writes: a slow disk must not
+            # look like a dead peer, so every rank widens the collective timeout until the write is done.
+            D.set_collective_timeout(self.info, self.cfg.distributed.init_timeout)
         report = self.checkpointer.save(self.progress.step, state, blocking=blocking)
+        if blocking_write and self.info.enabled:
+            D.barrier(self.info)
+            D.set_collective_timeout(self.info, self._collective_timeout())
         stall = time.perf_counter() - t0
         self.last_checkpoint_stall = stall
         self._emit({"event": "checkpoint", "step": self.progress.step, "epoch": self.progress.epoch + 1,
                     "path": report.path, "stall_s": stall,
                     "async": self.cfg.checkpoint.async_save if blocking is None else not blocking})
         return stall
+
+    def _collective_timeout(self) -> float:
+        return self.cfg.distributed.timeout if self._steps_this_run > 0 else self.cfg.distributed.init_timeout
+
+    def _log_fault_tolerance_settings(self) -> None:
+        ft, dc = self.cfg.fault_tolerance, self.cfg.distributed
+        env = {k: os.environ[k] for k in ("TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
+                                           "TORCHELASTIC_RUN_ID", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE",
+                                           "TORCHELASTIC_USE_AGENT_STORE") if k in os.environ}
+        log.info("fault tolerance: collective timeout %.0fs (first step: %.0fs), hang watchdog %s (first step: "
+                 "%s), preemption grace %.0fs, checkpoints every %s steps / %s s (%s), keep %d, resume=%s; "
+                 "torchrun: %s", dc.timeout, dc.init_timeout, _secs(ft.hang_timeout),
+                 _secs(ft.first_step_timeout), ft.grace_period, self.cfg.checkpoint.save_every_steps,
+                 self.cfg.checkpoint.save_interval, "async" if self.cfg.checkpoint.async_save else "sync",
+                 self.cfg.checkpoint.keep_last_n, self.cfg.checkpoint.resume, env or "not under torchrun")
 
     # ------------------------------------------------------------------ training
 
@@ -346,8 +371,9 @@ class Trainer:
             self.progress.images_seen += sum(group)
             t_step = time.perf_counter() - t0
             self.watchdog.beat()
-            if self.progress.step == 1:
+            if self._steps_this_run == 0:
                 D.set_collective_timeout(info, cfg.distributed.timeout)
+            self._steps_this_run += 1
             window.add(stats, t_data, t_step, sum(group))
             self.bar.update(1, loss=f"{stats['loss_sum'] / max(stats['count'], 1e-9):.4f}",
                             lr=f"{lr:.3g}", img_s=f"{sum(group) / max(t_step, 1e-9):.0f}")
@@ -544,6 +570,10 @@ class _Window:
         self.seconds += t_step
         self.data_wait += t_data
         self.steps += 1
+
+
+def _secs(v: float | None) -> str:
+    return "off" if v is None else f"{v:.0f}s"
 
 
 def _configure_logging(info: D.DistInfo) -> None:
