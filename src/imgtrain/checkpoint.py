@@ -208,6 +208,7 @@ class CheckpointManager:
 
     def _publish_remote(self, name: str, data: memoryview, manifest: dict) -> None:
         final = f"{self.root}/{name}"
+        self.fs.makedirs(final, exist_ok=True)  # a no-op on object stores; needed by file-like backends
         if self.fs.exists(f"{final}/{MANIFEST}"):
             self.fs.rm(f"{final}/{MANIFEST}")  # unpublish before overwriting the state
         with self.fs.open(f"{final}/{STATE_FILE}", "wb") as f:

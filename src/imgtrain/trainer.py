@@ -322,7 +322,7 @@ class Trainer:
                 self.progress.epoch += 1
                 self.data.train_sampler.state.epoch = self.progress.epoch
                 self.data.train_sampler.state.consumed = 0
-                if cfg.checkpoint.save_at_epoch_end:
+                if cfg.checkpoint.save_at_epoch_end or self.checkpointer.due(self.progress.step):
                     self.save_checkpoint()
         finally:
             self.bar.close()
