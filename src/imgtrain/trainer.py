@@ -101,6 +101,7 @@ class Trainer:
         self.resumed_from: str | None = None
         self.epoch_bad = 0
         self.last_checkpoint_stall = 0.0
+        self.timeline: dict[str, float] = {"process_start": _process_start_time()}
         self._steps_this_run = 0  # steps since this process started (the first one gets init_timeout)
         self._sinks: list = []
 
@@ -108,7 +109,10 @@ class Trainer:
 
     def setup(self) -> Trainer:
         cfg = self.cfg
+        t0 = time.time()
         self.info = D.init_distributed(cfg.distributed)
+        self.timeline["process_group_ready"] = time.time()
+        self.timeline["setup_start"] = t0
         _configure_logging(self.info)
         info = self.info
         if cfg.training.deterministic:
@@ -143,7 +147,9 @@ class Trainer:
 
         ckpt_dir = cfg.checkpoint.dir or str(self.output_dir / "checkpoints")
         self.checkpointer = CheckpointManager(cfg.checkpoint, ckpt_dir, is_writer=info.is_main)
+        self.timeline["built"] = time.time()
         self._maybe_resume()
+        self.timeline["checkpoint_loaded"] = time.time()
         # DDP broadcasts rank 0's parameters at construction: build it after loading the checkpoint.
         self.model = D.wrap_ddp(self.model_without_ddp, info, cfg.distributed)
         self._apply_elastic_policy()
@@ -305,7 +311,8 @@ class Trainer:
         self.preemption.install()
         self.watchdog.start()
         t_start = time.perf_counter()
-        self._log_event("start", resumed_from=self.resumed_from)
+        # When each phase of (re)starting ended, for recovery-time breakdowns (benchmarks/recovery.py).
+        self._log_event("start", resumed_from=self.resumed_from, timeline=self.timeline)
         stopped_early = False
         try:
             D.set_collective_timeout(self.info, cfg.distributed.init_timeout)
@@ -570,6 +577,12 @@ class _Window:
         self.seconds += t_step
         self.data_wait += t_data
         self.steps += 1
+
+
+def _process_start_time() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def _secs(v: float | None) -> str:
