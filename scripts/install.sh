@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs imgtrain with everything its tests need, on a fresh Debian machine (or in CI):
-#   - system packages the integration tests start themselves: etcd (rendezvous), iproute2 (network
-#     namespaces for partition tests);
+#   - system packages the tests use: etcd (rendezvous), iproute2 (network namespaces for partition
+#     tests), shellcheck (script lint);
 #   - the package in editable mode with its dev extras (pytest, an S3-compatible server, python-etcd).
 # Safe to run again. Without root (or apt-get) the system packages are skipped and the tests that
 # need them are skipped with a reason.
@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 need=()
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq
