@@ -1,0 +1,151 @@
+"""Helpers shared by the benchmark scripts: machine info, statistics, result files, a JPEG ImageFolder
+and an imgtrain Trainer set up from a few overrides.
+
+Every benchmark runs its variants side by side in one process, alternating them in rounds so that drift
+of a shared machine hits all of them alike, and reports medians and the ratio against the baseline
+measured in the same run. Absolute numbers from different runs are not comparable on a shared machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from imgtrain.config import load_config
+from imgtrain.trainer import Trainer
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        usable = os.cpu_count()
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "usable_cores": usable,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+        "hostname": platform.node(),
+    }
+
+
+def command_line() -> str:
+    return shlex.join([Path(sys.executable).name, *sys.argv])
+
+
+def stats(samples: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
+            "n": len(samples), "samples": samples}
+
+
+def default_out(name: str) -> Path:
+    return RESULTS_DIR / f"{name}.json"
+
+
+def write_result(path: Path, result: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {path}")
+
+
+def print_table(title: str, unit: str, rows: list[tuple[str, dict[str, Any], str]]) -> None:
+    """rows: (label, stats(), extra text such as a ratio)."""
+    print(f"\n{title}")
+    width = max(len(r[0]) for r in rows) + 2
+    print(f"{'variant':<{width}}{'median':>10}{'min':>10}{'max':>10}  {unit:<10}{'n':>3}  vs baseline")
+    for label, s, extra in rows:
+        print(f"{label:<{width}}{s['median']:>10.4g}{s['min']:>10.4g}{s['max']:>10.4g}  {'':<10}"
+              f"{s['n']:>3}  {extra}")
+
+
+def make_jpeg_folder(root: Path, images: int, classes: int = 8, size: int = 96, val_per_class: int = 2,
+                     seed: int = 0) -> Path:
+    """An ImageFolder tree of ``images`` training JPEGs (plus a small val split), as tests/conftest.py's
+    make_image_folder writes them: each class has its own mean colour plus noise, so that JPEG decoding
+    works on realistic, not constant, pixels."""
+    rng = np.random.default_rng(seed)
+    per_class = [images // classes + (1 if c < images % classes else 0) for c in range(classes)]
+    for split, counts in (("train", per_class), ("val", [val_per_class] * classes)):
+        for c, n in enumerate(counts):
+            d = root / split / f"class_{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            base = np.zeros(3)
+            base[c % 3] = 200
+            base[(c // 3) % 3] += 40
+            for i in range(n):
+                img = np.clip(base + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i:05d}.jpeg", format="JPEG", quality=90)
+    return root
+
+
+def make_trainer(overrides: list[str], verbose: bool = False) -> Trainer:
+    """An imgtrain Trainer, set up as `imgtrain train` would set it up, for a single process."""
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK"):
+        if var in os.environ:
+            raise SystemExit(f"run the benchmarks as a single process ({var} is set)")
+    cfg = load_config(None, ["training.progress_bar=false", "checkpoint.resume=never", *overrides])
+    trainer = Trainer(cfg).setup()
+    if not verbose:
+        logging.getLogger().setLevel(logging.WARNING)
+    return trainer
+
+
+def shutdown_loader_workers(trainer: Trainer) -> None:
+    """Stop the persistent DataLoader workers now (they would otherwise prefetch on, from a data
+    directory about to be deleted, until garbage collection)."""
+    data = getattr(trainer, "data", None)
+    for loader in (data.train_loader, data.val_loader) if data is not None else ():
+        it = getattr(loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        loader._iterator = None
+
+
+def synthetic_batches(count: int, batch: int, image_size: int, num_classes: int,
+                      seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]]:
+    """In-memory batches shaped exactly as imgtrain's loader yields them: (uint8 NCHW images, labels,
+    weights, bad paths)."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8, generator=g),
+             torch.randint(0, num_classes, (batch,), generator=g),
+             torch.ones(batch), []) for _ in range(count)]
+
+
+class Clock:
+    """perf_counter intervals, so that scripts read as 'with clock: ...; clock.seconds'."""
+
+    def __enter__(self) -> Clock:
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.t0

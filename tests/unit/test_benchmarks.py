@@ -1,0 +1,65 @@
+"""Smoke tests of benchmarks/*.py: each script runs end to end with the smallest settings and writes a
+result JSON with the documented keys and positive measurements. The numbers themselves are not checked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO, subprocess_env
+
+
+def run_script(name: str, args: list[str], tmp_path: Path) -> dict:
+    out = tmp_path / f"{name}.json"
+    env = subprocess_env()
+    env["TMPDIR"] = str(tmp_path)  # the generated images and checkpoints go under tmp_path too
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *args, "--threads", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=180, cwd=tmp_path,
+                          env=env)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    assert "median" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == name
+    assert f"{name}.py" in result["command"]
+    machine = result["machine"]
+    for key in ("platform", "cpu_model", "cpu_count", "torch"):
+        assert machine[key], key
+    return result
+
+
+def assert_stats(s: dict, n: int) -> None:
+    assert s["n"] == n == len(s["samples"])
+    assert 0 < s["min"] <= s["median"] <= s["max"]
+
+
+def test_throughput_benchmark(tmp_path):
+    r = run_script("throughput", ["--model", "simple_cnn", "--width", "4", "--batch", "4", "--image-size", "16",
+                                  "--steps", "2", "--warmup", "1", "--rounds", "1", "--workers", "1",
+                                  "--images", "8", "--source-size", "20"], tmp_path)
+    for variant in ("synthetic", "real", "loader_only", "ratio_real_over_synthetic"):
+        assert_stats(r[variant], 1)
+    assert r["unit"] == "images/s"
+    assert r["ratio_of_medians"] > 0
+    assert 0 <= r["real_data_wait_fraction"]["median"] <= 1
+    # --images is raised to batch * (warmup + steps), so that every round reads one fresh epoch
+    assert r["settings"]["model"] == "simple_cnn" and r["settings"]["train_images"] == 4 * 3
+    assert len(r["rounds"]) == 1
+
+
+def test_checkpoint_benchmark(tmp_path):
+    r = run_script("checkpoint", ["--model", "simple_cnn", "--width", "4", "--image-size", "16", "--batch", "2",
+                                  "--saves", "1", "--save-every", "1", "--window-saves", "1", "--rounds", "1",
+                                  "--warmup", "0", "--classes", "2"], tmp_path)
+    for mode in ("async", "sync", "async_background_write"):
+        assert_stats(r["stall_s"][mode], 1)
+    assert r["state"]["model_bytes"] > 0 and r["state"]["optimizer_bytes"] > 0  # SGD momentum is saved
+    assert r["state"]["state_file_bytes"] > r["state"]["model_bytes"]
+    assert r["stall_ratio_async_over_sync"] > 0
+    interval = r["interval"]
+    for variant in ("none", "async", "sync"):
+        assert_stats(interval["steps_per_s"][variant], 1)
+    assert_stats(interval["async_over_none"], 1)
+    assert_stats(interval["sync_over_none"], 1)
+    assert set(r["throughput_lost_fraction"]) == {"async", "sync"}
