@@ -101,3 +101,48 @@ def cleanup_pids(nodes: list[Node]) -> None:
                     p.kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+def train_args(data: Path, out: Path) -> list[str]:
+    """A run slow enough (~0.1-0.3 s per step on 2 cores) that membership changes happen mid-run."""
+    from conftest import TINY
+
+    return ["train", "--output-dir", str(out), f"data.root={data}", *TINY,
+            "model.name=resnet18", "model.small_input=true", "data.image_size=16", "data.val_resize=16",
+            "training.batch_size=4", "training.epochs=6", "checkpoint.save_every_steps=3",
+            "checkpoint.keep_last_n=2", "distributed.timeout=20", "fault_tolerance.hang_timeout=120"]
+
+
+def lose_a_node_then_rejoin(out: Path, make_node, victim: str, kill_extra=None) -> list[Node]:
+    """Two nodes ("first", started first, then "second") train together; ``victim`` is killed (with
+    ``kill_extra``, e.g. an etcd member), the other must go on alone from the last checkpoint within a
+    minute, then a restarted node ("<victim>-again") must join and both must finish. Returns the nodes."""
+    first = make_node("first")
+    time.sleep(1.0)  # the first agent is up before the second dials in
+    second = make_node("second")
+    nodes = [first, second]
+    dead, survivor = (first, second) if victim == "first" else (second, first)
+    try:
+        wait_for(lambda: any(e["world_size"] == 2 for e in events(out, "start")), 120, "a 2-node group", nodes)
+        wait_for(lambda: list((out / "checkpoints").glob("step_*/manifest.json")), 120, "a checkpoint", nodes)
+        starts = len(events(out, "start"))
+        dead.kill()
+        if kill_extra:
+            kill_extra()
+        killed_at = time.time()
+        alone = wait_for(lambda: [e for e in events(out, "start")[starts:] if e["world_size"] == 1], 120,
+                         f"the {survivor.name} node to continue alone", nodes)[0]
+        assert alone["resumed_from"], "the survivor must continue from the last checkpoint"
+        step = wait_for(lambda: [e for e in events(out, "train") if e["time"] > alone["time"]], 120,
+                        "a step after the node loss", nodes)[0]
+        assert step["time"] - killed_at < 60, f"recovery took {step['time'] - killed_at:.1f}s"
+        starts = len(events(out, "start"))
+        again = make_node(f"{victim}-again")
+        nodes.append(again)
+        wait_for(lambda: [e for e in events(out, "start")[starts:] if e["world_size"] == 2], 120,
+                 "the restarted node to join (world size back to 2)", nodes)
+        assert survivor.proc.wait(timeout=300) == 0, survivor.output()[-3000:]
+        assert again.proc.wait(timeout=60) == 0, again.output()[-3000:]
+    finally:
+        cleanup_pids(nodes)
+    return nodes

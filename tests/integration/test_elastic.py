@@ -10,59 +10,24 @@ import uuid
 
 import pytest
 
-from conftest import TINY, free_port, make_image_folder
-from elastic_nodes import Node, cleanup_pids, events, wait_for
+from conftest import free_port, make_image_folder
+from elastic_nodes import Node, cleanup_pids, events, lose_a_node_then_rejoin, train_args, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _train_args(data, out) -> list[str]:
-    # A model slow enough (~0.1-0.3 s per step on 2 cores) that membership changes happen mid-run.
-    return ["train", "--output-dir", str(out), f"data.root={data}", *TINY,
-            "model.name=resnet18", "model.small_input=true", "data.image_size=16", "data.val_resize=16",
-            "training.batch_size=4", "training.epochs=6", "checkpoint.save_every_steps=3",
-            "checkpoint.keep_last_n=2", "distributed.timeout=20", "fault_tolerance.hang_timeout=120"]
 
 
 def test_node_killed_and_readded(tmp_path):
     data = make_image_folder(tmp_path / "data", classes=3, train_per_class=16, val_per_class=2, size=16)
     out = tmp_path / "run"
     endpoint = f"127.0.0.1:{free_port()}"
-    args = _train_args(data, out)
-    host = Node("host", endpoint, args, tmp_path)
-    time.sleep(1.0)  # the host agent starts the rendezvous store
-    other = Node("other", endpoint, args, tmp_path)
-    nodes = [host, other]
-    try:
-        wait_for(lambda: any(e["world_size"] == 2 for e in events(out, "start")), 120,
-                 "a 2-node group", nodes)
-        wait_for(lambda: list((out / "checkpoints").glob("step_*/manifest.json")), 120,
-                 "a first checkpoint", nodes)
-        starts_before = len(events(out, "start"))
-        other.kill()
-        killed_at = time.time()
-        survivor = wait_for(lambda: [e for e in events(out, "start")[starts_before:] if e["world_size"] == 1],
-                            120, "the survivor to re-form the group alone", nodes)[0]
-        assert survivor["resumed_from"], "the survivor must continue from the last checkpoint"
-        first_step = wait_for(lambda: [e for e in events(out, "train") if e["time"] > survivor["time"]],
-                              120, "a step after the node loss", nodes)[0]
-        recovery = first_step["time"] - killed_at
-        assert recovery < 60, f"recovery from a node loss took {recovery:.1f}s"
-
-        starts_before = len(events(out, "start"))
-        other = Node("other2", endpoint, args, tmp_path)
-        nodes.append(other)
-        wait_for(lambda: [e for e in events(out, "start")[starts_before:] if e["world_size"] == 2], 120,
-                 "the restarted node to join (world size back to 2)", nodes)
-        assert host.proc.wait(timeout=300) == 0, host.output()[-3000:]
-        assert other.proc.wait(timeout=60) == 0, other.output()[-3000:]
-    finally:
-        cleanup_pids(nodes)
+    # The second node does not host the c10d store, so the first one can go on without it.
+    nodes = lose_a_node_then_rejoin(out, lambda name: Node(name, endpoint, train_args(data, out), tmp_path),
+                                    victim="second")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["completed"] and summary["world_size"] == 2 and summary["restarts"] >= 2
     # Every sample exactly once per epoch despite two membership changes and re-sharding.
     assert summary["images_seen"] == 6 * 48
-    assert "elastic: world size changed 2 -> 1" in host.output()
+    assert "elastic: world size changed 2 -> 1" in nodes[0].output()
 
 
 def _ip(*args: str) -> None:
@@ -102,7 +67,7 @@ def test_network_partition_is_detected_and_survivor_continues(tmp_path, two_name
     data = make_image_folder(tmp_path / "data", classes=3, train_per_class=16, val_per_class=2, size=16)
     out = tmp_path / "run"
     endpoint = f"{addr_a}:{free_port()}"
-    args = [*_train_args(data, out), "distributed.timeout=10"]
+    args = [*train_args(data, out), "distributed.timeout=10"]
     # Inside a namespace the hostname does not resolve to the namespace's address, so torchrun cannot
     # guess which agent hosts the store, nor which address the workers should advertise: say both
     # explicitly, as on machines with several interfaces.

@@ -8,44 +8,16 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
 from conftest import free_port, make_image_folder, subprocess_env
-from elastic_nodes import Node, cleanup_pids, events, wait_for
-from test_elastic import _train_args
+from elastic_nodes import Node, lose_a_node_then_rejoin, train_args, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def _lose_first_node_then_rejoin(tmp_path, data, out, make_node, kill_extra=None):
-    first = make_node("first")
-    time.sleep(1.0)
-    second = make_node("second")
-    nodes = [first, second]
-    try:
-        wait_for(lambda: any(e["world_size"] == 2 for e in events(out, "start")), 120, "a 2-node group", nodes)
-        wait_for(lambda: list((out / "checkpoints").glob("step_*/manifest.json")), 120, "a checkpoint", nodes)
-        starts = len(events(out, "start"))
-        first.kill()
-        if kill_extra:
-            kill_extra()
-        killed_at = time.time()
-        alone = wait_for(lambda: [e for e in events(out, "start")[starts:] if e["world_size"] == 1], 120,
-                         "the second node to continue alone", nodes)[0]
-        step = wait_for(lambda: [e for e in events(out, "train") if e["time"] > alone["time"]], 120,
-                        "a step after losing the first node", nodes)[0]
-        assert step["time"] - killed_at < 60
-        starts = len(events(out, "start"))
-        again = make_node("first-again")
-        nodes.append(again)
-        wait_for(lambda: [e for e in events(out, "start")[starts:] if e["world_size"] == 2], 120,
-                 "the restarted node to join", nodes)
-        assert second.proc.wait(timeout=300) == 0, second.output()[-3000:]
-        assert again.proc.wait(timeout=60) == 0, again.output()[-3000:]
-    finally:
-        cleanup_pids(nodes)
+def _assert_finished(out):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["completed"] and summary["world_size"] == 2
     assert summary["images_seen"] == 6 * 48
@@ -59,10 +31,10 @@ def test_standalone_store_survives_loss_of_first_node(tmp_path):
                               "--port", str(port)], stdout=subprocess.PIPE, text=True, env=subprocess_env())
     try:
         assert "listening" in store.stdout.readline()
-        args = _train_args(data, out)
-        _lose_first_node_then_rejoin(
-            tmp_path, data, out,
-            lambda name: Node(name, f"127.0.0.1:{port}", args, tmp_path, is_host=False))
+        args = train_args(data, out)
+        lose_a_node_then_rejoin(out, lambda name: Node(name, f"127.0.0.1:{port}", args, tmp_path, is_host=False),
+                                victim="first")
+        _assert_finished(out)
     finally:
         store.terminate()
         store.wait(timeout=10)
@@ -105,11 +77,11 @@ def test_etcd_rendezvous_survives_loss_of_first_node_and_an_etcd_member(tmp_path
     client, members = etcd_cluster
     data = make_image_folder(tmp_path / "data", classes=3, train_per_class=16, val_per_class=2, size=16)
     out = tmp_path / "run"
-    args = _train_args(data, out)
+    args = train_args(data, out)
     # Each node talks to its own etcd member (as nodes would through a Service or a local proxy); the
     # first node and its member die together, the remaining two members keep the quorum.
     endpoints = {"first": client[0], "second": client[1], "first-again": client[2]}
-    _lose_first_node_then_rejoin(
-        tmp_path, data, out,
-        lambda name: Node(name, f"127.0.0.1:{endpoints[name]}", args, tmp_path, backend="etcd-v2"),
-        kill_extra=lambda: (members[0].kill(), members[0].wait()))
+    lose_a_node_then_rejoin(
+        out, lambda name: Node(name, f"127.0.0.1:{endpoints[name]}", args, tmp_path, backend="etcd-v2"),
+        victim="first", kill_extra=lambda: (members[0].kill(), members[0].wait()))
+    _assert_finished(out)
