@@ -6,6 +6,8 @@ import datetime
 import logging
 import os
 import socket
+import time
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -65,10 +67,16 @@ def init_distributed(cfg: DistributedConfig) -> DistInfo:
         device = torch.device("cpu")
     use_pg = "MASTER_ADDR" in os.environ and world_size >= 1 and "RANK" in os.environ
     if use_pg and not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=cfg.init_timeout)
+        store_kw = {}
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            store_kw = {"store": _fresh_agent_store_namespace(rank, world_size, timeout),
+                        "rank": rank, "world_size": world_size}
         dist.init_process_group(
             backend=backend,
-            timeout=datetime.timedelta(seconds=cfg.init_timeout),
+            timeout=timeout,
             device_id=device if backend == "nccl" else None,
+            **store_kw,
         )
     return DistInfo(
         rank=rank,
@@ -79,6 +87,45 @@ def init_distributed(cfg: DistributedConfig) -> DistInfo:
         node=socket.gethostname(),
         restart_count=restart_count,
     )
+
+
+def _fresh_agent_store_namespace(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The store torchrun's agent shares with its workers, under a namespace new to this worker group.
+
+    torchrun (c10d rendezvous) keeps one store for the whole job and hands it to every restarted group
+    without a per-restart prefix, so the process group's address keys of the group it just killed are
+    still there: a restarted rank reads its peer's old address and fails with "connectFullMesh ...
+    Connection refused", restart after restart (pytorch issue #135712). TORCHELASTIC_RESTART_COUNT
+    is no fix: it is per agent and differs between nodes. Instead rank 0 picks a random token and
+    hands it to each rank through keys that cannot be stale: rank r bumps its own counter and waits
+    for the token under that count, which only the live rank 0 can have written.
+    """
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timeout)
+    if rank == 0:
+        token = uuid.uuid4().hex
+        acked: dict[int, int] = {}
+        pending = set(range(1, world_size))
+        deadline = time.monotonic() + timeout.total_seconds()
+        while pending:
+            for r in sorted(pending):
+                if store.check([f"imgtrain/confirm/{r}/{token}"]):
+                    pending.discard(r)
+                    continue
+                count = store.add(f"imgtrain/hello/{r}", 0)
+                if count and acked.get(r) != count:
+                    store.set(f"imgtrain/ack/{r}/{count}", token)
+                    acked[r] = count
+            if pending and time.monotonic() > deadline:
+                raise RuntimeError(f"ranks {sorted(pending)} did not join the process group within "
+                                   f"{timeout.total_seconds():.0f}s (distributed.init_timeout)")
+            if pending:
+                time.sleep(0.01)
+    else:
+        count = store.add(f"imgtrain/hello/{rank}", 1)
+        token = store.get(f"imgtrain/ack/{rank}/{count}").decode()
+        store.set(f"imgtrain/confirm/{rank}/{token}", "1")
+    return dist.PrefixStore(f"imgtrain/{token}", store)
 
 
 def set_collective_timeout(info: DistInfo, seconds: float) -> None:

@@ -77,6 +77,8 @@ class Watchdog:
     default collective timeout is 30 minutes); this bounds the time lost.
     """
 
+    SUSPEND_GAP = 2.0  # seconds this thread may wake up late before the process counts as suspended
+
     def __init__(self, timeout: float | None, first_timeout: float | None = None, rank: int = 0,
                  poll: float = 1.0):
         self.timeout = timeout
@@ -114,10 +116,18 @@ class Watchdog:
         return self.first_timeout if self._steps == 0 else self.timeout
 
     def _run(self) -> None:
+        woke = time.monotonic()
         while not self._stop.wait(self.poll):
+            now = time.monotonic()
+            gap, woke = now - woke, now
+            if gap > self.poll + self.SUSPEND_GAP:
+                # This thread did not run for a while: the whole process was stopped (SIGSTOP, a scheduler
+                # suspending the job, a paused VM). The training loop was not hung then, so that time does
+                # not count; otherwise every rank would exit the moment the job is resumed.
+                self._last = min(now, self._last + gap - self.poll)
             if self._paused:
                 continue
-            idle = time.monotonic() - self._last
+            idle = now - self._last
             if idle > self._limit():
                 sys.stderr.write(
                     f"\nimgtrain watchdog: rank {self.rank} completed no step for {idle:.0f}s "

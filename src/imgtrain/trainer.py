@@ -101,6 +101,7 @@ class Trainer:
         self.resumed_from: str | None = None
         self.epoch_bad = 0
         self.last_checkpoint_stall = 0.0
+        self.save_due = False  # agreed by all ranks after each step (see _should_stop)
         self.timeline: dict[str, float] = {"process_start": _process_start_time()}
         self._steps_this_run = 0  # steps since this process started (the first one gets init_timeout)
         self._sinks: list = []
@@ -329,7 +330,7 @@ class Trainer:
                 self.progress.epoch += 1
                 self.data.train_sampler.state.epoch = self.progress.epoch
                 self.data.train_sampler.state.consumed = 0
-                if cfg.checkpoint.save_at_epoch_end or self.checkpointer.due(self.progress.step):
+                if cfg.checkpoint.save_at_epoch_end or self.save_due:
                     self.save_checkpoint()
         finally:
             self.bar.close()
@@ -397,16 +398,22 @@ class Trainer:
                 else:  # training.max_steps reached: keep the position so that a longer run can go on
                     self.save_checkpoint()
                 return False
-            if self.checkpointer.due(self.progress.step) and micro < len(sizes):
+            if self.save_due and micro < len(sizes):
                 self.save_checkpoint()
         del it
         self.progress.train_seconds += time.perf_counter() - epoch_t0
         return True
 
     def _should_stop(self) -> bool:
-        """All ranks agree on stopping after this step, so that they also agree on the step saved."""
-        flag = torch.tensor([1.0 if self.preemption.requested else 0.0], device=D.comm_device(self.info))
-        D.all_reduce_max(flag, self.info)
+        """All ranks agree on stopping after this step, so that they also agree on the step saved; and on
+        whether a save is due (save_interval runs out at slightly different moments on each rank's clock,
+        and a save is collective: one rank saving alone would pair its gather with a peer's all-reduce)."""
+        flags = torch.tensor([1.0 if self.preemption.requested else 0.0,
+                              1.0 if self.checkpointer.due(self.progress.step) else 0.0],
+                             device=D.comm_device(self.info))
+        D.all_reduce_max(flags, self.info)
+        flag = flags[0]
+        self.save_due = bool(flags[1].item() > 0)
         if flag.item() > 0 and not self.preemption.requested:
             self.preemption.requested_at = time.monotonic()
             self.preemption.signal_name = "peer-preemption"

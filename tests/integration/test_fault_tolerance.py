@@ -1,0 +1,525 @@
+"""Fault tolerance with real processes and real signals: kill -9, SIGTERM, SIGSTOP, corrupt files.
+
+Every scenario checks what a user would see: exit codes, messages naming the offending path, the
+checkpoint a restarted run resumes from, and final weights bit-identical (deterministic mode) to an
+uninterrupted run of the same configuration.
+
+Timing is never assumed: the tests poll metrics.jsonl and the checkpoint directory and act once the
+run has visibly reached the state they need (the machine running them may be slow and busy).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from imgtrain.checkpoint import MANIFEST, STATE_FILE, CheckpointManager, verify
+from imgtrain.config import CheckpointConfig
+from imgtrain.fault import WATCHDOG_EXIT_CODE
+
+from conftest import (
+    TINY,
+    load_weights,
+    make_image_folder,
+    run_cli,
+    run_torchrun,
+    subprocess_env,
+    torchrun_cmd,
+)
+
+pytestmark = pytest.mark.integration
+
+EXIT_CHECKPOINT = 4
+WAIT = 240  # generous upper bound for anything to happen on a loaded 2-core machine
+
+# 4 classes x 40 = 160 training images of 64 px: 20 steps per epoch at a global batch of 8 (2 x 4 or
+# 1 x 8), about 0.1 s each on 2 busy CPU cores: time to act while the run is in the middle of an epoch.
+TRAIN_PER_CLASS, CLASSES = 40, 4
+N_TRAIN = TRAIN_PER_CLASS * CLASSES
+STEPS_PER_EPOCH = N_TRAIN // 8
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("ft") / "data", classes=CLASSES,
+                             train_per_class=TRAIN_PER_CLASS, val_per_class=2, size=64)
+
+
+def slow_args(data: Path, out: Path, world: int, *extra: str) -> list[str]:
+    """A deterministic 3-epoch run with a mid-epoch checkpoint every 6 steps."""
+    return ["train", "--output-dir", str(out), f"data.root={data}", *TINY, "data.image_size=64",
+            "data.val_resize=64", "model.width=32", f"training.epochs={EPOCHS}",
+            f"training.batch_size={8 // world}", "checkpoint.save_every_steps=6", "checkpoint.keep_last_n=3",
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    """Uninterrupted runs of ``slow_args`` (one per world size, made on first use)."""
+    done: dict[int, Path] = {}
+
+    def get(world: int) -> Path:
+        if world not in done:
+            out = tmp_path_factory.mktemp(f"reference{world}") / "run"
+            if world == 1:
+                run_cli(slow_args(data_dir, out, 1), timeout=WAIT)
+            else:
+                run_torchrun(world, slow_args(data_dir, out, world), timeout=WAIT)
+            assert summary(out)["steps"] == EPOCHS * STEPS_PER_EPOCH
+            done[world] = out
+        return done[world]
+
+    return get
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+class Run:
+    """A training process (imgtrain or torchrun) started in the background, output to files."""
+
+    def __init__(self, cmd: list[str], out: Path, name: str = "run"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.out = out
+        self.log_path = out.parent / f"{out.name}.{name}.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=subprocess_env())
+
+    @property
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def wait(self, timeout: float = WAIT) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.proc.args[:4]} did not exit within {timeout}s\n{self.output[-6000:]}") from None
+
+    def workers(self) -> list[psutil.Process]:
+        """The trainer processes (torchrun's workers, or the process itself)."""
+        try:
+            me = psutil.Process(self.proc.pid)
+            procs = [me, *me.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+        found = []
+        for p in procs:
+            try:
+                cmd = p.cmdline()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if "imgtrain" in cmd and "torch.distributed.run" not in cmd:
+                found.append(p)
+        return found
+
+    def worker_with_rank(self, rank: int) -> psutil.Process:
+        for p in self.workers():
+            try:
+                if p.environ().get("RANK") == str(rank):
+                    return p
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        raise AssertionError(f"no worker with RANK={rank} under pid {self.proc.pid}\n{self.output[-3000:]}")
+
+    def cleanup(self) -> None:
+        for p in self.workers():
+            if p.pid == self.proc.pid:
+                continue
+            try:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self._log.close()
+
+
+@pytest.fixture
+def runs():
+    started: list[Run] = []
+
+    def start(cmd: list[str], out: Path, name: str = "run") -> Run:
+        r = Run(cmd, out, name)
+        started.append(r)
+        return r
+
+    yield start
+    for r in started:
+        r.cleanup()
+
+
+def cli_cmd(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "imgtrain", *args]
+
+
+def wait_until(cond, what: str, run: Run | None = None, timeout: float = WAIT, poll: float = 0.02):
+    """Poll ``cond()`` until it returns something truthy; fail (with the run's output) if the run
+    exits first or the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        if run is not None and run.proc.poll() is not None:
+            value = cond()
+            if value:
+                return value
+            raise AssertionError(f"the run exited ({run.proc.returncode}) before {what}\n{run.output[-6000:]}")
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}"
+                         + (f"\n{run.output[-6000:]}" if run else ""))
+
+
+def metrics(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    return [json.loads(ln) for ln in lines if ln.strip() and ln.endswith("}")]
+
+
+def last_step(out: Path) -> int:
+    steps = [r["step"] for r in metrics(out) if r.get("event") == "train"]
+    return max(steps, default=0)
+
+
+def step_dirs(out: Path) -> list[Path]:
+    d = out / "checkpoints"
+    return sorted(p for p in d.glob("step_*")) if d.is_dir() else []
+
+
+def published(out: Path, step: int) -> bool:
+    return (out / "checkpoints" / f"step_{step:09d}" / MANIFEST).exists()
+
+
+def manager(out: Path) -> CheckpointManager:
+    return CheckpointManager(CheckpointConfig(), str(out / "checkpoints"), is_writer=False)
+
+
+def resumed_steps(out: Path) -> list[int]:
+    """Steps the run (re)started from, from the 'start' events of metrics.jsonl."""
+    starts = [r for r in metrics(out) if r.get("event") == "start"]
+    return [r["step"] for r in starts]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_weights(a), load_weights(b)
+    assert wa.keys() == wb.keys()
+    differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not differ, f"weights differ from the uninterrupted run in {differ}"
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def no_traceback(text: str) -> None:
+    assert "Traceback (most recent call last)" not in text, text[-6000:]
+
+
+# ---------------------------------------------------------------------------------------------- 1. kill -9
+
+
+@pytest.mark.slow
+def test_kill9_worker_under_torchrun_restarts_and_matches_uninterrupted(data_dir, tmp_path, runs, reference):
+    out = tmp_path / "killed"
+    run = runs(torchrun_cmd(2, slow_args(data_dir, out, 2), ["--max-restarts=3"]), out)
+    # In epoch 2 (steps 21-40), past its first mid-epoch checkpoint (step 24 = 4 steps into the epoch).
+    wait_until(lambda: last_step(out) >= 26 and published(out, 24), "step 26 and checkpoint 24", run)
+    run.worker_with_rank(1).kill()
+    assert run.wait() == 0, run.output[-6000:]
+
+    starts = resumed_steps(out)
+    assert len(starts) == 2 and starts[0] == 0, f"expected one restart, got starts at steps {starts}"
+    resumed = starts[1]
+    assert resumed >= 24 and resumed % STEPS_PER_EPOCH != 0, f"resumed at step {resumed}, not mid-epoch"
+    assert f"resumed from {out / 'checkpoints' / f'step_{resumed:09d}'}" in run.output
+    s = summary(out)
+    assert s["restarts"] >= 1 and s["completed"]
+    finished = [r for r in metrics(out) if r["event"] == "finished"]
+    assert len(finished) == 1 and finished[0]["restarts"] >= 1
+    # Each sample exactly once per epoch: no repeat and no gap around the restart.
+    assert s["images_seen"] == EPOCHS * N_TRAIN
+    assert s["steps"] == EPOCHS * STEPS_PER_EPOCH
+    assert_same_weights(reference(2), out)
+
+
+# ---------------------------------------------------------------------------------------------- 2. kill -9 mid-write
+
+
+@pytest.mark.slow
+def test_kill9_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, runs):
+    data = make_image_folder(tmp_path / "data")  # 36 images: 5 steps per epoch
+    out = tmp_path / "run"
+    # resnet18 with its SGD momentum: ~90 MB per checkpoint, written (and fsynced) after every step.
+    args = ["train", "--output-dir", str(out), f"data.root={data}", *TINY, "model.name=resnet18",
+            "training.epochs=1", "checkpoint.save_every_steps=1", "checkpoint.keep_last_n=2"]
+    ckpts = out / "checkpoints"
+
+    def writing():
+        if not any(published(out, s) for s in range(1, 5)):
+            return None
+        return sorted(ckpts.glob(".tmp-step_*"))
+
+    run = runs(cli_cmd(args), out)
+    wait_until(writing, "a checkpoint write after the first published one", run, poll=0.005)
+    run.proc.kill()
+    run.wait()
+    leftovers = sorted(ckpts.glob(".tmp-step_*"))
+    assert leftovers, "the kill did not land during a write (no .tmp-step_* left behind)"
+    assert not (leftovers[0] / MANIFEST).exists()
+    writing_step = int(re.match(r"\.tmp-step_(\d+)-", leftovers[0].name).group(1))
+
+    complete = [p for p in step_dirs(out) if (p / MANIFEST).exists()]
+    assert complete and all(int(p.name[5:]) < writing_step for p in complete)
+    newest = max(complete)
+    # A writer that published in place (an object store, another tool) would leave a newer step directory
+    # without a manifest: it must never be taken.
+    half = ckpts / f"step_{writing_step:09d}"
+    assert not half.exists()
+    leftovers[0].rename(half)
+    for p in complete:
+        verify(str(p))
+    assert manager(out).find_latest_valid() == str(newest)
+
+    proc = run_cli(args, timeout=WAIT)
+    assert f"skipping checkpoint {half}: no {MANIFEST}" in proc.stderr
+    assert f"resumed from {newest}" in proc.stderr
+    assert resumed_steps(out)[-1] == int(newest.name[5:])
+    s = summary(out)
+    assert s["completed"] and s["steps"] == 5 and s["images_seen"] == 36
+    assert not list(ckpts.glob(".tmp-step_*"))
+
+
+# ---------------------------------------------------------------------------------------------- 3. corruption
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("small") / "data")  # 3 classes, 5 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(small_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny_reference") / "run"
+    run_cli(["train", "--output-dir", str(out), f"data.root={small_data}", *TINY, "training.epochs=3"])
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("corrupt", [_truncate, _flip_bit], ids=["truncated", "bit-flipped"])
+def test_corrupt_newest_checkpoint_is_skipped_and_rejected_when_named(small_data, tiny_reference, tmp_path,
+                                                                      corrupt):
+    out = tmp_path / "run"
+    args = ["train", "--output-dir", str(out), f"data.root={small_data}", *TINY, "training.epochs=3"]
+    run_cli([*args, "training.max_steps=10"])  # checkpoints at steps 5 and 10 (epoch ends)
+    bad, good = out / "checkpoints" / "step_000000010", out / "checkpoints" / "step_000000005"
+    assert (bad / MANIFEST).exists() and (good / MANIFEST).exists()
+    corrupt(bad / STATE_FILE)
+
+    named = run_cli([*args, "--resume", str(bad)], check=False)
+    assert named.returncode == EXIT_CHECKPOINT, named.stderr[-3000:]
+    assert f"checkpoint error: checkpoint {bad}: {STATE_FILE} is" in named.stderr
+    no_traceback(named.stderr)
+
+    proc = run_cli(args)
+    assert re.search(rf"skipping checkpoint {re.escape(str(bad))}: {STATE_FILE} is (truncated|corrupt)",
+                     proc.stderr), proc.stderr[-3000:]
+    assert f"resumed from {good}" in proc.stderr
+    assert resumed_steps(out)[-1] == 5
+    assert summary(out)["steps"] == 15 and summary(out)["images_seen"] == 3 * 36
+    assert_same_weights(tiny_reference, out)
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_model_or_class_count_is_a_clear_error(small_data, tiny_reference, tmp_path):
+    ckpt = tiny_reference / "checkpoints" / "step_000000015"  # simple_cnn, 3 classes
+    other_model = run_cli(["train", "--output-dir", str(tmp_path / "a"), f"data.root={small_data}", *TINY,
+                           "model.name=resnet18", "--resume", str(ckpt)], check=False)
+    assert other_model.returncode == EXIT_CHECKPOINT, other_model.stderr[-3000:]
+    assert f"checkpoint {ckpt} holds model 'simple_cnn'" in other_model.stderr
+    assert "model.name='resnet18'" in other_model.stderr
+
+    four = make_image_folder(tmp_path / "four", classes=4, train_per_class=3, val_per_class=1)
+    other_classes = run_cli(["train", "--output-dir", str(tmp_path / "b"), f"data.root={four}", *TINY,
+                             "--resume", str(ckpt)], check=False)
+    assert other_classes.returncode == EXIT_CHECKPOINT, other_classes.stderr[-3000:]
+    assert f"checkpoint {ckpt} was trained on 3 classes" in other_classes.stderr
+    assert "has 4" in other_classes.stderr
+
+    wider = run_cli(["train", "--output-dir", str(tmp_path / "c"), f"data.root={small_data}", *TINY,
+                     "model.width=16", "--resume", str(ckpt)], check=False)
+    assert wider.returncode == EXIT_CHECKPOINT, wider.stderr[-3000:]
+    assert f"checkpoint {ckpt} does not fit the configured model" in wider.stderr
+    assert "size mismatch" in wider.stderr
+    for p in (other_model, other_classes, wider):
+        no_traceback(p.stderr)
+
+
+# ---------------------------------------------------------------------------------------------- 4. SIGTERM
+
+
+GRACE = 60.0
+
+
+def _sigterm_and_check(run: Run, out: Path, target: psutil.Process | subprocess.Popen) -> tuple[int, int]:
+    """SIGTERM once training is visibly under way; returns the step the run stopped (and saved) at."""
+    wait_until(lambda: last_step(out) >= 8, "step 8", run)
+    t0 = time.monotonic()
+    target.send_signal(signal.SIGTERM)
+    rc = run.wait()
+    elapsed = time.monotonic() - t0
+    text = run.output
+    assert elapsed < GRACE, f"took {elapsed:.1f}s to exit after SIGTERM"
+    assert "received SIGTERM; stopping after this step" in text
+    assert "grace period" not in text, text[-4000:]
+    stopped = last_step(out)
+    assert 8 <= stopped < EPOCHS * STEPS_PER_EPOCH
+    assert f"preemption (SIGTERM): saving a checkpoint at step {stopped} before exiting" in text
+    assert step_dirs(out)[-1].name == f"step_{stopped:09d}"
+    assert manager(out).find_latest_valid() == str(out / "checkpoints" / f"step_{stopped:09d}")
+    assert not (out / "model.pt").exists()
+    return rc, stopped
+
+
+@pytest.mark.slow
+def test_sigterm_single_process_saves_exits_and_resumes_bit_identical(data_dir, tmp_path, runs, reference):
+    out = tmp_path / "run"
+    args = slow_args(data_dir, out, 1, f"fault_tolerance.grace_period={GRACE}")
+    run = runs(cli_cmd(args), out)
+    rc, stopped = _sigterm_and_check(run, out, run.proc)
+    assert rc == 143
+    no_traceback(run.output)
+
+    proc = run_cli(args, timeout=WAIT)
+    assert resumed_steps(out)[-1] == stopped
+    assert summary(out)["steps"] == EPOCHS * STEPS_PER_EPOCH
+    assert summary(out)["images_seen"] == EPOCHS * N_TRAIN
+    assert_same_weights(reference(1), out)
+    no_traceback(proc.stderr)
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_saves_exits_and_resumes_bit_identical(data_dir, tmp_path, runs, reference):
+    out = tmp_path / "run"
+    args = slow_args(data_dir, out, 2, f"fault_tolerance.grace_period={GRACE}")
+    run = runs(torchrun_cmd(2, args), out)
+    wait_until(lambda: len(run.workers()) == 2, "two workers", run)
+    workers = run.workers()
+    rc, stopped = _sigterm_and_check(run, out, run.proc)
+    assert rc != 0  # torchrun reports that it was terminated
+    for w in workers:
+        assert not w.is_running()
+    text = run.output
+    for rank in (0, 1):
+        assert f"[rank {rank}] WARNING imgtrain.trainer: preemption (SIGTERM): saving a checkpoint at step " \
+               f"{stopped} before exiting" in text
+    # torchrun reports its own SIGTERM with a traceback of its own; the workers print none.
+    assert text.count("Traceback (most recent call last)") <= 1, text[-6000:]
+    assert not re.search(r'File "[^"]*/imgtrain/', text), text[-6000:]
+    assert "forcefully exiting via" not in text  # the workers exited by themselves, none was killed
+
+    run_torchrun(2, args, timeout=WAIT)
+    assert resumed_steps(out)[-1] == stopped
+    assert summary(out)["steps"] == EPOCHS * STEPS_PER_EPOCH
+    assert summary(out)["images_seen"] == EPOCHS * N_TRAIN
+    assert_same_weights(reference(2), out)
+
+
+# ---------------------------------------------------------------------------------------------- time-based saves
+
+
+@pytest.mark.slow
+def test_time_based_saves_under_torchrun_are_taken_by_all_ranks_together(data_dir, tmp_path, reference):
+    """save_interval runs out at slightly different moments on each rank; a save is collective."""
+    out = tmp_path / "run"
+    args = slow_args(data_dir, out, 2, "checkpoint.save_interval=0.05", "fault_tolerance.hang_timeout=15",
+                     "distributed.timeout=60")
+    run_torchrun(2, args, timeout=WAIT)
+    saves = [r["step"] for r in metrics(out) if r["event"] == "checkpoint"]
+    assert len(saves) > EPOCHS * STEPS_PER_EPOCH // 6 + EPOCHS  # more than the step-based ones alone
+    assert_same_weights(reference(2), out)  # saving does not perturb training
+
+
+# ---------------------------------------------------------------------------------------------- 5. watchdog
+
+
+@pytest.mark.slow
+def test_wedged_rank_trips_the_watchdog(data_dir, tmp_path, runs):
+    out = tmp_path / "run"
+    args = slow_args(data_dir, out, 2, "fault_tolerance.hang_timeout=5", "distributed.timeout=300")
+    run = runs(torchrun_cmd(2, args, ["--max-restarts=0"]), out)
+    wait_until(lambda: last_step(out) >= 3, "step 3", run)
+    wedged = run.worker_with_rank(1)
+    wedged.suspend()  # SIGSTOP
+    t0 = time.monotonic()
+    try:
+        wait_until(lambda: "imgtrain watchdog: rank 0" in run.output, "the watchdog message", run,
+                   timeout=120)
+    finally:
+        wedged.resume()  # SIGCONT: let it see its peer is gone (and torchrun's SIGTERM)
+    fired = time.monotonic() - t0
+    rc = run.wait()
+    text = run.output
+    assert rc != 0
+    assert fired >= 4, f"the watchdog fired {fired:.1f}s after the stop, before hang_timeout=5"
+    assert re.search(r"imgtrain watchdog: rank 0 completed no step for \d+s \(limit 5s", text), text[-4000:]
+    dump = text[text.index("imgtrain watchdog: rank 0"):]
+    # Every thread's stack: the watchdog's own and the training loop's, stuck in a step.
+    assert dump.count("(most recent call first)") >= 2 and "in train_step" in dump, dump[:4000]
+    assert re.search(rf"\(exitcode: {WATCHDOG_EXIT_CODE}\) local_rank: 0", text), text[-4000:]
+
+
+@pytest.mark.slow
+def test_suspended_and_resumed_run_is_not_taken_for_a_hang(data_dir, tmp_path, runs):
+    """A scheduler's suspend/resume (SIGSTOP, SIGCONT) of the whole job stops the clock of the watchdog."""
+    out = tmp_path / "run"
+    args = slow_args(data_dir, out, 1, "fault_tolerance.hang_timeout=5", "training.max_steps=24")
+    run = runs(cli_cmd(args), out)
+    wait_until(lambda: last_step(out) >= 3, "step 3", run)
+    proc = psutil.Process(run.proc.pid)
+    proc.suspend()
+    time.sleep(8)  # longer than hang_timeout, and no step can complete while stopped
+    proc.resume()
+    assert run.wait() == 0, run.output[-4000:]
+    assert "imgtrain watchdog" not in run.output
+    assert summary(out)["steps"] == 24
+
+
+# ---------------------------------------------------------------------------------------------- 6. retention
+
+
+def test_keep_last_n_leaves_only_the_newest_valid_checkpoints(small_data, tmp_path):
+    out = tmp_path / "run"
+    run_cli(["train", "--output-dir", str(out), f"data.root={small_data}", *TINY,
+             "checkpoint.save_every_steps=1", "checkpoint.keep_last_n=3"])  # 10 saves
+    names = [p.name for p in step_dirs(out)]
+    assert names == ["step_000000008", "step_000000009", "step_000000010"]
+    for p in step_dirs(out):
+        verify(str(p))
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert manager(out).find_latest_valid() == str(out / "checkpoints" / "step_000000010")
