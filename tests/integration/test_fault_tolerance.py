@@ -4,7 +4,7 @@ Every scenario checks what a user would see: exit codes, messages naming the off
 checkpoint a restarted run resumes from, and final weights bit-identical (deterministic mode) to an
 uninterrupted run of the same configuration.
 
-Timing is never assumed: the tests poll metrics.jsonl and the checkpoint directory and act once the
+No test relies on timing: they poll metrics.jsonl and the checkpoint directory and act once the
 run has visibly reached the state they need (the machine running them may be slow and busy).
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import pytest
 import torch
 
 from imgtrain.checkpoint import MANIFEST, STATE_FILE, CheckpointManager, verify
+from imgtrain.cli import EXIT_CHECKPOINT
 from imgtrain.config import CheckpointConfig
 from imgtrain.fault import WATCHDOG_EXIT_CODE
 
@@ -38,7 +40,6 @@ from conftest import (
 
 pytestmark = pytest.mark.integration
 
-EXIT_CHECKPOINT = 4
 WAIT = 240  # generous upper bound for anything to happen on a loaded 2-core machine
 
 # 4 classes x 40 = 160 training images of 64 px: 20 steps per epoch at a global batch of 8 (2 x 4 or
@@ -269,13 +270,18 @@ def test_kill9_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, runs)
             "training.epochs=1", "checkpoint.save_every_steps=1", "checkpoint.keep_last_n=2"]
     ckpts = out / "checkpoints"
 
-    def writing():
-        if not any(published(out, s) for s in range(1, 5)):
-            return None
-        return sorted(ckpts.glob(".tmp-step_*"))
+    seen: set[str] = set()
+
+    def write_just_started():
+        """A .tmp-step_* directory that was not there at the previous poll: a write of ~90 MB has just
+        begun (after the first checkpoint was published)."""
+        names = {p.name for p in ckpts.glob(".tmp-step_*")} if ckpts.is_dir() else set()
+        new = names - seen
+        seen.update(names)
+        return new and any(published(out, s) for s in range(1, 5))
 
     run = runs(cli_cmd(args), out)
-    wait_until(writing, "a checkpoint write after the first published one", run, poll=0.005)
+    wait_until(write_just_started, "a checkpoint write after the first published one", run, poll=0.005)
     run.proc.kill()
     run.wait()
     leftovers = sorted(ckpts.glob(".tmp-step_*"))
@@ -290,7 +296,7 @@ def test_kill9_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, runs)
     # without a manifest: it must never be taken.
     half = ckpts / f"step_{writing_step:09d}"
     assert not half.exists()
-    leftovers[0].rename(half)
+    shutil.copytree(leftovers[0], half)
     for p in complete:
         verify(str(p))
     assert manager(out).find_latest_valid() == str(newest)
@@ -301,7 +307,7 @@ def test_kill9_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, runs)
     assert resumed_steps(out)[-1] == int(newest.name[5:])
     s = summary(out)
     assert s["completed"] and s["steps"] == 5 and s["images_seen"] == 36
-    assert not list(ckpts.glob(".tmp-step_*"))
+    assert not list(ckpts.glob(".tmp-step_*"))  # the killed write's leftovers were cleaned up
 
 
 # ---------------------------------------------------------------------------------------------- 3. corruption
