@@ -179,3 +179,17 @@ def test_ensure_digits_writes_the_tree_once(tmp_path, monkeypatch):
     monkeypatch.setattr(sklearn.datasets, "load_digits", must_not_run)
     assert ensure_digits(tmp_path) == root
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == stamp
+
+
+def test_metrics_log_drops_a_record_torn_by_a_kill(tmp_path):
+    import json
+
+    from imgtrain.monitoring import JsonlSink
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"event": "train", "step": 1}\n{"event": "tra')  # killed mid-write
+    sink = JsonlSink(path)
+    sink.log({"event": "start", "step": 1})
+    sink.close()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["event"] for r in records] == ["train", "start"]

@@ -23,6 +23,7 @@ class JsonlSink(MetricsSink):
     """metrics.jsonl: one JSON object per logged step or epoch, appended (a resumed run continues it)."""
 
     def __init__(self, path: Path):
+        _drop_torn_last_line(path)
         self.f = open(path, "a", buffering=1)
 
     def log(self, record: dict[str, Any]) -> None:
@@ -30,6 +31,16 @@ class JsonlSink(MetricsSink):
 
     def close(self) -> None:
         self.f.close()
+
+
+def _drop_torn_last_line(path: Path) -> None:
+    """A process killed mid-write leaves a partial last record: cut it so every line stays valid JSON."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 class ProgressBar:
