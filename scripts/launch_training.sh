@@ -50,6 +50,9 @@ fi
 # A restarted node must not dial the dead group's master address through the agent's shared store
 # (measured: with the shared store a rejoining node times out after 60 s and both agents die).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+# torchrun SIGKILLs its workers this many seconds after passing on a SIGTERM (its default is 30 s):
+# keep it above fault_tolerance.grace_period (default 30 s) so that the preemption checkpoint can finish.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-60}"
 
 # keep_alive_interval x keep_alive_max_attempt = 3 s until a silent node is declared dead (default 15 s);
 # last_call_timeout=1: do not wait 30 s for late joiners after a membership change;
