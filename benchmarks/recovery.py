@@ -1,215 +1,468 @@
-"""Recovery time after a worker failure: seconds from a kill -9 of one worker under torchrun to the first
-training step completed after torchrun has restarted the group.
+"""Recovery time after each kind of fault of a two-node torchrun job, with torchrun's defaults and with
+imgtrain's settings.
 
-Each repetition starts ``torchrun --nproc-per-node=2 --max-restarts=N -m imgtrain train`` on a small
-generated ImageFolder, waits until a checkpoint is published and training has gone ``--steps-after-save``
-steps past it, kills the worker with RANK ``--kill-rank`` (SIGKILL), and reads metrics.jsonl: with
-``training.log_interval=1`` every step is a record with a unix ``time``. The restarted trainer's
-``start`` record carries a timeline of its restart (setup begins, process group formed, model and data
-built, checkpoint loaded), which splits the recovery into phases. Everything before "setup begins" is
-torchrun noticing the failure, stopping the survivor, the new rendezvous round, and the new workers
-starting and importing torch. The run then finishes; each repetition is a fresh run.
+Every trial starts two torchrun agents ("nodes", one worker each, ``--nnodes=1:2``, Gloo, c10d rendezvous)
+with tests/integration/elastic_nodes.py's Node on a small generated ImageFolder and a tiny model (a step
+takes ~0.1-0.3 s on 2 cores, a checkpoint every ``--save-every`` steps), waits until the 2-node group has
+saved a checkpoint and gone ``--steps-after-save`` steps past it, injects the fault, and reads the trainer's
+metrics.jsonl: with ``training.log_interval=1`` every step is a record with a unix ``time``, and every
+(re)start appends a ``start`` record whose timeline splits the recovery into its parts. Faults:
 
-    python benchmarks/recovery.py --repetitions 3 --threads 1
+  worker     kill -9 the worker of the second (non-host) node; both agents restart the group at world 2
+  node       kill -9 the second node (agent and worker); the first goes on alone
+  rejoin     after "node": restart the killed node; seconds until world size 2 and a step completes
+  host       kill -9 the node whose agent hosts the c10d store. defaults: plain c10d, the first agent hosts
+             it (expected: the job is lost); imgtrain: a standalone ``imgtrain rendezvous-store``, every
+             agent is_host=false, and the survivor's recovery is measured
+  partition  two network namespaces joined by a veth pair, the link set down on the non-host side (root)
+  sigterm    SIGTERM to both agents (a preempted job): seconds to the checkpoint and to the exit, then
+             from the relaunch of both nodes to the first step
+
+Settings: ``defaults`` = torchrun's rendezvous defaults (shared worker store, no --rdzv-conf) and torch's
+Gloo timeout (30 min); ``imgtrain`` = TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, elastic_nodes.RDZV_CONF
+(as scripts/launch_training.sh), distributed.timeout=10 and net.ipv4.tcp_retries2=3 for the partition.
+Both use --max-restarts=10 (torchrun's default, 0, restarts nothing). A trial that has not recovered
+after ``--cap`` seconds is recorded as "> cap"; every trial kills all its processes and namespaces.
+
+    python benchmarks/recovery.py --faults worker,node,rejoin,host,partition,sigterm \\
+        --settings defaults,imgtrain --repetitions 2 --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import psutil
-from bench_common import command_line, default_out, machine_info, make_jpeg_folder, stats, write_result
 
-# Phases of a recovery, each measured from the kill to the moment it ended (restarted trainer's clock).
-# (The trainer's timeline also has "process_start", from psutil's create_time: Linux gives it relative to a
-# boot time rounded to whole seconds, too coarse here.)
-PHASES = [
-    ("setup_start", "new worker imported, setup begins"),
-    ("process_group_ready", "process group formed"),
-    ("checkpoint_loaded", "model/data built, checkpoint loaded"),
-    ("start", "training loop entered"),
-    ("first_step", "first step completed"),
+_TESTS = Path(__file__).resolve().parents[1] / "tests"
+sys.path[:0] = [str(_TESTS / "integration"), str(_TESTS)]  # elastic_nodes and the conftest it imports
+
+from bench_common import command_line, default_out, machine_info, make_jpeg_folder, stats, write_result  # noqa: E402
+
+from conftest import free_port, subprocess_env  # noqa: E402
+from elastic_nodes import RDZV_CONF, Node, cleanup_pids, events, train_args  # noqa: E402
+
+FAULTS = ("worker", "node", "rejoin", "host", "partition", "sigterm")
+SETTINGS = ("defaults", "imgtrain")
+# Parts of a recovery, from the timestamps: (key, label). All in seconds.
+PARTS = [
+    ("detect_and_rendezvous_s", "fault (or relaunch) -> new worker process start"),
+    ("worker_start_s", "process start -> process group ready"),
+    ("build_s", "process group ready -> model and data built"),
+    ("checkpoint_load_s", "built -> checkpoint loaded"),
+    ("first_step_s", "checkpoint loaded -> first step completed"),
 ]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--repetitions", type=int, default=3, help="kill -9 and recover this many times")
-    p.add_argument("--max-restarts", type=int, default=3, help="torchrun --max-restarts")
-    p.add_argument("--kill-rank", type=int, default=1, choices=(0, 1), help="RANK of the worker killed")
-    p.add_argument("--save-every", type=int, default=10, help="checkpoint.save_every_steps")
-    p.add_argument("--steps-after-save", type=int, default=2, help="kill this many steps after that save")
-    p.add_argument("--epochs", type=int, default=2, help="training.epochs of each run")
-    p.add_argument("--images", type=int, default=200, help="training images (4 classes); global batch 8")
-    p.add_argument("--image-size", type=int, default=32, help="data.image_size")
-    p.add_argument("--width", type=int, default=16, help="model.width of simple_cnn")
+    p.add_argument("--faults", default=",".join(FAULTS), help=f"comma-separated, of {', '.join(FAULTS)}")
+    p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {', '.join(SETTINGS)}")
+    p.add_argument("--repetitions", type=int, default=2, help="trials per (fault, settings)")
+    p.add_argument("--cap", type=float, default=120.0, help="seconds a recovery may take before it is '> cap'")
+    p.add_argument("--save-every", type=int, default=5, help="checkpoint.save_every_steps")
+    p.add_argument("--steps-after-save", type=int, default=2, help="inject the fault this many steps after a save")
+    p.add_argument("--images", type=int, default=96, help="training images (3 classes); global batch 8")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each worker")
-    p.add_argument("--torchrun-arg", action="append", default=[],
-                   help="extra torchrun argument, e.g. --torchrun-arg=--rdzv-conf=join_timeout=60 (repeatable)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per repetition")
     p.add_argument("--dir", default=None, help="keep the runs and their logs here (default: a temp dir)")
     p.add_argument("--out", type=Path, default=default_out("recovery"), help="result JSON")
     args = p.parse_args(argv)
-    if args.repetitions < 1 or args.save_every < 1 or args.steps_after_save < 0:
-        p.error("--repetitions and --save-every must be >= 1, --steps-after-save >= 0")
-    if args.images < 8 * (args.save_every + args.steps_after_save + 1):
-        p.error("--images too small: the kill must come before the end of the first epoch")
+    args.faults = [f.strip() for f in args.faults.split(",") if f.strip()]
+    args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    bad = [f for f in args.faults if f not in FAULTS] + [s for s in args.settings if s not in SETTINGS]
+    if bad or not args.faults or not args.settings:
+        p.error(f"unknown or missing fault/settings {bad}; faults: {', '.join(FAULTS)}; "
+                f"settings: {', '.join(SETTINGS)}")
+    if args.repetitions < 1 or args.save_every < 1 or args.steps_after_save < 0 or args.cap <= 0:
+        p.error("--repetitions, --save-every and --cap must be positive, --steps-after-save >= 0")
     return args
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def boot_time_correction() -> float:
+    """psutil's create_time (the trainer's timeline.process_start) counts from /proc/stat's boot time,
+    which Linux rounds to whole seconds; this is what to add to get the unix time (error ~10 ms)."""
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return (time.time() - uptime) - psutil.boot_time()
 
 
-def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip().endswith("}")]
+class Trial:
+    """One (fault, settings) repetition: its directory, data, nodes, and everything to clean up."""
 
+    def __init__(self, args: argparse.Namespace, settings: str, work: Path, data: Path):
+        self.args = args
+        self.tuned = settings == "imgtrain"
+        self.dir = work
+        work.mkdir(parents=True, exist_ok=True)
+        self.out = work / "run"
+        self.data = data
+        self.nodes: list[Node] = []
+        self.store: subprocess.Popen | None = None
+        self.namespaces: list[str] = []
 
-def train_args(args: argparse.Namespace, data: Path, out: Path) -> list[str]:
-    return ["train", "--output-dir", str(out), f"data.root={data}", "model.name=simple_cnn",
-            f"model.width={args.width}", f"data.image_size={args.image_size}",
-            f"data.val_resize={args.image_size}", "data.workers=0", f"training.epochs={args.epochs}",
-            "training.batch_size=4", "training.warmup_epochs=0", "training.progress_bar=false",
-            "training.log_interval=1", f"checkpoint.save_every_steps={args.save_every}",
-            "checkpoint.keep_last_n=2"]
+    def train(self, partition: bool = False) -> list[str]:
+        extra = [f"checkpoint.save_every_steps={self.args.save_every}", "training.epochs=40",
+                 "fault_tolerance.hang_timeout=600", "fault_tolerance.first_step_timeout=600"]
+        if not self.tuned:
+            extra.append("distributed.timeout=1800")  # torch's default Gloo timeout (30 min)
+        elif partition:
+            extra.append("distributed.timeout=10")
+        return [*train_args(self.data, self.out), *extra]
 
+    def node(self, name: str, endpoint: str, **kw) -> Node:
+        n = Node(name, endpoint, kw.pop("train", None) or self.train(), self.dir, tuned=self.tuned,
+                 monitor_interval=None, **kw)
+        self.nodes.append(n)
+        return n
 
-def torchrun_cmd(args: argparse.Namespace, train: list[str], port: int | str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint=127.0.0.1:{port}", f"--max-restarts={args.max_restarts}", *args.torchrun_arg,
-            "-m", "imgtrain", *train]
-
-
-def worker_with_rank(torchrun: subprocess.Popen, rank: int) -> psutil.Process | None:
-    try:
-        children = psutil.Process(torchrun.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
+    def wait(self, predicate, timeout: float, what: str, watch: list[Node] | None = None, poll: float = 0.05):
+        """predicate() until truthy; None after ``timeout`` or once every node in ``watch`` has exited."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            if watch and all(n.proc.poll() is not None for n in watch):
+                return None
+            time.sleep(poll)
         return None
-    for p in children:
-        try:
-            if p.environ().get("RANK") == str(rank) and "imgtrain" in p.cmdline():
-                return p
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+
+    def require(self, predicate, timeout: float, what: str):
+        value = self.wait(predicate, timeout, what, watch=self.nodes)
+        if not value:
+            logs = "\n".join(f"--- {n.name} ---\n{n.output()[-1500:]}" for n in self.nodes)
+            raise RuntimeError(f"before the fault: no {what} within {timeout:.0f}s\n{logs}")
+        return value
+
+    def ready_for_fault(self, world: int = 2) -> None:
+        """Wait for a group of ``world`` that has saved a checkpoint and trained --steps-after-save past it."""
+        start = self.require(lambda: [e for e in events(self.out, "start") if e["world_size"] == world], 180,
+                             f"group of world size {world}")[-1]
+        ckpt = self.require(lambda: [e for e in events(self.out, "checkpoint") if e["time"] > start["time"]],
+                            120, "checkpoint")[0]
+        self.require(lambda: max((e["step"] for e in events(self.out, "train")), default=0)
+                     >= ckpt["step"] + self.args.steps_after_save, 60, "steps after the checkpoint")
+
+    def last_step_before(self, t: float) -> int:
+        return max((e["step"] for e in events(self.out, "train") if e["time"] <= t), default=0)
+
+    def cleanup(self) -> list[str]:
+        cleanup_pids(self.nodes)
+        if self.store is not None and self.store.poll() is None:
+            self.store.kill()
+            self.store.wait(timeout=10)
+        for ns in self.namespaces:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        # Anything still running from this trial is a bug of the benchmark: kill it and say so.
+        leaked = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(p.info.get("cmdline") or [])
+            if str(self.dir) in cmd and p.pid != os.getpid():
+                leaked.append(cmd[:200])
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.kill()
+        return leaked
+
+
+def _all_records(run: Path) -> list[dict]:
+    from conftest import read_jsonl
+
+    path = run / "metrics.jsonl"
+    try:
+        return read_jsonl(path) if path.exists() else []
+    except ValueError:  # a line being written
+        return []
+
+
+def recovered(trial: Trial, t0: float, world: int | None):
+    """(start record, first train record after it) of the first restart after unix time t0 that completed
+    a step (at world size ``world`` if given), else None."""
+    last_start = None
+    for r in _all_records(trial.out):
+        if r.get("time", 0) <= t0:
             continue
+        if r.get("event") == "start":
+            last_start = r
+        elif r.get("event") == "train" and last_start is not None:
+            if world is None or last_start["world_size"] == world:
+                return last_start, r
     return None
 
 
-def wait_for(cond, proc: subprocess.Popen, deadline: float, what: str, log: Path):
-    while True:
-        value = cond()
-        if value:
-            return value
-        if proc.poll() is not None:
-            raise RuntimeError(f"torchrun exited ({proc.returncode}) before {what}; see {log}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}; see {log}")
-        time.sleep(0.01)
+def split(t0: float, start: dict, first: dict, correction: float) -> dict:
+    tl = start["timeline"]
+    process_start = tl["process_start"] + correction
+    return {"total_s": round(first["time"] - t0, 3),
+            "detect_and_rendezvous_s": round(process_start - t0, 3),
+            "worker_start_s": round(tl["process_group_ready"] - process_start, 3),
+            "build_s": round(tl["built"] - tl["process_group_ready"], 3),
+            "checkpoint_load_s": round(tl["checkpoint_loaded"] - tl["built"], 3),
+            "first_step_s": round(first["time"] - tl["checkpoint_loaded"], 3),
+            "world_size": start["world_size"], "resumed_step": start["step"], "first_step": first["step"]}
 
 
-def one_repetition(i: int, args: argparse.Namespace, data: Path, work: Path) -> dict:
-    out = work / f"rep{i}"
-    metrics = out / "metrics.jsonl"
-    log_path = work / f"rep{i}.log"
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    kill_after = args.save_every + args.steps_after_save
-    published = out / "checkpoints" / f"step_{args.save_every:09d}" / "manifest.json"
-    deadline = time.monotonic() + args.timeout
+def measure(trial: Trial, t_fault: float, world: int | None, cap: float, watch: list[Node], correction: float,
+            killed_at: int | None = None) -> dict:
+    found = trial.wait(lambda: recovered(trial, t_fault, world), cap, "recovery", watch=watch)
+    if not found:
+        alive = [n.name for n in watch if n.proc.poll() is None]
+        if alive:
+            return {"outcome": "> cap", "cap_s": cap, "note": f"no step at world size {world} within the cap; "
+                    f"still running: {', '.join(alive)}"}
+        return {"outcome": "job lost", "note": "every agent exited: " + ", ".join(
+            f"{n.name} exit code {n.proc.returncode}" for n in watch),
+                "agents_exited_after_s": round(time.time() - t_fault, 2)}
+    start, first = found
+    r = {"outcome": "recovered", **split(t_fault, start, first, correction)}
+    if killed_at is None:  # the group was stopped by the rendezvous itself (rejoin): its last step
+        killed_at = trial.last_step_before(t_fault + r["detect_and_rendezvous_s"])
+    r["last_step_before_fault"] = killed_at
+    r["steps_redone"] = killed_at - start["step"]
+    return r
 
-    def steps() -> list[int]:
-        return [r["step"] for r in read_metrics(metrics) if r.get("event") == "train"]
 
-    def after_restart():
-        recs = read_metrics(metrics)
-        starts = [k for k, r in enumerate(recs) if r.get("event") == "start"]
-        if len(starts) < 2:
-            return None
-        first = next((r for r in recs[starts[-1]:] if r.get("event") == "train"), None)
-        return (recs[starts[-1]], first) if first else None
+# ---------------------------------------------------------------------------------------------- faults
 
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(torchrun_cmd(args, train_args(args, data, out), free_port()), stdout=log,
-                                stderr=subprocess.STDOUT, env=env)
-        try:
-            wait_for(lambda: published.exists() and max(steps(), default=0) >= kill_after, proc, deadline,
-                     f"step {kill_after} and checkpoint {args.save_every}", log_path)
-            victim = wait_for(lambda: worker_with_rank(proc, args.kill_rank), proc, deadline,
-                              f"the worker with RANK={args.kill_rank}", log_path)
-            killed_at = max(steps())
-            t_kill = time.time()
-            victim.send_signal(signal.SIGKILL)
-            start, first = wait_for(after_restart, proc, deadline, "a step after the restart", log_path)
-            rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        finally:
-            if proc.poll() is None:
-                for p in psutil.Process(proc.pid).children(recursive=True):
-                    p.kill()
-                proc.kill()
-                proc.wait()
-    timeline = {**start.get("timeline", {}), "start": start["time"], "first_step": first["time"]}
-    phases = {k: round(timeline[k] - t_kill, 3) for k, _ in PHASES if k in timeline}
-    return {"repetition": i, "killed_rank": args.kill_rank, "killed_at_step": killed_at,
-            "resumed_from_step": start["step"], "first_step_after_restart": first["step"],
-            "recovery_s": phases["first_step"], "phases_s": phases, "torchrun_exit_code": rc,
-            "log": str(log_path) if args.dir else None}
+def two_nodes(trial: Trial, endpoint: str, **kw) -> tuple[Node, Node]:
+    first = trial.node("first", endpoint, **kw)
+    time.sleep(1.0)  # the first agent is up (and hosts the store) before the second dials in
+    second = trial.node("second", endpoint, **kw)
+    return first, second
+
+
+def kill_worker(node: Node) -> None:
+    workers = [p for p in node.tree()[1:] if "imgtrain" in " ".join(p.cmdline())]
+    if not workers:
+        raise RuntimeError(f"{node.name} has no worker to kill")
+    for w in workers:
+        w.send_signal(signal.SIGKILL)
+
+
+def trial_worker(trial: Trial, correction: float) -> dict:
+    first, second = two_nodes(trial, f"127.0.0.1:{free_port()}")
+    trial.ready_for_fault()
+    t = time.time()
+    kill_worker(second)
+    return {"worker": measure(trial, t, 2, trial.args.cap, [first, second], correction,
+                              trial.last_step_before(t))}
+
+
+def trial_node(trial: Trial, correction: float, rejoin: bool) -> dict:
+    endpoint = f"127.0.0.1:{free_port()}"
+    first, second = two_nodes(trial, endpoint)
+    trial.ready_for_fault()
+    t = time.time()
+    second.kill()
+    res = {"node": measure(trial, t, 1, trial.args.cap, [first], correction, trial.last_step_before(t))}
+    if rejoin:
+        if res["node"]["outcome"] != "recovered":
+            res["rejoin"] = {"outcome": "not run", "note": "the node loss itself was not survived"}
+            return res
+        t = time.time()
+        again = trial.node("second-again", endpoint)
+        r = measure(trial, t, 2, trial.args.cap, [first, again], correction)
+        r["measured_from"] = "relaunch of the killed node's torchrun"
+        res["rejoin"] = r
+    return res
+
+
+def trial_host(trial: Trial, correction: float) -> dict:
+    if trial.tuned:  # the store runs outside the training nodes
+        port = free_port()
+        trial.store = subprocess.Popen([sys.executable, "-m", "imgtrain", "rendezvous-store", "--host",
+                                        "127.0.0.1", "--port", str(port)], stdout=subprocess.PIPE, text=True,
+                                       env=subprocess_env())
+        if "listening" not in trial.store.stdout.readline():
+            raise RuntimeError("imgtrain rendezvous-store did not start")
+        first, second = two_nodes(trial, f"127.0.0.1:{port}", is_host=False)
+    else:  # plain c10d: the first agent hosts the store
+        first, second = two_nodes(trial, f"127.0.0.1:{free_port()}")
+    trial.ready_for_fault()
+    t = time.time()
+    first.kill()
+    r = measure(trial, t, 1, trial.args.cap, [second], correction, trial.last_step_before(t))
+    r["store"] = "standalone imgtrain rendezvous-store" if trial.tuned else "in the first agent (killed)"
+    return {"host": r}
+
+
+def _ip(*a: str) -> None:
+    subprocess.run(["ip", *a], check=True, capture_output=True)
+
+
+def trial_partition(trial: Trial, correction: float) -> dict:
+    if shutil.which("ip") is None:
+        return {"partition": {"outcome": "not run", "note": "iproute2 is not installed"}}
+    tag = uuid.uuid4().hex[:6]
+    ns, veth, addrs = (f"rbA{tag}", f"rbB{tag}"), (f"ra{tag}", f"rb{tag}"), ("10.231.9.1", "10.231.9.2")
+    for n in ns:
+        _ip("netns", "add", n)
+        trial.namespaces.append(n)
+    _ip("link", "add", veth[0], "type", "veth", "peer", "name", veth[1])
+    for n, v, a in zip(ns, veth, addrs, strict=True):
+        _ip("link", "set", v, "netns", n)
+        _ip("-n", n, "addr", "add", f"{a}/24", "dev", v)
+        _ip("-n", n, "link", "set", v, "up")
+        _ip("-n", n, "link", "set", "lo", "up")
+        if trial.tuned:  # give up on a dead TCP peer after ~3 retransmissions instead of ~15 minutes
+            subprocess.run(["ip", "netns", "exec", n, "sysctl", "-qw", "net.ipv4.tcp_retries2=3"], check=True)
+    endpoint = f"{addrs[0]}:{free_port()}"
+    args = trial.train(partition=True)
+    host = trial.node("host", endpoint, train=args, netns=ns[0], ifname=veth[0], is_host=True,
+                      local_addr=addrs[0])
+    time.sleep(1.0)
+    other = trial.node("other", endpoint, train=args, netns=ns[1], ifname=veth[1], is_host=False,
+                       local_addr=addrs[1])
+    trial.ready_for_fault()
+    t = time.time()
+    _ip("-n", ns[1], "link", "set", veth[1], "down")
+    r = measure(trial, t, 1, trial.args.cap, [host], correction, trial.last_step_before(t))
+    r["cut_off_agent_running_at_end"] = other.proc.poll() is None
+    return {"partition": r}
+
+
+def trial_sigterm(trial: Trial, correction: float) -> dict:
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = two_nodes(trial, endpoint)
+    trial.ready_for_fault()
+    t = time.time()
+    last = trial.last_step_before(t)
+    for n in nodes:
+        n.proc.send_signal(signal.SIGTERM)
+    ckpt = trial.wait(lambda: [e for e in events(trial.out, "checkpoint") if e["time"] > t], trial.args.cap,
+                      "preemption checkpoint", watch=None)
+    exited = trial.wait(lambda: all(n.proc.poll() is not None for n in nodes), trial.args.cap, "exit")
+    t_exit = time.time()
+    r = {"signal_to_checkpoint_s": round(ckpt[0]["time"] - t, 3) if ckpt else None,
+         "checkpoint_step": ckpt[0]["step"] if ckpt else None,
+         "signal_to_exit_s": round(t_exit - t, 3) if exited else None,
+         "exit_codes": [n.proc.returncode for n in nodes], "last_step_before_signal": last}
+    if not (ckpt and exited):
+        return {"sigterm": {"outcome": "> cap", "cap_s": trial.args.cap, **r}}
+    for n in nodes:
+        n.close()
+    t = time.time()
+    nodes = [trial.node("first-relaunched", endpoint)]
+    time.sleep(1.0)
+    nodes.append(trial.node("second-relaunched", endpoint))
+    m = measure(trial, t, 2, trial.args.cap, nodes, correction, last)
+    m["measured_from"] = "relaunch of the first node (the second 1 s later)"
+    if m["outcome"] == "recovered":
+        m["total_with_preemption_s"] = round(r["signal_to_exit_s"] + m["total_s"], 3)
+    return {"sigterm": {**m, **r}}
+
+
+def run_trial(scenario: str, faults: list[str], args: argparse.Namespace, settings: str, work: Path,
+              data: Path, correction: float) -> dict:
+    trial = Trial(args, settings, work, data)
+    try:
+        if scenario == "worker":
+            res = trial_worker(trial, correction)
+        elif scenario == "node":
+            res = trial_node(trial, correction, rejoin="rejoin" in faults)
+            if "node" not in faults:
+                res.pop("node")
+        elif scenario == "host":
+            res = trial_host(trial, correction)
+        elif scenario == "partition":
+            res = trial_partition(trial, correction)
+        else:
+            res = trial_sigterm(trial, correction)
+    except (RuntimeError, subprocess.CalledProcessError, OSError) as e:
+        res = {f: {"outcome": "error", "note": str(e)[-2000:]} for f in faults if f in _SCENARIO_FAULTS[scenario]}
+    finally:
+        leaked = trial.cleanup()
+    for r in res.values():
+        r["leaked_processes"] = leaked
+        r["logs"] = str(work) if args.dir else None
+    return res
+
+
+_SCENARIO_FAULTS = {"worker": ("worker",), "node": ("node", "rejoin"), "host": ("host",),
+                    "partition": ("partition",), "sigterm": ("sigterm",)}
+
+
+def summarize(trials: list[dict]) -> dict:
+    ok = [t for t in trials if t["outcome"] == "recovered"]
+    s: dict = {"outcomes": [t["outcome"] for t in trials]}
+    if ok:  # over the trials that recovered; "outcomes" says which did not
+        for key in ["total_s", *(k for k, _ in PARTS), "steps_redone", "signal_to_checkpoint_s",
+                    "signal_to_exit_s", "total_with_preemption_s"]:
+            vals = [t[key] for t in ok if t.get(key) is not None]
+            if len(vals) == len(ok):
+                s[key] = stats(vals)
+    return s
+
+
+def fmt(s: dict, key: str) -> str:
+    if key not in s:
+        return "-"
+    v = s[key]
+    return f"{v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f})"
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.dir:  # the runs and their logs are kept there
+    correction = boot_time_correction()
+    scenarios = [sc for sc in ("worker", "node", "host", "partition", "sigterm")
+                 if any(f in args.faults for f in _SCENARIO_FAULTS[sc])]
+    if args.dir:
         work_dir = contextlib.nullcontext(str(Path(args.dir) / f"recovery-{time.strftime('%Y%m%d-%H%M%S')}"))
     else:
         work_dir = tempfile.TemporaryDirectory(prefix="imgtrain-bench-recovery-")
+    env_threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # subprocess_env() sets 1; kept for the record
+    results: dict[str, dict[str, list[dict]]] = {f: {s: [] for s in args.settings} for f in args.faults}
     with work_dir as tmp:
         work = Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        data = make_jpeg_folder(work / "data", images=args.images, classes=4, size=max(args.image_size, 16))
-        print(f"imgtrain recovery: torchrun --nproc-per-node=2 --max-restarts={args.max_restarts}, kill -9 of "
-              f"rank {args.kill_rank} {args.steps_after_save} steps after the checkpoint of step "
-              f"{args.save_every}; {args.repetitions} repetitions", flush=True)
-        reps = []
-        for i in range(args.repetitions):
-            r = one_repetition(i, args, data, work)
-            reps.append(r)
-            print(f"  repetition {i}: killed at step {r['killed_at_step']}, resumed from step "
-                  f"{r['resumed_from_step']}, first step after the restart ({r['first_step_after_restart']}) "
-                  f"{r['recovery_s']:.2f} s after the kill; torchrun exit code {r['torchrun_exit_code']}",
-                  flush=True)
-    phases = {k: stats([r["phases_s"][k] for r in reps]) for k, _ in PHASES
-              if all(k in r["phases_s"] for r in reps)}
-    print(f"\nseconds after the kill -9 ({args.repetitions} repetitions)")
-    print(f"{'':<40}{'median':>10}{'min':>10}{'max':>10}")
-    for k, label in PHASES:
-        if k in phases:
-            s = phases[k]
-            print(f"{label:<40}{s['median']:>10.2f}{s['min']:>10.2f}{s['max']:>10.2f}")
+        data = make_jpeg_folder(work / "data", images=args.images, classes=3, size=16)
+        print(f"imgtrain recovery: faults {','.join(args.faults)}; settings {','.join(args.settings)}; "
+              f"{args.repetitions} repetitions; cap {args.cap:.0f} s", flush=True)
+        for rep in range(args.repetitions):
+            for sc in scenarios:
+                for settings in args.settings:
+                    t0 = time.time()
+                    res = run_trial(sc, args.faults, args, settings, work / f"{sc}-{settings}-{rep}", data,
+                                    correction)
+                    for f, r in res.items():
+                        r["repetition"] = rep
+                        results[f][settings].append(r)
+                        total = f"{r['total_s']:.2f} s" if "total_s" in r else ""
+                        print(f"  {f:<10} {settings:<9} rep {rep}: {r['outcome']} {total} "
+                              f"{r.get('note', '')[:200]} (trial {time.time() - t0:.0f} s)", flush=True)
+    if env_threads is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    summary = {f: {s: summarize(results[f][s]) for s in args.settings} for f in args.faults}
+    print(f"\nseconds, median (min-max) over {args.repetitions} repetitions; parts: "
+          + "; ".join(f"{k[:-2]} = {label}" for k, label in PARTS))
+    cols = ["total_s", *(k for k, _ in PARTS), "steps_redone"]
+    print(f"{'fault':<10}{'settings':<10}{'outcomes':<24}" + "".join(f"{k.removesuffix('_s'):>24}" for k in cols))
+    for f in args.faults:
+        for s in args.settings:
+            sm = summary[f][s]
+            print(f"{f:<10}{s:<10}{','.join(sm['outcomes']):<24}" + "".join(f"{fmt(sm, k):>24}" for k in cols))
     result = {
         "benchmark": "recovery",
         "command": command_line(),
-        "torchrun_command": torchrun_cmd(args, train_args(args, Path("<data>"), Path("<run>")), "<port>"),
         "machine": {**machine_info(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
                     "load_average_1m": round(os.getloadavg()[0], 2)},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "imgtrain_rdzv_conf": RDZV_CONF,
+        "process_start_correction_s": round(correction, 3),
+        "parts": dict(PARTS),
         "unit": "s",
-        "recovery_s": stats([r["recovery_s"] for r in reps]),
-        "phases_s": phases,
-        "repetitions": reps,
+        "summary": summary,
+        "trials": results,
     }
     write_result(args.out, result)
     return result

@@ -22,16 +22,23 @@ RDZV_CONF = ("last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3
 class Node:
     def __init__(self, name: str, endpoint: str, args: list[str], log_dir: Path, nnodes: str = "1:2",
                  netns: str | None = None, ifname: str | None = None, max_restarts: int = 10,
-                 is_host: bool | None = None, local_addr: str | None = None, backend: str = "c10d"):
+                 is_host: bool | None = None, local_addr: str | None = None, backend: str = "c10d",
+                 tuned: bool = True, monitor_interval: float | None = 0.5):
+        """``tuned=False``: torchrun's own rendezvous defaults (no RDZV_CONF, the shared worker store), as
+        benchmarks/recovery.py compares them; ``monitor_interval=None``: torchrun's default (0.1 s)."""
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         env = subprocess_env()
-        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+        if tuned:
+            env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
         if ifname:
             env["GLOO_SOCKET_IFNAME"] = ifname
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", "--nproc-per-node=1",
                f"--rdzv-backend={backend}", f"--rdzv-endpoint={endpoint}", "--rdzv-id=imgtrain-test",
-               f"--rdzv-conf={RDZV_CONF}" + ("" if is_host is None else f",is_host={str(is_host).lower()}"), f"--max-restarts={max_restarts}", "--monitor-interval=0.5",
+               "--rdzv-conf=" + ",".join(([RDZV_CONF] if tuned else [])
+                                         + ([] if is_host is None else [f"is_host={str(is_host).lower()}"])),
+               f"--max-restarts={max_restarts}",
+               *([] if monitor_interval is None else [f"--monitor-interval={monitor_interval}"]),
                *([f"--local-addr={local_addr}"] if local_addr else []),
                "-m", "imgtrain", *args]
         if netns:

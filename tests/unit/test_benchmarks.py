@@ -63,3 +63,17 @@ def test_checkpoint_benchmark(tmp_path):
     assert_stats(interval["async_over_none"], 1)
     assert_stats(interval["sync_over_none"], 1)
     assert set(r["throughput_lost_fraction"]) == {"async", "sync"}
+
+
+def test_recovery_benchmark_cli(tmp_path):
+    """Only the command line: a real run starts torchrun agents for minutes (see docs/BENCHMARKS.md)."""
+    script = [sys.executable, str(REPO / "benchmarks" / "recovery.py")]
+    proc = subprocess.run([*script, "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for word in ("--faults", "--settings", "--cap", "partition", "sigterm"):
+        assert word in proc.stdout
+    proc = subprocess.run([*script, "--faults", "worker,meteor", "--out", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=subprocess_env())
+    assert proc.returncode == 2 and "meteor" in proc.stderr
+    assert not (tmp_path / "r.json").exists()
