@@ -172,10 +172,18 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_max(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+def all_reduce_max(tensor: torch.Tensor, info: DistInfo, group=None) -> torch.Tensor:
     if info.enabled:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
     return tensor
+
+
+def new_control_group(info: DistInfo):
+    """A Gloo group for small per-step agreements (stop, save) between CPU threads. With NCCL, doing them
+    on the default group would put a GPU round trip, and a wait for the GPU, into every step."""
+    if info.backend == "nccl":
+        return dist.new_group(backend="gloo")
+    return None
 
 
 def broadcast_string(text: str | None, info: DistInfo, src: int = 0) -> str | None:

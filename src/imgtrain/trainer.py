@@ -101,6 +101,7 @@ class Trainer:
         self.resumed_from: str | None = None
         self.epoch_bad = 0
         self.last_checkpoint_stall = 0.0
+        self._last_loss = float("nan")  # of the last logged window, for the progress bar
         self.save_due = False  # agreed by all ranks after each step (see _should_stop)
         self.timeline: dict[str, float] = {"process_start": _process_start_time()}
         self._steps_this_run = 0  # steps since this process started (the first one gets init_timeout)
@@ -116,6 +117,7 @@ class Trainer:
         self.timeline["setup_start"] = t0
         _configure_logging(self.info)
         info = self.info
+        self.control_group = D.new_control_group(info)
         if cfg.training.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
@@ -383,8 +385,8 @@ class Trainer:
                 D.set_collective_timeout(info, cfg.distributed.timeout)
             self._steps_this_run += 1
             window.add(stats, t_data, t_step, sum(group))
-            self.bar.update(1, loss=f"{stats['loss_sum'] / max(stats['count'], 1e-9):.4f}",
-                            lr=f"{lr:.3g}", img_s=f"{sum(group) / max(t_step, 1e-9):.0f}")
+            shown = {"loss": f"{self._last_loss:.4f}"} if self._last_loss == self._last_loss else {}
+            self.bar.update(1, **shown, lr=f"{lr:.3g}", img_s=f"{sum(group) / max(t_step, 1e-9):.0f}")
             stop = self._should_stop()
             if self.progress.step % cfg.training.log_interval == 0 or stop or micro >= len(sizes):
                 self._log_window(window, lr, n)
@@ -410,8 +412,8 @@ class Trainer:
         and a save is collective: one rank saving alone would pair its gather with a peer's all-reduce)."""
         flags = torch.tensor([1.0 if self.preemption.requested else 0.0,
                               1.0 if self.checkpointer.due(self.progress.step) else 0.0],
-                             device=D.comm_device(self.info))
-        D.all_reduce_max(flags, self.info)
+                             device="cpu" if self.control_group is not None else D.comm_device(self.info))
+        D.all_reduce_max(flags, self.info, group=self.control_group)
         flag = flags[0]
         self.save_due = bool(flags[1].item() > 0)
         if flag.item() > 0 and not self.preemption.requested:
@@ -426,9 +428,10 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.info.device.type, dtype=self.amp_dtype)
 
-    def train_step(self, batches: list, global_sizes: list[int]) -> dict[str, float]:
+    def train_step(self, batches: list, global_sizes: list[int]) -> torch.Tensor:
         """One optimizer step over ``len(batches)`` micro-batches (gradient accumulation).
 
+        Returns the step's (loss sum, correct, sample count, unreadable files) as a device tensor.
         Each sample's loss is divided by the number of real samples in the whole step across all ranks
         (times the world size, which DDP's averaging divides out again): the step's gradient is the
         exact mean over its samples however they are split across ranks, micro-batches or a short
@@ -436,10 +439,10 @@ class Trainer:
         """
         info = self.info
         denom = float(sum(global_sizes))
-        loss_sum = correct = count = 0.0
-        bad = 0
+        # Running sums stay on the device: reading them here would wait for the GPU every step.
+        sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss, correct, count, bad files
         for i, (images, labels, weights, bad_paths) in enumerate(batches):
-            bad += len(bad_paths)
+            sums[3] += len(bad_paths)
             images = images.to(info.device, non_blocking=True)
             labels = labels.to(info.device, non_blocking=True)
             weights = weights.to(info.device, non_blocking=True)
@@ -456,9 +459,8 @@ class Trainer:
                 loss = (per_sample * weights).sum() * (info.world_size / denom)
                 self.scaler.scale(loss).backward()
             with torch.no_grad():
-                loss_sum += float((per_sample.detach() * weights).sum())
-                count += float(weights.sum())
-                correct += float(((logits.argmax(1) == labels).float() * weights).sum())
+                sums[:3] += torch.stack([(per_sample.detach() * weights).sum(), (logits.argmax(1) == labels).float()
+                                         .mul(weights).sum(), weights.sum()]).double()
         oc = self.cfg.optimization
         if oc.gradient_clip is not None:
             self.scaler.unscale_(self.optimizer)
@@ -468,7 +470,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None and self.progress.step % oc.ema_interval == 0:
             self.ema.update_parameters(self.model_without_ddp)
-        return {"loss_sum": loss_sum, "correct": correct, "count": count, "bad": bad}
+        return sums
 
     # ------------------------------------------------------------------ evaluation
 
@@ -499,10 +501,10 @@ class Trainer:
     # ------------------------------------------------------------------ reporting
 
     def _log_window(self, w: _Window, lr: float, n: int) -> None:
-        t = torch.tensor([w.loss_sum, w.correct, w.count, w.bad], dtype=torch.float64,
-                         device=D.comm_device(self.info))
+        t = w.sums.to(D.comm_device(self.info))
         D.all_reduce_sum(t, self.info)
         loss_sum, correct, count, bad = t.cpu().tolist()
+        self._last_loss = loss_sum / max(count, 1e-9)
         self.epoch_bad += int(bad)
         limit = self.cfg.data.max_bad_fraction * n
         if self.epoch_bad > limit:
@@ -566,20 +568,14 @@ class Trainer:
 
 @dataclass
 class _Window:
-    loss_sum: float = 0.0
-    correct: float = 0.0
-    count: float = 0.0
-    bad: int = 0
+    sums: torch.Tensor | float = 0.0  # device tensor: loss sum, correct, count, unreadable files
     images: int = 0
     seconds: float = 0.0
     data_wait: float = 0.0
     steps: int = 0
 
-    def add(self, stats: dict[str, float], t_data: float, t_step: float, images: int) -> None:
-        self.loss_sum += stats["loss_sum"]
-        self.correct += stats["correct"]
-        self.count += stats["count"]
-        self.bad += int(stats["bad"])
+    def add(self, sums: torch.Tensor, t_data: float, t_step: float, images: int) -> None:
+        self.sums = self.sums + sums
         self.images += images
         self.seconds += t_step
         self.data_wait += t_data
