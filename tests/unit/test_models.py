@@ -97,3 +97,18 @@ def test_model_name_from_config_builds():
     cfg = load_config(None, ["model.name=simple_cnn", "model.width=4"])
     model = create_model(cfg.model, 3, 8)
     assert model(torch.zeros(1, 3, 8, 8)).shape == (1, 3)
+
+
+def test_any_timm_model_by_name():
+    pytest.importorskip("timm")
+    import torch
+
+    from imgtrain.config import ModelConfig
+    from imgtrain.models import create_model
+
+    model = create_model(ModelConfig(name="timm/resnet10t", activation_checkpointing=True), 7, 32)
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 7)
+    out.sum().backward()
+    with pytest.raises(Exception, match="nonexistent_model_xyz"):
+        create_model(ModelConfig(name="timm/nonexistent_model_xyz"), 7, 32)
