@@ -87,6 +87,16 @@ def print_table(title: str, unit: str, rows: list[tuple[str, dict[str, Any], str
               f"{s['n']:>3}  {extra}")
 
 
+def add_model_args(p, model: str, batch: int, image_size: int) -> None:
+    """The model/batch/threads options every training benchmark takes."""
+    p.add_argument("--model", default=model, help="imgtrain model.name")
+    p.add_argument("--small-input", action="store_true", help="model.small_input (CIFAR-style ResNet stem)")
+    p.add_argument("--width", type=int, default=64, help="model.width (imgtrain's small models only)")
+    p.add_argument("--batch", type=int, default=batch, help="per-process batch size of the training steps")
+    p.add_argument("--image-size", type=int, default=image_size, help="training image size (data.image_size)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+
+
 def make_jpeg_folder(root: Path, images: int, classes: int = 8, size: int = 96, val_per_class: int = 2,
                      seed: int = 0) -> Path:
     """An ImageFolder tree of ``images`` training JPEGs (plus a small val split), as tests/conftest.py's

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from bench_common import (
     Clock,
+    add_model_args,
     command_line,
     default_out,
     machine_info,
@@ -45,18 +46,13 @@ from bench_common import (
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="resnet50", help="imgtrain model.name")
-    p.add_argument("--small-input", action="store_true", help="model.small_input (CIFAR-style ResNet stem)")
-    p.add_argument("--width", type=int, default=64, help="model.width (imgtrain's small models only)")
+    add_model_args(p, model="resnet50", batch=8, image_size=32)
     p.add_argument("--classes", type=int, default=10, help="classes of the generated dataset (model head)")
-    p.add_argument("--batch", type=int, default=8, help="per-process batch size of the training steps")
-    p.add_argument("--image-size", type=int, default=32, help="training image size (pixels)")
     p.add_argument("--saves", type=int, default=5, help="part 1: saves per mode (async, sync)")
     p.add_argument("--save-every", type=int, default=10, help="part 2: training steps between saves")
     p.add_argument("--window-saves", type=int, default=1, help="part 2: saves per timed window")
     p.add_argument("--rounds", type=int, default=6, help="part 2: rounds; each runs every variant once")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps before part 2")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--dir", default=None,
                    help="where checkpoints are written (a temp dir under it); default: the system temp dir")
     p.add_argument("--out", type=Path, default=default_out("checkpoint"), help="result JSON")

@@ -39,7 +39,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import psutil
@@ -50,7 +49,16 @@ sys.path[:0] = [str(_TESTS / "integration"), str(_TESTS)]  # elastic_nodes and t
 from bench_common import command_line, default_out, machine_info, make_jpeg_folder, stats, write_result  # noqa: E402
 
 from conftest import free_port, subprocess_env  # noqa: E402
-from elastic_nodes import RDZV_CONF, Node, cleanup_pids, events, train_args  # noqa: E402
+from elastic_nodes import (  # noqa: E402
+    RDZV_CONF,
+    Node,
+    add_namespace_pair,
+    cleanup_pids,
+    delete_namespaces,
+    events,
+    ip,
+    train_args,
+)
 
 FAULTS = ("worker", "node", "rejoin", "host", "partition", "sigterm")
 SETTINGS = ("defaults", "imgtrain")
@@ -161,8 +169,7 @@ class Trial:
         if self.store is not None and self.store.poll() is None:
             self.store.kill()
             self.store.wait(timeout=10)
-        for ns in self.namespaces:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        delete_namespaces(self.namespaces)
         # Anything still running from this trial is a bug of the benchmark: kill it and say so.
         leaked = []
         for p in psutil.process_iter(["cmdline"]):
@@ -295,26 +302,10 @@ def trial_host(trial: Trial, correction: float) -> dict:
     return {"host": r}
 
 
-def _ip(*a: str) -> None:
-    subprocess.run(["ip", *a], check=True, capture_output=True)
-
-
 def trial_partition(trial: Trial, correction: float) -> dict:
     if shutil.which("ip") is None:
         return {"partition": {"outcome": "not run", "note": "iproute2 is not installed"}}
-    tag = uuid.uuid4().hex[:6]
-    ns, veth, addrs = (f"rbA{tag}", f"rbB{tag}"), (f"ra{tag}", f"rb{tag}"), ("10.231.9.1", "10.231.9.2")
-    for n in ns:
-        _ip("netns", "add", n)
-        trial.namespaces.append(n)
-    _ip("link", "add", veth[0], "type", "veth", "peer", "name", veth[1])
-    for n, v, a in zip(ns, veth, addrs, strict=True):
-        _ip("link", "set", v, "netns", n)
-        _ip("-n", n, "addr", "add", f"{a}/24", "dev", v)
-        _ip("-n", n, "link", "set", v, "up")
-        _ip("-n", n, "link", "set", "lo", "up")
-        if trial.tuned:  # give up on a dead TCP peer after ~3 retransmissions instead of ~15 minutes
-            subprocess.run(["ip", "netns", "exec", n, "sysctl", "-qw", "net.ipv4.tcp_retries2=3"], check=True)
+    ns, veth, addrs = add_namespace_pair(trial.namespaces, "rb", "10.231.9", fast_tcp_abort=trial.tuned)
     endpoint = f"{addrs[0]}:{free_port()}"
     args = trial.train(partition=True)
     host = trial.node("host", endpoint, train=args, netns=ns[0], ifname=veth[0], is_host=True,
@@ -324,7 +315,7 @@ def trial_partition(trial: Trial, correction: float) -> dict:
                        local_addr=addrs[1])
     trial.ready_for_fault()
     t = time.time()
-    _ip("-n", ns[1], "link", "set", veth[1], "down")
+    ip("-n", ns[1], "link", "set", veth[1], "down")
     r = measure(trial, t, 1, trial.args.cap, [host], correction, trial.last_step_before(t))
     r["cut_off_agent_running_at_end"] = other.proc.poll() is None
     return {"partition": r}

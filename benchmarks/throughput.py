@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from bench_common import (
+    add_model_args,
     command_line,
     default_out,
     machine_info,
@@ -44,17 +45,12 @@ from bench_common import (
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="resnet18", help="imgtrain model.name")
-    p.add_argument("--small-input", action="store_true", help="model.small_input (CIFAR-style ResNet stem)")
-    p.add_argument("--width", type=int, default=64, help="model.width (imgtrain's small models only)")
-    p.add_argument("--batch", type=int, default=32, help="per-process batch size")
-    p.add_argument("--image-size", type=int, default=64, help="training crop size (data.image_size)")
+    add_model_args(p, model="resnet18", batch=32, image_size=64)
     p.add_argument("--steps", type=int, default=6, help="timed steps per variant per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant per round")
     p.add_argument("--rounds", type=int, default=6, help="rounds; each runs every variant once")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (data.workers)")
     p.add_argument("--prefetch", type=int, default=4, help="data.prefetch_factor")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--data-root", default=None,
                    help="an ImageFolder root with train/ and val/; default: generate JPEGs in a temp dir")
     p.add_argument("--images", type=int, default=512,

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -153,3 +154,35 @@ def lose_a_node_then_rejoin(out: Path, make_node, victim: str, kill_extra=None) 
     finally:
         cleanup_pids(nodes)
     return nodes
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+def add_namespace_pair(created: list[str], prefix: str, subnet: str, fast_tcp_abort: bool = True):
+    """Two network namespaces ("hosts") joined by a veth pair, addresses ``{subnet}.1`` and ``{subnet}.2``.
+
+    Names go into ``created`` as soon as they exist, so the caller can delete them whatever fails
+    (:func:`delete_namespaces`). Returns (namespaces, veth ends, addresses)."""
+    tag = uuid.uuid4().hex[:6]
+    ns = (f"{prefix}A{tag}", f"{prefix}B{tag}")
+    veth = (f"{prefix[:2].lower()}a{tag}", f"{prefix[:2].lower()}b{tag}")
+    addrs = (f"{subnet}.1", f"{subnet}.2")
+    for n in ns:
+        ip("netns", "add", n)
+        created.append(n)
+    ip("link", "add", veth[0], "type", "veth", "peer", "name", veth[1])
+    for n, v, a in zip(ns, veth, addrs, strict=True):
+        ip("link", "set", v, "netns", n)
+        ip("-n", n, "addr", "add", f"{a}/24", "dev", v)
+        ip("-n", n, "link", "set", v, "up")
+        ip("-n", n, "link", "set", "lo", "up")
+        if fast_tcp_abort:  # give up on a dead TCP peer after ~3 retransmissions instead of ~15 minutes
+            subprocess.run(["ip", "netns", "exec", n, "sysctl", "-qw", "net.ipv4.tcp_retries2=3"], check=True)
+    return ns, veth, addrs
+
+
+def delete_namespaces(names: list[str]) -> None:
+    for n in names:
+        subprocess.run(["ip", "netns", "del", n], capture_output=True)

@@ -6,12 +6,21 @@ import json
 import shutil
 import subprocess
 import time
-import uuid
 
 import pytest
 
 from conftest import free_port, make_image_folder
-from elastic_nodes import Node, cleanup_pids, events, lose_a_node_then_rejoin, train_args, wait_for
+from elastic_nodes import (
+    Node,
+    add_namespace_pair,
+    cleanup_pids,
+    delete_namespaces,
+    events,
+    ip,
+    lose_a_node_then_rejoin,
+    train_args,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -30,36 +39,19 @@ def test_node_killed_and_readded(tmp_path):
     assert "elastic: world size changed 2 -> 1" in nodes[0].output()
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
 @pytest.fixture
 def two_namespaces():
     if shutil.which("ip") is None:
         pytest.skip("iproute2 is not installed")
-    tag = uuid.uuid4().hex[:6]
-    ns = (f"itA{tag}", f"itB{tag}")
-    veth = (f"va{tag}", f"vb{tag}")
-    addrs = ("10.231.7.1", "10.231.7.2")
+    created: list[str] = []
     try:
-        for n in ns:
-            _ip("netns", "add", n)
+        yield add_namespace_pair(created, "it", "10.231.7")
     except subprocess.CalledProcessError as e:
-        pytest.skip(f"network namespaces unavailable (needs root): {e.stderr.decode().strip()}")
-    try:
-        _ip("link", "add", veth[0], "type", "veth", "peer", "name", veth[1])
-        for n, v, a in zip(ns, veth, addrs, strict=True):
-            _ip("link", "set", v, "netns", n)
-            _ip("-n", n, "addr", "add", f"{a}/24", "dev", v)
-            _ip("-n", n, "link", "set", v, "up")
-            _ip("-n", n, "link", "set", "lo", "up")
-            # Give up on a dead TCP peer after ~3 retransmissions instead of ~15 minutes.
-            subprocess.run(["ip", "netns", "exec", n, "sysctl", "-qw", "net.ipv4.tcp_retries2=3"], check=False)
-        yield ns, veth, addrs
+        if not created:
+            pytest.skip(f"network namespaces unavailable (needs root): {e.stderr.decode().strip()}")
+        raise
     finally:
-        for n in ns:
-            subprocess.run(["ip", "netns", "del", n], capture_output=True)
+        delete_namespaces(created)
 
 
 def test_network_partition_is_detected_and_survivor_continues(tmp_path, two_namespaces):
@@ -81,7 +73,7 @@ def test_network_partition_is_detected_and_survivor_continues(tmp_path, two_name
         wait_for(lambda: list((out / "checkpoints").glob("step_*/manifest.json")), 120,
                  "a first checkpoint", nodes)
         starts_before = len(events(out, "start"))
-        _ip("-n", ns_b, "link", "set", veth_b, "down")  # cut the other node off
+        ip("-n", ns_b, "link", "set", veth_b, "down")  # cut the other node off
         cut_at = time.time()
         survivor = wait_for(lambda: [e for e in events(out, "start")[starts_before:] if e["world_size"] == 1],
                             150, "the survivor to re-form the group alone after the partition", nodes)[0]
