@@ -345,10 +345,6 @@ class Trainer:
             self._write_final(summary)
         return summary
 
-    def _micro_batches_of_epoch(self):
-        sampler = self.data.train_sampler
-        return iter(self.data.train_loader), sampler.global_sizes()
-
     def train_epoch(self) -> bool:
         """Runs the rest of the current epoch. Returns False if stopped early (preemption, max_steps)."""
         cfg, info = self.cfg, self.info
@@ -356,7 +352,7 @@ class Trainer:
         sampler.state.epoch = self.progress.epoch
         n = len(self.data.train_set)
         self.model.train()
-        it, sizes = self._micro_batches_of_epoch()
+        it, sizes = iter(self.data.train_loader), sampler.global_sizes()
         total_steps = math.ceil(sampler.steps_per_epoch() / self.accumulation)
         done_steps = math.ceil(sampler.state.consumed / (sampler.global_batch * self.accumulation))
         self.bar.start_epoch(self.progress.epoch, cfg.training.epochs, total_steps, done_steps)
