@@ -14,6 +14,7 @@ log = logging.getLogger("imgtrain")
 EXIT_CONFIG = 2
 EXIT_DATA = 3
 EXIT_CHECKPOINT = 4
+EXIT_DIVERGED = 5
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -38,6 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve a standalone c10d rendezvous store (for torchrun agents with is_host=false)")
     s.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all)")
     s.add_argument("--port", type=int, default=29400)
+    r = sub.add_parser("report", help="write a self-contained HTML report (plots inlined) of a run directory")
+    r.add_argument("run_dir", help="the run directory (output_dir) of a finished or running run")
+    r.add_argument("-o", "--output", help="HTML file to write (default: RUN_DIR/report.html)")
+    m = sub.add_parser("monitor", help="live terminal dashboard of a run directory, until the run ends")
+    m.add_argument("run_dir")
+    m.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    m.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    ps = sub.add_parser("profile-summary", help="top operators per rank and cross-rank differences from the "
+                                                "profiler's Chrome traces in RUN_DIR/profiler")
+    ps.add_argument("run_dir")
+    ps.add_argument("--top", type=int, default=15, help="operators listed per rank (default 15)")
     return parser
 
 
@@ -66,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
 
             serve_store(args.host, args.port)
             return 0
+        if args.command in ("report", "monitor", "profile-summary"):
+            if rest:
+                parser.error(f"{args.command} takes no overrides: {' '.join(rest)}")
+            return _observe(args)
         if args.command == "train":
             # Validated before torch is even imported: a typo is reported at once.
             cfg = load_config(args.config or DEFAULT_RECIPE, _overrides(args))
@@ -79,9 +95,13 @@ def main(argv: list[str] | None = None) -> int:
 def _run(fn, arg) -> int:
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .trainer import DivergenceError
 
     try:
         return fn(arg)
+    except DivergenceError as e:
+        print(f"imgtrain: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
     except DataError as e:
         print(f"imgtrain: data error: {e}", file=sys.stderr)
         return EXIT_DATA
@@ -97,6 +117,9 @@ def _train(cfg) -> int:
     try:
         trainer.setup()
         result = trainer.train()
+    except BaseException as e:
+        trainer.report_failure(e, _exit_code(e))
+        raise
     finally:
         trainer.close()
     if result.get("preempted"):
@@ -105,6 +128,44 @@ def _train(cfg) -> int:
         print(json.dumps({k: result[k] for k in ("val_top1", "val_top5", "epochs", "steps",
                                                    "wall_seconds", "mean_train_images_per_s")}))
     return 0
+
+
+def _exit_code(e: BaseException) -> int:
+    """The code the process will exit with for this exception (see _run and the README's table)."""
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .trainer import DivergenceError
+
+    for cls, code in ((ConfigError, EXIT_CONFIG), (DataError, EXIT_DATA), (CheckpointError, EXIT_CHECKPOINT),
+                      (DivergenceError, EXIT_DIVERGED), (KeyboardInterrupt, 130)):
+        if isinstance(e, cls):
+            return code
+    if isinstance(e, SystemExit):
+        return e.code if isinstance(e.code, int) else 1
+    return 1
+
+
+def _observe(args: argparse.Namespace) -> int:
+    """report / monitor / profile-summary: read a run directory; no torch import, no process group."""
+    from pathlib import Path
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        print(f"imgtrain: error: run directory {run_dir} does not exist", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "report":
+        from .monitoring.report import write_report
+
+        out = write_report(run_dir, Path(args.output) if args.output else None)
+        print(out)
+        return 0
+    if args.command == "monitor":
+        from .monitoring.dashboard import monitor
+
+        return monitor(run_dir, once=args.once, interval=args.interval)
+    from .monitoring.profile_summary import print_summary
+
+    return print_summary(run_dir, top=args.top)
 
 
 def _eval(args: argparse.Namespace) -> int:

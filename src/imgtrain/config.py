@@ -251,6 +251,66 @@ class FaultToleranceConfig:
                self.first_step_timeout, "null or seconds > 0")
 
 
+NOTIFY_EVENTS = ("started", "finished", "failed", "resumed", "diverged")
+
+
+@dataclass
+class NotifyConfig:
+    urls: list[str] = field(default_factory=list)
+    """Apprise URLs (slack://..., https://hooks.slack.com/services/..., json://host/path,
+    mailtos://user:pass@smtp.example.com?to=ops@example.com). ``${VAR}`` is read from the environment
+    at start, so secrets stay out of the YAML and of the run directory's config.yaml."""
+    urls_file: str | None = None
+    """An apprise configuration file (one URL per line) kept outside the repository, e.g. a mounted secret."""
+    events: list[Literal["started", "finished", "failed", "resumed", "diverged"]] = field(
+        default_factory=lambda: list(NOTIFY_EVENTS))
+    """Which run events are sent (by rank 0)."""
+
+    def validate(self, p: str) -> None:
+        _check(len(set(self.events)) == len(self.events), f"{p}.events", self.events, "events without repeats")
+
+
+@dataclass
+class MonitoringConfig:
+    run_id: str | None = None
+    """Names the run in logs and notifications. None: torchrun's --rdzv-id if set, else the run directory's name."""
+    log_format: Literal["text", "json"] = "text"
+    """Console (stderr) log format. Every rank also writes JSON lines to <output_dir>/logs/rank<R>.jsonl."""
+    tensorboard: bool = False
+    """Write TensorBoard event files (rank 0) to <output_dir>/tensorboard."""
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
+
+    def validate(self, p: str) -> None:
+        _check(self.run_id is None or bool(self.run_id.strip()), f"{p}.run_id", self.run_id,
+               "null or a non-empty name")
+        self.notify.validate(f"{p}.notify")
+
+
+@dataclass
+class ProfilerConfig:
+    enabled: bool = False
+    """torch.profiler on the ranks below; a Chrome trace per rank and cycle in <output_dir>/profiler/."""
+    skip_first: int = 0
+    wait: int = 1
+    warmup: int = 1
+    active: int = 3
+    repeat: int = 1
+    """Cycles of wait+warmup+active steps; 0 repeats until the run ends."""
+    ranks: list[int] | None = None
+    """Global ranks to profile; null: every rank."""
+    record_shapes: bool = False
+    profile_memory: bool = False
+    with_stack: bool = False
+
+    def validate(self, p: str) -> None:
+        for k in ("skip_first", "wait", "warmup", "repeat"):
+            v = getattr(self, k)
+            _check(v >= 0, f"{p}.{k}", v, "an integer >= 0")
+        _check(self.active >= 1, f"{p}.active", self.active, "an integer >= 1")
+        _check(self.ranks is None or all(r >= 0 for r in self.ranks), f"{p}.ranks", self.ranks,
+               "null or a list of ranks >= 0")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -260,6 +320,8 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
     output_dir: str = "runs/default"
     """Run directory: config.yaml, metrics.jsonl, summary.json, checkpoints/, model.pt."""
 

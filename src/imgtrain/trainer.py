@@ -28,11 +28,18 @@ from .evaluate import EvalResult, evaluate_model
 from .fault import PreemptionHandler, Watchdog
 from .models import create_model
 from .monitoring import JsonlSink, ProgressBar
+from .monitoring.logs import LogSink, configure_logging, resolve_run_id
+from .monitoring.notify import Notifier
+from .monitoring.profiler import StepProfiler
 from .optim import create_optimizer, create_schedule, scaled_lr, set_lr
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
+
+
+class DivergenceError(RuntimeError):
+    """The training loss became NaN or infinite: going on would only waste the allocation."""
 
 
 @dataclass
@@ -115,7 +122,10 @@ class Trainer:
         self.info = D.init_distributed(cfg.distributed)
         self.timeline["process_group_ready"] = time.time()
         self.timeline["setup_start"] = t0
-        _configure_logging(self.info)
+        self.run_id = resolve_run_id(cfg.monitoring.run_id, self.output_dir)
+        configure_logging(self.info.rank, self.info.is_main, self.run_id, self.output_dir,
+                          cfg.monitoring.log_format, step_fn=lambda: self.progress.step)
+        self.notifier = Notifier(cfg.monitoring.notify, self.run_id, enabled=self.info.is_main)
         info = self.info
         self.control_group = D.new_control_group(info)
         if cfg.training.deterministic:
@@ -158,6 +168,11 @@ class Trainer:
         self._apply_elastic_policy()
         if info.is_main:
             self._sinks.append(JsonlSink(self.output_dir / "metrics.jsonl"))
+        self._sinks.append(LogSink(info.rank))
+        if info.is_main and cfg.monitoring.tensorboard:
+            from .monitoring.tensorboard import TensorBoardSink
+
+            self._sinks.append(TensorBoardSink(self.output_dir / "tensorboard"))
         self.bar = ProgressBar(info.is_main and cfg.training.progress_bar)
         self.watchdog = Watchdog(cfg.fault_tolerance.hang_timeout, cfg.fault_tolerance.first_step_timeout,
                                  rank=info.rank)
@@ -316,6 +331,8 @@ class Trainer:
         t_start = time.perf_counter()
         # When each phase of (re)starting ended, for recovery-time breakdowns (benchmarks/recovery.py).
         self._log_event("start", resumed_from=self.resumed_from, timeline=self.timeline)
+        self._notify_start()
+        self.profiler = StepProfiler(cfg.profiler, self.info.rank, self.output_dir)
         stopped_early = False
         try:
             D.set_collective_timeout(self.info, cfg.distributed.init_timeout)
@@ -335,6 +352,7 @@ class Trainer:
                 if cfg.checkpoint.save_at_epoch_end or self.save_due:
                     self.save_checkpoint()
         finally:
+            self.profiler.stop()
             self.bar.close()
             self.watchdog.stop()
         self.checkpointer.wait()
@@ -343,6 +361,8 @@ class Trainer:
         summary = self._summary(time.perf_counter() - t_start, stopped_early)
         if self.info.is_main:
             self._write_final(summary)
+            self.notifier.notify("finished", f"finished after {summary['steps']} steps, {summary['epochs']} "
+                                 f"epochs: val top-1 {summary['val_top1']}", self._notify_details())
         return summary
 
     def train_epoch(self) -> bool:
@@ -377,6 +397,7 @@ class Trainer:
             self.progress.images_seen += sum(group)
             t_step = time.perf_counter() - t0
             self.watchdog.beat()
+            self.profiler.step()
             if self._steps_this_run == 0:
                 D.set_collective_timeout(info, cfg.distributed.timeout)
             self._steps_this_run += 1
@@ -512,9 +533,13 @@ class Trainer:
                   "lr": lr, "images_per_s": w.images / max(w.seconds, 1e-9),
                   "data_wait_s": w.data_wait / max(w.steps, 1), "step_s": w.seconds / max(w.steps, 1),
                   "bad_images": int(bad)}
-        if not math.isfinite(record["loss"]):
-            log.error("loss is %s at step %d", record["loss"], self.progress.step)
         self._emit(record)
+        if not math.isfinite(record["loss"]):
+            # The loss is all-reduced, so every rank stops here at the same step.
+            raise DivergenceError(f"training diverged: loss is {record['loss']} at step {self.progress.step} "
+                                  f"(epoch {self.progress.epoch + 1}); nothing was saved after it, the newest "
+                                  f"checkpoint is from before. Lower training.base_lr, set "
+                                  f"optimization.gradient_clip, or use bf16 instead of fp16")
 
     def _emit(self, record: dict[str, Any]) -> None:
         for s in self._sinks:
@@ -523,6 +548,29 @@ class Trainer:
     def _log_event(self, event: str, **fields: Any) -> None:
         self._emit({"event": event, "step": self.progress.step, "epoch": self.progress.epoch + 1,
                     "world_size": self.info.world_size, **fields})
+
+    def _notify_details(self) -> dict[str, Any]:
+        return {"step": self.progress.step, "epoch": self.progress.epoch + 1, "world size": self.info.world_size,
+                "restarts": self.progress.restarts, "run directory": str(self.output_dir.resolve())}
+
+    def _notify_start(self) -> None:
+        if self.resumed_from:
+            self.notifier.notify("resumed", f"resumed from {self.resumed_from}", self._notify_details())
+        else:
+            self.notifier.notify("started", f"started: {self.cfg.model.name}, {self.cfg.training.epochs} epochs, "
+                                 f"global batch {self.global_batch}", self._notify_details())
+
+    def report_failure(self, exc: BaseException, exit_code: int) -> None:
+        """An exception is leaving the run: a 'failed' (or 'diverged') record and notification. Never raises."""
+        event = "diverged" if isinstance(exc, DivergenceError) else "failed"
+        try:
+            if hasattr(self, "info"):
+                self._log_event(event, exit_code=exit_code, error=f"{type(exc).__name__}: {exc}")
+            if hasattr(self, "notifier"):
+                self.notifier.notify(event, f"{event} with exit code {exit_code}: {type(exc).__name__}: {exc}",
+                                     self._notify_details() if hasattr(self, "info") else None)
+        except Exception as e:  # the original error is the one to report
+            log.warning("could not report the failure: %s: %s", type(e).__name__, e)
 
     def _summary(self, wall: float, stopped_early: bool) -> dict[str, Any]:
         ev = self.last_eval
@@ -587,8 +635,3 @@ def _process_start_time() -> float:
 def _secs(v: float | None) -> str:
     return "off" if v is None else f"{v:.0f}s"
 
-
-def _configure_logging(info: D.DistInfo) -> None:
-    level = logging.INFO if info.is_main else logging.WARNING
-    fmt = f"%(asctime)s [rank {info.rank}] %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level, format=fmt, force=True)
