@@ -113,6 +113,7 @@ class Trainer:
         self.timeline: dict[str, float] = {"process_start": _process_start_time()}
         self._steps_this_run = 0  # steps since this process started (the first one gets init_timeout)
         self._sinks: list = []
+        self.profiler = StepProfiler(cfg.profiler, self.output_dir)
 
     # ------------------------------------------------------------------ setup
 
@@ -332,7 +333,7 @@ class Trainer:
         # When each phase of (re)starting ended, for recovery-time breakdowns (benchmarks/recovery.py).
         self._log_event("start", resumed_from=self.resumed_from, timeline=self.timeline)
         self._notify_start()
-        self.profiler = StepProfiler(cfg.profiler, self.info.rank, self.output_dir)
+        self.profiler.start(self.info.rank)
         stopped_early = False
         try:
             D.set_collective_timeout(self.info, cfg.distributed.init_timeout)
@@ -635,3 +636,8 @@ def _process_start_time() -> float:
 def _secs(v: float | None) -> str:
     return "off" if v is None else f"{v:.0f}s"
 
+
+def _configure_logging(info: D.DistInfo) -> None:
+    level = logging.INFO if info.is_main else logging.WARNING
+    fmt = f"%(asctime)s [rank {info.rank}] %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, force=True)

@@ -20,16 +20,21 @@ def profiler_dir(output_dir: str | Path) -> Path:
 
 
 class StepProfiler:
-    """``step()`` after every optimizer step; ``stop()`` when training ends (also on errors)."""
+    """``start(rank)`` when training starts, ``step()`` after every optimizer step, ``stop()`` when training
+    ends (also on errors). Does nothing on ranks that are not profiled, or before ``start``."""
 
-    def __init__(self, cfg: ProfilerConfig, rank: int, output_dir: str | Path):
+    def __init__(self, cfg: ProfilerConfig, output_dir: str | Path):
+        self.cfg, self.output_dir = cfg, output_dir
         self.prof: profile | None = None
+
+    def start(self, rank: int) -> None:
+        cfg = self.cfg
         if not cfg.enabled or (cfg.ranks is not None and rank not in cfg.ranks):
             return
         activities = [ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(ProfilerActivity.CUDA)
-        out = profiler_dir(output_dir)
+        out = profiler_dir(self.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.prof = profile(
             activities=activities,
