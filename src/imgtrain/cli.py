@@ -150,6 +150,10 @@ def _observe(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     run_dir = Path(args.run_dir)
+    if args.command == "monitor":  # may be started before the run has created its directory
+        from .monitoring.dashboard import monitor
+
+        return monitor(run_dir, once=args.once, interval=args.interval)
     if not run_dir.is_dir():
         print(f"imgtrain: error: run directory {run_dir} does not exist", file=sys.stderr)
         return EXIT_CONFIG
@@ -159,10 +163,6 @@ def _observe(args: argparse.Namespace) -> int:
         out = write_report(run_dir, Path(args.output) if args.output else None)
         print(out)
         return 0
-    if args.command == "monitor":
-        from .monitoring.dashboard import monitor
-
-        return monitor(run_dir, once=args.once, interval=args.interval)
     from .monitoring.profile_summary import print_summary
 
     return print_summary(run_dir, top=args.top)
