@@ -180,7 +180,9 @@ class Trainer:
         log.info("imgtrain: world size %d (%s), device %s, global batch %d = %d per process x %d "
                  "processes x %d accumulation steps, peak LR %.4g",
                  info.world_size, info.backend or "no process group", info.device, self.global_batch,
-                 cfg.training.batch_size, info.world_size, self.accumulation, self.peak_lr)
+                 cfg.training.batch_size, info.world_size, self.accumulation, self.peak_lr,
+                 extra={"fields": {"world_size": info.world_size, "device": str(info.device),
+                                   "global_batch": self.global_batch, "peak_lr": self.peak_lr}})
         self._log_fault_tolerance_settings()
         return self
 
@@ -286,7 +288,9 @@ class Trainer:
         self.progress.restarts += 1
         self.resumed_from = path
         log.warning("resumed from %s: epoch %d, step %d, %d samples into the epoch",
-                    path, self.progress.epoch + 1, self.progress.step, self.data.train_sampler.state.consumed)
+                    path, self.progress.epoch + 1, self.progress.step, self.data.train_sampler.state.consumed,
+                    extra={"fields": {"checkpoint": path, "epoch": self.progress.epoch + 1,
+                                      "restarts": self.progress.restarts}})
 
     def save_checkpoint(self, blocking: bool | None = None) -> float:
         """Collective. Returns the stall the training loop paid on this rank."""
