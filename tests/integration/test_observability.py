@@ -192,6 +192,7 @@ def test_observability_end_to_end(tmp_path, receivers, capsys):
     for title in ("Loss", "Accuracy", "Learning rate", "Images/s", "Step-time breakdown", "Checkpoint stall"):
         assert title in page
     assert "rank 1" in page and "2 rank(s)" in page
+    assert "Profiler (imgtrain profile-summary)" in page and "across ranks" in page
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)
 
     # Monitor: one snapshot with the final state and both ranks.

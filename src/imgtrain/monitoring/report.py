@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import html
+import io
 import math
 import statistics
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import pygal
 
+from .profile_summary import print_summary
 from .rundata import RunData, time_fields
 
 _MAX_POINTS = 1500  # per series: keeps a week-long run's page small; plots stay faithful at this width
@@ -210,13 +212,18 @@ def build_report(run_dir: Path) -> str:
             ("Starts, restarts and failures", _table(["time", "event", "step", "world size", "detail"], rows))
         )
 
+    if any((Path(run_dir) / "profiler").glob("rank*.json")):
+        text = io.StringIO()
+        print_summary(Path(run_dir), top=10, out=text)
+        sections.append(("Profiler (imgtrain profile-summary)", f"<pre>{_esc(text.getvalue())}</pre>"))
+
     title = f"imgtrain report: {Path(run_dir).resolve().name}"
     body = "".join(f"<section><h2>{_esc(t)}</h2>{c}</section>" for t, c in sections)
     return (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_esc(title)}</title><style>"
         "body{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
-        "svg{display:block;margin:1em 0}</style></head><body>"
+        "svg{display:block;margin:1em 0}pre{font-size:12px;overflow-x:auto}</style></head><body>"
         f"<h1>{_esc(title)}</h1><p>{_esc(Path(run_dir).resolve())}, generated "
         f"{_when(datetime.datetime.now().timestamp())}</p>{body}</body></html>\n"
     )
