@@ -47,16 +47,21 @@ from imgtrain.trainer import _Window
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add_model_args(p, model="resnet18", batch=32, image_size=32)
     p.add_argument("--steps", type=int, default=30, help="timed steps per variant per round")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant per round")
     p.add_argument("--rounds", type=int, default=6, help="rounds; each runs every variant once")
     p.add_argument("--log-interval", type=int, default=10, help="training.log_interval")
-    p.add_argument("--straggler-interval", type=int, default=50, help="monitoring.prometheus.straggler_interval")
+    p.add_argument(
+        "--straggler-interval", type=int, default=50, help="monitoring.prometheus.straggler_interval"
+    )
     p.add_argument("--scrape-interval", type=float, default=1.0, help="seconds between scrapes (0: none)")
-    p.add_argument("--profiler", action="store_true", help="add a profiler.enabled variant (needs that config)")
+    p.add_argument(
+        "--profiler", action="store_true", help="add a profiler.enabled variant (needs that config)"
+    )
     p.add_argument("--out", type=Path, default=default_out("monitoring_overhead"), help="result JSON")
     p.add_argument("--verbose", action="store_true", help="keep imgtrain's INFO logging")
     args = p.parse_args(argv)
@@ -64,8 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
     if args.profiler and not hasattr(Config(), "profiler"):
-        p.error("--profiler: this imgtrain has no 'profiler' config section yet (it comes with the profiler "
-                "work of issue 7); measure off vs metrics only")
+        p.error(
+            "--profiler: this imgtrain has no 'profiler' config section yet (it comes with the profiler "
+            "work of issue 7); measure off vs metrics only"
+        )
     return args
 
 
@@ -109,15 +116,29 @@ def main(argv: list[str] | None = None) -> dict:
         tmp_path = Path(tmp)
         # A tiny real ImageFolder only so that setup() finds classes; the timed steps use in-memory batches.
         root = make_jpeg_folder(tmp_path / "data", 16, size=args.image_size)
-        common = [f"model.name={args.model}", f"model.small_input={str(args.small_input).lower()}",
-                  f"model.width={args.width}", f"data.root={root}", f"data.image_size={args.image_size}",
-                  "data.workers=0", f"training.batch_size={args.batch}", "training.warmup_epochs=0",
-                  "training.epochs=1000", "training.base_lr=0.01", f"training.log_interval={args.log_interval}"]
+        common = [
+            f"model.name={args.model}",
+            f"model.small_input={str(args.small_input).lower()}",
+            f"model.width={args.width}",
+            f"data.root={root}",
+            f"data.image_size={args.image_size}",
+            "data.workers=0",
+            f"training.batch_size={args.batch}",
+            "training.warmup_epochs=0",
+            "training.epochs=1000",
+            "training.base_lr=0.01",
+            f"training.log_interval={args.log_interval}",
+        ]
         variants = {
             "off": [*common, f"output_dir={tmp_path / 'off'}"],
-            "metrics": [*common, f"output_dir={tmp_path / 'metrics'}", "monitoring.prometheus.enabled=true",
-                        "monitoring.prometheus.port=0", "monitoring.prometheus.linger_s=0",
-                        f"monitoring.prometheus.straggler_interval={args.straggler_interval}"],
+            "metrics": [
+                *common,
+                f"output_dir={tmp_path / 'metrics'}",
+                "monitoring.prometheus.enabled=true",
+                "monitoring.prometheus.port=0",
+                "monitoring.prometheus.linger_s=0",
+                f"monitoring.prometheus.straggler_interval={args.straggler_interval}",
+            ],
         }
         if args.profiler:
             variants["profiler"] = [*common, f"output_dir={tmp_path / 'profiler'}", "profiler.enabled=true"]
@@ -128,8 +149,11 @@ def main(argv: list[str] | None = None) -> dict:
                 torch.manual_seed(0)
                 trainers[name] = make_trainer(ov, args.verbose)
             if args.scrape_interval > 0:
-                threading.Thread(target=_scraper, args=(trainers["metrics"].metrics.port, args.scrape_interval,
-                                                        stop, scrapes), daemon=True).start()
+                threading.Thread(
+                    target=_scraper,
+                    args=(trainers["metrics"].metrics.port, args.scrape_interval, stop, scrapes),
+                    daemon=True,
+                ).start()
             result = benchmark(args, trainers, variants)
         finally:
             stop.set()
@@ -143,9 +167,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 def benchmark(args, trainers: dict, variants: dict) -> dict:
     first = next(iter(trainers.values()))
-    print(f"imgtrain monitoring overhead: {args.model}, batch {args.batch}, {args.image_size} px, synthetic "
-          f"batches; {args.rounds} rounds x {args.steps} timed steps (+{args.warmup} warm-up) per variant; "
-          f"scrape every {args.scrape_interval}s", flush=True)
+    print(
+        f"imgtrain monitoring overhead: {args.model}, batch {args.batch}, {args.image_size} px, synthetic "
+        f"batches; {args.rounds} rounds x {args.steps} timed steps (+{args.warmup} warm-up) per variant; "
+        f"scrape every {args.scrape_interval}s",
+        flush=True,
+    )
     batches = synthetic_batches(4, args.batch, args.image_size, first.data.num_classes)
     for t in trainers.values():
         run_steps(t, batches, 0, 2)  # one-time allocations
@@ -157,25 +184,41 @@ def benchmark(args, trainers: dict, variants: dict) -> dict:
         for v in names[1:]:
             row[f"ratio_{v}_over_off"] = row[v]["images_per_s"] / row["off"]["images_per_s"]
         rounds.append(row)
-        print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{v} {row[v]['images_per_s']:.1f} img/s" for v in names),
-              flush=True)
+        print(
+            f"  round {r + 1}/{args.rounds}: "
+            + ", ".join(f"{v} {row[v]['images_per_s']:.1f} img/s" for v in names),
+            flush=True,
+        )
     per = {v: stats([row[v]["images_per_s"] for row in rounds]) for v in names}
     ratios = {v: stats([row[f"ratio_{v}_over_off"] for row in rounds]) for v in names[1:]}
     base = per["off"]["median"]
-    print_table("training throughput (images/s, higher is better)", "img/s",
-                [("monitoring off", per["off"], "1.000 (baseline)")]
-                + [(v, per[v], f"{per[v]['median'] / base:.4f}") for v in names[1:]])
+    print_table(
+        "training throughput (images/s, higher is better)",
+        "img/s",
+        [("monitoring off", per["off"], "1.000 (baseline)")]
+        + [(v, per[v], f"{per[v]['median'] / base:.4f}") for v in names[1:]],
+    )
     for v, s in ratios.items():
-        print(f"\n{v} / off, median of per-round ratios: {s['median']:.4f} (min {s['min']:.4f}, max {s['max']:.4f});"
-              f" cost {100 * (1 - s['median']):.2f}%")
+        print(
+            f"\n{v} / off, median of per-round ratios: {s['median']:.4f} (min {s['min']:.4f}, max {s['max']:.4f});"
+            f" cost {100 * (1 - s['median']):.2f}%"
+        )
     return {
         "benchmark": "monitoring_overhead",
         "command": command_line(),
         "machine": machine_info(),
-        "settings": {"model": args.model, "batch": args.batch, "image_size": args.image_size, "steps": args.steps,
-                     "warmup": args.warmup, "rounds": args.rounds, "log_interval": args.log_interval,
-                     "straggler_interval": args.straggler_interval, "scrape_interval": args.scrape_interval,
-                     "imgtrain_overrides": variants},
+        "settings": {
+            "model": args.model,
+            "batch": args.batch,
+            "image_size": args.image_size,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "rounds": args.rounds,
+            "log_interval": args.log_interval,
+            "straggler_interval": args.straggler_interval,
+            "scrape_interval": args.scrape_interval,
+            "imgtrain_overrides": variants,
+        },
         "unit": "images/s",
         **per,
         "ratio_of_medians": {v: per[v]["median"] / base for v in names[1:]},

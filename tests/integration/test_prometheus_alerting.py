@@ -43,23 +43,48 @@ MON = REPO / "deploy" / "monitoring"
 PROMETHEUS = shutil.which("prometheus")
 ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 if PROMETHEUS is None or ALERTMANAGER is None:
-    pytest.skip("needs Prometheus and Alertmanager (Debian: prometheus prometheus-alertmanager, installed by "
-                "scripts/install.sh)", allow_module_level=True)
-aiosmtpd_controller = pytest.importorskip("aiosmtpd.controller", reason="aiosmtpd (dev extra) is not installed")
+    pytest.skip(
+        "needs Prometheus and Alertmanager (Debian: prometheus prometheus-alertmanager, installed by "
+        "scripts/install.sh)",
+        allow_module_level=True,
+    )
+aiosmtpd_controller = pytest.importorskip(
+    "aiosmtpd.controller", reason="aiosmtpd (dev extra) is not installed"
+)
 
 # Every family the exporter serves, on every rank. Rank 0 alone writes checkpoints; GPU families exist
 # only with a GPU and nvidia-ml-py.
 FAMILIES = [
-    "imgtrain_run_info", "imgtrain_global_step", "imgtrain_epoch", "imgtrain_loss", "imgtrain_train_top1_percent",
-    "imgtrain_learning_rate", "imgtrain_images_per_second", "imgtrain_step_seconds",
-    "imgtrain_step_phase_seconds_total", "imgtrain_val_top1_percent", "imgtrain_val_top5_percent",
-    "imgtrain_val_loss", "imgtrain_bad_files_total", "imgtrain_restarts", "imgtrain_world_size",
-    "imgtrain_running", "imgtrain_last_progress_timestamp_seconds", "imgtrain_stall_threshold_seconds",
-    "imgtrain_checkpoint_age_seconds", "imgtrain_checkpoint_interval_seconds", "imgtrain_checkpoint_stall_seconds",
-    "imgtrain_checkpoints_total", "imgtrain_step_time_max_over_median", "imgtrain_straggler_rank",
-    "imgtrain_process_cpu_seconds_total", "imgtrain_process_resident_memory_bytes",
-    "imgtrain_host_network_receive_bytes_total", "imgtrain_host_network_transmit_bytes_total",
-    "imgtrain_host_disk_read_bytes_total", "imgtrain_host_disk_written_bytes_total",
+    "imgtrain_run_info",
+    "imgtrain_global_step",
+    "imgtrain_epoch",
+    "imgtrain_loss",
+    "imgtrain_train_top1_percent",
+    "imgtrain_learning_rate",
+    "imgtrain_images_per_second",
+    "imgtrain_step_seconds",
+    "imgtrain_step_phase_seconds_total",
+    "imgtrain_val_top1_percent",
+    "imgtrain_val_top5_percent",
+    "imgtrain_val_loss",
+    "imgtrain_bad_files_total",
+    "imgtrain_restarts",
+    "imgtrain_world_size",
+    "imgtrain_running",
+    "imgtrain_last_progress_timestamp_seconds",
+    "imgtrain_stall_threshold_seconds",
+    "imgtrain_checkpoint_age_seconds",
+    "imgtrain_checkpoint_interval_seconds",
+    "imgtrain_checkpoint_stall_seconds",
+    "imgtrain_checkpoints_total",
+    "imgtrain_step_time_max_over_median",
+    "imgtrain_straggler_rank",
+    "imgtrain_process_cpu_seconds_total",
+    "imgtrain_process_resident_memory_bytes",
+    "imgtrain_host_network_receive_bytes_total",
+    "imgtrain_host_network_transmit_bytes_total",
+    "imgtrain_host_disk_read_bytes_total",
+    "imgtrain_host_disk_written_bytes_total",
 ]
 WRITER_ONLY = ["imgtrain_checkpoint_write_seconds", "imgtrain_checkpoint_failures"]
 GPU_ONLY = re.compile(r"imgtrain_gpu_\w+")
@@ -168,9 +193,18 @@ def stack(tmp_path):
         am["route"].update(group_wait="0s", group_interval="1s")
         (tmp_path / "alertmanager.yml").write_text(yaml.safe_dump(am))
         am_port = _free_port()
-        servers.append(_start([ALERTMANAGER, f"--config.file={tmp_path / 'alertmanager.yml'}",
-                               f"--storage.path={tmp_path / 'am-data'}", f"--web.listen-address=127.0.0.1:{am_port}",
-                               "--cluster.listen-address="], tmp_path / "alertmanager.log"))
+        servers.append(
+            _start(
+                [
+                    ALERTMANAGER,
+                    f"--config.file={tmp_path / 'alertmanager.yml'}",
+                    f"--storage.path={tmp_path / 'am-data'}",
+                    f"--web.listen-address=127.0.0.1:{am_port}",
+                    "--cluster.listen-address=",
+                ],
+                tmp_path / "alertmanager.log",
+            )
+        )
 
         rules = yaml.safe_load((MON / "prometheus" / "rules" / "imgtrain.rules.yml").read_text())
         for group in rules["groups"]:
@@ -183,18 +217,38 @@ def stack(tmp_path):
             "global": {"scrape_interval": "1s", "scrape_timeout": "900ms", "evaluation_interval": "1s"},
             "rule_files": [str(tmp_path / "rules.yml")],
             "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{am_port}"]}]}]},
-            "scrape_configs": [{"job_name": "imgtrain",
-                                "static_configs": [{"targets": [f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"]}]}],
+            "scrape_configs": [
+                {
+                    "job_name": "imgtrain",
+                    "static_configs": [{"targets": [f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"]}],
+                }
+            ],
         }
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(prom_cfg))
-        servers.append(_start([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
-                               f"--storage.tsdb.path={tmp_path / 'prom-data'}",
-                               f"--web.listen-address=127.0.0.1:{prom_port}"], tmp_path / "prometheus.log"))
+        servers.append(
+            _start(
+                [
+                    PROMETHEUS,
+                    f"--config.file={tmp_path / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={tmp_path / 'prom-data'}",
+                    f"--web.listen-address=127.0.0.1:{prom_port}",
+                ],
+                tmp_path / "prometheus.log",
+            )
+        )
         prom = f"http://127.0.0.1:{prom_port}"
-        _wait(lambda: _ready(f"{prom}/-/ready") and _ready(f"http://127.0.0.1:{am_port}/-/ready"), 60,
-              "Prometheus and Alertmanager to be ready")
-        yield {"prom": prom, "base_port": base, "webhook": webhook.received, "mail": mailbox.messages,
-               "logs": tmp_path}
+        _wait(
+            lambda: _ready(f"{prom}/-/ready") and _ready(f"http://127.0.0.1:{am_port}/-/ready"),
+            60,
+            "Prometheus and Alertmanager to be ready",
+        )
+        yield {
+            "prom": prom,
+            "base_port": base,
+            "webhook": webhook.received,
+            "mail": mailbox.messages,
+            "logs": tmp_path,
+        }
     finally:
         for p in servers:
             _stop(p)
@@ -212,8 +266,10 @@ def _query(prom: str, expr: str, at: float | None = None) -> list[dict]:
 
 
 def _query_range(prom: str, expr: str, start: float, end: float) -> list[dict]:
-    out = _http_json(f"{prom}/api/v1/query_range", {"query": expr, "start": f"{start:.3f}",
-                                                     "end": f"{end:.3f}", "step": "1"})
+    out = _http_json(
+        f"{prom}/api/v1/query_range",
+        {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": "1"},
+    )
     assert out["status"] == "success", (expr, out)
     return out["data"]["result"]
 
@@ -244,8 +300,11 @@ def _worker(torchrun: subprocess.Popen, rank: int) -> psutil.Process:
 
 
 def _fmt_failure(stack, run_dir: Path, proc_log: Path) -> str:
-    tails = [f"--- {p.name}\n{p.read_text()[-3000:]}" for p in (proc_log, stack["logs"] / "prometheus.log",
-                                                                 stack["logs"] / "alertmanager.log") if p.exists()]
+    tails = [
+        f"--- {p.name}\n{p.read_text()[-3000:]}"
+        for p in (proc_log, stack["logs"] / "prometheus.log", stack["logs"] / "alertmanager.log")
+        if p.exists()
+    ]
     return "\n".join(tails)
 
 
@@ -253,27 +312,52 @@ def test_run_is_scraped_and_a_stall_alerts_slack_and_email(stack, tmp_path):
     data = make_image_folder(tmp_path / "data", train_per_class=40)
     run_dir = tmp_path / "run"
     prom = stack["prom"]
-    args = ["train", "--output-dir", str(run_dir), f"data.root={data}", *TINY,
-            "training.epochs=100", "training.max_steps=400", "checkpoint.keep_last_n=1",
-            "monitoring.prometheus.enabled=true", f"monitoring.prometheus.port={stack['base_port']}",
-            "monitoring.prometheus.linger_s=120", "monitoring.prometheus.stall_after_s=2",
-            "monitoring.prometheus.straggler_interval=5"]
+    args = [
+        "train",
+        "--output-dir",
+        str(run_dir),
+        f"data.root={data}",
+        *TINY,
+        # Long enough to be frozen mid-run; one evaluation (at the end) and 3 checkpoints keep it quick.
+        "training.epochs=100",
+        "training.max_steps=300",
+        "training.eval_interval=100",
+        "checkpoint.save_at_epoch_end=false",
+        "checkpoint.save_every_steps=100",
+        "checkpoint.keep_last_n=1",
+        "monitoring.prometheus.enabled=true",
+        f"monitoring.prometheus.port={stack['base_port']}",
+        "monitoring.prometheus.linger_s=120",
+        "monitoring.prometheus.stall_after_s=2",
+        "monitoring.prometheus.straggler_interval=5",
+    ]
     proc_log = tmp_path / "torchrun.log"
     t_start = time.time()
-    torchrun = subprocess.Popen(torchrun_cmd(2, args), stdout=open(proc_log, "w"), stderr=subprocess.STDOUT,
-                                env=subprocess_env(), start_new_session=True)
+    torchrun = subprocess.Popen(
+        torchrun_cmd(2, args),
+        stdout=open(proc_log, "w"),
+        stderr=subprocess.STDOUT,
+        env=subprocess_env(),
+        start_new_session=True,
+    )
     try:
         # 1. Both ranks scraped while training.
-        _wait(lambda: len(_query(prom, "imgtrain_global_step > 0")) == 2 or torchrun.poll() is not None, 120,
-              "Prometheus to scrape a training step from both ranks", interval=0.1)
+        _wait(
+            lambda: len(_query(prom, "imgtrain_global_step > 0")) == 2 or torchrun.poll() is not None,
+            120,
+            "Prometheus to scrape a training step from both ranks",
+            interval=0.1,
+        )
         assert torchrun.poll() is None, _fmt_failure(stack, run_dir, proc_log)
         steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["event"] == "train"]
-        assert steps and steps[-1] < 400, "the run ended before the stall could be injected"
+        assert steps and steps[-1] < 300, "the run ended before the stall could be injected"
 
         # 2. Freeze rank 1: rank 0 stalls in the all-reduce; the stall alert reaches Slack and email.
+        print(f"[{time.time() - t_start:.1f}s] both ranks scraped at step {steps[-1]}: freezing rank 1")
         rank1 = _worker(torchrun, 1)
         rank1.suspend()
         try:
+
             def delivered():
                 slack = [b for _, b in stack["webhook"] if "ImgtrainTrainingStalled" in json.dumps(b)]
                 mail = [m for m in stack["mail"] if "ImgtrainTrainingStalled" in m]
@@ -286,17 +370,29 @@ def test_run_is_scraped_and_a_stall_alerts_slack_and_email(stack, tmp_path):
             assert "made no progress" in attachment["title"] and slack[0]["channel"] == "#training-alerts"
             assert "To: ml-oncall@example.com" in mail[0]
             # The frozen rank's endpoint stopped answering while it was training: target down, routed too.
-            _wait(lambda: any("ImgtrainTargetDown" in json.dumps(b) for _, b in stack["webhook"]), 60,
-                  "the target-down alert of the frozen rank at the Slack webhook")
+            _wait(
+                lambda: any("ImgtrainTargetDown" in json.dumps(b) for _, b in stack["webhook"]),
+                60,
+                "the target-down alert of the frozen rank at the Slack webhook",
+            )
+            print(f"[{time.time() - t_start:.1f}s] stall and target-down alerts delivered")
         finally:
             rank1.resume()
 
         # 3. The run finishes; its endpoints linger with the final values (imgtrain_running 0).
-        _wait(lambda: (run_dir / "summary.json").exists() or torchrun.poll() is not None, 180, "the run to finish")
+        _wait(
+            lambda: (run_dir / "summary.json").exists() or torchrun.poll() is not None,
+            180,
+            "the run to finish",
+        )
         assert (run_dir / "summary.json").exists(), _fmt_failure(stack, run_dir, proc_log)
-        _wait(lambda: _by_rank(_query(prom, "imgtrain_running")) == {"0": 0.0, "1": 0.0}, 60,
-              "Prometheus to scrape the finished run from both ranks")
+        _wait(
+            lambda: _by_rank(_query(prom, "imgtrain_running")) == {"0": 0.0, "1": 0.0},
+            60,
+            "Prometheus to scrape the finished run from both ranks",
+        )
         t_end = time.time()
+        print(f"[{t_end - t_start:.1f}s] finished run scraped from both ranks")
         records = read_jsonl(run_dir / "metrics.jsonl")
         train = [r for r in records if r["event"] == "train"][-1]
         ev = [r for r in records if r["event"] == "eval"][-1]
@@ -312,23 +408,42 @@ def test_run_is_scraped_and_a_stall_alerts_slack_and_email(stack, tmp_path):
         assert {r["metric"]["local_rank"] for r in _query(prom, "imgtrain_global_step")} == {"0", "1"}
 
         # Same values as metrics.jsonl (every rank holds the all-reduced ones).
-        expect = {"imgtrain_global_step": train["step"], "imgtrain_epoch": train["epoch"], "imgtrain_loss": train["loss"],
-                  "imgtrain_learning_rate": train["lr"], "imgtrain_train_top1_percent": train["train_top1"],
-                  "imgtrain_val_top1_percent": ev["val_top1"], "imgtrain_val_top5_percent": ev["val_top5"],
-                  "imgtrain_val_loss": ev["val_loss"], "imgtrain_world_size": 2, "imgtrain_restarts": 0,
-                  "imgtrain_bad_files_total": 0, "imgtrain_checkpoints_total": len(checkpoints),
-                  "imgtrain_stall_threshold_seconds": 2}
-        assert train["step"] == 400
+        expect = {
+            "imgtrain_global_step": train["step"],
+            "imgtrain_epoch": train["epoch"],
+            "imgtrain_loss": train["loss"],
+            "imgtrain_learning_rate": train["lr"],
+            "imgtrain_train_top1_percent": train["train_top1"],
+            "imgtrain_val_top1_percent": ev["val_top1"],
+            "imgtrain_val_top5_percent": ev["val_top5"],
+            "imgtrain_val_loss": ev["val_loss"],
+            "imgtrain_world_size": 2,
+            "imgtrain_restarts": 0,
+            "imgtrain_bad_files_total": 0,
+            "imgtrain_checkpoints_total": len(checkpoints),
+            "imgtrain_stall_threshold_seconds": 2,
+        }
+        assert train["step"] == 300
         for family, value in expect.items():
             got = _by_rank(_query(prom, family))
             assert got.keys() == {"0", "1"}
             for rank, v in got.items():
                 assert v == pytest.approx(value, rel=1e-6), f"{family} rank {rank}: {v} != {value}"
         # images/s and step time are each rank's own timing; rank 0 writes metrics.jsonl.
-        assert _by_rank(_query(prom, "imgtrain_images_per_second"))["0"] == pytest.approx(train["images_per_s"])
+        assert _by_rank(_query(prom, "imgtrain_images_per_second"))["0"] == pytest.approx(
+            train["images_per_s"]
+        )
         assert _by_rank(_query(prom, "imgtrain_step_seconds"))["0"] == pytest.approx(train["step_s"])
-        phases = {r["metric"]["phase"] for r in _query(prom, 'imgtrain_step_phase_seconds_total{rank="0"} > 0')}
-        assert phases == {"data_wait", "forward_backward", "allreduce_exposed", "optimizer", "checkpoint_stall"}
+        phases = {
+            r["metric"]["phase"] for r in _query(prom, 'imgtrain_step_phase_seconds_total{rank="0"} > 0')
+        }
+        assert phases == {
+            "data_wait",
+            "forward_backward",
+            "allreduce_exposed",
+            "optimizer",
+            "checkpoint_stall",
+        }
 
         # 4. Every dashboard and alert-rule expression evaluates on this run's data.
         for expr in _dashboard_exprs():
@@ -344,6 +459,9 @@ def test_run_is_scraped_and_a_stall_alerts_slack_and_email(stack, tmp_path):
                     continue
                 assert _query_range(prom, name, t_start, t_end), f"{alert}: no data for {name}"
     finally:
+        # torchrun starts each worker in its own session: stop the workers (lingering) by pid, then torchrun.
         if torchrun.poll() is None:
+            for child in psutil.Process(torchrun.pid).children(recursive=True):
+                child.kill()
             os.killpg(torchrun.pid, signal.SIGKILL)
         torchrun.wait(timeout=30)

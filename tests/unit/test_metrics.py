@@ -36,8 +36,15 @@ def _port_pair() -> int:
 
 
 def _info(local_rank: int = 1) -> DistInfo:
-    return DistInfo(rank=5, local_rank=local_rank, world_size=1, device=torch.device("cpu"), backend=None,
-                    node="node-a", restart_count=0)
+    return DistInfo(
+        rank=5,
+        local_rank=local_rank,
+        world_size=1,
+        device=torch.device("cpu"),
+        backend=None,
+        node="node-a",
+        restart_count=0,
+    )
 
 
 def _scrape(port: int) -> dict[str, list]:
@@ -49,9 +56,17 @@ def _scrape(port: int) -> dict[str, list]:
 @pytest.fixture
 def exporter(tmp_path):
     base = _port_pair()
-    cfg = load_config(None, [f"output_dir={tmp_path / 'r50-run'}", "monitoring.prometheus.enabled=true",
-                             f"monitoring.prometheus.port={base}", "monitoring.prometheus.linger_s=0",
-                             "monitoring.prometheus.straggler_interval=2", "checkpoint.save_every_steps=100"])
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'r50-run'}",
+            "monitoring.prometheus.enabled=true",
+            f"monitoring.prometheus.port={base}",
+            "monitoring.prometheus.linger_s=0",
+            "monitoring.prometheus.straggler_interval=2",
+            "checkpoint.save_every_steps=100",
+        ],
+    )
     m = PrometheusMetrics(cfg, _info(), nn.Linear(4, 2), steps_per_epoch=10)
     yield m, base
     m.close()
@@ -68,8 +83,20 @@ def test_records_become_metrics(exporter):
     m, base = exporter
     m.log({"event": "start", "step": 0, "epoch": 1, "world_size": 1, "restarts": 2})
     m.on_step(1, 0.25)
-    m.log({"event": "train", "step": 1, "epoch": 1, "loss": 1.5, "train_top1": 40.0, "lr": 0.1,
-           "images_per_s": 99.0, "step_s": 0.5, "data_wait_s": 0.25, "bad_images": 3})
+    m.log(
+        {
+            "event": "train",
+            "step": 1,
+            "epoch": 1,
+            "loss": 1.5,
+            "train_top1": 40.0,
+            "lr": 0.1,
+            "images_per_s": 99.0,
+            "step_s": 0.5,
+            "data_wait_s": 0.25,
+            "bad_images": 3,
+        }
+    )
     m.log({"event": "eval", "step": 1, "epoch": 1, "val_top1": 55.0, "val_top5": 90.0, "val_loss": 1.2})
     m.log({"event": "checkpoint", "step": 1, "stall_s": 0.125})
     got = {name: s[0].value for name, s in _scrape(base + 1).items() if s}
@@ -82,8 +109,11 @@ def test_records_become_metrics(exporter):
     # The shortest of: every 100 steps at 0.5 s per step (50 s), every epoch of 10 steps (5 s).
     assert got["imgtrain_checkpoint_interval_seconds"] == pytest.approx(5.0)
     assert got["imgtrain_running"] == 1
-    phases = {s.labels["phase"]: s.value for s in _scrape(base + 1)["imgtrain_step_phase_seconds"]
-              if s.name.endswith("_total")}
+    phases = {
+        s.labels["phase"]: s.value
+        for s in _scrape(base + 1)["imgtrain_step_phase_seconds"]
+        if s.name.endswith("_total")
+    }
     assert phases["data_wait"] == 0.25 and phases["checkpoint_stall"] == 0.125
     m.mark_finished()
     assert _scrape(base + 1)["imgtrain_running"][0].value == 0
@@ -94,8 +124,14 @@ def test_port_in_use_names_the_config_key(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        cfg = load_config(None, [f"output_dir={tmp_path}", "monitoring.prometheus.enabled=true",
-                                 f"monitoring.prometheus.port={port}"])
+        cfg = load_config(
+            None,
+            [
+                f"output_dir={tmp_path}",
+                "monitoring.prometheus.enabled=true",
+                f"monitoring.prometheus.port={port}",
+            ],
+        )
         with pytest.raises(ConfigError, match=r"monitoring\.prometheus\.port.*local rank 0"):
             PrometheusMetrics(cfg, _info(local_rank=0), nn.Linear(2, 2), steps_per_epoch=1)
 
@@ -136,10 +172,22 @@ def test_straggler_is_named_after_patience_and_cleared(caplog):
 def test_metrics_off_builds_nothing(tmp_path, image_folder):
     from imgtrain.trainer import Trainer
 
-    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", f"data.root={image_folder}", "model.name=simple_cnn",
-                             "model.width=8", "data.image_size=16", "data.val_resize=16", "data.workers=0",
-                             "training.progress_bar=false", "training.max_steps=1", "training.epochs=1",
-                             "training.warmup_epochs=0"])
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"data.root={image_folder}",
+            "model.name=simple_cnn",
+            "model.width=8",
+            "data.image_size=16",
+            "data.val_resize=16",
+            "data.workers=0",
+            "training.progress_bar=false",
+            "training.max_steps=1",
+            "training.epochs=1",
+            "training.warmup_epochs=0",
+        ],
+    )
     trainer = Trainer(cfg).setup()
     try:
         assert trainer.metrics is None

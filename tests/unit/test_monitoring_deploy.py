@@ -24,7 +24,9 @@ COMPOSE = MON / "docker-compose.yml"
 def _tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        pytest.skip(f"{name} is not installed (Debian: prometheus / prometheus-alertmanager; scripts/install.sh)")
+        pytest.skip(
+            f"{name} is not installed (Debian: prometheus / prometheus-alertmanager; scripts/install.sh)"
+        )
     return path
 
 
@@ -45,8 +47,11 @@ def test_alert_rules_pass_promtool_check():
 
 def test_every_alert_has_a_promtool_unit_test_and_they_pass():
     tests = MON / "prometheus" / "tests" / "imgtrain.rules.test.yml"
-    tested = {t["alertname"] for case in yaml.safe_load(tests.read_text())["tests"]
-              for t in case.get("alert_rule_test", [])}
+    tested = {
+        t["alertname"]
+        for case in yaml.safe_load(tests.read_text())["tests"]
+        for t in case.get("alert_rule_test", [])
+    }
     assert tested == {a["alert"] for a in _alerts()}
     _run([_tool("promtool"), "test", "rules", str(tests)])
 
@@ -55,7 +60,7 @@ def test_alertmanager_config_is_valid_and_holds_no_secrets():
     _run([_tool("amtool"), "check-config", str(ALERTMANAGER_YML)])
     cfg = yaml.safe_load(ALERTMANAGER_YML.read_text())
     text = json.dumps(cfg)
-    assert "hooks.slack.com" not in text and "api_url\"" not in text and "auth_password\"" not in text
+    assert "hooks.slack.com" not in text and 'api_url"' not in text and 'auth_password"' not in text
     assert cfg["global"]["slack_api_url_file"] and cfg["global"]["smtp_auth_password_file"]
 
 
@@ -65,22 +70,42 @@ EXPECTED_RECEIVER = {"critical": "slack-and-email", "warning": "slack"}
 @pytest.mark.parametrize("alert", _alerts(), ids=lambda a: a["alert"])
 def test_each_alert_routes_to_its_receiver(alert):
     severity = alert["labels"]["severity"]
-    _run([_tool("amtool"), "config", "routes", "test", f"--config.file={ALERTMANAGER_YML}",
-          f"--verify.receivers={EXPECTED_RECEIVER[severity]}", f"alertname={alert['alert']}",
-          f"severity={severity}", "run_id=r50"])
+    _run(
+        [
+            _tool("amtool"),
+            "config",
+            "routes",
+            "test",
+            f"--config.file={ALERTMANAGER_YML}",
+            f"--verify.receivers={EXPECTED_RECEIVER[severity]}",
+            f"alertname={alert['alert']}",
+            f"severity={severity}",
+            "run_id=r50",
+        ]
+    )
 
 
 def test_dashboard_json_is_the_generated_one():
-    proc = subprocess.run([sys.executable, str(MON / "build_dashboard.py"), "--check"], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(MON / "build_dashboard.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
 
 
 def test_dashboard_has_the_rows_and_prometheus_targets_it_promises():
     dash = json.loads(DASHBOARD.read_text())
     rows = [p["title"] for p in dash["panels"] if p["type"] == "row"]
-    assert rows == ["Progress", "Throughput and step time", "Per-rank comparison", "Hardware", "Checkpoints",
-                    "Alerts"]
+    assert rows == [
+        "Progress",
+        "Throughput and step time",
+        "Per-rank comparison",
+        "Hardware",
+        "Checkpoints",
+        "Alerts",
+    ]
     for p in dash["panels"]:
         for t in p.get("targets", []):
             assert p["datasource"]["uid"] == "prometheus" and t["expr"] and t["refId"], p["title"]
@@ -124,7 +149,9 @@ def test_compose_prometheus_config_passes_promtool_and_scrapes_the_trainer_ports
     out = _run([_tool("promtool"), "check", "config", str(cfg)]).stdout
     assert "1 rule files found" in out and "SUCCESS: 8 rules found" in out
     scrape = yaml.safe_load(cfg.read_text())["scrape_configs"]
-    targets = [t for j in scrape if j["job_name"] == "imgtrain" for sc in j["static_configs"] for t in sc["targets"]]
+    targets = [
+        t for j in scrape if j["job_name"] == "imgtrain" for sc in j["static_configs"] for t in sc["targets"]
+    ]
     from imgtrain.config import PrometheusConfig
 
     base = PrometheusConfig().port
@@ -133,8 +160,14 @@ def test_compose_prometheus_config_passes_promtool_and_scrapes_the_trainer_ports
 
 def test_readme_and_docs_name_the_committed_files():
     doc = (REPO / "docs" / "monitoring.md").read_text()
-    for name in ("docker compose up -d", "build_dashboard.py", "slack_webhook_url", "smtp_password",
-                 "linger_s", "imgtrain_step_phase_seconds_total"):
+    for name in (
+        "docker compose up -d",
+        "build_dashboard.py",
+        "slack_webhook_url",
+        "smtp_password",
+        "linger_s",
+        "imgtrain_step_phase_seconds_total",
+    ):
         assert name in doc, name
     for alert in _alerts():
         assert re.search(rf"\b{alert['alert']}\b", doc), alert["alert"]
