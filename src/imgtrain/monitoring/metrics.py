@@ -34,7 +34,11 @@ LABELS = ("run_id", "rank", "local_rank", "node")
 
 
 def run_id_for(cfg: Config) -> str:
-    """torchrun's --rdzv-id when one was given (the job's name across restarts), else the run directory."""
+    """A configured ``monitoring.run_id`` if the config has one, else torchrun's --rdzv-id when one was given
+    (the job's name across restarts), else the run directory's name."""
+    configured = getattr(cfg.monitoring, "run_id", None)
+    if configured:
+        return str(configured)
     rid = os.environ.get("TORCHELASTIC_RUN_ID", "")
     return rid if rid not in ("", "none") else Path(cfg.output_dir).resolve().name
 
