@@ -341,13 +341,16 @@ def test_run_is_scraped_and_a_stall_alerts_slack_and_email(stack, tmp_path):
         start_new_session=True,
     )
     try:
-        # 1. Both ranks scraped while training.
-        _wait(
-            lambda: len(_query(prom, "imgtrain_global_step > 0")) == 2 or torchrun.poll() is not None,
-            120,
-            "Prometheus to scrape a training step from both ranks",
-            interval=0.1,
-        )
+        # 1. Both ranks scraped while training (their endpoints answer from the end of setup on, with
+        # imgtrain_running 1), and the first step done: freeze as early as that, however fast the steps.
+        def training_and_scraped():
+            if torchrun.poll() is not None:
+                return True
+            jsonl = run_dir / "metrics.jsonl"
+            started = jsonl.exists() and '"event": "train"' in jsonl.read_text()
+            return started and len(_query(prom, "imgtrain_running == 1")) == 2
+
+        _wait(training_and_scraped, 120, "both ranks to be scraped while training", interval=0.05)
         assert torchrun.poll() is None, _fmt_failure(stack, run_dir, proc_log)
         steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["event"] == "train"]
         assert steps and steps[-1] < 300, "the run ended before the stall could be injected"
