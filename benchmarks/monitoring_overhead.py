@@ -62,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--profiler", action="store_true", help="add a profiler.enabled variant (needs that config)"
     )
+    p.add_argument(
+        "--cost-only",
+        action="store_true",
+        help="only the metrics work per step measured alone, against one run of --steps steps with metrics off",
+    )
     p.add_argument("--out", type=Path, default=default_out("monitoring_overhead"), help="result JSON")
     p.add_argument("--verbose", action="store_true", help="keep imgtrain's INFO logging")
     args = p.parse_args(argv)
@@ -187,7 +192,9 @@ def main(argv: list[str] | None = None) -> dict:
                     args=(trainers["metrics"].metrics.port, args.scrape_interval, stop, scrapes),
                     daemon=True,
                 ).start()
-            result = benchmark(args, trainers, variants)
+            result = (
+                cost_only(args, trainers, variants) if args.cost_only else benchmark(args, trainers, variants)
+            )
         finally:
             stop.set()
             for t in trainers.values():
@@ -196,6 +203,36 @@ def main(argv: list[str] | None = None) -> dict:
     result["scrapes"] = scrapes[0]
     write_result(args.out, result)
     return result
+
+
+def cost_only(args, trainers: dict, variants: dict) -> dict:
+    batches = synthetic_batches(4, args.batch, args.image_size, trainers["off"].data.num_classes)
+    off = run_steps(trainers["off"], batches, args.warmup, args.steps)
+    step_s = args.batch / off["images_per_s"]
+    cost = metrics_seconds_per_step(trainers["metrics"])
+    params = sum(1 for p in trainers["metrics"].model_without_ddp.parameters() if p.requires_grad)
+    print(
+        f"{args.model} ({params} parameter tensors): metrics work per step, measured alone: {1e6 * cost:.1f} us "
+        f"= {100 * cost / step_s:.3f}% of a step with monitoring off ({1e3 * step_s:.1f} ms, mean of {args.steps})"
+    )
+    return {
+        "benchmark": "monitoring_overhead",
+        "command": command_line(),
+        "machine": machine_info(),
+        "settings": {
+            "model": args.model,
+            "batch": args.batch,
+            "image_size": args.image_size,
+            "steps": args.steps,
+            "log_interval": args.log_interval,
+            "straggler_interval": args.straggler_interval,
+            "parameter_tensors": params,
+            "imgtrain_overrides": variants,
+        },
+        "off_step_seconds": step_s,
+        "metrics_seconds_per_step_alone": cost,
+        "metrics_share_of_off_step": cost / step_s,
+    }
 
 
 def benchmark(args, trainers: dict, variants: dict) -> dict:
