@@ -60,6 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--scrape-interval", type=float, default=1.0, help="seconds between scrapes (0: none)")
     p.add_argument(
+        "--control",
+        action="store_true",
+        help="add an A/A control: a second trainer with monitoring off, to show the noise between instances",
+    )
+    p.add_argument(
         "--profiler", action="store_true", help="add a profiler.enabled variant (needs that config)"
     )
     p.add_argument(
@@ -139,11 +144,13 @@ def metrics_seconds_per_step(trainer, reps: int = 2000) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def _scraper(port: int, interval: float, stop: threading.Event, counter: list[int]) -> None:
+def _scraper(port: int, interval: float, stop: threading.Event, scrapes: list[float]) -> None:
+    """Scrapes like Prometheus; records each scrape's wall time (the exporter's work happens in it)."""
     while not stop.wait(interval):
+        t0 = time.perf_counter()
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
             r.read()
-        counter[0] += 1
+        scrapes.append(time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -178,10 +185,12 @@ def main(argv: list[str] | None = None) -> dict:
                 f"monitoring.prometheus.straggler_interval={args.straggler_interval}",
             ],
         }
+        if args.control:  # a second, identical trainer with monitoring off: the A/A noise floor
+            variants["off_again"] = [*common, f"output_dir={tmp_path / 'off_again'}"]
         if args.profiler:
             variants["profiler"] = [*common, f"output_dir={tmp_path / 'profiler'}", "profiler.enabled=true"]
         trainers = {}
-        stop, scrapes = threading.Event(), [0]
+        stop, scrapes = threading.Event(), []
         try:
             for name, ov in variants.items():
                 torch.manual_seed(0)
@@ -200,7 +209,13 @@ def main(argv: list[str] | None = None) -> dict:
             for t in trainers.values():
                 shutdown_loader_workers(t)
                 t.close()
-    result["scrapes"] = scrapes[0]
+    result["scrapes"] = len(scrapes)
+    if scrapes:
+        result["scrape_seconds"] = stats(scrapes)
+        print(
+            f"{len(scrapes)} scrapes, median {1e3 * result['scrape_seconds']['median']:.1f} ms each (wall time, "
+            f"client side)"
+        )
     write_result(args.out, result)
     return result
 

@@ -470,11 +470,11 @@ class Trainer:
                     per_sample = self.criterion(logits.float(), targets)
                 loss = (per_sample * weights).sum() * (info.world_size / denom)
                 self.scaler.scale(loss).backward()
+            if timer is not None and last:
+                timer.backward_done()
             with torch.no_grad():
                 sums[:3] += torch.stack([(per_sample.detach() * weights).sum(), (logits.argmax(1) == labels).float()
                                          .mul(weights).sum(), weights.sum()]).double()
-        if timer is not None:
-            timer.backward_done()
         oc = self.cfg.optimization
         if oc.gradient_clip is not None:
             self.scaler.unscale_(self.optimizer)
