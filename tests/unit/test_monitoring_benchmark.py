@@ -56,6 +56,6 @@ def test_monitoring_overhead_benchmark(tmp_path):
     for variant in ("off", "metrics"):
         assert r[variant]["n"] == 2 and 0 < r[variant]["min"] <= r[variant]["median"] <= r[variant]["max"]
     assert r["ratio_of_medians"]["metrics"] > 0 and r["ratio_per_round"]["metrics"]["n"] == 2
-    assert r["scrapes"] >= 1
+    assert r["scrapes"] >= 1 and r["scrape_seconds"]["n"] == r["scrapes"]
     assert 0 < r["metrics_seconds_per_step_alone"] < 0.1
     assert r["machine"]["cpu_model"] and "monitoring_overhead.py" in r["command"]
