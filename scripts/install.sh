@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs imgtrain with everything its tests need, on a fresh Debian machine (or in CI):
 #   - system packages the tests use: etcd (rendezvous), iproute2 (network namespaces for partition
-#     tests), shellcheck (script lint);
+#     tests), shellcheck (script lint), prometheus / prometheus-alertmanager / prometheus-node-exporter
+#     (monitoring tests: promtool, amtool, real servers);
 #   - the package in editable mode with its dev extras (pytest, an S3-compatible server, python-etcd).
 # Safe to run again. Without root (or apt-get) the system packages are skipped and the tests that
 # need them are skipped with a reason.
@@ -12,6 +13,10 @@ need=()
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
+# Monitoring tests: a real Prometheus (promtool), Alertmanager (amtool) and node-exporter.
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+command -v prometheus-alertmanager >/dev/null 2>&1 || need+=(prometheus-alertmanager)
+command -v prometheus-node-exporter >/dev/null 2>&1 || need+=(prometheus-node-exporter)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq

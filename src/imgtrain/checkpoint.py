@@ -82,6 +82,7 @@ class CheckpointManager:
         self.last_save_time = time.monotonic()
         self.last_published_step: int | None = None
         self.failures = 0
+        self.last_write_seconds = 0.0  # of the last attempted write (monitoring)
         if is_writer:
             self.fs.makedirs(self.root, exist_ok=True)
             self._remove_stale_temporaries()
@@ -163,6 +164,7 @@ class CheckpointManager:
 
     def _write_and_publish(self, step: int, state: dict[str, Any]) -> None:
         name = step_dir_name(step)
+        t0 = time.perf_counter()
         try:
             buf = io.BytesIO()
             torch.save(state, buf)
@@ -184,6 +186,8 @@ class CheckpointManager:
             self.failures += 1
             log.error("checkpoint save of step %d failed (%s: %s); the previous checkpoints are intact",
                       step, type(e).__name__, e)
+        finally:
+            self.last_write_seconds = time.perf_counter() - t0
 
     def _publish_local(self, name: str, data: memoryview, manifest: dict) -> None:
         final = os.path.join(self.root, name)

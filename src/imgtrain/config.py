@@ -271,6 +271,40 @@ class NotifyConfig:
 
 
 @dataclass
+class PrometheusConfig:
+    enabled: bool = False
+    """Serve Prometheus metrics from every training process (docs/monitoring.md)."""
+    port: int = 9450
+    """Base port: each process listens on port + its local rank (9450, 9451, ... on every node)."""
+    bind_address: str = "127.0.0.1"
+    """Address to listen on; 0.0.0.0 (or the pod IP) for a Prometheus on another machine."""
+    linger_s: float = 15.0
+    """After a run finishes, keep serving its final values this long so that Prometheus scrapes them
+    (set it to at least the scrape interval). Not after a failure or preemption."""
+    stall_after_s: float = 600.0
+    """Exported as imgtrain_stall_threshold_seconds: the TrainingStalled alert fires when no step (or
+    evaluation batch) finished for this long."""
+    straggler_interval: int = 50
+    """Optimizer steps between cross-rank comparisons of step time (one tiny all-gather)."""
+    straggler_threshold: float = 0.2
+    """A rank is slow when its step time (without waiting for peers) exceeds the median by this fraction."""
+    straggler_patience: int = 3
+    """Consecutive slow comparisons before a rank is named a straggler (log line + metric)."""
+
+    def validate(self, p: str) -> None:
+        _check(0 <= self.port <= 65535, f"{p}.port", self.port, "a port number in [0, 65535]")
+        _check(bool(self.bind_address), f"{p}.bind_address", self.bind_address, "an address such as 127.0.0.1")
+        _check(self.linger_s >= 0, f"{p}.linger_s", self.linger_s, "seconds >= 0")
+        _check(self.stall_after_s > 0, f"{p}.stall_after_s", self.stall_after_s, "seconds > 0")
+        _check(self.straggler_interval >= 1, f"{p}.straggler_interval", self.straggler_interval,
+               "an integer >= 1")
+        _check(self.straggler_threshold > 0, f"{p}.straggler_threshold", self.straggler_threshold,
+               "a fraction > 0 (0.2: 20% slower than the median)")
+        _check(self.straggler_patience >= 1, f"{p}.straggler_patience", self.straggler_patience,
+               "an integer >= 1")
+
+
+@dataclass
 class MonitoringConfig:
     run_id: str | None = None
     """Names the run in logs and notifications. None: torchrun's --rdzv-id if set, else the run directory's name."""
@@ -279,11 +313,13 @@ class MonitoringConfig:
     tensorboard: bool = False
     """Write TensorBoard event files (rank 0) to <output_dir>/tensorboard."""
     notify: NotifyConfig = field(default_factory=NotifyConfig)
+    prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
 
     def validate(self, p: str) -> None:
         _check(self.run_id is None or bool(self.run_id.strip()), f"{p}.run_id", self.run_id,
                "null or a non-empty name")
         self.notify.validate(f"{p}.notify")
+        self.prometheus.validate(f"{p}.prometheus")
 
 
 @dataclass

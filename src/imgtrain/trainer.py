@@ -114,6 +114,7 @@ class Trainer:
         self._steps_this_run = 0  # steps since this process started (the first one gets init_timeout)
         self._sinks: list = []
         self.profiler = StepProfiler(cfg.profiler, self.output_dir)
+        self.metrics = None  # Prometheus sink (monitoring.prometheus.enabled); None costs nothing
 
     # ------------------------------------------------------------------ setup
 
@@ -174,6 +175,13 @@ class Trainer:
             from .monitoring.tensorboard import TensorBoardSink
 
             self._sinks.append(TensorBoardSink(self.output_dir / "tensorboard"))
+        if cfg.monitoring.prometheus.enabled:
+            from .monitoring.metrics import PrometheusMetrics
+
+            steps_per_epoch = math.ceil(self.data.train_sampler.steps_per_epoch() / self.accumulation)
+            self.metrics = PrometheusMetrics(cfg, info, self.model_without_ddp, steps_per_epoch=steps_per_epoch,
+                                             group=self.control_group, checkpointer=self.checkpointer)
+            self._sinks.append(self.metrics)
         self.bar = ProgressBar(info.is_main and cfg.training.progress_bar)
         self.watchdog = Watchdog(cfg.fault_tolerance.hang_timeout, cfg.fault_tolerance.first_step_timeout,
                                  rank=info.rank)
@@ -335,7 +343,8 @@ class Trainer:
         self.watchdog.start()
         t_start = time.perf_counter()
         # When each phase of (re)starting ended, for recovery-time breakdowns (benchmarks/recovery.py).
-        self._log_event("start", resumed_from=self.resumed_from, timeline=self.timeline)
+        self._log_event("start", resumed_from=self.resumed_from, timeline=self.timeline,
+                        restarts=self.progress.restarts)
         self._notify_start()
         self.profiler.start(self.info.rank)
         stopped_early = False
@@ -364,6 +373,8 @@ class Trainer:
         if self.preemption.requested:
             return {"preempted": True, "exit_code": self.preemption.exit_code}
         summary = self._summary(time.perf_counter() - t_start, stopped_early)
+        if self.metrics is not None:
+            self.metrics.mark_finished()
         if self.info.is_main:
             self._write_final(summary)
             self.notifier.notify("finished", f"finished after {summary['steps']} steps, {summary['epochs']} "
@@ -406,6 +417,8 @@ class Trainer:
             if self._steps_this_run == 0:
                 D.set_collective_timeout(info, cfg.distributed.timeout)
             self._steps_this_run += 1
+            if self.metrics is not None:
+                self.metrics.on_step(self.progress.step, t_data)
             window.add(stats, t_data, t_step, sum(group))
             shown = {"loss": f"{self._last_loss:.4f}"} if self._last_loss == self._last_loss else {}
             self.bar.update(1, **shown, lr=f"{lr:.3g}", img_s=f"{sum(group) / max(t_step, 1e-9):.0f}")
@@ -460,6 +473,9 @@ class Trainer:
         last batch.
         """
         info = self.info
+        timer = self.metrics.timer if self.metrics is not None else None
+        if timer is not None:
+            timer.begin()
         denom = float(sum(global_sizes))
         # Running sums stay on the device: reading them here would wait for the GPU every step.
         sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss, correct, count, bad files
@@ -480,6 +496,8 @@ class Trainer:
                     per_sample = self.criterion(logits.float(), targets)
                 loss = (per_sample * weights).sum() * (info.world_size / denom)
                 self.scaler.scale(loss).backward()
+            if timer is not None and last:
+                timer.backward_done()
             with torch.no_grad():
                 sums[:3] += torch.stack([(per_sample.detach() * weights).sum(), (logits.argmax(1) == labels).float()
                                          .mul(weights).sum(), weights.sum()]).double()
@@ -492,6 +510,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None and self.progress.step % oc.ema_interval == 0:
             self.ema.update_parameters(self.model_without_ddp)
+        if timer is not None:
+            timer.end()
         return sums
 
     # ------------------------------------------------------------------ evaluation
@@ -499,7 +519,11 @@ class Trainer:
     def evaluate(self, model: nn.Module | None = None) -> EvalResult:
         model = model if model is not None else self.model_without_ddp
         return evaluate_model(model, self.data.val_loader, self.normalize, self.info, self.amp_dtype,
-                              on_batch=self.watchdog.beat)
+                              on_batch=self.watchdog.beat if self.metrics is None else self._beat)
+
+    def _beat(self) -> None:
+        self.watchdog.beat()
+        self.metrics.heartbeat()
 
     def evaluate_and_log(self, epoch: int) -> None:
         self.bar.close()

@@ -1,0 +1,61 @@
+"""Smoke test of benchmarks/monitoring_overhead.py: both variants run, the metrics endpoint is scraped,
+the result JSON has the documented keys. The numbers themselves are not checked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO, subprocess_env
+
+
+def test_monitoring_overhead_benchmark(tmp_path):
+    out = tmp_path / "monitoring_overhead.json"
+    env = subprocess_env()
+    env["TMPDIR"] = str(tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "monitoring_overhead.py"),
+            "--model",
+            "simple_cnn",
+            "--width",
+            "4",
+            "--batch",
+            "4",
+            "--image-size",
+            "16",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--rounds",
+            "2",
+            "--log-interval",
+            "2",
+            "--straggler-interval",
+            "2",
+            "--scrape-interval",
+            "0.05",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    assert "metrics / off, median of per-round ratios" in proc.stdout
+    r = json.loads(out.read_text())
+    assert r["benchmark"] == "monitoring_overhead" and r["unit"] == "images/s"
+    for variant in ("off", "metrics"):
+        assert r[variant]["n"] == 2 and 0 < r[variant]["min"] <= r[variant]["median"] <= r[variant]["max"]
+    assert r["ratio_of_medians"]["metrics"] > 0 and r["ratio_per_round"]["metrics"]["n"] == 2
+    assert r["scrapes"] >= 1 and r["scrape_seconds"]["n"] == r["scrapes"]
+    assert 0 < r["metrics_seconds_per_step_alone"] < 0.1
+    assert r["machine"]["cpu_model"] and "monitoring_overhead.py" in r["command"]
