@@ -327,7 +327,7 @@ def test_manifest_overrides_are_valid_imgtrain_config(rendered):
     from imgtrain.config import Config, load_config
 
     sections = {f.name for f in dataclasses.fields(Config)}
-    for name, docs in rendered.items():
+    for docs in rendered.values():
         _, _, _, argv = _training_pod(docs)
         tail = argv[argv.index("train") + 1:]
         overrides = [a for a in tail if "=" in a and not a.startswith("-")]
