@@ -165,8 +165,9 @@ case "$mode" in
       remote="cd $(printf '%q' "$remote_dir") && exec $(printf '%q ' "${node_cmd[@]}")--"
       if [ ${#train_args[@]} -gt 0 ]; then remote="$remote $(printf '%q ' "${train_args[@]}")"; fi
       cmd_word=$(printf '%q' "$remote")
-      line="${ssh_cmd//\{host\}/$name}"
-      line="${line//\{cmd\}/$cmd_word}"
+      # Quoted replacements: bash 5.2 would otherwise read '&' in them as "the matched text".
+      line="${ssh_cmd//\{host\}/"$name"}"
+      line="${line//\{cmd\}/"$cmd_word"}"
       if [ "$dry_run" = "true" ]; then
         echo "$line"
         continue
