@@ -58,7 +58,7 @@ def test_two_node_job_over_launch_monitor_and_cleanup(tmp_path, two_hosts):
         "data.image_size=16",
         "data.val_resize=16",
         "data.workers=0",
-        "training.epochs=3",
+        "training.epochs=2",
         "training.batch_size=4",
         "training.warmup_epochs=0",
         "training.progress_bar=false",
