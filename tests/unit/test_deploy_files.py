@@ -410,3 +410,20 @@ def test_pytorchjob_wait_container_targets_the_operator_rendezvous_endpoint(rend
         assert policy.get("rdzvBackend", "c10d") == "c10d"
         assert doc["spec"]["nprocPerNode"] == settings["GPUS_PER_NODE"] == str(
             next(c for c in pod["containers"] if c["name"] == "pytorch")["resources"]["limits"]["nvidia.com/gpu"])
+
+
+def test_slurm_script_runs_one_agent_per_node_and_requeues_before_the_time_limit():
+    from imgtrain.config import FaultToleranceConfig
+
+    text = (REPO / "deploy" / "slurm" / "imgtrain.sbatch").read_text()
+    directives = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", text, re.M))
+    assert "requeue" in directives and directives["ntasks-per-node"] == "1"
+    signal, lead = directives["signal"].split("@")
+    assert signal == "B:TERM"  # to the batch shell, whose trap forwards it and requeues
+    # The warning must leave time for torchrun's SIGKILL delay (> the trainer's preemption grace).
+    shutdown = float(re.search(r"TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-(\d+)", text).group(1))
+    assert FaultToleranceConfig().grace_period < shutdown < float(lead)
+    assert re.search(r"trap requeue TERM", text) and "scontrol requeue" in text
+    srun = text[text.index("srun "):]
+    assert "--ntasks-per-node=1" in srun and "--rdzv-backend=c10d" in srun and "head_node" in text
+    assert "checkpoint.resume" not in text  # resume: auto (the default) picks up the newest good checkpoint
