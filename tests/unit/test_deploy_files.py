@@ -427,3 +427,13 @@ def test_slurm_script_runs_one_agent_per_node_and_requeues_before_the_time_limit
     srun = text[text.index("srun "):]
     assert "--ntasks-per-node=1" in srun and "--rdzv-backend=c10d" in srun and "head_node" in text
     assert "checkpoint.resume" not in text  # resume: auto (the default) picks up the newest good checkpoint
+
+
+def test_grafana_dashboard_configmap_is_rendered_when_the_dashboard_exists(rendered):
+    dashboard = REPO / "deploy" / "monitoring" / "grafana" / "dashboards" / "imgtrain.json"
+    if not dashboard.exists():
+        pytest.skip(f"{dashboard.relative_to(REPO)} is not in this checkout")
+    for name, docs in rendered.items():
+        maps = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"].get("labels", {}).get("grafana_dashboard")]
+        assert maps, f"overlays/{name}: enable ../../../monitoring/grafana in components/monitoring"
+        assert json.loads(maps[0]["data"]["imgtrain.json"]) == json.loads(dashboard.read_text())
