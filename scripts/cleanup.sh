@@ -34,7 +34,7 @@ namespace=""
 timeout=120
 dry_run="false"
 
-usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit "${1:-2}"; }
 die() { echo "cleanup.sh: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -105,7 +105,11 @@ keep = os.environ["DELETE_VOLUMES"] != "true"
 print(yaml.safe_dump_all([d for d in docs if not (keep and d["kind"] == "PersistentVolumeClaim")]))')
   if [ "$dry_run" = "true" ]; then
     echo "would delete:"
-    python -c 'import sys, yaml; [print(f"  {d[\"kind\"]}/{d[\"metadata\"][\"name\"]}") for d in yaml.safe_load_all(sys.stdin) if d]' <<<"$manifests"
+    python -c '
+import sys, yaml
+for d in yaml.safe_load_all(sys.stdin):
+    if d:
+        print("  " + d["kind"] + "/" + d["metadata"]["name"])' <<<"$manifests"
   else
     kubectl delete "${ns[@]}" --ignore-not-found -f - <<<"$manifests"
   fi

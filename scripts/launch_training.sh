@@ -60,7 +60,7 @@ overlay=""
 tf_dir=""
 dry_run="false"
 
-usage() { sed -n '2,44p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit "${1:-2}"; }
 die() { echo "launch_training.sh: $*" >&2; exit 2; }
 need_value() { [ $# -ge 2 ] || die "$1 needs a value"; }
 while [ $# -gt 0 ]; do
@@ -195,9 +195,14 @@ case "$mode" in
     sb=(sbatch --parsable --job-name="$job" --nodes="${nodes##*:}" --output="$out/logs/slurm-%j.log")
     if [ "$gpus" != "auto" ]; then sb+=(--gpus-per-node="$gpus"); fi
     [ "$dry_run" = "true" ] || mkdir -p "$out/logs"
-    jobid=$(run "${sb[@]}" "$repo/deploy/slurm/imgtrain.sbatch" "${train_args[@]}")
-    echo "launch_training.sh: submitted Slurm job ${jobid}" >&2
-    print_paths "$out/logs/slurm-${jobid:-<jobid>}.log"
+    if [ "$dry_run" = "true" ]; then
+      run "${sb[@]}" "$repo/deploy/slurm/imgtrain.sbatch" "${train_args[@]}"
+      jobid="<jobid>"
+    else
+      jobid=$("${sb[@]}" "$repo/deploy/slurm/imgtrain.sbatch" "${train_args[@]}")
+      echo "launch_training.sh: submitted Slurm job $jobid" >&2
+    fi
+    print_paths "$out/logs/slurm-$jobid.log"
     exit 0
     ;;
   k8s)

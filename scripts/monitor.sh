@@ -27,7 +27,7 @@ k8s_job=""
 namespace=""
 run_dir=""
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit "${1:-2}"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --watch|--metrics-url|--slurm-job|--k8s-job|--namespace)

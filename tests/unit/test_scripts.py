@@ -1,0 +1,80 @@
+"""The launch / monitor / cleanup scripts' command lines, without a cluster: --help, bad options, and what
+the Slurm and Kubernetes modes would run (--dry-run). The real multi-node run is in
+tests/integration/test_launch_scripts.py."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, subprocess_env
+
+SCRIPTS = ["launch_training.sh", "monitor.sh", "cleanup.sh"]
+
+
+def _run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(REPO / "scripts" / args[0]), *args[1:]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=subprocess_env(),
+        cwd=cwd,
+    )
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_have_help_strict_mode_and_reject_unknown_options(script):
+    text = (REPO / "scripts" / script).read_text()
+    assert "set -euo pipefail" in text
+    helped = _run(script, "--help")
+    assert helped.returncode == 0 and "Options:" in helped.stdout and "set -euo" not in helped.stdout
+    bad = _run(script, "--no-such-option")
+    assert bad.returncode == 2 and "no-such-option" in bad.stderr
+
+
+def test_launch_slurm_and_k8s_modes_print_what_they_run_and_where_things_are(tmp_path):
+    slurm = _run(
+        "launch_training.sh",
+        "--mode",
+        "slurm",
+        "--nodes",
+        "4",
+        "--gpus",
+        "8",
+        "--dry-run",
+        "--",
+        "--output-dir",
+        str(tmp_path / "r50"),
+        "training.epochs=1",
+    )
+    assert slurm.returncode == 0, slurm.stderr
+    assert "sbatch --parsable --job-name=imgtrain --nodes=4" in slurm.stdout
+    assert (
+        f"--output={tmp_path}/r50/logs/slurm-%j.log" in slurm.stdout and "--gpus-per-node=8" in slurm.stdout
+    )
+    assert "deploy/slurm/imgtrain.sbatch --output-dir" in slurm.stdout
+    assert f"checkpoints: {tmp_path}/r50/checkpoints" in slurm.stderr
+
+    k8s = _run(
+        "launch_training.sh", "--mode", "k8s", "--overlay", "deploy/kubernetes/overlays/gke", "--dry-run"
+    )
+    assert k8s.returncode == 0, k8s.stderr
+    assert k8s.stdout.strip() == "kubectl apply -k deploy/kubernetes/overlays/gke"
+    assert "checkpoints: gs://" in k8s.stderr and "logs:" in k8s.stderr and "9400" in k8s.stderr
+
+    # A bad override is caught before anything is submitted.
+    bad = _run("launch_training.sh", "--mode", "slurm", "--dry-run", "--", "training.epochs=0")
+    assert bad.returncode == 2 and "valid config" in bad.stderr
+
+
+def test_cleanup_refuses_keep_zero_and_dry_run_lists_cluster_objects_but_not_claims(tmp_path):
+    assert _run("cleanup.sh", "--checkpoints", str(tmp_path), "--keep", "0").returncode == 2
+    dry = _run(
+        "cleanup.sh", "--dry-run", "--k8s-overlay", "deploy/kubernetes/overlays/operator", "--no-prune"
+    )
+    assert dry.returncode == 0, dry.stderr
+    assert "PyTorchJob/imgtrain-r50" in dry.stdout and "PodMonitor/imgtrain" in dry.stdout
+    assert "PersistentVolumeClaim" not in dry.stdout  # the dataset claim stays unless --delete-volumes
