@@ -213,8 +213,16 @@ case "$mode" in
       echo "launch_training.sh: pointing kubectl at the cluster: $kcmd" >&2
       if [ "$dry_run" = "false" ]; then eval "$kcmd"; fi
     fi
+    setting() { sed -n "s/^ *$1: *\"\{0,1\}\([^ #\"]*\).*/\1/p" "$overlay/settings.yaml"; }
+    ckpt=$(setting CHECKPOINT_DIR)
+    if [ -n "$tf_dir" ]; then
+      # The settings must point at what Terraform created (a stale bucket or registry is a common slip).
+      tf_ckpt=$(terraform -chdir="$tf_dir" output -raw checkpoint_url)
+      tf_image=$(terraform -chdir="$tf_dir" output -raw image_repository_url)
+      [[ "$ckpt" == "$tf_ckpt"/* ]] || echo "launch_training.sh: warning: CHECKPOINT_DIR=$ckpt is not under $tf_ckpt" >&2
+      [[ "$(setting IMAGE)" == "$tf_image":* ]] || echo "launch_training.sh: warning: IMAGE=$(setting IMAGE) is not from $tf_image" >&2
+    fi
     run kubectl apply -k "$overlay"
-    ckpt=$(sed -n 's/^ *CHECKPOINT_DIR: *\([^ #]*\).*/\1/p' "$overlay/settings.yaml")
     echo "launch_training.sh: logs:        kubectl logs -f -l app.kubernetes.io/name=imgtrain --max-log-requests=64" >&2
     echo "launch_training.sh: metrics:     PodMonitor imgtrain (Prometheus/Grafana), or kubectl port-forward <pod> 9400" >&2
     echo "launch_training.sh: checkpoints: $ckpt" >&2
