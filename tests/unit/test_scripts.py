@@ -78,3 +78,47 @@ def test_cleanup_refuses_keep_zero_and_dry_run_lists_cluster_objects_but_not_cla
     assert dry.returncode == 0, dry.stderr
     assert "PyTorchJob/imgtrain-r50" in dry.stdout and "PodMonitor/imgtrain" in dry.stdout
     assert "PersistentVolumeClaim" not in dry.stdout  # the dataset claim stays unless --delete-volumes
+
+
+def test_k8s_mode_checks_the_settings_against_terraform_outputs(tmp_path):
+    import json
+    import shutil
+
+    if shutil.which("terraform") is None:
+        pytest.skip("terraform is not installed")
+
+    def state(ckpt: str, image: str) -> None:
+        outputs = {"checkpoint_url": ckpt, "image_repository_url": image, "kubeconfig_command": "true"}
+        (tmp_path / "terraform.tfstate").write_text(
+            json.dumps(
+                {
+                    "version": 4,
+                    "terraform_version": "1.9.0",
+                    "serial": 1,
+                    "lineage": "t",
+                    "resources": [],
+                    "outputs": {k: {"value": v, "type": "string"} for k, v in outputs.items()},
+                }
+            )
+        )
+
+    args = (
+        "launch_training.sh",
+        "--mode",
+        "k8s",
+        "--overlay",
+        "deploy/kubernetes/overlays/gke",
+        "--terraform",
+        str(tmp_path),
+        "--dry-run",
+    )
+    state("gs://another-bucket", "us-docker.pkg.dev/p/imgtrain/imgtrain")
+    stale = _run(*args)
+    assert stale.returncode == 0, stale.stderr
+    assert (
+        "warning: CHECKPOINT_DIR=gs://imgtrain-checkpoints-REPLACE_ME/r50 is not under gs://another-bucket"
+        in stale.stderr
+    )
+    assert "warning: IMAGE=" in stale.stderr
+    state("gs://imgtrain-checkpoints-REPLACE_ME", "us-docker.pkg.dev/REPLACE_ME/imgtrain/imgtrain")
+    assert "warning" not in _run(*args).stderr
