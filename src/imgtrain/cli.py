@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("checkpoints", "status"):
             if rest:
                 parser.error(f"{args.command} takes no overrides: {' '.join(rest)}")
-            return _run(_run_ops, args)
+            # status is polled by scripts/monitor.sh: it must not pay for importing torch.
+            return _run_ops(args) if args.command == "status" else _run(_run_ops, args)
         if args.command == "train":
             # Validated before torch is even imported: a typo is reported at once.
             cfg = load_config(args.config or DEFAULT_RECIPE, _overrides(args))

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -111,6 +112,8 @@ def test_two_node_job_over_launch_monitor_and_cleanup(tmp_path, two_hosts):
             mon = _script("monitor.sh", str(out))
             if mon.stdout.startswith(f"{out}: running") and " images/s" in mon.stdout:
                 seen = mon
+            else:
+                time.sleep(0.5)
         assert seen is not None, "the job finished before monitor.sh saw it running"
         assert seen.returncode == 0 and re.search(
             r"\| step \d+ epoch \d world 2 \| [\d.]+ images/s", seen.stdout
