@@ -64,7 +64,7 @@ def test_two_node_job_over_launch_monitor_and_cleanup(tmp_path, two_hosts):
         "training.warmup_epochs=0",
         "training.progress_bar=false",
         "training.log_interval=1",
-        "checkpoint.save_every_steps=2",
+        "checkpoint.save_every_steps=3",
         "checkpoint.keep_last_n=20",
         "distributed.timeout=30",
         "fault_tolerance.hang_timeout=120",
