@@ -61,6 +61,8 @@ done
 if [ -z "$ckpt" ] && [ -n "$run_dir" ]; then ckpt="$run_dir/checkpoints"; fi
 
 say() { echo "cleanup.sh: $*" >&2; }
+# Running, and not a zombie waiting for its parent to reap it (that one has already exited).
+alive() { kill -0 "$1" 2>/dev/null && [ "$(ps -o stat= -p "$1" 2>/dev/null | cut -c1)" != "Z" ]; }
 act() {  # run a command, or print it under --dry-run
   if [ "$dry_run" = "true" ]; then
     echo "would run: $(printf '%q ' "$@")"
@@ -76,13 +78,13 @@ if [ -n "$slurm_job" ]; then
 fi
 if [ -n "$run_dir" ] && [ -f "$run_dir/logs/launcher.pid" ]; then
   pid=$(cat "$run_dir/logs/launcher.pid")
-  if [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null; then
+  if [[ "$pid" =~ ^[0-9]+$ ]] && alive "$pid"; then
     say "stopping the launcher (pid $pid) with SIGTERM: its nodes save a checkpoint and exit"
     if [ "$dry_run" = "false" ]; then
       kill -TERM "$pid"
       deadline=$((SECONDS + timeout))
-      while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 1; done
-      if kill -0 "$pid" 2>/dev/null; then
+      while alive "$pid" && [ "$SECONDS" -lt "$deadline" ]; do sleep 1; done
+      if alive "$pid"; then
         die "pid $pid still running after ${timeout}s; not pruning while it may be saving"
       fi
     else

@@ -122,3 +122,55 @@ def test_k8s_mode_checks_the_settings_against_terraform_outputs(tmp_path):
     assert "warning: IMAGE=" in stale.stderr
     state("gs://imgtrain-checkpoints-REPLACE_ME", "us-docker.pkg.dev/REPLACE_ME/imgtrain/imgtrain")
     assert "warning" not in _run(*args).stderr
+
+
+def test_cleanup_stops_the_recorded_launcher_before_pruning(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "logs").mkdir(parents=True)
+    # Stands in for launch_training.sh: saves on SIGTERM (here: writes a marker), then exits.
+    launcher = subprocess.Popen(
+        ["bash", "-c", f"trap 'touch {run_dir}/saved; exit 143' TERM; while true; do sleep 0.1; done"]
+    )
+    (run_dir / "logs" / "launcher.pid").write_text(f"{launcher.pid}\n")
+    try:
+        dry = _run("cleanup.sh", "--dry-run", "--no-prune", "--run-dir", str(run_dir))
+        assert dry.returncode == 0 and f"would run: kill -TERM {launcher.pid}" in dry.stdout
+        assert launcher.poll() is None
+        real = _run("cleanup.sh", "--no-prune", "--run-dir", str(run_dir), "--timeout", "60")
+        assert real.returncode == 0, real.stderr
+        assert launcher.wait(timeout=10) == 143 and (run_dir / "saved").exists()
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+
+
+def test_optional_efa_patch_renders_a_valid_job(tmp_path):
+    import shutil
+
+    import yaml
+
+    kv = pytest.importorskip("kubernetes_validate")
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed")
+    tree = tmp_path / "kubernetes"
+    shutil.copytree(REPO / "deploy" / "kubernetes", tree)
+    k = tree / "overlays" / "aws" / "kustomization.yaml"
+    k.write_text(
+        k.read_text().replace(
+            "  #   - path: efa-patch.yaml\n  #     target: {kind: PyTorchJob}",
+            "  - path: efa-patch.yaml\n    target: {kind: PyTorchJob}",
+        )
+    )
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", str(k.parent)], capture_output=True, text=True, check=True
+    )
+    job = next(d for d in yaml.safe_load_all(rendered.stdout) if d and d["kind"] == "PyTorchJob")
+    template = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]
+    container = template["spec"]["containers"][0]
+    assert container["resources"]["limits"]["vpc.amazonaws.com/efa"] == 4
+    assert {"name": "FI_PROVIDER", "value": "efa"} in container["env"]
+    kv.validate(
+        {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "w"}, "template": template},
+        "1.30.0",
+        strict=True,
+    )
