@@ -279,6 +279,16 @@ def _override(argv: list[str], key: str) -> str | None:
     return values[0] if values else None
 
 
+def _shared_claim(path: str, pod: dict, container: dict, docs: list[dict]) -> dict | None:
+    """The ReadWriteMany claim that ``path`` lies on inside the container, if any."""
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    mount = next((m for m in mounts if path.startswith(m.rstrip("/") + "/")), None)
+    vol = next((v for v in pod["volumes"] if mount and v["name"] == mounts[mount]), {})
+    claim = vol.get("persistentVolumeClaim", {}).get("claimName")
+    return next((d for d in docs if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == claim
+                 and "ReadWriteMany" in d["spec"]["accessModes"]), None)
+
+
 def test_training_manifests_carry_the_fault_tolerance_settings(rendered):
     from imgtrain.config import FaultToleranceConfig
 
@@ -309,12 +319,15 @@ def test_training_manifests_carry_the_fault_tolerance_settings(rendered):
         ckpt = _override(argv, "checkpoint.dir") or ""
         assert ckpt.startswith(("s3://", "gs://", "/")), (name, ckpt)
         if ckpt.startswith("/"):  # a path must be on a volume every pod shares
-            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-            mount = next(m for m in mounts if ckpt.startswith(m.rstrip("/") + "/"))
-            vol = next(v for v in pod["volumes"] if v["name"] == mounts[mount])
-            claim = next(d for d in docs if d["kind"] == "PersistentVolumeClaim"
-                         and d["metadata"]["name"] == vol["persistentVolumeClaim"]["claimName"])
-            assert "ReadWriteMany" in claim["spec"]["accessModes"], name
+            assert _shared_claim(ckpt, pod, container, docs), (name, ckpt)
+        # The run directory is on the shared claim whenever the checkpoints are.
+        output = _override(argv, "output_dir") or ""
+        assert output.startswith("/"), (name, output)
+        assert _shared_claim(output, pod, container, docs) or not ckpt.startswith("/"), (name, output)
+        # The image's user (deploy/docker/Dockerfile) and a group that can write the claims.
+        uid = int(re.search(r"^USER (\d+)", (REPO / "deploy/docker/Dockerfile").read_text(), re.M).group(1))
+        sc = pod["securityContext"]
+        assert sc["runAsNonRoot"] and sc["runAsUser"] == uid and sc["fsGroup"] == uid, (name, sc)
         data = _override(argv, "data.root") or ""
         assert any(data.startswith(m["mountPath"]) for m in container["volumeMounts"]), (name, data)
 
@@ -333,7 +346,7 @@ def test_manifest_overrides_are_valid_imgtrain_config(rendered):
         overrides = [a for a in tail if "=" in a and not a.startswith("-")]
         assert len(overrides) >= 5, tail
         # monitoring.* comes with the Prometheus exporter (its own branch); checked once it is here.
-        known = [o for o in overrides if o.split(".", 1)[0] in sections]
+        known = [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] in sections]
         assert len(known) >= len(overrides) - 2
         load_config(REPO / tail[tail.index("--config") + 1], known)
 
@@ -344,7 +357,7 @@ def test_settings_configmap_is_the_one_place_to_change(tmp_path):
     tree = tmp_path / "kubernetes"
     shutil.copytree(K8S_DIR, tree)
     new = {"IMAGE": "registry.example/imgtrain:9.9", "MIN_NODES": "2", "MAX_NODES": "6", "GPUS_PER_NODE": "4",
-           "DATA_ROOT": "/data/other", "CHECKPOINT_DIR": "s3://b/run7"}
+           "DATA_ROOT": "/data/other", "CHECKPOINT_DIR": "s3://b/run7", "OUTPUT_DIR": "/checkpoints/run7"}
     for overlay in ("operator", "indexed"):
         path = tree / "overlays" / overlay / "settings.yaml"
         doc = yaml.safe_load(path.read_text())
@@ -357,6 +370,7 @@ def test_settings_configmap_is_the_one_place_to_change(tmp_path):
         gpus = container["resources"]
         assert gpus["limits"]["nvidia.com/gpu"] == gpus["requests"]["nvidia.com/gpu"] == 4
         assert _override(argv, "data.root") == "/data/other" and _override(argv, "checkpoint.dir") == "s3://b/run7"
+        assert _override(argv, "output_dir") == "/checkpoints/run7"
         (job,) = [d for d in docs if d["kind"] in ("PyTorchJob", "Job")]
         if job["kind"] == "PyTorchJob":
             policy = job["spec"]["elasticPolicy"]
