@@ -189,6 +189,27 @@ resource "aws_eks_node_group" "gpu" {
   depends_on = [aws_iam_role_policy_attachment.gpu_node]
 }
 
+# ---------------------------------------------------------------- system node group (created cluster only)
+
+# The GPU nodes are tainted: cluster add-ons (CoreDNS, the training operator, Prometheus) need untainted nodes.
+resource "aws_eks_node_group" "system" {
+  count           = var.create_cluster ? 1 : 0
+  cluster_name    = local.cluster_name
+  node_group_name = "${var.cluster_name}-system"
+  node_role_arn   = aws_iam_role.gpu_node.arn
+  subnet_ids      = var.subnet_ids
+  instance_types  = ["m6i.xlarge"]
+  scaling_config {
+    min_size     = 2
+    max_size     = 4
+    desired_size = 2
+  }
+  update_config {
+    max_unavailable = 1
+  }
+  depends_on = [aws_iam_role_policy_attachment.gpu_node]
+}
+
 # ---------------------------------------------------------------- image registry
 
 resource "aws_kms_key" "ecr" {

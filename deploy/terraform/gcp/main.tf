@@ -24,7 +24,7 @@ resource "google_container_cluster" "this" {
   name     = var.cluster_name
   location = var.region
 
-  # The default pool is replaced by the node pools below (GPU here; add a small CPU pool for system pods).
+  # The default pool is replaced by the node pools below (system and GPU).
   remove_default_node_pool = true
   initial_node_count       = 1
   deletion_protection      = true
@@ -82,6 +82,35 @@ resource "google_container_cluster" "this" {
   resource_labels    = local.labels
   logging_service    = "logging.googleapis.com/kubernetes"
   monitoring_service = "monitoring.googleapis.com/kubernetes"
+}
+
+# ---------------------------------------------------------------- system node pool (created cluster only)
+
+# The GPU pool is tainted: cluster add-ons (kube-dns, the training operator, Prometheus) need untainted nodes.
+resource "google_container_node_pool" "system" {
+  count      = var.create_cluster ? 1 : 0
+  name       = "${var.cluster_name}-system"
+  cluster    = local.cluster_id
+  location   = var.region
+  node_count = 1 # per zone of the region
+  management {
+    auto_repair  = true
+    auto_upgrade = true
+  }
+  node_config {
+    machine_type    = "e2-standard-4"
+    image_type      = "COS_CONTAINERD"
+    service_account = google_service_account.gpu_node.email
+    oauth_scopes    = ["https://www.googleapis.com/auth/cloud-platform"]
+    labels          = local.labels
+    workload_metadata_config {
+      mode = "GKE_METADATA"
+    }
+    shielded_instance_config {
+      enable_secure_boot          = true
+      enable_integrity_monitoring = true
+    }
+  }
 }
 
 # ---------------------------------------------------------------- GPU node pool
