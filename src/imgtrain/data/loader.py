@@ -13,6 +13,7 @@ from ..config import DataConfig
 from .embedded import ensure_digits
 from .folder import DataError, ImageFolderDataset, SampleRef, collate, scan_classes
 from .sampler import ShardedBatchSampler, eval_shard
+from .shm import check_shared_memory
 from .transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ def build_data(cfg: DataConfig, batch_size: int, rank: int, world_size: int, see
     val_set = ImageFolderDataset(root / "val", val_classes, eval_transform(cfg), seed=seed,
                                  image_size=cfg.image_size)
     sampler = ShardedBatchSampler(len(train_set), batch_size, rank, world_size, seed)
+    check_shared_memory(cfg, batch_size)
     kw = _loader_kwargs(cfg, device)
     train_loader = DataLoader(train_set, batch_sampler=sampler, **kw)
     val_loader = DataLoader(val_set, batch_size=eval_batch_size or batch_size,

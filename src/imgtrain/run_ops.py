@@ -1,0 +1,130 @@
+"""Operations on a run from outside it, for scripts/monitor.sh and scripts/cleanup.sh: its status from the
+run directory (metrics.jsonl, summary.json, checkpoints) or a Prometheus endpoint, and pruning old
+checkpoints by the retention rule without ever touching the newest one that verifies."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import CheckpointConfig
+
+# A running job appends to metrics.jsonl at least every training.log_interval steps; this long without a
+# record means it is stopped, hung or between restarts.
+STALE_AFTER_S = 300.0
+
+
+@dataclass
+class PruneReport:
+    kept: list[str]
+    removed: list[str]
+    newest_valid: str | None
+    dry_run: bool
+
+
+def prune_checkpoints(
+    directory: str, keep: int, dry_run: bool = False, storage_options: dict | None = None
+) -> PruneReport:
+    """Keep the ``keep`` newest checkpoints that verify (sha256 against their manifests) and everything
+    newer than them (a save may be in progress); remove the older ones, corrupt or not. With no checkpoint
+    that verifies, nothing is removed."""
+    from .checkpoint import CheckpointError, CheckpointManager, verify  # torch: not needed for run_status
+
+    if keep < 1:
+        raise ValueError("keep must be >= 1: the newest good checkpoint is never removed")
+    mgr = CheckpointManager(
+        CheckpointConfig(storage_options=storage_options or {}), directory, is_writer=False
+    )
+    try:
+        found = mgr.list_checkpoints()  # newest first
+        valid: list[int] = []
+        for step, name in found:
+            if len(valid) == keep:
+                break
+            try:
+                verify(mgr.url(name), storage_options)
+                valid.append(step)
+            except CheckpointError:
+                continue
+        newest = mgr.url(next(n for s, n in found if s == valid[0])) if valid else None
+        if len(valid) < keep:
+            return PruneReport([mgr.url(n) for _, n in found], [], newest, dry_run)
+        oldest_kept = valid[-1]
+        kept = [mgr.url(n) for s, n in found if s >= oldest_kept]
+        doomed = [(s, n) for s, n in found if s < oldest_kept]
+        if not dry_run:
+            for _, name in doomed:
+                mgr.fs.rm(f"{mgr.root}/{name}", recursive=True)
+        return PruneReport(kept, [mgr.url(n) for _, n in doomed], newest, dry_run)
+    finally:
+        mgr.close()
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a line being written
+    return out
+
+
+def run_status(run_dir: str, now: float | None = None) -> dict[str, Any]:
+    """State (not started / running / stalled / stopped / finished), step, epoch, world size, throughput
+    and the newest checkpoint of a run directory, as the trainer wrote them."""
+    now = time.time() if now is None else now
+    root = Path(run_dir)
+    metrics = root / "metrics.jsonl"
+    status: dict[str, Any] = {"run_dir": str(root), "state": "not started"}
+    records = _records(metrics) if metrics.exists() else []
+    if records:
+        last = records[-1]
+        age = now - float(last.get("time", metrics.stat().st_mtime))
+        status["state"] = "running" if age < STALE_AFTER_S else "stalled"
+        status["last_record_age_s"] = round(age, 1)
+        starts = [r for r in records if r.get("event") == "start"]
+        if starts:
+            status.update(world_size=starts[-1].get("world_size"), restarts=len(starts) - 1)
+        trains = [r for r in records if r.get("event") == "train"]
+        if trains:
+            t = trains[-1]
+            status.update(
+                step=t.get("step"),
+                epoch=t.get("epoch"),
+                loss=t.get("loss"),
+                images_per_s=t.get("images_per_s"),
+            )
+        evals = [r for r in records if r.get("event") == "eval"]
+        if evals:
+            status["val_top1"] = evals[-1].get("val_top1")
+        ckpts = [r for r in records if r.get("event") == "checkpoint"]
+        if ckpts:
+            status["last_checkpoint"] = ckpts[-1].get("path")
+            status["last_checkpoint_step"] = ckpts[-1].get("step")
+        if last.get("event") == "finished" or (root / "summary.json").exists():
+            status["state"] = "finished"
+    return status
+
+
+def endpoint_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
+    """The imgtrain_* samples a Prometheus exporter serves (step, throughput, checkpoint metrics)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - a URL the user gave
+        text = resp.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith("imgtrain_"):
+                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return {"endpoint": url, "state": "running" if samples else "no imgtrain metrics", "metrics": samples}
+
+
+def prune_report_dict(report: PruneReport) -> dict[str, Any]:
+    return asdict(report)

@@ -1,0 +1,159 @@
+"""scripts/launch_training.sh in its multi-node (ssh) mode starts a real 2-node job: two network namespaces
+stand in for two hosts (the per-host command goes through `ip netns exec` instead of ssh), one torchrun
+agent in each, rendezvous over their veth link, training to completion. scripts/monitor.sh reports the
+job while it runs; scripts/cleanup.sh --dry-run, then a real cleanup, prune its checkpoints and keep the
+newest good one."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, free_port, make_image_folder, subprocess_env
+from elastic_nodes import add_namespace_pair, delete_namespaces, events, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SCRIPTS = REPO / "scripts"
+
+
+@pytest.fixture
+def two_hosts():
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2 is not installed")
+    created: list[str] = []
+    try:
+        yield add_namespace_pair(created, "ls", "10.231.9")
+    except subprocess.CalledProcessError as e:
+        if not created:
+            pytest.skip(f"network namespaces unavailable (needs root): {e.stderr.decode().strip()}")
+        raise
+    finally:
+        delete_namespaces(created)
+
+
+def _script(name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(SCRIPTS / name), *args], capture_output=True, text=True, timeout=timeout, env=subprocess_env()
+    )
+
+
+def test_two_node_job_over_launch_monitor_and_cleanup(tmp_path, two_hosts):
+    (ns_a, ns_b), _, (addr_a, addr_b) = two_hosts
+    data = make_image_folder(tmp_path / "data", classes=3, train_per_class=16, val_per_class=2, size=16)
+    out = tmp_path / "run"
+    train = [
+        "--output-dir",
+        str(out),
+        f"data.root={data}",
+        "model.name=resnet18",
+        "model.small_input=true",
+        "data.image_size=16",
+        "data.val_resize=16",
+        "data.workers=0",
+        "training.epochs=2",
+        "training.batch_size=4",
+        "training.warmup_epochs=0",
+        "training.progress_bar=false",
+        "training.log_interval=1",
+        "checkpoint.save_every_steps=3",
+        "checkpoint.keep_last_n=20",
+        "distributed.timeout=30",
+        "fault_tolerance.hang_timeout=120",
+    ]
+    launcher = subprocess.Popen(
+        [
+            str(SCRIPTS / "launch_training.sh"),
+            "--mode",
+            "ssh",
+            "--hosts",
+            f"{ns_a}={addr_a},{ns_b}={addr_b}",
+            "--ssh-cmd",
+            "ip netns exec {host} bash -c {cmd}",
+            "--port",
+            str(free_port()),
+            "--gpus",
+            "1",
+            "--job",
+            "it-launch",
+            "--",
+            *train,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=subprocess_env(),
+        start_new_session=True,
+    )
+    logs = out / "logs"
+
+    def host_logs() -> str:
+        return "".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs.glob("*.log"))
+
+    try:
+        try:
+            wait_for(
+                lambda: events(out, "train") or launcher.poll() is not None, 180, "a first training step"
+            )
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{host_logs()}") from None
+        assert launcher.poll() is None, f"the launcher exited {launcher.returncode}\n{host_logs()}"
+        # While it runs: monitor.sh sees it running, with a step and a throughput.
+        seen = None
+        while launcher.poll() is None and seen is None:
+            mon = _script("monitor.sh", str(out))
+            if mon.stdout.startswith(f"{out}: running") and " images/s" in mon.stdout:
+                seen = mon
+            else:
+                time.sleep(0.5)
+        assert seen is not None, "the job finished before monitor.sh saw it running"
+        assert seen.returncode == 0 and re.search(
+            r"\| step \d+ epoch \d world 2 \| [\d.]+ images/s", seen.stdout
+        )
+        status = json.loads(_script("monitor.sh", "--json", str(out)).stdout)
+        assert (
+            status["step"] >= 1 and status["world_size"] == 2 and status["state"] in ("running", "finished")
+        )
+        output, _ = launcher.communicate(timeout=300)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    assert launcher.returncode == 0, output[-3000:] + host_logs()
+    # The launcher said where everything is; each host's output is in its own log.
+    assert f"checkpoints: {out}/checkpoints" in output and f"{out}/metrics.jsonl" in output
+    for ns in (ns_a, ns_b):
+        assert "torchrun" in (logs / f"{ns}.log").read_text() or (logs / f"{ns}.log").stat().st_size > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["completed"] and summary["world_size"] == 2 and summary["images_seen"] == 2 * 48
+    assert json.loads(_script("monitor.sh", "--json", str(out)).stdout)["state"] == "finished"
+
+    # Cleanup keeps the newest *good* checkpoint: make the newest one corrupt first.
+    ckpts = sorted((out / "checkpoints").glob("step_*"))
+    assert len(ckpts) >= 4
+    with open(ckpts[-1] / "state.pt", "r+b") as f:
+        f.truncate(100)
+    dry = _script("cleanup.sh", "--dry-run", "--run-dir", str(out), "--keep", "1")
+    assert dry.returncode == 0, dry.stderr
+    assert f"would remove {ckpts[0]}" in dry.stdout and f"keep {ckpts[-2]}" in dry.stdout
+    assert sorted((out / "checkpoints").glob("step_*")) == ckpts
+    real = _script("cleanup.sh", "--run-dir", str(out), "--keep", "1")
+    assert real.returncode == 0, real.stderr
+    assert sorted((out / "checkpoints").glob("step_*")) == ckpts[-2:]
+    listed = subprocess.run(
+        [sys.executable, "-m", "imgtrain", "checkpoints", "list", str(out / "checkpoints")],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        check=True,
+    ).stdout
+    states = [json.loads(line)["state"][:3] for line in listed.splitlines()]
+    assert states == ["bad", "ok"]

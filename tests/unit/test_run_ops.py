@@ -1,0 +1,72 @@
+"""`imgtrain checkpoints prune/list` and `imgtrain status`: what scripts/cleanup.sh and monitor.sh use."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from imgtrain.checkpoint import CheckpointManager
+from imgtrain.cli import main
+from imgtrain.config import CheckpointConfig
+from imgtrain.run_ops import prune_checkpoints, run_status
+
+
+def _checkpoints(directory, steps) -> list[str]:
+    mgr = CheckpointManager(CheckpointConfig(keep_last_n=100, async_save=False), str(directory))
+    paths = [mgr.save(s, {"w": torch.full((4,), float(s))}).path for s in steps]
+    mgr.close()
+    return paths
+
+
+def _corrupt(path: str) -> None:
+    with open(f"{path}/state.pt", "r+b") as f:
+        f.truncate(10)
+
+
+def test_prune_keeps_the_newest_good_ones_and_anything_newer(tmp_path, capsys):
+    p = _checkpoints(tmp_path, [10, 20, 30, 40])
+    _corrupt(p[3])  # the newest is corrupt: the newest good one is step 30
+    assert main(["checkpoints", "prune", str(tmp_path), "--keep", "1", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"would remove {p[0]}" in out and f"would remove {p[1]}" in out and f"keep {p[2]}" in out
+    assert all((tmp_path / f"step_{s:09d}").exists() for s in (10, 20, 30, 40))  # dry run: nothing gone
+
+    report = prune_checkpoints(str(tmp_path), keep=1)
+    assert report.newest_valid == p[2] and report.removed == [p[1], p[0]]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["step_000000030", "step_000000040"]
+    assert main(["checkpoints", "list", str(tmp_path)]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["step"], r["state"][:3]) for r in listed] == [(40, "bad"), (30, "ok")]
+
+
+def test_prune_removes_nothing_without_enough_good_checkpoints(tmp_path, capsys):
+    p = _checkpoints(tmp_path, [1, 2])
+    _corrupt(p[0])
+    _corrupt(p[1])
+    assert prune_checkpoints(str(tmp_path), keep=1).removed == []
+    assert main(["checkpoints", "prune", str(tmp_path), "--keep", "1"]) == 0
+    assert "nothing removed" in capsys.readouterr().err
+    assert len(list(tmp_path.iterdir())) == 2
+    assert main(["checkpoints", "prune", str(tmp_path), "--keep", "0"]) == 2
+    with pytest.raises(ValueError):
+        prune_checkpoints(str(tmp_path), keep=0)
+
+
+def test_status_reads_the_run_directory(tmp_path):
+    assert run_status(str(tmp_path))["state"] == "not started"
+    now = time.time()
+    records = [
+        {"event": "start", "time": now - 50, "world_size": 2, "step": 0},
+        {"event": "train", "time": now - 40, "step": 7, "epoch": 1, "loss": 1.5, "images_per_s": 123.0},
+        {"event": "checkpoint", "time": now - 30, "step": 7, "path": "/c/step_000000007"},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"event": "tr')
+    s = run_status(str(tmp_path), now=now)
+    assert (s["state"], s["step"], s["images_per_s"], s["world_size"]) == ("running", 7, 123.0, 2)
+    assert s["last_checkpoint"] == "/c/step_000000007"
+    assert run_status(str(tmp_path), now=now + 3600)["state"] == "stalled"
+    (tmp_path / "summary.json").write_text("{}")
+    assert run_status(str(tmp_path), now=now + 3600)["state"] == "finished"
