@@ -356,6 +356,7 @@ def test_settings_configmap_is_the_one_place_to_change(tmp_path):
     everywhere they appear."""
     tree = tmp_path / "kubernetes"
     shutil.copytree(K8S_DIR, tree)
+    shutil.copytree(REPO / "deploy" / "monitoring", tmp_path / "monitoring")  # the dashboard ConfigMap's source
     new = {"IMAGE": "registry.example/imgtrain:9.9", "MIN_NODES": "2", "MAX_NODES": "6", "GPUS_PER_NODE": "4",
            "DATA_ROOT": "/data/other", "CHECKPOINT_DIR": "s3://b/run7", "OUTPUT_DIR": "/checkpoints/run7"}
     for overlay in ("operator", "indexed"):

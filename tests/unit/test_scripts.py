@@ -154,6 +154,7 @@ def test_optional_efa_patch_renders_a_valid_job(tmp_path):
         pytest.skip("kubectl is not installed")
     tree = tmp_path / "kubernetes"
     shutil.copytree(REPO / "deploy" / "kubernetes", tree)
+    shutil.copytree(REPO / "deploy" / "monitoring", tmp_path / "monitoring")  # the dashboard ConfigMap's source
     k = tree / "overlays" / "aws" / "kustomization.yaml"
     k.write_text(
         k.read_text().replace(
