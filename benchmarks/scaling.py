@@ -214,9 +214,16 @@ def main(argv: list[str] | None = None) -> dict:
                 methods = args.methods if n > 1 else ["none"]
                 print(f"\n== {model}, {n} node(s) ==", flush=True)
                 jobs.append(run_job(model, n, links, methods, args, Path(tmp)))
-    rows = summarize(jobs, args.batch)
-    print_rows(rows)
-    result = {
+                # Written after every job, so that an interrupted run keeps what it measured.
+                write_result(args.out, _result(args, jobs, load_before, partial=True))
+    result = _result(args, jobs, load_before, partial=False)
+    print_rows(result["rows"])
+    write_result(args.out, result)
+    return result
+
+
+def _result(args, jobs: list[dict], load_before, partial: bool) -> dict:
+    return {
         "benchmark": "scaling",
         "command": command_line(),
         "machine": machine_info(),
@@ -239,11 +246,10 @@ def main(argv: list[str] | None = None) -> dict:
             "4 processes on a 2-core machine time-share the cores",
             "latency not emulated (no sch_netem); links are tbf-shaped veth pairs on one bridge",
         ],
-        "rows": rows,
+        "partial": partial,
+        "rows": summarize(jobs, args.batch),
         "jobs": jobs,
     }
-    write_result(args.out, result)
-    return result
 
 
 if __name__ == "__main__":

@@ -151,15 +151,19 @@ def main(argv: list[str] | None = None) -> None:
                 set_link_rate(net, rate)
             dist.barrier()
             batches = synthetic_batches(2, spec["batch"], spec["image_size"], trainer.data.num_classes)
-            timed_steps(trainer, batches, spec["warmup"] + COMPRESSION_WARMUP, sync=True)
+            warm = spec["warmup"] + COMPRESSION_WARMUP
+            timed_steps(trainer, batches, warm, sync=True)
+            comp = getattr(trainer, "compression", None)  # the hook's own byte count (issue 6a)
+            if comp is not None:
+                comp.take_bytes(warm)  # drop the warm-up's counts
             b0 = tx_bytes(ifname)
             step = timed_steps(trainer, batches, spec["steps"], sync=True)
             sent = tx_bytes(ifname) - b0
-            compute = timed_steps(trainer, batches, spec["compute_steps"], sync=False)
-            comp = getattr(trainer, "compression", None)
             counted = None
-            if comp is not None and hasattr(comp, "take_bytes"):
-                counted = comp.take_bytes(spec["steps"] + spec["warmup"] + COMPRESSION_WARMUP)
+            if comp is not None:
+                payload, wire = comp.take_bytes(spec["steps"])
+                counted = {"payload": payload, "wire": wire}
+            compute = timed_steps(trainer, batches, spec["compute_steps"], sync=False)
             step_s = gather_max(statistics.median(step))
             compute_s = gather_max(statistics.median(compute))
             per_link["methods"][method] = {
