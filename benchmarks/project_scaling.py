@@ -69,7 +69,9 @@ class ModelSpec:
     gpu_source: str
 
 
-def model_spec(name: str, gpu_images_per_s: float, source: str, rank: int = 1, min_rate: float = 2.0) -> ModelSpec:
+def model_spec(
+    name: str, gpu_images_per_s: float, source: str, rank: int = 1, min_rate: float = 2.0
+) -> ModelSpec:
     """Parameter count and PowerSGD's message size, from the torchvision model's shapes (meta device)."""
     import torch
     import torchvision
@@ -90,8 +92,13 @@ def model_spec(name: str, gpu_images_per_s: float, source: str, rank: int = 1, m
 def message_bytes(method: str, params: int, powersgd_floats: int, chunk: int = 2048) -> float:
     """Bytes one rank contributes to the collective (before the ring factor)."""
     fp32 = 4 * params
-    return {"none": fp32, "fp16": fp32 / 2, "bf16": fp32 / 2, "powersgd": 4 * powersgd_floats,
-            "onebit": params / 8 + 4 * params / chunk}[method]
+    return {
+        "none": fp32,
+        "fp16": fp32 / 2,
+        "bf16": fp32 / 2,
+        "powersgd": 4 * powersgd_floats,
+        "onebit": params / 8 + 4 * params / chunk,
+    }[method]
 
 
 @dataclass(frozen=True)
@@ -100,15 +107,18 @@ class Calibration:
     overlap: float  # fraction of backward that hides communication
 
 
-def comm_time_s(method: str, spec: ModelSpec, gpus: int, gpus_per_node: int, fabric: Fabric,
-                cal: Calibration) -> float:
+def comm_time_s(
+    method: str, spec: ModelSpec, gpus: int, gpus_per_node: int, fabric: Fabric, cal: Calibration
+) -> float:
     """Gradient communication of one step, hierarchical when the job spans nodes."""
     nodes = max(1, gpus // gpus_per_node)
     g = min(gpus, gpus_per_node)
     msg = message_bytes(method, spec.params, spec.powersgd_floats)
     net_Bps = cal.bandwidth_efficiency * fabric.node_gbit * 1e9 / 8
     nvl_Bps = fabric.nvlink_GBps * 1e9
-    if method == "onebit":  # all-gather of every rank's signs: the node NIC receives all other nodes' messages
+    if (
+        method == "onebit"
+    ):  # all-gather of every rank's signs: the node NIC receives all other nodes' messages
         intra = ring_allgather_s(msg, g, nvl_Bps, fabric.nvlink_latency_s)
         inter = (gpus - g) * msg / net_Bps + (nodes - 1) * fabric.latency_s if nodes > 1 else 0.0
         return intra + inter
@@ -118,15 +128,32 @@ def comm_time_s(method: str, spec: ModelSpec, gpus: int, gpus_per_node: int, fab
     return intra + inter
 
 
-def project(spec: ModelSpec, method: str, gpus: int, batch: int, fabric: Fabric, cal: Calibration,
-            gpus_per_node: int = 8) -> dict:
+def project(
+    spec: ModelSpec,
+    method: str,
+    gpus: int,
+    batch: int,
+    fabric: Fabric,
+    cal: Calibration,
+    gpus_per_node: int = 8,
+) -> dict:
     compute = batch / spec.gpu_images_per_s
     comm = comm_time_s(method, spec, gpus, gpus_per_node, fabric, cal)
     exposed = max(0.0, comm - cal.overlap * BACKWARD_FRACTION * compute)
     step = compute + exposed
-    return {"model": spec.name, "method": method, "gpus": gpus, "fabric": fabric.name, "batch_per_gpu": batch,
-            "compute_s": compute, "comm_s": comm, "exposed_s": exposed, "step_s": step,
-            "images_per_s": gpus * batch / step, "scaling_efficiency": compute / step}
+    return {
+        "model": spec.name,
+        "method": method,
+        "gpus": gpus,
+        "fabric": fabric.name,
+        "batch_per_gpu": batch,
+        "compute_s": compute,
+        "comm_s": comm,
+        "exposed_s": exposed,
+        "step_s": step,
+        "images_per_s": gpus * batch / step,
+        "scaling_efficiency": compute / step,
+    }
 
 
 # ------------------------------------------------------------------------------------ calibration
@@ -151,9 +178,17 @@ def calibrate(result: dict) -> tuple[Calibration, list[dict]]:
     checks = []
     for r in rows:
         p = predict(r, overlap)
-        checks.append({"model": r["model"], "link_mbit": r["link_mbit"], "method": r["method"],
-                       "measured_step_s": r["step_s"], "predicted_step_s": p, "error": p / r["step_s"] - 1,
-                       "fitted_on": r["method"] == "none"})
+        checks.append(
+            {
+                "model": r["model"],
+                "link_mbit": r["link_mbit"],
+                "method": r["method"],
+                "measured_step_s": r["step_s"],
+                "predicted_step_s": p,
+                "error": p / r["step_s"] - 1,
+                "fitted_on": r["method"] == "none",
+            }
+        )
     return Calibration(eff, overlap), checks
 
 
@@ -163,8 +198,9 @@ def calibrate(result: dict) -> tuple[Calibration, list[dict]]:
 # 2470 img/s on 1 GPU, 16621 img/s on 8 (NVIDIA/DeepLearningExamples,
 # PyTorch/Classification/ConvNets/resnet50v1.5/README.md, "Training performance: NVIDIA DGX A100").
 RESNET50_A100_AMP = 2470.0
-RESNET50_SOURCE = ("NVIDIA DeepLearningExamples ResNet-50 v1.5 PyTorch README, DGX A100 80GB, AMP, "
-                   "1 GPU: 2470 img/s")
+RESNET50_SOURCE = (
+    "NVIDIA DeepLearningExamples ResNet-50 v1.5 PyTorch README, DGX A100 80GB, AMP, 1 GPU: 2470 img/s"
+)
 # No published single-GPU ViT-B/16 training figure was available to us: ASSUMED from the FLOPs ratio
 # (ViT-B/16 17.6 GFLOPs vs ResNet-50 4.1 GFLOPs per 224 px image; torchvision's model tables).
 VIT_B16_ASSUMED = RESNET50_A100_AMP * 4.1 / 17.6
@@ -174,33 +210,48 @@ TARGET_EFFICIENCY = {8: 0.87, 32: 0.81, 64: 0.75}  # the ResNet-50 ImageNet scal
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--results", type=Path, default=RESULTS / "scaling.json", help="benchmarks/scaling.py output")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--results", type=Path, default=RESULTS / "scaling.json", help="benchmarks/scaling.py output"
+    )
     p.add_argument("--batch", type=int, nargs="+", default=[256, 64], help="per-GPU batch(es)")
     p.add_argument("--gpus", type=int, nargs="+", default=[8, 32, 64])
-    p.add_argument("--overlap", type=float, default=None,
-                   help="overlap fraction for the GPU projection (default: the calibrated one)")
+    p.add_argument(
+        "--overlap",
+        type=float,
+        default=None,
+        help="overlap fraction for the GPU projection (default: the calibrated one)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS / "projection.json")
     args = p.parse_args(argv)
 
     measured = json.loads(args.results.read_text())
     cal, checks = calibrate(measured)
-    print(f"calibration on {args.results}: bandwidth efficiency {cal.bandwidth_efficiency:.3f} (median "
-          f"measured all-reduce vs ring bound), overlap {cal.overlap:.2f} (fitted on the uncompressed rows)")
+    print(
+        f"calibration on {args.results}: bandwidth efficiency {cal.bandwidth_efficiency:.3f} (median "
+        f"measured all-reduce vs ring bound), overlap {cal.overlap:.2f} (fitted on the uncompressed rows)"
+    )
     print("| model | link Gbit/s | method | measured s/step | predicted | error |")
     print("|---|---|---|---|---|---|")
     for c in checks:
-        print(f"| {c['model']} | {c['link_mbit'] / 1000:g} | {c['method']}{' (fit)' if c['fitted_on'] else ''} | "
-              f"{c['measured_step_s']:.3f} | {c['predicted_step_s']:.3f} | {100 * c['error']:+.1f}% |")
+        print(
+            f"| {c['model']} | {c['link_mbit'] / 1000:g} | {c['method']}{' (fit)' if c['fitted_on'] else ''} | "
+            f"{c['measured_step_s']:.3f} | {c['predicted_step_s']:.3f} | {100 * c['error']:+.1f}% |"
+        )
     worst = max(abs(c["error"]) for c in checks)
     ok = worst <= TOLERANCE
-    print(f"worst calibration error {100 * worst:.1f}% ({'within' if ok else 'OUTSIDE'} the "
-          f"{100 * TOLERANCE:.0f}% bound)")
+    print(
+        f"worst calibration error {100 * worst:.1f}% ({'within' if ok else 'OUTSIDE'} the "
+        f"{100 * TOLERANCE:.0f}% bound)"
+    )
 
     gpu_cal = Calibration(cal.bandwidth_efficiency, cal.overlap if args.overlap is None else args.overlap)
-    specs = [model_spec("resnet50", RESNET50_A100_AMP, RESNET50_SOURCE),
-             model_spec("vit_b_16", VIT_B16_ASSUMED, VIT_SOURCE)]
+    specs = [
+        model_spec("resnet50", RESNET50_A100_AMP, RESNET50_SOURCE),
+        model_spec("vit_b_16", VIT_B16_ASSUMED, VIT_SOURCE),
+    ]
     rows = []
     for spec in specs:
         for batch in args.batch:
@@ -208,23 +259,43 @@ def main(argv: list[str] | None = None) -> int:
                 for method in ("none", "fp16", "bf16", "powersgd", "onebit"):
                     for n in args.gpus:
                         rows.append(project(spec, method, n, batch, fabric, gpu_cal))
-    print(f"\nprojection (overlap {gpu_cal.overlap:.2f}, bandwidth efficiency {gpu_cal.bandwidth_efficiency:.3f}); "
-          f"scaling efficiency at {', '.join(str(n) for n in args.gpus)} GPUs; target (ResNet-50): "
-          + ", ".join(f"{100 * v:.0f}%" for v in TARGET_EFFICIENCY.values()))
-    print("| model | batch/GPU | fabric | method | " + " | ".join(f"{n} GPUs img/s (eff.)" for n in args.gpus) + " |")
+    print(
+        f"\nprojection (overlap {gpu_cal.overlap:.2f}, bandwidth efficiency {gpu_cal.bandwidth_efficiency:.3f}); "
+        f"scaling efficiency at {', '.join(str(n) for n in args.gpus)} GPUs; target (ResNet-50): "
+        + ", ".join(f"{100 * v:.0f}%" for v in TARGET_EFFICIENCY.values())
+    )
+    print(
+        "| model | batch/GPU | fabric | method | "
+        + " | ".join(f"{n} GPUs img/s (eff.)" for n in args.gpus)
+        + " |"
+    )
     print("|---|---|---|---|" + "---|" * len(args.gpus))
     for i in range(0, len(rows), len(args.gpus)):
-        group = rows[i:i + len(args.gpus)]
+        group = rows[i : i + len(args.gpus)]
         r0 = group[0]
-        print(f"| {r0['model']} | {r0['batch_per_gpu']} | {r0['fabric']} | {r0['method']} | "
-              + " | ".join(f"{r['images_per_s']:.0f} ({100 * r['scaling_efficiency']:.0f}%)" for r in group) + " |")
-    out = {"calibration": {"bandwidth_efficiency": cal.bandwidth_efficiency, "overlap": cal.overlap,
-                           "checks": checks, "worst_error": worst, "within_tolerance": ok,
-                           "results": str(args.results)},
-           "assumptions": {"fabrics": {k: vars(v) for k, v in FABRICS.items()},
-                           "backward_fraction": BACKWARD_FRACTION, "gpus_per_node": 8,
-                           "models": [vars(s) for s in specs], "projection_overlap": gpu_cal.overlap},
-           "projection": rows}
+        print(
+            f"| {r0['model']} | {r0['batch_per_gpu']} | {r0['fabric']} | {r0['method']} | "
+            + " | ".join(f"{r['images_per_s']:.0f} ({100 * r['scaling_efficiency']:.0f}%)" for r in group)
+            + " |"
+        )
+    out = {
+        "calibration": {
+            "bandwidth_efficiency": cal.bandwidth_efficiency,
+            "overlap": cal.overlap,
+            "checks": checks,
+            "worst_error": worst,
+            "within_tolerance": ok,
+            "results": str(args.results),
+        },
+        "assumptions": {
+            "fabrics": {k: vars(v) for k, v in FABRICS.items()},
+            "backward_fraction": BACKWARD_FRACTION,
+            "gpus_per_node": 8,
+            "models": [vars(s) for s in specs],
+            "projection_overlap": gpu_cal.overlap,
+        },
+        "projection": rows,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     print(f"\nwrote {args.out}")

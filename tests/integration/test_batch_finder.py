@@ -81,9 +81,9 @@ def test_found_batch_trains_within_the_cap_and_a_larger_one_does_not(tmp_path: P
     assert summary["peak_lr"] == pytest.approx(0.4 * 4 * chosen / 256)  # smoke_cpu: base_lr 0.4 per 256
     assert f"largest per-process batch that fits: {largest}" in out.stdout
 
-    # The written recipe trains (one epoch with evaluation and a checkpoint) at the LARGEST batch under
+    # The written recipe trains (3 steps, then evaluation and a checkpoint) at the LARGEST batch under
     # the same cap; four times that batch fails at its first step.
-    common = ["--config", str(recipe), "training.epochs=1", "training.max_steps=null"]
+    common = ["--config", str(recipe), "training.epochs=1", "training.max_steps=3"]
     ok = _train_capped([*common, f"training.batch_size={largest}", "--output-dir", str(tmp_path / "ok")], cap)
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert json.loads(ok.stdout.strip().splitlines()[-1])["val_top1"] is not None

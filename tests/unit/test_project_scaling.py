@@ -31,20 +31,33 @@ def test_hierarchical_allreduce_puts_only_the_inter_node_ring_on_the_network():
     # Inside one node nothing crosses the network.
     assert ps.comm_time_s("none", spec, 8, 8, fabric, cal) == pytest.approx(0.0, abs=1e-9)
     # 1-bit is an all-gather: its bytes grow with the number of ranks and overtake fp16 at scale.
-    assert ps.comm_time_s("onebit", spec, 64, 8, fabric, cal) > ps.comm_time_s("onebit", spec, 16, 8, fabric, cal)
+    assert ps.comm_time_s("onebit", spec, 64, 8, fabric, cal) > ps.comm_time_s(
+        "onebit", spec, 16, 8, fabric, cal
+    )
 
 
 def _row(method, link, compute, wire_mb, overlap=0.0, eff=1.0, allreduce_ratio=1.0):
     comm = wire_mb * 1e6 / (eff * link * 1e6 / 8)
     step = compute + max(0.0, comm - overlap * ps.BACKWARD_FRACTION * compute)
-    return {"model": "resnet18", "nodes": 2, "link_mbit": link, "method": method, "compute_s": compute,
-            "step_s": step, "wire_MB_per_step_per_rank": wire_mb, "allreduce_fp32_s": 0.4 / eff,
-            "ring_bound_fp32_s": 0.4}
+    return {
+        "model": "resnet18",
+        "nodes": 2,
+        "link_mbit": link,
+        "method": method,
+        "compute_s": compute,
+        "step_s": step,
+        "wire_MB_per_step_per_rank": wire_mb,
+        "allreduce_fp32_s": 0.4 / eff,
+        "ring_bound_fp32_s": 0.4,
+    }
 
 
 def test_calibration_recovers_the_parameters_and_flags_a_row_it_cannot_explain():
-    rows = [_row("none", 1000, 0.1, 47, overlap=0.3, eff=0.9), _row("none", 2500, 0.1, 47, overlap=0.3, eff=0.9),
-            _row("fp16", 1000, 0.1, 23.5, overlap=0.3, eff=0.9)]
+    rows = [
+        _row("none", 1000, 0.1, 47, overlap=0.3, eff=0.9),
+        _row("none", 2500, 0.1, 47, overlap=0.3, eff=0.9),
+        _row("fp16", 1000, 0.1, 23.5, overlap=0.3, eff=0.9),
+    ]
     cal, checks = ps.calibrate({"rows": rows})
     assert cal.bandwidth_efficiency == pytest.approx(0.9)
     assert cal.overlap == pytest.approx(0.3)
