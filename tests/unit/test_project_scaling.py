@@ -36,9 +36,9 @@ def test_hierarchical_allreduce_puts_only_the_inter_node_ring_on_the_network():
     )
 
 
-def _row(method, link, compute, wire_mb, overlap=0.0, eff=1.0, allreduce_ratio=1.0):
+def _row(method, link, compute, wire_mb, overlap=0.0, eff=1.0, encode=0.0):
     comm = wire_mb * 1e6 / (eff * link * 1e6 / 8)
-    step = compute + max(0.0, comm - overlap * ps.BACKWARD_FRACTION * compute)
+    step = compute + max(0.0, comm - overlap * ps.BACKWARD_FRACTION * compute) + encode
     return {
         "model": "resnet18",
         "nodes": 2,
@@ -53,15 +53,20 @@ def _row(method, link, compute, wire_mb, overlap=0.0, eff=1.0, allreduce_ratio=1
 
 
 def test_calibration_recovers_the_parameters_and_flags_a_row_it_cannot_explain():
+    kw = {"overlap": 0.3, "eff": 0.9}
     rows = [
-        _row("none", 1000, 0.1, 47, overlap=0.3, eff=0.9),
-        _row("none", 2500, 0.1, 47, overlap=0.3, eff=0.9),
-        _row("fp16", 1000, 0.1, 23.5, overlap=0.3, eff=0.9),
+        _row("none", 1000, 0.1, 47, **kw),
+        _row("none", 2500, 0.1, 47, **kw),
+        _row("onebit", 1000, 0.1, 1.5, encode=0.05, **kw),
+        _row("onebit", 2500, 0.12, 1.5, encode=0.05, **kw),
     ]
     cal, checks = ps.calibrate({"rows": rows})
     assert cal.bandwidth_efficiency == pytest.approx(0.9)
     assert cal.overlap == pytest.approx(0.3)
+    assert cal.encode_s["onebit"] == pytest.approx(0.05)
+    # Fitted on the 1 Gbit/s rows only; the 2.5 Gbit/s rows are predictions, exact for data the model made.
+    assert [c["fitted_on"] for c in checks] == [True, False, True, False]
     assert max(abs(c["error"]) for c in checks) < 1e-6
-    rows[2]["step_s"] *= 1.3  # e.g. an encoding cost the model does not know about
+    rows[3]["step_s"] *= 1.3  # a 2.5 Gbit/s step the model cannot explain
     _, checks = ps.calibrate({"rows": rows})
-    assert max(abs(c["error"]) for c in checks) > ps.TOLERANCE
+    assert abs(checks[3]["error"]) > ps.TOLERANCE
