@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     cal, checks = calibrate(measured)
     print(
         f"calibration on {args.results}: bandwidth efficiency {cal.bandwidth_efficiency:.3f} (median "
-        f"measured all-reduce vs ring bound), overlap {cal.overlap:.2f} (fitted on the uncompressed rows)"
+        f"measured all-reduce vs ring bound), overlap {cal.overlap:.2f} (fitted on the uncompressed row of the slowest link); rows marked (fit) were fitted on, "
+        "the others are predictions"
     )
     print("| model | link Gbit/s | method | measured s/step | predicted | error |")
     print("|---|---|---|---|---|---|")
