@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from bench_common import synthetic_batches
+from netem import tbf_args
 
 from imgtrain.config import DistributedConfig, load_config
 from imgtrain.trainer import Trainer
@@ -61,14 +63,9 @@ def tx_bytes(ifname: str) -> int:
     return int(Path(f"/sys/class/net/{ifname}/statistics/tx_bytes").read_text())
 
 
-def set_link_rate(net: dict, rate_mbit: float | None) -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
-    import subprocess
-
-    from netem import tbf_args
-
-    hosts = net["hosts"]
-    for i, h in enumerate(hosts):
+def set_link_rate(net: dict, rate_mbit: float) -> None:
+    """Reshape both ends of every link (netem.StarNetwork.set_rate, from the network's description)."""
+    for i, h in enumerate(net["hosts"]):
         for ns, dev in ((h["netns"], h["ifname"]), (net["switch"], f"p{i}")):
             cmd = ["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", *tbf_args(rate_mbit)]
             subprocess.run(cmd, check=True, capture_output=True)
