@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +80,45 @@ def test_two_node_job_over_a_shaped_link_and_nothing_left_behind(tmp_path):
     # Other jobs on the machine may add links or namespaces meanwhile: look for ours by name.
     assert not {n for n in _namespaces() - ns_before if n.startswith("itn")}
     assert not (_links() - links_before) & {"br0", "p0", "p1", "eth0"}
+
+
+@pytest.mark.skipif(shutil.which("ip") is None or shutil.which("tc") is None, reason="iproute2 not installed")
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and qdiscs need root")
+def test_network_removed_on_sigterm_and_leftovers_of_dead_runs_deleted(tmp_path):
+    import signal
+    import time
+
+    # A leftover of a run killed with SIGKILL (its pid is not running) and one of a live run (ours).
+    dead_pid = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1  # never a running process
+    leftover, live = f"itn{dead_pid}h0", f"itn{os.getpid()}h9"
+    for name in (leftover, live):
+        subprocess.run(["ip", "netns", "add", name], check=True)
+    holder = None
+    try:
+        code = (
+            "import sys, time; sys.path.insert(0, sys.argv[1]); from netem import StarNetwork\n"
+            "with StarNetwork(2, rate_mbit=1000) as net:\n"
+            "    print(net.prefix, flush=True); time.sleep(120)\n"
+        )
+        holder = subprocess.Popen(
+            [sys.executable, "-c", code, str(REPO / "benchmarks")],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=subprocess_env(),
+        )
+        prefix = holder.stdout.readline().strip()
+        assert prefix, "the network was not created"
+        assert {f"{prefix}s", f"{prefix}h0", f"{prefix}h1"} <= _namespaces()
+        assert leftover not in _namespaces(), "a dead run's namespace must be deleted on entry"
+        assert live in _namespaces(), "a live run's namespace must be left alone"
+        holder.send_signal(signal.SIGTERM)
+        assert holder.wait(timeout=30) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while any(n.startswith(prefix) for n in _namespaces()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(n.startswith(prefix) for n in _namespaces())
+    finally:
+        if holder is not None and holder.poll() is None:
+            holder.kill()
+        subprocess.run(["ip", "netns", "del", live], capture_output=True)
+        subprocess.run(["ip", "netns", "del", leftover], capture_output=True)
