@@ -9,8 +9,8 @@ Where the limit comes from:
 
 * GPU: the device's memory. A probe that overshoots raises ``torch.cuda.OutOfMemoryError``; it is
   caught, the probe's tensors are dropped and the cache emptied, and the search goes on in the same
-  process. ``--memory-limit`` on a GPU caps the caching allocator with
-  ``torch.cuda.set_per_process_memory_fraction`` (to size a batch for a smaller card).
+  process. The caching allocator is capped with ``torch.cuda.set_per_process_memory_fraction`` at
+  (1 - headroom) x the card's memory, or x ``--memory-limit`` (to size a batch for a smaller card).
 * CPU: ``--memory-limit`` is enforced for real. Each probe runs in a child process (forked from this
   one after the imports, so that a probe costs no interpreter start-up) which first sets
   ``RLIMIT_DATA`` to the budget; an allocation beyond it fails inside torch's allocator ("can't
@@ -365,9 +365,11 @@ def find_batch_size(
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
+        if budget is None:  # the card itself, less the same headroom as a given budget
+            budget = int(torch.cuda.get_device_properties(device).total_memory * (1.0 - headroom))
         prober = _GpuProber(cfg, num_classes, device, budget)
         largest, probes = search(lambda b: prober(b, steps), start, max_batch, tolerance, on_probe)
-        method = "cuda-oom" if budget is None else "cuda-oom+memory-fraction"
+        method = "cuda-oom (allocator capped at (1 - headroom) x budget)"
     else:
         if budget is None:
             raise ValueError("on CPU a memory budget is needed (--memory-limit, e.g. 4GiB)")
