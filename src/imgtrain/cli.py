@@ -58,7 +58,28 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="state, step, throughput and last checkpoint of a run (JSON)")
     st.add_argument("run_dir", nargs="?", help="the run's output directory")
     st.add_argument("--metrics-url", help="a Prometheus endpoint of the run instead, e.g. http://node:9450/metrics")
+    _add_find_batch_size(sub)
     return parser
+
+
+def _add_find_batch_size(sub) -> None:
+    f = sub.add_parser("find-batch-size", help="largest and fastest per-process batch that fits (real steps)")
+    _add_common(f)
+    f.add_argument("--memory-limit", help="memory budget per process, e.g. 4GiB (required on CPU: each probe "
+                                          "runs capped to it; on GPU: caps the CUDA allocator)")
+    f.add_argument("--nnodes", type=int, default=1, help="nodes of the run to size (for the global batch/LR)")
+    f.add_argument("--nproc-per-node", type=int, default=1, help="processes per node of that run")
+    f.add_argument("--start", type=int, help="first batch probed (default: training.batch_size)")
+    f.add_argument("--max-batch", type=int, default=4096, help="stop growing here")
+    f.add_argument("--tolerance", type=float, default=0.1,
+                   help="bisect until the gap to the first failing batch is at most this fraction")
+    f.add_argument("--steps", type=int, default=3, help="training steps per probe (the first is not timed)")
+    f.add_argument("--headroom", type=float, default=0.1,
+                   help="fraction of the budget left free for the loader, evaluation and checkpoints")
+    f.add_argument("--pick", choices=("fastest", "largest"), default="fastest",
+                   help="which batch goes into the written recipe")
+    f.add_argument("--out", help="recipe to write (default: <output_dir>/batch_size.yaml)")
+    f.add_argument("--json", action="store_true", help="also print the result as one JSON line")
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -95,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"{args.command} takes no overrides: {' '.join(rest)}")
             # status is polled by scripts/monitor.sh: it must not pay for importing torch.
             return _run_ops(args) if args.command == "status" else _run(_run_ops, args)
+        if args.command == "find-batch-size":
+            cfg = load_config(args.config or DEFAULT_RECIPE, _overrides(args))
+            return _run(_find_batch_size, (cfg, args))
         if args.command == "train":
             # Validated before torch is even imported: a typo is reported at once.
             cfg = load_config(args.config or DEFAULT_RECIPE, _overrides(args))
@@ -216,6 +240,35 @@ def _run_ops(args: argparse.Namespace) -> int:
         print(f"keep {path}")
     if report.newest_valid is None:
         print(f"imgtrain: no checkpoint in {args.directory} verifies: nothing removed", file=sys.stderr)
+
+
+def _find_batch_size(cfg_args) -> int:
+    from pathlib import Path
+
+    from .batch_finder import find_batch_size, parse_size, report, world_size_of
+
+    cfg, args = cfg_args
+    try:
+        limit = parse_size(args.memory_limit) if args.memory_limit else None
+        world = world_size_of(args.nnodes, args.nproc_per_node)
+        if not 0 <= args.headroom < 1 or args.tolerance <= 0 or args.steps < 1 or args.max_batch < 1:
+            raise ValueError("need 0 <= --headroom < 1, --tolerance > 0, --steps >= 1, --max-batch >= 1")
+        result = find_batch_size(cfg, limit, start=args.start, max_batch=args.max_batch,
+                                 tolerance=args.tolerance, steps=args.steps, headroom=args.headroom,
+                                 on_probe=lambda p: print(
+                                     f"  batch {p.batch:>5}: " + (f"fits, {p.images_per_s:.1f} images/s"
+                                                                  if p.fits else f"does not fit ({p.error})"),
+                                     flush=True))
+    except ValueError as e:
+        print(f"imgtrain: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if result.largest == 0:
+        print("imgtrain: error: not even batch 1 fits in the budget", file=sys.stderr)
+        return 1
+    out = Path(args.out) if args.out else Path(cfg.output_dir) / "batch_size.yaml"
+    summary = report(cfg, result, world, args.pick, out)
+    if args.json:
+        print(json.dumps(summary))
     return 0
 
 

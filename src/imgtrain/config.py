@@ -42,10 +42,16 @@ class ModelConfig:
     """CIFAR-style stem (3x3 stride-1 conv, no max-pool) for images of 32 px and less."""
     width: int = 64
     """Channel width of imgtrain's own small models (simple_cnn); ignored by torchvision/timm models."""
-    activation_checkpointing: bool = False
-    """Recompute activations of each residual stage / transformer block in backward to save memory."""
+    activation_checkpointing: bool | Literal["off", "block", "stage"] = "off"
+    """Recompute activations in backward to save memory: per residual block / transformer block
+    (``block``) or per ResNet stage / group of transformer blocks (``stage``). See models.py."""
     channels_last: bool = True
     """Use channels-last memory format on CUDA (faster convolutions with tensor cores)."""
+
+    def __post_init__(self) -> None:
+        # true/false from older configs (and YAML reads a bare `off` as false).
+        if isinstance(self.activation_checkpointing, bool):
+            self.activation_checkpointing = "block" if self.activation_checkpointing else "off"
 
     def validate(self, p: str) -> None:
         _check(bool(self.name), f"{p}.name", self.name, "a model name")
@@ -129,6 +135,8 @@ class TrainingConfig:
     max_steps: int | None = None
     """Stop after this many optimizer steps (smoke tests, benchmarks)."""
     progress_bar: bool = True
+    compile: bool = False
+    """torch.compile the model (first steps pay the compilation)."""
 
     def validate(self, p: str) -> None:
         _check(self.epochs >= 1, f"{p}.epochs", self.epochs, "an integer >= 1")
@@ -169,6 +177,9 @@ class OptimizationConfig:
     ema_decay: float = 0.9998
     ema_interval: int = 1
     """Optimizer steps between EMA updates."""
+    optimizer_impl: Literal["auto", "foreach", "fused", "for_loop"] = "auto"
+    """torch's optimizer implementation: auto (torch's default, foreach where supported), foreach
+    (multi-tensor), fused (one kernel; CUDA and CPU in recent torch), for_loop (per parameter)."""
 
     def validate(self, p: str) -> None:
         _check(0 <= self.momentum < 1, f"{p}.momentum", self.momentum, "a number in [0, 1)")
@@ -188,6 +199,46 @@ class OptimizationConfig:
 
 
 @dataclass
+class PowerSGDConfig:
+    """torch's PowerSGD hook (Vogels et al. 2019); see docs/compression.md."""
+
+    rank: int = 1
+    """Rank of the low-rank approximation of each gradient matrix."""
+    start_iter: int = 10
+    """Optimizer steps of plain all-reduce before compression starts (>= 2 with error feedback or warm
+    start: DDP rebuilds its buckets after the first step)."""
+    error_feedback: bool = True
+    """Add what compression lost last step to this step's gradient (needed for accuracy)."""
+    warm_start: bool = True
+    """Reuse last step's Q matrices instead of fresh random ones."""
+    min_compression_rate: float = 2.0
+    """Compress a tensor only if (n x m) / ((n + m) x rank) is at least this; others go uncompressed."""
+
+    def validate(self, p: str) -> None:
+        _check(self.rank >= 1, f"{p}.rank", self.rank, "an integer >= 1")
+        _check(self.start_iter >= 0, f"{p}.start_iter", self.start_iter, "an integer >= 0")
+        _check(self.start_iter >= 2 or not (self.error_feedback or self.warm_start), f"{p}.start_iter",
+               self.start_iter, "an integer >= 2 when error_feedback or warm_start is on")
+        _check(self.min_compression_rate >= 1, f"{p}.min_compression_rate", self.min_compression_rate,
+               "a number >= 1")
+
+
+@dataclass
+class OneBitConfig:
+    """imgtrain's 1-bit SGD hook with error feedback (Seide et al. 2014); see docs/compression.md."""
+
+    warmup_steps: int = 10
+    """Optimizer steps of plain all-reduce before compression starts."""
+    chunk_size: int = 2048
+    """Elements per scale: each chunk of a gradient tensor is sent as its signs and one fp32 mean |g|."""
+
+    def validate(self, p: str) -> None:
+        _check(self.warmup_steps >= 0, f"{p}.warmup_steps", self.warmup_steps, "an integer >= 0")
+        _check(self.chunk_size >= 8 and self.chunk_size % 8 == 0, f"{p}.chunk_size", self.chunk_size,
+               "a multiple of 8, >= 8")
+
+
+@dataclass
 class DistributedConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """auto: NCCL when CUDA is available, else Gloo."""
@@ -200,8 +251,19 @@ class DistributedConfig:
     elastic_batch: Literal["keep_global", "keep_per_process"] = "keep_global"
     """When the world size changes: keep the global batch by changing gradient accumulation, or keep
     the per-process batch and rescale the LR linearly."""
+    compression: Literal["none", "fp16", "bf16", "powersgd", "onebit"] = "none"
+    """Gradient compression as a DDP communication hook (docs/compression.md)."""
+    powersgd: PowerSGDConfig = field(default_factory=PowerSGDConfig)
+    onebit: OneBitConfig = field(default_factory=OneBitConfig)
+    gradient_as_bucket_view: bool = True
+    """Gradients are views into DDP's buckets: saves one gradient-sized copy and its memory."""
+    static_graph: bool = False
+    """Tell DDP the graph never changes (lets it skip per-step bookkeeping). Not with
+    find_unused-style models."""
 
     def validate(self, p: str) -> None:
+        self.powersgd.validate(f"{p}.powersgd")
+        self.onebit.validate(f"{p}.onebit")
         _check(self.bucket_cap_mb > 0, f"{p}.bucket_cap_mb", self.bucket_cap_mb, "a number > 0")
         _check(self.timeout > 0, f"{p}.timeout", self.timeout, "a number of seconds > 0")
         _check(self.init_timeout >= self.timeout, f"{p}.init_timeout", self.init_timeout,

@@ -155,8 +155,8 @@ def wrap_ddp(model: nn.Module, info: DistInfo, cfg: DistributedConfig) -> nn.Mod
         model,
         device_ids=[info.local_rank] if info.device.type == "cuda" else None,
         bucket_cap_mb=cfg.bucket_cap_mb,
-        # Accumulation uses no_sync(); static_graph would forbid that with some hooks.
-        gradient_as_bucket_view=True,
+        gradient_as_bucket_view=cfg.gradient_as_bucket_view,
+        static_graph=cfg.static_graph,
     )
 
 

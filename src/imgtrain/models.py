@@ -3,13 +3,19 @@ activation checkpointing."""
 
 from __future__ import annotations
 
+import logging
+from collections import OrderedDict
 from collections.abc import Callable
 
+import torch
 import torchvision
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+from torch.utils.checkpoint import checkpoint_sequential
 
 from .config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 _SMALL_MODELS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {}
 
@@ -55,20 +61,45 @@ def _checkpointed(block: nn.Module) -> nn.Module:
     return checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
-def apply_activation_checkpointing(model: nn.Module) -> int:
-    """Checkpoint ResNet residual blocks or ViT encoder blocks; returns how many were wrapped."""
+class _SegmentCheckpointedSequential(nn.Sequential):
+    """A Sequential run as ``segments`` checkpointed segments (torch's checkpoint_sequential); its
+    children and so its state_dict keys are those of the Sequential it replaces."""
+
+    def __init__(self, seq: nn.Sequential, segments: int):
+        super().__init__(OrderedDict(seq.named_children()))
+        self.segments = segments
+
+    def forward(self, x):
+        if not torch.is_grad_enabled():
+            return super().forward(x)
+        return checkpoint_sequential(self, self.segments, x, use_reentrant=False)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str = "block") -> int:
+    """Checkpoint per residual block / transformer block (``block``) or per ResNet stage / group of
+    transformer blocks (``stage``: 4 segments, like a ResNet's 4 stages). timm models use timm's own
+    switch, which picks its granularity itself. Returns how many segments are recomputed (0: the model
+    has no known structure to checkpoint)."""
     count = 0
     if isinstance(model, torchvision.models.ResNet):
         for name in ("layer1", "layer2", "layer3", "layer4"):
             stage = getattr(model, name)
+            if mode == "stage":
+                setattr(model, name, _checkpointed(stage))
+                count += 1
+                continue
             for i in range(len(stage)):
                 stage[i] = _checkpointed(stage[i])
                 count += 1
     elif isinstance(model, torchvision.models.VisionTransformer):
         layers = model.encoder.layers
-        for i in range(len(layers)):
-            layers[i] = _checkpointed(layers[i])
-            count += 1
+        if mode == "stage":
+            count = min(4, len(layers))
+            model.encoder.layers = _SegmentCheckpointedSequential(layers, count)
+        else:
+            for i in range(len(layers)):
+                layers[i] = _checkpointed(layers[i])
+                count += 1
     elif hasattr(model, "set_grad_checkpointing"):  # timm models
         model.set_grad_checkpointing(True)
         count = 1
@@ -99,8 +130,11 @@ def create_model(cfg: ModelConfig, num_classes: int, image_size: int) -> nn.Modu
             _small_input_resnet(model)
     else:
         raise ValueError(f"model.name: unknown model '{name}'; known: {', '.join(list_models())}")
-    if cfg.activation_checkpointing:
-        apply_activation_checkpointing(model)
+    if cfg.activation_checkpointing != "off" and not apply_activation_checkpointing(
+            model, cfg.activation_checkpointing):
+        log.warning("model.activation_checkpointing=%s: not supported for '%s' (torchvision ResNets and ViTs, "
+                    "and timm models with set_grad_checkpointing, are); training without it",
+                    cfg.activation_checkpointing, name)
     return model
 
 

@@ -32,15 +32,21 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-_OPTIMIZERS: dict[str, Callable[[list[dict], float, OptimizationConfig], torch.optim.Optimizer]] = {
-    "sgd": lambda groups, lr, c: torch.optim.SGD(groups, lr=lr, momentum=c.momentum, nesterov=c.nesterov),
-    "adamw": lambda groups, lr, c: torch.optim.AdamW(groups, lr=lr, betas=tuple(c.betas)),
+_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": lambda groups, lr, c, **impl: torch.optim.SGD(groups, lr=lr, momentum=c.momentum,
+                                                         nesterov=c.nesterov, **impl),
+    "adamw": lambda groups, lr, c, **impl: torch.optim.AdamW(groups, lr=lr, betas=tuple(c.betas), **impl),
+}
+
+# torch's keyword for each implementation; "auto" leaves torch's choice (foreach where supported).
+_IMPLEMENTATIONS: dict[str, dict[str, bool]] = {
+    "auto": {}, "foreach": {"foreach": True}, "fused": {"fused": True}, "for_loop": {"foreach": False},
 }
 
 
 def create_optimizer(model: nn.Module, cfg: OptimizationConfig, lr: float) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay, cfg.no_weight_decay_on_norm_bias)
-    return _OPTIMIZERS[cfg.optimizer](groups, lr, cfg)
+    return _OPTIMIZERS[cfg.optimizer](groups, lr, cfg, **_IMPLEMENTATIONS[cfg.optimizer_impl])
 
 
 @dataclass(frozen=True)

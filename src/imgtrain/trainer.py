@@ -21,6 +21,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import distributed as D
 from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from .comm_hooks import Compression, create_compression
 from .config import Config, dump_config
 from .data import DataBundle, DataError, build_data
 from .data.transforms import DeviceNormalize, batch_mix
@@ -115,6 +116,8 @@ class Trainer:
         self._sinks: list = []
         self.profiler = StepProfiler(cfg.profiler, self.output_dir)
         self.metrics = None  # Prometheus sink (monitoring.prometheus.enabled); None costs nothing
+        self.compression: Compression | None = None
+        self._saved_compression: dict[str, Any] | None = None  # from the checkpoint, applied after DDP wrap
 
     # ------------------------------------------------------------------ setup
 
@@ -167,6 +170,10 @@ class Trainer:
         self.timeline["checkpoint_loaded"] = time.time()
         # DDP broadcasts rank 0's parameters at construction: build it after loading the checkpoint.
         self.model = D.wrap_ddp(self.model_without_ddp, info, cfg.distributed)
+        self._setup_compression()
+        if cfg.training.compile:
+            # Compiling the DDP module lets DDP's optimizer split graphs at bucket boundaries (overlap kept).
+            self.model = torch.compile(self.model)
         self._apply_elastic_policy()
         if info.is_main:
             self._sinks.append(JsonlSink(self.output_dir / "metrics.jsonl"))
@@ -193,6 +200,37 @@ class Trainer:
                                    "global_batch": self.global_batch, "peak_lr": self.peak_lr}})
         self._log_fault_tolerance_settings()
         return self
+
+    def _setup_compression(self) -> None:
+        info, dc = self.info, self.cfg.distributed
+        self.compression = create_compression(self.model, dc, info.world_size, info.backend)
+        saved = self._saved_compression
+        if saved is not None and saved.get("method") == dc.compression and dc.compression != "none":
+            if saved.get("world_size") != info.world_size:
+                log.warning("compression: the checkpoint's %s state is from %s ranks, the job has %d: reset "
+                            "(error feedback starts from zero)", dc.compression, saved.get("world_size"),
+                            info.world_size)
+            else:
+                self.compression.load_state_dict(saved["ranks"][info.rank])
+        elif saved is not None and saved.get("method") != dc.compression:
+            log.warning("compression: the checkpoint was saved with %s, the config asks for %s: %s starts "
+                        "fresh", saved.get("method"), dc.compression, dc.compression)
+        fp32 = self.compression._fp32_bytes
+        sent = self.compression.expected_bytes_per_step()
+        log.info("gradient compression %s; %s per step handed to collectives per rank instead of %s fp32 "
+                 "(1/%.1f)", self.compression.describe(), _fmt_bytes(sent), _fmt_bytes(fp32), fp32 / max(sent, 1))
+
+    def _compression_state(self) -> dict[str, Any] | None:
+        """Every rank's compression state (rank-local) on rank 0. Collective: every rank must call it."""
+        if self.compression is None or self.compression.method == "none":
+            return None
+        own = {k: _to_cpu(v) for k, v in self.compression.state_dict().items()}
+        ranks = [own]
+        if self.info.enabled:
+            ranks = [None] * self.info.world_size if self.info.is_main else None
+            # Live ranks of this job send their state; nothing read from disk is unpickled.
+            dist.gather_object(own, ranks, dst=0)
+        return {"method": self.compression.method, "world_size": self.info.world_size, "ranks": ranks}
 
     @property
     def global_batch(self) -> int:
@@ -244,6 +282,7 @@ class Trainer:
             "progress": vars(self.progress).copy(),
             "sampler": self.data.train_sampler.state_dict(),
             "rng": rngs,
+            "compression": self._compression_state(),
             "world_size": self.info.world_size,
             "reference_world_size": self.reference_world_size,
             "accumulation": self.accumulation,
@@ -272,6 +311,7 @@ class Trainer:
         self.data.train_sampler.load_state_dict(sd["sampler"])
         self.reference_world_size = sd.get("reference_world_size")
         self.accumulation = int(sd.get("accumulation", self.accumulation))
+        self._saved_compression = sd.get("compression")
         rngs = sd.get("rng") or []
         if sd.get("world_size") == self.info.world_size and self.info.rank < len(rngs):
             set_rng_state(rngs[self.info.rank])
@@ -562,6 +602,8 @@ class Trainer:
                   "lr": lr, "images_per_s": w.images / max(w.seconds, 1e-9),
                   "data_wait_s": w.data_wait / max(w.steps, 1), "step_s": w.seconds / max(w.steps, 1),
                   "bad_images": int(bad)}
+        if self.compression is not None and self.info.enabled:
+            record["comm_bytes_per_step"], record["comm_wire_bytes_per_step"] = self.compression.take_bytes(w.steps)
         self._emit(record)
         if not math.isfinite(record["loss"]):
             # The loss is all-reduced, so every rank stops here at the same step.
@@ -653,6 +695,18 @@ class _Window:
         self.seconds += t_step
         self.data_wait += t_data
         self.steps += 1
+
+
+def _fmt_bytes(n: float) -> str:
+    return next(f"{n / f:.3g} {u}" for f, u in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "B")) if n >= f or f == 1)
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    return obj
 
 
 def _process_start_time() -> float:

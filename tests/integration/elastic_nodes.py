@@ -24,9 +24,10 @@ class Node:
     def __init__(self, name: str, endpoint: str, args: list[str], log_dir: Path, nnodes: str = "1:2",
                  netns: str | None = None, ifname: str | None = None, max_restarts: int = 10,
                  is_host: bool | None = None, local_addr: str | None = None, backend: str = "c10d",
-                 tuned: bool = True, monitor_interval: float | None = 0.5):
+                 tuned: bool = True, monitor_interval: float | None = 0.5, entry: list[str] | None = None):
         """``tuned=False``: torchrun's own rendezvous defaults (no RDZV_CONF, the shared worker store), as
-        benchmarks/recovery.py compares them; ``monitor_interval=None``: torchrun's default (0.1 s)."""
+        benchmarks/recovery.py compares them; ``monitor_interval=None``: torchrun's default (0.1 s);
+        ``entry``: what torchrun starts (default ``-m imgtrain``; a script path for benchmarks/scaling.py)."""
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         env = subprocess_env()
@@ -41,7 +42,7 @@ class Node:
                f"--max-restarts={max_restarts}",
                *([] if monitor_interval is None else [f"--monitor-interval={monitor_interval}"]),
                *([f"--local-addr={local_addr}"] if local_addr else []),
-               "-m", "imgtrain", *args]
+               *(entry or ["-m", "imgtrain"]), *args]
         if netns:
             cmd = ["ip", "netns", "exec", netns, *cmd]
         self.log = open(self.log_path, "w")

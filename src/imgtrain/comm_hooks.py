@@ -1,0 +1,491 @@
+"""Gradient compression as DDP communication hooks (``distributed.compression``).
+
+- ``none``: DDP's own fp32 all-reduce (no hook).
+- ``fp16`` / ``bf16``: torch's built-in hooks (cast, all-reduce, cast back).
+- ``powersgd``: torch's built-in PowerSGD hook and state, wrapped so that (a) it works on Gloo with
+  several buckets and (b) its state can be checkpointed by parameter name.
+- ``onebit``: 1-bit SGD with error feedback (Seide et al. 2014), our own hook: signs packed 8 per byte
+  plus one fp32 scale (mean |g|) per chunk of each gradient tensor, exchanged by all-gather.
+
+Every method counts the bytes it hands to collectives (``CommCounter``) so the trainer can report the
+volume per step. Compression state is rank-local; ``state_dict()`` returns it keyed by parameter name
+(tensors and numbers only, loadable with ``weights_only=True``), because DDP's bucket layout in a
+fresh process differs from the one it rebuilds after the first step, so bucket indices do not line up
+across a restart. See docs/compression.md.
+"""
+
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+
+from .config import DistributedConfig
+
+log = logging.getLogger(__name__)
+
+METHODS = ("none", "fp16", "bf16", "powersgd", "onebit")
+
+
+@dataclass
+class CommCounter:
+    """Bytes this rank handed to gradient collectives since the last ``take()``, by collective kind.
+
+    ``wire_bytes`` turns them into what this rank sends under ring algorithms: an all-reduce of B bytes
+    sends 2(N-1)/N x B, an all-gather of B bytes per rank sends (N-1) x B."""
+
+    world_size: int
+    allreduce: int = 0
+    allgather: int = 0
+
+    def add(self, kind: str, nbytes: int) -> None:
+        setattr(self, kind, getattr(self, kind) + int(nbytes))
+
+    def payload(self) -> int:
+        return self.allreduce + self.allgather
+
+    def wire_bytes(self) -> float:
+        n = self.world_size
+        return 2 * (n - 1) / n * self.allreduce + (n - 1) * self.allgather
+
+    def take(self) -> tuple[int, float]:
+        """(payload bytes, wire bytes) since the last call; resets the counts."""
+        out = (self.payload(), self.wire_bytes())
+        self.allreduce = self.allgather = 0
+        return out
+
+
+def _grad_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
+    # PowerSGD treats every gradient as a matrix: first dimension x the rest (conv: out x in*kh*kw).
+    n = shape[0] if len(shape) else 1
+    return n, math.prod(shape) // max(n, 1)
+
+
+class Compression:
+    """Base: no hook, DDP's fp32 all-reduce. Subclasses register a hook in ``register``."""
+
+    method = "none"
+
+    def __init__(self, ddp_model: nn.Module, cfg: DistributedConfig, world_size: int, backend: str | None):
+        self.ddp_model = ddp_model
+        self.cfg = cfg
+        self.world_size = world_size
+        self.backend = backend
+        self.module = getattr(ddp_model, "module", ddp_model)
+        self.params = _grad_params(self.module)
+        self.names = {id(p): n for n, p in self.params}
+        self.counter = CommCounter(world_size)
+        self._fp32_bytes = sum(p.numel() * p.element_size() for _, p in self.params)
+
+    def register(self) -> None:
+        pass
+
+    def expected_bytes_per_step(self) -> int:
+        """Payload per step once compression runs (after any warm-up)."""
+        return self._fp32_bytes
+
+    def describe(self) -> str:
+        return "off: DDP's fp32 all-reduce"
+
+    def take_bytes(self, steps: int) -> tuple[float, float]:
+        """(payload, wire) bytes per step over the last ``steps`` optimizer steps."""
+        if self.method == "none":  # no hook sees the buckets: DDP all-reduces every gradient byte
+            self.counter.add("allreduce", self._fp32_bytes * steps)
+        payload, wire = self.counter.take()
+        return payload / max(steps, 1), wire / max(steps, 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        pass
+
+
+class _CastCompression(Compression):
+    """fp16 / bf16: torch's built-in hooks; half the bytes, no state."""
+
+    def __init__(self, *args, dtype: torch.dtype):
+        super().__init__(*args)
+        self.dtype = dtype
+        self.method = "fp16" if dtype == torch.float16 else "bf16"
+        self._inner = (
+            default_hooks.fp16_compress_hook if dtype == torch.float16 else default_hooks.bf16_compress_hook
+        )
+
+    def register(self) -> None:
+        self.ddp_model.register_comm_hook(self, _cast_hook)
+
+    def expected_bytes_per_step(self) -> int:
+        return sum(p.numel() for _, p in self.params) * torch.finfo(self.dtype).bits // 8
+
+    def describe(self) -> str:
+        return f"{self.method}: torch's built-in {self.method} hook"
+
+
+def _cast_hook(state: _CastCompression, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    state.counter.add("allreduce", bucket.buffer().numel() * torch.finfo(state.dtype).bits // 8)
+    return state._inner(None, bucket)
+
+
+# ------------------------------------------------------------------------------------------- PowerSGD
+
+
+@dataclass
+class _BucketLayout:
+    """Where each parameter's gradient, P and Q live inside one bucket as torch's PowerSGD hook lays them
+    out: compressed tensors grouped by matrix shape in first-appearance order (not batched), each group in
+    bucket order. Recomputed here because the hook keeps only flat per-bucket tensors."""
+
+    names: tuple[str, ...]
+    grad: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (offset, numel) in the buffer
+    q: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (offset, length) in Q memory
+    numel: int = 0
+    p_total: int = 0
+    q_total: int = 0
+    uncompressed: int = 0
+
+
+def _layout(
+    names: list[str], grads: list[torch.Tensor], buffer: torch.Tensor, state: psgd.PowerSGDState
+) -> _BucketLayout:
+    lay = _BucketLayout(tuple(names), numel=buffer.numel())
+    base, size = buffer.data_ptr(), buffer.element_size()
+    groups: dict[tuple[int, int], list[tuple[str, int]]] = defaultdict(list)
+    for name, g in zip(names, grads, strict=True):
+        lay.grad[name] = ((g.data_ptr() - base) // size, g.numel())
+        n, m = _matrix_shape(g.shape)
+        r = min(n, m, state.matrix_approximation_rank)
+        if psgd._should_compress(n, m, r, state.min_compression_rate)[0]:
+            groups[(n, m)].append((name, r))
+        else:
+            lay.uncompressed += g.numel()
+    for (n, m), members in groups.items():
+        for name, r in members:
+            lay.q[name] = (lay.q_total, m * r)
+            lay.p_total += n * r
+            lay.q_total += m * r
+    return lay
+
+
+class PowerSGDCompression(Compression):
+    """torch's PowerSGD hook with its state from the config.
+
+    On Gloo the built-in hook fails with more than one bucket: the all-reduces of P and Q are issued from
+    future callbacks, which Gloo runs on its own threads, so two buckets' collectives reach the wire in a
+    different order on each rank ("collective mismatch"). There each bucket's chain is completed inside
+    the hook before it returns, which fixes the order (at the cost of overlap with backward). On NCCL the
+    callbacks run in stream order and torch's overlapping path is used unchanged.
+    """
+
+    method = "powersgd"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        c = self.cfg.powersgd
+        self.state = psgd.PowerSGDState(
+            process_group=None,
+            matrix_approximation_rank=c.rank,
+            start_powerSGD_iter=c.start_iter,
+            min_compression_rate=c.min_compression_rate,
+            use_error_feedback=c.error_feedback,
+            warm_start=c.warm_start,
+            random_seed=0,
+            compression_stats_logging_frequency=10**9,
+        )
+        self.blocking = self.backend != "nccl"
+        self.layouts: dict[int, _BucketLayout] = {}  # bucket index -> layout the state there belongs to
+        self.pending: dict[str, dict[str, torch.Tensor]] = {"error": {}, "q": {}}  # by parameter name
+
+    def register(self) -> None:
+        self.ddp_model.register_comm_hook(self, _powersgd_hook)
+
+    def expected_bytes_per_step(self) -> int:
+        c = self.cfg.powersgd
+        total = 0
+        for _, p in self.params:
+            n, m = _matrix_shape(p.shape)
+            r = min(n, m, c.rank)
+            total += (n + m) * r if psgd._should_compress(n, m, r, c.min_compression_rate)[0] else p.numel()
+        return total * 4
+
+    def describe(self) -> str:
+        c = self.cfg.powersgd
+        return (
+            f"powersgd: rank {c.rank}, from step {c.start_iter}, error feedback {c.error_feedback}, warm "
+            f"start {c.warm_start}, {'bucket collectives completed in the hook (Gloo)' if self.blocking else 'overlapped (NCCL)'}"
+        )
+
+    # Bucket-indexed state <-> state by parameter name.
+
+    def _to_pending(self) -> None:
+        st = self.state
+        for idx, lay in self.layouts.items():
+            if idx in st.error_dict:
+                err = st.error_dict[idx]
+                for name, (off, n) in lay.grad.items():
+                    self.pending["error"][name] = err[off : off + n].clone()
+            if idx in st.q_memory_dict:
+                q = st.q_memory_dict[idx]
+                for name, (off, n) in lay.q.items():
+                    self.pending["q"][name] = q[off : off + n].clone()
+        st.error_dict.clear()
+        st.p_memory_dict.clear()
+        st.q_memory_dict.clear()
+        self.layouts.clear()
+
+    def _from_pending(self, idx: int, lay: _BucketLayout, buffer: torch.Tensor) -> None:
+        st = self.state
+        errs, qs = self.pending["error"], self.pending["q"]
+        if any(n in errs for n in lay.names):
+            err = torch.zeros(lay.numel, dtype=buffer.dtype, device=buffer.device)
+            for name, (off, n) in lay.grad.items():
+                if name in errs:
+                    err[off : off + n].copy_(errs.pop(name))
+            st.error_dict[idx] = err
+        if lay.q and all(n in qs for n in lay.q):
+            q = torch.empty(lay.q_total, dtype=buffer.dtype, device=buffer.device)
+            for name, (off, n) in lay.q.items():
+                q[off : off + n].copy_(qs.pop(name))
+            st.q_memory_dict[idx] = q
+            # P is recomputed from Q before it is read; its presence tells the hook Q is warm.
+            st.p_memory_dict[idx] = torch.zeros(lay.p_total, dtype=buffer.dtype, device=buffer.device)
+
+    def _place_state(self, bucket: dist.GradBucket) -> _BucketLayout:
+        idx = bucket.index()
+        names = tuple(self.names[id(p)] for p in bucket.parameters())
+        lay = self.layouts.get(idx)
+        if lay is None or lay.names != names:
+            if lay is not None:  # DDP rebuilt its buckets: re-key all state by parameter first
+                self._to_pending()
+            lay = _layout(list(names), bucket.gradients(), bucket.buffer(), self.state)
+            self._from_pending(idx, lay, bucket.buffer())
+            self.layouts[idx] = lay
+        return lay
+
+    def state_dict(self) -> dict[str, Any]:
+        st = self.state
+        error = {k: v.clone() for k, v in self.pending["error"].items()}
+        q = {k: v.clone() for k, v in self.pending["q"].items()}
+        for idx, lay in self.layouts.items():
+            if idx in st.error_dict:
+                for name, (off, n) in lay.grad.items():
+                    error[name] = st.error_dict[idx][off : off + n].clone()
+            if idx in st.q_memory_dict:
+                for name, (off, n) in lay.q.items():
+                    q[name] = st.q_memory_dict[idx][off : off + n].clone()
+        # PowerSGDState's own pickling carries a NumPy RandomState: store its numbers instead.
+        _, key, pos, has_gauss, gauss = st.rng.get_state()
+        return {
+            "iter": int(st.iter),
+            "error": error,
+            "q": q,
+            "rng": {
+                "key": torch.from_numpy(key.astype(np.int64)),
+                "pos": int(pos),
+                "has_gauss": int(has_gauss),
+                "gauss": float(gauss),
+            },
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        st = self.state
+        st.iter = int(sd["iter"])
+        r = sd["rng"]
+        st.rng.set_state(
+            ("MT19937", r["key"].numpy().astype(np.uint32), r["pos"], r["has_gauss"], r["gauss"])
+        )
+        st.error_dict.clear()
+        st.p_memory_dict.clear()
+        st.q_memory_dict.clear()
+        self.layouts.clear()
+        self.pending = {"error": dict(sd["error"]), "q": dict(sd["q"])}
+
+
+def _powersgd_hook(self: PowerSGDCompression, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    lay = self._place_state(bucket)
+    if self.state.iter < self.state.start_powerSGD_iter:
+        self.counter.add("allreduce", lay.numel * 4)
+    else:
+        self.counter.add("allreduce", (lay.uncompressed + lay.p_total + lay.q_total) * 4)
+    fut = psgd.powerSGD_hook(self.state, bucket)
+    if not self.blocking:
+        return fut
+    done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    done.set_result(fut.wait())
+    return done
+
+
+# ------------------------------------------------------------------------------------------- 1-bit
+
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def pack_signs(bits: torch.Tensor) -> torch.Tensor:
+    """Bool tensor (length a multiple of 8) -> uint8, 8 per byte; element 8i+j is bit j of byte i."""
+    b = bits.view(-1, 8).to(torch.uint8) << _SHIFTS.to(bits.device)
+    return b.sum(1, dtype=torch.uint8)
+
+
+def unpack_signs(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_signs`: uint8 -> bool, 8 elements per byte."""
+    return ((packed.unsqueeze(1) >> _SHIFTS.to(packed.device)) & 1).view(-1).bool()
+
+
+@dataclass
+class _OneBitLayout:
+    """Each gradient tensor padded to whole chunks, so that a chunk (and its scale) never spans two tensors:
+    the result per element is then independent of how DDP groups tensors into buckets."""
+
+    slots: list[tuple[int, int, int]]  # (index in bucket.gradients(), offset in the padded buffer, numel)
+    length: int  # padded length, a multiple of chunk_size
+    counts: torch.Tensor  # real (unpadded) elements per chunk, float
+
+
+def _onebit_layout(grads: list[torch.Tensor], chunk: int) -> _OneBitLayout:
+    slots, counts, off = [], [], 0
+    for i, g in enumerate(grads):
+        n = g.numel()
+        k = -(-n // chunk)
+        slots.append((i, off, n))
+        counts.extend([chunk] * (k - 1) + [n - chunk * (k - 1)])
+        off += k * chunk
+    dev = grads[0].device if grads else "cpu"
+    return _OneBitLayout(slots, off, torch.tensor(counts, dtype=torch.float32, device=dev))
+
+
+def onebit_encode(x: torch.Tensor, counts: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded flat fp32 gradient (zeros in the padding) -> (packed signs, fp32 scale per chunk).
+    The scale is the chunk's mean |g| over its real elements: sign x scale keeps the chunk's L1 norm."""
+    scales = x.view(-1, chunk).abs().sum(1).div_(counts)
+    return pack_signs(x >= 0), scales
+
+
+def onebit_decode(packed: torch.Tensor, scales: torch.Tensor, chunk: int) -> torch.Tensor:
+    s = scales.unsqueeze(1)
+    return torch.where(unpack_signs(packed).view(-1, chunk), s, -s).view(-1)
+
+
+class OneBitCompression(Compression):
+    """1-bit SGD with error feedback. Per bucket and step: add this rank's residual to the gradient,
+    send its signs (1 bit each) and a scale per chunk, keep what was not sent as the next residual, and
+    average the decoded gradients of all ranks. Aggregation is an all-gather of the packed messages
+    (every rank decodes all of them), so the bytes per rank grow with the world size: (N-1) x 1/32 of
+    fp32, against a ring all-reduce's 2(N-1)/N; it pays off up to a few dozen ranks."""
+
+    method = "onebit"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.chunk = self.cfg.onebit.chunk_size
+        self.warmup = self.cfg.onebit.warmup_steps
+        self.step = 0  # optimizer steps seen by the hook (counted on the last bucket)
+        self.residual: dict[str, torch.Tensor] = {}
+        self._layouts: dict[tuple[str, ...], _OneBitLayout] = {}
+
+    def register(self) -> None:
+        self.ddp_model.register_comm_hook(self, _onebit_hook)
+
+    def _message_bytes(self, numels: list[int]) -> int:
+        padded = sum(-(-n // self.chunk) * self.chunk for n in numels)
+        return padded // 8 + padded // self.chunk * 4
+
+    def expected_bytes_per_step(self) -> int:
+        return self._message_bytes([p.numel() for _, p in self.params])
+
+    def describe(self) -> str:
+        return (
+            f"onebit: signs + one fp32 scale per {self.chunk} elements, error feedback, plain all-reduce "
+            f"for the first {self.warmup} steps"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "residual": {k: v.clone() for k, v in self.residual.items()}}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.step = int(sd["step"])
+        self.residual = dict(sd["residual"])
+
+    def compress_bucket(
+        self, grads: list[torch.Tensor], names: list[str]
+    ) -> tuple[torch.Tensor, _OneBitLayout]:
+        """Residual-corrected gradients -> the message (packed signs then scales as bytes); updates the
+        residuals to what the message leaves out."""
+        key = tuple(names)
+        lay = self._layouts.get(key)
+        if lay is None:
+            lay = self._layouts[key] = _onebit_layout(grads, self.chunk)
+        x = torch.zeros(lay.length, dtype=torch.float32, device=grads[0].device)
+        for i, off, n in lay.slots:
+            seg = x[off : off + n]
+            seg.copy_(grads[i].view(-1))
+            res = self.residual.get(names[i])
+            if res is not None:
+                seg.add_(res)
+        packed, scales = onebit_encode(x, lay.counts, self.chunk)
+        x.sub_(onebit_decode(packed, scales, self.chunk))  # x is now the residual: corrected - sent
+        for i, off, n in lay.slots:
+            self.residual[names[i]] = x[off : off + n]
+        return torch.cat([packed, scales.view(torch.uint8)]), lay
+
+    def decompress_into(self, gathered: torch.Tensor, grads: list[torch.Tensor], lay: _OneBitLayout) -> None:
+        """All ranks' messages (world x message bytes) -> their average, written into ``grads``."""
+        nsign = lay.length // 8
+        total = torch.zeros(lay.length, dtype=torch.float32, device=gathered.device)
+        for r in range(gathered.shape[0]):  # fixed rank order: the sum is the same on every rank
+            scales = gathered[r, nsign:].clone().view(torch.float32)
+            total.add_(onebit_decode(gathered[r, :nsign], scales, self.chunk))
+        total.div_(gathered.shape[0])
+        for i, off, n in lay.slots:
+            grads[i].view(-1).copy_(total[off : off + n])
+
+
+def _onebit_hook(self: OneBitCompression, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    buf = bucket.buffer()
+    in_warmup = self.step < self.warmup
+    if bucket.is_last():
+        self.step += 1
+    if in_warmup:
+        self.counter.add("allreduce", buf.numel() * buf.element_size())
+        return default_hooks.allreduce_hook(None, bucket)
+    grads = bucket.gradients()
+    names = [self.names[id(p)] for p in bucket.parameters()]
+    message, lay = self.compress_bucket(grads, names)
+    self.counter.add("allgather", message.numel())
+    out = torch.empty(self.world_size * message.numel(), dtype=torch.uint8, device=message.device)
+    fut = dist.all_gather_into_tensor(out, message, async_op=True).get_future()
+
+    def decode(_: torch.futures.Future) -> torch.Tensor:
+        self.decompress_into(out.view(self.world_size, -1), grads, lay)
+        return buf
+
+    return fut.then(decode)
+
+
+_CLASSES = {"none": Compression, "powersgd": PowerSGDCompression, "onebit": OneBitCompression}
+
+
+def create_compression(
+    ddp_model: nn.Module, cfg: DistributedConfig, world_size: int, backend: str | None
+) -> Compression:
+    """The configured method, its hook registered on ``ddp_model`` (a DDP module; with no process group
+    nothing is registered and nothing is sent)."""
+    m = cfg.compression
+    args = (ddp_model, cfg, world_size, backend)
+    if m in ("fp16", "bf16"):
+        comp: Compression = _CastCompression(*args, dtype=torch.float16 if m == "fp16" else torch.bfloat16)
+    else:
+        comp = _CLASSES[m](*args)
+    if backend is not None:
+        comp.register()
+    return comp

@@ -1,0 +1,94 @@
+"""imgtrain find-batch-size on CPU under a real memory cap: the batch it reports trains within the cap,
+a clearly larger one does not."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imgtrain.batch_finder import limit_data
+
+from conftest import run_cli, subprocess_env
+
+# A model whose memory grows fast with the batch (~0.5 MB per image) and whose steps are cheap.
+MODEL = [
+    "model.name=simple_cnn",
+    "model.width=4",
+    "data.image_size=96",
+    "data.val_resize=96",
+    "data.workers=0",
+    "training.warmup_epochs=0",
+    "training.progress_bar=false",
+]
+
+
+def _vm_data() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmData:"):
+            return int(line.split()[1]) * 1024
+    pytest.skip("no /proc/self/status VmData (not Linux)")
+
+
+def _train_capped(args: list[str], limit: int) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "imgtrain", "train", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=subprocess_env(),
+        preexec_fn=lambda: limit_data(limit),
+    )
+
+
+def test_found_batch_trains_within_the_cap_and_a_larger_one_does_not(tmp_path: Path):
+    # The cap sits a fixed amount above what a process holding torch and imgtrain already maps (this
+    # test process has imported the same modules), so that it binds at a batch of about a hundred: four
+    # times that is still less than the 1,437 training images, so the large run really takes such a batch.
+    cap = _vm_data() + 250 * 2**20
+    recipe = tmp_path / "found.yaml"
+    out = run_cli(
+        [
+            "find-batch-size",
+            "--config",
+            "smoke_cpu",
+            *MODEL,
+            f"--memory-limit={cap}",
+            "--start=32",
+            "--tolerance=0.5",
+            "--steps=2",
+            "--nnodes=2",
+            "--nproc-per-node=2",
+            "--out",
+            str(recipe),
+            "--json",
+        ],
+        timeout=300,
+    )
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    largest = summary["largest_batch"]
+    assert summary["cap_method"] == "rlimit-data"
+    assert 32 <= largest <= 1437 // 4, out.stdout
+    failed = [p for p in summary["probes"] if not p["fits"]]
+    assert failed and all("allocate memory" in p["error"] for p in failed), out.stdout
+    assert min(p["batch"] for p in failed) > largest
+    assert summary["fastest_batch"] in [p["batch"] for p in summary["probes"] if p["fits"]]
+    chosen = summary["chosen_batch"]
+    assert summary["global_batch"] == 4 * chosen
+    assert summary["peak_lr"] == pytest.approx(0.4 * 4 * chosen / 256)  # smoke_cpu: base_lr 0.4 per 256
+    assert f"largest per-process batch that fits: {largest}" in out.stdout
+
+    # The written recipe trains (3 steps, then evaluation and a checkpoint) at the LARGEST batch under
+    # the same cap; four times that batch fails at its first step.
+    common = ["--config", str(recipe), "training.epochs=1", "training.max_steps=3"]
+    ok = _train_capped([*common, f"training.batch_size={largest}", "--output-dir", str(tmp_path / "ok")], cap)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert json.loads(ok.stdout.strip().splitlines()[-1])["val_top1"] is not None
+    big = _train_capped(
+        [*common, f"training.batch_size={4 * largest}", "--output-dir", str(tmp_path / "big")], cap
+    )
+    assert big.returncode != 0
+    assert "can't allocate memory" in big.stderr, big.stderr[-3000:]
