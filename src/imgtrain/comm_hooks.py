@@ -339,7 +339,8 @@ _all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 def pack_signs(
     bits: torch.Tensor, out: torch.Tensor | None = None, work: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Bool tensor (length a multiple of 8) -> uint8, 8 per byte; element 8i+j is bit j of byte i."""
+    """Bool tensor (length a multiple of 8) -> uint8, 8 per byte; element 8i+j is bit j of byte i.
+    The 1-bit hook packs sign bits: 1 = negative (``torch.signbit``, so -0.0 counts as negative)."""
     v = bits.view(torch.uint8).view(torch.int64)
     work = torch.mul(v, _PACK, out=work)  # wraps around: only the top byte is kept
     work.bitwise_right_shift_(56)
@@ -357,19 +358,20 @@ def unpack_signs(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch
 
 
 def signs_times_scales(
-    bits01: torch.Tensor, scales: torch.Tensor, chunk: int, out: torch.Tensor | None = None
+    negative: torch.Tensor, scales: torch.Tensor, chunk: int, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """0/1 per element, scale per chunk -> +scale / -scale per element (exactly: 2s - s = s)."""
-    out = out.copy_(bits01) if out is not None else bits01.to(torch.float32)
+    """Sign bit per element (0/1, 1 = negative), scale per chunk -> +scale / -scale per element
+    (exactly: s - 2s = -s)."""
+    out = out.copy_(negative) if out is not None else negative.to(torch.float32)
     s = scales.unsqueeze(1)
-    return out.view(-1, chunk).mul_(2 * s).sub_(s).view(-1)
+    return out.view(-1, chunk).mul_(-2 * s).add_(s).view(-1)
 
 
 def onebit_encode(x: torch.Tensor, counts: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded flat fp32 gradient (zeros in the padding) -> (packed signs, fp32 scale per chunk).
     The scale is the chunk's mean |g| over its real elements: sign x scale keeps the chunk's L1 norm."""
     scales = torch.linalg.vector_norm(x.view(-1, chunk), 1, dim=1).div_(counts)
-    return pack_signs(x >= 0), scales
+    return pack_signs(torch.signbit(x)), scales
 
 
 def onebit_decode(packed: torch.Tensor, scales: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -467,12 +469,12 @@ class OneBitCompression(Compression):
             x[off : off + n].add_(grads[i].view(-1))
         scales = lay.message[lay.nsign :].view(torch.float32)
         torch.linalg.vector_norm(x.view(-1, c), 1, dim=1, out=scales).div_(lay.counts)
-        torch.ge(x, 0, out=lay.bits)
+        torch.signbit(x, out=lay.bits)
         pack_signs(lay.bits, out=lay.message[: lay.nsign], work=lay.int64)
-        # residual = x - (2b - 1) s = x - 2bs + s; the padding must stay zero (it is not sent).
-        s = scales.unsqueeze(1)
-        lay.work.copy_(lay.bits.view(torch.uint8))
-        x.view(-1, c).addcmul_(lay.work.view(-1, c), s, value=-2.0).add_(s)
+        # residual = x - what was sent = x - copysign(s, x) (signbit and copysign agree on -0.0);
+        # the padding must stay zero (it is not sent).
+        torch.copysign(scales.unsqueeze(1), x.view(-1, c), out=lay.work.view(-1, c))
+        x.sub_(lay.work)
         for start, end in lay.padding:
             x[start:end].zero_()
         return lay.message, lay
@@ -488,7 +490,9 @@ class OneBitCompression(Compression):
             if r == 0:
                 signs_times_scales(one, scales, c, out=total)
             else:
-                total.view(-1, c).addcmul_(one.view(-1, c), 2 * scales.unsqueeze(1)).sub_(scales.unsqueeze(1))
+                total.view(-1, c).addcmul_(one.view(-1, c), -2 * scales.unsqueeze(1)).add_(
+                    scales.unsqueeze(1)
+                )
         for i, off, n in lay.slots:
             grads[i].view(-1).copy_(total[off : off + n])
 

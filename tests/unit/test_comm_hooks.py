@@ -43,7 +43,7 @@ def test_encode_decode_keeps_signs_and_chunk_l1_norm():
     torch.testing.assert_close(scales[3], x[48:59].abs().mean())  # mean over the real elements only
     y = onebit_decode(packed, scales, chunk)
     real = x[:59]
-    assert torch.equal(torch.sign(y[:59]), torch.where(real >= 0, 1.0, -1.0))
+    assert torch.equal(torch.sign(y[:59]), torch.where(torch.signbit(real), -1.0, 1.0))
     torch.testing.assert_close(y.view(4, chunk).abs()[:, 0], scales)
 
 
