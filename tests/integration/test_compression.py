@@ -15,6 +15,7 @@ from test_fault_tolerance import (
     WAIT,
     assert_same_weights,
     last_step,
+    manager,
     metrics,
     published,
     resumed_steps,
@@ -23,19 +24,29 @@ from test_fault_tolerance import (
     wait_until,
 )
 
-from conftest import run_torchrun, torchrun_cmd
+from conftest import run_cli, run_torchrun, torchrun_cmd
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # 1,437 training digits at a global batch of 32 (2 x 16): 45 steps per epoch, 225 in all.
 FAST_DIGITS = [
-    "model.name=timm/test_resnet", "data.workers=0", "training.epochs=5", "training.batch_size=16",
-    "training.base_lr=1.6", "training.warmup_epochs=0.5", "training.eval_interval=5", "training.log_interval=5",
-    "training.progress_bar=false", "training.deterministic=true", "checkpoint.save_at_epoch_end=false",
+    "model.name=timm/test_resnet",
+    "data.workers=0",
+    "training.epochs=5",
+    "training.batch_size=16",
+    "training.base_lr=1.6",
+    "training.warmup_epochs=0.5",
+    "training.eval_interval=5",
+    "training.log_interval=5",
+    "training.progress_bar=false",
+    "training.deterministic=true",
+    "checkpoint.save_at_epoch_end=false",
     "checkpoint.save_every_steps=50",
     # Compression from the second epoch on, PowerSGD at rank 4: measured, rank 1 from step 10 ends at 93.6%
     # on this small model (docs/compression.md).
-    "distributed.powersgd.rank=4", "distributed.powersgd.start_iter=45", "distributed.onebit.warmup_steps=45",
+    "distributed.powersgd.rank=4",
+    "distributed.powersgd.start_iter=45",
+    "distributed.onebit.warmup_steps=45",
     # 0.2 MB buckets: the model's 1.5 MB of gradients go in several buckets (PowerSGD's Gloo trap).
     "distributed.bucket_cap_mb=0.2",
 ]
@@ -99,3 +110,21 @@ def test_kill9_and_resume_with_compression_is_bit_identical(uninterrupted, metho
     assert summary(out)["steps"] == STEPS
     assert "compression: the checkpoint" not in run.output  # state restored, not reset
     assert_same_weights(reference, out)
+
+    # The same checkpoint in a job of another size: the rank-local state cannot apply; it is reset, loudly.
+    latest = manager(out).find_latest_valid()
+    single = run_cli(
+        [
+            "train",
+            "--output-dir",
+            str(tmp_path / "single"),
+            *FAST_DIGITS,
+            f"distributed.compression={method}",
+            "--resume",
+            latest,
+        ],
+        timeout=WAIT,
+    )
+    assert (
+        f"compression: the checkpoint's {method} state is from 2 ranks, the job has 1: reset" in single.stderr
+    )
