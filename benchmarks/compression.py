@@ -23,7 +23,6 @@ import torchvision
 from bench_common import command_line, default_out, machine_info, print_table, stats, write_result
 
 from imgtrain.comm_hooks import (
-    _all_gather,
     _cast_hook,
     _onebit_hook,
     _powersgd_hook,
@@ -208,5 +207,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    _ = _all_gather  # imported for its side effect of failing early on a torch without it
     main()
