@@ -115,6 +115,8 @@ def test_kill9_and_resume_with_compression_is_bit_identical(uninterrupted, metho
     assert "compression: the checkpoint" not in run.output  # state restored, not reset
     assert_same_weights(reference, out)
 
+    if method != "onebit":  # the reset path is the trainer's, the same for both methods: checked once
+        return
     # The same checkpoint in a job of another size: the rank-local state cannot apply; it is reset, loudly.
     latest = manager(out).find_latest_valid()
     single = run_cli(
