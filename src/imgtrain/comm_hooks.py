@@ -327,53 +327,82 @@ def _powersgd_hook(self: PowerSGDCompression, bucket: dist.GradBucket) -> torch.
 
 
 # ------------------------------------------------------------------------------------------- 1-bit
+# Every pass over the gradients is an in-place op on a buffer kept from step to step: on one CPU thread
+# a fresh 47 MB tensor per op costs more in page faults than the arithmetic.
 
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
-
-
-def pack_signs(bits: torch.Tensor) -> torch.Tensor:
-    """Bool tensor (length a multiple of 8) -> uint8, 8 per byte; element 8i+j is bit j of byte i."""
-    b = bits.view(-1, 8).to(torch.uint8) << _SHIFTS.to(bits.device)
-    return b.sum(1, dtype=torch.uint8)
-
-
-def unpack_signs(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_signs`: uint8 -> bool, 8 elements per byte."""
-    return ((packed.unsqueeze(1) >> _SHIFTS.to(packed.device)) & 1).view(-1).bool()
+_POW2 = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
+_PACK = 0x0102040810204080  # x 8 bytes of 0/1 (little-endian int64): byte j's bit lands at bit 56 + j
+# torch >= 2.14 renamed all_gather_into_tensor (the old name warns); same arguments.
+_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
 
-@dataclass
-class _OneBitLayout:
-    """Each gradient tensor padded to whole chunks, so that a chunk (and its scale) never spans two tensors:
-    the result per element is then independent of how DDP groups tensors into buckets."""
+def pack_signs(
+    bits: torch.Tensor, out: torch.Tensor | None = None, work: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Bool tensor (length a multiple of 8) -> uint8, 8 per byte; element 8i+j is bit j of byte i.
+    The 1-bit hook packs sign bits: 1 = negative (``torch.signbit``, so -0.0 counts as negative)."""
+    v = bits.view(torch.uint8).view(torch.int64)
+    work = torch.mul(v, _PACK, out=work)  # wraps around: only the top byte is kept
+    work.bitwise_right_shift_(56)
+    if out is None:
+        return work.to(torch.uint8)
+    return out.copy_(work)
 
-    slots: list[tuple[int, int, int]]  # (index in bucket.gradients(), offset in the padded buffer, numel)
-    length: int  # padded length, a multiple of chunk_size
-    counts: torch.Tensor  # real (unpadded) elements per chunk, float
+
+def unpack_signs(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack_signs`: uint8 -> 0/1 as uint8 (viewable as bool), 8 elements per byte."""
+    out = torch.bitwise_and(
+        packed.unsqueeze(1), _POW2.to(packed.device), out=None if out is None else out.view(-1, 8)
+    )
+    return out.view(-1).clamp_(max=1)
 
 
-def _onebit_layout(grads: list[torch.Tensor], chunk: int) -> _OneBitLayout:
-    slots, counts, off = [], [], 0
-    for i, g in enumerate(grads):
-        n = g.numel()
-        k = -(-n // chunk)
-        slots.append((i, off, n))
-        counts.extend([chunk] * (k - 1) + [n - chunk * (k - 1)])
-        off += k * chunk
-    dev = grads[0].device if grads else "cpu"
-    return _OneBitLayout(slots, off, torch.tensor(counts, dtype=torch.float32, device=dev))
+def signs_times_scales(
+    negative: torch.Tensor, scales: torch.Tensor, chunk: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sign bit per element (0/1, 1 = negative), scale per chunk -> +scale / -scale per element
+    (exactly: s - 2s = -s)."""
+    out = out.copy_(negative) if out is not None else negative.to(torch.float32)
+    s = scales.unsqueeze(1)
+    return out.view(-1, chunk).mul_(-2 * s).add_(s).view(-1)
 
 
 def onebit_encode(x: torch.Tensor, counts: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded flat fp32 gradient (zeros in the padding) -> (packed signs, fp32 scale per chunk).
     The scale is the chunk's mean |g| over its real elements: sign x scale keeps the chunk's L1 norm."""
-    scales = x.view(-1, chunk).abs().sum(1).div_(counts)
-    return pack_signs(x >= 0), scales
+    scales = torch.linalg.vector_norm(x.view(-1, chunk), 1, dim=1).div_(counts)
+    return pack_signs(torch.signbit(x)), scales
 
 
 def onebit_decode(packed: torch.Tensor, scales: torch.Tensor, chunk: int) -> torch.Tensor:
-    s = scales.unsqueeze(1)
-    return torch.where(unpack_signs(packed).view(-1, chunk), s, -s).view(-1)
+    return signs_times_scales(unpack_signs(packed), scales, chunk)
+
+
+class _OneBitLayout:
+    """One bucket's tensors, each padded to whole chunks so that a chunk (and its scale) never spans two
+    tensors: the result per element is then independent of how DDP groups tensors into buckets. Holds
+    the buffers reused every step; ``x`` keeps the residuals between steps."""
+
+    def __init__(self, grads: list[torch.Tensor], chunk: int):
+        self.slots, counts, off = [], [], 0  # slots: (index in the bucket, offset in x, numel)
+        self.padding: list[tuple[int, int]] = []
+        for i, g in enumerate(grads):
+            n = g.numel()
+            k = -(-n // chunk)
+            self.slots.append((i, off, n))
+            if k * chunk > n:
+                self.padding.append((off + n, off + k * chunk))
+            counts.extend([chunk] * (k - 1) + [n - chunk * (k - 1)])
+            off += k * chunk
+        dev = grads[0].device
+        self.length, self.nsign, self.nchunks = off, off // 8, len(counts)
+        self.counts = torch.tensor(counts, dtype=torch.float32, device=dev)
+        self.x = torch.zeros(off, dtype=torch.float32, device=dev)  # residual, then corrected gradient
+        self.work = torch.empty(off, dtype=torch.float32, device=dev)
+        self.bits = torch.empty(off, dtype=torch.bool, device=dev)
+        self.int64 = torch.empty(off // 8, dtype=torch.int64, device=dev)
+        self.message = torch.empty(self.nsign + 4 * self.nchunks, dtype=torch.uint8, device=dev)
+        self.gathered: torch.Tensor | None = None
 
 
 class OneBitCompression(Compression):
@@ -390,7 +419,7 @@ class OneBitCompression(Compression):
         self.chunk = self.cfg.onebit.chunk_size
         self.warmup = self.cfg.onebit.warmup_steps
         self.step = 0  # optimizer steps seen by the hook (counted on the last bucket)
-        self.residual: dict[str, torch.Tensor] = {}
+        self.residual: dict[str, torch.Tensor] = {}  # by parameter name; views into a layout's x
         self._layouts: dict[tuple[str, ...], _OneBitLayout] = {}
 
     def register(self) -> None:
@@ -415,37 +444,55 @@ class OneBitCompression(Compression):
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.step = int(sd["step"])
         self.residual = dict(sd["residual"])
+        self._layouts.clear()
+
+    def _layout(self, grads: list[torch.Tensor], names: list[str]) -> _OneBitLayout:
+        key = tuple(names)
+        lay = self._layouts.get(key)
+        if lay is None:  # first step, or DDP rebuilt its buckets: move the residuals into the new layout
+            lay = self._layouts[key] = _OneBitLayout(grads, self.chunk)
+            for i, off, n in lay.slots:
+                res = self.residual.get(names[i])
+                if res is not None:
+                    lay.x[off : off + n].copy_(res.view(-1))
+                self.residual[names[i]] = lay.x[off : off + n]
+        return lay
 
     def compress_bucket(
         self, grads: list[torch.Tensor], names: list[str]
     ) -> tuple[torch.Tensor, _OneBitLayout]:
-        """Residual-corrected gradients -> the message (packed signs then scales as bytes); updates the
-        residuals to what the message leaves out."""
-        key = tuple(names)
-        lay = self._layouts.get(key)
-        if lay is None:
-            lay = self._layouts[key] = _onebit_layout(grads, self.chunk)
-        x = torch.zeros(lay.length, dtype=torch.float32, device=grads[0].device)
+        """Residual-corrected gradients -> the message (packed signs, then the scales' bytes); the layout's
+        ``x`` (and so ``self.residual``) becomes what the message leaves out."""
+        lay = self._layout(grads, names)
+        x, c = lay.x, self.chunk
         for i, off, n in lay.slots:
-            seg = x[off : off + n]
-            seg.copy_(grads[i].view(-1))
-            res = self.residual.get(names[i])
-            if res is not None:
-                seg.add_(res)
-        packed, scales = onebit_encode(x, lay.counts, self.chunk)
-        x.sub_(onebit_decode(packed, scales, self.chunk))  # x is now the residual: corrected - sent
-        for i, off, n in lay.slots:
-            self.residual[names[i]] = x[off : off + n]
-        return torch.cat([packed, scales.view(torch.uint8)]), lay
+            x[off : off + n].add_(grads[i].view(-1))
+        scales = lay.message[lay.nsign :].view(torch.float32)
+        torch.linalg.vector_norm(x.view(-1, c), 1, dim=1, out=scales).div_(lay.counts)
+        torch.signbit(x, out=lay.bits)
+        pack_signs(lay.bits, out=lay.message[: lay.nsign], work=lay.int64)
+        # residual = x - what was sent = x - copysign(s, x) (signbit and copysign agree on -0.0);
+        # the padding must stay zero (it is not sent).
+        torch.copysign(scales.unsqueeze(1), x.view(-1, c), out=lay.work.view(-1, c))
+        x.sub_(lay.work)
+        for start, end in lay.padding:
+            x[start:end].zero_()
+        return lay.message, lay
 
     def decompress_into(self, gathered: torch.Tensor, grads: list[torch.Tensor], lay: _OneBitLayout) -> None:
         """All ranks' messages (world x message bytes) -> their average, written into ``grads``."""
-        nsign = lay.length // 8
-        total = torch.zeros(lay.length, dtype=torch.float32, device=gathered.device)
-        for r in range(gathered.shape[0]):  # fixed rank order: the sum is the same on every rank
-            scales = gathered[r, nsign:].clone().view(torch.float32)
-            total.add_(onebit_decode(gathered[r, :nsign], scales, self.chunk))
-        total.div_(gathered.shape[0])
+        world, c = gathered.shape[0], self.chunk
+        total = lay.work
+        one = lay.bits.view(torch.uint8)
+        for r in range(world):  # fixed rank order: the sum is the same on every rank
+            scales = gathered[r, lay.nsign :].view(torch.float32) / world
+            unpack_signs(gathered[r, : lay.nsign], out=one)
+            if r == 0:
+                signs_times_scales(one, scales, c, out=total)
+            else:
+                total.view(-1, c).addcmul_(one.view(-1, c), -2 * scales.unsqueeze(1)).add_(
+                    scales.unsqueeze(1)
+                )
         for i, off, n in lay.slots:
             grads[i].view(-1).copy_(total[off : off + n])
 
@@ -462,8 +509,12 @@ def _onebit_hook(self: OneBitCompression, bucket: dist.GradBucket) -> torch.futu
     names = [self.names[id(p)] for p in bucket.parameters()]
     message, lay = self.compress_bucket(grads, names)
     self.counter.add("allgather", message.numel())
-    out = torch.empty(self.world_size * message.numel(), dtype=torch.uint8, device=message.device)
-    fut = dist.all_gather_into_tensor(out, message, async_op=True).get_future()
+    if lay.gathered is None:
+        lay.gathered = torch.empty(
+            self.world_size * message.numel(), dtype=torch.uint8, device=message.device
+        )
+    out = lay.gathered
+    fut = _all_gather(out, message, async_op=True).get_future()
 
     def decode(_: torch.futures.Future) -> torch.Tensor:
         self.decompress_into(out.view(self.world_size, -1), grads, lay)

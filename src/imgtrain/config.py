@@ -234,8 +234,9 @@ class OneBitConfig:
 
     def validate(self, p: str) -> None:
         _check(self.warmup_steps >= 0, f"{p}.warmup_steps", self.warmup_steps, "an integer >= 0")
-        _check(self.chunk_size >= 8 and self.chunk_size % 8 == 0, f"{p}.chunk_size", self.chunk_size,
-               "a multiple of 8, >= 8")
+        # 32: the packed signs of a chunk are then whole 4-byte words, so the scales after them stay aligned.
+        _check(self.chunk_size >= 32 and self.chunk_size % 32 == 0, f"{p}.chunk_size", self.chunk_size,
+               "a multiple of 32, >= 32")
 
 
 @dataclass

@@ -33,14 +33,18 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool
 
 
 _OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "sgd": lambda groups, lr, c, **impl: torch.optim.SGD(groups, lr=lr, momentum=c.momentum,
-                                                         nesterov=c.nesterov, **impl),
+    "sgd": lambda groups, lr, c, **impl: torch.optim.SGD(
+        groups, lr=lr, momentum=c.momentum, nesterov=c.nesterov, **impl
+    ),
     "adamw": lambda groups, lr, c, **impl: torch.optim.AdamW(groups, lr=lr, betas=tuple(c.betas), **impl),
 }
 
 # torch's keyword for each implementation; "auto" leaves torch's choice (foreach where supported).
 _IMPLEMENTATIONS: dict[str, dict[str, bool]] = {
-    "auto": {}, "foreach": {"foreach": True}, "fused": {"fused": True}, "for_loop": {"foreach": False},
+    "auto": {},
+    "foreach": {"foreach": True},
+    "fused": {"fused": True},
+    "for_loop": {"foreach": False},
 }
 
 

@@ -77,3 +77,15 @@ def test_recovery_benchmark_cli(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=tmp_path, env=subprocess_env())
     assert proc.returncode == 2 and "meteor" in proc.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_compression_benchmark(tmp_path):
+    r = run_script("compression", ["--model", "resnet18", "--num-classes", "10", "--reps", "1",
+                                   "--powersgd-ranks", "1"], tmp_path)
+    v = r["variants"]
+    assert set(v) == {"fp16", "bf16", "powersgd rank 1", "onebit"}
+    assert v["fp16"]["bytes_per_step"] * 2 == r["fp32_bytes"]
+    assert 30 < v["onebit"]["fp32_over_bytes"] < 32
+    for s in v.values():
+        assert_stats(s["hook_ms"], 1)
+    assert_stats(r["onebit_encode_ms"], 1)

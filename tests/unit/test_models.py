@@ -112,3 +112,43 @@ def test_any_timm_model_by_name():
     out.sum().backward()
     with pytest.raises(Exception, match="nonexistent_model_xyz"):
         create_model(ModelConfig(name="timm/nonexistent_model_xyz"), 7, 32)
+
+
+def _grads_after_backward(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    model.train()
+    torch.nn.functional.cross_entropy(model(x), torch.arange(x.shape[0]) % NUM_CLASSES).backward()
+    return [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("mode", ["block", "stage"])
+@pytest.mark.parametrize("arch", ["resnet", "vit"])
+def test_activation_checkpointing_modes_give_the_same_gradients(arch, mode):
+    import torchvision
+
+    from imgtrain.models import apply_activation_checkpointing
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        if arch == "resnet":
+            return create_model(ModelConfig(name="resnet18", small_input=True), NUM_CLASSES, 16)
+        # A tiny torchvision ViT (the same classes as vit_b_16): 6 encoder blocks.
+        return torchvision.models.VisionTransformer(image_size=16, patch_size=4, num_layers=6, num_heads=2,
+                                                    hidden_dim=16, mlp_dim=32, num_classes=NUM_CLASSES)
+
+    plain, ckpt = build(), build()
+    segments = apply_activation_checkpointing(ckpt, mode)
+    assert segments == {("resnet", "block"): 8, ("resnet", "stage"): 4, ("vit", "block"): 6,
+                        ("vit", "stage"): 4}[(arch, mode)]
+    assert list(plain.state_dict()) == list(ckpt.state_dict())
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    # BatchNorm/dropout behave the same in both: same batch, no dropout in the tiny ViT.
+    for a, b in zip(_grads_after_backward(plain, x), _grads_after_backward(ckpt, x), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_activation_checkpointing_config_accepts_modes_and_old_booleans():
+    assert load_config(None, ["model.activation_checkpointing=stage"]).model.activation_checkpointing == "stage"
+    assert load_config(None, ["model.activation_checkpointing=true"]).model.activation_checkpointing == "block"
+    assert load_config(None, ["model.activation_checkpointing=off"]).model.activation_checkpointing == "off"
+    with pytest.raises(ValueError, match="model.activation_checkpointing"):
+        load_config(None, ["model.activation_checkpointing=layer"])

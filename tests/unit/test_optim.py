@@ -184,3 +184,19 @@ def test_zero_weight_decay_group_really_is_not_decayed():
     assert torch.allclose(m.fc.weight, torch.full_like(m.fc.weight, 0.95))
     assert torch.equal(m.bn.weight, torch.ones_like(m.bn.weight))
     assert torch.equal(m.fc.bias, torch.ones_like(m.fc.bias))
+
+
+@pytest.mark.parametrize("impl", ["foreach", "fused", "for_loop"])
+def test_optimizer_implementation_is_chosen_by_config(impl):
+    from imgtrain.config import OptimizationConfig
+    from imgtrain.optim import create_optimizer
+
+    for name in ("sgd", "adamw"):
+        model = torch.nn.Linear(4, 2)
+        opt = create_optimizer(model, OptimizationConfig(optimizer=name, optimizer_impl=impl), lr=0.1)
+        assert opt.defaults["foreach"] is (impl == "foreach") or (impl != "foreach" and not opt.defaults["foreach"])
+        assert bool(opt.defaults.get("fused")) is (impl == "fused")
+        model(torch.ones(3, 4)).sum().backward()
+        before = model.weight.detach().clone()
+        opt.step()  # fused kernels exist for CPU tensors in this torch
+        assert not torch.equal(before, model.weight)
