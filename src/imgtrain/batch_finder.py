@@ -112,7 +112,10 @@ def _is_oom(e: BaseException) -> bool:
     if torch.cuda.is_available() and isinstance(e, torch.cuda.OutOfMemoryError):
         return True
     msg = str(e).lower()
-    return isinstance(e, RuntimeError) and ("can't allocate memory" in msg or "out of memory" in msg)
+    # oneDNN reports a failed scratch-buffer allocation as "could not create a primitive" (seen under
+    # RLIMIT_DATA when a convolution's workspace no longer fits); std::bad_alloc surfaces as is.
+    return isinstance(e, RuntimeError) and any(
+        m in msg for m in ("can't allocate memory", "out of memory", "could not create a primitive", "bad_alloc"))
 
 
 def num_classes_of(cfg: Config) -> int:
