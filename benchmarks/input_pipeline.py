@@ -73,8 +73,10 @@ def _random_photo(rng: np.random.Generator, photos: list[np.ndarray]) -> Image.I
     return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
 
 
-def ensure_bench_jpegs(images: int, classes: int = 8, val_per_class: int = 8, seed: int = 0) -> Path:
-    """The benchmark's JPEG tree (written once, atomically); regenerated when it holds fewer images."""
+def ensure_bench_jpegs(images: int, classes: int = 8, seed: int = 0) -> Path:
+    """The benchmark's JPEG tree (written once, atomically); regenerated when it holds fewer images. The
+    val split (up to 8 per class) is there for the training benchmark (throughput.py needs one)."""
+    val_per_class = min(8, max(1, images // classes // 10))
     root = default_data_home() / BENCH_VERSION
     n_train = len(list((root / "train").rglob("*.jpg"))) if (root / "train").is_dir() else 0
     if n_train >= images:
