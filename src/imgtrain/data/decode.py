@@ -221,6 +221,8 @@ class SimplejpegDecoder(BaseDecoder):
 
 
 class OpencvDecoder(BaseDecoder):
+    """``cv2.imdecode`` (BGR), OpenCV resize, RGB at the end."""
+
     name = "opencv"
 
     def __init__(self):
@@ -242,8 +244,13 @@ class OpencvDecoder(BaseDecoder):
                         break
             img = cv2.imdecode(np.frombuffer(data, np.uint8), flag | cv2.IMREAD_IGNORE_ORIENTATION)
             if img is not None:
-                return img[:, :, ::-1]  # BGR -> RGB as a view; the crop is copied later anyway
-        return super().decode(data, min_size)
+                return img
+        return np.ascontiguousarray(super().decode(data, min_size)[:, :, ::-1])
+
+    # OpenCV's images stay BGR until the final, small crop: reversing the channels of the full image first
+    # would hand cv2.resize a negative-stride array, which it copies whole.
+    def to_tensor(self, img) -> torch.Tensor:
+        return super().to_tensor(img[:, :, ::-1])
 
 
 class TorchvisionDecoder(BaseDecoder):
