@@ -77,13 +77,16 @@ def build_data(cfg: DataConfig, batch_size: int, rank: int, world_size: int, see
         raise DataError(f"class folders differ between {root / 'train'} and {root / 'val'}: "
                         f"only in train: {only_train[:10]}, only in val: {only_val[:10]}")
     gpu = cfg.decode == "gpu"
-    train_set = ImageFolderDataset(root / "train", train_classes, GpuTrainPlan(cfg) if gpu else train_transform(cfg),
-                                   seed=seed, image_size=cfg.image_size)
+    # GPU decode: the workers only read the bytes and draw the crops; the batch is decoded on the device.
+    train_set = ImageFolderDataset(root / "train", train_classes,
+                                   GpuTrainPlan(cfg) if gpu else train_transform(cfg), seed=seed,
+                                   image_size=cfg.image_size)
     val_set = ImageFolderDataset(root / "val", val_classes, eval_transform(cfg), seed=seed,
                                  image_size=cfg.image_size)
     sampler = ShardedBatchSampler(len(train_set), batch_size, rank, world_size, seed)
     kw = _loader_kwargs(cfg, device)
-    train_loader = DataLoader(train_set, batch_sampler=sampler, **(kw | {"collate_fn": gpu_collate} if gpu else kw))
+    train_kw = kw | {"collate_fn": gpu_collate} if gpu else kw
+    train_loader = DataLoader(train_set, batch_sampler=sampler, **train_kw)
     val_loader = DataLoader(val_set, batch_size=eval_batch_size or batch_size,
                             sampler=_RefList(eval_shard(len(val_set), rank, world_size)), **kw)
     log.info("data: %s, %d classes, %d train / %d val images", root, len(train_classes), len(train_set),
