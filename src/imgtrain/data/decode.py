@@ -44,6 +44,13 @@ class CropBox:
     width: int
 
 
+@functools.lru_cache(maxsize=8)
+def _log_ratio(ratio: tuple[float, float]) -> tuple[float, float]:
+    # torchvision computes it in float32 on every call; cached, with the same float32 values
+    lr = torch.log(torch.tensor(ratio))
+    return float(lr[0]), float(lr[1])
+
+
 def sample_crop(
     height: int,
     width: int,
@@ -54,7 +61,7 @@ def sample_crop(
     """torchvision's ``RandomResizedCrop.get_params``, draw for draw (so that with ``generator=None``
     it consumes the global RNG exactly as torchvision does), with an optional generator."""
     area = height * width
-    log_ratio = torch.log(torch.tensor(ratio))
+    log_ratio = _log_ratio(tuple(ratio))
     for _ in range(10):
         target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
         aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
@@ -142,7 +149,7 @@ class BaseDecoder:
         return np.array(Image.fromarray(np.ascontiguousarray(img)).resize((w, h), Image.BILINEAR, box=window))
 
     def hflip(self, img):
-        return img[:, ::-1]
+        return _cv2().flip(img, 1)  # contiguous output; numpy's [:, ::-1] copy is several times slower
 
     def to_tensor(self, img) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
