@@ -176,11 +176,16 @@ def test_png_goes_through_the_fallback_decoder(tmp_path):
 
 
 def test_missing_library_falls_back_with_a_warning(monkeypatch, caplog):
+    D._simplejpeg.cache_clear()
     monkeypatch.setitem(sys.modules, "simplejpeg", None)  # import simplejpeg -> ImportError
     with caplog.at_level(logging.WARNING):
         dec = D.create_decoder("simplejpeg")
-    assert dec.name != "simplejpeg"
+    assert dec.name == "opencv"
     assert any("data.decoder=simplejpeg" in r.getMessage() for r in caplog.records)
+    monkeypatch.setitem(sys.modules, "cv2", None)  # simplejpeg's path resizes with OpenCV too
+    D._simplejpeg.cache_clear()
+    D._cv2.cache_clear()
+    assert D.create_decoder("simplejpeg").name == "torchvision"
 
 
 def test_decoder_and_decode_are_validated():

@@ -202,7 +202,9 @@ class SimplejpegDecoder(BaseDecoder):
     name = "simplejpeg"
 
     def __init__(self):
-        import simplejpeg  # noqa: F401 - fail here (and fall back) when it is missing
+        # Fail here (and fall back) when simplejpeg, or OpenCV for the resize, is missing.
+        _simplejpeg()
+        _cv2()
 
     def size(self, data: bytes) -> tuple[int, int]:
         if data[:2] == JPEG_MAGIC:
