@@ -85,6 +85,13 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     max_bad_fraction: float = 0.001
     """Stop with an error once more than this fraction of a split's files failed to decode."""
+    decoder: Literal["simplejpeg_fast", "simplejpeg", "opencv", "torchvision", "pil"] = "simplejpeg_fast"
+    """JPEG decoder of the CPU path (measurements in docs/decode.md): simplejpeg_fast (fast IDCT and chroma
+    upsampling, within the tested tolerance), simplejpeg, opencv, torchvision, or pil (the reference). Files
+    that are not JPEGs decode with PIL; a decoder whose library is missing falls back to the next fastest."""
+    decode: Literal["cpu", "gpu"] = "cpu"
+    """Where training images are decoded: cpu (loader workers), or gpu (CUDA only: workers read the bytes,
+    nvJPEG decodes the batch, crops/flips/resizes run on the GPU; see docs/decode.md)."""
 
     def validate(self, p: str) -> None:
         _check(self.image_size >= 8, f"{p}.image_size", self.image_size, "an integer >= 8")

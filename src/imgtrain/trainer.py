@@ -24,6 +24,7 @@ from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from .comm_hooks import Compression, create_compression
 from .config import Config, dump_config
 from .data import DataBundle, DataError, build_data
+from .data.prefetch import device_batches
 from .data.transforms import DeviceNormalize, batch_mix
 from .evaluate import EvalResult, evaluate_model
 from .fault import PreemptionHandler, Watchdog
@@ -428,7 +429,8 @@ class Trainer:
         sampler.state.epoch = self.progress.epoch
         n = len(self.data.train_set)
         self.model.train()
-        it, sizes = iter(self.data.train_loader), sampler.global_sizes()
+        it = device_batches(self.data.train_loader, info.device, self.data.train_batch_transform)
+        sizes = sampler.global_sizes()
         total_steps = math.ceil(sampler.steps_per_epoch() / self.accumulation)
         done_steps = math.ceil(sampler.state.consumed / (sampler.global_batch * self.accumulation))
         self.bar.start_epoch(self.progress.epoch, cfg.training.epochs, total_steps, done_steps)
