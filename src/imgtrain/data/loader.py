@@ -13,6 +13,7 @@ from ..config import DataConfig
 from .embedded import ensure_digits
 from .folder import DataError, ImageFolderDataset, SampleRef, collate, scan_classes
 from .sampler import ShardedBatchSampler, eval_shard
+from .shard_cache import ShardSource
 from .transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -21,11 +22,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class DataBundle:
     classes: list[str]
-    train_set: ImageFolderDataset
+    train_set: ImageFolderDataset  # or shards.ShardDataset (same interface)
     val_set: ImageFolderDataset
     train_sampler: ShardedBatchSampler
     train_loader: DataLoader
     val_loader: DataLoader
+    cache: ShardSource | None = None  # shards on an object store: the node-local cache, for its hit counts
 
     @property
     def num_classes(self) -> int:
@@ -63,6 +65,12 @@ class _RefList(torch.utils.data.Sampler):
 
 def build_data(cfg: DataConfig, batch_size: int, rank: int, world_size: int, seed: int,
                device: torch.device, eval_batch_size: int | None = None) -> DataBundle:
+    if cfg.format == "shards":
+        from .shards import build_shard_sets
+
+        train_set, val_set, cache = build_shard_sets(cfg, train_transform(cfg), eval_transform(cfg), seed)
+        return _bundle(cfg, train_set, val_set, batch_size, rank, world_size, seed, device, eval_batch_size,
+                       cache if cache.remote else None)
     root = resolve_data_root(cfg)
     train_classes = scan_classes(root / "train")
     val_classes = scan_classes(root / "val")
@@ -75,11 +83,16 @@ def build_data(cfg: DataConfig, batch_size: int, rank: int, world_size: int, see
                                    image_size=cfg.image_size)
     val_set = ImageFolderDataset(root / "val", val_classes, eval_transform(cfg), seed=seed,
                                  image_size=cfg.image_size)
+    return _bundle(cfg, train_set, val_set, batch_size, rank, world_size, seed, device, eval_batch_size)
+
+
+def _bundle(cfg: DataConfig, train_set, val_set, batch_size: int, rank: int, world_size: int, seed: int,
+            device: torch.device, eval_batch_size: int | None, cache=None) -> DataBundle:
     sampler = ShardedBatchSampler(len(train_set), batch_size, rank, world_size, seed)
     kw = _loader_kwargs(cfg, device)
     train_loader = DataLoader(train_set, batch_sampler=sampler, **kw)
     val_loader = DataLoader(val_set, batch_size=eval_batch_size or batch_size,
                             sampler=_RefList(eval_shard(len(val_set), rank, world_size)), **kw)
-    log.info("data: %s, %d classes, %d train / %d val images", root, len(train_classes), len(train_set),
-             len(val_set))
-    return DataBundle(train_classes, train_set, val_set, sampler, train_loader, val_loader)
+    log.info("data: %s, %d classes, %d train / %d val images", train_set.split_dir, len(train_set.classes),
+             len(train_set), len(val_set))
+    return DataBundle(train_set.classes, train_set, val_set, sampler, train_loader, val_loader, cache)
