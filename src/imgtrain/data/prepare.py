@@ -186,6 +186,9 @@ def build_shard(task: ShardTask) -> dict:
             return {**old, "kept": True}
         log.warning("shard %s does not match its recorded checksum: writing it again", shard_path)
 
+    if _is_local(fs):  # leftovers of a killed run of this shard
+        for stale in Path(root).glob(f".{task.name}.*.partial"):
+            stale.unlink(missing_ok=True)
     skipped: list[dict] = []
     count = 0
     fd, tmp = tempfile.mkstemp(
