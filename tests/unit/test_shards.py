@@ -218,3 +218,16 @@ def test_object_store_cache_counts_hits_and_evicts_above_its_limit(tmp_path):
     fs.pipe("/cachetest/s0.tar", b"changed")
     with pytest.raises(OSError, match="does not match the sha256"):
         src.local_path("s0.tar")
+
+
+def test_splits_prepared_separately_share_one_index(tmp_path):
+    src = make_image_folder(tmp_path / "data", classes=2, train_per_class=3, val_per_class=2, size=20)
+    dst, settings = str(tmp_path / "shards"), PrepareSettings(samples_per_shard=PER_SHARD)
+    prepare(src / "train", dst, settings, workers=1, split="train", progress=False)
+    index = prepare(src / "val", dst, settings, workers=1, split="val", progress=False)
+    assert {k: v["samples"] for k, v in index["splits"].items()} == {"train": 6, "val": 4}
+    train, val = _sets(tmp_path / "shards")
+    assert (len(train), len(val)) == (6, 4) and train.classes == ["class_0", "class_1"]
+    other = make_image_folder(tmp_path / "other", classes=3, train_per_class=1, val_per_class=1, size=20)
+    with pytest.raises(DataError, match=r"other classes for its split\(s\) \['train'\]"):
+        prepare(other / "val", dst, settings, workers=1, split="val", progress=False)

@@ -353,12 +353,12 @@ def _merge_index(
     splits: dict[str, dict] = {}
     if old is not None and old.get("format") == INDEX_FORMAT:
         # Splits prepared by an earlier call (e.g. `--split val` from another folder) stay listed.
-        if old.get("classes") != classes:
-            raise DataError(
-                f"{dst}/{INDEX_NAME} lists other classes than {len(classes)} found now: "
-                "prepare every split of one dataset with the same class folders"
-            )
         splits = {k: v for k, v in old.get("splits", {}).items() if k not in plans}
+        if splits and old.get("classes") != classes:
+            raise DataError(
+                f"{dst}/{INDEX_NAME} lists other classes for its split(s) {sorted(splits)} than the "
+                f"{len(classes)} found now: prepare every split of one dataset with the same class folders"
+            )
     for name, tasks in plans.items():
         shards = [{k: records[t.name][k] for k in ("name", "count", "sha256", "bytes")} for t in tasks]
         splits[name] = {
