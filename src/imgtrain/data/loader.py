@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader
@@ -13,8 +14,10 @@ from ..config import DataConfig
 from .embedded import ensure_digits
 from .folder import DataError, ImageFolderDataset, SampleRef, collate, scan_classes
 from .sampler import ShardedBatchSampler, eval_shard
-from .shard_cache import ShardSource
 from .transforms import eval_transform, train_transform
+
+if TYPE_CHECKING:
+    from .shard_cache import ShardSource
 
 log = logging.getLogger(__name__)
 
