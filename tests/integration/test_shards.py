@@ -15,7 +15,9 @@ from test_object_store import _env, s3_server  # noqa: F401 - the moto server fi
 
 pytestmark = pytest.mark.integration
 
-QUICKSTART_EPOCHS = 3
+# The quickstart recipe as it is (5 epochs, 99.2% on the folder). Measured on shards with 3 epochs: 98.1%
+# and 96.1% in two runs, not a reliable margin over 97%.
+QUICKSTART_EPOCHS = 5
 
 
 @pytest.mark.slow
@@ -36,10 +38,10 @@ def test_quickstart_on_prepared_shards_reaches_97_percent_and_counts_a_corrupt_m
 
     out = tmp_path / "run"
     proc = run_cli(["train", "--output-dir", str(out), f"data.root={shards}", "data.format=shards",
-                    f"training.epochs={QUICKSTART_EPOCHS}", "training.progress_bar=false"], timeout=600)
+                    "training.progress_bar=false"], timeout=600)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["val_top1"] >= 97.0, summary
-    assert summary["val_images"] == 360
+    assert summary["val_images"] == 360 and summary["epochs"] == QUICKSTART_EPOCHS
     # The garbled member: named, weight 0, counted once per epoch (1 of 1437 is within max_bad_fraction).
     assert f"skipping unreadable sample {shard}:{member.name}" in proc.stderr
     records = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "train"]
