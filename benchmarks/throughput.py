@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="JPEGs to generate (raised to batch*(warmup+steps) so a round reads one epoch)")
     p.add_argument("--source-size", type=int, default=96, help="side of the generated JPEGs (pixels)")
     p.add_argument("--no-loader-only", action="store_true", help="skip the loader-alone variant")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra imgtrain config override, e.g. data.decoder=pil (repeatable)")
     p.add_argument("--out", type=Path, default=default_out("throughput"), help="result JSON")
     p.add_argument("--verbose", action="store_true", help="keep imgtrain's INFO logging")
     args = p.parse_args(argv)
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"model.width={args.width}", f"data.root={root}", f"data.image_size={args.image_size}",
             f"data.workers={args.workers}", f"data.prefetch_factor={args.prefetch}",
             f"training.batch_size={args.batch}", "training.warmup_epochs=0", "training.epochs=1000",
-            "training.base_lr=0.01", f"output_dir={tmp_path / 'run'}",
+            "training.base_lr=0.01", f"output_dir={tmp_path / 'run'}", *args.override,
         ]
         trainer = make_trainer(overrides, args.verbose)
         try:

@@ -35,6 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True,
                    help="a checkpoint directory, its checkpoints/ folder (newest good one), or model.pt")
     _add_common(e)
+    pr = sub.add_parser("prepare", help="ImageFolder tree -> WebDataset tar shards + index.json, for data.format=shards")
+    pr.add_argument("src", help="ImageFolder root: with train/ and/or val/, else one split (see --split)")
+    pr.add_argument("dst", help="output folder or fsspec URL (s3://bucket/prefix, gs://...)")
+    pr.add_argument("--max-side", type=int, default=320, help="longer image side after re-encoding (default 320)")
+    pr.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
+    pr.add_argument("--shard-size", default="500MB", help="target shard size (default 500MB)")
+    pr.add_argument("--samples-per-shard", type=int, help="fix the source files per shard instead")
+    pr.add_argument("--workers", type=int, help="worker processes (default: all CPUs)")
+    pr.add_argument("--split", help="write SRC as this one split (e.g. val) into DST's index")
+    pr.add_argument("--storage-options", default="{}", help="fsspec options for DST as YAML/JSON, e.g. "
+                                                            "'{client_kwargs: {endpoint_url: http://...}}'")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
     s = sub.add_parser("rendezvous-store",
                        help="serve a standalone c10d rendezvous store (for torchrun agents with is_host=false)")
     s.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all)")
@@ -119,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "find-batch-size":
             cfg = load_config(args.config or DEFAULT_RECIPE, _overrides(args))
             return _run(_find_batch_size, (cfg, args))
+        if args.command == "prepare":
+            if rest:
+                parser.error(f"prepare takes no overrides: {' '.join(rest)}")
+            return _run(_prepare, (parser, args))
         if args.command == "train":
             # Validated before torch is even imported: a typo is reported at once.
             cfg = load_config(args.config or DEFAULT_RECIPE, _overrides(args))
@@ -269,6 +285,32 @@ def _find_batch_size(cfg_args) -> int:
     summary = report(cfg, result, world, args.pick, out)
     if args.json:
         print(json.dumps(summary))
+
+
+def _prepare(parser_args: tuple[argparse.ArgumentParser, argparse.Namespace]) -> int:
+    import yaml
+
+    from .data.prepare import PrepareSettings, parse_size, prepare
+
+    parser, args = parser_args
+    try:
+        settings = PrepareSettings(max_side=args.max_side, quality=args.quality,
+                                   shard_size=parse_size(args.shard_size), samples_per_shard=args.samples_per_shard)
+        options = yaml.safe_load(args.storage_options)
+    except (ValueError, yaml.YAMLError) as e:
+        parser.error(str(e))
+    if not isinstance(options, dict):
+        parser.error(f"--storage-options: expected a mapping, got {args.storage_options!r}")
+    for name, v, low in (("--max-side", args.max_side, 8), ("--quality", args.quality, 1),
+                         ("--samples-per-shard", args.samples_per_shard, 1), ("--workers", args.workers, 1)):
+        if v is not None and v < low:
+            parser.error(f"{name} must be >= {low}, got {v}")
+    if args.quality > 100:
+        parser.error(f"--quality must be <= 100, got {args.quality}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    index = prepare(args.src, args.dst, settings, args.workers, args.split, options, not args.no_progress)
+    print(json.dumps({name: {"samples": sp["samples"], "shards": len(sp["shards"]), "skipped": len(sp["skipped"])}
+                      for name, sp in index["splits"].items()}))
     return 0
 
 

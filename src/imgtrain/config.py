@@ -85,6 +85,21 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     max_bad_fraction: float = 0.001
     """Stop with an error once more than this fraction of a split's files failed to decode."""
+    decoder: Literal["simplejpeg_fast", "simplejpeg", "opencv", "torchvision", "pil"] = "simplejpeg_fast"
+    """JPEG decoder of the CPU path (measurements in docs/decode.md): simplejpeg_fast (fast IDCT and chroma
+    upsampling, within the tested tolerance), simplejpeg, opencv, torchvision, or pil (the reference). Files
+    that are not JPEGs decode with PIL; a decoder whose library is missing falls back to the next fastest."""
+    decode: Literal["cpu", "gpu"] = "cpu"
+    """Where training images are decoded: cpu (loader workers), or gpu (CUDA only: workers read the bytes,
+    nvJPEG decodes the batch, crops/flips/resizes run on the GPU; see docs/decode.md)."""
+    format: Literal["folder", "shards"] = "folder"
+    """folder: an ImageFolder tree; shards: the output of ``imgtrain prepare`` (a folder or s3://, gs:// URL)."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """Passed to fsspec for a data.root URL (e.g. {client_kwargs: {endpoint_url: ...}})."""
+    cache_dir: str | None = None
+    """Node-local cache of shards read from an object store; None: $IMGTRAIN_DATA_HOME/shard-cache."""
+    cache_size_gb: float = 200.0
+    """Size limit of that cache (least recently used shards are evicted above it)."""
 
     def validate(self, p: str) -> None:
         _check(self.image_size >= 8, f"{p}.image_size", self.image_size, "an integer >= 8")
@@ -107,6 +122,11 @@ class DataConfig:
             v = getattr(self, k)
             _check(len(v) == 3, f"{p}.{k}", v, "a list of 3 numbers (RGB)")
         _check(all(x > 0 for x in self.std), f"{p}.std", self.std, "positive numbers")
+        _check(self.format == "shards" or self.root is None or "://" not in self.root, f"{p}.root",
+               self.root, "a local ImageFolder directory (a URL needs data.format=shards)")
+        _check(self.format == "folder" or self.root is not None, f"{p}.root", self.root,
+               "the output of `imgtrain prepare` when data.format=shards")
+        _check(self.cache_size_gb > 0, f"{p}.cache_size_gb", self.cache_size_gb, "a number of GB > 0")
 
 
 @dataclass

@@ -24,6 +24,8 @@ from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from .comm_hooks import Compression, create_compression
 from .config import Config, dump_config
 from .data import DataBundle, DataError, build_data
+from .data.prefetch import device_batches
+from .data.shard_cache import cache_record
 from .data.transforms import DeviceNormalize, batch_mix
 from .evaluate import EvalResult, evaluate_model
 from .fault import PreemptionHandler, Watchdog
@@ -400,6 +402,10 @@ class Trainer:
                 epoch = self.progress.epoch  # the epoch just completed (0-based)
                 if (epoch + 1) % cfg.training.eval_interval == 0 or epoch + 1 == cfg.training.epochs:
                     self.evaluate_and_log(epoch)
+                if self.data.cache is not None:  # shards on an object store: how often the local copy served
+                    counts = torch.tensor(self.data.cache.take_counts(), dtype=torch.float64)
+                    hits, misses, nbytes = D.all_reduce_sum(counts.to(D.comm_device(self.info)), self.info).tolist()
+                    self._emit(cache_record(epoch + 1, self.progress.step, int(hits), int(misses), int(nbytes)))
                 self.progress.epoch += 1
                 self.data.train_sampler.state.epoch = self.progress.epoch
                 self.data.train_sampler.state.consumed = 0
@@ -428,7 +434,8 @@ class Trainer:
         sampler.state.epoch = self.progress.epoch
         n = len(self.data.train_set)
         self.model.train()
-        it, sizes = iter(self.data.train_loader), sampler.global_sizes()
+        it = device_batches(self.data.train_loader, info.device, self.data.train_batch_transform)
+        sizes = sampler.global_sizes()
         total_steps = math.ceil(sampler.steps_per_epoch() / self.accumulation)
         done_steps = math.ceil(sampler.state.consumed / (sampler.global_batch * self.accumulation))
         self.bar.start_epoch(self.progress.epoch, cfg.training.epochs, total_steps, done_steps)

@@ -56,6 +56,17 @@ def data_dir(tmp_path_factory) -> Path:
                              train_per_class=TRAIN_PER_CLASS, val_per_class=2, size=64)
 
 
+@pytest.fixture(scope="module")
+def shard_dir(data_dir, tmp_path_factory) -> Path:
+    """data_dir through `imgtrain prepare`: its small JPEGs are stored byte for byte, so a run on the shards
+    must match the ImageFolder reference run bit for bit."""
+    from imgtrain.data.prepare import PrepareSettings, prepare
+
+    dst = tmp_path_factory.mktemp("ft") / "shards"
+    prepare(data_dir, str(dst), PrepareSettings(samples_per_shard=50), workers=2, progress=False)
+    return dst
+
+
 def slow_args(data: Path, out: Path, world: int, *extra: str) -> list[str]:
     """A deterministic 3-epoch run with a mid-epoch checkpoint every 6 steps."""
     return ["train", "--output-dir", str(out), f"data.root={data}", *TINY, "data.image_size=64",
@@ -235,9 +246,14 @@ def no_traceback(text: str) -> None:
 
 
 @pytest.mark.slow
-def test_kill9_worker_under_torchrun_restarts_and_matches_uninterrupted(data_dir, tmp_path, runs, reference):
+@pytest.mark.parametrize("data_format", ["folder", "shards"])
+def test_kill9_worker_under_torchrun_restarts_and_matches_uninterrupted(data_dir, tmp_path, runs, reference,
+                                                                        data_format, request):
     out = tmp_path / "killed"
-    run = runs(torchrun_cmd(2, slow_args(data_dir, out, 2), ["--max-restarts=3"]), out)
+    data, extra = data_dir, []
+    if data_format == "shards":  # the same images as prepared shards, read by a loader worker per rank
+        data, extra = request.getfixturevalue("shard_dir"), ["data.format=shards", "data.workers=1"]
+    run = runs(torchrun_cmd(2, slow_args(data, out, 2, *extra), ["--max-restarts=3"]), out)
     # In epoch 2 (steps 21-40), past its first mid-epoch checkpoint (step 24 = 4 steps into the epoch).
     wait_until(lambda: last_step(out) >= 26 and published(out, 24), "step 26 and checkpoint 24", run)
     run.worker_with_rank(1).kill()

@@ -1,4 +1,4 @@
-"""ImageFolder-style dataset that decodes with torchvision.io and survives bad files."""
+"""ImageFolder-style dataset that hands each file's bytes to the decoding transform and survives bad files."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torchvision.io import ImageReadMode, decode_image
+
+from .decode import create_decoder, decode_full
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ def scan_samples(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
 class ImageFolderDataset(torch.utils.data.Dataset):
     """``root/<class>/<file>`` -> (uint8 CHW tensor, label, weight, bad path or "").
 
+    ``transform`` takes the file's encoded bytes (see :mod:`imgtrain.data.decode`), so that the decode can
+    be fused with the crop; without one the image is decoded at full size.
+
     Decoding and augmentation stay in uint8 (cheap to move between processes); normalization happens on
     the device. A file that fails to decode yields a zero image with weight 0 and its path, so that the
     main process can name it, count it and drop it from the batch: one bad JPEG never stops a run.
@@ -73,6 +77,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.seed = seed
         self.image_size = image_size
+        self.decoder = create_decoder("pil")  # only without a transform (full-size decode)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -82,11 +87,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             ref = SampleRef(int(ref))
         path, label = self.samples[ref.index]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + ref.epoch) * 10_000_019 + ref.index)
+            # The CPU generator only: torch.manual_seed would also queue a lazy seeding of every
+            # accelerator backend, formatting a stack trace each time (milliseconds per sample).
+            torch.default_generator.manual_seed((self.seed * 1_000_003 + ref.epoch) * 10_000_019 + ref.index)
             try:
-                img = decode_image(path, mode=ImageReadMode.RGB)
-                if self.transform is not None:
-                    img = self.transform(img)
+                with open(path, "rb") as f:
+                    data = f.read()
+                img = self.transform(data) if self.transform is not None else decode_full(self.decoder, data)
             except Exception as e:  # noqa: BLE001 - any decode failure is a bad file, by design
                 log.warning("skipping unreadable image %s: %s", path, e)
                 return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), label, 0.0, path

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader
@@ -12,9 +14,13 @@ from torch.utils.data import DataLoader
 from ..config import DataConfig
 from .embedded import ensure_digits
 from .folder import DataError, ImageFolderDataset, SampleRef, collate, scan_classes
+from .gpu_decode import GpuBatchDecoder, GpuTrainPlan, check_gpu_decode, gpu_collate
 from .sampler import ShardedBatchSampler, eval_shard
 from .shm import check_shared_memory
 from .transforms import eval_transform, train_transform
+
+if TYPE_CHECKING:
+    from .shard_cache import ShardSource
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +28,14 @@ log = logging.getLogger(__name__)
 @dataclass
 class DataBundle:
     classes: list[str]
-    train_set: ImageFolderDataset
+    train_set: ImageFolderDataset  # or shards.ShardDataset (same interface)
     val_set: ImageFolderDataset
     train_sampler: ShardedBatchSampler
     train_loader: DataLoader
     val_loader: DataLoader
+    train_batch_transform: Callable | None = None
+    """Applied to each training batch in the main process before it is used (GPU decode), or None."""
+    cache: ShardSource | None = None  # shards on an object store: the node-local cache, for its hit counts
 
     @property
     def num_classes(self) -> int:
@@ -64,6 +73,16 @@ class _RefList(torch.utils.data.Sampler):
 
 def build_data(cfg: DataConfig, batch_size: int, rank: int, world_size: int, seed: int,
                device: torch.device, eval_batch_size: int | None = None) -> DataBundle:
+    check_gpu_decode(cfg, device)
+    gpu = cfg.decode == "gpu"
+    # GPU decode: the workers only read the bytes and draw the crops; the batch is decoded on the device.
+    train_tf = GpuTrainPlan(cfg) if gpu else train_transform(cfg)
+    if cfg.format == "shards":
+        from .shards import build_shard_sets
+
+        train_set, val_set, cache = build_shard_sets(cfg, train_tf, eval_transform(cfg), seed)
+        return _bundle(cfg, train_set, val_set, batch_size, rank, world_size, seed, device, eval_batch_size,
+                       cache if cache.remote else None)
     root = resolve_data_root(cfg)
     train_classes = scan_classes(root / "train")
     val_classes = scan_classes(root / "val")
@@ -72,16 +91,24 @@ def build_data(cfg: DataConfig, batch_size: int, rank: int, world_size: int, see
         only_val = sorted(set(val_classes) - set(train_classes))
         raise DataError(f"class folders differ between {root / 'train'} and {root / 'val'}: "
                         f"only in train: {only_train[:10]}, only in val: {only_val[:10]}")
-    train_set = ImageFolderDataset(root / "train", train_classes, train_transform(cfg), seed=seed,
+    train_set = ImageFolderDataset(root / "train", train_classes, train_tf, seed=seed,
                                    image_size=cfg.image_size)
     val_set = ImageFolderDataset(root / "val", val_classes, eval_transform(cfg), seed=seed,
                                  image_size=cfg.image_size)
+    return _bundle(cfg, train_set, val_set, batch_size, rank, world_size, seed, device, eval_batch_size)
+
+
+def _bundle(cfg: DataConfig, train_set, val_set, batch_size: int, rank: int, world_size: int, seed: int,
+            device: torch.device, eval_batch_size: int | None, cache=None) -> DataBundle:
+    gpu = cfg.decode == "gpu"
     sampler = ShardedBatchSampler(len(train_set), batch_size, rank, world_size, seed)
     check_shared_memory(cfg, batch_size)
     kw = _loader_kwargs(cfg, device)
-    train_loader = DataLoader(train_set, batch_sampler=sampler, **kw)
+    train_kw = kw | {"collate_fn": gpu_collate} if gpu else kw
+    train_loader = DataLoader(train_set, batch_sampler=sampler, **train_kw)
     val_loader = DataLoader(val_set, batch_size=eval_batch_size or batch_size,
                             sampler=_RefList(eval_shard(len(val_set), rank, world_size)), **kw)
-    log.info("data: %s, %d classes, %d train / %d val images", root, len(train_classes), len(train_set),
-             len(val_set))
-    return DataBundle(train_classes, train_set, val_set, sampler, train_loader, val_loader)
+    log.info("data: %s, %d classes, %d train / %d val images", train_set.split_dir, len(train_set.classes),
+             len(train_set), len(val_set))
+    return DataBundle(train_set.classes, train_set, val_set, sampler, train_loader, val_loader,
+                      GpuBatchDecoder(cfg.image_size, device) if gpu else None, cache)

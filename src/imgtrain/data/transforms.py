@@ -1,4 +1,4 @@
-"""Train/eval transforms on uint8 tensors (torchvision.transforms.v2) and on-device normalization."""
+"""Train/eval transforms from encoded bytes to uint8 tensors (torchvision.transforms.v2) and on-device normalization."""
 
 from __future__ import annotations
 
@@ -6,13 +6,12 @@ import torch
 from torchvision.transforms import v2
 
 from ..config import DataConfig
+from .decode import create_decoder, decode_eval, decode_train
 
 
-def train_transform(cfg: DataConfig) -> v2.Compose:
-    t: list = [v2.RandomResizedCrop(cfg.image_size, scale=tuple(cfg.random_resized_crop_scale),
-                                    antialias=True)]
-    if cfg.hflip > 0:
-        t.append(v2.RandomHorizontalFlip(cfg.hflip))
+def augment_tail(cfg: DataConfig) -> v2.Compose | None:
+    """The augmentations that run on the uint8 crop after the fused decode + crop + flip."""
+    t: list = []
     if cfg.auto_augment == "randaugment":
         t.append(v2.RandAugment(magnitude=cfg.randaugment_magnitude))
     elif cfg.auto_augment == "trivialaugment":
@@ -20,15 +19,48 @@ def train_transform(cfg: DataConfig) -> v2.Compose:
     if cfg.random_erase > 0:
         # On uint8 the erased patch is zeros: the black that normalization later maps to -mean/std.
         t.append(v2.RandomErasing(p=cfg.random_erase, value=0))
-    return v2.Compose(t)
+    return v2.Compose(t) if t else None
+
+
+class TrainTransform:
+    """Encoded bytes -> training sample (uint8 CHW): RandomResizedCrop + flip fused with the decode
+    (:func:`decode.decode_train`), then :func:`augment_tail`. Draws from the global torch RNG, which the
+    dataset seeds per (seed, epoch, index)."""
+
+    def __init__(self, cfg: DataConfig):
+        self.decoder = create_decoder(cfg.decoder)
+        self.size = cfg.image_size
+        self.scale = (cfg.random_resized_crop_scale[0], cfg.random_resized_crop_scale[1])
+        self.hflip = cfg.hflip
+        self.tail = augment_tail(cfg)
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        img = decode_train(data, self.decoder, self.size, self.scale, self.hflip)
+        return self.tail(img) if self.tail is not None else img
+
+
+class EvalTransform:
+    """Encoded bytes -> eval sample: shorter side resized to ``eval_resize``, center crop ``image_size``."""
+
+    def __init__(self, cfg: DataConfig):
+        self.decoder = create_decoder(cfg.decoder)
+        self.resize = eval_resize(cfg)
+        self.size = cfg.image_size
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        return decode_eval(data, self.decoder, self.resize, self.size)
+
+
+def train_transform(cfg: DataConfig) -> TrainTransform:
+    return TrainTransform(cfg)
 
 
 def eval_resize(cfg: DataConfig) -> int:
     return cfg.val_resize if cfg.val_resize is not None else int(round(cfg.image_size / 0.875))
 
 
-def eval_transform(cfg: DataConfig) -> v2.Compose:
-    return v2.Compose([v2.Resize(eval_resize(cfg), antialias=True), v2.CenterCrop(cfg.image_size)])
+def eval_transform(cfg: DataConfig) -> EvalTransform:
+    return EvalTransform(cfg)
 
 
 class DeviceNormalize(torch.nn.Module):

@@ -1,0 +1,429 @@
+"""Encoded image bytes -> uint8 CHW tensor, with the training crop chosen before anything is resized.
+
+The reference training transform (torchvision's classification preset) decodes the whole JPEG with PIL,
+then RandomResizedCrop resizes the crop. Here the crop window is drawn first from the JPEG header (same
+sampling as ``torchvision.transforms.RandomResizedCrop.get_params``), the image is decoded by a fast
+library -- at a DCT-reduced size when the crop is at least twice the output -- and only the crop is
+resized, by an antialiased resize (OpenCV INTER_AREA to shrink, INTER_LINEAR to enlarge). The result is
+a uint8 tensor: float conversion and normalization happen on the device (``DeviceNormalize``).
+
+Decoders (``data.decoder``): ``pil`` (the reference, also the fallback for anything that is not a JPEG),
+``simplejpeg`` (libjpeg-turbo), ``opencv`` (``cv2.imdecode``), ``torchvision`` (``torchvision.io``). Their
+measured speed and their distance from the reference are in docs/decode.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+log = logging.getLogger(__name__)
+
+DecoderName = Literal["pil", "simplejpeg", "simplejpeg_fast", "opencv", "torchvision"]
+# Tried in this order when the configured decoder's library is missing (fastest first, as measured).
+FALLBACK_ORDER: tuple[str, ...] = ("simplejpeg_fast", "simplejpeg", "opencv", "torchvision", "pil")
+DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+JPEG_MAGIC = b"\xff\xd8"
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """A window in the source image's pixel coordinates."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+@functools.lru_cache(maxsize=8)
+def _log_ratio(ratio: tuple[float, float]) -> tuple[float, float]:
+    # torchvision computes it in float32 on every call; cached, with the same float32 values
+    lr = torch.log(torch.tensor(ratio))
+    return float(lr[0]), float(lr[1])
+
+
+def sample_crop(
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float] = DEFAULT_RATIO,
+    generator: torch.Generator | None = None,
+) -> CropBox:
+    """torchvision's ``RandomResizedCrop.get_params``, draw for draw (so that with ``generator=None``
+    it consumes the global RNG exactly as torchvision does), with an optional generator."""
+    area = height * width
+    log_ratio = _log_ratio(tuple(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            i = torch.randint(0, height - h + 1, size=(1,), generator=generator).item()
+            j = torch.randint(0, width - w + 1, size=(1,), generator=generator).item()
+            return CropBox(int(i), int(j), h, w)
+    # Fallback to a central crop, as torchvision does.
+    in_ratio = float(width) / float(height)
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w, h = width, height
+    return CropBox((height - h) // 2, (width - w) // 2, h, w)
+
+
+def reduced_size(height: int, width: int, box: CropBox, out_h: int, out_w: int) -> tuple[int, int] | None:
+    """The smallest full-image size (h, w) at which ``box`` still covers ``out_h x out_w`` pixels, when a
+    DCT-scaled decode (1/2 and less) can deliver it, i.e. when the crop is at least twice the output in
+    both directions; else None (decode at full size)."""
+    if box.height < 2 * out_h or box.width < 2 * out_w:
+        return None
+    return math.ceil(height * out_h / box.height), math.ceil(width * out_w / box.width)
+
+
+@functools.cache
+def _cv2():
+    import cv2
+
+    # The loader parallelises over worker processes; OpenCV's own thread pool in every worker would
+    # oversubscribe the cores (torch likewise runs one thread per worker).
+    cv2.setNumThreads(1)
+    return cv2
+
+
+@functools.cache
+def _simplejpeg():
+    import simplejpeg
+
+    return simplejpeg
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoders: header size, and decode (optionally to a reduced size) to an RGB array.
+
+
+class BaseDecoder:
+    """Decodes to an HWC numpy array and resizes with OpenCV; PIL decodes anything that is not a JPEG.
+
+    Subclasses override ``decode`` (and the image primitives when they work on another image type)."""
+
+    name = "base"
+
+    def size(self, data: bytes) -> tuple[int, int]:
+        """(height, width) from the header, without decoding the pixels."""
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:
+            return im.height, im.width
+
+    def decode(self, data: bytes, min_size: tuple[int, int] | None = None):
+        """RGB image, DCT-reduced to at least ``min_size`` (h, w) where the format allows it."""
+        return np.asarray(pil_decode(data, min_size))
+
+    # Image primitives on what decode() returns.
+    def dims(self, img) -> tuple[int, int]:
+        return img.shape[0], img.shape[1]
+
+    def crop(self, img, b: CropBox):
+        return img[b.top : b.top + b.height, b.left : b.left + b.width]
+
+    def resize(self, img, h: int, w: int):
+        return resize_hwc(img, h, w)
+
+    def resize_window(self, img, window: tuple[float, float, float, float], h: int, w: int):
+        """Resize the fractional ``window`` (left, top, right, bottom) to h x w (Pillow: exact geometry)."""
+        from PIL import Image
+
+        return np.array(Image.fromarray(np.ascontiguousarray(img)).resize((w, h), Image.BILINEAR, box=window))
+
+    def hflip(self, img):
+        return _cv2().flip(img, 1)  # contiguous output; numpy's [:, ::-1] copy is several times slower
+
+    def to_tensor(self, img) -> torch.Tensor:
+        return _planar(img)
+
+
+def _planar(img: np.ndarray, reverse: bool = False) -> torch.Tensor:
+    """HWC -> contiguous CHW tensor. cv2.split is ~3x faster than a strided copy (torch's permute +
+    contiguous, or the collate stacking permuted views), which cost as much as the resize."""
+    try:
+        planes = _cv2().split(np.ascontiguousarray(img))
+    except ImportError:  # the pil/torchvision decoders do not need OpenCV otherwise
+        planes = [img[:, :, c] for c in range(img.shape[2])]
+    return torch.from_numpy(np.stack(planes[::-1] if reverse else planes))
+
+
+def pil_decode(data: bytes, min_size: tuple[int, int] | None = None):
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(data))
+    if min_size is not None and im.format == "JPEG":
+        im.draft("RGB", (min_size[1], min_size[0]))  # libjpeg's DCT scaling, size >= requested
+    return im.convert("RGB")
+
+
+class PilDecoder(BaseDecoder):
+    """The reference: Pillow decodes, crops and resizes (bilinear, antialiased), as torchvision's
+    transforms do on PIL images."""
+
+    name = "pil"
+
+    def decode(self, data: bytes, min_size: tuple[int, int] | None = None):
+        return pil_decode(data, min_size)
+
+    def dims(self, img) -> tuple[int, int]:
+        return img.height, img.width
+
+    def crop(self, img, b: CropBox):
+        return img.crop((b.left, b.top, b.left + b.width, b.top + b.height))
+
+    def resize(self, img, h: int, w: int):
+        from PIL import Image
+
+        return img if (img.height, img.width) == (h, w) else img.resize((w, h), Image.BILINEAR)
+
+    def resize_window(self, img, window: tuple[float, float, float, float], h: int, w: int):
+        from PIL import Image
+
+        return img.resize((w, h), Image.BILINEAR, box=window)
+
+    def hflip(self, img):
+        from PIL import Image
+
+        return img.transpose(Image.FLIP_LEFT_RIGHT)
+
+    def to_tensor(self, img) -> torch.Tensor:
+        return super().to_tensor(np.asarray(img))
+
+
+class SimplejpegDecoder(BaseDecoder):
+    name = "simplejpeg"
+    flags: dict = {}
+
+    def __init__(self):
+        # Fail here (and fall back) when simplejpeg, or OpenCV for the resize, is missing.
+        _simplejpeg()
+        _cv2()
+
+    def size(self, data: bytes) -> tuple[int, int]:
+        if data[:2] == JPEG_MAGIC:
+            try:
+                h, w, _, _ = _simplejpeg().decode_jpeg_header(data)
+                return h, w
+            except ValueError:
+                pass
+        return super().size(data)
+
+    def decode(self, data: bytes, min_size: tuple[int, int] | None = None):
+        if data[:2] == JPEG_MAGIC:
+            try:
+                if min_size is None:
+                    return _simplejpeg().decode_jpeg(data, colorspace="RGB", **self.flags)
+                # min_factor=2: factors between 1 and 2 decode slower than a full decode
+                return _simplejpeg().decode_jpeg(
+                    data,
+                    colorspace="RGB",
+                    min_height=min_size[0],
+                    min_width=min_size[1],
+                    min_factor=2,
+                    **self.flags,
+                )
+            except ValueError:
+                pass  # e.g. CMYK JPEGs, which libjpeg-turbo cannot convert to RGB: PIL can
+        return super().decode(data, min_size)
+
+
+class SimplejpegFastDecoder(SimplejpegDecoder):
+    """simplejpeg with libjpeg-turbo's fast integer IDCT and nearest-neighbour chroma upsampling: faster,
+    slightly further from the reference (still within the tested tolerance; docs/decode.md)."""
+
+    name = "simplejpeg_fast"
+    flags = {"fastdct": True, "fastupsample": True}
+
+
+class OpencvDecoder(BaseDecoder):
+    """``cv2.imdecode`` (BGR), OpenCV resize, RGB at the end."""
+
+    name = "opencv"
+
+    def __init__(self):
+        _cv2()
+
+    def decode(self, data: bytes, min_size: tuple[int, int] | None = None):
+        if data[:2] == JPEG_MAGIC:
+            cv2 = _cv2()
+            flag = cv2.IMREAD_COLOR
+            if min_size is not None:
+                h, w = self.size(data)
+                for f, reduced in (
+                    (8, cv2.IMREAD_REDUCED_COLOR_8),
+                    (4, cv2.IMREAD_REDUCED_COLOR_4),
+                    (2, cv2.IMREAD_REDUCED_COLOR_2),
+                ):
+                    if h // f >= min_size[0] and w // f >= min_size[1]:
+                        flag = reduced
+                        break
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), flag | cv2.IMREAD_IGNORE_ORIENTATION)
+            if img is not None:
+                return img
+        return np.ascontiguousarray(super().decode(data, min_size)[:, :, ::-1])
+
+    # OpenCV's images stay BGR until the final, small crop: reversing the channels of the full image first
+    # would hand cv2.resize a negative-stride array, which it copies whole.
+    def to_tensor(self, img) -> torch.Tensor:
+        return _planar(img, reverse=True)
+
+
+class TorchvisionDecoder(BaseDecoder):
+    """torchvision.io (libjpeg-turbo / libpng) to a CHW tensor, resized by torchvision's uint8 kernels.
+    No DCT-scaled decode: torchvision.io.decode_jpeg has no scale option."""
+
+    name = "torchvision"
+
+    def decode(self, data: bytes, min_size: tuple[int, int] | None = None):
+        from torchvision.io import ImageReadMode, decode_image
+
+        try:
+            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError:
+            return super().to_tensor(super().decode(data))
+
+    def dims(self, img) -> tuple[int, int]:
+        return img.shape[-2], img.shape[-1]
+
+    def crop(self, img, b: CropBox):
+        return img[:, b.top : b.top + b.height, b.left : b.left + b.width]
+
+    def resize(self, img, h: int, w: int):
+        return img if self.dims(img) == (h, w) else TF.resize(img, [h, w], antialias=True)
+
+    def hflip(self, img):
+        return img.flip(-1)
+
+    def to_tensor(self, img) -> torch.Tensor:
+        return img
+
+
+DECODERS: dict[str, type[BaseDecoder]] = {
+    "pil": PilDecoder,
+    "simplejpeg": SimplejpegDecoder,
+    "simplejpeg_fast": SimplejpegFastDecoder,
+    "opencv": OpencvDecoder,
+    "torchvision": TorchvisionDecoder,
+}
+
+
+def create_decoder(name: str) -> BaseDecoder:
+    """The named decoder, or (with a warning) the fastest one whose library is installed."""
+    try:
+        return DECODERS[name]()
+    except ImportError as e:
+        for other in FALLBACK_ORDER:
+            if other == name:
+                continue
+            try:
+                dec = DECODERS[other]()
+            except ImportError:
+                continue
+            log.warning("data.decoder=%s is not available (%s); decoding with %s instead", name, e, other)
+            return dec
+        raise  # unreachable: PIL is a core dependency
+
+
+# --------------------------------------------------------------------------------------------------
+# Crop + resize on whatever the decoder returned.
+
+
+def resize_hwc(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Antialiased resize with OpenCV: INTER_AREA to shrink, INTER_LINEAR to enlarge, one axis at a time
+    when one shrinks and the other grows (INTER_AREA does not antialias a mixed resize)."""
+    cv2 = _cv2()
+    h, w = img.shape[:2]
+    if (h, w) == (out_h, out_w):
+        return img
+    if out_h <= h and out_w <= w:
+        return cv2.resize(img, (out_w, out_h), interpolation=cv2.INTER_AREA)
+    if out_h >= h and out_w >= w:
+        return cv2.resize(img, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+    if out_w < w:
+        img = cv2.resize(img, (out_w, h), interpolation=cv2.INTER_AREA)
+    else:
+        img = cv2.resize(img, (w, out_h), interpolation=cv2.INTER_AREA)
+    return cv2.resize(img, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+
+
+def crop_resize(
+    decoder: BaseDecoder,
+    data: bytes,
+    size: tuple[int, int],
+    box: CropBox,
+    full: tuple[int, int] | None = None,
+    flip: bool = False,
+) -> torch.Tensor:
+    """Decode ``data`` and return ``box`` (full-size coordinates) resized to ``size`` (h, w) as a uint8 CHW
+    tensor, mirrored left-right if ``flip``. ``full`` is the header size (h, w) when already known."""
+    full = full or decoder.size(data)
+    img = decoder.decode(data, reduced_size(full[0], full[1], box, size[0], size[1]))
+    got = decoder.dims(img)
+    if got == full:
+        img = decoder.resize(decoder.crop(img, box), size[0], size[1])
+    else:
+        # DCT-reduced: the window falls between the reduced image's pixels; an integer crop there would
+        # shift it by up to a full-size pixel per reduction step, so resize the exact fractional window.
+        sy, sx = got[0] / full[0], got[1] / full[1]
+        window = (box.left * sx, box.top * sy, (box.left + box.width) * sx, (box.top + box.height) * sy)
+        img = decoder.resize_window(img, window, size[0], size[1])
+    return decoder.to_tensor(decoder.hflip(img) if flip else img)
+
+
+def decode_full(decoder: BaseDecoder, data: bytes) -> torch.Tensor:
+    return decoder.to_tensor(decoder.decode(data))
+
+
+def eval_box(height: int, width: int, resize: int, crop: int) -> tuple[tuple[int, int], CropBox]:
+    """torchvision's Resize(shorter side = resize) then CenterCrop(crop): the resized size (h, w) and the
+    crop window in the resized image, computed as torchvision computes them."""
+    short, long = (height, width) if height <= width else (width, height)
+    new_short, new_long = resize, int(resize * long / short)
+    new_h, new_w = (new_short, new_long) if height <= width else (new_long, new_short)
+    top = int(round((new_h - crop) / 2.0))
+    left = int(round((new_w - crop) / 2.0))
+    return (new_h, new_w), CropBox(top, left, crop, crop)
+
+
+def decode_train(
+    data: bytes,
+    decoder: BaseDecoder,
+    size: int,
+    scale: tuple[float, float],
+    hflip: float = 0.5,
+    ratio: tuple[float, float] = DEFAULT_RATIO,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """RandomResizedCrop(size, scale, ratio) + RandomHorizontalFlip(hflip), fused with the decode.
+    Randomness comes from ``generator`` (or the global torch RNG): the crop, then one draw for the flip."""
+    full = decoder.size(data)
+    box = sample_crop(full[0], full[1], scale, ratio, generator)
+    flip = hflip > 0 and bool(torch.rand(1, generator=generator).item() < hflip)
+    return crop_resize(decoder, data, (size, size), box, full, flip)
+
+
+def decode_eval(data: bytes, decoder: BaseDecoder, resize: int, crop: int) -> torch.Tensor:
+    """Resize the shorter side to ``resize``, then center-crop ``crop`` x ``crop``."""
+    full = decoder.size(data)
+    (new_h, new_w), box = eval_box(full[0], full[1], resize, crop)
+    # A DCT-reduced decode when the image is at least twice the resized size; the resize target is unchanged.
+    img = decoder.decode(data, reduced_size(full[0], full[1], CropBox(0, 0, full[0], full[1]), new_h, new_w))
+    return decoder.to_tensor(decoder.crop(decoder.resize(img, new_h, new_w), box))

@@ -1,0 +1,220 @@
+"""Map-style dataset over prepared shards (`imgtrain prepare`): random access into WebDataset tar files.
+
+Sample ``i`` of a split is found from the index's per-shard counts; inside the shard, its members are
+located once per process by reading the tar headers (no per-sample table in the index, which would cost
+hundreds of MB per loader worker at ImageNet scale). Because the dataset is indexable, the same
+ShardedBatchSampler as the ImageFolder path drives it: exactly once per epoch across ranks and workers,
+an order that is a function of (seed, epoch), and a mid-epoch position that is one number, so resume is
+exact. Decoding, augmentation seeding and the bad-sample contract are the ImageFolder dataset's.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import torch
+
+from ..config import DataConfig
+from .decode import create_decoder, decode_full
+from .embedded import default_data_home
+from .folder import DataError, SampleRef
+from .prepare import INDEX_FORMAT, INDEX_NAME
+from .shard_cache import ShardSource
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def _decode_sample(data, transform: Callable | None, decoder) -> torch.Tensor:
+    """Encoded image bytes -> the uint8 CHW training tensor, through the ImageFolder path's decoding
+    transform (so a shard sample equals the folder sample it was made from, bit for bit)."""
+    data = bytes(data)
+    return transform(data) if transform is not None else decode_full(decoder, data)
+
+
+def load_index(root: str, storage_options: dict | None = None) -> dict:
+    fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+    url = f"{root.rstrip('/')}/{INDEX_NAME}"
+    try:
+        with fs.open(f"{path.rstrip('/')}/{INDEX_NAME}", "rb") as f:
+            index = json.loads(f.read())
+    except FileNotFoundError:
+        raise DataError(
+            f"data.format=shards but there is no {url}: data.root must be the output of "
+            "`imgtrain prepare` (an unfinished prepare publishes no index; rerun it)"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {url}: {e}") from None
+    if index.get("format") != INDEX_FORMAT:
+        raise DataError(
+            f"{url} is not an imgtrain shard index (format {index.get('format')!r}, "
+            f"expected {INDEX_FORMAT!r})"
+        )
+    return index
+
+
+@dataclass
+class _ShardTable:
+    """Where each sample of one shard lies in its tar file: bytes [start, end) hold its .cls member's
+    data, the image member's header and data; the image data starts at ``img`` and is ``img_size`` long."""
+
+    start: np.ndarray
+    end: np.ndarray
+    img: np.ndarray
+    img_size: np.ndarray
+    cls: np.ndarray  # offset of the .cls data
+    cls_size: np.ndarray
+
+
+def scan_shard(path: str) -> _ShardTable:
+    """Group the members of a WebDataset tar by key (the name up to the first dot of its base name)."""
+    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    with tarfile.open(path, "r:") as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            d, _, base = m.name.rpartition("/")
+            stem, _, ext = base.partition(".")
+            groups.setdefault(f"{d}/{stem}" if d else stem, {})[ext.lower()] = m
+    rows = []
+    for key, members in groups.items():
+        img = next((members[e] for e in IMAGE_EXTS if e in members), None)
+        cls = members.get("cls")
+        if img is None or cls is None:
+            raise DataError(f"{path}: sample {key!r} lacks an image or a .cls member ({sorted(members)})")
+        first = min(img.offset, cls.offset)
+        rows.append(
+            (
+                first,
+                max(img.offset_data + img.size, cls.offset_data + cls.size),
+                img.offset_data,
+                img.size,
+                cls.offset_data,
+                cls.size,
+            )
+        )
+    a = np.array(rows, dtype=np.int64).reshape(-1, 6)
+    return _ShardTable(*(a[:, i].copy() for i in range(6)))
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    """One split of a prepared dataset -> (uint8 CHW tensor, label, weight, bad sample or ""), exactly
+    as :class:`~imgtrain.data.folder.ImageFolderDataset` (same seeding, same bad-sample handling)."""
+
+    def __init__(
+        self,
+        source: ShardSource,
+        index: dict,
+        split: str,
+        transform: Callable | None,
+        seed: int = 0,
+        image_size: int = 224,
+    ):
+        splits = index.get("splits", {})
+        if split not in splits:
+            raise DataError(
+                f"{source.root}/{INDEX_NAME} has no '{split}' split (it has: "
+                f"{', '.join(sorted(splits)) or 'none'}); prepare it with "
+                f"`imgtrain prepare SRC {source.root} --split {split}`"
+            )
+        shards = [s for s in splits[split]["shards"] if s["count"] > 0]
+        if not shards:
+            raise DataError(f"the '{split}' split of {source.root} holds no samples")
+        self.source = source
+        self.classes: list[str] = list(index["classes"])
+        self.split_dir = f"{source.root} ({split} split)"  # named in error messages
+        self.names = [s["name"] for s in shards]
+        self.counts = [int(s["count"]) for s in shards]
+        self.starts = np.cumsum([0, *self.counts[:-1]]).tolist()
+        self.transform = transform
+        self.decoder = create_decoder("pil")  # only without a transform (full-size decode)
+        self.seed = seed
+        self.image_size = image_size
+        self._tables: dict[int, _ShardTable] = {}  # per process: built on first access to a shard
+
+    def __len__(self) -> int:
+        return self.starts[-1] + self.counts[-1]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard number, position in the shard) of a sample."""
+        s = bisect.bisect_right(self.starts, index) - 1
+        return s, index - self.starts[s]
+
+    def _table(self, s: int, path: str) -> _ShardTable:
+        t = self._tables.get(s)
+        if t is None:
+            t = scan_shard(path)
+            if len(t.start) != self.counts[s]:
+                raise DataError(f"{path} holds {len(t.start)} samples, the index says {self.counts[s]}")
+            self._tables[s] = t
+        return t
+
+    def read(self, index: int) -> tuple[bytes, int]:
+        """The stored image bytes and the label of a sample."""
+        s, k = self.locate(index)
+        for attempt in range(2):
+            path = self.source.local_path(self.names[s])
+            try:
+                t = self._table(s, path)
+                start = int(t.start[k])
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    buf = f.read(int(t.end[k]) - start)
+                break
+            except FileNotFoundError:
+                if attempt:  # evicted from the cache between the lookup and the open: fetch it again
+                    raise
+        i, c = int(t.img[k]) - start, int(t.cls[k]) - start
+        return buf[i : i + int(t.img_size[k])], int(buf[c : c + int(t.cls_size[k])])
+
+    def __getitem__(self, ref: SampleRef | int):
+        if not isinstance(ref, SampleRef):
+            ref = SampleRef(int(ref))
+        label = 0
+        with torch.random.fork_rng(devices=[]):
+            # The ImageFolder dataset's seed: a sample's crop depends on (seed, epoch, index) only. Only the
+            # CPU generator (the one the transforms draw from): torch.manual_seed also queues lazy seeds
+            # for CUDA/XPU/MTIA, formatting a stack trace for each, ~4 ms per sample on a busy core.
+            torch.default_generator.manual_seed((self.seed * 1_000_003 + ref.epoch) * 10_000_019 + ref.index)
+            try:
+                data, label = self.read(ref.index)
+                img = _decode_sample(data, self.transform, self.decoder)
+            except Exception as e:  # noqa: BLE001 - any unreadable sample is a bad one, by design
+                where = self.describe(ref.index)
+                log.warning("skipping unreadable sample %s: %s", where, e)
+                return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), label, 0.0, where
+        return img, label, ref.weight, ""
+
+    def describe(self, index: int) -> str:
+        """``<shard URL>:<member name>`` of a sample, for messages (reads the tar headers again)."""
+        s, k = self.locate(index)
+        url = f"{self.source.root}/{self.names[s]}"
+        try:
+            with tarfile.open(self.source.local_path(self.names[s]), "r:") as tf:
+                names = [m.name for m in tf if m.isfile() and not m.name.endswith(".cls")]
+            return f"{url}:{names[k]}"
+        except Exception:  # noqa: BLE001 - a shard too damaged to list: name the sample by position
+            return f"{url}:sample {k}"
+
+
+def build_shard_sets(
+    cfg: DataConfig, train_transform: Callable, eval_transform: Callable, seed: int
+) -> tuple[ShardDataset, ShardDataset, ShardSource]:
+    assert cfg.root is not None
+    root = cfg.root if "://" in cfg.root else str(Path(cfg.root).expanduser())
+    index = load_index(root, cfg.storage_options)
+    sha = {s["name"]: s["sha256"] for sp in index["splits"].values() for s in sp["shards"]}
+    cache_dir = cfg.cache_dir or default_data_home() / "shard-cache"
+    source = ShardSource(root, cfg.storage_options, cache_dir, int(cfg.cache_size_gb * 1e9), sha)
+    train = ShardDataset(source, index, "train", train_transform, seed, cfg.image_size)
+    val = ShardDataset(source, index, "val", eval_transform, seed, cfg.image_size)
+    return train, val, source
