@@ -11,9 +11,10 @@ endpoint every ``--scrape-interval`` seconds (default 1 s, 15x Prometheus's defa
 cost of serving, including the psutil readings, is in the number.
 
 Variants alternate in rounds (the order flips every round); the result is the ratio of medians and the
-median of per-round ratios. A profiler variant needs the ``profiler`` config section (issue 7, other
-branch): ``--profiler`` adds it when the config knows ``profiler.enabled`` and exits with a message
-otherwise.
+median of per-round ratios. ``--profiler`` adds a variant with torch.profiler on (metrics off), stepped
+as ``Trainer.train`` steps it: started before the round, ``step()`` after every optimizer step, stopped
+after it, on a continuous schedule (1 warm-up + 3 active steps, repeated), so every timed step is
+profiled or warming up and the Chrome traces are written to disk as in a real profiled run.
 
     python benchmarks/monitoring_overhead.py --model resnet18 --batch 32 --image-size 32 --steps 30 --rounds 6
 """
@@ -42,7 +43,6 @@ from bench_common import (
     write_result,
 )
 
-from imgtrain.config import Config
 from imgtrain.trainer import _Window
 
 
@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="add an A/A control: a second trainer with monitoring off, to show the noise between instances",
     )
     p.add_argument(
-        "--profiler", action="store_true", help="add a profiler.enabled variant (needs that config)"
+        "--profiler", action="store_true", help="add a variant with torch.profiler on (traces written)"
     )
     p.add_argument(
         "--cost-only",
@@ -78,11 +78,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for k in ("batch", "steps", "rounds", "log_interval", "straggler_interval"):
         if getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
-    if args.profiler and not hasattr(Config(), "profiler"):
-        p.error(
-            "--profiler: this imgtrain has no 'profiler' config section yet (it comes with the profiler "
-            "work of issue 7); measure off vs metrics only"
-        )
     return args
 
 
@@ -92,12 +87,14 @@ def run_steps(trainer, batches, warmup: int, steps: int) -> dict:
     n = len(trainer.data.train_set)
     window = _Window()
     images = seconds = 0.0
+    trainer.profiler.start(trainer.info.rank)  # no-op unless profiler.enabled
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         batch = batches[i % len(batches)]
         t_data = time.perf_counter() - t0
         sums = trainer.train_step([batch], [len(batch[1])])
         trainer.progress.step += 1
+        trainer.profiler.step()
         if trainer.metrics is not None:
             trainer.metrics.on_step(trainer.progress.step, t_data)
         t_step = time.perf_counter() - t0
@@ -108,6 +105,7 @@ def run_steps(trainer, batches, warmup: int, steps: int) -> dict:
         if i >= warmup:
             seconds += time.perf_counter() - t0
             images += len(batch[1])
+    trainer.profiler.stop()
     return {"images_per_s": images / seconds, "seconds": seconds}
 
 
@@ -188,7 +186,9 @@ def main(argv: list[str] | None = None) -> dict:
         if args.control:  # a second, identical trainer with monitoring off: the A/A noise floor
             variants["off_again"] = [*common, f"output_dir={tmp_path / 'off_again'}"]
         if args.profiler:
-            variants["profiler"] = [*common, f"output_dir={tmp_path / 'profiler'}", "profiler.enabled=true"]
+            variants["profiler"] = [*common, f"output_dir={tmp_path / 'profiler'}", "profiler.enabled=true",
+                                    "profiler.wait=0", "profiler.warmup=1", "profiler.active=3",
+                                    "profiler.repeat=0"]
         trainers = {}
         stop, scrapes = threading.Event(), []
         try:

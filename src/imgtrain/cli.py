@@ -22,7 +22,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                                     "precedence: defaults < recipe < overrides")
     p.add_argument("--output-dir", help="run directory (same as output_dir=DIR)")
     p.epilog = ("Any further section.key=value arguments override config values, anywhere on the line, "
-                "e.g. training.epochs=3 optimization.base_lr=0.2 model.name=resnet18")
+                "e.g. training.epochs=3 training.base_lr=0.2 model.name=resnet18")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,6 +256,7 @@ def _run_ops(args: argparse.Namespace) -> int:
         print(f"keep {path}")
     if report.newest_valid is None:
         print(f"imgtrain: no checkpoint in {args.directory} verifies: nothing removed", file=sys.stderr)
+    return 0
 
 
 def _find_batch_size(cfg_args) -> int:
@@ -285,6 +286,7 @@ def _find_batch_size(cfg_args) -> int:
     summary = report(cfg, result, world, args.pick, out)
     if args.json:
         print(json.dumps(summary))
+    return 0
 
 
 def _prepare(parser_args: tuple[argparse.ArgumentParser, argparse.Namespace]) -> int:

@@ -362,8 +362,8 @@ class PrometheusConfig:
     bind_address: str = "127.0.0.1"
     """Address to listen on; 0.0.0.0 (or the pod IP) for a Prometheus on another machine."""
     linger_s: float = 15.0
-    """After a run finishes, keep serving its final values this long so that Prometheus scrapes them
-    (set it to at least the scrape interval). Not after a failure or preemption."""
+    """After a run finishes or diverges, keep serving its final values this long so that Prometheus scrapes
+    them (set it to at least the scrape interval). Not after another failure or a preemption."""
     stall_after_s: float = 600.0
     """Exported as imgtrain_stall_threshold_seconds: the TrainingStalled alert fires when no step (or
     evaluation batch) finished for this long."""

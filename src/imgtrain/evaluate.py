@@ -99,6 +99,7 @@ def run_eval(checkpoint: str, config_path: str | None, overrides: list[str]) -> 
     sd = load_any(checkpoint)
     base = sd.get("config") if config_path is None else None
     cfg = load_config(config_path, overrides, base=base)
+    cfg.data.decode = "cpu"  # GPU decode is a training-time option: evaluation decodes on the CPU anyway
     info = D.init_distributed(cfg.distributed)
     _configure_logging(info)
     try:

@@ -470,7 +470,10 @@ class Trainer:
             shown = {"loss": f"{self._last_loss:.4f}"} if self._last_loss == self._last_loss else {}
             self.bar.update(1, **shown, lr=f"{lr:.3g}", img_s=f"{sum(group) / max(t_step, 1e-9):.0f}")
             stop = self._should_stop()
-            if self.progress.step % cfg.training.log_interval == 0 or stop or micro >= len(sizes):
+            # A save closes the window too: its loss is checked first, so a diverged state is never
+            # published as the newest checkpoint (and auto-resumed from).
+            if (self.progress.step % cfg.training.log_interval == 0 or stop or self.save_due
+                    or micro >= len(sizes)):
                 self._log_window(window, lr, n)
                 window = _Window()
             if stop:
@@ -641,6 +644,8 @@ class Trainer:
     def report_failure(self, exc: BaseException, exit_code: int) -> None:
         """An exception is leaving the run: a 'failed' (or 'diverged') record and notification. Never raises."""
         event = "diverged" if isinstance(exc, DivergenceError) else "failed"
+        if event == "diverged" and getattr(self, "metrics", None) is not None:
+            self.metrics.mark_finished()  # serve the non-finite loss for linger_s: ImgtrainLossNaN fires
         try:
             if hasattr(self, "info"):
                 self._log_event(event, exit_code=exit_code, error=f"{type(exc).__name__}: {exc}")

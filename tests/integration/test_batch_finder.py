@@ -26,6 +26,11 @@ MODEL = [
 ]
 
 
+# How an allocation refused by RLIMIT_DATA surfaces: torch's allocator, or oneDNN failing to allocate
+# a convolution's scratch buffer (seen on some CPUs), which imgtrain's finder also counts as not fitting.
+ALLOCATION_FAILED = ("allocate memory", "could not create a primitive")
+
+
 def _vm_data() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmData:"):
@@ -73,7 +78,7 @@ def test_found_batch_trains_within_the_cap_and_a_larger_one_does_not(tmp_path: P
     assert summary["cap_method"] == "rlimit-data"
     assert 32 <= largest <= 1437 // 4, out.stdout
     failed = [p for p in summary["probes"] if not p["fits"]]
-    assert failed and all("allocate memory" in p["error"] for p in failed), out.stdout
+    assert failed and all(any(m in p["error"] for m in ALLOCATION_FAILED) for p in failed), out.stdout
     assert min(p["batch"] for p in failed) > largest
     assert summary["fastest_batch"] in [p["batch"] for p in summary["probes"] if p["fits"]]
     chosen = summary["chosen_batch"]
@@ -91,4 +96,4 @@ def test_found_batch_trains_within_the_cap_and_a_larger_one_does_not(tmp_path: P
         [*common, f"training.batch_size={4 * largest}", "--output-dir", str(tmp_path / "big")], cap
     )
     assert big.returncode != 0
-    assert "can't allocate memory" in big.stderr, big.stderr[-3000:]
+    assert any(m in big.stderr for m in ALLOCATION_FAILED), big.stderr[-3000:]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import re
 import subprocess
 import threading
@@ -217,6 +218,9 @@ def test_observability_end_to_end(tmp_path, receivers, capsys):
             *notify,
             "training.epochs=3",
             "training.base_lr=1e12",
+            # Saves between log lines: the loss must still be checked before each save.
+            "training.log_interval=4",
+            "checkpoint.save_every_steps=1",
         ],
         check=False,
         env=env,
@@ -225,8 +229,13 @@ def test_observability_end_to_end(tmp_path, receivers, capsys):
     assert "training diverged: loss is" in proc.stderr
     receivers.wait_for("resumed")
     receivers.wait_for("diverged")
-    last = read_jsonl(run / "metrics.jsonl")[-1]
+    records = read_jsonl(run / "metrics.jsonl")
+    last = records[-1]
     assert last["event"] == "diverged" and last["exit_code"] == 5
+    # No diverged state was published: the newest checkpoint is a step whose loss was logged as finite.
+    newest = max(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*"))
+    logged = {r["step"]: r["loss"] for r in records if r.get("event") == "train"}
+    assert newest in logged and math.isfinite(logged[newest]), (newest, logged)
     rank0 = read_jsonl(run / "logs" / "rank0.jsonl")
     assert any(x["message"].startswith("resumed from") and x["fields"]["restarts"] == 1 for x in rank0)
     # A non-finite loss still makes a valid JSON log line.

@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/monitoring_overhead.py: both variants run, the metrics endpoint is scraped,
+"""Smoke test of benchmarks/monitoring_overhead.py: the three variants (off, metrics, profiler) run, the metrics endpoint is scraped,
 the result JSON has the documented keys. The numbers themselves are not checked."""
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def test_monitoring_overhead_benchmark(tmp_path):
             "0.05",
             "--threads",
             "1",
+            "--profiler",
             "--out",
             str(out),
         ],
@@ -53,9 +54,11 @@ def test_monitoring_overhead_benchmark(tmp_path):
     assert "metrics / off, median of per-round ratios" in proc.stdout
     r = json.loads(out.read_text())
     assert r["benchmark"] == "monitoring_overhead" and r["unit"] == "images/s"
-    for variant in ("off", "metrics"):
+    assert "profiler / off, median of per-round ratios" in proc.stdout
+    for variant in ("off", "metrics", "profiler"):
         assert r[variant]["n"] == 2 and 0 < r[variant]["min"] <= r[variant]["median"] <= r[variant]["max"]
     assert r["ratio_of_medians"]["metrics"] > 0 and r["ratio_per_round"]["metrics"]["n"] == 2
+    assert r["ratio_per_round"]["profiler"]["n"] == 2
     assert r["scrapes"] >= 1 and r["scrape_seconds"]["n"] == r["scrapes"]
     assert 0 < r["metrics_seconds_per_step_alone"] < 0.1
     assert r["machine"]["cpu_model"] and "monitoring_overhead.py" in r["command"]

@@ -73,6 +73,8 @@ def _json_safe(v: Any) -> Any:
         return str(v)
     if isinstance(v, dict):
         return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_json_safe(x) for x in v]
     return v
 
 
