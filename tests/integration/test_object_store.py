@@ -20,6 +20,10 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
+    # moto keeps its buckets in process-wide state: an earlier test's server leaves them behind.
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30)
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=endpoint, region_name="eu-west-1",
