@@ -3,7 +3,9 @@ session, optionally inside its own network namespace."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -182,6 +184,25 @@ def add_namespace_pair(created: list[str], prefix: str, subnet: str, fast_tcp_ab
         if fast_tcp_abort:  # give up on a dead TCP peer after ~3 retransmissions instead of ~15 minutes
             subprocess.run(["ip", "netns", "exec", n, "sysctl", "-qw", "net.ipv4.tcp_retries2=3"], check=True)
     return ns, veth, addrs
+
+
+@contextlib.contextmanager
+def namespace_pair_for_test(prefix: str, subnet: str):
+    """:func:`add_namespace_pair` for a test: skips it without iproute2 or without the rights to create
+    namespaces, and deletes whatever was created when the test is done."""
+    import pytest  # here: benchmarks/ import this module too, without pytest
+
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2 is not installed")
+    created: list[str] = []
+    try:
+        yield add_namespace_pair(created, prefix, subnet)
+    except subprocess.CalledProcessError as e:
+        if not created:
+            pytest.skip(f"network namespaces unavailable (needs root): {e.stderr.decode().strip()}")
+        raise
+    finally:
+        delete_namespaces(created)
 
 
 def delete_namespaces(names: list[str]) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import time
 
 import pytest
@@ -12,12 +10,11 @@ import pytest
 from conftest import free_port, make_image_folder
 from elastic_nodes import (
     Node,
-    add_namespace_pair,
     cleanup_pids,
-    delete_namespaces,
     events,
     ip,
     lose_a_node_then_rejoin,
+    namespace_pair_for_test,
     train_args,
     wait_for,
 )
@@ -41,17 +38,8 @@ def test_node_killed_and_readded(tmp_path):
 
 @pytest.fixture
 def two_namespaces():
-    if shutil.which("ip") is None:
-        pytest.skip("iproute2 is not installed")
-    created: list[str] = []
-    try:
-        yield add_namespace_pair(created, "it", "10.231.7")
-    except subprocess.CalledProcessError as e:
-        if not created:
-            pytest.skip(f"network namespaces unavailable (needs root): {e.stderr.decode().strip()}")
-        raise
-    finally:
-        delete_namespaces(created)
+    with namespace_pair_for_test("it", "10.231.7") as pair:
+        yield pair
 
 
 def test_network_partition_is_detected_and_survivor_continues(tmp_path, two_namespaces):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import time
 import pytest
 
 from conftest import REPO, free_port, make_image_folder, subprocess_env
-from elastic_nodes import add_namespace_pair, delete_namespaces, events, wait_for
+from elastic_nodes import events, namespace_pair_for_test, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -27,17 +26,8 @@ SCRIPTS = REPO / "scripts"
 
 @pytest.fixture
 def two_hosts():
-    if shutil.which("ip") is None:
-        pytest.skip("iproute2 is not installed")
-    created: list[str] = []
-    try:
-        yield add_namespace_pair(created, "ls", "10.231.9")
-    except subprocess.CalledProcessError as e:
-        if not created:
-            pytest.skip(f"network namespaces unavailable (needs root): {e.stderr.decode().strip()}")
-        raise
-    finally:
-        delete_namespaces(created)
+    with namespace_pair_for_test("ls", "10.231.9") as pair:
+        yield pair
 
 
 def _script(name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
