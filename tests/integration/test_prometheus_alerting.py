@@ -35,7 +35,16 @@ import psutil
 import pytest
 import yaml
 
-from conftest import REPO, TINY, make_image_folder, read_jsonl, subprocess_env, torchrun_cmd
+from conftest import (
+    REPO,
+    TINY,
+    free_port,
+    free_port_pair,
+    make_image_folder,
+    read_jsonl,
+    subprocess_env,
+    torchrun_cmd,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -88,23 +97,6 @@ FAMILIES = [
 ]
 WRITER_ONLY = ["imgtrain_checkpoint_write_seconds", "imgtrain_checkpoint_failures"]
 GPU_ONLY = re.compile(r"imgtrain_gpu_\w+")
-
-
-def _free_port(pair: bool = False) -> int:
-    """A free port (and, with pair, one whose successor is free too: the trainer uses base + local rank)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if not pair:
-            return port
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair")
 
 
 def _wait(predicate, timeout: float, what: str, interval: float = 0.2):
@@ -177,7 +169,7 @@ def stack(tmp_path):
     webhook.received = []
     threading.Thread(target=webhook.serve_forever, daemon=True).start()
     mailbox = _Mailbox()
-    smtp = aiosmtpd_controller.Controller(mailbox, hostname="127.0.0.1", port=_free_port())
+    smtp = aiosmtpd_controller.Controller(mailbox, hostname="127.0.0.1", port=free_port())
     smtp.start()
     try:
         secrets = tmp_path / "secrets"
@@ -192,7 +184,7 @@ def stack(tmp_path):
         g["smtp_require_tls"] = False  # the local receiver speaks plain SMTP
         am["route"].update(group_wait="0s", group_interval="1s")
         (tmp_path / "alertmanager.yml").write_text(yaml.safe_dump(am))
-        am_port = _free_port()
+        am_port = free_port()
         servers.append(
             _start(
                 [
@@ -211,8 +203,8 @@ def stack(tmp_path):
             for rule in group["rules"]:
                 rule["for"] = "0s"
         (tmp_path / "rules.yml").write_text(yaml.safe_dump(rules))
-        base = _free_port(pair=True)
-        prom_port = _free_port()
+        base = free_port_pair()
+        prom_port = free_port()
         prom_cfg = {
             "global": {"scrape_interval": "1s", "scrape_timeout": "900ms", "evaluation_interval": "1s"},
             "rule_files": [str(tmp_path / "rules.yml")],

@@ -20,19 +20,7 @@ from imgtrain.monitoring.metrics import PrometheusMetrics  # noqa: E402
 from imgtrain.monitoring.step_timer import StepPhaseTimer  # noqa: E402
 from imgtrain.monitoring.stragglers import StragglerDetector  # noqa: E402
 
-
-def _port_pair() -> int:
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair")
+from conftest import free_port_pair  # noqa: E402
 
 
 def _info(local_rank: int = 1) -> DistInfo:
@@ -55,7 +43,7 @@ def _scrape(port: int) -> dict[str, list]:
 
 @pytest.fixture
 def exporter(tmp_path):
-    base = _port_pair()
+    base = free_port_pair()
     cfg = load_config(
         None,
         [
