@@ -17,6 +17,7 @@ pipeline delivers.
 
     python benchmarks/gpu_training.py compute --models resnet50 vit_b_16 --precisions fp32 bf16 fp16
     python benchmarks/gpu_training.py pipeline --decode cpu gpu --workers 14
+    python benchmarks/gpu_training.py decode      # nvJPEG and the GPU crop/resize of one batch, alone
 
 On a CPU-only machine both subcommands run too (on the CPU), for a dry run with tiny settings.
 """
@@ -99,9 +100,15 @@ def _release(trainer) -> None:
 
 def _base_overrides(args, model: str, batch: int, precision: str) -> list[str]:
     prec = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}[precision]
-    return [f"model.name={model}", f"training.batch_size={batch}", f"optimization.mixed_precision={prec}",
-            f"data.image_size={args.image_size}", f"output_dir={args.tmp}/run", "training.log_interval=1000000",
-            "data.val_resize=null"]
+    return [
+        f"model.name={model}",
+        f"training.batch_size={batch}",
+        f"optimization.mixed_precision={prec}",
+        f"data.image_size={args.image_size}",
+        f"output_dir={args.tmp}/run",
+        "training.log_interval=1000000",
+        "data.val_resize=null",
+    ]
 
 
 def time_steps(trainer, batches, warmup: int, steps: int, sampler: GpuUtilSampler) -> dict:
@@ -124,8 +131,12 @@ def time_steps(trainer, batches, warmup: int, steps: int, sampler: GpuUtilSample
         _sync(device)
         seconds = time.perf_counter() - t1
     images = sum(len(batches[i % len(batches)][1]) for i in range(steps))
-    out = {"images_per_s": round(images / seconds, 1), "step_ms": round(1000 * seconds / steps, 2),
-           "first_step_s": round(first, 2) if warmup else None, "gpu_util_pct": sampler.mean}
+    out = {
+        "images_per_s": round(images / seconds, 1),
+        "step_ms": round(1000 * seconds / steps, 2),
+        "first_step_s": round(first, 2) if warmup else None,
+        "gpu_util_pct": sampler.mean,
+    }
     if device.type == "cuda":
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return out
@@ -138,8 +149,15 @@ def compute_variants(args) -> list[dict]:
             v.append({"model": m, "precision": p, "compile": False, "ckpt": "off", "channels_last": True})
     for m in args.models:
         for ck in args.ckpt:
-            v.append({"model": m, "precision": args.ckpt_precision, "compile": False, "ckpt": ck,
-                      "channels_last": True})
+            v.append(
+                {
+                    "model": m,
+                    "precision": args.ckpt_precision,
+                    "compile": False,
+                    "ckpt": ck,
+                    "channels_last": True,
+                }
+            )
     for m in args.no_channels_last:
         v.append({"model": m, "precision": "bf16", "compile": False, "ckpt": "off", "channels_last": False})
     for m in args.compile_models:
@@ -153,14 +171,19 @@ def run_compute(args) -> list[dict]:
     for var in compute_variants(args):
         batch = args.batch or DEFAULT_BATCH.get(var["model"], 64)
         over = _base_overrides(args, var["model"], batch, var["precision"]) + [
-            f"training.compile={str(var['compile']).lower()}", f"model.activation_checkpointing={var['ckpt']}",
-            f"model.channels_last={str(var['channels_last']).lower()}", "data.workers=0"]
+            f"training.compile={str(var['compile']).lower()}",
+            f"model.activation_checkpointing={var['ckpt']}",
+            f"model.channels_last={str(var['channels_last']).lower()}",
+            "data.workers=0",
+        ]
         row = dict(var, batch=batch)
         try:
             trainer = make_trainer(over)
             device = trainer.info.device
-            batches = [tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in b)
-                       for b in synthetic_batches(4, batch, args.image_size, trainer.data.num_classes)]
+            batches = [
+                tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in b)
+                for b in synthetic_batches(4, batch, args.image_size, trainer.data.num_classes)
+            ]
             warmup = args.warmup + (args.compile_warmup if var["compile"] else 0)
             row.update(time_steps(trainer, batches, warmup, args.steps, sampler))
             _release(trainer)
@@ -213,8 +236,12 @@ def run_pipeline(args) -> list[dict]:
     sampler = GpuUtilSampler()
     for decode in args.decode:
         over = _base_overrides(args, args.model, args.batch or DEFAULT_BATCH.get(args.model, 64), "bf16") + [
-            f"data.root={root}", f"data.workers={args.workers}", f"data.decode={decode}",
-            f"data.prefetch_factor={args.prefetch}", "model.channels_last=true"]
+            f"data.root={root}",
+            f"data.workers={args.workers}",
+            f"data.decode={decode}",
+            f"data.prefetch_factor={args.prefetch}",
+            "model.channels_last=true",
+        ]
         row: dict = {"model": args.model, "decode": decode, "workers": args.workers, "generate_s": gen_s}
         try:
             trainer = make_trainer(over)
@@ -237,21 +264,92 @@ def run_pipeline(args) -> list[dict]:
                     images += len(b[1])
                 _sync(device)
                 seconds = time.perf_counter() - t1
-            row["real"] = {"images_per_s": round(images / seconds, 1), "data_wait_fraction": round(wait / seconds, 3),
-                           "gpu_util_pct": sampler.mean}
+            row["real"] = {
+                "images_per_s": round(images / seconds, 1),
+                "data_wait_fraction": round(wait / seconds, 3),
+                "gpu_util_pct": sampler.mean,
+            }
             del it
             shutdown_loader_workers(trainer)
-            batches = [tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in b)
-                       for b in synthetic_batches(4, trainer.cfg.training.batch_size, args.image_size,
-                                                         trainer.data.num_classes)]
+            batches = [
+                tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in b)
+                for b in synthetic_batches(
+                    4, trainer.cfg.training.batch_size, args.image_size, trainer.data.num_classes
+                )
+            ]
             row["synthetic"] = time_steps(trainer, batches, 3, args.steps, sampler)
-            row["real_over_synthetic"] = round(row["real"]["images_per_s"] / row["synthetic"]["images_per_s"], 3)
+            row["real_over_synthetic"] = round(
+                row["real"]["images_per_s"] / row["synthetic"]["images_per_s"], 3
+            )
             _release(trainer)
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)
         print(json.dumps(row), flush=True)
         _write(args, {"kind": "pipeline", "rows": rows})
+    return rows
+
+
+def run_decode(args) -> list[dict]:
+    """nvJPEG decode of one batch, then the crop/resize/flip of the decoded images: per image (torchvision
+    resized_crop + flip, the first GPU-decode implementation) against imgtrain's batched_resized_crop."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import functional as TF
+
+    from imgtrain.data.decode import sample_crop
+    from imgtrain.data.gpu_decode import batched_resized_crop
+
+    root = ensure_jpegs(Path(args.data_dir), args.images, args.classes, args.gen_procs)
+    files = sorted((root / "train").rglob("*.jpg"))[: args.batch or 256]
+    jpegs = [torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8) for f in files]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    s = args.image_size
+
+    def per_image(imgs, params):
+        out = torch.empty(len(imgs), 3, s, s, dtype=torch.uint8, device=device)
+        for k, (img, (t, left, h, w, flip)) in enumerate(zip(imgs, params.tolist(), strict=True)):
+            o = TF.resized_crop(img, t, left, h, w, [s, s], antialias=True)
+            out[k] = o.flip(-1) if flip else o
+        return out
+
+    decoded = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    params = []
+    for img in decoded:
+        box = sample_crop(int(img.shape[-2]), int(img.shape[-1]), (0.08, 1.0))
+        params.append(
+            [box.top, box.left, box.height, box.width, int(torch.rand(1, generator=g).item() < 0.5)]
+        )
+    params = torch.tensor(params)
+    variants = {
+        "decode_jpeg (batch)": lambda: decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device),
+        "crop+resize+flip per image": lambda: per_image(decoded, params),
+        "batched_resized_crop": lambda: batched_resized_crop(list(decoded), params, s),
+    }
+    for name, fn in variants.items():
+        for _ in range(3):
+            fn()
+        _sync(device)
+        times = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        ms = 1000 * times[len(times) // 2]
+        row = {
+            "variant": name,
+            "batch": len(jpegs),
+            "median_ms": round(ms, 2),
+            "images_per_s": round(len(jpegs) / ms * 1000, 1),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    diff = (per_image(decoded, params).int() - batched_resized_crop(list(decoded), params, s).int()).abs()
+    rows.append({"max_abs_difference_per_image_vs_batched": int(diff.max())})
+    _write(args, {"kind": "decode", "rows": rows})
     return rows
 
 
@@ -267,16 +365,20 @@ def _write(args, payload: dict) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("compute", "pipeline"):
+    for name in ("compute", "pipeline", "decode"):
         s = sub.add_parser(name)
         s.add_argument("--image-size", type=int, default=224)
-        s.add_argument("--batch", type=int, default=None, help="per-step batch (default: 256 ResNet-50, 128 ViT)")
+        s.add_argument(
+            "--batch", type=int, default=None, help="per-step batch (default: 256 ResNet-50, 128 ViT)"
+        )
         s.add_argument("--warmup", type=int, default=8)
         s.add_argument("--steps", type=int, default=30)
         s.add_argument("--out", required=True)
     c = sub.choices["compute"]
     c.add_argument("--models", nargs="+", default=["resnet50", "vit_b_16"])
-    c.add_argument("--precisions", nargs="*", default=["fp32", "bf16", "fp16"], choices=["fp32", "bf16", "fp16"])
+    c.add_argument(
+        "--precisions", nargs="*", default=["fp32", "bf16", "fp16"], choices=["fp32", "bf16", "fp16"]
+    )
     c.add_argument("--ckpt", nargs="*", default=["block", "stage"], help="activation checkpointing variants")
     c.add_argument("--ckpt-precision", default="bf16")
     c.add_argument("--no-channels-last", nargs="*", default=["resnet50"], help="models also run without it")
@@ -287,10 +389,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     q.add_argument("--decode", nargs="+", default=["cpu", "gpu"], choices=["cpu", "gpu"])
     q.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     q.add_argument("--prefetch", type=int, default=4)
-    q.add_argument("--images", type=int, default=8192)
-    q.add_argument("--classes", type=int, default=32)
-    q.add_argument("--gen-procs", type=int, default=os.cpu_count() or 2)
-    q.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "imgtrain-gpu-bench-jpegs"))
+    for q in (sub.choices["pipeline"], sub.choices["decode"]):
+        q.add_argument("--images", type=int, default=8192)
+        q.add_argument("--classes", type=int, default=32)
+        q.add_argument("--gen-procs", type=int, default=os.cpu_count() or 2)
+        q.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "imgtrain-gpu-bench-jpegs"))
     return p.parse_args(argv)
 
 
@@ -298,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="imgtrain-gpu-bench-") as tmp:
         args.tmp = tmp
-        (run_compute if args.cmd == "compute" else run_pipeline)(args)
+        {"compute": run_compute, "pipeline": run_pipeline, "decode": run_decode}[args.cmd](args)
     print(f"wrote {args.out}")
 
 

@@ -18,7 +18,7 @@ from imgtrain.config import ConfigError, DataConfig, load_config
 from imgtrain.data import ImageFolderDataset, SampleRef, build_data
 from imgtrain.data import decode as D
 from imgtrain.data.folder import scan_classes
-from imgtrain.data.gpu_decode import GpuBatchDecoder, GpuTrainPlan, gpu_collate
+from imgtrain.data.gpu_decode import GpuBatchDecoder, GpuTrainPlan, batched_resized_crop, gpu_collate
 from imgtrain.data.prefetch import DevicePrefetcher
 from imgtrain.data.transforms import TrainTransform
 
@@ -224,6 +224,22 @@ def test_gpu_decode_logic_on_cpu_matches_the_cpu_path(jpegs, tmp_path):
         assert psnr(images[i], expected[i]) >= MIN_PSNR_DCT
     assert torch.equal(images[3], expected[3])  # not a JPEG: decoded by the worker, as on the CPU path
     assert weights.tolist() == [1.0, 1.0, 1.0, 1.0, 0.0] and len(bad) == 1
+
+
+def test_batched_resized_crop_equals_torchvision_resized_crop_per_image():
+    """GPU decode resizes the whole batch with two matrix products: each output must match torchvision's
+    antialiased resized_crop (+ flip) of its own image, for images of different sizes, downscales, an
+    upscale and crops touching the image's right and bottom edges (where the zero padding starts)."""
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+              for h, w in [(75, 100), (100, 67), (24, 18), (60, 60)]]
+    params = torch.tensor([[2, 4, 60, 80, 0], [10, 0, 90, 67, 1], [1, 1, 12, 10, 0], [0, 0, 60, 60, 1]])
+    out = batched_resized_crop(images, params, 32)
+    assert out.shape == (4, 3, 32, 32) and out.dtype == torch.uint8
+    for img, (top, left, h, w, flip), got in zip(images, params.tolist(), out, strict=True):
+        ref = TF.resized_crop(img, top, left, h, w, [32, 32], antialias=True)
+        ref = ref.flip(-1) if flip else ref
+        assert (got.int() - ref.int()).abs().max() <= 1
 
 
 def test_prefetcher_keeps_order_and_applies_the_batch_transform_one_ahead():

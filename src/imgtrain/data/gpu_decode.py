@@ -17,7 +17,6 @@ from typing import NamedTuple
 
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms.v2 import functional as TF
 
 from ..config import ConfigError, DataConfig
 from .decode import JPEG_MAGIC, create_decoder, crop_resize, sample_crop
@@ -127,15 +126,15 @@ class GpuBatchDecoder:
         images = torch.zeros(n, 3, s, s, dtype=torch.uint8, device=self.device)
         weights = weights.clone()
         decoded = self._decode(enc.jpegs)
-        params = enc.params.tolist()
-        failed = 0
-        for pos, img, (top, left, h, w, flip) in zip(enc.jpeg_index.tolist(), decoded, params, strict=True):
-            if img is None:
-                weights[pos] = 0.0
-                failed += 1
-                continue
-            out = TF.resized_crop(img, top, left, h, w, [s, s], antialias=True)
-            images[pos] = out.flip(-1) if flip else out
+        ok = [i for i, img in enumerate(decoded) if img is not None]
+        failed = len(decoded) - len(ok)
+        for i in range(len(decoded)):
+            if decoded[i] is None:
+                weights[int(enc.jpeg_index[i])] = 0.0
+        if ok:
+            keep = torch.tensor(ok, dtype=torch.long)
+            crops = batched_resized_crop([decoded[i] for i in ok], enc.params[keep], s)
+            images[enc.jpeg_index[keep].to(self.device)] = crops
         if len(enc.ready_index):
             images[enc.ready_index.to(self.device)] = enc.ready.to(self.device, non_blocking=True)
         if failed:
@@ -144,3 +143,45 @@ class GpuBatchDecoder:
             )
             bad = bad + ["<gpu-decode-failure>"] * failed
         return images, labels, weights, bad
+
+
+def _axis_weights(start: torch.Tensor, length: torch.Tensor, extent: int, out: int) -> torch.Tensor:
+    """(n, out, extent) resampling matrices: row i of image k holds the weights with which the input
+    pixels along this axis make output pixel i of the window [start, start + length) resized to ``out``.
+    PIL's antialiased bilinear ("triangle") filter: its support widens with the downscale factor, so a
+    downscale averages every input pixel it covers; weights outside the window are 0, rows sum to 1."""
+    scale = length / out
+    support = scale.clamp(min=1.0)[:, None, None]
+    centre = (
+        start[:, None] + (torch.arange(out, device=start.device, dtype=start.dtype) + 0.5) * scale[:, None]
+    )
+    pos = torch.arange(extent, device=start.device, dtype=start.dtype) + 0.5
+    w = (1 - (pos - centre[:, :, None]).abs() / support).clamp_(min=0)
+    w *= (pos >= start[:, None, None]) & (pos < (start + length)[:, None, None])
+    return w / w.sum(-1, keepdim=True).clamp_(min=1e-12)
+
+
+def batched_resized_crop(images: list[torch.Tensor], params: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop, antialiased resize to ``size`` x ``size`` and optional horizontal flip of images of different
+    sizes, as two batched matrix products instead of a chain of kernels per image.
+
+    ``images``: uint8 (3, h_i, w_i) tensors on one device; ``params``: (n, 5) rows of top, left, height,
+    width, flip. The images are padded with zeros into one batch; each output is R_y @ image @ R_x^T with
+    the per-image resampling matrices of :func:`_axis_weights` (zero outside the crop, so the padding never
+    contributes), and a flip is R_x with its rows reversed. fp16 on CUDA (pixel values and their weighted
+    sums stay within about 0.1 of fp32), fp32 elsewhere."""
+    device = images[0].device
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    n = len(images)
+    h_max = max(int(im.shape[-2]) for im in images)
+    w_max = max(int(im.shape[-1]) for im in images)
+    x = torch.zeros(n, 3, h_max, w_max, dtype=dtype, device=device)
+    for k, im in enumerate(images):
+        x[k, :, : im.shape[-2], : im.shape[-1]].copy_(im)
+    p = params.to(device=device, dtype=torch.float32)
+    ry = _axis_weights(p[:, 0], p[:, 2], h_max, size).to(dtype)
+    rx = _axis_weights(p[:, 1], p[:, 3], w_max, size)
+    flip = p[:, 4] > 0
+    rx = torch.where(flip[:, None, None], rx.flip(1), rx).to(dtype)
+    out = ry[:, None] @ x @ rx.transpose(1, 2)[:, None]
+    return out.round_().clamp_(0, 255).to(torch.uint8)
