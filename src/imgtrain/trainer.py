@@ -429,12 +429,20 @@ class Trainer:
 
     def train_epoch(self) -> bool:
         """Runs the rest of the current epoch. Returns False if stopped early (preemption, max_steps)."""
+        self.data.train_sampler.state.epoch = self.progress.epoch
+        it = device_batches(self.data.train_loader, self.info.device, self.data.train_batch_transform)
+        try:
+            return self._train_epoch(it)
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:  # a background prefetcher must stop before the loader is reused
+                close()
+
+    def _train_epoch(self, it) -> bool:
         cfg, info = self.cfg, self.info
         sampler = self.data.train_sampler
-        sampler.state.epoch = self.progress.epoch
         n = len(self.data.train_set)
         self.model.train()
-        it = device_batches(self.data.train_loader, info.device, self.data.train_batch_transform)
         sizes = sampler.global_sizes()
         total_steps = math.ceil(sampler.steps_per_epoch() / self.accumulation)
         done_steps = math.ceil(sampler.state.consumed / (sampler.global_batch * self.accumulation))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from imgtrain.data import ImageFolderDataset, SampleRef, build_data
 from imgtrain.data import decode as D
 from imgtrain.data.folder import scan_classes
 from imgtrain.data.gpu_decode import GpuBatchDecoder, GpuTrainPlan, batched_resized_crop, gpu_collate
-from imgtrain.data.prefetch import DevicePrefetcher
+from imgtrain.data.prefetch import BackgroundPrefetcher, DevicePrefetcher, device_batches
 from imgtrain.data.transforms import TrainTransform
 
 from conftest import make_image_folder
@@ -257,3 +258,41 @@ def test_prefetcher_keeps_order_and_applies_the_batch_transform_one_ahead():
     assert [b[0].tolist() for b in pf] == [[10, 10], [20, 20]]
     with pytest.raises(StopIteration):
         next(pf)
+
+
+def test_background_prefetcher_keeps_order_raises_loader_errors_and_stops_on_close():
+    """GPU decode's prefetcher runs the transform in a thread: batches still come in the loader's order,
+    a loader error reaches the caller, and close() stops the thread even mid-way through an endless
+    loader (the next epoch reuses the same loader)."""
+    pf = device_batches([(torch.full((2,), i), [f"p{i}"]) for i in range(5)], CPU,
+                        batch_transform=lambda b: (b[0] * 10, b[1]))
+    assert isinstance(pf, BackgroundPrefetcher)
+    assert [b[0].tolist() for b in pf] == [[i * 10] * 2 for i in range(5)]
+    with pytest.raises(StopIteration):
+        next(pf)
+
+    def failing():
+        yield torch.zeros(1), []
+        raise OSError("disk gone: /data/train/x.jpg")
+
+    pf = BackgroundPrefetcher(failing(), CPU, lambda b: b)
+    next(pf)
+    with pytest.raises(OSError, match="disk gone"):
+        next(pf)
+
+    pulled = []
+
+    def endless():
+        i = 0
+        while True:
+            pulled.append(i)
+            yield torch.tensor([i]), []
+            i += 1
+
+    pf = BackgroundPrefetcher(endless(), CPU, lambda b: b, depth=2)
+    assert next(pf)[0].item() == 0
+    pf.close()
+    assert not pf._thread.is_alive()
+    n = len(pulled)
+    time.sleep(0.3)
+    assert len(pulled) == n and n <= 4  # stopped: at most the queue depth plus one in hand
