@@ -115,3 +115,19 @@ def test_input_pipeline_benchmark(tmp_path, monkeypatch):
         assert_stats(row["images_per_s_per_worker"], 1)
     assert table["reference"]["ratio_vs_reference"] == 1.0
     assert (tmp_path / "home" / "bench-jpegs-v1-max64").is_dir()
+
+
+def test_gpu_training_benchmark_runs_its_variants_on_cpu(tmp_path):
+    """The GPU benchmark's script (run for real only on a lent GPU) still works end to end: here on the
+    CPU with a tiny model, one variant per switch it measures."""
+    out = tmp_path / "gpu_training.json"
+    env = subprocess_env()
+    env["TMPDIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_training.py"), "compute",
+                           "--models", "simple_cnn", "--precisions", "fp32", "--ckpt", "--no-channels-last",
+                           "simple_cnn", "--batch", "4", "--image-size", "16", "--warmup", "1", "--steps", "2",
+                           "--out", str(out)], capture_output=True, text=True, timeout=180, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["channels_last"]) for r in rows] == [("simple_cnn", True), ("simple_cnn", False)]
+    assert all(r["images_per_s"] > 0 and "error" not in r for r in rows)
