@@ -235,12 +235,15 @@ def test_batched_resized_crop_equals_torchvision_resized_crop_per_image():
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
               for h, w in [(75, 100), (100, 67), (24, 18), (60, 60)]]
     params = torch.tensor([[2, 4, 60, 80, 0], [10, 0, 90, 67, 1], [1, 1, 12, 10, 0], [0, 0, 60, 60, 1]])
-    out = batched_resized_crop(images, params, 32)
-    assert out.shape == (4, 3, 32, 32) and out.dtype == torch.uint8
-    for img, (top, left, h, w, flip), got in zip(images, params.tolist(), out, strict=True):
-        ref = TF.resized_crop(img, top, left, h, w, [32, 32], antialias=True)
-        ref = ref.flip(-1) if flip else ref
-        assert (got.int() - ref.int()).abs().max() <= 1
+    # The default budget pads all crops together; a tiny one forces a group per crop (what keeps one large
+    # photo from inflating the whole batch's padded tensor).
+    for budget in (1 << 27, 1):
+        out = batched_resized_crop(images, params, 32, max_elements=budget)
+        assert out.shape == (4, 3, 32, 32) and out.dtype == torch.uint8
+        for img, (top, left, h, w, flip), got in zip(images, params.tolist(), out, strict=True):
+            ref = TF.resized_crop(img, top, left, h, w, [32, 32], antialias=True)
+            ref = ref.flip(-1) if flip else ref
+            assert (got.int() - ref.int()).abs().max() <= 1
 
 
 def test_prefetcher_keeps_order_and_applies_the_batch_transform_one_ahead():

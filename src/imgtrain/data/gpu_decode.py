@@ -161,27 +161,46 @@ def _axis_weights(start: torch.Tensor, length: torch.Tensor, extent: int, out: i
     return w / w.sum(-1, keepdim=True).clamp_(min=1e-12)
 
 
-def batched_resized_crop(images: list[torch.Tensor], params: torch.Tensor, size: int) -> torch.Tensor:
+def batched_resized_crop(
+    images: list[torch.Tensor], params: torch.Tensor, size: int, max_elements: int = 1 << 27
+) -> torch.Tensor:
     """Crop, antialiased resize to ``size`` x ``size`` and optional horizontal flip of images of different
     sizes, as two batched matrix products instead of a chain of kernels per image.
 
     ``images``: uint8 (3, h_i, w_i) tensors on one device; ``params``: (n, 5) rows of top, left, height,
-    width, flip. The images are padded with zeros into one batch; each output is R_y @ image @ R_x^T with
-    the per-image resampling matrices of :func:`_axis_weights` (zero outside the crop, so the padding never
-    contributes), and a flip is R_x with its rows reversed. fp16 on CUDA (pixel values and their weighted
-    sums stay within about 0.1 of fp32), fp32 elsewhere."""
+    width, flip. The crop windows are padded with zeros into one tensor; each output is
+    R_y @ crop @ R_x^T with the per-image resampling matrices of :func:`_axis_weights` (zero over the
+    padding, so it never contributes), and a flip is R_x with its rows reversed. fp16 on CUDA (pixel values
+    and their weighted sums stay within about 0.1 of fp32), fp32 elsewhere.
+
+    The padded tensor is as large as the batch times its largest crop, so one large photo would inflate it
+    for everyone: crops are sorted by size and processed in groups of at most ``max_elements`` padded
+    values (2**27: 256 MB in fp16)."""
     device = images[0].device
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    n = len(images)
-    h_max = max(int(im.shape[-2]) for im in images)
-    w_max = max(int(im.shape[-1]) for im in images)
-    x = torch.zeros(n, 3, h_max, w_max, dtype=dtype, device=device)
-    for k, im in enumerate(images):
-        x[k, :, : im.shape[-2], : im.shape[-1]].copy_(im)
-    p = params.to(device=device, dtype=torch.float32)
-    ry = _axis_weights(p[:, 0], p[:, 2], h_max, size).to(dtype)
-    rx = _axis_weights(p[:, 1], p[:, 3], w_max, size)
-    flip = p[:, 4] > 0
-    rx = torch.where(flip[:, None, None], rx.flip(1), rx).to(dtype)
-    out = ry[:, None] @ x @ rx.transpose(1, 2)[:, None]
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+    rows = params.tolist()
+    crops = [im[:, t : t + h, left : left + w] for im, (t, left, h, w, _) in zip(images, rows, strict=True)]
+    out = torch.empty(len(crops), 3, size, size, dtype=torch.uint8, device=device)
+    order = sorted(range(len(crops)), key=lambda k: rows[k][2] * rows[k][3])
+    start = 0
+    while start < len(order):
+        # Grow the group while the padded tensor stays within the budget (always at least one crop).
+        end, h_max, w_max = start + 1, rows[order[start]][2], rows[order[start]][3]
+        while end < len(order):
+            h, w = max(h_max, rows[order[end]][2]), max(w_max, rows[order[end]][3])
+            if (end + 1 - start) * 3 * h * w > max_elements:
+                break
+            end, h_max, w_max = end + 1, h, w
+        group = order[start:end]
+        x = torch.zeros(len(group), 3, h_max, w_max, dtype=dtype, device=device)
+        for j, k in enumerate(group):
+            x[j, :, : rows[k][2], : rows[k][3]].copy_(crops[k])
+        p = torch.tensor([rows[k] for k in group], dtype=torch.float32, device=device)
+        zero = torch.zeros_like(p[:, 0])
+        ry = _axis_weights(zero, p[:, 2], h_max, size).to(dtype)
+        rx = _axis_weights(zero, p[:, 3], w_max, size)
+        rx = torch.where((p[:, 4] > 0)[:, None, None], rx.flip(1), rx).to(dtype)
+        res = ry[:, None] @ x @ rx.transpose(1, 2)[:, None]
+        out[torch.tensor(group, device=device)] = res.round_().clamp_(0, 255).to(torch.uint8)
+        start = end
+    return out
