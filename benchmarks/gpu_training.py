@@ -269,6 +269,8 @@ def run_pipeline(args) -> list[dict]:
                 "data_wait_fraction": round(wait / seconds, 3),
                 "gpu_util_pct": sampler.mean,
             }
+            if hasattr(it, "close"):  # GPU decode's prefetch thread still holds the loader's iterator
+                it.close()
             del it
             shutdown_loader_workers(trainer)
             batches = [

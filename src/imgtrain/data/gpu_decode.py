@@ -180,6 +180,12 @@ def batched_resized_crop(
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     rows = params.tolist()
     crops = [im[:, t : t + h, left : left + w] for im, (t, left, h, w, _) in zip(images, rows, strict=True)]
+    # The window was drawn from the size in the JPEG header; should the decoder return a smaller image,
+    # the slice is shorter: resize what is there rather than fail the batch.
+    rows = [
+        [t, left, int(c.shape[-2]), int(c.shape[-1]), f]
+        for (t, left, _, _, f), c in zip(rows, crops, strict=True)
+    ]
     out = torch.empty(len(crops), 3, size, size, dtype=torch.uint8, device=device)
     order = sorted(range(len(crops)), key=lambda k: rows[k][2] * rows[k][3])
     start = 0

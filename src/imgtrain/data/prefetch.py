@@ -7,12 +7,14 @@ that is what the unit tests exercise. On one H200 the copy was hidden: data wait
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
 
 import torch
 
+log = logging.getLogger(__name__)
 
 def to_device(batch, device: torch.device):
     """Tensors of a (images, labels, weights, bad paths) batch to ``device``, non-blocking (the loader
@@ -106,6 +108,10 @@ class BackgroundPrefetcher:
 
     def _run(self, it: Iterator, transform: Callable) -> None:
         try:
+            if self.stream is not None:
+                # The current device is per thread: without this, leaving the stream context would switch
+                # this thread to GPU 0 and open a context there from every rank of the node.
+                torch.cuda.set_device(self.device)
             for batch in it:
                 if self._stop.is_set():
                     return
@@ -120,6 +126,8 @@ class BackgroundPrefetcher:
                 if not self._put(item):
                     return
             self._put(_End())
+        except StopIteration as e:  # from the transform: must not read as the end of the epoch
+            self._put(_Failure(RuntimeError(f"GPU-decode batch transform raised StopIteration: {e!r}")))
         except BaseException as e:  # handed to the caller's thread
             self._put(_Failure(e))
 
@@ -149,6 +157,8 @@ class BackgroundPrefetcher:
         self._stop.set()
         self._thread.join(timeout=60)
         self._done = True
+        if self._thread.is_alive():
+            log.warning("the GPU-decode prefetch thread did not stop within 60 s (stuck reading the loader)")
 
 
 def device_batches(loader, device: torch.device, batch_transform: Callable | None = None):
