@@ -36,6 +36,7 @@ import importlib.metadata
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +55,7 @@ from imgtrain.data.folder import collate
 from imgtrain.data.prepare import PrepareSettings, prepare
 
 BENCH_VERSION = "bench-jpegs-v1"
+SIMD = "+simd"  # variant suffix: run with --pillow-simd's Pillow
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
@@ -139,7 +141,7 @@ def reference_dataset(root: Path, size: int):
 
 def make_loader(variant: str, roots: dict[str, Path], args, workers: int, epoch: int):
     """A DataLoader for the variant; every variant draws its images at random from the whole set."""
-    kind, _, decoder = variant.partition("-")
+    kind, _, decoder = variant.removesuffix(SIMD).partition("-")
     if kind == "reference":
         ds = reference_dataset(roots["original"], args.size)
         g = torch.Generator().manual_seed(epoch)
@@ -162,6 +164,22 @@ def make_loader(variant: str, roots: dict[str, Path], args, workers: int, epoch:
     bundle = build_data(cfg, args.batch, 0, 1, seed=0, device=torch.device("cpu"))
     bundle.train_sampler.state.epoch = epoch
     return bundle.train_loader
+
+
+def measure(variant: str, roots: dict[str, Path], args, workers: int, epoch: int) -> float:
+    """images/s per worker. A ``+simd`` variant runs in a fresh process with pillow-simd first on its path
+    (the other variants, the reference included, keep the environment's Pillow)."""
+    if not variant.endswith(SIMD):
+        return time_loader(make_loader(variant, roots, args, workers, epoch), args.images) / workers
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(args.pillow_simd), os.environ.get("PYTHONPATH")])),
+    )
+    cmd = [sys.executable, __file__, *args.argv, "--one", variant, str(workers), str(epoch)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"{variant} failed:\n{out.stderr[-3000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def time_loader(loader, images: int, warmup_batches: int = 1) -> float:
@@ -274,6 +292,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=list(DECODERS),
         help="data.decoder values for the shard rows",
     )
+    p.add_argument(
+        "--pillow-simd",
+        type=Path,
+        default=None,
+        help="a folder with pillow-simd (scripts/install_pillow_simd.sh): adds +simd rows (the reference and "
+        "the simplejpeg_pillow rows), each run in a process that imports Pillow from there",
+    )
+    p.add_argument("--one", nargs=3, default=None, help=argparse.SUPPRESS)  # VARIANT WORKERS EPOCH (internal)
     p.add_argument("--micro", action="store_true", help="also time each step of a sample alone")
     p.add_argument("--micro-files", type=int, default=200)
     p.add_argument(
@@ -285,6 +311,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=default_out("input_pipeline"))
     args = p.parse_args(argv)
     args.generate = max(args.generate, args.images)
+    args.argv = [a for a in (sys.argv[1:] if argv is None else argv)]
     return args
 
 
@@ -304,6 +331,10 @@ def main(argv: list[str] | None = None) -> dict:
     roots = {"original": ensure_bench_jpegs(args.generate)}
     for m in args.max_sides:
         roots[f"shards{m}"] = ensure_shards(roots["original"], m)
+    if args.one:  # one measurement, for measure() in the parent process
+        variant, workers, epoch = args.one[0], int(args.one[1]), int(args.one[2])
+        print(time_loader(make_loader(variant, roots, args, workers, epoch), args.images) / workers)
+        return {}
     sizes = [Image.open(p).size for p in sorted((roots["original"] / "train").rglob("*.jpg"))[:500]]
     mean_w, mean_h = (float(np.mean([s[i] for s in sizes])) for i in (0, 1))
     print(
@@ -314,16 +345,22 @@ def main(argv: list[str] | None = None) -> dict:
 
     variants = ["reference"] + [f"folder-{d}" for d in args.decoders]
     variants += [f"shards{m}-{d}" for m in args.max_sides for d in args.shard_decoders]
+    if args.pillow_simd:
+        simd = ["reference", "folder-simplejpeg_pillow"] + [
+            f"shards{m}-simplejpeg_pillow" for m in args.max_sides
+        ]
+        variants += [v + SIMD for v in simd]
     result: dict = {
         "benchmark": "input_pipeline",
         "command": command_line(),
         "machine": machine_info(),
         "pillow": pillow_version(),
+        "pillow_simd": str(args.pillow_simd) if args.pillow_simd else None,
         "load_average_start": os.getloadavg(),
         "data": {k: str(v) for k, v in roots.items()},
         "mean_size_wh": [mean_w, mean_h],
         "unit": "images/s per worker",
-        "settings": vars(args) | {"out": str(args.out)},
+        "settings": vars(args) | {"out": str(args.out), "pillow_simd": str(args.pillow_simd or "")},
     }
     if args.micro:
         print("\nper-image cost, one thread, in this process:")
@@ -335,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
         rounds = []
         for r in range(args.rounds):
             order = variants if r % 2 == 0 else variants[::-1]
-            row = {v: time_loader(make_loader(v, roots, args, w, r), args.images) / w for v in order}
+            row = {v: measure(v, roots, args, w, r) for v in order}
             rounds.append(row)
             print(f"  round {r + 1}: " + ", ".join(f"{v} {row[v]:.0f}" for v in variants), flush=True)
         table = {}
