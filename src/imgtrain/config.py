@@ -92,9 +92,10 @@ class DataConfig:
     Pillow's resize: the fastest with pillow-simd installed, scripts/install_pillow_simd.sh), opencv,
     torchvision, or pil (the reference). Files
     that are not JPEGs decode with PIL; a decoder whose library is missing falls back to the next fastest."""
-    decode: Literal["cpu", "gpu"] = "cpu"
+    decode: Literal["cpu", "gpu", "dali"] = "cpu"
     """Where training images are decoded: cpu (loader workers), or gpu (CUDA only: workers read the bytes,
-    nvJPEG decodes the batch, crops/flips/resizes run on the GPU; see docs/decode.md)."""
+    nvJPEG decodes the batch, crops/flips/resizes run on the GPU; see docs/decode.md), or dali (as gpu, with
+    NVIDIA DALI doing the decode, crop, resize and flip; needs nvidia-dali, not run on a GPU yet)."""
     format: Literal["folder", "shards"] = "folder"
     """folder: an ImageFolder tree; shards: the output of ``imgtrain prepare`` (a folder or s3://, gs:// URL)."""
     storage_options: dict[str, Any] = field(default_factory=dict)

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 def check_gpu_decode(cfg: DataConfig, device: torch.device) -> None:
     """ConfigError naming ``data.decode`` when GPU decode cannot run as configured."""
-    if cfg.decode != "gpu":
+    if cfg.decode == "cpu":
         return
     if device.type != "cuda":
         raise ConfigError(
@@ -41,6 +41,10 @@ def check_gpu_decode(cfg: DataConfig, device: torch.device) -> None:
             "'cpu' with data.auto_augment or data.random_erase (GPU decode "
             "does RandomResizedCrop and flip only)",
         )
+    if cfg.decode == "dali":
+        from .dali_decode import import_dali
+
+        import_dali()
 
 
 class GpuTrainPlan:
@@ -119,22 +123,32 @@ class GpuBatchDecoder:
                     out.append(None)
             return out
 
+    def _crop_batch(self, jpegs: list[torch.Tensor], params: list[list[int]]) -> list[torch.Tensor | None]:
+        """Each JPEG's crop window resized to the output size and flipped as drawn (None: undecodable)."""
+        out: list[torch.Tensor | None] = []
+        s = self.size
+        for img, (top, left, h, w, flip) in zip(self._decode(jpegs), params, strict=True):
+            if img is not None:
+                img = TF.resized_crop(img, top, left, h, w, [s, s], antialias=True)
+                img = img.flip(-1) if flip else img
+            out.append(img)
+        return out
+
     def __call__(self, batch):
         enc, labels, weights, bad = batch
         n = len(labels)
         s = self.size
         images = torch.zeros(n, 3, s, s, dtype=torch.uint8, device=self.device)
         weights = weights.clone()
-        decoded = self._decode(enc.jpegs)
-        params = enc.params.tolist()
         failed = 0
-        for pos, img, (top, left, h, w, flip) in zip(enc.jpeg_index.tolist(), decoded, params, strict=True):
+        for pos, img in zip(
+            enc.jpeg_index.tolist(), self._crop_batch(enc.jpegs, enc.params.tolist()), strict=True
+        ):
             if img is None:
                 weights[pos] = 0.0
                 failed += 1
                 continue
-            out = TF.resized_crop(img, top, left, h, w, [s, s], antialias=True)
-            images[pos] = out.flip(-1) if flip else out
+            images[pos] = img
         if len(enc.ready_index):
             images[enc.ready_index.to(self.device)] = enc.ready.to(self.device, non_blocking=True)
         if failed:
