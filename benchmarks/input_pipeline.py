@@ -166,11 +166,13 @@ def make_loader(variant: str, roots: dict[str, Path], args, workers: int, epoch:
     return bundle.train_loader
 
 
-def measure(variant: str, roots: dict[str, Path], args, workers: int, epoch: int) -> float:
-    """images/s per worker. A ``+simd`` variant runs in a fresh process with pillow-simd first on its path
-    (the other variants, the reference included, keep the environment's Pillow)."""
+def measure(variant: str, roots: dict[str, Path], args, workers: int, epoch: int) -> tuple[float, float]:
+    """(images/s per worker, images per CPU-second of the workers). A ``+simd`` variant runs in a fresh
+    process with pillow-simd first on its path (the other variants, the reference included, keep the
+    environment's Pillow)."""
     if not variant.endswith(SIMD):
-        return time_loader(make_loader(variant, roots, args, workers, epoch), args.images) / workers
+        wall, cpu = time_loader(make_loader(variant, roots, args, workers, epoch), args.images)
+        return wall / workers, cpu
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join(filter(None, [str(args.pillow_simd), os.environ.get("PYTHONPATH")])),
@@ -179,24 +181,38 @@ def measure(variant: str, roots: dict[str, Path], args, workers: int, epoch: int
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"{variant} failed:\n{out.stderr[-3000:]}")
-    return float(out.stdout.strip().splitlines()[-1])
+    wall, cpu = out.stdout.strip().splitlines()[-1].split()
+    return float(wall), float(cpu)
 
 
-def time_loader(loader, images: int, warmup_batches: int = 1) -> float:
-    """images/s over the batches after the first ``warmup_batches`` (worker start-up excluded), until
-    ``images`` images (warm-up included) were loaded."""
+def _workers_cpu_s(it) -> float:
+    """CPU seconds used so far by the iterator's worker processes (Linux /proc; the DataLoader iterator
+    keeps its worker processes in ``_workers``)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for w in it._workers:
+        fields = Path(f"/proc/{w.pid}/stat").read_text().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def time_loader(loader, images: int, warmup_batches: int = 1) -> tuple[float, float]:
+    """(images/s, images per CPU-second of the loader workers), over the batches after the first
+    ``warmup_batches`` (worker start-up and the first reads of each shard's tar headers excluded), until
+    ``images`` images (warm-up included) were loaded. The CPU rate is what a worker costs per image, much
+    less sensitive to other load on the machine than the wall clock (not to cache and core sharing)."""
     it = iter(loader)
     seen = 0
     for _ in range(warmup_batches):
         seen += len(next(it)[1])
-    n, t0 = 0, time.perf_counter()
+    n, t0, cpu0 = 0, time.perf_counter(), _workers_cpu_s(it)
     for batch in it:
         n += len(batch[1])
         if seen + n >= images:
             break
-    rate = n / (time.perf_counter() - t0)
+    rate, cpu = n / (time.perf_counter() - t0), _workers_cpu_s(it) - cpu0
     del it  # shuts the workers down before the next variant starts
-    return rate
+    return rate, n / max(cpu, 1e-9)
 
 
 # ---------------------------------------------------------------------------------------------- micro
@@ -333,7 +349,8 @@ def main(argv: list[str] | None = None) -> dict:
         roots[f"shards{m}"] = ensure_shards(roots["original"], m)
     if args.one:  # one measurement, for measure() in the parent process
         variant, workers, epoch = args.one[0], int(args.one[1]), int(args.one[2])
-        print(time_loader(make_loader(variant, roots, args, workers, epoch), args.images) / workers)
+        wall, cpu = time_loader(make_loader(variant, roots, args, workers, epoch), args.images)
+        print(wall / workers, cpu)
         return {}
     sizes = [Image.open(p).size for p in sorted((roots["original"] / "train").rglob("*.jpg"))[:500]]
     mean_w, mean_h = (float(np.mean([s[i] for s in sizes])) for i in (0, 1))
@@ -374,26 +391,34 @@ def main(argv: list[str] | None = None) -> dict:
             order = variants if r % 2 == 0 else variants[::-1]
             row = {v: measure(v, roots, args, w, r) for v in order}
             rounds.append(row)
-            print(f"  round {r + 1}: " + ", ".join(f"{v} {row[v]:.0f}" for v in variants), flush=True)
+            print(
+                f"  round {r + 1} (img/s per worker | img per worker CPU-second): "
+                + ", ".join(f"{v} {row[v][0]:.0f} | {row[v][1]:.0f}" for v in variants),
+                flush=True,
+            )
         table = {}
         for v in variants:
-            s = stats([row[v] for row in rounds])
-            ratios = [row[v] / row["reference"] for row in rounds]
+            ratios = [row[v][0] / row["reference"][0] for row in rounds]
+            cpu_ratios = [row[v][1] / row["reference"][1] for row in rounds]
             table[v] = {
-                "images_per_s_per_worker": s,
+                "images_per_s_per_worker": stats([row[v][0] for row in rounds]),
                 "ratio_vs_reference": statistics.median(ratios),
                 "ratio_samples": ratios,
+                "images_per_worker_cpu_s": stats([row[v][1] for row in rounds]),
+                "cpu_ratio_vs_reference": statistics.median(cpu_ratios),
+                "cpu_ratio_samples": cpu_ratios,
             }
         per_workers[str(w)] = table
         print(
-            f"\n{'variant':<30}{'median':>9}{'min':>8}{'max':>8}  img/s/worker   vs reference (median of "
-            "per-round ratios)"
+            f"\n{'variant':<34}{'img/s/worker':>13}{'min':>6}{'max':>6}{'ratio':>7}  {'img/CPU-s':>10}"
+            f"{'min':>6}{'max':>6}{'ratio':>7}   (ratio: median of per-round ratios to the reference)"
         )
         for v in variants:
-            s = table[v]["images_per_s_per_worker"]
+            s, c = table[v]["images_per_s_per_worker"], table[v]["images_per_worker_cpu_s"]
             print(
-                f"{v:<30}{s['median']:>9.0f}{s['min']:>8.0f}{s['max']:>8.0f}  {'':<13}"
-                f"{table[v]['ratio_vs_reference']:.2f}x"
+                f"{v:<34}{s['median']:>13.0f}{s['min']:>6.0f}{s['max']:>6.0f}"
+                f"{table[v]['ratio_vs_reference']:>6.2f}x  {c['median']:>10.0f}{c['min']:>6.0f}{c['max']:>6.0f}"
+                f"{table[v]['cpu_ratio_vs_reference']:>6.2f}x"
             )
     result["workers"] = per_workers
 
