@@ -219,7 +219,7 @@ def time_loader(loader, images: int, warmup_batches: int = 1) -> tuple[float, fl
 
 
 def micro(root: Path, files: int, size: int, batch: int) -> dict[str, dict]:
-    """Per-image microseconds of each step of a training sample, in this process (one thread): the
+    """Per-image CPU microseconds of each step of a training sample, in this process (one thread): the
     reference's parts, each decoder's decode, and for each decoder the steps of imgtrain's fused path
     (crop draw, decode, crop + resize, flip, tensor conversion) and the collate."""
     import cv2
@@ -269,10 +269,10 @@ def micro(root: Path, files: int, size: int, batch: int) -> dict[str, dict]:
         scale = batch if name.startswith("collate") else 1
         times = []
         for _ in range(3):
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             for x in inputs:
                 fn(x)
-            times.append((time.perf_counter() - t0) / len(inputs) / scale * 1e6)
+            times.append((time.process_time() - t0) / len(inputs) / scale * 1e6)
         out[name] = stats(times)
         print(f"  {name:<48} {out[name]['median']:8.0f} us/image", flush=True)
     return out
