@@ -105,7 +105,7 @@ class ShardSource:
     def read_range(self, name: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of a streamed shard, straight from the store."""
         fs, root = self._remote()
-        data = fs.cat_file(f"{root}/{name}", start, end)
+        data = fs.cat_file(f"{root}/{name}", start=start, end=end)  # keywords: s3fs takes version_id second
         self._count(1, 1)
         self._count(2, len(data))
         return data

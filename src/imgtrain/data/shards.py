@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import os
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,13 +27,14 @@ import torch
 from ..config import DataConfig
 from .decode import create_decoder, decode_full
 from .embedded import default_data_home
-from .folder import DataError, SampleRef
+from .folder import DataError, SampleRef, sample_rng_scope
 from .prepare import INDEX_FORMAT, INDEX_NAME
 from .shard_cache import ShardSource
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_MAX_OPEN_SHARDS = 256  # per process; all are closed when a process would open more
 
 
 def _decode_sample(data, transform: Callable | None, decoder) -> torch.Tensor:
@@ -150,6 +152,8 @@ class ShardDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.image_size = image_size
         self._tables: dict[int, _ShardTable] = {}  # per process: built on first access to a shard
+        self._fds: dict[str, int] = {}  # open shard files of this process (pread: no shared file offset)
+        self._fds_pid = os.getpid()
 
     def __len__(self) -> int:
         return self.starts[-1] + self.counts[-1]
@@ -176,6 +180,20 @@ class ShardDataset(torch.utils.data.Dataset):
             self._tables[s] = t
         return t
 
+    def _fd(self, path: str) -> int:
+        """A read-only descriptor of ``path`` kept open in this process (an open and a close per sample cost
+        as much as the read). Loader workers inherit the parent's dict on fork: they open their own."""
+        if self._fds_pid != os.getpid():
+            self._fds, self._fds_pid = {}, os.getpid()
+        fd = self._fds.get(path)
+        if fd is None:
+            if len(self._fds) >= _MAX_OPEN_SHARDS:
+                for old in self._fds.values():
+                    os.close(old)
+                self._fds.clear()
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
     def read(self, index: int) -> tuple[bytes, int]:
         """The stored image bytes and the label of a sample."""
         s, k = self.locate(index)
@@ -190,9 +208,7 @@ class ShardDataset(torch.utils.data.Dataset):
             try:
                 t = self._table(s, path)
                 start = int(t.start[k])
-                with open(path, "rb") as f:
-                    f.seek(start)
-                    buf = f.read(int(t.end[k]) - start)
+                buf = os.pread(self._fd(path), int(t.end[k]) - start, start)
                 break
             except FileNotFoundError:
                 if attempt:  # evicted from the cache between the lookup and the open: fetch it again
@@ -204,7 +220,7 @@ class ShardDataset(torch.utils.data.Dataset):
         if not isinstance(ref, SampleRef):
             ref = SampleRef(int(ref))
         label = 0
-        with torch.random.fork_rng(devices=[]):
+        with sample_rng_scope():
             # The ImageFolder dataset's seed: a sample's crop depends on (seed, epoch, index) only. Only the
             # CPU generator (the one the transforms draw from): torch.manual_seed also queues lazy seeds
             # for CUDA/XPU/MTIA, formatting a stack trace for each, ~4 ms per sample on a busy core.
