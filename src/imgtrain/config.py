@@ -89,7 +89,7 @@ class DataConfig:
         "simplejpeg_fast")
     """JPEG decoder of the CPU path (measurements in docs/decode.md): simplejpeg_fast (fast IDCT and chroma
     upsampling, within the tested tolerance), simplejpeg, simplejpeg_pillow (simplejpeg_fast's decode with
-    Pillow's resize: the fastest with pillow-simd installed, scripts/install_pillow_simd.sh), opencv,
+    Pillow's resize: faster on full-size photos with pillow-simd installed, scripts/install_pillow_simd.sh), opencv,
     torchvision, or pil (the reference). Files
     that are not JPEGs decode with PIL; a decoder whose library is missing falls back to the next fastest."""
     decode: Literal["cpu", "gpu", "dali"] = "cpu"
