@@ -263,3 +263,10 @@ def test_cache_smaller_than_the_dataset_keeps_what_fits_and_reads_the_rest_by_ra
     cached = sorted(p.name for p in (tmp_path / "cache").glob("*/*.tar"))
     assert cached == ["train-000000.tar", "train-000001.tar"]
     assert remote.describe(32) == "memory://pinned/train-000003.tar:sample 2"
+    # The streaming pass checks the shard against the index's sha256, as a download does.
+    fs.pipe("/pinned/train-000003.tar", fs.cat_file("/pinned/train-000003.tar")[:-1024])
+    fresh = ShardSource(
+        "memory://pinned", cache_dir=tmp_path / "cache2", cache_size=room, sha256=sha, sizes=sizes
+    )
+    with pytest.raises(OSError, match="train-000003.tar does not match the sha256"):
+        ShardDataset(fresh, index, "train", None).read(32)

@@ -119,9 +119,18 @@ class ShardSource:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 if not path.exists():
                     fs, root = self._remote()
-                    with fs.open(f"{root}/{name}", "rb") as f:
+                    with fs.open(f"{root}/{name}", "rb") as raw:
+                        f = _Hashing(raw)
                         table = scan(f)
-                        self._count(2, f.tell())
+                        while f.read(1 << 22):  # the tar's end blocks: the checksum covers the whole file
+                            pass
+                    self._count(2, f.nbytes)
+                    expected = self.sha256.get(name)
+                    if expected is not None and f.sha.hexdigest() != expected:
+                        raise OSError(
+                            f"{self.root}/{name} does not match the sha256 in the index (changed or "
+                            "damaged since it was prepared)"
+                        )
                     tmp = path.with_name(f".{name}.{os.getpid()}.table.partial.npy")
                     np.save(tmp, table)
                     os.replace(tmp, path)
@@ -203,6 +212,19 @@ class ShardSource:
             log.info("shard cache: evicted %s (cache above its %.1f GB limit)", p, self.cache_size / 1e9)
         if total > self.cache_size:
             log.warning("shard cache: %s alone exceeds data.cache_size_gb=%.3f", keep, self.cache_size / 1e9)
+
+
+class _Hashing:
+    """A read-only file wrapper that hashes what is read through it (one pass: scan and checksum)."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.nbytes = f, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.sha.update(data)
+        self.nbytes += len(data)
+        return data
 
 
 def _sha256(path: Path) -> str:
