@@ -1,24 +1,30 @@
-"""Decode + augment images/s per loader worker: torchvision's reference pipeline against imgtrain's decoders.
+"""Decode + augment images/s per loader worker: torchvision's reference pipeline against imgtrain's loader
+on the same files and on shards made by ``imgtrain prepare``.
 
 The data: a few thousand JPEGs cut and scaled from scikit-learn's two sample photographs (random crops,
-flips, brightness, sizes with ImageNet's spread: long side up to 500 px, about 400x350 on average), quality
-90, in ImageFolder layout, written once under ~/.cache/imgtrain/bench-jpegs-v1 (or $IMGTRAIN_DATA_HOME).
+flips, brightness, sizes with ImageNet's spread: long side up to 500 px, about 440x380 on average), quality
+90, in ImageFolder layout, written once under ~/.cache/imgtrain/bench-jpegs-v1 (or $IMGTRAIN_DATA_HOME);
+then prepared once with ``imgtrain prepare --max-side M`` (M = 320 and 256 by default) into
+``bench-jpegs-v1-shardsM`` beside it.
 
 Variants, all producing the 224 px training sample (RandomResizedCrop + horizontal flip), side by side:
 
 * ``reference``: ``torchvision.datasets.ImageFolder`` with its default (PIL) loader and the classification
-  reference's train preset (RandomResizedCrop, flip, PILToTensor, float, Normalize in the worker);
-* ``imgtrain-<decoder>``: imgtrain's ImageFolder dataset with each ``data.decoder`` (uint8 out);
-* ``max320-<decoder>`` / ``max256-<decoder>``: the same on copies re-encoded (PIL, quality 90) to a longer
-  side of at most 320 / 256 px, the effect ``imgtrain prepare --max-side`` has;
-* ``shards-<decoder>`` (with ``--shards DIR``): WebDataset tar shards read with ``webdataset`` and
-  decoded by imgtrain's decoder.
+  reference's train preset (RandomResizedCrop, flip, PILToTensor, float, Normalize in the worker), on the
+  original files;
+* ``folder-<decoder>``: imgtrain's ``data.format: folder`` loader (``build_data``: its dataset, sampler,
+  collate) on the same files, with each ``data.decoder`` (uint8 out);
+* ``shardsM-<decoder>``: imgtrain's ``data.format: shards`` loader (``build_data``) on the prepared shards.
 
-Each variant runs a DataLoader over ``--images`` images with 1 and with 2 worker processes (one torch/OpenCV
-thread each); images/s is divided by the worker count. Variants alternate in rounds; medians are reported
-with the ratio to the reference measured in the same round. ``--micro`` adds per-image timings of decode and
-resize alone, in this process. ``--train-ratio`` adds the data-efficiency ratio (real-data over synthetic
-training throughput, ResNet-18 at 64 px) from benchmarks/throughput.py for two decoders.
+Each variant is a DataLoader over ``--images`` images drawn at random from the whole set, run with 1 and
+with 2 worker processes (one torch/OpenCV thread each); images/s is divided by the worker count. Variants
+alternate in rounds; medians are reported with the median ratio to the reference measured in the same
+round. ``--micro`` adds per-image timings of each step of a sample (decode, crop + resize, flip, tensor
+conversion, collate), in this process. ``--train-ratio`` adds the data-efficiency ratio (real-data over
+synthetic training throughput, ResNet-18 at 64 px) from benchmarks/throughput.py for two decoders.
+
+The ``simplejpeg_pillow`` decoder resizes with Pillow: its numbers depend on whether Pillow is pillow-simd
+(``scripts/install_pillow_simd.sh``; the result records which Pillow ran).
 
     python benchmarks/input_pipeline.py --images 1000 --rounds 3 --micro --train-ratio
 """
@@ -26,10 +32,11 @@ training throughput, ResNet-18 at 64 px) from benchmarks/throughput.py for two d
 from __future__ import annotations
 
 import argparse
-import io
+import importlib.metadata
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,12 +48,14 @@ from bench_common import command_line, default_out, machine_info, stats, write_r
 from PIL import Image
 
 from imgtrain.config import DataConfig
-from imgtrain.data.decode import DECODERS, create_decoder, decode_train, sample_crop
+from imgtrain.data import build_data
+from imgtrain.data.decode import DECODERS, create_decoder, reduced_size, sample_crop
 from imgtrain.data.embedded import default_data_home
-from imgtrain.data.folder import ImageFolderDataset, SampleRef, collate, scan_classes
-from imgtrain.data.transforms import TrainTransform
+from imgtrain.data.folder import collate
+from imgtrain.data.prepare import PrepareSettings, prepare
 
 BENCH_VERSION = "bench-jpegs-v1"
+SIMD = "+simd"  # variant suffix: run with --pillow-simd's Pillow
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
@@ -101,29 +110,12 @@ def ensure_bench_jpegs(images: int, classes: int = 8, seed: int = 0) -> Path:
     return root
 
 
-def ensure_reencoded(root: Path, max_side: int) -> Path:
-    """A copy of ``root`` with every image re-encoded (PIL, quality 90) to a longer side <= max_side."""
-    out = root.parent / f"{root.name}-max{max_side}"
-    src_files = sorted(root.rglob("*.jpg"))
-    if out.is_dir() and len(list(out.rglob("*.jpg"))) == len(src_files):
-        return out
-    tmp = Path(tempfile.mkdtemp(prefix=f".max{max_side}-", dir=root.parent))
-    try:
-        for f in src_files:
-            dst = tmp / f.relative_to(root)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            with Image.open(f) as im:
-                im = im.convert("RGB")
-                s = max_side / max(im.size)
-                if s < 1:
-                    im = im.resize(
-                        (round(im.width * s), round(im.height * s)), Image.BICUBIC, reducing_gap=3.0
-                    )
-                im.save(dst, quality=90)
-        shutil.rmtree(out, ignore_errors=True)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def ensure_shards(root: Path, max_side: int) -> Path:
+    """``imgtrain prepare root <root>-shards<max_side> --max-side max_side`` (quality 90; resumable, so a
+    rerun only verifies the shards)."""
+    out = root.parent / f"{root.name}-shards{max_side}"
+    settings = PrepareSettings(max_side=max_side, quality=90, samples_per_shard=500)
+    prepare(root, str(out), settings, workers=min(2, os.cpu_count() or 1), progress=False)
     return out
 
 
@@ -147,136 +139,141 @@ def reference_dataset(root: Path, size: int):
     return torchvision.datasets.ImageFolder(str(root / "train"), transform=preset)
 
 
-class _Refs(torch.utils.data.Sampler):
-    def __init__(self, n: int, epoch: int):
-        self.n, self.epoch = n, epoch
-
-    def __iter__(self):
-        return (SampleRef(i, 1.0, self.epoch) for i in range(self.n))
-
-    def __len__(self) -> int:
-        return self.n
-
-
-def imgtrain_dataset(root: Path, size: int, decoder: str) -> ImageFolderDataset:
-    cfg = DataConfig(root=str(root), image_size=size, decoder=decoder)
-    classes = scan_classes(root / "train")
-    return ImageFolderDataset(root / "train", classes, TrainTransform(cfg), seed=0, image_size=size)
-
-
-class ShardSamples(torch.utils.data.IterableDataset):
-    """WebDataset shards -> imgtrain's fused decode on the raw image bytes of each member."""
-
-    def __init__(self, shard_dir: Path, size: int, decoder: str, limit: int):
-        self.urls = [str(p) for p in sorted(Path(shard_dir).rglob("*.tar"))]
-        if not self.urls:
-            raise SystemExit(f"--shards {shard_dir}: no .tar shards found")
-        self.size, self.decoder_name, self.limit = size, decoder, limit
-
-    def __iter__(self):
-        import webdataset as wds
-
-        info = torch.utils.data.get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        dec = create_decoder(self.decoder_name)
-        g = torch.Generator().manual_seed(wid)
-        ds = wds.WebDataset(self.urls, shardshuffle=False, nodesplitter=None, workersplitter=None)
-        for i, sample in enumerate(ds):
-            if i >= self.limit:
-                return
-            if i % nw != wid:
-                continue
-            key = next(k for k in ("jpg", "jpeg", "png", "webp") if k in sample)
-            yield decode_train(sample[key], dec, self.size, (0.08, 1.0), 0.5, generator=g), 0, 1.0, ""
-
-
 def make_loader(variant: str, roots: dict[str, Path], args, workers: int, epoch: int):
-    kind, _, decoder = variant.partition("-")
-    n = args.images
-    common = {"batch_size": args.batch, "num_workers": workers}
-    if workers:
-        common["prefetch_factor"] = 4
+    """A DataLoader for the variant; every variant draws its images at random from the whole set."""
+    kind, _, decoder = variant.removesuffix(SIMD).partition("-")
     if kind == "reference":
-        ds = torch.utils.data.Subset(reference_dataset(roots["original"], args.size), range(n))
+        ds = reference_dataset(roots["original"], args.size)
         g = torch.Generator().manual_seed(epoch)
-        return torch.utils.data.DataLoader(ds, shuffle=True, generator=g, **common)
-    if kind == "shards":
+        sampler = torch.utils.data.RandomSampler(ds, num_samples=args.images, generator=g)
+        kw = {"prefetch_factor": 4} if workers else {}
         return torch.utils.data.DataLoader(
-            ShardSamples(args.shards, args.size, decoder, n), collate_fn=collate, **common
+            ds, batch_size=args.batch, sampler=sampler, num_workers=workers, **kw
         )
-    ds = imgtrain_dataset(roots["original" if kind == "imgtrain" else kind], args.size, decoder)
-    return torch.utils.data.DataLoader(
-        ds, sampler=_Refs(min(n, len(ds)), epoch), collate_fn=collate, **common
+    # imgtrain's own loader path, exactly as the trainer builds it (dataset, batch sampler, collate).
+    cfg = DataConfig(
+        root=str(roots["original" if kind == "folder" else kind]),
+        format="folder" if kind == "folder" else "shards",
+        image_size=args.size,
+        decoder=decoder,
+        workers=workers,
+        prefetch_factor=4,
+        pin_memory=False,
+        persistent_workers=False,
     )
+    bundle = build_data(cfg, args.batch, 0, 1, seed=0, device=torch.device("cpu"))
+    bundle.train_sampler.state.epoch = epoch
+    return bundle.train_loader
 
 
-def time_loader(loader, warmup_batches: int = 1) -> float:
-    """images/s over the batches after the first ``warmup_batches`` (worker start-up excluded)."""
+def measure(variant: str, roots: dict[str, Path], args, workers: int, epoch: int) -> tuple[float, float]:
+    """(images/s per worker, images per CPU-second of the workers). A ``+simd`` variant runs in a fresh
+    process with pillow-simd first on its path (the other variants, the reference included, keep the
+    environment's Pillow)."""
+    if not variant.endswith(SIMD):
+        wall, cpu = time_loader(make_loader(variant, roots, args, workers, epoch), args.images)
+        return wall / workers, cpu
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(args.pillow_simd), os.environ.get("PYTHONPATH")])),
+    )
+    cmd = [sys.executable, __file__, *args.argv, "--one", variant, str(workers), str(epoch)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"{variant} failed:\n{out.stderr[-3000:]}")
+    wall, cpu = out.stdout.strip().splitlines()[-1].split()
+    return float(wall), float(cpu)
+
+
+def _workers_cpu_s(it) -> float:
+    """CPU seconds used so far by the iterator's worker processes (Linux /proc; the DataLoader iterator
+    keeps its worker processes in ``_workers``)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for w in it._workers:
+        fields = Path(f"/proc/{w.pid}/stat").read_text().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def time_loader(loader, images: int, warmup_batches: int = 1) -> tuple[float, float]:
+    """(images/s, images per CPU-second of the loader workers), over the batches after the first
+    ``warmup_batches`` (worker start-up and the first reads of each shard's tar headers excluded), until
+    ``images`` images (warm-up included) were loaded. The CPU rate is what a worker costs per image, much
+    less sensitive to other load on the machine than the wall clock (not to cache and core sharing)."""
     it = iter(loader)
+    seen = 0
     for _ in range(warmup_batches):
-        next(it)
-    images, t0 = 0, time.perf_counter()
+        seen += len(next(it)[1])
+    n, t0, cpu0 = 0, time.perf_counter(), _workers_cpu_s(it)
     for batch in it:
-        images += len(batch[1])
-    return images / (time.perf_counter() - t0)
+        n += len(batch[1])
+        if seen + n >= images:
+            break
+    rate, cpu = n / (time.perf_counter() - t0), _workers_cpu_s(it) - cpu0
+    del it  # shuts the workers down before the next variant starts
+    return rate, n / max(cpu, 1e-9)
 
 
 # ---------------------------------------------------------------------------------------------- micro
 
 
-def micro(root: Path, files: int, size: int) -> dict[str, dict]:
-    """Per-image microseconds of the parts, in this process (one thread)."""
+def micro(root: Path, files: int, size: int, batch: int) -> dict[str, dict]:
+    """Per-image CPU microseconds of each step of a training sample, in this process (one thread): the
+    reference's parts, each decoder's decode, and for each decoder the steps of imgtrain's fused path
+    (crop draw, decode, crop + resize, flip, tensor conversion) and the collate."""
     import cv2
+    from torchvision.transforms.v2 import functional as TF
 
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
-    paths = sorted((root / "train").rglob("*.jpg"))[:files]
+    paths = sorted((root / "train").rglob("*.jpg"))
+    paths = paths[:: max(1, len(paths) // files)][:files]
     datas = [p.read_bytes() for p in paths]
     g = torch.Generator().manual_seed(0)
-    crops = []
-    for d in datas:
-        with Image.open(io.BytesIO(d)) as im:
-            crops.append(sample_crop(im.height, im.width, (0.08, 1.0), generator=g))
     decoders = {n: create_decoder(n) for n in DECODERS}
-    arrays = [decoders["simplejpeg"].decode(d) for d in datas]
-    pils = [Image.fromarray(a) for a in arrays]
-    tensors = [torch.from_numpy(a).permute(2, 0, 1).contiguous() for a in arrays]
-    from torchvision.transforms.v2 import functional as TF
-
-    ops = {
-        **{f"decode {n}": (lambda d, dec=dec: dec.decode(d), datas) for n, dec in decoders.items()},
-        "resize crop cv2 INTER_AREA/LINEAR (imgtrain)": (
-            lambda ab: decoders["simplejpeg"].resize(decoders["simplejpeg"].crop(ab[0], ab[1]), size, size),
-            list(zip(arrays, crops, strict=True)),
-        ),
-        "resize crop PIL bilinear": (
-            lambda pb: pb[0].resize(
-                (size, size),
-                Image.BILINEAR,
-                box=(pb[1].left, pb[1].top, pb[1].left + pb[1].width, pb[1].top + pb[1].height),
-            ),
+    sizes = [decoders["pil"].size(d) for d in datas]
+    crops = [sample_crop(h, w, (0.08, 1.0), generator=g) for h, w in sizes]
+    full = [reduced_size(h, w, c, size, size) is None for (h, w), c in zip(sizes, crops, strict=True)]
+    pils = [decoders["pil"].decode(d) for d in datas]
+    ops: dict[str, tuple] = {
+        "reference: PIL decode": (lambda d: decoders["pil"].decode(d), datas),
+        "reference: PIL crop + bilinear resize": (
+            lambda pb: TF.resized_crop(pb[0], pb[1].top, pb[1].left, pb[1].height, pb[1].width, [size, size]),
             list(zip(pils, crops, strict=True)),
         ),
-        "resize crop torch uint8 antialias": (
-            lambda tb: TF.resized_crop(
-                tb[0], tb[1].top, tb[1].left, tb[1].height, tb[1].width, [size, size], antialias=True
-            ),
-            list(zip(tensors, crops, strict=True)),
+        "reference: PILToTensor + float + Normalize": (
+            lambda im: TF.normalize(TF.pil_to_tensor(im).float().div_(255), MEAN, STD),
+            [TF.resize(im, [size, size]) for im in pils],
         ),
-        "float + Normalize (reference, in worker)": (
-            lambda t: TF.normalize(t[:, :size, :size].float().div_(255), MEAN, STD),
-            tensors,
+        "crop window draw (sample_crop + flip draw)": (
+            lambda hw: (sample_crop(hw[0], hw[1], (0.08, 1.0)), torch.rand(1).item()),
+            sizes,
         ),
     }
+    for n, dec in decoders.items():
+        imgs = [dec.decode(d) for d in datas]
+        sized = [dec.crop_resize(i, c, size, size) for i, c in zip(imgs, crops, strict=True)]
+        ops[f"{n}: decode"] = (lambda d, dec=dec: dec.decode(d), datas)
+        # only the crops a full-size decode serves (others take the DCT-scaled path)
+        ops[f"{n}: crop + resize"] = (
+            lambda ic, dec=dec: dec.crop_resize(ic[0], ic[1], size, size),
+            [(i, c) for i, c, f in zip(imgs, crops, full, strict=True) if f],
+        )
+        ops[f"{n}: flip"] = (lambda i, dec=dec: dec.hflip(i), sized)
+        ops[f"{n}: to uint8 CHW tensor"] = (lambda i, dec=dec: dec.to_tensor(i), sized)
+    samples = [(torch.zeros(3, size, size, dtype=torch.uint8), 0, 1.0, "")] * batch
+    ops["collate (per image)"] = (lambda _: collate(samples), [None] * max(1, files // batch))
     out = {}
     for name, (fn, inputs) in ops.items():
-        samples = []
+        scale = batch if name.startswith("collate") else 1
+        times = []
         for _ in range(3):
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             for x in inputs:
                 fn(x)
-            samples.append((time.perf_counter() - t0) / len(inputs) * 1e6)
-        out[name] = stats(samples)
+            times.append((time.process_time() - t0) / len(inputs) / scale * 1e6)
+        out[name] = stats(times)
         print(f"  {name:<48} {out[name]['median']:8.0f} us/image", flush=True)
     return out
 
@@ -288,23 +285,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--images", type=int, default=1000, help="images per measurement (and to generate)")
+    p.add_argument("--images", type=int, default=1000, help="images per measurement")
     p.add_argument("--generate", type=int, default=3000, help="JPEGs in the benchmark set")
     p.add_argument("--size", type=int, default=224, help="training crop size")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure")
-    p.add_argument("--decoders", nargs="+", default=list(DECODERS), choices=list(DECODERS))
     p.add_argument(
-        "--max-sides",
-        type=int,
-        nargs="*",
-        default=[320, 256],
-        help="re-encoded copies to measure (with --smaller-decoders)",
+        "--decoders",
+        nargs="+",
+        default=["simplejpeg_fast", "simplejpeg_pillow"],
+        choices=list(DECODERS),
+        help="data.decoder values for the folder rows",
     )
-    p.add_argument("--smaller-decoders", nargs="+", default=["simplejpeg"], choices=list(DECODERS))
-    p.add_argument("--shards", type=Path, default=None, help="a folder of WebDataset .tar shards to read too")
-    p.add_argument("--micro", action="store_true", help="also time decode and resize alone")
+    p.add_argument(
+        "--max-sides", type=int, nargs="*", default=[320, 256], help="imgtrain prepare --max-side values"
+    )
+    p.add_argument(
+        "--shard-decoders",
+        nargs="+",
+        default=["simplejpeg_fast", "simplejpeg_pillow"],
+        choices=list(DECODERS),
+        help="data.decoder values for the shard rows",
+    )
+    p.add_argument(
+        "--pillow-simd",
+        type=Path,
+        default=None,
+        help="a folder with pillow-simd (scripts/install_pillow_simd.sh): adds +simd rows (the reference and "
+        "the simplejpeg_pillow rows), each run in a process that imports Pillow from there",
+    )
+    p.add_argument("--one", nargs=3, default=None, help=argparse.SUPPRESS)  # VARIANT WORKERS EPOCH (internal)
+    p.add_argument("--micro", action="store_true", help="also time each step of a sample alone")
     p.add_argument("--micro-files", type=int, default=200)
     p.add_argument(
         "--train-ratio",
@@ -315,7 +327,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=default_out("input_pipeline"))
     args = p.parse_args(argv)
     args.generate = max(args.generate, args.images)
+    args.argv = [a for a in (sys.argv[1:] if argv is None else argv)]
     return args
+
+
+def pillow_version() -> str:
+    from PIL import __version__
+
+    try:
+        return f"pillow-simd {importlib.metadata.version('pillow-simd')} (imported: {__version__})"
+    except importlib.metadata.PackageNotFoundError:
+        return f"pillow {__version__}"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -324,32 +346,42 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     roots = {"original": ensure_bench_jpegs(args.generate)}
     for m in args.max_sides:
-        roots[f"max{m}"] = ensure_reencoded(roots["original"], m)
+        roots[f"shards{m}"] = ensure_shards(roots["original"], m)
+    if args.one:  # one measurement, for measure() in the parent process
+        variant, workers, epoch = args.one[0], int(args.one[1]), int(args.one[2])
+        wall, cpu = time_loader(make_loader(variant, roots, args, workers, epoch), args.images)
+        print(wall / workers, cpu)
+        return {}
     sizes = [Image.open(p).size for p in sorted((roots["original"] / "train").rglob("*.jpg"))[:500]]
     mean_w, mean_h = (float(np.mean([s[i] for s in sizes])) for i in (0, 1))
     print(
         f"data: {roots['original']} ({args.generate} train JPEGs, mean {mean_w:.0f}x{mean_h:.0f} over the "
-        f"first 500; ready in {time.perf_counter() - t0:.1f}s)",
+        f"first 500; shards ready in {time.perf_counter() - t0:.1f}s); {pillow_version()}",
         flush=True,
     )
 
-    variants = ["reference"] + [f"imgtrain-{d}" for d in args.decoders]
-    variants += [f"max{m}-{d}" for m in args.max_sides for d in args.smaller_decoders]
-    if args.shards:
-        variants += [f"shards-{d}" for d in args.smaller_decoders]
+    variants = ["reference"] + [f"folder-{d}" for d in args.decoders]
+    variants += [f"shards{m}-{d}" for m in args.max_sides for d in args.shard_decoders]
+    if args.pillow_simd:
+        simd = ["reference", "folder-simplejpeg_pillow"] + [
+            f"shards{m}-simplejpeg_pillow" for m in args.max_sides
+        ]
+        variants += [v + SIMD for v in simd]
     result: dict = {
         "benchmark": "input_pipeline",
         "command": command_line(),
         "machine": machine_info(),
+        "pillow": pillow_version(),
+        "pillow_simd": str(args.pillow_simd) if args.pillow_simd else None,
         "load_average_start": os.getloadavg(),
         "data": {k: str(v) for k, v in roots.items()},
         "mean_size_wh": [mean_w, mean_h],
         "unit": "images/s per worker",
-        "settings": vars(args) | {"shards": str(args.shards) if args.shards else None, "out": str(args.out)},
+        "settings": vars(args) | {"out": str(args.out), "pillow_simd": str(args.pillow_simd or "")},
     }
     if args.micro:
         print("\nper-image cost, one thread, in this process:")
-        result["micro_us_per_image"] = micro(roots["original"], args.micro_files, args.size)
+        result["micro_us_per_image"] = micro(roots["original"], args.micro_files, args.size, args.batch)
 
     per_workers: dict = {}
     for w in args.workers:
@@ -357,28 +389,36 @@ def main(argv: list[str] | None = None) -> dict:
         rounds = []
         for r in range(args.rounds):
             order = variants if r % 2 == 0 else variants[::-1]
-            row = {v: time_loader(make_loader(v, roots, args, w, r)) / w for v in order}
+            row = {v: measure(v, roots, args, w, r) for v in order}
             rounds.append(row)
-            print(f"  round {r + 1}: " + ", ".join(f"{v} {row[v]:.0f}" for v in variants), flush=True)
+            print(
+                f"  round {r + 1} (img/s per worker | img per worker CPU-second): "
+                + ", ".join(f"{v} {row[v][0]:.0f} | {row[v][1]:.0f}" for v in variants),
+                flush=True,
+            )
         table = {}
         for v in variants:
-            s = stats([row[v] for row in rounds])
-            ratios = [row[v] / row["reference"] for row in rounds]
+            ratios = [row[v][0] / row["reference"][0] for row in rounds]
+            cpu_ratios = [row[v][1] / row["reference"][1] for row in rounds]
             table[v] = {
-                "images_per_s_per_worker": s,
+                "images_per_s_per_worker": stats([row[v][0] for row in rounds]),
                 "ratio_vs_reference": statistics.median(ratios),
                 "ratio_samples": ratios,
+                "images_per_worker_cpu_s": stats([row[v][1] for row in rounds]),
+                "cpu_ratio_vs_reference": statistics.median(cpu_ratios),
+                "cpu_ratio_samples": cpu_ratios,
             }
         per_workers[str(w)] = table
         print(
-            f"\n{'variant':<24}{'median':>9}{'min':>8}{'max':>8}  img/s/worker   vs reference (median of "
-            "per-round ratios)"
+            f"\n{'variant':<34}{'img/s/worker':>13}{'min':>6}{'max':>6}{'ratio':>7}  {'img/CPU-s':>10}"
+            f"{'min':>6}{'max':>6}{'ratio':>7}   (ratio: median of per-round ratios to the reference)"
         )
         for v in variants:
-            s = table[v]["images_per_s_per_worker"]
+            s, c = table[v]["images_per_s_per_worker"], table[v]["images_per_worker_cpu_s"]
             print(
-                f"{v:<24}{s['median']:>9.0f}{s['min']:>8.0f}{s['max']:>8.0f}  {'':<13}"
-                f"{table[v]['ratio_vs_reference']:.2f}x"
+                f"{v:<34}{s['median']:>13.0f}{s['min']:>6.0f}{s['max']:>6.0f}"
+                f"{table[v]['ratio_vs_reference']:>6.2f}x  {c['median']:>10.0f}{c['min']:>6.0f}{c['max']:>6.0f}"
+                f"{table[v]['cpu_ratio_vs_reference']:>6.2f}x"
             )
     result["workers"] = per_workers
 
@@ -387,7 +427,7 @@ def main(argv: list[str] | None = None) -> dict:
         import throughput
 
         result["train_ratio"] = {}
-        for dec in ("pil", args.smaller_decoders[0]):
+        for dec in ("pil", args.decoders[0]):
             print(f"\ndata-efficiency ratio, data.decoder={dec}:", flush=True)
             with tempfile.TemporaryDirectory() as tmp:
                 r = throughput.main(

@@ -85,13 +85,17 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     max_bad_fraction: float = 0.001
     """Stop with an error once more than this fraction of a split's files failed to decode."""
-    decoder: Literal["simplejpeg_fast", "simplejpeg", "opencv", "torchvision", "pil"] = "simplejpeg_fast"
+    decoder: Literal["simplejpeg_fast", "simplejpeg", "simplejpeg_pillow", "opencv", "torchvision", "pil"] = (
+        "simplejpeg_fast")
     """JPEG decoder of the CPU path (measurements in docs/decode.md): simplejpeg_fast (fast IDCT and chroma
-    upsampling, within the tested tolerance), simplejpeg, opencv, torchvision, or pil (the reference). Files
+    upsampling, within the tested tolerance), simplejpeg, simplejpeg_pillow (simplejpeg_fast's decode with
+    Pillow's resize: faster on full-size photos with pillow-simd installed, scripts/install_pillow_simd.sh), opencv,
+    torchvision, or pil (the reference). Files
     that are not JPEGs decode with PIL; a decoder whose library is missing falls back to the next fastest."""
-    decode: Literal["cpu", "gpu"] = "cpu"
+    decode: Literal["cpu", "gpu", "dali"] = "cpu"
     """Where training images are decoded: cpu (loader workers), or gpu (CUDA only: workers read the bytes,
-    nvJPEG decodes the batch, crops/flips/resizes run on the GPU; see docs/decode.md)."""
+    nvJPEG decodes the batch, crops/flips/resizes run on the GPU; see docs/decode.md), or dali (as gpu, with
+    NVIDIA DALI doing the decode, crop, resize and flip; needs nvidia-dali, not run on a GPU yet)."""
     format: Literal["folder", "shards"] = "folder"
     """folder: an ImageFolder tree; shards: the output of ``imgtrain prepare`` (a folder or s3://, gs:// URL)."""
     storage_options: dict[str, Any] = field(default_factory=dict)

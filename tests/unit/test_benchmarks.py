@@ -3,13 +3,10 @@ result JSON with the documented keys and positive measurements. The numbers them
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
 from pathlib import Path
-
-from PIL import Image
 
 from conftest import REPO, subprocess_env
 
@@ -95,26 +92,19 @@ def test_compression_benchmark(tmp_path):
 
 
 def test_input_pipeline_benchmark(tmp_path, monkeypatch):
-    import webdataset as wds
-
-    shard_dir = tmp_path / "shards"
-    shard_dir.mkdir()
-    with wds.TarWriter(str(shard_dir / "shard-000000.tar")) as sink:
-        buf = io.BytesIO()
-        Image.new("RGB", (60, 40), (200, 30, 30)).save(buf, "JPEG")
-        for i in range(4):
-            sink.write({"__key__": f"s{i:03d}", "jpg": buf.getvalue(), "cls": b"0"})
-    monkeypatch.setenv("IMGTRAIN_DATA_HOME", str(tmp_path / "home"))  # the generated set goes there
+    monkeypatch.setenv("IMGTRAIN_DATA_HOME", str(tmp_path / "home"))  # the generated set and shards go there
     r = run_script("input_pipeline", ["--generate", "8", "--images", "4", "--batch", "2", "--rounds", "1",
                                       "--workers", "1", "--size", "32", "--decoders", "pil", "simplejpeg",
-                                      "--max-sides", "64", "--shards", str(shard_dir)], tmp_path)
+                                      "--max-sides", "64", "--shard-decoders", "simplejpeg_pillow"], tmp_path)
     table = r["workers"]["1"]
-    assert set(table) == {"reference", "imgtrain-pil", "imgtrain-simplejpeg", "max64-simplejpeg",
-                          "shards-simplejpeg"}
+    assert set(table) == {"reference", "folder-pil", "folder-simplejpeg", "shards64-simplejpeg_pillow"}
     for row in table.values():
         assert_stats(row["images_per_s_per_worker"], 1)
     assert table["reference"]["ratio_vs_reference"] == 1.0
-    assert (tmp_path / "home" / "bench-jpegs-v1-max64").is_dir()
+    # the shard rows read what `imgtrain prepare --max-side 64` wrote
+    index = json.loads((tmp_path / "home" / "bench-jpegs-v1-shards64" / "index.json").read_text())
+    assert index["settings"]["max_side"] == 64 and index["splits"]["train"]["samples"] == 8
+    assert r["pillow"].startswith(("pillow", "pillow-simd"))
 
 
 def test_gpu_training_benchmark_runs_its_variants_on_cpu(tmp_path):

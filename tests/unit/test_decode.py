@@ -204,9 +204,29 @@ def test_gpu_decode_without_cuda_is_a_config_error_naming_the_key(tmp_path):
     assert ei.value.key == "data.decode" and "CUDA" in str(ei.value)
 
 
-def test_gpu_decode_logic_on_cpu_matches_the_cpu_path(jpegs, tmp_path):
-    """GpuTrainPlan + gpu_collate + GpuBatchDecoder, run with device=cpu: the same crop and flip as the
-    CPU path draws for the same seed, and one corrupt JPEG becomes a weight-0 sample."""
+def test_dali_missing_is_a_config_error_naming_the_key(monkeypatch):
+    from imgtrain.data.dali_decode import import_dali
+
+    monkeypatch.setitem(sys.modules, "nvidia", None)  # import nvidia.dali -> ImportError
+    with pytest.raises(ConfigError) as ei:
+        import_dali()
+    assert ei.value.key == "data.decode" and "nvidia-dali" in str(ei.value)
+
+
+def _batch_decoder(backend: str):
+    if backend == "torchvision":
+        return GpuBatchDecoder(64, CPU)
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (optional: the 'dali' extra)")
+    from imgtrain.data.dali_decode import DaliBatchDecoder
+
+    return DaliBatchDecoder(64, CPU, max_batch=8)
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_gpu_decode_logic_on_cpu_matches_the_cpu_path(jpegs, tmp_path, backend):
+    """GpuTrainPlan + gpu_collate + GpuBatchDecoder (data.decode=gpu) or DaliBatchDecoder (data.decode=dali),
+    run with device=cpu: the same crop and flip as the CPU path draws for the same seed, and one corrupt
+    JPEG becomes a weight-0 sample."""
     cfg = DataConfig(image_size=64)
     plan, cpu = GpuTrainPlan(cfg), TrainTransform(cfg)
     png = io.BytesIO()
@@ -219,7 +239,7 @@ def test_gpu_decode_logic_on_cpu_matches_the_cpu_path(jpegs, tmp_path):
         if i < 4:
             torch.manual_seed(i)
             expected.append(cpu(data))
-    images, labels, weights, bad = GpuBatchDecoder(64, CPU)(gpu_collate(samples))
+    images, labels, weights, bad = _batch_decoder(backend)(gpu_collate(samples))
     assert images.shape == (5, 3, 64, 64) and labels.tolist() == [0, 1, 2, 3, 4]
     for i in range(3):
         assert psnr(images[i], expected[i]) >= MIN_PSNR_DCT

@@ -231,3 +231,42 @@ def test_splits_prepared_separately_share_one_index(tmp_path):
     other = make_image_folder(tmp_path / "other", classes=3, train_per_class=1, val_per_class=1, size=20)
     with pytest.raises(DataError, match=r"other classes for its split\(s\) \['train'\]"):
         prepare(other / "val", dst, settings, workers=1, split="val", progress=False)
+
+
+def test_cache_smaller_than_the_dataset_keeps_what_fits_and_reads_the_rest_by_range(prepared, tmp_path):
+    """Cache what fits, stream the rest: with room for two of the four training shards, those two are
+    cached once and never evicted; the others are read sample by sample by byte range (no whole-shard
+    downloads per read), so every epoch after the first has the hit rate of the cached fraction."""
+    _, dst = prepared
+    index = json.loads((dst / "index.json").read_text())
+    fs = fsspec.filesystem("memory")
+    for p in dst.glob("*.tar"):
+        fs.pipe(f"/pinned/{p.name}", p.read_bytes())
+    shards = index["splits"]["train"]["shards"]
+    sizes = {s["name"]: s["bytes"] for s in shards}
+    sha = {s["name"]: s["sha256"] for s in shards}
+    room = sizes["train-000000.tar"] + sizes["train-000001.tar"] + 100
+    source = ShardSource(
+        "memory://pinned", cache_dir=tmp_path / "cache", cache_size=room, sha256=sha, sizes=sizes
+    )
+    assert not source.streamed("train-000001.tar") and source.streamed("train-000002.tar")
+    remote = ShardDataset(source, index, "train", None)
+    local = ShardDataset(ShardSource(str(dst)), index, "train", None)
+    order = np.random.default_rng(0).permutation(len(local))  # the sampler's global random order
+    for epoch in range(2):
+        assert [remote.read(int(i)) for i in order] == [local.read(int(i)) for i in order]
+        hits, misses, nbytes = source.take_counts()
+        if epoch == 0:  # two shard downloads, and one streaming pass over each of the other two shards
+            assert misses == 2 + 13 and nbytes > sum(sizes[f"train-00000{i}.tar"] for i in range(4))
+        else:
+            assert (hits, misses) == (20, 13) and nbytes < sizes["train-000002.tar"]  # the 13 samples only
+    cached = sorted(p.name for p in (tmp_path / "cache").glob("*/*.tar"))
+    assert cached == ["train-000000.tar", "train-000001.tar"]
+    assert remote.describe(32) == "memory://pinned/train-000003.tar:sample 2"
+    # The streaming pass checks the shard against the index's sha256, as a download does.
+    fs.pipe("/pinned/train-000003.tar", fs.cat_file("/pinned/train-000003.tar")[:-1024])
+    fresh = ShardSource(
+        "memory://pinned", cache_dir=tmp_path / "cache2", cache_size=room, sha256=sha, sizes=sizes
+    )
+    with pytest.raises(OSError, match="train-000003.tar does not match the sha256"):
+        ShardDataset(fresh, index, "train", None).read(32)

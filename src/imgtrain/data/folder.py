@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.data import get_worker_info
 
 from .decode import create_decoder, decode_full
 
@@ -32,6 +34,16 @@ class SampleRef:
     index: int
     weight: float = 1.0
     epoch: int = 0  # carried with the index because persistent workers hold their own dataset copy
+
+
+def sample_rng_scope():
+    """Where a sample's seeded draws happen: in a loader worker the global generator is the worker's own
+    and is reseeded for every sample, so nothing needs restoring; in the main process (``data.workers=0``)
+    its state is saved and restored around the sample (``fork_rng``, which copies the generator's state
+    twice: several percent of a small sample's cost)."""
+    if get_worker_info() is not None:
+        return contextlib.nullcontext()
+    return torch.random.fork_rng(devices=[])
 
 
 def scan_classes(split_dir: Path) -> list[str]:
@@ -86,7 +98,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if not isinstance(ref, SampleRef):
             ref = SampleRef(int(ref))
         path, label = self.samples[ref.index]
-        with torch.random.fork_rng(devices=[]):
+        with sample_rng_scope():
             # The CPU generator only: torch.manual_seed would also queue a lazy seeding of every
             # accelerator backend, formatting a stack trace each time (milliseconds per sample).
             torch.default_generator.manual_seed((self.seed * 1_000_003 + ref.epoch) * 10_000_019 + ref.index)

@@ -4,10 +4,10 @@ Worker side (:class:`GpuTrainPlan`): for a JPEG, the encoded bytes plus the samp
 drawn exactly as the CPU path draws them (same seeded RNG, same order), so a sample's augmentation does not
 depend on where it is decoded. Anything that is not a JPEG is decoded and cropped on the CPU right away.
 Main-process side (:class:`GpuBatchDecoder`, run by the prefetcher on its side stream): one batched
-``torchvision.io.decode_jpeg(..., device="cuda")`` call, then crop + antialiased resize + flip per image on
-the GPU. Written against the documented torchvision API and tested on CPU (the same code with
-``device="cpu"``). Run on one H200 it works but is slower than CPU decode with 14 workers (docs/decode.md):
-the per-image crop/resize launches in the main thread dominate.
+``torchvision.io.decode_jpeg(..., device="cuda")`` call, then crop + antialiased resize + flip of the whole
+batch as two batched matrix products (:func:`batched_resized_crop`). Tested on CPU (the same code with
+``device="cpu"``); run on one H200 it works, and is slower than CPU decode with 14 workers (docs/decode.md).
+
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 def check_gpu_decode(cfg: DataConfig, device: torch.device) -> None:
     """ConfigError naming ``data.decode`` when GPU decode cannot run as configured."""
-    if cfg.decode != "gpu":
+    if cfg.decode == "cpu":
         return
     if device.type != "cuda":
         raise ConfigError(
@@ -41,6 +41,10 @@ def check_gpu_decode(cfg: DataConfig, device: torch.device) -> None:
             "'cpu' with data.auto_augment or data.random_erase (GPU decode "
             "does RandomResizedCrop and flip only)",
         )
+    if cfg.decode == "dali":
+        from .dali_decode import import_dali
+
+        import_dali()
 
 
 class GpuTrainPlan:
@@ -119,22 +123,34 @@ class GpuBatchDecoder:
                     out.append(None)
             return out
 
+    def _crop_batch(self, jpegs: list[torch.Tensor], params: list[list[int]]) -> list[torch.Tensor | None]:
+        """Each JPEG's crop window resized to the output size and flipped as drawn (None: undecodable)."""
+        decoded = self._decode(jpegs)
+        ok = [i for i, img in enumerate(decoded) if img is not None]
+        out: list[torch.Tensor | None] = [None] * len(decoded)
+        if ok:
+            crops = batched_resized_crop(
+                [decoded[i] for i in ok], torch.tensor([params[i] for i in ok]), self.size
+            )
+            for j, i in enumerate(ok):
+                out[i] = crops[j]
+        return out
+
     def __call__(self, batch):
         enc, labels, weights, bad = batch
         n = len(labels)
         s = self.size
         images = torch.zeros(n, 3, s, s, dtype=torch.uint8, device=self.device)
         weights = weights.clone()
-        decoded = self._decode(enc.jpegs)
-        ok = [i for i, img in enumerate(decoded) if img is not None]
-        failed = len(decoded) - len(ok)
-        for i in range(len(decoded)):
-            if decoded[i] is None:
-                weights[int(enc.jpeg_index[i])] = 0.0
-        if ok:
-            keep = torch.tensor(ok, dtype=torch.long)
-            crops = batched_resized_crop([decoded[i] for i in ok], enc.params[keep], s)
-            images[enc.jpeg_index[keep].to(self.device)] = crops
+        failed = 0
+        for pos, img in zip(
+            enc.jpeg_index.tolist(), self._crop_batch(enc.jpegs, enc.params.tolist()), strict=True
+        ):
+            if img is None:
+                weights[pos] = 0.0
+                failed += 1
+                continue
+            images[pos] = img
         if len(enc.ready_index):
             images[enc.ready_index.to(self.device)] = enc.ready.to(self.device, non_blocking=True)
         if failed:

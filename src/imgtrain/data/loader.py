@@ -74,7 +74,7 @@ class _RefList(torch.utils.data.Sampler):
 def build_data(cfg: DataConfig, batch_size: int, rank: int, world_size: int, seed: int,
                device: torch.device, eval_batch_size: int | None = None) -> DataBundle:
     check_gpu_decode(cfg, device)
-    gpu = cfg.decode == "gpu"
+    gpu = cfg.decode != "cpu"  # gpu or dali
     # GPU decode: the workers only read the bytes and draw the crops; the batch is decoded on the device.
     train_tf = GpuTrainPlan(cfg) if gpu else train_transform(cfg)
     if cfg.format == "shards":
@@ -100,7 +100,7 @@ def build_data(cfg: DataConfig, batch_size: int, rank: int, world_size: int, see
 
 def _bundle(cfg: DataConfig, train_set, val_set, batch_size: int, rank: int, world_size: int, seed: int,
             device: torch.device, eval_batch_size: int | None, cache=None) -> DataBundle:
-    gpu = cfg.decode == "gpu"
+    gpu = cfg.decode != "cpu"  # gpu or dali
     sampler = ShardedBatchSampler(len(train_set), batch_size, rank, world_size, seed)
     check_shared_memory(cfg, batch_size)
     kw = _loader_kwargs(cfg, device)
@@ -111,4 +111,12 @@ def _bundle(cfg: DataConfig, train_set, val_set, batch_size: int, rank: int, wor
     log.info("data: %s, %d classes, %d train / %d val images", train_set.split_dir, len(train_set.classes),
              len(train_set), len(val_set))
     return DataBundle(train_set.classes, train_set, val_set, sampler, train_loader, val_loader,
-                      GpuBatchDecoder(cfg.image_size, device) if gpu else None, cache)
+                      _batch_decoder(cfg, device, batch_size) if gpu else None, cache)
+
+
+def _batch_decoder(cfg: DataConfig, device: torch.device, batch_size: int) -> GpuBatchDecoder:
+    if cfg.decode == "dali":
+        from .dali_decode import DaliBatchDecoder
+
+        return DaliBatchDecoder(cfg.image_size, device, batch_size)
+    return GpuBatchDecoder(cfg.image_size, device)

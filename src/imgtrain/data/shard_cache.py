@@ -2,6 +2,14 @@
 shard on an object store (downloaded whole on first read, checked against the index's sha256, evicted
 least-recently-used above a size limit).
 
+Cache what fits, stream the rest: when the index gives the shard sizes and the dataset is larger than the
+cache, only the longest run of shards (in index order) that fits is cached ("pinned": never evicted by this
+dataset's own downloads). Every other shard is read sample by sample with a byte-range request to the
+store, located by a table of its tar members that is built once per node by one streaming pass over the
+shard and kept in the cache folder (a few bytes per sample). The sampler reads in a global random order,
+so an LRU over whole shards smaller than the dataset would download a whole shard for almost every read;
+pinning makes the hit rate the cached fraction of the data and keeps the rest at one read per sample.
+
 Why not fsspec's ``filecache``/``simplecache`` or webdataset's ``FileCache``: the fsspec caches have no
 size limit and keep one metadata file that concurrent processes (loader workers of several ranks on one
 node) overwrite; webdataset's downloads through shell pipes without fsspec's storage options and names
@@ -17,9 +25,12 @@ import logging
 import multiprocessing as mp
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import fsspec
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +55,7 @@ class ShardSource:
         cache_dir: str | Path | None = None,
         cache_size: int = 0,
         sha256: dict[str, str] | None = None,
+        sizes: dict[str, int] | None = None,
     ):
         self.root = root.rstrip("/")
         self.remote = is_remote(root)
@@ -56,9 +68,73 @@ class ShardSource:
             # One folder per dataset URL: two datasets with equally named shards never collide.
             self.cache_dir = self.cache_root / hashlib.sha256(self.root.encode()).hexdigest()[:16]
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self.counts = mp.Array("q", 3)  # sample reads from the local cache, reads that downloaded, bytes
+        # Shards that are cached (all of them when the sizes are not known or the dataset fits): the longest
+        # prefix, in the order given, whose total size fits the cache; the rest are read by byte range.
+        self.pinned: set[str] | None = None
+        if self.remote and sizes is not None and sum(sizes.values()) > cache_size:
+            self.pinned, total = set(), 0
+            for name, size in sizes.items():
+                if total + size > cache_size:
+                    break
+                self.pinned.add(name)
+                total += size
+            log.warning(
+                "shard cache: the dataset (%.2f GB) is larger than data.cache_size_gb=%.2f: caching its first "
+                "%d of %d shards, reading the others from %s sample by sample",
+                sum(sizes.values()) / 1e9,
+                cache_size / 1e9,
+                len(self.pinned),
+                len(sizes),
+                self.root,
+            )
+        # sample reads from the local cache; reads that went to the store (a shard download or a byte-range
+        # read); bytes downloaded
+        self.counts = mp.Array("q", 3)
         self._touched: dict[str, float] = {}
         self._fs = None
+
+    def streamed(self, name: str) -> bool:
+        """Whether the shard is read by byte range from the store instead of from a cached copy."""
+        return self.pinned is not None and name not in self.pinned
+
+    def _remote(self):
+        if self._fs is None:
+            self._fs = fsspec.core.url_to_fs(self.root, **self.storage_options)
+        return self._fs
+
+    def read_range(self, name: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of a streamed shard, straight from the store."""
+        fs, root = self._remote()
+        data = fs.cat_file(f"{root}/{name}", start=start, end=end)  # keywords: s3fs takes version_id second
+        self._count(1, 1)
+        self._count(2, len(data))
+        return data
+
+    def stream_table(self, name: str, scan: Callable[[IO[bytes]], np.ndarray]) -> np.ndarray:
+        """``scan`` of a streamed shard (an array locating its samples), computed once per node by one
+        sequential read of the shard and kept in the cache folder beside the cached shards."""
+        path = self.cache_dir / f".{name}.table.npy"
+        if not path.exists():
+            with open(self.cache_dir / f".{name}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not path.exists():
+                    fs, root = self._remote()
+                    with fs.open(f"{root}/{name}", "rb") as raw:
+                        f = _Hashing(raw)
+                        table = scan(f)
+                        while f.read(1 << 22):  # the tar's end blocks: the checksum covers the whole file
+                            pass
+                    self._count(2, f.nbytes)
+                    expected = self.sha256.get(name)
+                    if expected is not None and f.sha.hexdigest() != expected:
+                        raise OSError(
+                            f"{self.root}/{name} does not match the sha256 in the index (changed or "
+                            "damaged since it was prepared)"
+                        )
+                    tmp = path.with_name(f".{name}.{os.getpid()}.table.partial.npy")
+                    np.save(tmp, table)
+                    os.replace(tmp, path)
+        return np.load(path)
 
     def local_path(self, name: str) -> str:
         if not self.remote:
@@ -92,9 +168,7 @@ class ShardSource:
             if path.exists():
                 self._count(0, 1)
                 return
-            if self._fs is None:
-                self._fs = fsspec.core.url_to_fs(self.root, **self.storage_options)
-            fs, root = self._fs
+            fs, root = self._remote()
             tmp = path.with_name(f".{name}.{os.getpid()}.partial")
             t0 = time.perf_counter()
             fs.get_file(f"{root}/{name}", str(tmp))
@@ -120,7 +194,9 @@ class ShardSource:
 
     def _evict(self, keep: Path) -> None:
         """Delete least-recently-used shards (all datasets in the cache) until the cache fits its limit."""
-        files = [p for p in self.cache_root.glob("*/*.tar") if p != keep]
+        # This dataset's pinned shards stay: evicting one would only download it again.
+        pinned = {self.cache_dir / n for n in self.pinned or ()}
+        files = [p for p in self.cache_root.glob("*/*.tar") if p != keep and p not in pinned]
         sizes = {p: _size(p) for p in files}
         total = sum(sizes.values()) + keep.stat().st_size
         if total <= self.cache_size:
@@ -136,6 +212,19 @@ class ShardSource:
             log.info("shard cache: evicted %s (cache above its %.1f GB limit)", p, self.cache_size / 1e9)
         if total > self.cache_size:
             log.warning("shard cache: %s alone exceeds data.cache_size_gb=%.3f", keep, self.cache_size / 1e9)
+
+
+class _Hashing:
+    """A read-only file wrapper that hashes what is read through it (one pass: scan and checksum)."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.nbytes = f, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.sha.update(data)
+        self.nbytes += len(data)
+        return data
 
 
 def _sha256(path: Path) -> str:
@@ -165,8 +254,8 @@ def cache_record(epoch: int, step: int, hits: int, misses: int, nbytes: int) -> 
     reads = hits + misses
     rate = hits / reads if reads else 0.0
     log.info(
-        "shard cache, epoch %d: %d sample reads, %d from the local cache, %d downloaded a shard "
-        "(%.1f MB); hit rate %.1f%%",
+        "shard cache, epoch %d: %d sample reads, %d from the local cache, %d from the object store "
+        "(a shard download or a byte-range read; %.1f MB); hit rate %.1f%%",
         epoch,
         reads,
         hits,

@@ -13,10 +13,12 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import os
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import fsspec
 import numpy as np
@@ -25,13 +27,14 @@ import torch
 from ..config import DataConfig
 from .decode import create_decoder, decode_full
 from .embedded import default_data_home
-from .folder import DataError, SampleRef
+from .folder import DataError, SampleRef, sample_rng_scope
 from .prepare import INDEX_FORMAT, INDEX_NAME
 from .shard_cache import ShardSource
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_MAX_OPEN_SHARDS = 256  # per process; all are closed when a process would open more
 
 
 def _decode_sample(data, transform: Callable | None, decoder) -> torch.Tensor:
@@ -74,11 +77,20 @@ class _ShardTable:
     cls: np.ndarray  # offset of the .cls data
     cls_size: np.ndarray
 
+    def array(self) -> np.ndarray:
+        return np.stack([self.start, self.end, self.img, self.img_size, self.cls, self.cls_size], axis=1)
 
-def scan_shard(path: str) -> _ShardTable:
-    """Group the members of a WebDataset tar by key (the name up to the first dot of its base name)."""
+    @classmethod
+    def from_array(cls, a: np.ndarray) -> _ShardTable:
+        return cls(*(a[:, i].copy() for i in range(6)))
+
+
+def scan_shard(path: str | IO[bytes]) -> _ShardTable:
+    """Group the members of a WebDataset tar by key (the name up to the first dot of its base name). A file
+    object is read once from start to end (a stream from an object store)."""
     groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-    with tarfile.open(path, "r:") as tf:
+    kw = {"name": path, "mode": "r:"} if isinstance(path, str) else {"fileobj": path, "mode": "r|"}
+    with tarfile.open(**kw) as tf:
         for m in tf:
             if not m.isfile():
                 continue
@@ -90,7 +102,8 @@ def scan_shard(path: str) -> _ShardTable:
         img = next((members[e] for e in IMAGE_EXTS if e in members), None)
         cls = members.get("cls")
         if img is None or cls is None:
-            raise DataError(f"{path}: sample {key!r} lacks an image or a .cls member ({sorted(members)})")
+            where = path if isinstance(path, str) else getattr(path, "path", "a shard stream")
+            raise DataError(f"{where}: sample {key!r} lacks an image or a .cls member ({sorted(members)})")
         first = min(img.offset, cls.offset)
         rows.append(
             (
@@ -102,8 +115,7 @@ def scan_shard(path: str) -> _ShardTable:
                 cls.size,
             )
         )
-    a = np.array(rows, dtype=np.int64).reshape(-1, 6)
-    return _ShardTable(*(a[:, i].copy() for i in range(6)))
+    return _ShardTable.from_array(np.array(rows, dtype=np.int64).reshape(-1, 6))
 
 
 class ShardDataset(torch.utils.data.Dataset):
@@ -140,6 +152,8 @@ class ShardDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.image_size = image_size
         self._tables: dict[int, _ShardTable] = {}  # per process: built on first access to a shard
+        self._fds: dict[str, int] = {}  # open shard files of this process (pread: no shared file offset)
+        self._fds_pid = os.getpid()
 
     def __len__(self) -> int:
         return self.starts[-1] + self.counts[-1]
@@ -149,26 +163,52 @@ class ShardDataset(torch.utils.data.Dataset):
         s = bisect.bisect_right(self.starts, index) - 1
         return s, index - self.starts[s]
 
-    def _table(self, s: int, path: str) -> _ShardTable:
+    def _table(self, s: int, path: str | None = None) -> _ShardTable:
+        """Where the samples of shard ``s`` lie: scanned from ``path`` (a local copy), or for a shard read
+        by byte range, from the table the source keeps for it."""
         t = self._tables.get(s)
         if t is None:
-            t = scan_shard(path)
+            if path is None:
+                t = _ShardTable.from_array(
+                    self.source.stream_table(self.names[s], lambda f: scan_shard(f).array())
+                )
+                path = f"{self.source.root}/{self.names[s]}"
+            else:
+                t = scan_shard(path)
             if len(t.start) != self.counts[s]:
                 raise DataError(f"{path} holds {len(t.start)} samples, the index says {self.counts[s]}")
             self._tables[s] = t
         return t
 
+    def _fd(self, path: str) -> int:
+        """A read-only descriptor of ``path`` kept open in this process (an open and a close per sample cost
+        as much as the read). Loader workers inherit the parent's dict on fork: they open their own."""
+        if self._fds_pid != os.getpid():
+            self._fds, self._fds_pid = {}, os.getpid()
+        fd = self._fds.get(path)
+        if fd is None:
+            if len(self._fds) >= _MAX_OPEN_SHARDS:
+                for old in self._fds.values():
+                    os.close(old)
+                self._fds.clear()
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
     def read(self, index: int) -> tuple[bytes, int]:
         """The stored image bytes and the label of a sample."""
         s, k = self.locate(index)
+        if self.source.streamed(self.names[s]):  # not cached (larger than the cache): one range read
+            t = self._table(s)
+            start = int(t.start[k])
+            buf = self.source.read_range(self.names[s], start, int(t.end[k]))
+            i, c = int(t.img[k]) - start, int(t.cls[k]) - start
+            return buf[i : i + int(t.img_size[k])], int(buf[c : c + int(t.cls_size[k])])
         for attempt in range(2):
             path = self.source.local_path(self.names[s])
             try:
                 t = self._table(s, path)
                 start = int(t.start[k])
-                with open(path, "rb") as f:
-                    f.seek(start)
-                    buf = f.read(int(t.end[k]) - start)
+                buf = os.pread(self._fd(path), int(t.end[k]) - start, start)
                 break
             except FileNotFoundError:
                 if attempt:  # evicted from the cache between the lookup and the open: fetch it again
@@ -180,7 +220,7 @@ class ShardDataset(torch.utils.data.Dataset):
         if not isinstance(ref, SampleRef):
             ref = SampleRef(int(ref))
         label = 0
-        with torch.random.fork_rng(devices=[]):
+        with sample_rng_scope():
             # The ImageFolder dataset's seed: a sample's crop depends on (seed, epoch, index) only. Only the
             # CPU generator (the one the transforms draw from): torch.manual_seed also queues lazy seeds
             # for CUDA/XPU/MTIA, formatting a stack trace for each, ~4 ms per sample on a busy core.
@@ -198,6 +238,8 @@ class ShardDataset(torch.utils.data.Dataset):
         """``<shard URL>:<member name>`` of a sample, for messages (reads the tar headers again)."""
         s, k = self.locate(index)
         url = f"{self.source.root}/{self.names[s]}"
+        if self.source.streamed(self.names[s]):  # listing the member names would read the whole shard
+            return f"{url}:sample {k}"
         try:
             with tarfile.open(self.source.local_path(self.names[s]), "r:") as tf:
                 names = [m.name for m in tf if m.isfile() and not m.name.endswith(".cls")]
@@ -212,9 +254,11 @@ def build_shard_sets(
     assert cfg.root is not None
     root = cfg.root if "://" in cfg.root else str(Path(cfg.root).expanduser())
     index = load_index(root, cfg.storage_options)
-    sha = {s["name"]: s["sha256"] for sp in index["splits"].values() for s in sp["shards"]}
+    shards = [s for sp in index["splits"].values() for s in sp["shards"]]
+    sha = {s["name"]: s["sha256"] for s in shards}
+    sizes = {s["name"]: int(s["bytes"]) for s in shards}
     cache_dir = cfg.cache_dir or default_data_home() / "shard-cache"
-    source = ShardSource(root, cfg.storage_options, cache_dir, int(cfg.cache_size_gb * 1e9), sha)
+    source = ShardSource(root, cfg.storage_options, cache_dir, int(cfg.cache_size_gb * 1e9), sha, sizes)
     train = ShardDataset(source, index, "train", train_transform, seed, cfg.image_size)
     val = ShardDataset(source, index, "val", eval_transform, seed, cfg.image_size)
     return train, val, source
