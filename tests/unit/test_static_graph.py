@@ -76,3 +76,18 @@ def test_static_graph_gives_the_same_weights(tmp_path, image_folder, monkeypatch
     assert r0["steps"] == r1["steps"] == 4
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k
+
+
+def test_elastic_shrink_needing_accumulation_with_static_graph_stops_naming_the_key():
+    """A restart on fewer ranks that keeps the global batch needs accumulation: with static_graph it
+    stops with a config error instead of torch's reducer assert."""
+    from types import SimpleNamespace
+
+    cfg = load_config(None, ["distributed.static_graph=true", "training.batch_size=8"])
+    state = SimpleNamespace(
+        cfg=cfg, reference_world_size=4, info=SimpleNamespace(world_size=2), accumulation=1
+    )
+    with pytest.raises(
+        ConfigError, match="distributed.static_graph.*global batch 32 at world size 2 needs 2"
+    ):
+        Trainer._apply_elastic_policy(state)
