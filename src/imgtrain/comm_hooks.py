@@ -327,55 +327,106 @@ def _powersgd_hook(self: PowerSGDCompression, bucket: dist.GradBucket) -> torch.
 
 
 # ------------------------------------------------------------------------------------------- 1-bit
-# Every pass over the gradients is an in-place op on a buffer kept from step to step: on one CPU thread
-# a fresh 47 MB tensor per op costs more in page faults than the arithmetic.
+# Speed (the hook must cost less than it saves on the wire; docs/BENCHMARKS.md): on CPU a bucket is
+# processed in blocks of 128 K elements, every pass of the encoder and decoder over one block before the
+# next, so that only the first read and the last write of each element reach main memory; buffers and
+# their views are kept from step to step (a fresh 47 MB tensor per op costs more in page faults than the
+# arithmetic, and a view per op and block costs more in Python than the op). Signs are packed and
+# unpacked by NumPy's packbits/unpackbits on the CPU tensors' memory (torch has no such op; on other
+# devices the torch paths below do it). sign x scale is made on the fp32 bits: an int32 add of -2^31
+# sets the sign bit of a non-negative scale, one exact op instead of a broadcast copysign or where.
 
+_SIGN_BIT = torch.iinfo(torch.int32).min  # -2^31: 0x80000000, the fp32 sign bit, as an int32
 _POW2 = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
 _PACK = 0x0102040810204080  # x 8 bytes of 0/1 (little-endian int64): byte j's bit lands at bit 56 + j
+_CPU_BLOCK = 1 << 17  # elements per block on CPU: measured best of 2^15..2^19 (1 MB L2; 2^15: +60% time)
 # torch >= 2.14 renamed all_gather_into_tensor (the old name warns); same arguments.
 _all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
 
 def pack_signs(
-    bits: torch.Tensor, out: torch.Tensor | None = None, work: torch.Tensor | None = None
+    bits: torch.Tensor, out: torch.Tensor | None = None, numpy_ops: bool | None = None
 ) -> torch.Tensor:
     """Bool tensor (length a multiple of 8) -> uint8, 8 per byte; element 8i+j is bit j of byte i.
-    The 1-bit hook packs sign bits: 1 = negative (``torch.signbit``, so -0.0 counts as negative)."""
-    v = bits.view(torch.uint8).view(torch.int64)
-    work = torch.mul(v, _PACK, out=work)  # wraps around: only the top byte is kept
-    work.bitwise_right_shift_(56)
-    if out is None:
-        return work.to(torch.uint8)
-    return out.copy_(work)
+    The 1-bit hook packs sign bits: 1 = negative (``torch.signbit``, so -0.0 counts as negative).
+    ``numpy_ops``: NumPy's packbits (CPU only; the default there) or the torch path (any device)."""
+    use_numpy = bits.device.type == "cpu" if numpy_ops is None else numpy_ops
+    if use_numpy:
+        packed = torch.from_numpy(np.packbits(bits.numpy(), bitorder="little"))
+    else:
+        packed = torch.mul(bits.view(torch.uint8).view(torch.int64), _PACK).bitwise_right_shift_(56)
+    return packed.to(torch.uint8) if out is None else out.copy_(packed)
 
 
-def unpack_signs(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def unpack_signs(
+    packed: torch.Tensor, out: torch.Tensor | None = None, numpy_ops: bool | None = None
+) -> torch.Tensor:
     """Inverse of :func:`pack_signs`: uint8 -> 0/1 as uint8 (viewable as bool), 8 elements per byte."""
+    use_numpy = packed.device.type == "cpu" if numpy_ops is None else numpy_ops
+    if use_numpy:
+        bits = torch.from_numpy(np.unpackbits(packed.numpy(), bitorder="little"))
+        return bits if out is None else out.copy_(bits)
     out = torch.bitwise_and(
         packed.unsqueeze(1), _POW2.to(packed.device), out=None if out is None else out.view(-1, 8)
     )
     return out.view(-1).clamp_(max=1)
 
 
-def signs_times_scales(
+def signed_scales(
     negative: torch.Tensor, scales: torch.Tensor, chunk: int, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Sign bit per element (0/1, 1 = negative), scale per chunk -> +scale / -scale per element
-    (exactly: s - 2s = -s)."""
-    out = out.copy_(negative) if out is not None else negative.to(torch.float32)
-    s = scales.unsqueeze(1)
-    return out.view(-1, chunk).mul_(-2 * s).add_(s).view(-1)
+    """Sign bit per element (0/1 as uint8 or bool, 1 = negative), scale >= 0 per chunk -> +scale / -scale
+    per element (fp32), exactly: the scale's bits plus -2^31 x the sign bit, in int32."""
+    if out is None:
+        out = torch.empty(negative.numel(), dtype=torch.float32, device=negative.device)
+    torch.add(
+        scales.view(torch.int32).unsqueeze(1),
+        negative.view(torch.uint8).view(-1, chunk),
+        alpha=_SIGN_BIT,
+        out=out.view(torch.int32).view(-1, chunk),
+    )
+    return out
 
 
 def onebit_encode(x: torch.Tensor, counts: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded flat fp32 gradient (zeros in the padding) -> (packed signs, fp32 scale per chunk).
     The scale is the chunk's mean |g| over its real elements: sign x scale keeps the chunk's L1 norm."""
-    scales = torch.linalg.vector_norm(x.view(-1, chunk), 1, dim=1).div_(counts)
+    scales = torch.sum(x.abs().view(-1, chunk), 1).div_(counts)
     return pack_signs(torch.signbit(x)), scales
 
 
 def onebit_decode(packed: torch.Tensor, scales: torch.Tensor, chunk: int) -> torch.Tensor:
-    return signs_times_scales(unpack_signs(packed), scales, chunk)
+    return signed_scales(unpack_signs(packed), scales.contiguous(), chunk)
+
+
+class _Block:
+    """Views, made once, of one block of a layout: its part of x, of this rank's scales and signs in the
+    message, of every rank's part of the gathered messages, of the scratch buffers, and its padding."""
+
+    def __init__(self, lay: "_OneBitLayout", a: int, b: int, pads: list[tuple[int, int]]):
+        c, n = lay.chunk, b - a
+        self.a = a
+        self.x = lay.x[a:b]
+        self.x2 = self.x.view(-1, c)
+        self.scales = lay.message[lay.nsign :].view(torch.float32)[a // c : b // c]
+        self.scale_bits = self.scales.view(torch.int32).unsqueeze(1)
+        self.counts = lay.counts[a // c : b // c]
+        self.packed = lay.message[a // 8 : b // 8]
+        self.work = lay.work[:n]
+        self.work_bits2 = self.work.view(torch.int32).view(-1, c)
+        self.total = lay.total[:n]
+        self.total_bits2 = self.total.view(torch.int32).view(-1, c)
+        self.bits = lay.bits[:n]
+        self.bits2 = self.bits.view(torch.uint8).view(-1, c)
+        self.int64 = lay.int64[: n // 8]
+        self.pads = [lay.x[max(s, a) : min(e, b)] for s, e in pads if max(s, a) < min(e, b)]
+        self.rank_packed = [lay.gathered[r, a // 8 : b // 8] for r in range(lay.world)]
+        self.rank_scale_bits = [
+            lay.rank_scales[r, a // c : b // c].view(torch.int32).unsqueeze(1) for r in range(lay.world)
+        ]
+        if lay.numpy_ops:  # NumPy views of the same memory
+            self.x_np, self.bits_np, self.packed_np = self.x.numpy(), self.bits.numpy(), self.packed.numpy()
+            self.rank_packed_np = [p.numpy() for p in self.rank_packed]
 
 
 class _OneBitLayout:
@@ -383,26 +434,62 @@ class _OneBitLayout:
     tensors: the result per element is then independent of how DDP groups tensors into buckets. Holds
     the buffers reused every step; ``x`` keeps the residuals between steps."""
 
-    def __init__(self, grads: list[torch.Tensor], chunk: int):
+    def __init__(self, grads: list[torch.Tensor], chunk: int, world: int, numpy_ops: bool | None = None):
         self.slots, counts, off = [], [], 0  # slots: (index in the bucket, offset in x, numel)
-        self.padding: list[tuple[int, int]] = []
+        padding: list[tuple[int, int]] = []
         for i, g in enumerate(grads):
             n = g.numel()
             k = -(-n // chunk)
             self.slots.append((i, off, n))
             if k * chunk > n:
-                self.padding.append((off + n, off + k * chunk))
+                padding.append((off + n, off + k * chunk))
             counts.extend([chunk] * (k - 1) + [n - chunk * (k - 1)])
             off += k * chunk
         dev = grads[0].device
+        self.chunk, self.world, self.cpu = chunk, world, dev.type == "cpu"
+        self.numpy_ops = self.cpu if numpy_ops is None else numpy_ops  # False: the torch path (tests)
         self.length, self.nsign, self.nchunks = off, off // 8, len(counts)
+        step = max(1, _CPU_BLOCK // chunk) * chunk if self.cpu else off  # one block on GPUs
+        bounds = [(a, min(a + step, off)) for a in range(0, off, step)]
+        block = bounds[0][1]
         self.counts = torch.tensor(counts, dtype=torch.float32, device=dev)
         self.x = torch.zeros(off, dtype=torch.float32, device=dev)  # residual, then corrected gradient
-        self.work = torch.empty(off, dtype=torch.float32, device=dev)
-        self.bits = torch.empty(off, dtype=torch.bool, device=dev)
-        self.int64 = torch.empty(off // 8, dtype=torch.int64, device=dev)
         self.message = torch.empty(self.nsign + 4 * self.nchunks, dtype=torch.uint8, device=dev)
-        self.gathered: torch.Tensor | None = None
+        self.gathered = torch.empty(world, self.message.numel(), dtype=torch.uint8, device=dev)
+        self.rank_scales = torch.empty(world, self.nchunks, dtype=torch.float32, device=dev)  # scale / world
+        self.work = torch.empty(block, dtype=torch.float32, device=dev)  # scratch, one block
+        self.total = torch.empty(block, dtype=torch.float32, device=dev)
+        self.bits = torch.empty(block, dtype=torch.bool, device=dev)
+        self.int64 = torch.empty(block // 8, dtype=torch.int64, device=dev)
+        self.blocks = [_Block(self, a, b, padding) for a, b in bounds]
+        self._pieces_key: tuple[int, ...] | None = None
+        self._pieces: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
+
+    def pieces(
+        self, grads: list[torch.Tensor]
+    ) -> list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+        """Per block, the pieces of the bucket's gradients in it: (flat view of the piece, the same
+        elements in x, in the block's decode buffer). Rebuilt only if the gradients moved (DDP keeps
+        its buckets' storage from step to step)."""
+        key = tuple(g.data_ptr() for g in grads)
+        if key != self._pieces_key:
+            self._pieces = []
+            for blk in self.blocks:
+                a, b = blk.a, blk.a + blk.x.numel()
+                out = []
+                for i, off, n in self.slots:
+                    lo, hi = max(a, off), min(b, off + n)
+                    if lo < hi:
+                        out.append(
+                            (
+                                grads[i].view(-1)[lo - off : hi - off],
+                                self.x[lo:hi],
+                                blk.total[lo - a : hi - a],
+                            )
+                        )
+                self._pieces.append(out)
+            self._pieces_key = key
+        return self._pieces
 
 
 class OneBitCompression(Compression):
@@ -421,6 +508,7 @@ class OneBitCompression(Compression):
         self.step = 0  # optimizer steps seen by the hook (counted on the last bucket)
         self.residual: dict[str, torch.Tensor] = {}  # by parameter name; views into a layout's x
         self._layouts: dict[tuple[str, ...], _OneBitLayout] = {}
+        self.numpy_ops: bool | None = None  # None: NumPy's bit packing on CPU tensors; False: torch's
 
     def register(self) -> None:
         self.ddp_model.register_comm_hook(self, _onebit_hook)
@@ -450,7 +538,7 @@ class OneBitCompression(Compression):
         key = tuple(names)
         lay = self._layouts.get(key)
         if lay is None:  # first step, or DDP rebuilt its buckets: move the residuals into the new layout
-            lay = self._layouts[key] = _OneBitLayout(grads, self.chunk)
+            lay = self._layouts[key] = _OneBitLayout(grads, self.chunk, self.world_size, self.numpy_ops)
             for i, off, n in lay.slots:
                 res = self.residual.get(names[i])
                 if res is not None:
@@ -464,37 +552,41 @@ class OneBitCompression(Compression):
         """Residual-corrected gradients -> the message (packed signs, then the scales' bytes); the layout's
         ``x`` (and so ``self.residual``) becomes what the message leaves out."""
         lay = self._layout(grads, names)
-        x, c = lay.x, self.chunk
-        for i, off, n in lay.slots:
-            x[off : off + n].add_(grads[i].view(-1))
-        scales = lay.message[lay.nsign :].view(torch.float32)
-        torch.linalg.vector_norm(x.view(-1, c), 1, dim=1, out=scales).div_(lay.counts)
-        torch.signbit(x, out=lay.bits)
-        pack_signs(lay.bits, out=lay.message[: lay.nsign], work=lay.int64)
-        # residual = x - what was sent = x - copysign(s, x) (signbit and copysign agree on -0.0);
-        # the padding must stay zero (it is not sent).
-        torch.copysign(scales.unsqueeze(1), x.view(-1, c), out=lay.work.view(-1, c))
-        x.sub_(lay.work)
-        for start, end in lay.padding:
-            x[start:end].zero_()
+        for blk, pieces in zip(lay.blocks, lay.pieces(grads), strict=True):
+            for g, x, _ in pieces:
+                x.add_(g)
+            torch.sum(torch.abs(blk.x, out=blk.work).view(-1, lay.chunk), 1, out=blk.scales).div_(blk.counts)
+            if lay.numpy_ops:
+                np.signbit(blk.x_np, out=blk.bits_np)
+                blk.packed_np[:] = np.packbits(blk.bits_np, bitorder="little")
+            else:
+                torch.signbit(blk.x, out=blk.bits)
+                torch.mul(blk.bits.view(torch.uint8).view(torch.int64), _PACK, out=blk.int64)
+                blk.packed.copy_(blk.int64.bitwise_right_shift_(56))
+            # residual = x - what was sent = x - copysign(s, x) (signbit and copysign agree on -0.0); the
+            # padding must stay zero (it is not sent).
+            torch.add(blk.scale_bits, blk.bits2, alpha=_SIGN_BIT, out=blk.work_bits2)
+            blk.x.sub_(blk.work)
+            for pad in blk.pads:
+                pad.zero_()
         return lay.message, lay
 
-    def decompress_into(self, gathered: torch.Tensor, grads: list[torch.Tensor], lay: _OneBitLayout) -> None:
-        """All ranks' messages (world x message bytes) -> their average, written into ``grads``."""
-        world, c = gathered.shape[0], self.chunk
-        total = lay.work
-        one = lay.bits.view(torch.uint8)
-        for r in range(world):  # fixed rank order: the sum is the same on every rank
-            scales = gathered[r, lay.nsign :].view(torch.float32) / world
-            unpack_signs(gathered[r, : lay.nsign], out=one)
-            if r == 0:
-                signs_times_scales(one, scales, c, out=total)
-            else:
-                total.view(-1, c).addcmul_(one.view(-1, c), -2 * scales.unsqueeze(1)).add_(
-                    scales.unsqueeze(1)
-                )
-        for i, off, n in lay.slots:
-            grads[i].view(-1).copy_(total[off : off + n])
+    def decompress_into(self, grads: list[torch.Tensor], lay: _OneBitLayout) -> None:
+        """All ranks' messages (in ``lay.gathered``) -> their average, written into ``grads``."""
+        world = lay.world
+        torch.div(lay.gathered[:, lay.nsign :].view(torch.float32), world, out=lay.rank_scales)
+        for blk, pieces in zip(lay.blocks, lay.pieces(grads), strict=True):
+            for r in range(world):  # fixed rank order: the sum is the same on every rank
+                if lay.numpy_ops:
+                    blk.bits_np[:] = np.unpackbits(blk.rank_packed_np[r], bitorder="little")
+                else:
+                    unpack_signs(blk.rank_packed[r], out=blk.bits.view(torch.uint8), numpy_ops=False)
+                target = blk.total_bits2 if r == 0 else blk.work_bits2
+                torch.add(blk.rank_scale_bits[r], blk.bits2, alpha=_SIGN_BIT, out=target)
+                if r:
+                    blk.total.add_(blk.work)
+            for g, _, total in pieces:
+                g.copy_(total)
 
 
 def _onebit_hook(self: OneBitCompression, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -509,15 +601,10 @@ def _onebit_hook(self: OneBitCompression, bucket: dist.GradBucket) -> torch.futu
     names = [self.names[id(p)] for p in bucket.parameters()]
     message, lay = self.compress_bucket(grads, names)
     self.counter.add("allgather", message.numel())
-    if lay.gathered is None:
-        lay.gathered = torch.empty(
-            self.world_size * message.numel(), dtype=torch.uint8, device=message.device
-        )
-    out = lay.gathered
-    fut = _all_gather(out, message, async_op=True).get_future()
+    fut = _all_gather(lay.gathered.view(-1), message, async_op=True).get_future()
 
     def decode(_: torch.futures.Future) -> torch.Tensor:
-        self.decompress_into(out.view(self.world_size, -1), grads, lay)
+        self.decompress_into(grads, lay)
         return buf
 
     return fut.then(decode)

@@ -454,6 +454,11 @@ class Config:
             if dataclasses.is_dataclass(section):
                 section.validate(f.name)
         _check(bool(self.output_dir), "output_dir", self.output_dir, "a directory path")
+        # torch's DDP with static_graph crashes under no_sync (reducer assert) and, patched past that,
+        # stops all-reducing after the first step (pytorch#143580, pytorch PR #187732).
+        _check(not (self.distributed.static_graph and self.optimization.accumulation_steps > 1),
+               "distributed.static_graph", self.distributed.static_graph,
+               "false with optimization.accumulation_steps > 1 (DDP's static graph does not support no_sync)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

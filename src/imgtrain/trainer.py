@@ -22,7 +22,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from . import distributed as D
 from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from .comm_hooks import Compression, create_compression
-from .config import Config, dump_config
+from .config import Config, ConfigError, dump_config
 from .data import DataBundle, DataError, build_data
 from .data.prefetch import device_batches
 from .data.shard_cache import cache_record
@@ -256,6 +256,10 @@ class Trainer:
         if self.cfg.distributed.elastic_batch == "keep_global":
             target = tc.batch_size * ref * oc.accumulation_steps
             accum = max(1, math.ceil(target / (tc.batch_size * w)))
+            if accum > 1 and self.cfg.distributed.static_graph:  # DDP's static graph cannot no_sync
+                raise ConfigError("distributed.static_graph", True, "false or distributed.elastic_batch="
+                                  f"keep_per_process: keeping the global batch {target} at world size {w} "
+                                  f"needs {accum} accumulation steps")
             if accum * tc.batch_size * w != target:
                 log.warning("elastic: global batch %d cannot be kept exactly at world size %d; using %d",
                             target, w, accum * tc.batch_size * w)

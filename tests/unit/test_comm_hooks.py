@@ -127,3 +127,61 @@ def test_compression_config_is_validated_with_the_key():
         load_config(None, ["distributed.powersgd.start_iter=1"])
     with pytest.raises(ConfigError, match="distributed.powersgd.bogus"):
         load_config(None, ["distributed.powersgd.bogus=1"])
+
+
+def _onebit(model: nn.Module, world: int, chunk: int, numpy_ops: bool | None = None) -> OneBitCompression:
+    cfg = DistributedConfig(compression="onebit", onebit=OneBitConfig(warmup_steps=0, chunk_size=chunk))
+    comp = create_compression(model, cfg, world_size=world, backend=None)  # no hook: called directly below
+    assert isinstance(comp, OneBitCompression)
+    comp.numpy_ops = numpy_ops
+    return comp
+
+
+def test_two_ranks_apply_the_same_average_and_numpy_and_torch_bit_paths_agree():
+    """Two ranks' 1-bit messages, gathered and decoded on each rank: both ranks get the same gradient,
+    the mean of each rank's signs x scales, over several steps (residuals carried). The CPU path (NumPy's
+    packbits, blocks) and the torch path that GPUs run give bit-identical messages, residuals and results."""
+    g = torch.Generator().manual_seed(3)
+    # One tensor spanning several encoder blocks (2^17 elements each on CPU), small ones with padding.
+    model = nn.ModuleDict({"big": nn.Linear(700, 500), "small": nn.Linear(30, 3)})
+    shapes = [p.shape for p in model.parameters()]
+    names = [n for n, _ in model.named_parameters()]
+    chunk = 64
+    ranks = {path: [_onebit(model, 2, chunk, path) for _ in range(2)] for path in (None, False)}
+    for _ in range(3):
+        grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(2)]
+        grads[0][1].view(-1)[:4] = torch.tensor([0.0, -0.0, 0.0, -0.0])  # exact zeros of both signs
+        results = {}
+        for path, comps in ranks.items():
+            msgs, lays, sent = [], [], []
+            for comp, gr in zip(comps, grads, strict=True):
+                message, lay = comp.compress_bucket(gr, names)
+                msgs.append(message.clone())
+                lays.append(lay)
+                packed, scales = message[: lay.nsign], message[lay.nsign :].view(torch.float32)
+                sent.append(onebit_decode(packed, scales, chunk))  # what this rank contributes, padded
+            outs = []
+            for comp, lay in zip(comps, lays, strict=True):
+                lay.gathered.copy_(torch.stack(msgs))
+                out = [torch.empty(s) for s in shapes]
+                comp.decompress_into(out, lay)
+                outs.append(out)
+            for a, b in zip(outs[0], outs[1], strict=True):
+                assert torch.equal(a, b)  # every rank applies the same gradient
+            mean = (sent[0] + sent[1]) / 2
+            for (_, off, n), o in zip(lays[0].slots, outs[0], strict=True):
+                torch.testing.assert_close(o.view(-1), mean[off : off + n], rtol=1e-6, atol=0)
+            results[path] = (msgs, outs, [dict(c.residual) for c in comps])
+        (m_np, o_np, r_np), (m_t, o_t, r_t) = results[None], results[False]
+        assert all(torch.equal(a, b) for a, b in zip(m_np, m_t, strict=True))
+        assert all(
+            torch.equal(a, b) for x, y in zip(o_np, o_t, strict=True) for a, b in zip(x, y, strict=True)
+        )
+        assert all(torch.equal(a[n], b[n]) for a, b in zip(r_np, r_t, strict=True) for n in names)
+
+
+def test_torch_bit_packing_matches_numpy():
+    bits = torch.rand(8 * 513, generator=torch.Generator().manual_seed(4)) > 0.5
+    packed = pack_signs(bits, numpy_ops=True)
+    assert torch.equal(pack_signs(bits, numpy_ops=False), packed)
+    assert torch.equal(unpack_signs(packed, numpy_ops=False), unpack_signs(packed, numpy_ops=True))
