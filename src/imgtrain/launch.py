@@ -28,7 +28,7 @@ import sys
 import traceback
 
 # What a worker imports before its first step; what it imports later is small (python -X importtime).
-PRELOAD = ("torch", "torchvision", "imgtrain.cli", "imgtrain.trainer")
+PRELOAD = ("torch", "torchvision", "psutil", "cv2", "imgtrain.cli", "imgtrain.trainer")
 # `imgtrain launch [torchrun options] train ...` is short for `... -m imgtrain train ...`.
 WORKER_COMMANDS = ("train", "eval", "find-batch-size")
 
