@@ -93,6 +93,8 @@ def test_fork_server_threads_are_known_before_torch_is_imported(argv, env, expec
 
 def test_worker_exits_with_imgtrains_exit_codes(monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["forkserver"])
+    # Not this test process's start method (the integration test checks the DataLoader's workers).
+    monkeypatch.setattr(launch.multiprocessing, "set_start_method", lambda *a, **kw: None)
     with pytest.raises(SystemExit) as e:
         launch.run_worker("train", "training.epochs=three")
     assert e.value.code == 2 and "training.epochs" in capsys.readouterr().err
