@@ -149,18 +149,23 @@ def train_args(data: Path, out: Path) -> list[str]:
             "checkpoint.keep_last_n=2", "distributed.timeout=20", "fault_tolerance.hang_timeout=120"]
 
 
-def lose_a_node_then_rejoin(out: Path, make_node, victim: str, kill_extra=None) -> list[Node]:
+def lose_a_node_then_rejoin(out: Path, make_node, victim: str, kill_extra=None, stagger: float = 1.0) -> list[Node]:
     """Two nodes ("first", started first, then "second") train together; ``victim`` is killed (with
     ``kill_extra``, e.g. an etcd member), the other must go on alone from the last checkpoint within a
-    minute, then a restarted node ("<victim>-again") must join and both must finish. Returns the nodes."""
+    minute, then a restarted node ("<victim>-again") must join and both must finish. Returns the nodes.
+    ``stagger``: seconds between the two starts (0: together, for nodes told their ``is_host``)."""
     first = make_node("first")
-    time.sleep(1.0)  # the first agent is up before the second dials in
+    time.sleep(stagger)  # the first agent is up before the second dials in
     second = make_node("second")
     nodes = [first, second]
     dead, survivor = (first, second) if victim == "first" else (second, first)
     try:
-        wait_for(lambda: any(e["world_size"] == 2 for e in events(out, "start")), 120, "a 2-node group", nodes)
-        wait_for(lambda: list((out / "checkpoints").glob("step_*/manifest.json")), 120, "a checkpoint", nodes)
+        group = wait_for(lambda: [e for e in events(out, "start") if e["world_size"] == 2], 120, "a 2-node group",
+                         nodes)[0]
+        # Saved by the 2-node group: with --nnodes=1:2 the first node may have trained (and saved) alone
+        # until the second joined, and the survivor must resume from a 2-node checkpoint.
+        wait_for(lambda: [e for e in events(out, "checkpoint") if e["time"] > group["time"]], 120,
+                 "a checkpoint of the 2-node group", nodes)
         starts = len(events(out, "start"))
         dead.kill()
         if kill_extra:

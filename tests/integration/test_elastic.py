@@ -27,9 +27,12 @@ def test_node_killed_and_readded(tmp_path):
     out = tmp_path / "run"
     endpoint = f"127.0.0.1:{free_port()}"
     # The second node does not host the c10d store, so the first one can go on without it. The nodes run
-    # the launcher imgtrain ships (`imgtrain launch`: workers forked from a pre-imported server).
-    nodes = lose_a_node_then_rejoin(out, lambda name: Node(name, endpoint, train_args(data, out), tmp_path,
-                                                           launcher="imgtrain"), victim="second")
+    # the launcher imgtrain ships (`imgtrain launch`: workers forked from a pre-imported server). Started
+    # together (the second retries until the first's store is up), so that the first group has both:
+    # one second apart, the first can pass its 1 s last call alone and start at world size 1.
+    nodes = lose_a_node_then_rejoin(
+        out, lambda name: Node(name, endpoint, train_args(data, out), tmp_path, launcher="imgtrain",
+                               is_host=name == "first"), victim="second", stagger=0.0)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["completed"] and summary["world_size"] == 2 and summary["restarts"] >= 2
     # Every sample exactly once per epoch despite two membership changes and re-sharding.
