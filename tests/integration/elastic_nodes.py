@@ -163,8 +163,10 @@ def lose_a_node_then_rejoin(out: Path, make_node, victim: str, kill_extra=None, 
         group = wait_for(lambda: [e for e in events(out, "start") if e["world_size"] == 2], 120, "a 2-node group",
                          nodes)[0]
         # Saved by the 2-node group: with --nnodes=1:2 the first node may have trained (and saved) alone
-        # until the second joined, and the survivor must resume from a 2-node checkpoint.
-        wait_for(lambda: [e for e in events(out, "checkpoint") if e["time"] > group["time"]], 120,
+        # until the second joined, and the survivor must resume from a 2-node checkpoint. Published (its
+        # manifest written): the event comes when an asynchronous save starts.
+        wait_for(lambda: [e for e in events(out, "checkpoint") if e["time"] > group["time"]
+                          and (Path(e["path"]) / "manifest.json").exists()], 120,
                  "a checkpoint of the 2-node group", nodes)
         starts = len(events(out, "start"))
         dead.kill()
