@@ -19,9 +19,11 @@ metrics.jsonl: with ``training.log_interval=1`` every step is a record with a un
              from the relaunch of both nodes to the first step
 
 Settings: ``defaults`` = torchrun's rendezvous defaults (shared worker store, no --rdzv-conf) and torch's
-Gloo timeout (30 min); ``imgtrain`` = TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, elastic_nodes.RDZV_CONF
-(as scripts/launch_training.sh), distributed.timeout=10 and net.ipv4.tcp_retries2=3 for the partition.
-Both use --max-restarts=10 (torchrun's default, 0, restarts nothing). A trial that has not recovered
+Gloo timeout (30 min); ``imgtrain-torchrun`` = TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, elastic_nodes.RDZV_CONF
+(as scripts/launch_training.sh), distributed.timeout=10 and net.ipv4.tcp_retries2=3 for the partition,
+agents started with torchrun; ``imgtrain`` = the same settings with the agents started by ``imgtrain launch``
+(workers forked from a server that has imported torch, as scripts/launch_training.sh now starts them).
+All use --max-restarts=10 (torchrun's default, 0, restarts nothing). A trial that has not recovered
 after ``--cap`` seconds is recorded as "> cap"; every trial kills all its processes and namespaces.
 
     python benchmarks/recovery.py --faults worker,node,rejoin,host,partition,sigterm \\
@@ -61,7 +63,9 @@ from elastic_nodes import (  # noqa: E402
 )
 
 FAULTS = ("worker", "node", "rejoin", "host", "partition", "sigterm")
-SETTINGS = ("defaults", "imgtrain")
+SETTINGS = ("defaults", "imgtrain-torchrun", "imgtrain")
+# Every process of a trial inherits this variable (forks of a fork server have no command line of their own).
+TRIAL_ENV = "IMGTRAIN_RECOVERY_TRIAL"
 # Parts of a recovery, from the timestamps: (key, label). All in seconds.
 PARTS = [
     ("detect_and_rendezvous_s", "fault (or relaunch) -> new worker process start"),
@@ -109,7 +113,9 @@ class Trial:
 
     def __init__(self, args: argparse.Namespace, settings: str, work: Path, data: Path):
         self.args = args
-        self.tuned = settings == "imgtrain"
+        self.tuned = settings != "defaults"
+        self.launcher = "imgtrain" if settings == "imgtrain" else "torchrun"
+        os.environ[TRIAL_ENV] = str(work)  # inherited by every process the trial starts
         self.dir = work
         work.mkdir(parents=True, exist_ok=True)
         self.out = work / "run"
@@ -129,7 +135,7 @@ class Trial:
 
     def node(self, name: str, endpoint: str, **kw) -> Node:
         n = Node(name, endpoint, kw.pop("train", None) or self.train(), self.dir, tuned=self.tuned,
-                 monitor_interval=None, **kw)
+                 monitor_interval=None, launcher=self.launcher, **kw)
         self.nodes.append(n)
         return n
 
@@ -170,15 +176,31 @@ class Trial:
             self.store.kill()
             self.store.wait(timeout=10)
         delete_namespaces(self.namespaces)
-        # Anything still running from this trial is a bug of the benchmark: kill it and say so.
+        # Anything still running from this trial a few seconds later (the time to exit) is a bug of the
+        # benchmark or a hung process: kill it and say so.
+        deadline = time.monotonic() + 5
+        while (left := self._processes()) and time.monotonic() < deadline:
+            time.sleep(0.2)
         leaked = []
-        for p in psutil.process_iter(["cmdline"]):
-            cmd = " ".join(p.info.get("cmdline") or [])
-            if str(self.dir) in cmd and p.pid != os.getpid():
-                leaked.append(cmd[:200])
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    p.kill()
+        for p, cmd in left:
+            leaked.append(cmd[:200])
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
         return leaked
+
+    def _processes(self) -> list[tuple[psutil.Process, str]]:
+        found = []
+        for p in psutil.process_iter(["cmdline", "status"]):
+            if p.pid == os.getpid() or p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            cmd = " ".join(p.info.get("cmdline") or [])
+            try:
+                mine = str(self.dir) in cmd or p.environ().get(TRIAL_ENV) == str(self.dir)
+            except psutil.Error:
+                mine = False
+            if mine:
+                found.append((p, cmd))
+        return found
 
 
 def _all_records(run: Path) -> list[dict]:
@@ -248,7 +270,7 @@ def two_nodes(trial: Trial, endpoint: str, **kw) -> tuple[Node, Node]:
 
 
 def kill_worker(node: Node) -> None:
-    workers = [p for p in node.tree()[1:] if "imgtrain" in " ".join(p.cmdline())]
+    workers = node.workers()
     if not workers:
         raise RuntimeError(f"{node.name} has no worker to kill")
     for w in workers:
@@ -429,7 +451,7 @@ def main(argv: list[str] | None = None) -> dict:
                         r["repetition"] = rep
                         results[f][settings].append(r)
                         total = f"{r['total_s']:.2f} s" if "total_s" in r else ""
-                        print(f"  {f:<10} {settings:<9} rep {rep}: {r['outcome']} {total} "
+                        print(f"  {f:<10} {settings:<18} rep {rep}: {r['outcome']} {total} "
                               f"{r.get('note', '')[:200]} (trial {time.time() - t0:.0f} s)", flush=True)
     if env_threads is None:
         os.environ.pop("OMP_NUM_THREADS", None)
@@ -437,11 +459,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nseconds, median (min-max) over {args.repetitions} repetitions; parts: "
           + "; ".join(f"{k[:-2]} = {label}" for k, label in PARTS))
     cols = ["total_s", *(k for k, _ in PARTS), "steps_redone"]
-    print(f"{'fault':<10}{'settings':<10}{'outcomes':<24}" + "".join(f"{k.removesuffix('_s'):>24}" for k in cols))
+    print(f"{'fault':<10}{'settings':<18}{'outcomes':<24}" + "".join(f"{k.removesuffix('_s'):>24}" for k in cols))
     for f in args.faults:
         for s in args.settings:
             sm = summary[f][s]
-            print(f"{f:<10}{s:<10}{','.join(sm['outcomes']):<24}" + "".join(f"{fmt(sm, k):>24}" for k in cols))
+            print(f"{f:<10}{s:<18}{','.join(sm['outcomes']):<24}" + "".join(f"{fmt(sm, k):>24}" for k in cols))
     result = {
         "benchmark": "recovery",
         "command": command_line(),

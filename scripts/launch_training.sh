@@ -10,7 +10,7 @@
 #   scripts/launch_training.sh --nodes 1:4 --gpus 8 --endpoint HEAD:29400 --job r50 -- ...   (on every node)
 #
 # Modes (--mode):
-#   node   (default) one torchrun agent on this node; run the same command on every node of the job.
+#   node   (default) one elastic agent (torchrun's) on this node; run the same command on every node of the job.
 #   local  one node, rendezvous on 127.0.0.1.
 #   ssh    one node-mode agent per host of --hosts (first host: rendezvous store), started through
 #          --ssh-cmd; each host's output goes to <output-dir>/logs/<host>.log; waits for all of them.
@@ -26,6 +26,9 @@
 #   --backend B         c10d, or etcd-v2 with --endpoint at an etcd cluster        [c10d]
 #   --store-host H:P    a standalone store (`imgtrain rendezvous-store`): no training node hosts it
 #   --max-restarts N    torchrun worker-group restarts                             [10]
+#   --launcher L        imgtrain: `imgtrain launch`, torchrun's agent whose workers are forks of a process
+#                       that has already imported torch (restarts ~4.6 s faster); torchrun: plain torchrun
+#                                                                                  [imgtrain]
 #   --local-addr A      this node's address as the others reach it (also picks GLOO/NCCL_SOCKET_IFNAME)
 #   --is-host B         true/false: whether this agent hosts the c10d store (default: torchrun guesses)
 #   --hosts LIST        ssh: comma-separated hosts; NAME=ADDR when the ssh name differs from the address
@@ -59,6 +62,7 @@ remote_dir="$repo"
 overlay=""
 tf_dir=""
 dry_run="false"
+launcher="imgtrain"
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit "${1:-2}"; }
 die() { echo "launch_training.sh: $*" >&2; exit 2; }
@@ -66,7 +70,7 @@ need_value() { [ $# -ge 2 ] || die "$1 needs a value"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --mode|--nodes|--gpus|--endpoint|--port|--job|--backend|--store-host|--max-restarts|--local-addr|--is-host|\
-    --hosts|--ssh-cmd|--remote-dir|--overlay|--terraform) need_value "$@" ;;
+    --hosts|--ssh-cmd|--remote-dir|--overlay|--terraform|--launcher) need_value "$@" ;;
   esac
   case "$1" in
     --mode) mode="$2"; shift 2 ;;
@@ -85,6 +89,7 @@ while [ $# -gt 0 ]; do
     --remote-dir) remote_dir="$2"; shift 2 ;;
     --overlay) overlay="$2"; shift 2 ;;
     --terraform) tf_dir="$2"; shift 2 ;;
+    --launcher) launcher="$2"; shift 2 ;;
     --dry-run) dry_run="true"; shift ;;
     --) shift; break ;;
     -h|--help) usage 0 ;;
@@ -135,6 +140,11 @@ run() {
   fi
 }
 
+case "$launcher" in
+  imgtrain|torchrun) ;;
+  *) die "unknown --launcher $launcher (imgtrain, torchrun)" ;;
+esac
+
 case "$mode" in
   node|local) ;;
   ssh)
@@ -160,7 +170,7 @@ case "$mode" in
       host_is_host=$([ "$i" = 0 ] && [ "$store_external" = "false" ] && echo true || echo false)
       node_cmd=(scripts/launch_training.sh --mode node --nodes "$ssh_nodes" --gpus "$gpus"
                 --endpoint "$endpoint" --job "$job" --backend "$backend" --max-restarts "$max_restarts"
-                --local-addr "$addr" --is-host "$host_is_host")
+                --local-addr "$addr" --is-host "$host_is_host" --launcher "$launcher")
       if [ "$store_external" = "true" ]; then node_cmd+=(--store-host "$endpoint"); fi
       remote="cd $(printf '%q' "$remote_dir") && exec $(printf '%q ' "${node_cmd[@]}")--"
       if [ ${#train_args[@]} -gt 0 ]; then remote="$remote $(printf '%q ' "${train_args[@]}")"; fi
@@ -231,7 +241,7 @@ case "$mode" in
   *) die "unknown --mode $mode (node, local, ssh, slurm, k8s)" ;;
 esac
 
-# ---- node / local: one torchrun agent on this machine
+# ---- node / local: one elastic agent on this machine
 
 if [ "$mode" = "local" ]; then
   nodes=1
@@ -279,11 +289,15 @@ if [ -n "$local_addr" ]; then
 fi
 
 echo "launch_training.sh: mode=$mode nodes=$nodes gpus/node=$gpus backend=$backend endpoint=$endpoint job=$job rdzv_conf=$rdzv_conf" >&2
-print_paths "this terminal (stdout/stderr of torchrun and its workers)"
+print_paths "this terminal (stdout/stderr of the agent and its workers)"
 # distributed.timeout (process-group timeout, default 600 s) and distributed.init_timeout come from the
 # config; the trainer logs the effective values at start. exec: signals (SIGTERM on preemption) go
-# straight to torchrun, which forwards them to its workers.
-cmd=(torchrun --nnodes="$nodes" --nproc-per-node="$gpus" --max-restarts="$max_restarts"
+# straight to the agent, which forwards them to its workers.
+# `imgtrain launch` takes torchrun's arguments and runs torchrun's agent, but its workers are forks of a
+# server that imports torch while the agent joins the rendezvous: a (re)started worker skips the ~4.6 s
+# of imports that every torchrun restart pays (docs/fault_tolerance.md). --launcher torchrun: plain torchrun.
+if [ "$launcher" = "imgtrain" ]; then agent=(python -m imgtrain launch); else agent=(torchrun); fi
+cmd=("${agent[@]}" --nnodes="$nodes" --nproc-per-node="$gpus" --max-restarts="$max_restarts"
      --rdzv-backend="$backend" --rdzv-endpoint="$endpoint" --rdzv-id="$job" --rdzv-conf="$rdzv_conf"
      "${extra[@]}" -m imgtrain train "${train_args[@]}")
 if [ "$dry_run" = "true" ]; then

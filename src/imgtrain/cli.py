@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("run_dir", nargs="?", help="the run's output directory")
     st.add_argument("--metrics-url", help="a Prometheus endpoint of the run instead, e.g. http://node:9450/metrics")
     _add_find_batch_size(sub)
+    sub.add_parser("launch", add_help=False,
+                   help="torchrun with pre-imported workers: `imgtrain launch [torchrun options] -m imgtrain train "
+                        "...` (`imgtrain launch --help`; see docs/fault_tolerance.md)")
     return parser
 
 
@@ -105,6 +108,11 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["launch"]:  # torchrun's own parser takes every argument after it
+        from .launch import main as launch
+
+        return launch(argv[1:])
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     unknown = [a for a in rest if a.startswith("-") or "=" not in a]

@@ -26,10 +26,12 @@ class Node:
     def __init__(self, name: str, endpoint: str, args: list[str], log_dir: Path, nnodes: str = "1:2",
                  netns: str | None = None, ifname: str | None = None, max_restarts: int = 10,
                  is_host: bool | None = None, local_addr: str | None = None, backend: str = "c10d",
-                 tuned: bool = True, monitor_interval: float | None = 0.5, entry: list[str] | None = None):
+                 tuned: bool = True, monitor_interval: float | None = 0.5, entry: list[str] | None = None,
+                 launcher: str = "torchrun"):
         """``tuned=False``: torchrun's own rendezvous defaults (no RDZV_CONF, the shared worker store), as
         benchmarks/recovery.py compares them; ``monitor_interval=None``: torchrun's default (0.1 s);
-        ``entry``: what torchrun starts (default ``-m imgtrain``; a script path for benchmarks/scaling.py)."""
+        ``entry``: what torchrun starts (default ``-m imgtrain``; a script path for benchmarks/scaling.py);
+        ``launcher="imgtrain"``: ``imgtrain launch`` (pre-imported workers) with the same arguments."""
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         env = subprocess_env()
@@ -37,7 +39,8 @@ class Node:
             env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
         if ifname:
             env["GLOO_SOCKET_IFNAME"] = ifname
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", "--nproc-per-node=1",
+        agent = {"torchrun": ["torch.distributed.run"], "imgtrain": ["imgtrain", "launch"]}[launcher]
+        cmd = [sys.executable, "-m", *agent, f"--nnodes={nnodes}", "--nproc-per-node=1",
                f"--rdzv-backend={backend}", f"--rdzv-endpoint={endpoint}", "--rdzv-id=imgtrain-test",
                "--rdzv-conf=" + ",".join(([RDZV_CONF] if tuned else [])
                                          + ([] if is_host is None else [f"is_host={str(is_host).lower()}"])),
@@ -58,6 +61,14 @@ class Node:
         except psutil.NoSuchProcess:
             return []
 
+    def workers(self) -> list[psutil.Process]:
+        """The training workers: the agent's imgtrain children (torchrun), or its fork server's children."""
+        tree = self.tree()
+        servers = {p.pid for p in tree[1:] if _ppid(p) == self.proc.pid and "multiprocessing.forkserver" in _cmdline(p)}
+        if servers:
+            return [p for p in tree if _ppid(p) in servers]
+        return [p for p in tree[1:] if "imgtrain" in _cmdline(p)]
+
     def kill(self) -> None:
         """kill -9 the whole node: the agent and every worker (workers run in sessions of their own)."""
         procs = self.tree()
@@ -77,6 +88,20 @@ class Node:
         if self.proc.poll() is None:
             self.kill()
         self.log.close()
+
+
+def _ppid(p: psutil.Process) -> int | None:
+    try:
+        return p.ppid()
+    except psutil.Error:
+        return None
+
+
+def _cmdline(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
 
 
 def wait_for(predicate, timeout: float, what: str, nodes: list[Node] = (), poll: float = 0.5):
@@ -124,18 +149,25 @@ def train_args(data: Path, out: Path) -> list[str]:
             "checkpoint.keep_last_n=2", "distributed.timeout=20", "fault_tolerance.hang_timeout=120"]
 
 
-def lose_a_node_then_rejoin(out: Path, make_node, victim: str, kill_extra=None) -> list[Node]:
+def lose_a_node_then_rejoin(out: Path, make_node, victim: str, kill_extra=None, stagger: float = 1.0) -> list[Node]:
     """Two nodes ("first", started first, then "second") train together; ``victim`` is killed (with
     ``kill_extra``, e.g. an etcd member), the other must go on alone from the last checkpoint within a
-    minute, then a restarted node ("<victim>-again") must join and both must finish. Returns the nodes."""
+    minute, then a restarted node ("<victim>-again") must join and both must finish. Returns the nodes.
+    ``stagger``: seconds between the two starts (0: together, for nodes told their ``is_host``)."""
     first = make_node("first")
-    time.sleep(1.0)  # the first agent is up before the second dials in
+    time.sleep(stagger)  # the first agent is up before the second dials in
     second = make_node("second")
     nodes = [first, second]
     dead, survivor = (first, second) if victim == "first" else (second, first)
     try:
-        wait_for(lambda: any(e["world_size"] == 2 for e in events(out, "start")), 120, "a 2-node group", nodes)
-        wait_for(lambda: list((out / "checkpoints").glob("step_*/manifest.json")), 120, "a checkpoint", nodes)
+        group = wait_for(lambda: [e for e in events(out, "start") if e["world_size"] == 2], 120, "a 2-node group",
+                         nodes)[0]
+        # Saved by the 2-node group: with --nnodes=1:2 the first node may have trained (and saved) alone
+        # until the second joined, and the survivor must resume from a 2-node checkpoint. Published (its
+        # manifest written): the event comes when an asynchronous save starts.
+        wait_for(lambda: [e for e in events(out, "checkpoint") if e["time"] > group["time"]
+                          and (Path(e["path"]) / "manifest.json").exists()], 120,
+                 "a checkpoint of the 2-node group", nodes)
         starts = len(events(out, "start"))
         dead.kill()
         if kill_extra:

@@ -395,7 +395,7 @@ def test_indexed_job_lets_torchrun_restart_and_reaches_pod_zero(rendered):
     assert pod["subdomain"] == service["metadata"]["name"]
     assert set(service["spec"]["selector"].items()) <= set(spec["template"]["metadata"]["labels"].items())
     _, container, _, argv = _training_pod(docs)
-    assert argv[0] == "torchrun"
+    assert argv[:2] == ["imgtrain", "launch"]  # torchrun's arguments, pre-imported workers
     settings = _settings(docs)
     assert f"--nnodes={settings['MIN_NODES']}:{spec['completions']}" in argv
     assert f"--nproc-per-node={container['resources']['limits']['nvidia.com/gpu']}" in argv

@@ -1,0 +1,104 @@
+"""`imgtrain launch` on one node: workers forked from the pre-imported server, per-rank logs, and a killed
+agent that leaves nothing behind (its fork server exits, its worker saves and exits)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from imgtrain.checkpoint import verify
+
+from conftest import TINY, free_port, make_image_folder, subprocess_env
+from elastic_nodes import events, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_killed_launcher_leaves_no_process_and_its_worker_saves(tmp_path):
+    data = make_image_folder(tmp_path / "data", classes=3, train_per_class=16, val_per_class=2, size=16)
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    cmd = [
+        sys.executable,
+        "-m",
+        "imgtrain",
+        "launch",
+        "--nproc-per-node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        "--redirects=3",
+        f"--log-dir={logs}",
+        "-m",
+        "imgtrain",
+        "train",
+        "--output-dir",
+        str(out),
+        f"data.root={data}",
+        *TINY,
+        "data.workers=1",
+        "training.epochs=500",
+    ]
+    agent = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=subprocess_env(),
+        start_new_session=True,
+    )
+    procs: list[psutil.Process] = []
+    try:
+        wait_for(
+            lambda: any(e["step"] >= 2 for e in events(out, "train")) or agent.poll() is not None,
+            240,
+            "two training steps",
+        )
+        assert agent.poll() is None, agent.stdout.read()[-4000:]
+        procs = psutil.Process(agent.pid).children(recursive=True)
+        servers = [
+            p
+            for p in procs
+            if p.ppid() == agent.pid and "multiprocessing.forkserver" in " ".join(_cmdline(p))
+        ]
+        assert len(servers) == 1, [_cmdline(p) for p in procs]
+        (worker,) = servers[0].children()
+        # The DataLoader's worker is a fork of the training worker (the default start method of a fresh
+        # process), not the child of a second fork server that would import torch again.
+        loaders = worker.children()
+        assert loaders and all(_cmdline(p) == _cmdline(worker) for p in loaders), [
+            _cmdline(p) for p in loaders
+        ]
+
+        agent.kill()  # kill -9 the agent alone
+        agent.wait(timeout=30)
+        wait_for(lambda: not any(_alive(p) for p in procs), 120, "the fork server and the workers to exit")
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        for p in procs:
+            if _alive(p):
+                p.kill()
+    # The fork server exited with its agent; the worker took that as SIGINT and saved where it stopped.
+    (stderr_log,) = logs.glob("*/attempt_0/0/stderr.log")
+    text = stderr_log.read_text()
+    assert "received SIGINT; stopping after this step" in text, text[-3000:]
+    saved = events(out, "checkpoint")
+    stopped = saved[-1]["step"] if saved else None
+    assert f"preemption (SIGINT): saving a checkpoint at step {stopped}" in text, text[-3000:]
+    verify(str(out / "checkpoints" / f"step_{stopped:09d}"))
