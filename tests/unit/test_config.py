@@ -127,15 +127,22 @@ def test_every_shipped_recipe_loads_and_validates(recipe):
     cfg = load_config(recipe)
     by_name = load_config(recipe.stem)  # a shipped recipe is also reachable by its bare name
     assert cfg == by_name
-    # What the recipe says is what the config holds (nothing silently dropped).
+    # What the recipe says is what the config holds (nothing silently dropped), nested sections included
+    # (e.g. distributed.powersgd.rank).
+    def check(node, values: dict, path: str) -> None:
+        for key, value in values.items():
+            got = getattr(node, key)
+            if isinstance(value, dict) and not isinstance(got, dict):
+                check(got, value, f"{path}.{key}")
+            else:
+                assert got == pytest.approx(value) if isinstance(value, float) else got == value, \
+                    f"{recipe.name}: {path}.{key}"
+
     for section, values in raw.items():
         if not isinstance(values, dict):
             assert getattr(cfg, section) == values
             continue
-        for key, value in values.items():
-            got = getattr(getattr(cfg, section), key)
-            assert got == pytest.approx(value) if isinstance(value, float) else got == value, \
-                f"{recipe.name}: {section}.{key}"
+        check(getattr(cfg, section), values, section)
 
 
 def test_dump_config_round_trips(tmp_path):
