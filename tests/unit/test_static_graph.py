@@ -8,7 +8,7 @@ import torch
 from imgtrain.config import ConfigError, load_config
 from imgtrain.trainer import Trainer
 
-from conftest import free_port
+from conftest import TINY, free_port
 
 
 def _train(tmp_path, image_folder, monkeypatch, name: str, overrides: list[str]) -> tuple[dict, dict]:
@@ -21,17 +21,10 @@ def _train(tmp_path, image_folder, monkeypatch, name: str, overrides: list[str])
         [
             f"output_dir={tmp_path / name}",
             f"data.root={image_folder}",
-            "model.name=simple_cnn",
-            "model.width=8",
-            "data.image_size=16",
-            "data.val_resize=16",
-            "data.workers=0",
+            *TINY,
             "training.batch_size=4",
             "training.epochs=1",
             "training.max_steps=4",
-            "training.warmup_epochs=0",
-            "training.progress_bar=false",
-            "training.deterministic=true",
             "distributed.backend=gloo",
             *overrides,
         ],

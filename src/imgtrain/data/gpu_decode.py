@@ -142,15 +142,18 @@ class GpuBatchDecoder:
         s = self.size
         images = torch.zeros(n, 3, s, s, dtype=torch.uint8, device=self.device)
         weights = weights.clone()
-        failed = 0
+        failed, index, good = 0, [], []
         for pos, img in zip(
             enc.jpeg_index.tolist(), self._crop_batch(enc.jpegs, enc.params.tolist()), strict=True
         ):
             if img is None:
                 weights[pos] = 0.0
                 failed += 1
-                continue
-            images[pos] = img
+            else:
+                index.append(pos)
+                good.append(img)
+        if good:  # one copy for the batch, not one per image
+            images[torch.tensor(index, device=self.device)] = torch.stack(good)
         if len(enc.ready_index):
             images[enc.ready_index.to(self.device)] = enc.ready.to(self.device, non_blocking=True)
         if failed:

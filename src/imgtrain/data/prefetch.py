@@ -16,6 +16,16 @@ import torch
 
 log = logging.getLogger(__name__)
 
+
+def _use_on_current_stream(batch, device: torch.device) -> None:
+    """The batch's CUDA tensors were made on a side stream and are used on the current one: keep the
+    allocator from reusing their memory before the current stream is done with them."""
+    current = torch.cuda.current_stream(device)
+    for x in batch:
+        if isinstance(x, torch.Tensor) and x.device.type == "cuda":
+            x.record_stream(current)
+
+
 def to_device(batch, device: torch.device):
     """Tensors of a (images, labels, weights, bad paths) batch to ``device``, non-blocking (the loader
     pins them on CUDA, so the copy is asynchronous)."""
@@ -51,16 +61,10 @@ class DevicePrefetcher:
         if batch is None:
             raise StopIteration
         if self.stream is not None:
-            current = torch.cuda.current_stream(self.device)
-            current.wait_stream(self.stream)
-            for x in batch:
-                if isinstance(x, torch.Tensor) and x.device.type == "cuda":
-                    # Made on the side stream, used on the current one: keep the allocator from reusing
-                    # the memory before the current stream is done with it.
-                    x.record_stream(current)
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            _use_on_current_stream(batch, self.device)
         self.next_batch = self._load()
         return batch
-
 
     def close(self) -> None:
         """Nothing runs in the background here (the same interface as :class:`BackgroundPrefetcher`)."""
@@ -93,8 +97,9 @@ class BackgroundPrefetcher:
         self._stop = threading.Event()
         self._done = False
         # iter() here, in the caller's thread: the DataLoader installs its SIGCHLD handler there.
-        self._thread = threading.Thread(target=self._run, args=(iter(loader), batch_transform),
-                                        name="imgtrain-prefetch", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(iter(loader), batch_transform), name="imgtrain-prefetch", daemon=True
+        )
         self._thread.start()
 
     def _put(self, item) -> bool:
@@ -146,11 +151,8 @@ class BackgroundPrefetcher:
             raise item.error
         batch, ready = item
         if ready is not None:
-            current = torch.cuda.current_stream(self.device)
-            current.wait_event(ready)
-            for x in batch:
-                if isinstance(x, torch.Tensor) and x.device.type == "cuda":
-                    x.record_stream(current)
+            torch.cuda.current_stream(self.device).wait_event(ready)
+            _use_on_current_stream(batch, self.device)
         return batch
 
     def close(self) -> None:
