@@ -22,7 +22,9 @@ Settings: ``defaults`` = torchrun's rendezvous defaults (shared worker store, no
 Gloo timeout (30 min); ``imgtrain-torchrun`` = TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, elastic_nodes.RDZV_CONF
 (as scripts/launch_training.sh), distributed.timeout=10 and net.ipv4.tcp_retries2=3 for the partition,
 agents started with torchrun; ``imgtrain`` = the same settings with the agents started by ``imgtrain launch``
-(workers forked from a server that has imported torch, as scripts/launch_training.sh now starts them).
+(workers forked from the agent once it has imported what they need, as scripts/launch_training.sh starts
+them); ``imgtrain-forkserver`` = ``imgtrain launch --start-method forkserver`` (workers forked from a fork
+server that imports torch beside the agent: what ``--nproc-per-node=gpu`` gets).
 All use --max-restarts=10 (torchrun's default, 0, restarts nothing). A trial that has not recovered
 after ``--cap`` seconds is recorded as "> cap"; every trial kills all its processes and namespaces.
 
@@ -63,7 +65,7 @@ from elastic_nodes import (  # noqa: E402
 )
 
 FAULTS = ("worker", "node", "rejoin", "host", "partition", "sigterm")
-SETTINGS = ("defaults", "imgtrain-torchrun", "imgtrain")
+SETTINGS = ("defaults", "imgtrain-torchrun", "imgtrain", "imgtrain-forkserver")
 # Every process of a trial inherits this variable (forks of a fork server have no command line of their own).
 TRIAL_ENV = "IMGTRAIN_RECOVERY_TRIAL"
 # Parts of a recovery, from the timestamps: (key, label). All in seconds.
@@ -114,7 +116,7 @@ class Trial:
     def __init__(self, args: argparse.Namespace, settings: str, work: Path, data: Path):
         self.args = args
         self.tuned = settings != "defaults"
-        self.launcher = "imgtrain" if settings == "imgtrain" else "torchrun"
+        self.launcher = settings if settings in ("imgtrain", "imgtrain-forkserver") else "torchrun"
         os.environ[TRIAL_ENV] = str(work)  # inherited by every process the trial starts
         self.dir = work
         work.mkdir(parents=True, exist_ok=True)

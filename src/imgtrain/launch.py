@@ -3,28 +3,37 @@
 Every worker torchrun starts is a fresh ``python -m imgtrain`` that imports torch and torchvision before it
 can join the process group: about 4.6 s on an idle CPU core, paid again by every restart after a fault
 (docs/BENCHMARKS.md). This launcher takes exactly torchrun's arguments and environment (``PET_*``) and runs
-torchrun's own elastic agent, but hands it a Python function instead of a command line, with the
-``forkserver`` start method: a fork server, started before the agent has even imported torch, imports
-everything once while the agent imports and joins the rendezvous, and each worker, first start or
-restart, is a fork of it.
+torchrun's own elastic agent, but hands it a Python function instead of a command line, and each worker,
+first start or restart, is a fork of a process that has imported everything once:
 
-The fork server imports modules only: no CUDA context, no torch operation, no thread pool (with
-``OMP_NUM_THREADS`` set, as torchrun sets it for several workers per node), so a fork of it is as clean as a
-fresh process. Libraries read their thread settings when they are imported, so it must run with the
-environment the workers get: torchrun changes only ``OMP_NUM_THREADS``, and a server started with another
-value is replaced. If the agent dies, even by ``kill -9``, the fork server exits, and each worker gets
-SIGINT (torch's parent-death signal), which imgtrain treats as a preemption: it saves and exits.
+* ``fork`` (the default when ``--nproc-per-node`` is a number): a fork of the agent itself. The agent
+  imports torch (it needs it anyway) and then, on a thread, what a worker needs while it joins the
+  rendezvous; every fork waits for that thread. A relaunched node imports torch once, not twice (agent
+  and server), which is what a rejoin on a node with few free cores waits for.
+* ``forkserver`` (the default when torch must count the GPUs, ``gpu`` or ``auto``: counting initializes
+  CUDA in the agent, and a fork of such a process cannot use CUDA): a fork server, started before the agent
+  has even imported torch, imports everything while the agent imports and joins the rendezvous.
+
+Neither the agent nor the fork server runs a torch operation, creates a CUDA context or a thread pool before
+the workers fork (with ``OMP_NUM_THREADS`` set, as torchrun sets it for several workers per node), so a fork
+is as clean as a fresh process. Libraries read their thread settings when they are imported, so the
+importing process runs with the environment the workers get: torchrun changes only ``OMP_NUM_THREADS``; the
+agent sets it before importing torch, a fork server started with another value is replaced, and each worker
+applies it to torch once more. If the agent dies, even by ``kill -9``, each worker gets SIGINT (torch's
+parent-death signal; a fork server exits first), which imgtrain treats as a preemption: it saves and exits.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
 import signal
 import sys
+import threading
 import traceback
 
 # What a worker imports before its first step; what it imports later is small (python -X importtime).
@@ -32,6 +41,7 @@ PRELOAD = ("torch", "torchvision", "psutil", "cv2", "imgtrain.cli", "imgtrain.tr
 # `imgtrain launch [torchrun options] train ...` is short for `... -m imgtrain train ...`.
 WORKER_COMMANDS = ("train", "eval", "find-batch-size")
 
+log = logging.getLogger(__name__)
 _server_omp: str | None = None  # OMP_NUM_THREADS the running fork server was started with
 
 
@@ -42,13 +52,41 @@ def build_parser():
     parser = get_args_parser()
     parser.prog = "imgtrain launch"
     parser.description = (
-        "torchrun with pre-imported workers (forkserver). Takes torchrun's options; the "
-        "command is `-m imgtrain train ...` (or just `train ...`); any other command runs "
-        "exactly as torchrun runs it."
+        "torchrun with pre-imported workers (forked from this process; from a fork server when the number of "
+        "workers per node is counted by torch). Takes torchrun's options; the command is `-m imgtrain train "
+        "...` (or just `train ...`); any other command runs exactly as torchrun runs it."
     )
     if "PET_START_METHOD" not in os.environ:
-        parser.set_defaults(start_method="forkserver")
+        parser.set_defaults(start_method=None)  # resolve() picks it from --nproc-per-node
     return parser
+
+
+def default_start_method(nproc_per_node: str) -> str:
+    """``fork`` (from this process, once it has imported what a worker needs) when the number of workers is
+    given; ``forkserver`` when torch must count GPUs (``gpu``, ``auto``): that count initializes CUDA in this
+    process, and a fork of a process with CUDA initialized cannot use CUDA."""
+    return "fork" if nproc_per_node.isdigit() else "forkserver"
+
+
+def _option(argv: list[str], flag: str, default: str) -> str:
+    """The value of torchrun option ``flag`` on the command line (before the command), else ``default``;
+    told without importing torch (a wrong guess costs start-up time, not results)."""
+    value = default
+    for i, a in enumerate(argv):
+        if a in ("-m", "--module", "imgtrain", *WORKER_COMMANDS):
+            break
+        name, eq, rest = a.partition("=")
+        name = name.replace("_", "-")
+        # argparse takes unambiguous prefixes of an option (--nproc for --nproc-per-node).
+        if name.startswith("--") and len(name) > 3 and flag.startswith(name):
+            value = rest if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+    return value
+
+
+def expected_start_method(argv: list[str], environ=os.environ) -> str:
+    """The start method resolve() will choose, told without importing torch."""
+    nproc = _option(argv, "--nproc-per-node", environ.get("PET_NPROC_PER_NODE", "1"))
+    return _option(argv, "--start-method", environ.get("PET_START_METHOD", default_start_method(nproc)))
 
 
 def imgtrain_argv(args) -> list[str] | None:
@@ -71,6 +109,8 @@ def resolve(argv: list[str]):
     from torch.distributed.run import config_from_args
 
     args = build_parser().parse_args(argv)
+    if args.start_method is None:
+        args.start_method = default_start_method(str(args.nproc_per_node))
     _as_torchrun_run(args)
     config, cmd, cmd_args = config_from_args(args)
     worker_argv = imgtrain_argv(args)
@@ -100,13 +140,7 @@ def expected_omp_threads(argv: list[str], environ=os.environ) -> tuple[bool, str
     (torchrun's rule). Not known for a count torch must work out (``--nproc-per-node=gpu``)."""
     if "OMP_NUM_THREADS" in environ:
         return True, environ["OMP_NUM_THREADS"]
-    nproc = environ.get("PET_NPROC_PER_NODE", "1")
-    for i, a in enumerate(argv):
-        if a in ("-m", "--module", "imgtrain", *WORKER_COMMANDS):
-            break  # the command: torchrun's options come before it (a wrong guess costs time, not results)
-        name, eq, value = a.partition("=")
-        if name.startswith("--nproc"):  # argparse also takes unambiguous prefixes
-            nproc = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+    nproc = _option(argv, "--nproc-per-node", environ.get("PET_NPROC_PER_NODE", "1"))
     if not nproc.isdigit():
         return False, None
     return True, ("1" if int(nproc) > 1 else None)
@@ -152,6 +186,24 @@ def _set_env(name: str, value: str | None) -> None:
         os.environ[name] = value
 
 
+def preload_in_background(modules=PRELOAD) -> threading.Thread:
+    """Import ``modules`` in this process on a thread, for workers forked from it (``--start-method fork``).
+
+    The agent joins the rendezvous meanwhile. Every fork in this process first waits for the thread: a fork
+    taken while another thread holds an import lock would leave the child a half-imported module."""
+    def _import() -> None:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # the worker imports it again and reports the error in its own log
+                log.debug("preloading %s failed", name, exc_info=True)
+
+    thread = threading.Thread(target=_import, name="imgtrain-preload", daemon=True)
+    thread.start()
+    os.register_at_fork(before=thread.join)
+    return thread
+
+
 def run_worker(*argv: str) -> None:
     """A worker: `imgtrain ARGV` in this (forked) process, ending with the exit code python would give it."""
     _drop_inherited_forkserver_fd()
@@ -159,6 +211,12 @@ def run_worker(*argv: str) -> None:
     # fresh interpreter has the platform's default (fork on Linux before Python 3.14), which the
     # DataLoader's workers must keep: forked from this worker, not from a new server importing torch again.
     multiprocessing.set_start_method(None, force=True)
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        # Read by the OpenMP runtime when torch was imported, in the process this one is a fork of; torchrun
+        # may have set it only afterwards (it counts GPUs with torch first).
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     sys.argv = ["imgtrain", *argv]
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # torchrun starts workers with python -u
@@ -216,8 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # Before torch is imported here: the server's imports overlap this process's own.
     known, omp_threads = expected_omp_threads(argv)
-    if known:
+    method = expected_start_method(argv)
+    if known and method == "forkserver":
         start_forkserver(omp_threads)
+    elif known and method == "fork":
+        _set_env("OMP_NUM_THREADS", omp_threads)  # what torchrun sets, here before torch reads it
 
     from torch.distributed.elastic.multiprocessing.errors import record
     from torch.distributed.launcher.api import elastic_launch
@@ -231,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
             start_forkserver(os.environ.get("OMP_NUM_THREADS"))  # no-op unless torchrun changed it
         else:
             stop_forkserver()
+        if callable(entrypoint) and config.start_method == "fork":
+            preload_in_background()
         elastic_launch(config=config, entrypoint=entrypoint)(*args)
 
     try:

@@ -39,7 +39,8 @@ class Node:
             env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
         if ifname:
             env["GLOO_SOCKET_IFNAME"] = ifname
-        agent = {"torchrun": ["torch.distributed.run"], "imgtrain": ["imgtrain", "launch"]}[launcher]
+        agent = {"torchrun": ["torch.distributed.run"], "imgtrain": ["imgtrain", "launch"],
+                 "imgtrain-forkserver": ["imgtrain", "launch", "--start-method=forkserver"]}[launcher]
         cmd = [sys.executable, "-m", *agent, f"--nnodes={nnodes}", "--nproc-per-node=1",
                f"--rdzv-backend={backend}", f"--rdzv-endpoint={endpoint}", "--rdzv-id=imgtrain-test",
                "--rdzv-conf=" + ",".join(([RDZV_CONF] if tuned else [])

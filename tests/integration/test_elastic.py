@@ -27,7 +27,7 @@ def test_node_killed_and_readded(tmp_path):
     out = tmp_path / "run"
     endpoint = f"127.0.0.1:{free_port()}"
     # The second node does not host the c10d store, so the first one can go on without it. The nodes run
-    # the launcher imgtrain ships (`imgtrain launch`: workers forked from a pre-imported server). Started
+    # the launcher imgtrain ships (`imgtrain launch`: workers forked from the pre-importing agent). Started
     # together (the second retries until the first's store is up), so that the first group has both:
     # one second apart, the first can pass its 1 s last call alone and start at world size 1.
     nodes = lose_a_node_then_rejoin(
@@ -38,8 +38,8 @@ def test_node_killed_and_readded(tmp_path):
     # Every sample exactly once per epoch despite two membership changes and re-sharding.
     assert summary["images_seen"] == 6 * 48
     assert "elastic: world size changed 2 -> 1" in nodes[0].output()
-    # The survivor's agent saw its worker fail when the peer vanished, and restarted a fork of the server.
-    assert "of fn: run_worker (start_method: forkserver)" in nodes[0].output()
+    # The survivor's agent saw its worker fail when the peer vanished, and restarted a fork of itself.
+    assert "of fn: run_worker (start_method: fork)" in nodes[0].output()
 
 
 @pytest.fixture

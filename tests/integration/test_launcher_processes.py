@@ -1,5 +1,5 @@
-"""`imgtrain launch` on one node: workers forked from the pre-imported server, per-rank logs, and a killed
-agent that leaves nothing behind (its fork server exits, its worker saves and exits)."""
+"""`imgtrain launch` on one node: workers forked from the pre-importing agent (or its fork server), per-rank
+logs, and a killed agent that leaves nothing behind (its fork server exits, its worker saves and exits)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
-def test_killed_launcher_leaves_no_process_and_its_worker_saves(tmp_path):
+# fork: the default (workers are forks of the agent); forkserver: what a GPU count (--nproc-per-node=gpu) gets.
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+def test_killed_launcher_leaves_no_process_and_its_worker_saves(tmp_path, start_method):
     data = make_image_folder(tmp_path / "data", classes=3, train_per_class=16, val_per_class=2, size=16)
     out, logs = tmp_path / "run", tmp_path / "logs"
     cmd = [
@@ -40,6 +42,7 @@ def test_killed_launcher_leaves_no_process_and_its_worker_saves(tmp_path):
         "imgtrain",
         "launch",
         "--nproc-per-node=1",
+        *([] if start_method == "fork" else [f"--start-method={start_method}"]),
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint=127.0.0.1:{free_port()}",
         "--redirects=3",
@@ -71,13 +74,15 @@ def test_killed_launcher_leaves_no_process_and_its_worker_saves(tmp_path):
         )
         assert agent.poll() is None, agent.stdout.read()[-4000:]
         procs = psutil.Process(agent.pid).children(recursive=True)
-        servers = [
-            p
-            for p in procs
-            if p.ppid() == agent.pid and "multiprocessing.forkserver" in " ".join(_cmdline(p))
-        ]
-        assert len(servers) == 1, [_cmdline(p) for p in procs]
-        (worker,) = servers[0].children()
+        children = [p for p in procs if p.ppid() == agent.pid]
+        servers = [p for p in children if "multiprocessing.forkserver" in " ".join(_cmdline(p))]
+        if start_method == "fork":
+            assert not servers, [_cmdline(p) for p in servers]
+            # A fork of the agent, with its command line.
+            (worker,) = [p for p in children if _cmdline(p) == _cmdline(psutil.Process(agent.pid))]
+        else:
+            assert len(servers) == 1, [_cmdline(p) for p in procs]
+            (worker,) = servers[0].children()
         # The DataLoader's worker is a fork of the training worker (the default start method of a fresh
         # process), not the child of a second fork server that would import torch again.
         loaders = worker.children()
@@ -87,7 +92,7 @@ def test_killed_launcher_leaves_no_process_and_its_worker_saves(tmp_path):
 
         agent.kill()  # kill -9 the agent alone
         agent.wait(timeout=30)
-        wait_for(lambda: not any(_alive(p) for p in procs), 120, "the fork server and the workers to exit")
+        wait_for(lambda: not any(_alive(p) for p in procs), 120, "the agent's processes to exit")
     finally:
         if agent.poll() is None:
             agent.kill()

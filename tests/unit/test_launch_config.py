@@ -49,8 +49,8 @@ def test_same_launch_config_as_torchrun_from_the_same_command_line(tmp_path, mon
     argv = _torchrun_line(tmp_path)
     expected, cmd, cmd_args = config_from_args(parse_args(argv))
     config, entrypoint, args = launch.resolve(argv)
-    # Only the start method differs: the workers are forks of the pre-imported server.
-    assert _differences(expected, config) == {"start_method": ("spawn", "forkserver")}
+    # Only the start method differs: the workers are forks of the agent, which pre-imports what they need.
+    assert _differences(expected, config) == {"start_method": ("spawn", "fork")}
     assert config.max_restarts == 10 and config.shutdown_timeout == 45 and config.max_nodes == 4
     assert config.rdzv_configs["keep_alive_max_attempt"] == "3" and config.local_addr == "10.0.0.2"
     # torchrun would run `python -u -m imgtrain train ...`; the launcher runs the same arguments in-process.
@@ -72,6 +72,30 @@ def test_start_method_and_other_programs_stay_the_users_choice(tmp_path, monkeyp
     # Not imgtrain: exactly torchrun's command.
     other = [*base, "-m", "mypackage.train", "--lr", "0.1"]
     assert launch.resolve(other)[1:] == config_from_args(parse_args(other))[1:]
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "expected"),
+    [
+        (["--nproc-per-node=2", "train"], {}, "fork"),
+        (["--nproc-per-node", "2", "train"], {}, "fork"),
+        (["train"], {}, "fork"),
+        # torch counts the GPUs, which initializes CUDA in the agent: its forks could not use CUDA.
+        (["--nproc-per-node=gpu", "train"], {}, "forkserver"),
+        (["train"], {"PET_NPROC_PER_NODE": "auto"}, "forkserver"),
+        (["--nproc-per-node=2", "--start_method", "spawn", "train"], {}, "spawn"),
+        (["--nproc-per-node=2", "train", "--start-method=spawn"], {}, "fork"),  # the command's own option
+        (["--nproc-per-node=2", "train"], {"PET_START_METHOD": "forkserver"}, "forkserver"),
+    ],
+)
+def test_start_method_is_known_before_torch_is_imported(argv, env, expected, monkeypatch, tmp_path):
+    assert launch.expected_start_method(argv, env) == expected
+    if "--nproc-per-node=gpu" in argv or "auto" in env.values():
+        return  # torch cannot count GPUs on this machine
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert launch.resolve([f"--log-dir={tmp_path}", *argv])[0].start_method == expected
 
 
 # torchrun's rule: OMP_NUM_THREADS=1 for more than one worker per node, unless set; the command's own
