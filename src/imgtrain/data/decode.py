@@ -31,7 +31,14 @@ DecoderName = Literal[
     "pil", "libjpeg_roi", "simplejpeg", "simplejpeg_fast", "simplejpeg_pillow", "opencv", "torchvision"
 ]
 # Tried in this order when the configured decoder's library is missing (fastest first, as measured).
-FALLBACK_ORDER: tuple[str, ...] = ("libjpeg_roi", "simplejpeg_fast", "simplejpeg", "opencv", "torchvision", "pil")
+FALLBACK_ORDER: tuple[str, ...] = (
+    "libjpeg_roi",
+    "simplejpeg_fast",
+    "simplejpeg",
+    "opencv",
+    "torchvision",
+    "pil",
+)
 DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 JPEG_MAGIC = b"\xff\xd8"
 
@@ -273,8 +280,13 @@ class SimplejpegFastDecoder(SimplejpegDecoder):
 
 @functools.cache
 def _jpegroi():
-    from . import _jpegroi  # the optional C extension (setup.py); ImportError when it was not built
-
+    try:
+        from . import _jpegroi  # the optional C extension (setup.py)
+    except ImportError as e:
+        raise ImportError(
+            f"imgtrain's C extension _jpegroi is not built ({e}); `pip install -e .` builds it where a C "
+            "compiler and libjpeg-turbo's headers are installed (scripts/install.sh installs them)"
+        ) from None
     return _jpegroi
 
 

@@ -118,8 +118,12 @@ def collate(batch):
     bad = [b for b in bad if b]
     if get_worker_info() is not None:
         return (*shared_batch(imgs, labels, weights), bad)
-    return (torch.stack(imgs), torch.tensor(labels, dtype=torch.long),
-            torch.tensor(weights, dtype=torch.float32), bad)
+    return (
+        torch.stack(imgs),
+        torch.tensor(labels, dtype=torch.long),
+        torch.tensor(weights, dtype=torch.float32),
+        bad,
+    )
 
 
 def shared_batch(imgs, labels, weights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
