@@ -172,22 +172,33 @@ class BaseDecoder:
     def hflip(self, img):
         return _cv2().flip(img, 1)  # contiguous output; numpy's [:, ::-1] copy is several times slower
 
-    def to_tensor(self, img) -> torch.Tensor:
-        return _planar(img)
+    def to_tensor(self, img, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The uint8 CHW tensor; written into ``out`` (a slot of a batch) when given."""
+        return _planar(img, out=out)
 
 
-def _planar(img: np.ndarray, reverse: bool = False) -> torch.Tensor:
-    """HWC -> contiguous CHW tensor. cv2.split is ~3x faster than a strided copy (torch's permute +
-    contiguous, or the collate stacking permuted views), which cost as much as the resize; it writes the
-    planes straight into the CHW array (splitting into new arrays and stacking them cost 4x as much)."""
-    out = np.empty((img.shape[2], img.shape[0], img.shape[1]), np.uint8)
-    planes = list(out[::-1] if reverse else out)
+def _into(t: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return t
+    return out.copy_(t)
+
+
+def _planar(img: np.ndarray, reverse: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """HWC -> contiguous CHW tensor (``out`` when given). cv2.split is ~3x faster than a strided copy
+    (torch's permute + contiguous, or the collate stacking permuted views), which cost as much as the
+    resize; it writes the planes straight into the CHW array (splitting into new arrays and stacking them
+    cost 4x as much)."""
+    shape = (img.shape[2], img.shape[0], img.shape[1])
+    if out is not None and tuple(out.shape) != shape:
+        raise ValueError(f"a {shape} image does not fit the batch slot {tuple(out.shape)}")
+    t = out if out is not None else torch.from_numpy(np.empty(shape, np.uint8))
+    planes = list(t.numpy()[::-1] if reverse else t.numpy())
     try:
         _cv2().split(np.ascontiguousarray(img), planes)
     except ImportError:  # the pil/torchvision decoders do not need OpenCV otherwise
         for c, plane in enumerate(planes):
             plane[...] = img[:, :, c]
-    return torch.from_numpy(out)
+    return t
 
 
 def pil_decode(data: bytes, min_size: tuple[int, int] | None = None):
@@ -229,8 +240,8 @@ class PilDecoder(BaseDecoder):
 
         return img.transpose(Image.FLIP_LEFT_RIGHT)
 
-    def to_tensor(self, img) -> torch.Tensor:
-        return super().to_tensor(np.asarray(img))
+    def to_tensor(self, img, out: torch.Tensor | None = None) -> torch.Tensor:
+        return super().to_tensor(np.asarray(img), out)
 
 
 class SimplejpegDecoder(BaseDecoder):
@@ -369,11 +380,11 @@ class SimplejpegPillowDecoder(SimplejpegFastDecoder):
     def hflip(self, img):
         return PilDecoder.hflip(self, img)
 
-    def to_tensor(self, img) -> torch.Tensor:
+    def to_tensor(self, img, out: torch.Tensor | None = None) -> torch.Tensor:
         # One copy out of Pillow (4 bytes per pixel), then the planes: cheaper than converting to RGB first.
         a = np.asarray(img)
         planes = _cv2().split(a)
-        return torch.from_numpy(np.stack(planes[:3]))
+        return _into(torch.from_numpy(np.stack(planes[:3])), out)
 
 
 class OpencvDecoder(BaseDecoder):
@@ -405,8 +416,8 @@ class OpencvDecoder(BaseDecoder):
 
     # OpenCV's images stay BGR until the final, small crop: reversing the channels of the full image first
     # would hand cv2.resize a negative-stride array, which it copies whole.
-    def to_tensor(self, img) -> torch.Tensor:
-        return _planar(img, reverse=True)
+    def to_tensor(self, img, out: torch.Tensor | None = None) -> torch.Tensor:
+        return _planar(img, reverse=True, out=out)
 
 
 class TorchvisionDecoder(BaseDecoder):
@@ -435,8 +446,8 @@ class TorchvisionDecoder(BaseDecoder):
     def hflip(self, img):
         return img.flip(-1)
 
-    def to_tensor(self, img) -> torch.Tensor:
-        return img
+    def to_tensor(self, img, out: torch.Tensor | None = None) -> torch.Tensor:
+        return _into(img, out)
 
 
 DECODERS: dict[str, type[BaseDecoder]] = {
@@ -496,9 +507,11 @@ def crop_resize(
     box: CropBox,
     full: tuple[int, int] | None = None,
     flip: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode ``data`` and return ``box`` (full-size coordinates) resized to ``size`` (h, w) as a uint8 CHW
-    tensor, mirrored left-right if ``flip``. ``full`` is the header size (h, w) when already known."""
+    tensor (``out`` when given), mirrored left-right if ``flip``. ``full`` is the header size (h, w) when
+    already known."""
     full = full or decoder.size(data)
     reduced = reduced_size(full[0], full[1], box, size[0], size[1])
     if reduced is None:
@@ -512,7 +525,7 @@ def crop_resize(
         sy, sx = got[0] / full[0], got[1] / full[1]
         window = (box.left * sx, box.top * sy, (box.left + box.width) * sx, (box.top + box.height) * sy)
         img = decoder.resize_window(img, window, size[0], size[1])
-    return decoder.to_tensor(decoder.hflip(img) if flip else img)
+    return decoder.to_tensor(decoder.hflip(img) if flip else img, out)
 
 
 def decode_full(decoder: BaseDecoder, data: bytes) -> torch.Tensor:
@@ -538,19 +551,23 @@ def decode_train(
     hflip: float = 0.5,
     ratio: tuple[float, float] = DEFAULT_RATIO,
     generator: torch.Generator | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """RandomResizedCrop(size, scale, ratio) + RandomHorizontalFlip(hflip), fused with the decode.
-    Randomness comes from ``generator`` (or the global torch RNG): the crop, then one draw for the flip."""
+    """RandomResizedCrop(size, scale, ratio) + RandomHorizontalFlip(hflip), fused with the decode, into
+    ``out`` when given. Randomness comes from ``generator`` (or the global torch RNG): the crop, then one
+    draw for the flip."""
     full = decoder.size(data)
     box = sample_crop(full[0], full[1], scale, ratio, generator)
     flip = hflip > 0 and bool(torch.rand(1, generator=generator).item() < hflip)
-    return crop_resize(decoder, data, (size, size), box, full, flip)
+    return crop_resize(decoder, data, (size, size), box, full, flip, out)
 
 
-def decode_eval(data: bytes, decoder: BaseDecoder, resize: int, crop: int) -> torch.Tensor:
-    """Resize the shorter side to ``resize``, then center-crop ``crop`` x ``crop``."""
+def decode_eval(
+    data: bytes, decoder: BaseDecoder, resize: int, crop: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Resize the shorter side to ``resize``, then center-crop ``crop`` x ``crop`` (into ``out`` if given)."""
     full = decoder.size(data)
     (new_h, new_w), box = eval_box(full[0], full[1], resize, crop)
     # A DCT-reduced decode when the image is at least twice the resized size; the resize target is unchanged.
     img = decoder.decode(data, reduced_size(full[0], full[1], CropBox(0, 0, full[0], full[1]), new_h, new_w))
-    return decoder.to_tensor(decoder.crop(decoder.resize(img, new_h, new_w), box))
+    return decoder.to_tensor(decoder.crop(decoder.resize(img, new_h, new_w), box), out)
