@@ -344,10 +344,18 @@ def test_region_decode_gives_exactly_the_full_decodes_crop_and_falls_back_where_
     roi_ext = _roi_extension()
     roi, full = D.create_decoder("libjpeg_roi"), D.create_decoder("simplejpeg_fast")
     assert roi.name == "libjpeg_roi"
-    gray = io.BytesIO()
-    Image.open(io.BytesIO(jpegs[0])).convert("L").save(gray, "JPEG", quality=90)
+    variants = []  # grayscale, progressive, 4:4:4 and 4:2:2 chroma (the fixture's JPEGs are 4:2:0)
+    for mode, kw in (
+        ("L", {}),
+        ("RGB", {"progressive": True}),
+        ("RGB", {"subsampling": 0}),
+        ("RGB", {"subsampling": 1}),
+    ):
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(jpegs[2])).convert(mode).save(buf, "JPEG", quality=90, **kw)
+        variants.append(buf.getvalue())
     g = torch.Generator().manual_seed(0)
-    for data in [*jpegs, gray.getvalue()]:
+    for data in [*jpegs, *variants]:
         h, w = full.size(data)
         boxes = [D.sample_crop(h, w, (0.08, 1.0), generator=g) for _ in range(4)]
         boxes += [D.CropBox(0, 0, h, w), D.CropBox(h - 5, w - 3, 5, 3), D.CropBox(7, 17, 1, 1)]
