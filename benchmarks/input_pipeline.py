@@ -254,7 +254,11 @@ def micro(root: Path, files: int, size: int, batch: int) -> dict[str, dict]:
     for n, dec in decoders.items():
         imgs = [dec.decode(d) for d in datas]
         sized = [dec.crop_resize(i, c, size, size) for i, c in zip(imgs, crops, strict=True)]
-        ops[f"{n}: decode"] = (lambda d, dec=dec: dec.decode(d), datas)
+        # what a full-size crop needs decoded: the whole image, or only the window (libjpeg_roi)
+        ops[f"{n}: decode"] = (
+            lambda dc, dec=dec: dec.decode_region(dc[0], dc[1]),
+            [(d, c) for d, c, f in zip(datas, crops, full, strict=True) if f],
+        )
         # only the crops a full-size decode serves (others take the DCT-scaled path)
         ops[f"{n}: crop + resize"] = (
             lambda ic, dec=dec: dec.crop_resize(ic[0], ic[1], size, size),
@@ -294,7 +298,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--decoders",
         nargs="+",
-        default=["simplejpeg_fast", "simplejpeg_pillow"],
+        default=["libjpeg_roi", "simplejpeg_fast", "simplejpeg_pillow"],
         choices=list(DECODERS),
         help="data.decoder values for the folder rows",
     )
@@ -304,7 +308,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--shard-decoders",
         nargs="+",
-        default=["simplejpeg_fast", "simplejpeg_pillow"],
+        default=["libjpeg_roi", "simplejpeg_fast", "simplejpeg_pillow"],
         choices=list(DECODERS),
         help="data.decoder values for the shard rows",
     )

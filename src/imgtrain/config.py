@@ -85,10 +85,13 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     max_bad_fraction: float = 0.001
     """Stop with an error once more than this fraction of a split's files failed to decode."""
-    decoder: Literal["simplejpeg_fast", "simplejpeg", "simplejpeg_pillow", "opencv", "torchvision", "pil"] = (
-        "simplejpeg_fast")
-    """JPEG decoder of the CPU path (measurements in docs/decode.md): simplejpeg_fast (fast IDCT and chroma
-    upsampling, within the tested tolerance), simplejpeg, simplejpeg_pillow (simplejpeg_fast's decode with
+    decoder: Literal[
+        "libjpeg_roi", "simplejpeg_fast", "simplejpeg", "simplejpeg_pillow", "opencv", "torchvision", "pil"
+    ] = "libjpeg_roi"
+    """JPEG decoder of the CPU path (measurements in docs/decode.md): libjpeg_roi (simplejpeg_fast's output,
+    but only the crop window is decoded; needs imgtrain's small C extension, built by ``pip install -e .``
+    where libjpeg-turbo's headers are installed, else it falls back to simplejpeg_fast), simplejpeg_fast
+    (fast IDCT and chroma upsampling, within the tested tolerance), simplejpeg, simplejpeg_pillow (simplejpeg_fast's decode with
     Pillow's resize: faster on full-size photos with pillow-simd installed, scripts/install_pillow_simd.sh), opencv,
     torchvision, or pil (the reference). Files
     that are not JPEGs decode with PIL; a decoder whose library is missing falls back to the next fastest."""

@@ -193,3 +193,20 @@ def test_metrics_log_drops_a_record_torn_by_a_kill(tmp_path):
     sink.close()
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["event"] for r in records] == ["train", "start"]
+
+
+def test_a_loader_workers_batch_equals_the_in_process_batch(tmp_path):
+    """A worker hands the batch over in one shared-memory buffer (images, labels and weights are views of
+    it): the main process must get the same tensors, dtypes and bad paths as without workers."""
+    root = make_image_folder(tmp_path / "data", classes=3, train_per_class=2, val_per_class=1, size=20)
+    batches = {}
+    for workers in (0, 1):
+        cfg = DataConfig(root=str(root), image_size=16, val_resize=16, workers=workers)
+        bundle = build_data(cfg, 5, 0, 1, seed=3, device=CPU)
+        _truncated(next((root / "train" / "class_1").iterdir()))  # after the scan: one bad file
+        batches[workers] = [b for b in bundle.train_loader]
+    for (i0, l0, w0, bad0), (i1, l1, w1, bad1) in zip(batches[0], batches[1], strict=True):
+        assert torch.equal(i0, i1) and torch.equal(l0, l1) and torch.equal(w0, w1) and bad0 == bad1
+        assert (i1.dtype, l1.dtype, w1.dtype) == (torch.uint8, torch.long, torch.float32)
+    assert sorted(torch.cat([b[1] for b in batches[1]]).tolist()) == [0, 0, 1, 1, 2, 2]
+    assert sum(len(b[3]) for b in batches[1]) == 1 and 0.0 in torch.cat([b[2] for b in batches[1]])

@@ -319,3 +319,69 @@ def test_background_prefetcher_keeps_order_raises_loader_errors_and_stops_on_clo
     n = len(pulled)
     time.sleep(0.3)
     assert len(pulled) == n and n <= 4  # stopped: at most the queue depth plus one in hand
+
+
+def _roi_extension():
+    """imgtrain's _jpegroi extension; required where it can be built (a C compiler and libjpeg-turbo's
+    headers: scripts/install.sh installs both), else the test is skipped with the reason."""
+    import shutil
+    from pathlib import Path
+
+    try:
+        from imgtrain.data import _jpegroi
+    except ImportError:
+        if shutil.which("gcc") and Path("/usr/include/jpeglib.h").exists():
+            pytest.fail("the _jpegroi extension is not built: run `pip install -e .` (or scripts/install.sh)")
+        pytest.skip("no C compiler or libjpeg-turbo headers: data.decoder=libjpeg_roi falls back")
+    return _jpegroi
+
+
+def test_region_decode_gives_exactly_the_full_decodes_crop_and_falls_back_where_libjpeg_refuses(jpegs):
+    """data.decoder=libjpeg_roi decodes only the crop window (plus the columns up to the iMCU grid): its
+    window must hold the same pixels as simplejpeg_fast's full decode (both libjpeg-turbo, fast IDCT and
+    upsampling), for random and edge windows, colour and grayscale; CMYK and corrupt data, which libjpeg
+    refuses, go through the fallback like simplejpeg_fast's."""
+    roi_ext = _roi_extension()
+    roi, full = D.create_decoder("libjpeg_roi"), D.create_decoder("simplejpeg_fast")
+    assert roi.name == "libjpeg_roi"
+    variants = []  # grayscale, progressive, 4:4:4 and 4:2:2 chroma (the fixture's JPEGs are 4:2:0)
+    for mode, kw in (
+        ("L", {}),
+        ("RGB", {"progressive": True}),
+        ("RGB", {"subsampling": 0}),
+        ("RGB", {"subsampling": 1}),
+    ):
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(jpegs[2])).convert(mode).save(buf, "JPEG", quality=90, **kw)
+        variants.append(buf.getvalue())
+    g = torch.Generator().manual_seed(0)
+    for data in [*jpegs, *variants]:
+        h, w = full.size(data)
+        boxes = [D.sample_crop(h, w, (0.08, 1.0), generator=g) for _ in range(4)]
+        boxes += [D.CropBox(0, 0, h, w), D.CropBox(h - 5, w - 3, 5, 3), D.CropBox(7, 17, 1, 1)]
+        whole = full.decode(data)
+        for box in boxes:
+            img, at = roi.decode_region(data, box)
+            assert img.shape[0] == box.height and img.shape[1] < box.width + 32  # the window's iMCU columns
+            np.testing.assert_array_equal(roi.crop(img, at), full.crop(whole, box))
+        box = boxes[0]
+        out = D.crop_resize(roi, data, (32, 32), box, flip=True)
+        assert torch.equal(out, D.crop_resize(full, data, (32, 32), box, flip=True))
+
+    cmyk = io.BytesIO()
+    Image.open(io.BytesIO(jpegs[1])).convert("CMYK").save(cmyk, "JPEG", quality=90)
+    box = D.CropBox(10, 20, 100, 80)
+    with pytest.raises(ValueError, match="libjpeg"):
+        roi_ext.decode_crop(cmyk.getvalue(), 10, 20, 100, 80, True)
+    img, at = roi.decode_region(cmyk.getvalue(), box)  # decoded whole by the fallback
+    assert at == box and img.shape[:2] == full.size(cmyk.getvalue())
+    assert torch.equal(
+        D.crop_resize(roi, cmyk.getvalue(), (32, 32), box),
+        D.crop_resize(full, cmyk.getvalue(), (32, 32), box),
+    )
+    # Data cut short: an error once the window reaches past the end (a window in the intact part decodes).
+    h, w = full.size(jpegs[0])
+    with pytest.raises(ValueError, match="Premature end"):
+        roi_ext.decode_crop(jpegs[0][: len(jpegs[0]) // 2], 0, 0, h, w, True)
+    with pytest.raises(ValueError, match="outside"):
+        roi_ext.decode_crop(jpegs[0], *full.size(jpegs[0]), 1, 1, True)

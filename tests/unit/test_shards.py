@@ -100,6 +100,23 @@ def test_shard_samples_equal_the_folder_samples(prepared):
         assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
 
 
+def test_a_workers_batch_decoded_into_shared_slots_equals_the_samples(prepared):
+    """In a loader worker the shard dataset decodes each image straight into its slot of the batch
+    (``__getitems__``): the batches equal the samples indexed one by one, labels and weights included."""
+    _, dst = prepared
+    cfg = DataConfig(image_size=12, random_resized_crop_scale=[0.3, 1.0])
+    train, _ = _sets(dst, train_transform(cfg))
+    train.image_size = 12
+    sampler = ShardedBatchSampler(len(train), 8, 0, 1, seed=5)
+    batches = list(DataLoader(train, batch_sampler=sampler, num_workers=1, collate_fn=collate))
+    refs = [r for batch in sampler for r in batch]
+    images, labels, weights = (torch.cat([b[i] for b in batches]) for i in range(3))
+    assert len(refs) == len(train) == images.shape[0]
+    for k, ref in enumerate(refs):
+        img, label, weight, _ = train[ref]
+        assert torch.equal(images[k], img) and labels[k].item() == label and weights[k].item() == weight
+
+
 def test_rerun_keeps_finished_shards_and_rewrites_partial_ones(tmp_path):
     src = make_image_folder(tmp_path / "data", classes=3, train_per_class=10, val_per_class=2, size=20)
     dst = tmp_path / "shards"

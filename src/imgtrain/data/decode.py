@@ -27,9 +27,18 @@ from torchvision.transforms.v2 import functional as TF
 
 log = logging.getLogger(__name__)
 
-DecoderName = Literal["pil", "simplejpeg", "simplejpeg_fast", "simplejpeg_pillow", "opencv", "torchvision"]
+DecoderName = Literal[
+    "pil", "libjpeg_roi", "simplejpeg", "simplejpeg_fast", "simplejpeg_pillow", "opencv", "torchvision"
+]
 # Tried in this order when the configured decoder's library is missing (fastest first, as measured).
-FALLBACK_ORDER: tuple[str, ...] = ("simplejpeg_fast", "simplejpeg", "opencv", "torchvision", "pil")
+FALLBACK_ORDER: tuple[str, ...] = (
+    "libjpeg_roi",
+    "simplejpeg_fast",
+    "simplejpeg",
+    "opencv",
+    "torchvision",
+    "pil",
+)
 DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 JPEG_MAGIC = b"\xff\xd8"
 
@@ -62,14 +71,18 @@ def sample_crop(
     it consumes the global RNG exactly as torchvision does), with an optional generator."""
     area = height * width
     log_ratio = _log_ratio(tuple(ratio))
+    # Drawn in place into two one-element tensors: the same draws as torchvision's fresh tensors
+    # (torch.randint is empty(...).random_(low, high)), without five allocations and dispatches per crop,
+    # which cost about as much as the draws (~25 µs of a 256 px shard sample's ~1 ms).
+    f, n = torch.empty(1), torch.empty(1, dtype=torch.int64)
     for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
-        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
+        target_area = area * f.uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = f.uniform_(log_ratio[0], log_ratio[1], generator=generator).exp_().item()
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
-            i = torch.randint(0, height - h + 1, size=(1,), generator=generator).item()
-            j = torch.randint(0, width - w + 1, size=(1,), generator=generator).item()
+            i = n.random_(0, height - h + 1, generator=generator).item()
+            j = n.random_(0, width - w + 1, generator=generator).item()
             return CropBox(int(i), int(j), h, w)
     # Fallback to a central crop, as torchvision does.
     in_ratio = float(width) / float(height)
@@ -132,6 +145,11 @@ class BaseDecoder:
         """RGB image, DCT-reduced to at least ``min_size`` (h, w) where the format allows it."""
         return np.asarray(pil_decode(data, min_size))
 
+    def decode_region(self, data: bytes, box: CropBox):
+        """An image holding at least the window ``box`` (full-size coordinates), and where the window lies
+        in it. Here the whole image; a decoder that can decode a region only overrides this."""
+        return self.decode(data), box
+
     # Image primitives on what decode() returns.
     def dims(self, img) -> tuple[int, int]:
         return img.shape[0], img.shape[1]
@@ -154,18 +172,33 @@ class BaseDecoder:
     def hflip(self, img):
         return _cv2().flip(img, 1)  # contiguous output; numpy's [:, ::-1] copy is several times slower
 
-    def to_tensor(self, img) -> torch.Tensor:
-        return _planar(img)
+    def to_tensor(self, img, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The uint8 CHW tensor; written into ``out`` (a slot of a batch) when given."""
+        return _planar(img, out=out)
 
 
-def _planar(img: np.ndarray, reverse: bool = False) -> torch.Tensor:
-    """HWC -> contiguous CHW tensor. cv2.split is ~3x faster than a strided copy (torch's permute +
-    contiguous, or the collate stacking permuted views), which cost as much as the resize."""
+def _into(t: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return t
+    return out.copy_(t)
+
+
+def _planar(img: np.ndarray, reverse: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """HWC -> contiguous CHW tensor (``out`` when given). cv2.split is ~3x faster than a strided copy
+    (torch's permute + contiguous, or the collate stacking permuted views), which cost as much as the
+    resize; it writes the planes straight into the CHW array (splitting into new arrays and stacking them
+    cost 4x as much)."""
+    shape = (img.shape[2], img.shape[0], img.shape[1])
+    if out is not None and tuple(out.shape) != shape:
+        raise ValueError(f"a {shape} image does not fit the batch slot {tuple(out.shape)}")
+    t = out if out is not None else torch.from_numpy(np.empty(shape, np.uint8))
+    planes = list(t.numpy()[::-1] if reverse else t.numpy())
     try:
-        planes = _cv2().split(np.ascontiguousarray(img))
+        _cv2().split(np.ascontiguousarray(img), planes)
     except ImportError:  # the pil/torchvision decoders do not need OpenCV otherwise
-        planes = [img[:, :, c] for c in range(img.shape[2])]
-    return torch.from_numpy(np.stack(planes[::-1] if reverse else planes))
+        for c, plane in enumerate(planes):
+            plane[...] = img[:, :, c]
+    return t
 
 
 def pil_decode(data: bytes, min_size: tuple[int, int] | None = None):
@@ -207,8 +240,8 @@ class PilDecoder(BaseDecoder):
 
         return img.transpose(Image.FLIP_LEFT_RIGHT)
 
-    def to_tensor(self, img) -> torch.Tensor:
-        return super().to_tensor(np.asarray(img))
+    def to_tensor(self, img, out: torch.Tensor | None = None) -> torch.Tensor:
+        return super().to_tensor(np.asarray(img), out)
 
 
 class SimplejpegDecoder(BaseDecoder):
@@ -254,6 +287,42 @@ class SimplejpegFastDecoder(SimplejpegDecoder):
 
     name = "simplejpeg_fast"
     flags = {"fastdct": True, "fastupsample": True}
+
+
+@functools.cache
+def _jpegroi():
+    try:
+        from . import _jpegroi  # the optional C extension (setup.py)
+    except ImportError as e:
+        raise ImportError(
+            f"imgtrain's C extension _jpegroi is not built ({e}); `pip install -e .` builds it where a C "
+            "compiler and libjpeg-turbo's headers are installed (scripts/install.sh installs them)"
+        ) from None
+    return _jpegroi
+
+
+class LibjpegRoiDecoder(SimplejpegFastDecoder):
+    """Decodes only the crop window: libjpeg-turbo (the system's, through the small ``_jpegroi`` extension)
+    skips the IDCT, upsampling and colour conversion outside it and stops after its last row; same fast
+    IDCT and upsampling as ``simplejpeg_fast``. DCT-scaled decodes, headers and anything libjpeg refuses
+    (CMYK, corrupt data) go through ``simplejpeg_fast`` / PIL as before."""
+
+    name = "libjpeg_roi"
+
+    def __init__(self):
+        super().__init__()
+        _jpegroi()
+
+    def decode_region(self, data: bytes, box: CropBox):
+        if data[:2] == JPEG_MAGIC:
+            try:
+                buf, x0, width = _jpegroi().decode_crop(data, box.top, box.left, box.height, box.width, True)
+            except ValueError:
+                pass
+            else:
+                img = np.frombuffer(buf, np.uint8).reshape(box.height, width, 3)
+                return img, CropBox(0, box.left - x0, box.height, box.width)
+        return super().decode_region(data, box)
 
 
 class SimplejpegPillowDecoder(SimplejpegFastDecoder):
@@ -311,11 +380,11 @@ class SimplejpegPillowDecoder(SimplejpegFastDecoder):
     def hflip(self, img):
         return PilDecoder.hflip(self, img)
 
-    def to_tensor(self, img) -> torch.Tensor:
+    def to_tensor(self, img, out: torch.Tensor | None = None) -> torch.Tensor:
         # One copy out of Pillow (4 bytes per pixel), then the planes: cheaper than converting to RGB first.
         a = np.asarray(img)
         planes = _cv2().split(a)
-        return torch.from_numpy(np.stack(planes[:3]))
+        return _into(torch.from_numpy(np.stack(planes[:3])), out)
 
 
 class OpencvDecoder(BaseDecoder):
@@ -347,8 +416,8 @@ class OpencvDecoder(BaseDecoder):
 
     # OpenCV's images stay BGR until the final, small crop: reversing the channels of the full image first
     # would hand cv2.resize a negative-stride array, which it copies whole.
-    def to_tensor(self, img) -> torch.Tensor:
-        return _planar(img, reverse=True)
+    def to_tensor(self, img, out: torch.Tensor | None = None) -> torch.Tensor:
+        return _planar(img, reverse=True, out=out)
 
 
 class TorchvisionDecoder(BaseDecoder):
@@ -377,14 +446,15 @@ class TorchvisionDecoder(BaseDecoder):
     def hflip(self, img):
         return img.flip(-1)
 
-    def to_tensor(self, img) -> torch.Tensor:
-        return img
+    def to_tensor(self, img, out: torch.Tensor | None = None) -> torch.Tensor:
+        return _into(img, out)
 
 
 DECODERS: dict[str, type[BaseDecoder]] = {
     "pil": PilDecoder,
     "simplejpeg": SimplejpegDecoder,
     "simplejpeg_fast": SimplejpegFastDecoder,
+    "libjpeg_roi": LibjpegRoiDecoder,
     "simplejpeg_pillow": SimplejpegPillowDecoder,
     "opencv": OpencvDecoder,
     "torchvision": TorchvisionDecoder,
@@ -437,13 +507,17 @@ def crop_resize(
     box: CropBox,
     full: tuple[int, int] | None = None,
     flip: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode ``data`` and return ``box`` (full-size coordinates) resized to ``size`` (h, w) as a uint8 CHW
-    tensor, mirrored left-right if ``flip``. ``full`` is the header size (h, w) when already known."""
+    tensor (``out`` when given), mirrored left-right if ``flip``. ``full`` is the header size (h, w) when
+    already known."""
     full = full or decoder.size(data)
-    img = decoder.decode(data, reduced_size(full[0], full[1], box, size[0], size[1]))
-    got = decoder.dims(img)
-    if got == full:
+    reduced = reduced_size(full[0], full[1], box, size[0], size[1])
+    if reduced is None:
+        img, box = decoder.decode_region(data, box)
+        img = decoder.crop_resize(img, box, size[0], size[1])
+    elif (got := decoder.dims(img := decoder.decode(data, reduced))) == full:  # not a JPEG: not reduced
         img = decoder.crop_resize(img, box, size[0], size[1])
     else:
         # DCT-reduced: the window falls between the reduced image's pixels; an integer crop there would
@@ -451,7 +525,7 @@ def crop_resize(
         sy, sx = got[0] / full[0], got[1] / full[1]
         window = (box.left * sx, box.top * sy, (box.left + box.width) * sx, (box.top + box.height) * sy)
         img = decoder.resize_window(img, window, size[0], size[1])
-    return decoder.to_tensor(decoder.hflip(img) if flip else img)
+    return decoder.to_tensor(decoder.hflip(img) if flip else img, out)
 
 
 def decode_full(decoder: BaseDecoder, data: bytes) -> torch.Tensor:
@@ -477,19 +551,23 @@ def decode_train(
     hflip: float = 0.5,
     ratio: tuple[float, float] = DEFAULT_RATIO,
     generator: torch.Generator | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """RandomResizedCrop(size, scale, ratio) + RandomHorizontalFlip(hflip), fused with the decode.
-    Randomness comes from ``generator`` (or the global torch RNG): the crop, then one draw for the flip."""
+    """RandomResizedCrop(size, scale, ratio) + RandomHorizontalFlip(hflip), fused with the decode, into
+    ``out`` when given. Randomness comes from ``generator`` (or the global torch RNG): the crop, then one
+    draw for the flip."""
     full = decoder.size(data)
     box = sample_crop(full[0], full[1], scale, ratio, generator)
     flip = hflip > 0 and bool(torch.rand(1, generator=generator).item() < hflip)
-    return crop_resize(decoder, data, (size, size), box, full, flip)
+    return crop_resize(decoder, data, (size, size), box, full, flip, out)
 
 
-def decode_eval(data: bytes, decoder: BaseDecoder, resize: int, crop: int) -> torch.Tensor:
-    """Resize the shorter side to ``resize``, then center-crop ``crop`` x ``crop``."""
+def decode_eval(
+    data: bytes, decoder: BaseDecoder, resize: int, crop: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Resize the shorter side to ``resize``, then center-crop ``crop`` x ``crop`` (into ``out`` if given)."""
     full = decoder.size(data)
     (new_h, new_w), box = eval_box(full[0], full[1], resize, crop)
     # A DCT-reduced decode when the image is at least twice the resized size; the resize target is unchanged.
     img = decoder.decode(data, reduced_size(full[0], full[1], CropBox(0, 0, full[0], full[1]), new_h, new_w))
-    return decoder.to_tensor(decoder.crop(decoder.resize(img, new_h, new_w), box))
+    return decoder.to_tensor(decoder.crop(decoder.resize(img, new_h, new_w), box), out)

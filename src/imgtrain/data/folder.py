@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,8 +96,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, ref: SampleRef | int):
-        if not isinstance(ref, SampleRef):
-            ref = SampleRef(int(ref))
+        return self.load(ref if isinstance(ref, SampleRef) else SampleRef(int(ref)))
+
+    def __getitems__(self, refs: list[SampleRef]):
+        return load_batch(self, refs)
+
+    def load(self, ref: SampleRef, out: torch.Tensor | None = None):
+        """One sample; its image written into ``out`` (a batch slot) when given."""
         path, label = self.samples[ref.index]
         with sample_rng_scope():
             # The CPU generator only: torch.manual_seed would also queue a lazy seeding of every
@@ -105,15 +111,90 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             try:
                 with open(path, "rb") as f:
                     data = f.read()
-                img = self.transform(data) if self.transform is not None else decode_full(self.decoder, data)
+                if self.transform is None:
+                    img = decode_full(self.decoder, data)
+                else:
+                    img = self.transform(data) if out is None else self.transform(data, out)
             except Exception as e:  # noqa: BLE001 - any decode failure is a bad file, by design
                 log.warning("skipping unreadable image %s: %s", path, e)
-                return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), label, 0.0, path
+                return blank(self.image_size, out), label, 0.0, path
         return img, label, ref.weight, ""
+
+
+def blank(size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The zero image that stands in for an unreadable sample."""
+    return torch.zeros(3, size, size, dtype=torch.uint8) if out is None else out.zero_()
+
+
+@dataclass(frozen=True)
+class FilledBatch:
+    """A batch that :func:`load_batch` decoded straight into its shared-memory buffer: collated already."""
+
+    batch: tuple
+
+
+def load_batch(dataset, refs: list[SampleRef]):
+    """A dataset's ``__getitems__`` (the DataLoader fetches a whole batch through it). In a loader worker,
+    with a decoding transform that can write into a tensor (``batch_slots``), each image is decoded
+    straight into its slot of the batch's shared-memory buffer (:func:`shared_batch_buffers`): no per-image
+    tensor, no stacking copy (~30 µs per 224 px image). Otherwise the samples one by one, collated by
+    :func:`collate` as before. Seeding, bad samples and order are per sample either way."""
+    tf = dataset.transform
+    if get_worker_info() is None or not getattr(tf, "batch_slots", False) or tf.size != dataset.image_size:
+        return [dataset.load(r) for r in refs]
+    images, labels, weights = shared_batch_buffers(len(refs), (3, tf.size, tf.size), torch.uint8)
+    lab, w, bad = [], [], []
+    for k, ref in enumerate(refs):
+        _, label, weight, path = dataset.load(ref, images[k])
+        lab.append(label)
+        w.append(weight)
+        if path:
+            bad.append(path)
+    # one copy each: assigning tensor elements one by one costs ~25 µs per element
+    labels.copy_(torch.tensor(lab, dtype=torch.long))
+    weights.copy_(torch.tensor(w, dtype=torch.float32))
+    return FilledBatch((images, labels, weights, bad))
 
 
 def collate(batch):
     """Stack a batch, keeping the weights and the paths of files that failed to decode."""
+    if isinstance(batch, FilledBatch):
+        return batch.batch
     imgs, labels, weights, bad = zip(*batch, strict=True)
-    return (torch.stack(imgs), torch.tensor(labels, dtype=torch.long),
-            torch.tensor(weights, dtype=torch.float32), [b for b in bad if b])
+    bad = [b for b in bad if b]
+    if get_worker_info() is not None:
+        return (*shared_batch(imgs, labels, weights), bad)
+    return (
+        torch.stack(imgs),
+        torch.tensor(labels, dtype=torch.long),
+        torch.tensor(weights, dtype=torch.float32),
+        bad,
+    )
+
+
+def shared_batch_buffers(
+    n: int, shape: tuple[int, ...], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images, labels, weights) of an ``n``-sample batch, as views of ONE shared-memory buffer.
+
+    Every tensor leaving a loader worker must be in shared memory, and each storage gets its own segment
+    and file-descriptor hand-over to the main process; one buffer for the batch, written in place (as
+    torch's default_collate stacks into shared memory) instead of stacked and then copied there, measured
+    ~45 µs per image less in a worker than three separate tensors.
+    """
+    img_bytes = n * math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    lab_at = -(-img_bytes // 8) * 8  # int64 views need an 8-byte aligned offset
+    flat = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(lab_at + 12 * n))
+    images = flat[:img_bytes].view(dtype).view(n, *shape)
+    labels = flat[lab_at : lab_at + 8 * n].view(torch.long)
+    weights = flat[lab_at + 8 * n : lab_at + 12 * n].view(torch.float32)
+    return images, labels, weights
+
+
+def shared_batch(imgs, labels, weights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack samples into :func:`shared_batch_buffers`."""
+    images, lab, w = shared_batch_buffers(len(imgs), tuple(imgs[0].shape), imgs[0].dtype)
+    torch.stack(imgs, out=images)
+    lab.copy_(torch.tensor(labels, dtype=torch.long))
+    w.copy_(torch.tensor(weights, dtype=torch.float32))
+    return images, lab, w

@@ -27,7 +27,7 @@ import torch
 from ..config import DataConfig
 from .decode import create_decoder, decode_full
 from .embedded import default_data_home
-from .folder import DataError, SampleRef, sample_rng_scope
+from .folder import DataError, SampleRef, blank, load_batch, sample_rng_scope
 from .prepare import INDEX_FORMAT, INDEX_NAME
 from .shard_cache import ShardSource
 
@@ -37,11 +37,16 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _MAX_OPEN_SHARDS = 256  # per process; all are closed when a process would open more
 
 
-def _decode_sample(data, transform: Callable | None, decoder) -> torch.Tensor:
-    """Encoded image bytes -> the uint8 CHW training tensor, through the ImageFolder path's decoding
-    transform (so a shard sample equals the folder sample it was made from, bit for bit)."""
+def _decode_sample(
+    data, transform: Callable | None, decoder, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Encoded image bytes -> the uint8 CHW training tensor (into ``out`` when given), through the
+    ImageFolder path's decoding transform (so a shard sample equals the folder sample it was made from,
+    bit for bit)."""
     data = bytes(data)
-    return transform(data) if transform is not None else decode_full(decoder, data)
+    if transform is None:
+        return decode_full(decoder, data)
+    return transform(data) if out is None else transform(data, out)
 
 
 def load_index(root: str, storage_options: dict | None = None) -> dict:
@@ -217,8 +222,13 @@ class ShardDataset(torch.utils.data.Dataset):
         return buf[i : i + int(t.img_size[k])], int(buf[c : c + int(t.cls_size[k])])
 
     def __getitem__(self, ref: SampleRef | int):
-        if not isinstance(ref, SampleRef):
-            ref = SampleRef(int(ref))
+        return self.load(ref if isinstance(ref, SampleRef) else SampleRef(int(ref)))
+
+    def __getitems__(self, refs: list[SampleRef]):
+        return load_batch(self, refs)
+
+    def load(self, ref: SampleRef, out: torch.Tensor | None = None):
+        """One sample; its image written into ``out`` (a batch slot) when given."""
         label = 0
         with sample_rng_scope():
             # The ImageFolder dataset's seed: a sample's crop depends on (seed, epoch, index) only. Only the
@@ -227,11 +237,11 @@ class ShardDataset(torch.utils.data.Dataset):
             torch.default_generator.manual_seed((self.seed * 1_000_003 + ref.epoch) * 10_000_019 + ref.index)
             try:
                 data, label = self.read(ref.index)
-                img = _decode_sample(data, self.transform, self.decoder)
+                img = _decode_sample(data, self.transform, self.decoder, out)
             except Exception as e:  # noqa: BLE001 - any unreadable sample is a bad one, by design
                 where = self.describe(ref.index)
                 log.warning("skipping unreadable sample %s: %s", where, e)
-                return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), label, 0.0, where
+                return blank(self.image_size, out), label, 0.0, where
         return img, label, ref.weight, ""
 
     def describe(self, index: int) -> str:

@@ -27,6 +27,8 @@ class TrainTransform:
     (:func:`decode.decode_train`), then :func:`augment_tail`. Draws from the global torch RNG, which the
     dataset seeds per (seed, epoch, index)."""
 
+    batch_slots = True  # can write a sample into its slot of a batch (folder.load_batch)
+
     def __init__(self, cfg: DataConfig):
         self.decoder = create_decoder(cfg.decoder)
         self.size = cfg.image_size
@@ -34,21 +36,26 @@ class TrainTransform:
         self.hflip = cfg.hflip
         self.tail = augment_tail(cfg)
 
-    def __call__(self, data: bytes) -> torch.Tensor:
-        img = decode_train(data, self.decoder, self.size, self.scale, self.hflip)
-        return self.tail(img) if self.tail is not None else img
+    def __call__(self, data: bytes, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The sample; written into ``out`` (its slot in a batch, see ``folder.load_batch``) when given."""
+        if self.tail is None:
+            return decode_train(data, self.decoder, self.size, self.scale, self.hflip, out=out)
+        img = self.tail(decode_train(data, self.decoder, self.size, self.scale, self.hflip))
+        return img if out is None else out.copy_(img)
 
 
 class EvalTransform:
     """Encoded bytes -> eval sample: shorter side resized to ``eval_resize``, center crop ``image_size``."""
+
+    batch_slots = True
 
     def __init__(self, cfg: DataConfig):
         self.decoder = create_decoder(cfg.decoder)
         self.resize = eval_resize(cfg)
         self.size = cfg.image_size
 
-    def __call__(self, data: bytes) -> torch.Tensor:
-        return decode_eval(data, self.decoder, self.resize, self.size)
+    def __call__(self, data: bytes, out: torch.Tensor | None = None) -> torch.Tensor:
+        return decode_eval(data, self.decoder, self.resize, self.size, out)
 
 
 def train_transform(cfg: DataConfig) -> TrainTransform:
