@@ -6,7 +6,8 @@ what the Dockerfile COPYs (so .dockerignore and the COPY lines are enough), the 
 resolves, and the installed wheel (not the editable checkout) runs the image's command (`imgtrain
 --help`) and checks a recipe the image copies into its WORKDIR. What it does not: the base image (its
 Python, pip and CUDA torch are stood in for by this machine's, reached through --system-site-packages as
-the image reaches the base's), the OS layer, USER/permissions, a training run inside the image (the
+the image reaches the base's), the OS layer (its apt-get lines; the compiler and libjpeg headers come from
+scripts/install.sh here, so the wheel's region decoder is compiled as in the build stage), USER/permissions, a training run inside the image (the
 training code itself is tested everywhere else), or a GPU.
 """
 
@@ -98,7 +99,7 @@ def run_dockerfile_python_steps(dockerfile: Path, root: Path, python_bin: Path) 
                         src,
                         target,
                         dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.so"),
                     )
                 else:
                     if dest.endswith("/"):
@@ -110,8 +111,10 @@ def run_dockerfile_python_steps(dockerfile: Path, root: Path, python_bin: Path) 
                 k, _, v = kv.partition("=")
                 env[k] = v
         elif op == "RUN":
-            if args.startswith("useradd"):
-                continue  # the image's user: not reproduced here (see the module docstring)
+            if args.startswith(("useradd", "apt-get")):
+                # The image's user and OS packages: not reproduced here (see the module docstring); the
+                # compiler and libjpeg headers the build stage installs come from scripts/install.sh here.
+                continue
             proc = subprocess.run(
                 ["bash", "-o", "pipefail", "-c", args],
                 cwd=workdir,
@@ -147,6 +150,10 @@ def test_dockerfile_pip_steps_and_entrypoint_in_a_clean_venv(tmp_path):
         cwd=workspace,
     ).stdout.strip()
     assert where.startswith(str(env_dir)), f"imgtrain imported from {where}, not the installed wheel"
+    # The wheel carries the region decoder (data.decoder=libjpeg_roi), compiled in the build stage.
+    roi = subprocess.run([str(python), "-c", "import imgtrain.data._jpegroi as m; print(m.__file__)"], env=env,
+                         capture_output=True, text=True, cwd=workspace)
+    assert roi.returncode == 0 and roi.stdout.startswith(str(env_dir)), roi.stderr[-2000:]
 
     help_out = subprocess.run(entry, env=env, cwd=workspace, capture_output=True, text=True, timeout=120)
     assert help_out.returncode == 0 and "train" in help_out.stdout, help_out.stderr
