@@ -6,16 +6,19 @@ can join the process group: about 4.6 s on an idle CPU core, paid again by every
 torchrun's own elastic agent, but hands it a Python function instead of a command line, and each worker,
 first start or restart, is a fork of a process that has imported everything once:
 
-* ``fork`` (the default when ``--nproc-per-node`` is a number): a fork of the agent itself. The agent
-  imports torch (it needs it anyway) and then, on a thread, what a worker needs while it joins the
-  rendezvous; every fork waits for that thread. A relaunched node imports torch once, not twice (agent
-  and server), which is what a rejoin on a node with few free cores waits for.
-* ``forkserver`` (the default when torch must count the GPUs, ``gpu`` or ``auto``: counting initializes
-  CUDA in the agent, and a fork of such a process cannot use CUDA): a fork server, started before the agent
-  has even imported torch, imports everything while the agent imports and joins the rendezvous.
+* ``fork`` (the default on a node without GPUs, ``--nproc-per-node`` a number): a fork of the agent itself.
+  The agent imports torch (it needs it anyway) and then, on a thread, what a worker needs while it joins
+  the rendezvous; every fork waits for that thread. A relaunched node imports torch once, not twice (agent
+  and server), which is what a rejoin on a node with few free cores waits for. A worker first puts back
+  python's signal handling (torchrun's agent turns signals into exceptions).
+* ``forkserver`` (the default on a node with GPUs): torchrun asks torch about the accelerator in the agent
+  (LaunchConfig's NUMA default, the GPU count for ``gpu``/``auto``), which initializes CUDA there, and a fork
+  of such a process cannot use CUDA. A fork server, started before the agent has even imported torch,
+  imports everything while the agent imports and joins the rendezvous; the two imports run on separate
+  cores of such a node.
 
-Neither the agent nor the fork server runs a torch operation, creates a CUDA context or a thread pool before
-the workers fork (with ``OMP_NUM_THREADS`` set, as torchrun sets it for several workers per node), so a fork
+Neither process runs a torch operation or creates a thread pool before the workers fork, and the process
+they fork from has no CUDA state (with ``OMP_NUM_THREADS`` set, as torchrun sets it for several workers per node), so a fork
 is as clean as a fresh process. Libraries read their thread settings when they are imported, so the
 importing process runs with the environment the workers get: torchrun changes only ``OMP_NUM_THREADS``; the
 agent sets it before importing torch, a fork server started with another value is replaced, and each worker
@@ -61,11 +64,17 @@ def build_parser():
     return parser
 
 
-def default_start_method(nproc_per_node: str) -> str:
-    """``fork`` (from this process, once it has imported what a worker needs) when the number of workers is
-    given; ``forkserver`` when torch must count GPUs (``gpu``, ``auto``): that count initializes CUDA in this
-    process, and a fork of a process with CUDA initialized cannot use CUDA."""
-    return "fork" if nproc_per_node.isdigit() else "forkserver"
+def default_start_method(nproc_per_node: str, gpus_visible: bool) -> str:
+    """``fork`` (from this process, once it has imported what a worker needs) on a node without GPUs when
+    the number of workers is given; ``forkserver`` otherwise. torchrun queries CUDA in the agent (the GPU
+    count for ``gpu``/``auto``, and LaunchConfig's NUMA default on every launch), which initializes it there,
+    and a fork of a process with CUDA initialized cannot use CUDA."""
+    return "fork" if nproc_per_node.isdigit() and not gpus_visible else "forkserver"
+
+
+def _nvidia_device_present() -> bool:
+    """A guess at GPUs without importing torch (the NVIDIA driver's control device); resolve() asks torch."""
+    return os.path.exists("/dev/nvidiactl")
 
 
 def _option(argv: list[str], flag: str, default: str) -> str:
@@ -83,10 +92,13 @@ def _option(argv: list[str], flag: str, default: str) -> str:
     return value
 
 
-def expected_start_method(argv: list[str], environ=os.environ) -> str:
-    """The start method resolve() will choose, told without importing torch."""
+def expected_start_method(argv: list[str], environ=os.environ, gpus_visible: bool | None = None) -> str:
+    """The start method resolve() will choose for an imgtrain command, told without importing torch."""
+    if gpus_visible is None:
+        gpus_visible = _nvidia_device_present()
     nproc = _option(argv, "--nproc-per-node", environ.get("PET_NPROC_PER_NODE", "1"))
-    return _option(argv, "--start-method", environ.get("PET_START_METHOD", default_start_method(nproc)))
+    return _option(argv, "--start-method",
+                   environ.get("PET_START_METHOD", default_start_method(nproc, gpus_visible)))
 
 
 def imgtrain_argv(args) -> list[str] | None:
@@ -109,14 +121,25 @@ def resolve(argv: list[str]):
     from torch.distributed.run import config_from_args
 
     args = build_parser().parse_args(argv)
-    if args.start_method is None:
-        args.start_method = default_start_method(str(args.nproc_per_node))
     _as_torchrun_run(args)
-    config, cmd, cmd_args = config_from_args(args)
     worker_argv = imgtrain_argv(args)
+    chosen_here = args.start_method is None
+    if chosen_here:  # torchrun's default for any other program
+        args.start_method = "spawn" if worker_argv is None else default_start_method(str(args.nproc_per_node), False)
+    config, cmd, cmd_args = config_from_args(args)
     if worker_argv is None:
         return config, cmd, cmd_args
+    if chosen_here and config.start_method == "fork" and _gpus_visible():
+        config.start_method = "forkserver"
     return config, run_worker, worker_argv
+
+
+def _gpus_visible() -> bool:
+    # Safe to ask now: torchrun's own queries (config_from_args) have already initialized CUDA in this
+    # process if there is any, and without a GPU a fork of it needs no CUDA.
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _as_torchrun_run(args) -> None:
@@ -200,13 +223,14 @@ def preload_in_background(modules=PRELOAD) -> threading.Thread:
 
     thread = threading.Thread(target=_import, name="imgtrain-preload", daemon=True)
     thread.start()
-    os.register_at_fork(before=thread.join)
+    os.register_at_fork(before=lambda: None if threading.current_thread() is thread else thread.join())
     return thread
 
 
 def run_worker(*argv: str) -> None:
     """A worker: `imgtrain ARGV` in this (forked) process, ending with the exit code python would give it."""
     _drop_inherited_forkserver_fd()
+    _drop_inherited_agent_state()
     # multiprocessing makes "forkserver" the default start method of a process it started that way; a
     # fresh interpreter has the platform's default (fork on Linux before Python 3.14), which the
     # DataLoader's workers must keep: forked from this worker, not from a new server importing torch again.
@@ -237,6 +261,17 @@ def run_worker(*argv: str) -> None:
 # torchrun's failure summary names a function entrypoint by __name__ ("imgtrain FAILED", as for
 # `-m imgtrain`); pickling goes by __qualname__, which stays.
 run_worker.__name__ = "imgtrain"
+
+
+def _drop_inherited_agent_state() -> None:
+    """A fork of the agent starts with python's signal handling, not with the agent's."""
+    # torchrun's agent turns SIGTERM/SIGINT/SIGHUP/SIGQUIT into exceptions (to stop its workers); a worker
+    # must take them as python does until the trainer installs its own handlers (exit codes 143/130).
+    # (The agent's sockets stay open in its forks: closing or replacing them made a worker's save at
+    # preemption fail now and then in tests/integration/test_launcher_processes.py; docs/fault_tolerance.md.)
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _drop_inherited_forkserver_fd() -> None:

@@ -89,13 +89,49 @@ def test_start_method_and_other_programs_stay_the_users_choice(tmp_path, monkeyp
     ],
 )
 def test_start_method_is_known_before_torch_is_imported(argv, env, expected, monkeypatch, tmp_path):
-    assert launch.expected_start_method(argv, env) == expected
+    assert launch.expected_start_method(argv, env, gpus_visible=False) == expected
     if "--nproc-per-node=gpu" in argv or "auto" in env.values():
         return  # torch cannot count GPUs on this machine
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert launch.resolve([f"--log-dir={tmp_path}", *argv])[0].start_method == expected
+
+
+def test_gpu_nodes_fork_workers_from_a_fork_server(tmp_path, monkeypatch):
+    # torchrun's LaunchConfig asks torch whether an accelerator is there, which initializes CUDA in the
+    # agent: a fork of the agent could not use CUDA, so a node with GPUs gets the fork server.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    base = [f"--log-dir={tmp_path}", "--nproc-per-node=2"]
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert launch.resolve([*base, "train"])[0].start_method == "forkserver"
+    assert launch.resolve([*base, "--start-method=fork", "train"])[0].start_method == "fork"  # asked for
+    assert launch.expected_start_method([*base, "train"], {}, gpus_visible=True) == "forkserver"
+    # Any other program: torchrun's own default.
+    assert launch.resolve([*base, "-m", "mypackage.train"])[0].start_method == "spawn"
+
+
+def test_a_fork_of_the_agent_takes_signals_as_python_does():
+    import os
+    import signal
+
+    def agent_handler(signum, frame):  # as torchrun's agent installs them
+        raise RuntimeError("agent handler")
+
+    old = {sig: signal.signal(sig, agent_handler) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            launch._drop_inherited_agent_state()
+            ok = (signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+                  and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+                  and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+            os._exit(0 if ok else 2)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 # torchrun's rule: OMP_NUM_THREADS=1 for more than one worker per node, unless set; the command's own

@@ -6,7 +6,8 @@
  * entropy-coded data is still parsed: JPEG has no row index), and the rows below it are never read.
  * No installable Python library exposes this (simplejpeg, OpenCV, Pillow and torchvision decode whole
  * images; PyTurboJPEG needs TurboJPEG 3, which Debian bookworm lacks, and only crops losslessly), hence
- * this small binding. It uses only the libjpeg API of libjpeg-turbo >= 1.5.
+ * this small binding. It uses only the libjpeg API of libjpeg-turbo (>= 1.5 has these calls; decode.py uses
+ * it only with >= 2.1.5, the release it was tested with).
  *
  * decode_crop(data, top, left, height, width, fast) -> (bytearray, x0, out_width)
  *   RGB rows top .. top+height-1, columns x0 .. x0+out_width-1 (x0 <= left, x0 + out_width >=

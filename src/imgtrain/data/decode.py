@@ -289,6 +289,12 @@ class SimplejpegFastDecoder(SimplejpegDecoder):
     flags = {"fastdct": True, "fastupsample": True}
 
 
+# The libjpeg-turbo the region decode was tested against (Debian bookworm's 2.1.5). Older releases had
+# fuzzer-found memory bugs in jpeg_crop_scanline/jpeg_skip_scanlines with merged upsampling, the path
+# this decode takes on files we do not control: below it, libjpeg_roi falls back to whole-image decode.
+LIBJPEG_TURBO_MIN = 2001005
+
+
 @functools.cache
 def _jpegroi():
     try:
@@ -298,6 +304,10 @@ def _jpegroi():
             f"imgtrain's C extension _jpegroi is not built ({e}); `pip install -e .` builds it where a C "
             "compiler and libjpeg-turbo's headers are installed (scripts/install.sh installs them)"
         ) from None
+    if _jpegroi.LIBJPEG_TURBO_VERSION_NUMBER < LIBJPEG_TURBO_MIN:
+        raise ImportError(f"imgtrain's _jpegroi is built against libjpeg-turbo "
+                          f"{_jpegroi.LIBJPEG_TURBO_VERSION_NUMBER}, older than {LIBJPEG_TURBO_MIN}, the oldest "
+                          f"release its crop-window decode was tested with")
     return _jpegroi
 
 
