@@ -17,9 +17,9 @@ first start or restart, is a fork of a process that has imported everything once
   imports everything while the agent imports and joins the rendezvous; the two imports run on separate
   cores of such a node.
 
-Neither process runs a torch operation or creates a thread pool before the workers fork, and the process
-they fork from has no CUDA state (with ``OMP_NUM_THREADS`` set, as torchrun sets it for several workers per node), so a fork
-is as clean as a fresh process. Libraries read their thread settings when they are imported, so the
+Neither process runs a torch operation or creates a thread pool before the workers fork (with
+``OMP_NUM_THREADS`` set, as torchrun sets it for several workers per node), and the process they fork from
+has no CUDA state, so a fork is as clean as a fresh process. Libraries read their thread settings when they are imported, so the
 importing process runs with the environment the workers get: torchrun changes only ``OMP_NUM_THREADS``; the
 agent sets it before importing torch, a fork server started with another value is replaced, and each worker
 applies it to torch once more. If the agent dies, even by ``kill -9``, each worker gets SIGINT (torch's
@@ -55,12 +55,12 @@ def build_parser():
     parser = get_args_parser()
     parser.prog = "imgtrain launch"
     parser.description = (
-        "torchrun with pre-imported workers (forked from this process; from a fork server when the number of "
-        "workers per node is counted by torch). Takes torchrun's options; the command is `-m imgtrain train "
-        "...` (or just `train ...`); any other command runs exactly as torchrun runs it."
+        "torchrun with pre-imported workers (forked from this process on a node without GPUs, from a fork "
+        "server on a node with GPUs). Takes torchrun's options; the command is `-m imgtrain train ...` (or "
+        "just `train ...`); any other command runs exactly as torchrun runs it."
     )
     if "PET_START_METHOD" not in os.environ:
-        parser.set_defaults(start_method=None)  # resolve() picks it from --nproc-per-node
+        parser.set_defaults(start_method=None)  # resolve() picks it (default_start_method)
     return parser
 
 

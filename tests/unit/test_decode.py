@@ -385,3 +385,12 @@ def test_region_decode_gives_exactly_the_full_decodes_crop_and_falls_back_where_
         roi_ext.decode_crop(jpegs[0][: len(jpegs[0]) // 2], 0, 0, h, w, True)
     with pytest.raises(ValueError, match="outside"):
         roi_ext.decode_crop(jpegs[0], *full.size(jpegs[0]), 1, 1, True)
+
+
+def test_a_sample_that_does_not_fit_its_batch_slot_is_an_error_not_a_broadcast():
+    from imgtrain.data.decode import into_slot
+
+    slot = torch.zeros(3, 4, 4, dtype=torch.uint8)
+    assert into_slot(torch.ones(3, 4, 4, dtype=torch.uint8), slot) is slot and slot.sum() == 48
+    with pytest.raises(ValueError, match="does not fit the batch slot"):
+        into_slot(torch.ones(1, 4, 4, dtype=torch.uint8), slot)  # copy_ would have broadcast it

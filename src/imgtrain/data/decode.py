@@ -177,9 +177,12 @@ class BaseDecoder:
         return _planar(img, out=out)
 
 
-def _into(t: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+def into_slot(t: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``t``, or ``t`` copied into the batch slot ``out`` (same shape: copy_ alone would broadcast)."""
     if out is None:
         return t
+    if out.shape != t.shape:
+        raise ValueError(f"a {tuple(t.shape)} image does not fit the batch slot {tuple(out.shape)}")
     return out.copy_(t)
 
 
@@ -394,7 +397,7 @@ class SimplejpegPillowDecoder(SimplejpegFastDecoder):
         # One copy out of Pillow (4 bytes per pixel), then the planes: cheaper than converting to RGB first.
         a = np.asarray(img)
         planes = _cv2().split(a)
-        return _into(torch.from_numpy(np.stack(planes[:3])), out)
+        return into_slot(torch.from_numpy(np.stack(planes[:3])), out)
 
 
 class OpencvDecoder(BaseDecoder):
@@ -457,7 +460,7 @@ class TorchvisionDecoder(BaseDecoder):
         return img.flip(-1)
 
     def to_tensor(self, img, out: torch.Tensor | None = None) -> torch.Tensor:
-        return _into(img, out)
+        return into_slot(img, out)
 
 
 DECODERS: dict[str, type[BaseDecoder]] = {

@@ -6,7 +6,7 @@ import torch
 from torchvision.transforms import v2
 
 from ..config import DataConfig
-from .decode import create_decoder, decode_eval, decode_train
+from .decode import create_decoder, decode_eval, decode_train, into_slot
 
 
 def augment_tail(cfg: DataConfig) -> v2.Compose | None:
@@ -41,7 +41,7 @@ class TrainTransform:
         if self.tail is None:
             return decode_train(data, self.decoder, self.size, self.scale, self.hflip, out=out)
         img = self.tail(decode_train(data, self.decoder, self.size, self.scale, self.hflip))
-        return img if out is None else out.copy_(img)
+        return into_slot(img, out)
 
 
 class EvalTransform:
