@@ -32,6 +32,7 @@ import fsspec
 import torch
 
 from .config import CheckpointConfig
+from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,6 @@ MANIFEST = "manifest.json"
 STATE_FILE = "state.pt"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d{9,})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, or does not fit the configured run."""
 
 
 @dataclass

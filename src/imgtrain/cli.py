@@ -7,14 +7,12 @@ import json
 import logging
 import sys
 
-from .config import DEFAULT_RECIPE, ConfigError, load_config
+from .config import DEFAULT_RECIPE, load_config
+from .errors import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA, EXIT_DIVERGED, ImgtrainError, exit_code_of
+
+__all__ = ["EXIT_CHECKPOINT", "EXIT_CONFIG", "EXIT_DATA", "EXIT_DIVERGED", "build_parser", "main"]
 
 log = logging.getLogger("imgtrain")
-
-EXIT_CONFIG = 2
-EXIT_DATA = 3
-EXIT_CHECKPOINT = 4
-EXIT_DIVERGED = 5
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -148,27 +146,21 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config or DEFAULT_RECIPE, _overrides(args))
             return _run(_train, cfg)
         return _run(_eval, args)
-    except ConfigError as e:
-        print(f"imgtrain: error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+    except ImgtrainError as e:
+        return _report(e)
+
+
+def _report(e: ImgtrainError) -> int:
+    """One line on stderr, the code of errors.py's table: an expected error is no bug, so no traceback."""
+    print(f"imgtrain: {e.prefix}: {e}" if e.prefix else f"imgtrain: {e}", file=sys.stderr)
+    return e.exit_code
 
 
 def _run(fn, arg) -> int:
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .trainer import DivergenceError
-
     try:
         return fn(arg)
-    except DivergenceError as e:
-        print(f"imgtrain: {e}", file=sys.stderr)
-        return EXIT_DIVERGED
-    except DataError as e:
-        print(f"imgtrain: data error: {e}", file=sys.stderr)
-        return EXIT_DATA
-    except CheckpointError as e:
-        print(f"imgtrain: checkpoint error: {e}", file=sys.stderr)
-        return EXIT_CHECKPOINT
+    except ImgtrainError as e:
+        return _report(e)
 
 
 def _train(cfg) -> int:
@@ -179,7 +171,7 @@ def _train(cfg) -> int:
         trainer.setup()
         result = trainer.train()
     except BaseException as e:
-        trainer.report_failure(e, _exit_code(e))
+        trainer.report_failure(e, exit_code_of(e))
         raise
     finally:
         trainer.close()
@@ -189,21 +181,6 @@ def _train(cfg) -> int:
         print(json.dumps({k: result[k] for k in ("val_top1", "val_top5", "epochs", "steps",
                                                    "wall_seconds", "mean_train_images_per_s")}))
     return 0
-
-
-def _exit_code(e: BaseException) -> int:
-    """The code the process will exit with for this exception (see _run and the README's table)."""
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .trainer import DivergenceError
-
-    for cls, code in ((ConfigError, EXIT_CONFIG), (DataError, EXIT_DATA), (CheckpointError, EXIT_CHECKPOINT),
-                      (DivergenceError, EXIT_DIVERGED), (KeyboardInterrupt, 130)):
-        if isinstance(e, cls):
-            return code
-    if isinstance(e, SystemExit):
-        return e.code if isinstance(e.code, int) else 1
-    return 1
 
 
 def _observe(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ expected (the CLI turns it into exit code 2).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -18,13 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration value is unknown, of the wrong type or impossible."""
-
-    def __init__(self, key: str, value: Any, expected: str):
-        self.key, self.value, self.expected = key, value, expected
-        super().__init__(f"config key '{key}': got {value!r}, expected {expected}")
+from . import model_names
+from .errors import ConfigError
 
 
 def _check(cond: bool, key: str, value: Any, expected: str) -> None:
@@ -55,6 +51,8 @@ class ModelConfig:
 
     def validate(self, p: str) -> None:
         _check(bool(self.name), f"{p}.name", self.name, "a model name")
+        if not model_names.is_known(self.name):
+            raise ConfigError(f"{p}.name", self.name, model_names.unknown_model_hint(self.name))
         _check(self.width >= 1, f"{p}.width", self.width, "an integer >= 1")
 
 
@@ -85,6 +83,9 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     max_bad_fraction: float = 0.001
     """Stop with an error once more than this fraction of a split's files failed to decode."""
+    allow_empty_classes: bool = False
+    """Train with a class that has no training or no validation images (or whose folder is in only one of
+    train/ and val/). Off: such a class is a data error, since it is most often a copy gone wrong."""
     decoder: Literal[
         "libjpeg_roi", "simplejpeg_fast", "simplejpeg", "simplejpeg_pillow", "opencv", "torchvision", "pil"
     ] = "libjpeg_roi"
@@ -493,9 +494,11 @@ _EXP_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
-        if value in typing.get_args(tp):
+        choices = typing.get_args(tp)
+        if value in choices:
             return value
-        raise ConfigError(key, value, _type_name(tp))
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=3)
+        raise ConfigError(key, value, _type_name(tp) + (f" (did you mean {', '.join(close)}?)" if close else ""))
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None:

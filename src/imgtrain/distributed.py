@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import DistributedConfig
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def init_distributed(cfg: DistributedConfig) -> DistInfo:
     restart_count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     backend = _choose_backend(cfg)
     if backend == "nccl" and not torch.cuda.is_available():
-        raise RuntimeError("distributed.backend is 'nccl' but CUDA is not available; use 'gloo' or 'auto'")
+        raise ConfigError("distributed.backend", "nccl", "'gloo' or 'auto': CUDA is not available")
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)

@@ -6,7 +6,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import fsspec
@@ -26,6 +26,7 @@ class EvalResult:
     loss: float
     count: int
     bad: int = 0
+    first_bad: list[str] = field(default_factory=list)  # the first unreadable files of this rank
 
 
 @torch.no_grad()
@@ -38,7 +39,9 @@ def evaluate_model(model: nn.Module, loader, normalize: nn.Module, info: D.DistI
     sums = torch.zeros(5, dtype=torch.float64)  # top1 hits, top5 hits, loss sum, count, bad files
     amp = (torch.autocast(info.device.type, dtype=amp_dtype) if amp_dtype is not None
            else contextlib.nullcontext())
+    first_bad: list[str] = []
     for images, labels, weights, bad_paths in loader:
+        first_bad += bad_paths[:5 - len(first_bad)]
         images = images.to(info.device, non_blocking=True)
         labels = labels.to(info.device, non_blocking=True)
         weights = weights.to(info.device, non_blocking=True).double()
@@ -56,7 +59,8 @@ def evaluate_model(model: nn.Module, loader, normalize: nn.Module, info: D.DistI
     model.train(was_training)
     cnt = max(sums[3].item(), 1.0)
     return EvalResult(top1=100 * sums[0].item() / cnt, top5=100 * sums[1].item() / cnt,
-                      loss=sums[2].item() / cnt, count=int(sums[3].item()), bad=int(sums[4].item()))
+                      loss=sums[2].item() / cnt, count=int(sums[3].item()), bad=int(sums[4].item()),
+                      first_bad=first_bad)
 
 
 def resolve_checkpoint(path: str, storage_options: dict | None = None) -> str:

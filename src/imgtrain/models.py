@@ -14,6 +14,8 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 from torch.utils.checkpoint import checkpoint_sequential
 
 from .config import ModelConfig
+from .errors import ConfigError
+from .model_names import IMGTRAIN_MODELS, TIMM_PREFIX, torchvision_models
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +23,9 @@ _SMALL_MODELS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {}
 
 
 def register_model(name: str):
+    # The config checks model.name without importing this module: the name must be listed there too.
+    assert name in IMGTRAIN_MODELS, f"add {name!r} to model_names.IMGTRAIN_MODELS"
+
     def deco(fn: Callable[[ModelConfig, int], nn.Module]):
         _SMALL_MODELS[name] = fn
         return fn
@@ -40,13 +45,8 @@ def simple_cnn(cfg: ModelConfig, num_classes: int) -> nn.Module:
     )
 
 
-TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vit_b_16",
-                      "wide_resnet50_2", "resnext50_32x4d", "mobilenet_v3_large", "efficientnet_b0",
-                      "convnext_tiny", "vit_b_32", "vit_l_16", "swin_t")
-
-
 def list_models() -> list[str]:
-    return sorted(_SMALL_MODELS) + list(TORCHVISION_MODELS) + ["timm/<name>"]
+    return sorted(_SMALL_MODELS) + torchvision_models() + [f"{TIMM_PREFIX}<name>"]
 
 
 def _small_input_resnet(model: torchvision.models.ResNet) -> None:
@@ -110,13 +110,14 @@ def create_model(cfg: ModelConfig, num_classes: int, image_size: int) -> nn.Modu
     name = cfg.name
     if name in _SMALL_MODELS:
         model = _SMALL_MODELS[name](cfg, num_classes)
-    elif name.startswith("timm/"):
+    elif name.startswith(TIMM_PREFIX):
         try:
             import timm
-        except ImportError as e:
-            raise ValueError(f"model.name '{name}' needs timm: pip install 'imgtrain[timm]'") from e
-        model = timm.create_model(name[len("timm/"):], pretrained=cfg.pretrained, num_classes=num_classes)
-    elif name in TORCHVISION_MODELS:
+        except ImportError:
+            raise ConfigError("model.name", name, "a model of an installed library: pip install 'imgtrain[timm]'"
+                              ) from None
+        model = timm.create_model(name[len(TIMM_PREFIX):], pretrained=cfg.pretrained, num_classes=num_classes)
+    elif name in torchvision_models():
         kwargs: dict = {}
         if name.startswith("vit_"):
             kwargs["image_size"] = image_size
@@ -129,7 +130,7 @@ def create_model(cfg: ModelConfig, num_classes: int, image_size: int) -> nn.Modu
         if cfg.small_input and isinstance(model, torchvision.models.ResNet):
             _small_input_resnet(model)
     else:
-        raise ValueError(f"model.name: unknown model '{name}'; known: {', '.join(list_models())}")
+        raise ConfigError("model.name", name, "a known model; known: " + ", ".join(list_models()))
     if cfg.activation_checkpointing != "off" and not apply_activation_checkpointing(
             model, cfg.activation_checkpointing):
         log.warning("model.activation_checkpointing=%s: not supported for '%s' (torchvision ResNets and ViTs, "
@@ -144,4 +145,5 @@ def _replace_head(model: nn.Module, num_classes: int) -> None:
     elif isinstance(model, torchvision.models.VisionTransformer):
         model.heads.head = nn.Linear(model.heads.head.in_features, num_classes)
     else:
-        raise ValueError(f"model.pretrained with a new class count is not supported for {type(model)}")
+        raise ConfigError("model.pretrained", True, f"false for {type(model).__name__} (its head cannot be "
+                          "replaced for a new class count yet)")

@@ -20,13 +20,14 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import distributed as D
-from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from .checkpoint import CheckpointManager, load_checkpoint
 from .comm_hooks import Compression, create_compression
-from .config import Config, ConfigError, dump_config
-from .data import DataBundle, DataError, build_data
+from .config import Config, dump_config
+from .data import DataBundle, build_data
 from .data.prefetch import device_batches
 from .data.shard_cache import cache_record
 from .data.transforms import DeviceNormalize, batch_mix
+from .errors import CheckpointError, ConfigError, DataError, DivergenceError
 from .evaluate import EvalResult, evaluate_model
 from .fault import PreemptionHandler, Watchdog
 from .models import create_model
@@ -41,17 +42,14 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
 
 
-class DivergenceError(RuntimeError):
-    """The training loss became NaN or infinite: going on would only waste the allocation."""
-
-
 @dataclass
 class Progress:
     """Counters that only the trainer advances; saved in every checkpoint."""
 
     epoch: int = 0
     step: int = 0  # optimizer steps since the start of the run
-    images_seen: int = 0  # real (non-padding) training samples, all ranks
+    images_seen: int = 0  # training samples trained on (no padding, no unreadable file), all ranks
+    bad_images: int = 0  # unreadable training files skipped, all ranks, every epoch and restart
     train_seconds: float = 0.0  # wall time spent in training epochs, summed over restarts
     restarts: int = 0
 
@@ -109,7 +107,8 @@ class Trainer:
         self.last_eval: EvalResult | None = None
         self.last_ema_eval: EvalResult | None = None
         self.resumed_from: str | None = None
-        self.epoch_bad = 0
+        self.epoch_bad = 0  # unreadable training files in the steps trained this epoch, all ranks
+        self.first_bad: list[str] = []  # the first of them on this rank, named by the ceiling's error
         self.last_checkpoint_stall = 0.0
         self._last_loss = float("nan")  # of the last logged window, for the progress bar
         self.save_due = False  # agreed by all ranks after each step (see _should_stop)
@@ -305,6 +304,13 @@ class Trainer:
         if meta.get("num_classes") != self.data.num_classes:
             raise CheckpointError(f"checkpoint {source} was trained on {meta.get('num_classes')} classes, "
                                   f"the data at {self.data.train_set.split_dir} has {self.data.num_classes}")
+        saved_n, n = sd.get("sampler", {}).get("dataset_len"), len(self.data.train_set)
+        if saved_n is not None and int(saved_n) != n:
+            # The sample order and the position in the epoch are those of the old split: resuming would
+            # skip or repeat images. A new split is a new run (another output_dir, or checkpoint.resume=never).
+            raise CheckpointError(f"checkpoint {source} was taken on a training split of {saved_n} samples, the "
+                                  f"data at {self.data.train_set.split_dir} now has {n}: train into another "
+                                  f"output_dir, or set checkpoint.resume=never to start over")
         try:
             self.model_without_ddp.load_state_dict(sd["model"])
         except RuntimeError as e:
@@ -454,6 +460,7 @@ class Trainer:
         window = _Window()
         if sampler.state.consumed == 0:
             self.epoch_bad = 0
+            self.first_bad = []
         epoch_t0 = time.perf_counter()
         micro = 0
         while micro < len(sizes):
@@ -469,7 +476,6 @@ class Trainer:
             micro += len(group)
             sampler.state.consumed += sum(group)
             self.progress.step += 1
-            self.progress.images_seen += sum(group)
             t_step = time.perf_counter() - t0
             self.watchdog.beat()
             self.profiler.step()
@@ -543,6 +549,7 @@ class Trainer:
         sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss, correct, count, bad files
         for i, (images, labels, weights, bad_paths) in enumerate(batches):
             sums[3] += len(bad_paths)
+            self.first_bad += bad_paths[:_NAMED_BAD_FILES - len(self.first_bad)]
             images = images.to(info.device, non_blocking=True)
             labels = labels.to(info.device, non_blocking=True)
             weights = weights.to(info.device, non_blocking=True)
@@ -592,9 +599,9 @@ class Trainer:
         self.last_eval = self.evaluate()
         n_val = len(self.data.val_set)
         if self.last_eval.bad > self.cfg.data.max_bad_fraction * n_val:
-            raise DataError(f"{self.last_eval.bad} of {n_val} validation images failed to decode, more than "
-                            f"data.max_bad_fraction={self.cfg.data.max_bad_fraction}; see the warnings above "
-                            f"for their paths")
+            raise DataError(f"{self.last_eval.bad} of {n_val} validation images (all ranks) failed to decode, more "
+                            f"than data.max_bad_fraction={self.cfg.data.max_bad_fraction}"
+                            f"{_named(self.last_eval.first_bad, self.info.rank)}")
         record = {"event": "eval", "epoch": epoch + 1, "step": self.progress.step,
                   "val_top1": self.last_eval.top1, "val_top5": self.last_eval.top5,
                   "val_loss": self.last_eval.loss, "val_images": self.last_eval.count}
@@ -614,11 +621,16 @@ class Trainer:
         loss_sum, correct, count, bad = t.cpu().tolist()
         self._last_loss = loss_sum / max(count, 1e-9)
         self.epoch_bad += int(bad)
+        self.progress.bad_images += int(bad)
+        self.progress.images_seen += round(count)  # weight 1 per real sample, 0 for padding and bad files
         limit = self.cfg.data.max_bad_fraction * n
         if self.epoch_bad > limit:
-            raise DataError(f"{self.epoch_bad} training images failed to decode this epoch, more than "
-                            f"data.max_bad_fraction={self.cfg.data.max_bad_fraction} of {n}; see the "
-                            f"warnings above for their paths")
+            # Counted where the batches are trained; loader workers warn when they decode, which runs ahead
+            # (workers x prefetch_factor batches): the warnings above may name more files than this count.
+            raise DataError(f"{self.epoch_bad} of the training images trained on so far this epoch (all ranks) "
+                            f"failed to decode, more than data.max_bad_fraction={self.cfg.data.max_bad_fraction} "
+                            f"of {n}{_named(self.first_bad, self.info.rank)}; the loader, decoding ahead, may "
+                            f"have warned about more above")
         record = {"event": "train", "epoch": self.progress.epoch + 1, "step": self.progress.step,
                   "loss": loss_sum / max(count, 1e-9), "train_top1": 100 * correct / max(count, 1e-9),
                   "lr": lr, "images_per_s": w.images / max(w.seconds, 1e-9),
@@ -677,6 +689,8 @@ class Trainer:
             "epochs": self.progress.epoch,
             "steps": self.progress.step,
             "images_seen": self.progress.images_seen,
+            "bad_images": self.progress.bad_images,
+            "val_bad_images": ev.bad if ev else None,
             "wall_seconds": wall,
             "train_seconds": self.progress.train_seconds,
             "mean_train_images_per_s": self.progress.images_seen / max(self.progress.train_seconds, 1e-9),
@@ -703,6 +717,13 @@ class Trainer:
             s.close()
         if hasattr(self, "info"):
             D.destroy_distributed(self.info)
+
+
+_NAMED_BAD_FILES = 5  # unreadable files named in the error that stops a run
+
+
+def _named(paths: list[str], rank: int) -> str:
+    return f"; the first on rank {rank}: {', '.join(paths)}" if paths else ""
 
 
 @dataclass

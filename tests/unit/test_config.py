@@ -19,6 +19,12 @@ BAD_OVERRIDES = [
     ("training.batch_size=0", "training.batch_size", "0", ">= 1"),
     ("optimization.mixed_precision=fp8", "optimization.mixed_precision", "'fp8'", "'bf16'"),
     ("data.hflip=1.5", "data.hflip", "1.5", "[0, 1]"),
+    # names are checked against their registries when the config loads, with the close matches
+    ("model.name=resnet5O", "model.name", "'resnet5O'", "did you mean resnet50"),
+    ("model.name=timm/resnet5", "model.name", "'timm/resnet5'", "did you mean timm/resnet50"),
+    ("data.decoder=libjpeg_ro", "data.decoder", "'libjpeg_ro'", "did you mean libjpeg_roi"),
+    ("optimization.optimizer=adamW", "optimization.optimizer", "'adamW'", "did you mean adamw"),
+    ("distributed.compression=powersdg", "distributed.compression", "'powersdg'", "did you mean powersgd"),
 ]
 
 

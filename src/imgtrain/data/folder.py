@@ -13,15 +13,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import get_worker_info
 
+from ..errors import DataError
 from .decode import create_decoder, decode_full
 
 log = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-
-
-class DataError(RuntimeError):
-    """The data on disk cannot be used as configured (missing root, no classes, too many bad files)."""
 
 
 @dataclass(frozen=True)

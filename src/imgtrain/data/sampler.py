@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import CheckpointError
 from .folder import SampleRef
 
 
@@ -112,8 +113,8 @@ class ShardedBatchSampler:
 
     def load_state_dict(self, sd: dict) -> None:
         if int(sd["dataset_len"]) != self.n:
-            raise ValueError(f"the checkpoint was taken on a training split of {sd['dataset_len']} samples, "
-                             f"the data now has {self.n}")
+            raise CheckpointError(f"the checkpoint was taken on a training split of {sd['dataset_len']} samples, "
+                                  f"the data now has {self.n}")
         self.state = SamplerState(epoch=int(sd["epoch"]), consumed=int(sd["consumed"]))
 
 

@@ -1,0 +1,88 @@
+"""The errors imgtrain expects, and the exit code of each: the one table behind the README's "Exit codes".
+
+An expected error (a bad key, unusable data, a checkpoint that does not fit, divergence) is an
+:class:`ImgtrainError`: the CLI prints its one-line message and exits with its ``exit_code``, no
+traceback. Anything else is a bug and keeps its traceback (exit 1). Importing this module is free: no
+torch, so that config loading and ``imgtrain status`` stay fast.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+EXIT_DATA = 3
+EXIT_CHECKPOINT = 4
+EXIT_DIVERGED = 5
+EXIT_HANG = 75  # distinct, non-zero: torchrun restarts the group, the logs say why
+EXIT_SIGINT = 130  # 128 + the signal's number, as a shell reports it
+EXIT_SIGTERM = 143
+
+# code -> meaning, as the README's table states it (tests/unit/test_errors.py holds the two equal).
+EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "finished",
+    EXIT_FAILURE: ("any other error, with its traceback (a bug); `find-batch-size` when not even batch 1 fits; "
+                   "`profile-summary` without traces; `monitor` when the run failed or diverged; "
+                   "`imgtrain launch` / `torchrun` when a worker failed (each worker's own code is in its log)"),
+    EXIT_CONFIG: "bad command line or config (the message names the key)",
+    EXIT_DATA: ("data error (missing root, no classes, a class without training or validation images, "
+                "class mismatch, too many unreadable files)"),
+    EXIT_CHECKPOINT: ("checkpoint error (corrupt, missing, or not matching the configured model or data: model, classes, "
+                      "training split size)"),
+    EXIT_DIVERGED: "training diverged (loss NaN or infinite)",
+    EXIT_HANG: "hang watchdog fired (all stacks dumped; no checkpoint saved)",
+    EXIT_SIGINT: "stopped by SIGINT (Ctrl-C), as for 143",
+    EXIT_SIGTERM: ("stopped by SIGTERM: after saving a checkpoint, or without one when the step and the save "
+                   "outlast `fault_tolerance.grace_period` (non-zero so schedulers requeue)"),
+}
+
+
+class ImgtrainError(Exception):
+    """An expected failure: reported as one line, the process exits with ``exit_code``."""
+
+    exit_code = EXIT_FAILURE
+    prefix = "error"
+
+
+class ConfigError(ImgtrainError, ValueError):
+    """A configuration value is unknown, of the wrong type or impossible."""
+
+    exit_code = EXIT_CONFIG
+
+    def __init__(self, key: str, value: Any, expected: str):
+        self.key, self.value, self.expected = key, value, expected
+        super().__init__(f"config key '{key}': got {value!r}, expected {expected}")
+
+
+class DataError(ImgtrainError, RuntimeError):
+    """The data on disk cannot be used as configured (missing root, no classes, too many bad files)."""
+
+    exit_code = EXIT_DATA
+    prefix = "data error"
+
+
+class CheckpointError(ImgtrainError, RuntimeError):
+    """A checkpoint is corrupt, missing, or does not fit the configured model or data."""
+
+    exit_code = EXIT_CHECKPOINT
+    prefix = "checkpoint error"
+
+
+class DivergenceError(ImgtrainError, RuntimeError):
+    """The training loss became NaN or infinite: going on would only waste the allocation."""
+
+    exit_code = EXIT_DIVERGED
+    prefix = ""  # the message starts with "training diverged"
+
+
+def exit_code_of(e: BaseException) -> int:
+    """The code the process exits with when ``e`` ends it."""
+    if isinstance(e, ImgtrainError):
+        return e.exit_code
+    if isinstance(e, KeyboardInterrupt):
+        return EXIT_SIGINT
+    if isinstance(e, SystemExit):
+        return e.code if isinstance(e.code, int) else EXIT_FAILURE
+    return EXIT_FAILURE

@@ -1,0 +1,83 @@
+"""errors.py is the one table of expected errors and exit codes: the README states it, the CLI follows it,
+and the names a config accepts are those of the registries that build them."""
+
+from __future__ import annotations
+
+import re
+import typing
+
+import pytest
+
+from conftest import REPO
+from imgtrain import errors
+from imgtrain.config import ConfigError, DataConfig, DistributedConfig, OptimizationConfig, TrainingConfig, load_config
+
+
+def _readme_exit_codes() -> dict[int, str]:
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    return {int(m[1]): m[2].strip() for m in re.finditer(r"^\| (\d+) \| (.+) \|$", section, re.MULTILINE)}
+
+
+def test_readme_exit_code_table_is_errors_py():
+    readme = _readme_exit_codes()
+    assert set(readme) == set(errors.EXIT_CODES), "codes only in one of README.md / errors.py"
+    for code, meaning in errors.EXIT_CODES.items():
+        assert readme[code] == meaning, f"exit code {code}: README says {readme[code]!r}"
+
+
+def test_every_expected_error_has_a_code_of_the_table():
+    for cls, code in ((errors.ConfigError, 2), (errors.DataError, 3), (errors.CheckpointError, 4),
+                      (errors.DivergenceError, 5)):
+        assert cls.exit_code == code and code in errors.EXIT_CODES
+    assert errors.exit_code_of(errors.DataError("x")) == 3
+    assert errors.exit_code_of(KeyboardInterrupt()) == 130
+    assert errors.exit_code_of(RuntimeError("a bug")) == 1
+
+
+def test_the_old_homes_of_the_errors_are_the_same_classes():
+    from imgtrain.checkpoint import CheckpointError
+    from imgtrain.data import DataError
+    from imgtrain.fault import WATCHDOG_EXIT_CODE
+    from imgtrain.trainer import DivergenceError
+
+    assert (ConfigError, DataError, CheckpointError, DivergenceError) == (
+        errors.ConfigError, errors.DataError, errors.CheckpointError, errors.DivergenceError)
+    assert WATCHDOG_EXIT_CODE == errors.EXIT_HANG
+
+
+def _choices(cls, name: str) -> set[str]:
+    return set(typing.get_args(typing.get_type_hints(cls)[name]))
+
+
+def test_config_choices_are_the_registries():
+    """The config checks these names at load time (Literal types); each must be what the code can build."""
+    from imgtrain import comm_hooks, optim
+    from imgtrain.data import decode
+
+    assert _choices(DataConfig, "decoder") == set(decode.DECODERS)
+    assert _choices(DistributedConfig, "compression") == set(comm_hooks.METHODS)
+    assert _choices(OptimizationConfig, "optimizer") == set(optim._OPTIMIZERS)
+    assert _choices(OptimizationConfig, "optimizer_impl") == set(optim._IMPLEMENTATIONS)
+    assert _choices(TrainingConfig, "lr_schedule") == {"cosine", "step", "constant"}
+
+
+@pytest.mark.parametrize("name", ["simple_cnn", "resnet18", "regnet_y_400mf", "densenet121", "timm/resnet18",
+                                  "timm/resnet50.a1_in1k"])
+def test_model_names_of_every_registry_load(name):
+    assert load_config(None, [f"model.name={name}"]).model.name == name
+
+
+@pytest.mark.parametrize("name", ["resnet5O", "fasterrcnn_resnet50_fpn", "timm/not_a_model", "timm/"])
+def test_unknown_or_non_classifier_model_names_are_config_errors(name):
+    with pytest.raises(ConfigError) as ei:
+        load_config(None, [f"model.name={name}"])
+    assert ei.value.key == "model.name"
+
+
+def test_models_registry_builds_what_the_config_accepts():
+    from imgtrain.model_names import IMGTRAIN_MODELS, torchvision_models
+    from imgtrain.models import _SMALL_MODELS, list_models
+
+    assert set(_SMALL_MODELS) == set(IMGTRAIN_MODELS)
+    assert set(torchvision_models()) <= set(list_models())
