@@ -16,7 +16,8 @@
 #   --slurm-job ID      also print the Slurm job state (squeue / sacct)
 #   --k8s-job NAME      also print the PyTorchJob's (or Job's) state and its pods (kubectl)
 #   --namespace NS      Kubernetes namespace                                         [current]
-# Exit status: 0 running or finished, 1 stalled (no record for 5 min) or not started, 2 usage.
+# Exit status: 0 running or finished, 1 failed, diverged or preempted (state shows the exit code; an elastic
+# restart makes it running again), stalled (no record for 5 min) or not started, 2 usage.
 set -euo pipefail
 
 watch=0
@@ -91,6 +92,7 @@ if "metrics" in s:
 def fmt(v, spec=""):
     return "-" if v is None else format(v, spec)
 print(f"{s['run_dir']}: {s['state']}"
+      + (f" (exit code {s['exit_code']}: {s.get('error') or '-'})" if s.get("exit_code") is not None else "")
       + (f" (last record {s['last_record_age_s']:.0f} s ago)" if "last_record_age_s" in s else "")
       + f" | step {fmt(s.get('step'))} epoch {fmt(s.get('epoch'))} world {fmt(s.get('world_size'))}"
       + f" | {fmt(s.get('images_per_s'), '.1f')} images/s | loss {fmt(s.get('loss'), '.4f')}"

@@ -24,7 +24,7 @@ EXIT_SIGTERM = 143
 EXIT_CODES: dict[int, str] = {
     EXIT_OK: "finished",
     EXIT_FAILURE: ("any other error, with its traceback (a bug); `find-batch-size` when not even batch 1 fits; "
-                   "`profile-summary` without traces; `monitor` when the run failed or diverged; "
+                   "`profile-summary` without traces; `monitor` (without `--once`) when the run failed or diverged; "
                    "`imgtrain launch` / `torchrun` when a worker failed (each worker's own code is in its log)"),
     EXIT_CONFIG: "bad command line or config (the message names the key)",
     EXIT_DATA: ("data error (missing root, no classes, a class without training or validation images, "

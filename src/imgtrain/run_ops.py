@@ -74,9 +74,14 @@ def _records(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+# The records that end a process of the run; a later "start" (a restart) makes it running again.
+_ENDING_EVENTS = ("finished", "failed", "diverged", "preempted")
+
+
 def run_status(run_dir: str, now: float | None = None) -> dict[str, Any]:
-    """State (not started / running / stalled / stopped / finished), step, epoch, world size, throughput
-    and the newest checkpoint of a run directory, as the trainer wrote them."""
+    """State (not started / running / stalled / finished / failed / diverged / preempted, with the exit
+    code of the last three), step, epoch, world size, throughput and the newest checkpoint of a run directory, as the
+    trainer wrote them."""
     now = time.time() if now is None else now
     root = Path(run_dir)
     metrics = root / "metrics.jsonl"
@@ -106,9 +111,23 @@ def run_status(run_dir: str, now: float | None = None) -> dict[str, Any]:
         if ckpts:
             status["last_checkpoint"] = ckpts[-1].get("path")
             status["last_checkpoint_step"] = ckpts[-1].get("step")
-        if last.get("event") == "finished" or (root / "summary.json").exists():
-            status["state"] = "finished"
+        ends = [r for r in records if r.get("event") in (*_ENDING_EVENTS, "start")]
+        end = ends[-1] if ends else {}
+        if end.get("event") in ("failed", "diverged", "preempted"):
+            status["state"] = end["event"]
+            status["exit_code"] = end.get("exit_code")
+            status["error"] = end.get("error")
+        elif end.get("event") == "finished" or _written_after(root / "summary.json", end.get("time", 0.0)):
+            status["state"] = "finished"  # summary.json is written just before the "finished" record
     return status
+
+
+def _written_after(path: Path, t: float) -> bool:
+    """``path`` exists and was written after time ``t`` (a summary.json of an earlier run does not count)."""
+    try:
+        return path.stat().st_mtime >= float(t)
+    except OSError:
+        return False
 
 
 def endpoint_status(url: str, timeout: float = 5.0) -> dict[str, Any]:

@@ -114,6 +114,31 @@ def test_val_classes_differing_from_train_is_a_data_error(tmp_path):
     assert "class_2" in msg and "class_9" in msg
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_class_without_images_in_a_split_is_a_data_error_unless_allowed(split, tmp_path, caplog):
+    root = make_image_folder(tmp_path / "data", classes=3, train_per_class=2, val_per_class=1)
+    for f in (root / split / "class_1").iterdir():
+        f.unlink()  # the folder stays: an empty class
+    with pytest.raises(DataError) as ei:
+        build_data(_cfg(root), 4, 0, 1, 0, CPU)
+    msg = str(ei.value)
+    assert "class_1" in msg and str(root / split) in msg and "data.allow_empty_classes" in msg
+    with caplog.at_level(logging.WARNING):
+        data = build_data(_cfg(root, allow_empty_classes=True), 4, 0, 1, 0, CPU)
+    assert data.classes == ["class_0", "class_1", "class_2"]
+    assert any("class_1" in r.getMessage() for r in caplog.records)
+
+
+def test_class_folders_differing_between_splits_are_allowed_as_empty_classes(tmp_path):
+    root = make_image_folder(tmp_path / "data", classes=3, train_per_class=2, val_per_class=1)
+    shutil.rmtree(root / "val" / "class_2")  # class_2 has training images only
+    with pytest.raises(DataError, match="class_2"):
+        build_data(_cfg(root), 4, 0, 1, 0, CPU)
+    data = build_data(_cfg(root, allow_empty_classes=True), 4, 0, 1, 0, CPU)
+    assert data.classes == ["class_0", "class_1", "class_2"]
+    assert (len(data.train_set), len(data.val_set)) == (6, 2)
+
+
 def test_build_data_shapes_and_classes(tmp_path):
     root = make_image_folder(tmp_path / "data", classes=3, train_per_class=5, val_per_class=2)
     data = build_data(_cfg(root), batch_size=4, rank=0, world_size=1, seed=0, device=CPU)
@@ -140,6 +165,9 @@ def test_cli_run_survives_one_corrupt_file(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["completed"] and summary["epochs"] == 2
     assert summary["val_images"] == 12
+    # The run's totals: the bad file was skipped once per epoch, and only images trained on are counted.
+    assert (summary["bad_images"], summary["val_bad_images"]) == (2, 0)
+    assert summary["images_seen"] == 2 * 36
     # The resolved config is written as config.yaml and loads back to the same config.
     written = load_config(out / "config.yaml")
     assert written == load_config("quickstart", [*args, f"output_dir='{out}'"])
@@ -153,7 +181,9 @@ def test_cli_stops_when_bad_files_exceed_max_bad_fraction(tmp_path):
                     "data.max_bad_fraction=0.0"], check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "data.max_bad_fraction" in proc.stderr
-    assert str(bad) in proc.stderr
+    # The error itself names the file, not only the loader's warnings above it.
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("imgtrain: data error")]
+    assert str(bad) in error and "1 of the training images" in error
     assert "Traceback" not in proc.stderr
     assert not (out / "summary.json").exists()
 

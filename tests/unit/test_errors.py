@@ -8,9 +8,17 @@ import typing
 
 import pytest
 
-from conftest import REPO
 from imgtrain import errors
-from imgtrain.config import ConfigError, DataConfig, DistributedConfig, OptimizationConfig, TrainingConfig, load_config
+from imgtrain.config import (
+    ConfigError,
+    DataConfig,
+    DistributedConfig,
+    OptimizationConfig,
+    TrainingConfig,
+    load_config,
+)
+
+from conftest import REPO
 
 
 def _readme_exit_codes() -> dict[int, str]:

@@ -70,3 +70,28 @@ def test_status_reads_the_run_directory(tmp_path):
     assert run_status(str(tmp_path), now=now + 3600)["state"] == "stalled"
     (tmp_path / "summary.json").write_text("{}")
     assert run_status(str(tmp_path), now=now + 3600)["state"] == "finished"
+
+
+@pytest.mark.parametrize(("event", "code"), [("failed", 1), ("diverged", 5), ("failed", 3)])
+def test_status_of_a_failed_or_diverged_run_says_so_with_the_exit_code(event, code, tmp_path):
+    now = time.time()
+    records = [
+        {"event": "start", "time": now - 50, "world_size": 1, "step": 0},
+        {"event": "train", "time": now - 40, "step": 7, "epoch": 1, "loss": 1.5, "images_per_s": 123.0},
+        {"event": event, "time": now - 30, "step": 7, "exit_code": code, "error": "DataError: boom"},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    for t in (now, now + 3600):  # neither running nor, later, stalled
+        s = run_status(str(tmp_path), now=t)
+        assert (s["state"], s["exit_code"], s["error"]) == (event, code, "DataError: boom")
+    # An elastic restart logs a new start: running again.
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"event": "start", "time": now - 10, "world_size": 1, "step": 7}) + "\n")
+    assert run_status(str(tmp_path), now=now)["state"] == "running"
+
+
+def test_status_ignores_the_summary_of_an_earlier_run_in_the_same_directory(tmp_path):
+    (tmp_path / "summary.json").write_text("{}")
+    now = time.time() + 100  # the rerun started after that summary was written
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"event": "start", "time": now - 5, "step": 0}) + "\n")
+    assert run_status(str(tmp_path), now=now)["state"] == "running"

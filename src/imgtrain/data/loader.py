@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,16 +87,36 @@ def build_data(cfg: DataConfig, batch_size: int, rank: int, world_size: int, see
     root = resolve_data_root(cfg)
     train_classes = scan_classes(root / "train")
     val_classes = scan_classes(root / "val")
+    classes = train_classes
     if train_classes != val_classes:
         only_train = sorted(set(train_classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(train_classes))
-        raise DataError(f"class folders differ between {root / 'train'} and {root / 'val'}: "
-                        f"only in train: {only_train[:10]}, only in val: {only_val[:10]}")
-    train_set = ImageFolderDataset(root / "train", train_classes, train_tf, seed=seed,
-                                   image_size=cfg.image_size)
-    val_set = ImageFolderDataset(root / "val", val_classes, eval_transform(cfg), seed=seed,
+        msg = (f"class folders differ between {root / 'train'} and {root / 'val'}: "
+               f"only in train: {only_train[:10]}, only in val: {only_val[:10]}")
+        if not cfg.allow_empty_classes:
+            raise DataError(f"{msg} (data.allow_empty_classes=true takes the union)")
+        log.warning("%s: data.allow_empty_classes=true, training on the union of both", msg)
+        classes = sorted(set(train_classes) | set(val_classes))
+    train_set = ImageFolderDataset(root / "train", classes, train_tf, seed=seed, image_size=cfg.image_size)
+    val_set = ImageFolderDataset(root / "val", classes, eval_transform(cfg), seed=seed,
                                  image_size=cfg.image_size)
+    check_class_counts(classes, [train_set, val_set], cfg.allow_empty_classes)
     return _bundle(cfg, train_set, val_set, batch_size, rank, world_size, seed, device, eval_batch_size)
+
+
+def check_class_counts(classes: list[str], splits: list[ImageFolderDataset], allow_empty: bool) -> None:
+    """A class without images in a split is a data error (an empty folder trains silently otherwise: a
+    class the model never sees, or one evaluation never measures), unless data.allow_empty_classes."""
+    for ds in splits:
+        counts = Counter(label for _, label in ds.samples)
+        empty = [c for i, c in enumerate(classes) if counts[i] == 0]
+        if not empty:
+            continue
+        msg = (f"{len(empty)} of {len(classes)} classes have no images in {ds.split_dir}: "
+               f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}")
+        if not allow_empty:
+            raise DataError(f"{msg} (data.allow_empty_classes=true goes on without them)")
+        log.warning("%s (data.allow_empty_classes=true)", msg)
 
 
 def _bundle(cfg: DataConfig, train_set, val_set, batch_size: int, rank: int, world_size: int, seed: int,

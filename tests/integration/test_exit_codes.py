@@ -1,0 +1,41 @@
+"""Expected errors end the CLI with one line and the code of the README's table, never a traceback."""
+
+from __future__ import annotations
+
+import shutil
+
+from conftest import TINY, make_image_folder, run_cli
+
+
+def _one_error_line(stderr: str, prefix: str) -> str:
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
+def test_resuming_on_another_training_split_exits_4_in_one_line_and_keeps_the_checkpoint(tmp_path):
+    root = make_image_folder(tmp_path / "data")  # 36 training images
+    out = tmp_path / "run"
+    args = ["train", "--output-dir", str(out), f"data.root={root}", *TINY]
+    run_cli([*args, "training.max_steps=2"])
+    saved = sorted((out / "checkpoints").iterdir())
+    assert saved
+    shutil.copy(root / "train" / "class_0" / "000.jpeg", root / "train" / "class_0" / "new.jpeg")
+    proc = run_cli(args, check=False)
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    line = _one_error_line(proc.stderr, "imgtrain: checkpoint error")
+    assert "training split of 36 samples" in line and "now has 37" in line and "checkpoint.resume=never" in line
+    assert sorted((out / "checkpoints").iterdir()) == saved
+
+
+def test_an_empty_class_folder_exits_3_naming_it_before_creating_the_run(tmp_path):
+    root = make_image_folder(tmp_path / "data")
+    (root / "train" / "class_9").mkdir()
+    (root / "val" / "class_9").mkdir()
+    out = tmp_path / "run"
+    proc = run_cli(["train", "--output-dir", str(out), f"data.root={root}", *TINY], check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    line = _one_error_line(proc.stderr, "imgtrain: data error")
+    assert "class_9" in line and "data.allow_empty_classes" in line
+    assert not out.exists()
