@@ -315,7 +315,11 @@ class Trainer:
             self.model_without_ddp.load_state_dict(sd["model"])
         except RuntimeError as e:
             raise CheckpointError(f"checkpoint {source} does not fit the configured model: {e}") from None
-        self.optimizer.load_state_dict(sd["optimizer"])
+        try:
+            self.optimizer.load_state_dict(sd["optimizer"])
+        except ValueError as e:  # torch's check of the parameter groups (optimization.* changed since)
+            raise CheckpointError(f"checkpoint {source}: its optimizer state does not fit the configured "
+                                  f"optimization settings: {e}") from None
         self.scaler.load_state_dict(sd["scaler"])
         if self.ema is not None and sd.get("ema") is not None:
             self.ema.load_state_dict(sd["ema"])

@@ -29,6 +29,18 @@ def test_resuming_on_another_training_split_exits_4_in_one_line_and_keeps_the_ch
     assert sorted((out / "checkpoints").iterdir()) == saved
 
 
+def test_resuming_with_other_parameter_groups_exits_4_in_one_line(tmp_path):
+    root = make_image_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    args = ["train", "--output-dir", str(out), f"data.root={root}", *TINY]
+    run_cli([*args, "training.max_steps=2"])
+    # Biases without weight decay: two parameter groups where the checkpoint's optimizer has one.
+    proc = run_cli([*args, "optimization.no_weight_decay_on_norm_bias=true"], check=False)
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    line = _one_error_line(proc.stderr, "imgtrain: checkpoint error")
+    assert "optimizer state does not fit" in line
+
+
 def test_an_empty_class_folder_exits_3_naming_it_before_creating_the_run(tmp_path):
     root = make_image_folder(tmp_path / "data")
     (root / "train" / "class_9").mkdir()

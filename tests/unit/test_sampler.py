@@ -8,6 +8,7 @@ import pytest
 
 from imgtrain.data.folder import SampleRef
 from imgtrain.data.sampler import ShardedBatchSampler, eval_shard
+from imgtrain.errors import CheckpointError
 
 WORLD_SIZES = [1, 2, 3, 4]
 SIZES = [(37, 4), (32, 4), (40, 5), (3, 4), (1, 2), (13, 1)]  # (dataset size, per-rank batch)
@@ -128,7 +129,7 @@ def test_state_dict_round_trip_and_dataset_size_check():
     t = ShardedBatchSampler(37, 4, 1, 3, seed=1)
     t.load_state_dict(s.state_dict())
     assert (t.state.epoch, t.state.consumed) == (3, 16)
-    with pytest.raises(ValueError, match="37"):
+    with pytest.raises(CheckpointError, match="37"):  # exit 4, not a traceback
         ShardedBatchSampler(36, 4, 0, 2, seed=1).load_state_dict(s.state_dict())
     with pytest.raises(ValueError):
         ShardedBatchSampler(0, 4, 0, 1, seed=1)
