@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from imgtrain.config import load_config
+from imgtrain.internals.dataloader import shutdown_workers
 from imgtrain.trainer import Trainer
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -207,10 +208,7 @@ def shutdown_loader_workers(trainer: Trainer) -> None:
     directory about to be deleted, until garbage collection)."""
     data = getattr(trainer, "data", None)
     for loader in (data.train_loader, data.val_loader) if data is not None else ():
-        it = getattr(loader, "_iterator", None)
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
-        loader._iterator = None
+        shutdown_workers(loader)
 
 
 def synthetic_batches(count: int, batch: int, image_size: int, num_classes: int,
