@@ -14,6 +14,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 from PIL import Image
 
 from imgtrain.config import load_config
+from imgtrain.internals.dataloader import shutdown_workers
 from imgtrain.trainer import Trainer
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -66,15 +68,87 @@ def stats(samples: list[float]) -> dict[str, Any]:
             "n": len(samples), "samples": samples}
 
 
-def default_out(name: str) -> Path:
-    return RESULTS_DIR / f"{name}.json"
+def git_state() -> tuple[str, bool]:
+    """(commit, dirty) of the checkout the benchmark runs from; ("unknown", True) outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip() != ""
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", True
+    return commit, dirty
 
 
-def write_result(path: Path, result: dict[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {path}")
+ROW_ID_KEYS = ("name", "model", "nodes", "link_mbit", "method", "precision", "decode", "variant", "fault", "settings")
+
+
+def _is_headline_key(key: str) -> bool:
+    return any(w in key for w in ("ratio", "error", "per_s")) or key in ("val_top1", "step_s", "total_s")
+
+
+def headline(result: Any, prefix: str = "", depth: int = 0) -> dict[str, float]:
+    """Every median, ratio, rate, error and top-1 accuracy of a result, by dotted path: the one-line
+    summary of a run that history.jsonl keeps, whatever the shape of the benchmark's own result. Rows
+    in lists are named by their identifying fields (name, model, method, ...)."""
+    out: dict[str, float] = {}
+    if depth > 4:
+        return out
+    if isinstance(result, list):
+        items = [(".".join(str(r[k]) for k in ROW_ID_KEYS if isinstance(r.get(k), (str, int, float))) or str(i), r)
+                 for i, r in enumerate(result) if isinstance(r, dict)]
+    else:
+        items = result.items() if isinstance(result, dict) else ()
+    for key, value in items:
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            if isinstance(value.get("median"), (int, float)):
+                out[path] = value["median"]
+            else:
+                out.update(headline(value, path + ".", depth + 1))
+        elif isinstance(value, list):
+            out.update(headline(value, path + ".", depth + 1))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and _is_headline_key(str(key)):
+            out[path] = value
+    return out
+
+
+def envelope(name: str, result: dict[str, Any]) -> dict[str, Any]:
+    """The one shape every benchmark result has (shared/DESIGN.md, "Benchmarks"): what ran, where,
+    from which commit, then the benchmark's own samples, medians and same-run ratios."""
+    commit, dirty = git_state()
+    env = {
+        "benchmark": name,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "commit": commit,
+        "dirty": dirty,
+        "machine": result.get("machine") or machine_info(),
+        "command": result.get("command") or command_line(),
+        "settings": result.get("settings", {}),
+    }
+    env.update({k: v for k, v in result.items() if k not in env})
+    env["headline"] = headline(result)
+    return env
+
+
+def record(name: str, result: dict[str, Any], out: Path | None = None, final: bool = True) -> Path:
+    """Write a run's envelope. By default it becomes the record: ``results/<name>/latest.json``, plus
+    one summary line appended to ``results/<name>/history.jsonl`` (``final=False``, a partial write of
+    a long run, updates latest.json only). With ``out`` the envelope goes there alone: an ad-hoc
+    variant that must not replace the record."""
+    env = envelope(name, result)
+    target = Path(out) if out is not None else RESULTS_DIR / name / "latest.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(env, indent=2) + "\n")
+    if out is None and final:
+        summary = {k: env[k] for k in ("benchmark", "date", "commit", "dirty", "command")}
+        summary["cpu_model"] = env["machine"].get("cpu_model")
+        summary["headline"] = env["headline"]
+        with open(target.parent / "history.jsonl", "a") as f:
+            f.write(json.dumps(summary) + "\n")
+    print(f"\nwrote {target}")
+    return target
 
 
 def print_table(title: str, unit: str, rows: list[tuple[str, dict[str, Any], str]]) -> None:
@@ -134,10 +208,7 @@ def shutdown_loader_workers(trainer: Trainer) -> None:
     directory about to be deleted, until garbage collection)."""
     data = getattr(trainer, "data", None)
     for loader in (data.train_loader, data.val_loader) if data is not None else ():
-        it = getattr(loader, "_iterator", None)
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
-        loader._iterator = None
+        shutdown_workers(loader)
 
 
 def synthetic_batches(count: int, batch: int, image_size: int, num_classes: int,

@@ -32,14 +32,13 @@ from bench_common import (
     Clock,
     add_model_args,
     command_line,
-    default_out,
     machine_info,
     make_jpeg_folder,
     make_trainer,
     print_table,
+    record,
     stats,
     synthetic_batches,
-    write_result,
 )
 
 
@@ -55,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps before part 2")
     p.add_argument("--dir", default=None,
                    help="where checkpoints are written (a temp dir under it); default: the system temp dir")
-    p.add_argument("--out", type=Path, default=default_out("checkpoint"), help="result JSON")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write the result here instead of the record (results/checkpoint/latest.json + history.jsonl)")
     p.add_argument("--verbose", action="store_true", help="keep imgtrain's INFO logging")
     args = p.parse_args(argv)
     for k in ("batch", "saves", "save_every", "window_saves", "rounds", "classes", "image_size"):
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
             result = benchmark(args, trainer, overrides, tmp_path)
         finally:
             trainer.close()
-    write_result(args.out, result)
+    record("checkpoint", result, args.out)
     return result
 
 

@@ -20,7 +20,7 @@ import time
 import torch
 import torch.distributed as dist
 import torchvision
-from bench_common import command_line, default_out, machine_info, print_table, stats, write_result
+from bench_common import command_line, machine_info, print_table, record, stats
 
 from imgtrain.comm_hooks import (
     _cast_hook,
@@ -97,7 +97,7 @@ def main() -> None:
     p.add_argument("--decode-ranks", type=int, default=2, help="ranks whose 1-bit messages are decoded")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=str(default_out("compression")))
+    p.add_argument("--out", default=None, help="write the result here instead of the record (results/compression/latest.json)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -202,8 +202,8 @@ def main() -> None:
         "ms",
         [("encode (residual, scales, pack)", e, ""), (f"decode {args.decode_ranks} ranks' messages", d, "")],
     )
-    write_result(
-        args.out,
+    record(
+        "compression",
         {
             "benchmark": "compression",
             "command": command_line(),
@@ -217,6 +217,7 @@ def main() -> None:
             "onebit_encode_ms": e,
             "onebit_decode_ms": d,
         },
+        args.out,
     )
 
 

@@ -37,7 +37,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_common import command_line, machine_info, make_trainer, shutdown_loader_workers, synthetic_batches
+from bench_common import (
+    command_line,
+    machine_info,
+    make_trainer,
+    record,
+    shutdown_loader_workers,
+    synthetic_batches,
+)
 
 from imgtrain.data.prefetch import device_batches
 
@@ -356,12 +363,12 @@ def run_decode(args) -> list[dict]:
 
 
 def _write(args, payload: dict) -> None:
+    """The envelope goes to --out on the lent machine; copying it to results/gpu/ is the record."""
     payload = {"command": command_line(), "machine": machine_info(), **payload}
     if torch.cuda.is_available():
         payload["gpu"] = torch.cuda.get_device_name()
         payload["torchvision"] = __import__("torchvision").__version__
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+    record(f"gpu_{payload['kind']}", payload, Path(args.out))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

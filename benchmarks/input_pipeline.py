@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_common import command_line, default_out, machine_info, stats, write_result
+from bench_common import command_line, machine_info, record, stats
 from PIL import Image
 
 from imgtrain.config import DataConfig
@@ -328,7 +328,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also run benchmarks/throughput.py (ResNet-18, 64 px) on the set for two decoders",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads of this process")
-    p.add_argument("--out", type=Path, default=default_out("input_pipeline"))
+    p.add_argument("--out", type=Path, default=None,
+                   help="write the result here instead of the record (results/input_pipeline/latest.json)")
     args = p.parse_args(argv)
     args.generate = max(args.generate, args.images)
     args.argv = [a for a in (sys.argv[1:] if argv is None else argv)]
@@ -467,7 +468,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "synthetic": r["synthetic"],
             }
     result["load_average_end"] = os.getloadavg()
-    write_result(args.out, result)
+    record("input_pipeline", result, args.out)
     return result
 
 

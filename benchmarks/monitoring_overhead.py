@@ -32,15 +32,14 @@ import torch
 from bench_common import (
     add_model_args,
     command_line,
-    default_out,
     machine_info,
     make_jpeg_folder,
     make_trainer,
     print_table,
+    record,
     shutdown_loader_workers,
     stats,
     synthetic_batches,
-    write_result,
 )
 
 from imgtrain.trainer import _Window
@@ -72,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="only the metrics work per step measured alone, against one run of --steps steps with metrics off",
     )
-    p.add_argument("--out", type=Path, default=default_out("monitoring_overhead"), help="result JSON")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write the result here instead of the record (results/monitoring_overhead/latest.json + history.jsonl)")
     p.add_argument("--verbose", action="store_true", help="keep imgtrain's INFO logging")
     args = p.parse_args(argv)
     for k in ("batch", "steps", "rounds", "log_interval", "straggler_interval"):
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{len(scrapes)} scrapes, median {1e3 * result['scrape_seconds']['median']:.1f} ms each (wall time, "
             f"client side)"
         )
-    write_result(args.out, result)
+    record("monitoring_overhead", result, args.out)
     return result
 
 

@@ -14,7 +14,7 @@ measured compute time and wire bytes and compared with the measured step time (m
 Step 2, projection: ResNet-50 and ViT-B/16 at 8, 32, 64 GPUs on 8-GPU nodes with 400 Gbit/s InfiniBand
 /EFA, 100 and 25 Gbit/s Ethernet, every compression method, per-GPU batch as a parameter.
 
-    python benchmarks/project_scaling.py --results benchmarks/results/scaling.json --batch 256
+    python benchmarks/project_scaling.py --results benchmarks/results/scaling/latest.json --batch 256
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import RESULTS_DIR as RESULTS  # noqa: E402
+from bench_common import record  # noqa: E402
+
 TOLERANCE = 0.15
 BACKWARD_FRACTION = 2 / 3  # backward ~ 2x forward FLOPs
 
@@ -231,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument(
-        "--results", type=Path, default=RESULTS / "scaling.json", help="benchmarks/scaling.py output"
+        "--results", type=Path, default=RESULTS / "scaling" / "latest.json", help="benchmarks/scaling.py output"
     )
     p.add_argument("--batch", type=int, nargs="+", default=[256, 64], help="per-GPU batch(es)")
     p.add_argument("--gpus", type=int, nargs="+", default=[8, 32, 64])
@@ -241,7 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="overlap fraction for the GPU projection (default: the calibrated one)",
     )
-    p.add_argument("--out", type=Path, default=RESULTS / "projection.json")
+    p.add_argument(
+        "--out", type=Path, default=None,
+        help="write the result here instead of the record (results/projection/latest.json)",
+    )
     args = p.parse_args(argv)
 
     measured = json.loads(args.results.read_text())
@@ -318,9 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "projection": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"\nwrote {args.out}")
+    record("projection", out, args.out)
     return 0 if ok else 1
 
 

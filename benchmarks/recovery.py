@@ -50,7 +50,7 @@ import psutil
 _TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path[:0] = [str(_TESTS / "integration"), str(_TESTS)]  # elastic_nodes and the conftest it imports
 
-from bench_common import command_line, default_out, machine_info, make_jpeg_folder, stats, write_result  # noqa: E402
+from bench_common import command_line, machine_info, make_jpeg_folder, record, stats  # noqa: E402
 
 from conftest import free_port, subprocess_env  # noqa: E402
 from elastic_nodes import (  # noqa: E402
@@ -90,7 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=96, help="training images (3 classes); global batch 8")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each worker")
     p.add_argument("--dir", default=None, help="keep the runs and their logs here (default: a temp dir)")
-    p.add_argument("--out", type=Path, default=default_out("recovery"), help="result JSON")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write the result here instead of the record (results/recovery/latest.json + history.jsonl)")
     args = p.parse_args(argv)
     args.faults = [f.strip() for f in args.faults.split(",") if f.strip()]
     args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
@@ -479,7 +480,7 @@ def main(argv: list[str] | None = None) -> dict:
         "summary": summary,
         "trials": results,
     }
-    write_result(args.out, result)
+    record("recovery", result, args.out)
     return result
 
 

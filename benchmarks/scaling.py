@@ -31,7 +31,7 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE))
 
-from bench_common import command_line, default_out, machine_info, write_result  # noqa: E402
+from bench_common import command_line, machine_info, record  # noqa: E402
 from netem import StarNetwork  # noqa: E402 (puts tests/integration on sys.path)
 from scaling_worker import available_methods  # noqa: E402
 
@@ -60,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--job-timeout", type=float, default=1800.0, help="seconds per torchrun job")
     p.add_argument("--extra", nargs="*", default=[], help="further imgtrain overrides for every job")
     p.add_argument(
-        "--out", type=Path, default=None, help="result JSON (default: results/scaling[_quick].json)"
+        "--out", type=Path, default=None,
+        help="write the result here instead of the record (results/scaling[_quick]/latest.json)",
     )
     args = p.parse_args(argv)
     if args.quick:
@@ -73,8 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [m for m in args.methods if m not in known]
     if unknown:
         p.error(f"--methods {unknown}: this imgtrain knows {known}")
-    if args.out is None:
-        args.out = default_out("scaling_quick" if args.quick else "scaling")
+    args.name = "scaling_quick" if args.quick else "scaling"
     return args
 
 
@@ -215,10 +215,10 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"\n== {model}, {n} node(s) ==", flush=True)
                 jobs.append(run_job(model, n, links, methods, args, Path(tmp)))
                 # Written after every job, so that an interrupted run keeps what it measured.
-                write_result(args.out, _result(args, jobs, load_before, partial=True))
+                record(args.name, _result(args, jobs, load_before, partial=True), args.out, final=False)
     result = _result(args, jobs, load_before, partial=False)
     print_rows(result["rows"])
-    write_result(args.out, result)
+    record(args.name, result, args.out)
     return result
 
 

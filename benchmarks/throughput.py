@@ -30,15 +30,14 @@ import torch
 from bench_common import (
     add_model_args,
     command_line,
-    default_out,
     machine_info,
     make_jpeg_folder,
     make_trainer,
     print_table,
+    record,
     shutdown_loader_workers,
     stats,
     synthetic_batches,
-    write_result,
 )
 
 
@@ -59,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-loader-only", action="store_true", help="skip the loader-alone variant")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra imgtrain config override, e.g. data.decoder=pil (repeatable)")
-    p.add_argument("--out", type=Path, default=default_out("throughput"), help="result JSON")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write the result here instead of the record (results/throughput/latest.json + history.jsonl)")
     p.add_argument("--verbose", action="store_true", help="keep imgtrain's INFO logging")
     args = p.parse_args(argv)
     for k in ("batch", "steps", "rounds", "image_size", "source_size"):
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             shutdown_loader_workers(trainer)
             trainer.close()
-    write_result(args.out, result)
+    record("throughput", result, args.out)
     return result
 
 

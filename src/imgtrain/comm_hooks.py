@@ -28,6 +28,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
 
 from .config import DistributedConfig
+from .internals.powersgd import should_compress
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ def _layout(
         lay.grad[name] = ((g.data_ptr() - base) // size, g.numel())
         n, m = _matrix_shape(g.shape)
         r = min(n, m, state.matrix_approximation_rank)
-        if psgd._should_compress(n, m, r, state.min_compression_rate)[0]:
+        if should_compress(n, m, r, state.min_compression_rate):
             groups[(n, m)].append((name, r))
         else:
             lay.uncompressed += g.numel()
@@ -216,7 +217,7 @@ class PowerSGDCompression(Compression):
         for _, p in self.params:
             n, m = _matrix_shape(p.shape)
             r = min(n, m, c.rank)
-            total += (n + m) * r if psgd._should_compress(n, m, r, c.min_compression_rate)[0] else p.numel()
+            total += (n + m) * r if should_compress(n, m, r, c.min_compression_rate) else p.numel()
         return total * 4
 
     def describe(self) -> str:
