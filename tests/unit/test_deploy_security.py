@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_deploy_scans import TERRAFORM, _hcl
 
 from imgtrain.cli import EXIT_CONFIG, main
 from imgtrain.rendezvous import is_wildcard
@@ -252,16 +253,6 @@ def test_systemd_and_slurm_stores_never_bind_every_interface(tmp_path, monkeypat
 # Who may write the checkpoints (Terraform)
 
 
-def _hcl(module: Path) -> dict[str, list]:
-    hcl2 = pytest.importorskip("hcl2")
-    merged: dict[str, list] = {}
-    for tf in sorted(module.glob("*.tf")):
-        with tf.open() as f:
-            for key, blocks in hcl2.load(f).items():
-                merged.setdefault(key, []).extend(blocks)
-    return merged
-
-
 def _unquote(v):
     """python-hcl2 keeps the quotes of names and strings: '"x"' -> 'x', recursively."""
     if isinstance(v, str):
@@ -279,7 +270,7 @@ def _resources(tf: dict, kind: str) -> dict[str, dict]:
 
 
 def test_aws_checkpoint_bucket_is_the_job_service_accounts_not_the_nodes():
-    tf = _hcl(REPO / "deploy" / "terraform" / "aws")
+    tf = _hcl(TERRAFORM["aws"])
     policies = _resources(tf, "aws_iam_role_policy")
     bucket_policies = {n: p for n, p in policies.items() if "aws_s3_bucket.checkpoints" in str(p["policy"])}
     assert bucket_policies, "some role must be able to write the checkpoints"
@@ -305,7 +296,7 @@ def test_aws_and_gke_overlays_run_as_the_service_account_terraform_trusts(render
 
 
 def test_gcp_checkpoint_bucket_is_bound_to_the_job_service_account_only():
-    tf = _hcl(REPO / "deploy" / "terraform" / "gcp")
+    tf = _hcl(TERRAFORM["gcp"])
     members = _resources(tf, "google_storage_bucket_iam_member")
     assert members and all(m["member"] == "serviceAccount:${google_service_account.trainer.email}"
                            for m in members.values())
@@ -316,5 +307,5 @@ def test_gcp_checkpoint_bucket_is_bound_to_the_job_service_account_only():
     assert wi["role"] == "roles/iam.workloadIdentityUser"
     assert wi["member"].endswith("[${var.kubernetes_namespace}/imgtrain]")
     # Pods see the GKE metadata server, not the node's service account.
-    text = "\n".join(p.read_text() for p in (REPO / "deploy" / "terraform" / "gcp").glob("*.tf"))
+    text = "\n".join(p.read_text() for p in TERRAFORM["gcp"].glob("*.tf"))
     assert text.count('mode = "GKE_METADATA"') >= 3
