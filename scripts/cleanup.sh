@@ -11,7 +11,8 @@
 #
 # Options:
 #   --run-dir DIR          the run's output directory: stops the launcher recorded in DIR/logs/launcher.pid
-#                          (scripts/launch_training.sh) and prunes DIR/checkpoints
+#                          (scripts/launch_training.sh; only on the host that wrote it and only if that pid
+#                          is still the launcher) and prunes DIR/checkpoints
 #   --checkpoints DIR|URL  the checkpoint directory to prune (default: <run-dir>/checkpoints)
 #   --keep N               newest checkpoints that verify to keep, >= 1                     [3]
 #   --no-prune             stop and remove only
@@ -76,9 +77,27 @@ if [ -n "$slurm_job" ]; then
   # SIGTERM reaches the batch script's trap, which lets imgtrain save before the job ends.
   act scancel --signal=TERM --full "$slurm_job"
 fi
+# The pid file names a pid on one host; by now that pid may be another process (the launcher exited, the
+# pid was reused) or the file may come from another machine sharing the run directory. Signal it only if
+# it is this host's launcher: launch_training.sh itself, or the agent it exec'd in local mode.
+is_launcher() {
+  local args
+  args=$(ps -o args= -p "$1" 2>/dev/null) || return 1
+  [[ "$args" =~ (^|[[:space:]/])launch_training\.sh([[:space:]]|$) || "$args" =~ (^|[[:space:]/])torchrun([[:space:]]|$) \
+     || "$args" == *"-m imgtrain launch"* ]]
+}
 if [ -n "$run_dir" ] && [ -f "$run_dir/logs/launcher.pid" ]; then
-  pid=$(cat "$run_dir/logs/launcher.pid")
-  if [[ "$pid" =~ ^[0-9]+$ ]] && alive "$pid"; then
+  { read -r pid || true; read -r pid_host || true; } <"$run_dir/logs/launcher.pid"
+  pid="${pid:-}"
+  pid_host="${pid_host:-}"
+  if ! [[ "$pid" =~ ^[0-9]+$ ]] || ! alive "$pid"; then
+    say "no running launcher in $run_dir/logs/launcher.pid"
+  elif [ "$pid_host" != "$(hostname)" ]; then
+    die "$run_dir/logs/launcher.pid names pid $pid on host '${pid_host:-?}', not this host ($(hostname)): run cleanup.sh there"
+  elif ! is_launcher "$pid"; then
+    # The launcher has exited and its pid was reused: nothing of the job runs here.
+    say "pid $pid of $run_dir/logs/launcher.pid is no longer the launcher ($(ps -o args= -p "$pid" | cut -c1-60)): not signalling it"
+  else
     say "stopping the launcher (pid $pid) with SIGTERM: its nodes save a checkpoint and exit"
     if [ "$dry_run" = "false" ]; then
       kill -TERM "$pid"
@@ -90,8 +109,6 @@ if [ -n "$run_dir" ] && [ -f "$run_dir/logs/launcher.pid" ]; then
     else
       echo "would run: kill -TERM $pid"
     fi
-  else
-    say "no running launcher in $run_dir/logs/launcher.pid"
   fi
 fi
 

@@ -32,8 +32,8 @@
 #   --local-addr A      this node's address as the others reach it (also picks GLOO/NCCL_SOCKET_IFNAME)
 #   --is-host B         true/false: whether this agent hosts the c10d store (default: torchrun guesses)
 #   --hosts LIST        ssh: comma-separated hosts; NAME=ADDR when the ssh name differs from the address
-#   --ssh-cmd TEMPLATE  ssh: how to run a command on a host; {host} and {cmd} (one shell-quoted word)
-#                       are substituted                                 [ssh -o BatchMode=yes {host} {cmd}]
+#   --ssh-cmd TEMPLATE  ssh: how to run a command on a host; {host} and {cmd} are put into its words
+#                       (never evaluated by the shell)                  [ssh -o BatchMode=yes {host} {cmd}]
 #   --remote-dir DIR    ssh: this repository's path on the hosts                   [this checkout]
 #   --overlay DIR       k8s: the kustomize overlay to apply
 #   --terraform DIR     k8s: print the cluster's kubeconfig command from `terraform output` first
@@ -66,6 +66,9 @@ launcher="imgtrain"
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit "${1:-2}"; }
 die() { echo "launch_training.sh: $*" >&2; exit 2; }
+# pid and host of this launcher: scripts/cleanup.sh signals the pid only on this host and only while it is
+# still this launcher (the pid may since belong to another process).
+record_launcher() { printf '%s\n%s\n' "$$" "$(hostname)" >"$1"; }
 need_value() { [ $# -ge 2 ] || die "$1 needs a value"; }
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -159,9 +162,19 @@ case "$mode" in
     log_dir="$out/logs"
     if [ "$dry_run" = "false" ]; then
       mkdir -p "$log_dir"
-      echo $$ >"$log_dir/launcher.pid"   # scripts/cleanup.sh --run-dir stops the job through it
+      record_launcher "$log_dir/launcher.pid"   # scripts/cleanup.sh --run-dir stops the job through it
     fi
     [[ "$ssh_cmd" == *"{cmd}"* ]] || ssh_cmd="$ssh_cmd {cmd}"
+    # The template is the user's own command line: split it into words once, with the shell's quoting
+    # rules. Host names and the command are then put into those words, never through eval, so a host
+    # name cannot run anything; it also names a log file, so it must be a plain name.
+    declare -a ssh_words
+    eval "ssh_words=($ssh_cmd)"
+    for entry in "${host_list[@]}"; do
+      [[ "${entry%%=*}" =~ ^[A-Za-z0-9_][A-Za-z0-9_.@-]*$ ]] ||
+        die "--hosts: '${entry%%=*}' is not a host name (letters, digits, . _ - @ only)"
+      [[ "${entry#*=}" =~ ^[A-Za-z0-9_.:%@-]+$ ]] || die "--hosts: '${entry#*=}' is not an address"
+    done
     pids=()
     for i in "${!host_list[@]}"; do
       entry="${host_list[$i]}"
@@ -174,17 +187,20 @@ case "$mode" in
       if [ "$store_external" = "true" ]; then node_cmd+=(--store-host "$endpoint"); fi
       remote="cd $(printf '%q' "$remote_dir") && exec $(printf '%q ' "${node_cmd[@]}")--"
       if [ ${#train_args[@]} -gt 0 ]; then remote="$remote $(printf '%q ' "${train_args[@]}")"; fi
-      cmd_word=$(printf '%q' "$remote")
-      # Quoted replacements: bash 5.2 would otherwise read '&' in them as "the matched text".
-      line="${ssh_cmd//\{host\}/"$name"}"
-      line="${line//\{cmd\}/"$cmd_word"}"
+      words=()
+      for w in "${ssh_words[@]}"; do
+        # Quoted replacements: bash 5.2 would otherwise read '&' in them as "the matched text".
+        w="${w//\{host\}/"$name"}"
+        words+=("${w//\{cmd\}/"$remote"}")
+      done
       if [ "$dry_run" = "true" ]; then
-        echo "$line"
+        printf '%q ' "${words[@]}"
+        echo
         continue
       fi
       echo "launch_training.sh: starting node $i on $name ($addr): log $log_dir/$name.log" >&2
-      # exec: the background job becomes the ssh (or namespace) process itself, so signals reach it.
-      eval "exec $line" >"$log_dir/$name.log" 2>&1 &
+      # The background job is the ssh (or namespace) process itself, so signals reach it.
+      "${words[@]}" >"$log_dir/$name.log" 2>&1 &
       pids+=($!)
       if [ "$i" = 0 ]; then sleep 1; fi   # the store host listens before the others dial in
     done
@@ -305,6 +321,6 @@ if [ "$dry_run" = "true" ]; then
   exit 0
 fi
 if [ "$mode" = "local" ] && out=$(run_paths 2>/dev/null | sed -n 1p) && [ -n "$out" ]; then
-  mkdir -p "$out/logs" && echo $$ >"$out/logs/launcher.pid"   # exec keeps the pid: cleanup.sh stops it
+  mkdir -p "$out/logs" && record_launcher "$out/logs/launcher.pid"   # exec keeps the pid: cleanup.sh stops it
 fi
 exec "${cmd[@]}"

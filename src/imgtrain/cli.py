@@ -47,8 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
     s = sub.add_parser("rendezvous-store",
                        help="serve a standalone c10d rendezvous store (for torchrun agents with is_host=false)")
-    s.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all)")
+    s.add_argument("--host", help="address to listen on: one the agents reach (default: $POD_IP, set in the "
+                                  "Kubernetes manifest; required elsewhere)")
     s.add_argument("--port", type=int, default=29400)
+    s.add_argument("--allow-wildcard-bind", action="store_true",
+                   help="accept 0.0.0.0 or :: (every interface): only behind a firewall that admits the job's "
+                        "nodes alone (docs/security.md)")
     r = sub.add_parser("report", help="write a self-contained HTML report (plots inlined) of a run directory")
     r.add_argument("run_dir", help="the run directory (output_dir) of a finished or running run")
     r.add_argument("-o", "--output", help="HTML file to write (default: RUN_DIR/report.html)")
@@ -121,9 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "rendezvous-store":
             if rest:
                 parser.error(f"rendezvous-store takes no overrides: {' '.join(rest)}")
-            from .rendezvous import serve_store
+            from .rendezvous import BindError, serve_store, store_address
 
-            serve_store(args.host, args.port)
+            try:
+                serve_store(store_address(args.host, args.allow_wildcard_bind), args.port)
+            except BindError as e:
+                print(f"imgtrain: rendezvous-store: {e}", file=sys.stderr)
+                return EXIT_CONFIG
             return 0
         if args.command in ("report", "monitor", "profile-summary"):
             if rest:

@@ -5,29 +5,83 @@ if that node dies, every other agent loses the rendezvous and the job ends, what
 says. Running the store in its own small process (on a login node, a Kubernetes Deployment, a Slurm
 "service" step) and pointing every agent at it with ``is_host=false`` removes the training nodes from
 the single point of failure: any of them may die or join.
+
+torch's TCPStore server listens on every interface whatever host it is given, and torch's rendezvous
+unpickles what agents write into the store: whoever reaches the port runs code in every agent. So the store
+binds its own socket to one address and hands it to TCPStore (``master_listen_fd``), and refuses a wildcard
+address unless asked (docs/security.md).
 """
 
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import logging
+import os
 import signal
+import socket
 import threading
 
 log = logging.getLogger(__name__)
 
 
+class BindError(ValueError):
+    """The store cannot or must not listen on the address it was given."""
+
+
+def is_wildcard(host: str) -> bool:
+    """True for an address that means every interface (``0.0.0.0``, ``::``, empty)."""
+    try:
+        return not host or ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return False
+
+
+def store_address(host: str | None, allow_wildcard: bool = False) -> str:
+    """The address to listen on: ``host``, else the pod IP that Kubernetes' downward API puts in $POD_IP."""
+    host = host or os.environ.get("POD_IP", "")
+    if not host:
+        raise BindError("no address to listen on: give --host (an address of this machine that the agents "
+                        "reach; in Kubernetes set POD_IP from status.podIP)")
+    if is_wildcard(host) and not allow_wildcard:
+        raise BindError(f"--host {host} listens on every interface, and whoever reaches the store runs code "
+                        "in every agent: give one address, or --allow-wildcard-bind behind a firewall "
+                        "(docs/security.md)")
+    return host
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise BindError(f"cannot listen on {host}:{port}: {e}") from None
+    try:
+        # A restarted store must get its port back while the old connections sit in TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(socket.SOMAXCONN)
+    except OSError as e:
+        sock.close()
+        raise BindError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
 def serve_store(host: str, port: int, stop: threading.Event | None = None) -> None:
-    """Serve a TCPStore on host:port until SIGTERM/SIGINT (or ``stop`` is set)."""
+    """Serve a TCPStore on host:port (that address only) until SIGTERM/SIGINT (or ``stop`` is set)."""
     from torch.distributed import TCPStore
 
+    sock = _listen(host, port)
+    bound, bound_port = sock.getsockname()[:2]
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
+    # The TCPStore owns the listening socket from here on and closes it.
+    fd = sock.detach()
     # wait_for_workers=False: agents come and go; the store must not wait for a fixed count of them.
-    store = TCPStore(host, port, is_master=True, wait_for_workers=False,
-                     timeout=datetime.timedelta(seconds=60), multi_tenant=True)
-    print(f"imgtrain: rendezvous store listening on {host}:{store.port}", flush=True)
+    store = TCPStore(host.strip("[]"), bound_port, is_master=True, wait_for_workers=False,
+                     timeout=datetime.timedelta(seconds=60), master_listen_fd=fd)
+    print(f"imgtrain: rendezvous store listening on {bound}:{bound_port}", flush=True)
     stop.wait()
     del store

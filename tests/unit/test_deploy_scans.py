@@ -56,6 +56,34 @@ def test_dockerfiles_label_the_package_version_and_run_as_non_root():
         assert "--shm-size" in text
 
 
+def test_torch_floor_has_the_weights_only_fixes_everywhere(tmp_path):
+    """Checkpoints are loaded with weights_only=True, which older torch releases let a crafted file bypass
+    (CVE-2025-32434 up to 2.5.1; GHSA-63cw-57p8-fm3p up to 2.9.1): neither pyproject.toml nor the CUDA
+    image's base may allow one."""
+    import sys
+
+    import tomllib
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    (torch,) = [Requirement(d) for d in deps if Requirement(d).name == "torch"]
+    assert not torch.specifier.contains("2.9.1") and not torch.specifier.contains("2.5.1")
+    assert torch.specifier.contains("2.10.0") and torch.specifier.contains("2.14.1")
+    base = re.search(r"^FROM pytorch/pytorch:(\d+\.\d+\.\d+)-", DOCKERFILES[0].read_text(), re.M).group(1)
+    assert torch.specifier.contains(base), f"the CUDA image's base has torch {base}, outside {torch.specifier}"
+    assert "--check-installed torch torchvision" in DOCKERFILES[0].read_text()
+    # The build-time check fails, naming the package, when the installed torch is below the floor.
+    old = tmp_path / "pyproject.toml"
+    old.write_text('[project]\nname = "x"\ndependencies = ["torch>=99", "numpy"]\n')
+    script = REPO / "deploy" / "docker" / "requirements.py"
+    proc = subprocess.run([sys.executable, str(script), str(old), "--check-installed", "torch"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "torch" in proc.stderr and ">=99" in proc.stderr, proc.stderr
+    ok = subprocess.run([sys.executable, str(script), str(REPO / "pyproject.toml"), "--check-installed", "torch"],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+
+
 @pytest.fixture(scope="module")
 def checkov_reports() -> dict[str, dict]:
     """One checkov run over both frameworks (it takes ~10 s to start): {check_type: report}."""

@@ -134,6 +134,29 @@ def test_compose_file_parses_and_every_mounted_file_exists():
     assert "--cluster.listen-address=" in services["alertmanager"]["command"]
 
 
+def test_compose_services_listen_on_loopback_and_grafana_has_no_default_password():
+    """With host networking, a service listening on every interface is reachable from the network: anyone
+    could silence the alerts (Alertmanager) or log in to Grafana as admin/admin."""
+    services = _compose()["services"]
+    for name in ("prometheus", "alertmanager", "node-exporter"):
+        listen = [a.split("=", 1)[1] for a in services[name]["command"] if a.startswith("--web.listen-address=")]
+        assert listen and listen[0].startswith("127.0.0.1:"), (name, listen)
+    env = services["grafana"]["environment"]
+    assert env["GF_SERVER_HTTP_ADDR"] == "127.0.0.1"
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in env
+    secret = env["GF_SECURITY_ADMIN_PASSWORD__FILE"]
+    mounts = dict(v.split(":")[1::-1] for v in services["grafana"]["volumes"] if v.startswith("./"))
+    host_dir = next(src for dst, src in mounts.items() if secret.startswith(dst + "/"))
+    # The password file's folder is shipped, its content never (git-ignored).
+    assert (MON / host_dir / ".gitignore").read_text().split()[0] == "*"
+    # Every address the stack dials itself is reachable on loopback.
+    prom = yaml.safe_load((MON / "prometheus" / "prometheus.yml").read_text())
+    am = [t for a in prom["alerting"]["alertmanagers"] for sc in a["static_configs"] for t in sc["targets"]]
+    assert am == ["127.0.0.1:9093"]
+    ds = yaml.safe_load((MON / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    assert {d["url"] for d in ds["datasources"]} == {"http://127.0.0.1:9090", "http://127.0.0.1:9093"}
+
+
 def test_compose_prometheus_config_passes_promtool_and_scrapes_the_trainer_ports(tmp_path):
     prom = _compose()["services"]["prometheus"]
     # Rebuild the container's /etc/prometheus from the compose mounts, then check it there.

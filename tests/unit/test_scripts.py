@@ -4,6 +4,7 @@ tests/integration/test_launch_scripts.py."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -124,14 +125,20 @@ def test_k8s_mode_checks_the_settings_against_terraform_outputs(tmp_path):
     assert "warning" not in _run(*args).stderr
 
 
-def test_cleanup_stops_the_recorded_launcher_before_pruning(tmp_path):
-    run_dir = tmp_path / "run"
+def _fake_launcher(run_dir: Path) -> subprocess.Popen:
+    """Stands in for launch_training.sh (same script name): saves on SIGTERM (writes a marker), then exits."""
     (run_dir / "logs").mkdir(parents=True)
-    # Stands in for launch_training.sh: saves on SIGTERM (here: writes a marker), then exits.
-    launcher = subprocess.Popen(
-        ["bash", "-c", f"trap 'touch {run_dir}/saved; exit 143' TERM; while true; do sleep 0.1; done"]
-    )
-    (run_dir / "logs" / "launcher.pid").write_text(f"{launcher.pid}\n")
+    script = run_dir / "launch_training.sh"
+    script.write_text(f"trap 'touch {run_dir}/saved; exit 143' TERM\nwhile true; do sleep 0.1; done\n")
+    return subprocess.Popen(["bash", str(script)])
+
+
+def test_cleanup_stops_the_recorded_launcher_before_pruning(tmp_path):
+    import socket
+
+    run_dir = tmp_path / "run"
+    launcher = _fake_launcher(run_dir)
+    (run_dir / "logs" / "launcher.pid").write_text(f"{launcher.pid}\n{socket.gethostname()}\n")
     try:
         dry = _run("cleanup.sh", "--dry-run", "--no-prune", "--run-dir", str(run_dir))
         assert dry.returncode == 0 and f"would run: kill -TERM {launcher.pid}" in dry.stdout
@@ -142,6 +149,47 @@ def test_cleanup_stops_the_recorded_launcher_before_pruning(tmp_path):
     finally:
         if launcher.poll() is None:
             launcher.kill()
+
+
+def test_cleanup_signals_only_this_hosts_launcher(tmp_path):
+    """A pid file from another host, or whose pid now belongs to another process, is not signalled."""
+    import socket
+
+    run_dir = tmp_path / "run"
+    launcher = _fake_launcher(run_dir)
+    other = subprocess.Popen(["sleep", "300"])   # the pid reused by an unrelated process
+    pid_file = run_dir / "logs" / "launcher.pid"
+    try:
+        pid_file.write_text(f"{launcher.pid}\nanother-node\n")
+        wrong_host = _run("cleanup.sh", "--no-prune", "--run-dir", str(run_dir), "--timeout", "5")
+        assert wrong_host.returncode == 2 and "another-node" in wrong_host.stderr
+        pid_file.write_text(f"{other.pid}\n{socket.gethostname()}\n")
+        reused = _run("cleanup.sh", "--no-prune", "--run-dir", str(run_dir), "--timeout", "5")
+        assert reused.returncode == 0, reused.stderr
+        assert "no longer the launcher" in reused.stderr
+        assert launcher.poll() is None and other.poll() is None and not (run_dir / "saved").exists()
+    finally:
+        for p in (launcher, other):
+            p.kill()
+            p.wait()
+
+
+def test_ssh_mode_passes_host_names_as_words_and_rejects_shell_syntax(tmp_path):
+    out = tmp_path / "run"
+    echo_argv = "python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' {host} {cmd}"
+    args = ("launch_training.sh", "--mode", "ssh", "--ssh-cmd", echo_argv, "--gpus", "1")
+    for hosts in ("gpu1,$(touch PWNED)", "gpu1;touch PWNED", "../../evil", "gpu1=10.0.0.1 `id`"):
+        bad = _run(*args, "--hosts", hosts, "--", "--output-dir", str(out), cwd=tmp_path)
+        assert bad.returncode == 2 and "--hosts" in bad.stderr, (hosts, bad.stderr)
+    assert not (tmp_path / "PWNED").exists()
+    # The template's own quoting holds; the host and the remote command arrive as one word each.
+    ok = _run(*args, "--hosts", "gpu-1.example,gpu2=10.0.0.2", "--", "--output-dir", str(out),
+              "training.epochs=1")
+    assert ok.returncode == 0, ok.stderr
+    first = json.loads((out / "logs" / "gpu-1.example.log").read_text())
+    assert first[0] == "gpu-1.example" and len(first) == 2
+    assert "--is-host true" in first[1] and "training.epochs=1" in first[1]
+    assert json.loads((out / "logs" / "gpu2.log").read_text())[0] == "gpu2"
 
 
 def test_optional_efa_patch_renders_a_valid_job(tmp_path):

@@ -96,24 +96,8 @@ resource "aws_iam_role_policy_attachment" "gpu_node" {
   policy_arn = "arn:${data.aws_partition.current.partition}:iam::aws:policy/${each.value}"
 }
 
-# The training pods read and write checkpoints with the node's role (or with an IRSA role of your own):
-# this bucket only.
-resource "aws_iam_role_policy" "gpu_node_checkpoints" {
-  name = "imgtrain-checkpoints"
-  role = aws_iam_role.gpu_node.id
-  policy = jsonencode({
-    Version = "2012-10-17"
-    Statement = [
-      { Effect = "Allow", Action = ["s3:ListBucket"], Resource = aws_s3_bucket.checkpoints.arn },
-      {
-        Effect   = "Allow",
-        Action   = ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
-        Resource = "${aws_s3_bucket.checkpoints.arn}/*"
-      },
-      { Effect = "Allow", Action = ["kms:Decrypt", "kms:GenerateDataKey"], Resource = aws_kms_key.checkpoints.arn },
-    ]
-  })
-}
+# The GPU nodes' role has no access to the checkpoint bucket: every pod on a node could use it. The job's
+# own service account gets it instead (IRSA, "Workload identity for the job" below).
 
 # NCCL over EFA wants the nodes close together: one cluster placement group, one subnet (AZ).
 resource "aws_placement_group" "gpu" {
@@ -122,7 +106,6 @@ resource "aws_placement_group" "gpu" {
 }
 
 resource "aws_launch_template" "gpu" {
-  #checkov:skip=CKV_AWS_341:Pods reach IMDSv2 through the node's network namespace, one hop more; hop limit 1 would cut them off the node role that writes checkpoints
   name_prefix = "${var.cluster_name}-gpu-"
 
   block_device_mappings {
@@ -136,7 +119,7 @@ resource "aws_launch_template" "gpu" {
   metadata_options {
     http_endpoint               = "enabled"
     http_tokens                 = "required" # IMDSv2 only
-    http_put_response_hop_limit = 2          # pods reach IMDS through one more hop
+    http_put_response_hop_limit = 1          # pods (one hop more) cannot reach IMDS, so not the node role either
   }
   placement {
     group_name = aws_placement_group.gpu.name
@@ -208,6 +191,64 @@ resource "aws_eks_node_group" "system" {
     max_unavailable = 1
   }
   depends_on = [aws_iam_role_policy_attachment.gpu_node]
+}
+
+# ---------------------------------------------------------------- Workload identity for the job (IRSA)
+
+locals {
+  oidc_issuer = var.create_cluster ? aws_eks_cluster.this[0].identity[0].oidc[0].issuer : data.aws_eks_cluster.existing[0].identity[0].oidc[0].issuer
+  oidc_host   = replace(local.oidc_issuer, "https://", "")
+  # The Kubernetes service account of deploy/kubernetes/overlays/aws (serviceaccount.yaml).
+  trainer_subject = "system:serviceaccount:${var.kubernetes_namespace}:imgtrain"
+  oidc_provider_arn = var.create_cluster ? aws_iam_openid_connect_provider.eks[0].arn : (
+    "arn:${data.aws_partition.current.partition}:iam::${data.aws_caller_identity.current.account_id}:oidc-provider/${local.oidc_host}"
+  )
+}
+
+# A created cluster gets its OIDC provider here; an existing cluster has one already (eksctl utils
+# associate-iam-oidc-provider). STS verifies EKS issuers through their trusted CA, not this thumbprint.
+resource "aws_iam_openid_connect_provider" "eks" {
+  count           = var.create_cluster ? 1 : 0
+  url             = local.oidc_issuer
+  client_id_list  = ["sts.amazonaws.com"]
+  thumbprint_list = ["9e99a48a9960b14926bb7f3b02e22da2b0ab7280"]
+}
+
+# Only pods running as <kubernetes_namespace>/imgtrain may assume this role, and only this role can use the
+# checkpoint bucket.
+resource "aws_iam_role" "trainer" {
+  name = "${var.cluster_name}-trainer"
+  assume_role_policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [{
+      Effect    = "Allow"
+      Principal = { Federated = local.oidc_provider_arn }
+      Action    = "sts:AssumeRoleWithWebIdentity"
+      Condition = {
+        StringEquals = {
+          "${local.oidc_host}:sub" = local.trainer_subject
+          "${local.oidc_host}:aud" = "sts.amazonaws.com"
+        }
+      }
+    }]
+  })
+}
+
+resource "aws_iam_role_policy" "trainer_checkpoints" {
+  name = "imgtrain-checkpoints"
+  role = aws_iam_role.trainer.id
+  policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [
+      { Effect = "Allow", Action = ["s3:ListBucket"], Resource = aws_s3_bucket.checkpoints.arn },
+      {
+        Effect   = "Allow",
+        Action   = ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
+        Resource = "${aws_s3_bucket.checkpoints.arn}/*"
+      },
+      { Effect = "Allow", Action = ["kms:Decrypt", "kms:GenerateDataKey"], Resource = aws_kms_key.checkpoints.arn },
+    ]
+  })
 }
 
 # ---------------------------------------------------------------- image registry

@@ -51,6 +51,11 @@ output "image_repository_url" {
 }
 
 output "node_role_arn" {
-  description = "IAM role of the GPU nodes (has access to the checkpoint bucket)."
+  description = "IAM role of the GPU nodes (no access to the checkpoint bucket)."
   value       = aws_iam_role.gpu_node.arn
+}
+
+output "trainer_role_arn" {
+  description = "IAM role of the job's service account (annotation eks.amazonaws.com/role-arn in deploy/kubernetes/overlays/aws/serviceaccount.yaml): the only one with access to the checkpoint bucket."
+  value       = aws_iam_role.trainer.arn
 }

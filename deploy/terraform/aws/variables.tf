@@ -139,3 +139,13 @@ variable "tags" {
   type        = map(string)
   default     = {}
 }
+
+variable "kubernetes_namespace" {
+  description = "Namespace of the job's Kubernetes service account imgtrain, the only one that may assume the checkpoint role (IRSA)."
+  type        = string
+  default     = "default"
+  validation {
+    condition     = can(regex("^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", var.kubernetes_namespace))
+    error_message = "kubernetes_namespace must be a Kubernetes namespace name."
+  }
+}
