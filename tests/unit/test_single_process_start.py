@@ -66,3 +66,18 @@ def test_every_change_of_world_size_is_logged_with_the_decision(previous, world,
     assert (trainer.accumulation, trainer.global_batch) == (accumulation, 8)
     assert (f"elastic: world size changed {previous} -> {world}; policy keep_global: accumulation "
             f"{accumulation}, global batch 8") in caplog.text
+
+
+@pytest.mark.parametrize(("argv", "env", "expected"), [
+    (["--nnodes=1:2", "--nproc-per-node=1", "-m", "imgtrain", "train"], {}, 2),
+    (["--nnodes", "2:4", "--nproc-per-node", "8", "train", "--nnodes=9"], {}, 32),  # after the command: not ours
+    (["--standalone", "--nproc-per-node=2", "train"], {}, 2),
+    (["-m", "imgtrain", "train"], {"PET_NNODES": "1:3", "PET_NPROC_PER_NODE": "2"}, 6),
+    (["--nnodes=1:2", "--nproc-per-node=gpu", "train"], {}, None),  # torch counts the GPUs later
+])
+def test_launcher_tells_workers_the_jobs_largest_world_size(argv, env, expected):
+    from imgtrain.launch import expected_max_world_size, max_world_size_from_launcher
+
+    assert expected_max_world_size(argv, env) == expected
+    told = {} if expected is None else {MAX_WORLD_SIZE_ENV: str(expected)}
+    assert max_world_size_from_launcher(told) == expected
