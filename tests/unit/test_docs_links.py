@@ -29,3 +29,10 @@ def test_no_reference_to_files_outside_the_repository(doc):
     outside = [t for t in PARENT.findall(text) if not (doc.parent / t).resolve().is_relative_to(REPO)]
     outside += SHARED.findall(text)
     assert not outside, f"{doc.name} refers to files a clone does not have: {outside}"
+
+
+def test_readme_run_directory_table_lists_each_file_once():
+    text = (REPO / "README.md").read_text()
+    table = text.split("## The run directory", 1)[1].split("\n\n", 2)[1]
+    files = [line.split("|")[1].strip() for line in table.splitlines()[2:] if line.startswith("|")]
+    assert files and len(files) == len(set(files)), files
