@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
-from .config import DEFAULT_RECIPE, load_config
+from .config import default_recipe, load_config
 from .errors import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA, EXIT_DIVERGED, ImgtrainError, exit_code_of
 
 __all__ = ["EXIT_CHECKPOINT", "EXIT_CONFIG", "EXIT_DATA", "EXIT_DIVERGED", "build_parser", "main"]
@@ -16,7 +17,7 @@ log = logging.getLogger("imgtrain")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML recipe or the name of a shipped one (default for train: quickstart); "
+    p.add_argument("--config", help="YAML recipe or the name of a shipped one (default: folder with data.root=DIR, else quickstart); "
                                     "precedence: defaults < recipe < overrides")
     p.add_argument("--output-dir", help="run directory (same as output_dir=DIR)")
     p.epilog = ("Any further section.key=value arguments override config values, anywhere on the line, "
@@ -109,6 +110,16 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return ov
 
 
+def _recipe(args: argparse.Namespace) -> str:
+    """--config, else the shipped recipe that fits the command line, said once (by rank 0) with the reason."""
+    if args.config:
+        return args.config
+    recipe, why = default_recipe(args.overrides)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"imgtrain: {why}", file=sys.stderr)
+    return recipe
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["launch"]:  # torchrun's own parser takes every argument after it
@@ -143,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             # status is polled by scripts/monitor.sh: it must not pay for importing torch.
             return _run_ops(args) if args.command == "status" else _run(_run_ops, args)
         if args.command == "find-batch-size":
-            cfg = load_config(args.config or DEFAULT_RECIPE, _overrides(args))
+            cfg = load_config(_recipe(args), _overrides(args))
             return _run(_find_batch_size, (cfg, args))
         if args.command == "prepare":
             if rest:
@@ -151,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             return _run(_prepare, (parser, args))
         if args.command == "train":
             # Validated before torch is even imported: a typo is reported at once.
-            cfg = load_config(args.config or DEFAULT_RECIPE, _overrides(args))
+            cfg = load_config(_recipe(args), _overrides(args))
             return _run(_train, cfg)
         return _run(_eval, args)
     except ImgtrainError as e:

@@ -63,7 +63,11 @@ class DataConfig:
     image_size: int = 224
     """Training crop size (pixels)."""
     val_resize: int | None = None
-    """Eval resize of the shorter side before the center crop; None: image_size / 0.875."""
+    """Eval resize of the shorter side before the center crop; None: derived from image_size and
+    val_crop_fraction, so that it follows image_size."""
+    val_crop_fraction: float = 0.875
+    """When val_resize is null: the center crop's share of the resized shorter side (0.875: 224 of 256,
+    the standard ImageNet eval; 1.0: resize to image_size, nothing cropped)."""
     workers: int = 8
     """DataLoader worker processes per training process."""
     prefetch_factor: int = 4
@@ -113,6 +117,8 @@ class DataConfig:
         _check(self.image_size >= 8, f"{p}.image_size", self.image_size, "an integer >= 8")
         _check(self.val_resize is None or self.val_resize >= self.image_size, f"{p}.val_resize",
                self.val_resize, f"null or an integer >= data.image_size ({self.image_size})")
+        _check(0 < self.val_crop_fraction <= 1, f"{p}.val_crop_fraction", self.val_crop_fraction,
+               "a number in (0, 1]")
         _check(self.workers >= 0, f"{p}.workers", self.workers, "an integer >= 0")
         _check(self.prefetch_factor >= 1, f"{p}.prefetch_factor", self.prefetch_factor, "an integer >= 1")
         s = self.random_resized_crop_scale
@@ -172,8 +178,8 @@ class TrainingConfig:
         _check(self.base_lr > 0, f"{p}.base_lr", self.base_lr, "a number > 0")
         _check(self.lr_reference_batch >= 1, f"{p}.lr_reference_batch", self.lr_reference_batch,
                "an integer >= 1")
-        _check(0 <= self.warmup_epochs <= self.epochs, f"{p}.warmup_epochs", self.warmup_epochs,
-               f"a number in [0, training.epochs={self.epochs}]")
+        # Longer than the run is allowed: the trainer shortens it and says so (optim.create_schedule).
+        _check(self.warmup_epochs >= 0, f"{p}.warmup_epochs", self.warmup_epochs, "a number >= 0")
         _check(0 <= self.warmup_start_factor <= 1, f"{p}.warmup_start_factor", self.warmup_start_factor,
                "a number in [0, 1]")
         _check(0 < self.lr_step_gamma <= 1, f"{p}.lr_step_gamma", self.lr_step_gamma, "a number in (0, 1]")
@@ -588,6 +594,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 DEFAULT_RECIPE = "quickstart"
+FOLDER_RECIPE = "folder"
+
+
+def default_recipe(overrides: list[str] | tuple[str, ...]) -> tuple[str, str]:
+    """(recipe, why) for a command line without --config: the quickstart recipe is tuned for the embedded
+    8 px digits, so a user's own folder (``data.root=...``) gets the general-purpose one instead."""
+    for ov in overrides:
+        if "=" in ov:
+            keys, value = parse_override(ov)
+            if keys == ["data", "root"] and value is not None:
+                return FOLDER_RECIPE, (f"data.root is given and no --config: using the '{FOLDER_RECIPE}' recipe "
+                                       "(ResNet-18 at 160 px, flips, ImageNet mean/std; "
+                                       f"{RECIPES_DIR / FOLDER_RECIPE}.yaml); --config NAME picks another")
+    return DEFAULT_RECIPE, (f"no --config: using the '{DEFAULT_RECIPE}' recipe (the embedded digits dataset, "
+                            "8 px images); give data.root=DIR to train on a folder of your own")
 
 
 def resolve_recipe(path: str | Path) -> Path:

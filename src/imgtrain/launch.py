@@ -44,6 +44,10 @@ PRELOAD = ("torch", "torchvision", "psutil", "cv2", "imgtrain.cli", "imgtrain.tr
 # `imgtrain launch [torchrun options] train ...` is short for `... -m imgtrain train ...`.
 WORKER_COMMANDS = ("train", "eval", "find-batch-size")
 
+# The job's largest world size (--nnodes maximum x --nproc-per-node), told to the workers: under
+# distributed.elastic_batch=keep_global it fixes the global batch whatever the world size at the first start.
+MAX_WORLD_SIZE_ENV = "IMGTRAIN_MAX_WORLD_SIZE"
+
 log = logging.getLogger(__name__)
 _server_omp: str | None = None  # OMP_NUM_THREADS the running fork server was started with
 
@@ -167,6 +171,25 @@ def expected_omp_threads(argv: list[str], environ=os.environ) -> tuple[bool, str
     if not nproc.isdigit():
         return False, None
     return True, ("1" if int(nproc) > 1 else None)
+
+
+def expected_max_world_size(argv: list[str], environ=os.environ) -> int | None:
+    """``--nnodes`` maximum x ``--nproc-per-node`` of a torchrun command line, told without importing torch;
+    None for a process count torch must work out (``gpu``, ``auto``)."""
+    nproc = _option(argv, "--nproc-per-node", environ.get("PET_NPROC_PER_NODE", "1"))
+    nnodes = _option(argv, "--nnodes", environ.get("PET_NNODES", "1"))
+    if "--standalone" in argv:
+        nnodes = "1"
+    max_nodes = nnodes.rpartition(":")[2]
+    if not (nproc.isdigit() and max_nodes.isdigit()):
+        return None
+    return int(max_nodes) * int(nproc)
+
+
+def max_world_size_from_launcher(environ=os.environ) -> int | None:
+    """What :data:`MAX_WORLD_SIZE_ENV` says (set by `imgtrain launch`), else None (plain torchrun, no launcher)."""
+    value = environ.get(MAX_WORLD_SIZE_ENV, "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def start_forkserver(omp_threads: str | None, modules=PRELOAD) -> None:
@@ -310,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     # Before torch is imported here: the server's imports overlap this process's own.
     known, omp_threads = expected_omp_threads(argv)
     method = expected_start_method(argv)
+    max_world = expected_max_world_size(argv)
+    # Before any worker or fork server exists: each inherits it. resolve() sets the exact value below.
+    _set_env(MAX_WORLD_SIZE_ENV, None if max_world is None else str(max_world))
     if known and method == "forkserver":
         start_forkserver(omp_threads)
     elif known and method == "fork":
@@ -323,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     @record
     def launch() -> None:
         config, entrypoint, args = resolve(argv)
+        # Workers forked from the agent get the exact value; a fork server started above has the guess.
+        _set_env(MAX_WORLD_SIZE_ENV, str(config.max_nodes * config.nproc_per_node))
         if callable(entrypoint) and config.start_method == "forkserver":
             start_forkserver(os.environ.get("OMP_NUM_THREADS"))  # no-op unless torchrun changed it
         else:

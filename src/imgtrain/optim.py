@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,6 +11,8 @@ import torch
 from torch import nn
 
 from .config import OptimizationConfig, TrainingConfig
+
+log = logging.getLogger(__name__)
 
 
 def scaled_lr(training: TrainingConfig, global_batch: int) -> float:
@@ -81,9 +84,16 @@ class LRSchedule:
 
 
 def create_schedule(training: TrainingConfig) -> LRSchedule:
+    warmup = float(training.warmup_epochs)
+    if warmup > 0 and warmup >= training.epochs:
+        # A recipe's warmup (5 epochs) in a short run (training.epochs=1) would never reach the peak LR:
+        # warm up over the first half of the run instead, the schedule's decay over the second.
+        warmup = training.epochs / 2
+        log.warning("training.warmup_epochs=%g is not shorter than the run (training.epochs=%d): warming up "
+                    "over the first %g epochs instead", training.warmup_epochs, training.epochs, warmup)
     return LRSchedule(
         epochs=float(training.epochs),
-        warmup_epochs=float(training.warmup_epochs),
+        warmup_epochs=warmup,
         kind=training.lr_schedule,
         warmup_start_factor=training.warmup_start_factor,
         min_factor=training.min_lr_factor,

@@ -30,6 +30,7 @@ from .data.transforms import DeviceNormalize, batch_mix
 from .errors import CheckpointError, ConfigError, DataError, DivergenceError
 from .evaluate import EvalResult, evaluate_model
 from .fault import PreemptionHandler, Watchdog
+from .launch import max_world_size_from_launcher
 from .models import create_model
 from .monitoring import JsonlSink, ProgressBar
 from .monitoring.logs import LogSink, configure_logging, resolve_run_id
@@ -103,7 +104,8 @@ class Trainer:
         self.preemption = PreemptionHandler(cfg.fault_tolerance.grace_period)
         self.watchdog: Watchdog
         self.accumulation = cfg.optimization.accumulation_steps
-        self.reference_world_size: int | None = None
+        self.reference_world_size: int | None = None  # the job's full world size (see _apply_elastic_policy)
+        self.previous_world_size: int | None = None  # of the checkpoint resumed from
         self.last_eval: EvalResult | None = None
         self.last_ema_eval: EvalResult | None = None
         self.resumed_from: str | None = None
@@ -216,6 +218,10 @@ class Trainer:
         elif saved is not None and saved.get("method") != dc.compression:
             log.warning("compression: the checkpoint was saved with %s, the config asks for %s: %s starts "
                         "fresh", saved.get("method"), dc.compression, dc.compression)
+        if not info.enabled:  # one process, no process group: no gradient is exchanged
+            if dc.compression != "none":
+                log.info("gradient compression %s: unused, one process has no collectives", dc.compression)
+            return
         fp32 = self.compression._fp32_bytes
         sent = self.compression.expected_bytes_per_step()
         log.info("gradient compression %s; %s per step handed to collectives per rank instead of %s fp32 "
@@ -242,20 +248,25 @@ class Trainer:
         return scaled_lr(self.cfg.training, self.global_batch)
 
     def _apply_elastic_policy(self) -> None:
-        """On a restart with a different world size, keep the global batch (change accumulation) or
-        keep the per-process batch (the LR follows the global batch through the linear scaling rule)."""
-        ref = self.reference_world_size
+        """Sets the gradient accumulation for this start's world size and logs the decision.
+
+        ``keep_global``: the global batch (and so the peak LR) is the recipe's at the job's full world size,
+        the reference: ``imgtrain launch`` tells it (``--nnodes`` maximum x ``--nproc-per-node``), else it is
+        the world size of the run's first start. It is fixed then and saved in every checkpoint, so a run
+        that first started small keeps the same global batch as one that started full; fewer processes
+        accumulate more. ``keep_per_process``: the per-process batch stays and the LR follows the global
+        batch (linear scaling rule). Every start at another world size than the last checkpoint's (or, at
+        the first start, than the reference) is logged with the policy's decision."""
         w = self.info.world_size
-        if ref is None:
-            self.reference_world_size = w
-            return
-        if ref == w:
-            return
-        oc, tc = self.cfg.optimization, self.cfg.training
-        if self.cfg.distributed.elastic_batch == "keep_global":
+        if self.reference_world_size is None:
+            self.reference_world_size = max(w, max_world_size_from_launcher() or w)
+        ref = self.reference_world_size
+        oc, tc, dc = self.cfg.optimization, self.cfg.training, self.cfg.distributed
+        self.accumulation = oc.accumulation_steps
+        if dc.elastic_batch == "keep_global":
             target = tc.batch_size * ref * oc.accumulation_steps
             accum = max(1, math.ceil(target / (tc.batch_size * w)))
-            if accum > 1 and self.cfg.distributed.static_graph:  # DDP's static graph cannot no_sync
+            if accum > 1 and dc.static_graph:  # DDP's static graph cannot no_sync
                 raise ConfigError("distributed.static_graph", True, "false or distributed.elastic_batch="
                                   f"keep_per_process: keeping the global batch {target} at world size {w} "
                                   f"needs {accum} accumulation steps")
@@ -263,10 +274,20 @@ class Trainer:
                 log.warning("elastic: global batch %d cannot be kept exactly at world size %d; using %d",
                             target, w, accum * tc.batch_size * w)
             self.accumulation = accum
-        log.warning("elastic: world size changed %d -> %d; policy %s: accumulation %d, global batch %d, "
-                    "peak LR %.4g; the rest of epoch %d is re-sharded over the new ranks",
-                    ref, w, self.cfg.distributed.elastic_batch, self.accumulation, self.global_batch,
-                    self.peak_lr, self.progress.epoch + 1)
+        prev = self.previous_world_size
+        if prev == w or (prev is None and ref == w):
+            return
+        if prev is None:
+            change = f"world size {w} at the first start, {ref} for the whole job (imgtrain launch's --nnodes maximum)"
+            rest = ""
+        else:
+            change = f"world size changed {prev} -> {w}"
+            rest = f"; the rest of epoch {self.progress.epoch + 1} is re-sharded over the new ranks"
+        log.warning("elastic: %s; policy %s: accumulation %d, global batch %d, peak LR %.4g%s", change,
+                    dc.elastic_batch, self.accumulation, self.global_batch, self.peak_lr, rest,
+                    extra={"fields": {"previous_world_size": prev, "world_size": w, "reference_world_size": ref,
+                                      "accumulation": self.accumulation, "global_batch": self.global_batch,
+                                      "peak_lr": self.peak_lr}})
 
     # ------------------------------------------------------------------ state
 
@@ -326,7 +347,7 @@ class Trainer:
         self.progress = Progress(**sd["progress"])
         self.data.train_sampler.load_state_dict(sd["sampler"])
         self.reference_world_size = sd.get("reference_world_size")
-        self.accumulation = int(sd.get("accumulation", self.accumulation))
+        self.previous_world_size = sd.get("world_size")
         self._saved_compression = sd.get("compression")
         rngs = sd.get("rng") or []
         if sd.get("world_size") == self.info.world_size and self.info.rank < len(rngs):
@@ -400,7 +421,8 @@ class Trainer:
         t_start = time.perf_counter()
         # When each phase of (re)starting ended, for recovery-time breakdowns (benchmarks/recovery.py).
         self._log_event("start", resumed_from=self.resumed_from, timeline=self.timeline,
-                        restarts=self.progress.restarts)
+                        restarts=self.progress.restarts, global_batch=self.global_batch,
+                        accumulation=self.accumulation, peak_lr=self.peak_lr)
         self._notify_start()
         self.profiler.start(self.info.rank)
         stopped_early = False

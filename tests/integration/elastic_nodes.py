@@ -17,7 +17,7 @@ import psutil
 
 from conftest import read_jsonl, subprocess_env
 
-# The rendezvous settings imgtrain documents (see docs/fault_tolerance.md and shared/notes/elastic.md).
+# The rendezvous settings imgtrain documents (docs/fault_tolerance.md, "What we measured about torchrun's rendezvous").
 RDZV_CONF = ("last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3,read_timeout=15,"
              "close_timeout=5,heartbeat_timeout=5")
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import free_port, make_image_folder
 from elastic_nodes import (
@@ -40,6 +42,62 @@ def test_node_killed_and_readded(tmp_path):
     assert "elastic: world size changed 2 -> 1" in nodes[0].output()
     # The survivor's agent saw its worker fail when the peer vanished, and restarted a fork of itself.
     assert "of fn: run_worker (start_method: fork)" in nodes[0].output()
+
+
+def test_keep_global_holds_the_recipes_global_batch_as_the_world_grows_and_shrinks(tmp_path):
+    """One node of a --nnodes=1:2 job starts alone, a second joins, then dies: under keep_global every start
+    trains with the recipe's global batch at the full world size (4 per process x 2) and its peak LR,
+    accumulating where a node is missing, and each change of world size is logged with the decision."""
+    data = make_image_folder(tmp_path / "data", classes=3, train_per_class=16, val_per_class=2, size=16)
+    out = tmp_path / "run"
+    endpoint = f"127.0.0.1:{free_port()}"
+    args = train_args(data, out)  # training.batch_size=4, a checkpoint every 3 steps
+
+    def node(name: str) -> Node:
+        return Node(name, endpoint, args, tmp_path, launcher="imgtrain", is_host=name == "first")
+
+    def start_at(world: int, after: int) -> dict:
+        return wait_for(lambda: [e for e in events(out, "start")[after:] if e["world_size"] == world], 120,
+                        f"a start at world size {world}", nodes)[0]
+
+    def saved_after(start: dict) -> None:  # published (manifest written) by the group that began at start
+        wait_for(lambda: [e for e in events(out, "checkpoint") if e["time"] > start["time"]
+                          and (Path(e["path"]) / "manifest.json").exists()], 120, "a checkpoint", nodes)
+
+    def logged(line: str) -> None:
+        wait_for(lambda: line in first.output(), 60, repr(line), nodes)
+
+    first = node("first")
+    nodes = [first]
+    try:
+        alone = start_at(1, 0)
+        training = yaml.safe_load((out / "config.yaml").read_text())["training"]
+        peak_lr = training["base_lr"] * 8 / training["lr_reference_batch"]  # the linear scaling rule at 8
+        assert (alone["global_batch"], alone["accumulation"]) == (8, 2)
+        assert alone["peak_lr"] == pytest.approx(peak_lr)
+        logged("elastic: world size 1 at the first start, 2 for the whole job (imgtrain launch's --nnodes "
+               "maximum); policy keep_global: accumulation 2, global batch 8")
+        saved_after(alone)
+        nodes.append(node("second"))
+        both = start_at(2, len(events(out, "start")))
+        assert both["resumed_from"], "the grown group continues from the 1-node checkpoint"
+        assert (both["global_batch"], both["accumulation"]) == (8, 1)
+        assert both["peak_lr"] == pytest.approx(peak_lr)
+        logged("elastic: world size changed 1 -> 2; policy keep_global: accumulation 1, global batch 8")
+        saved_after(both)
+        starts = len(events(out, "start"))
+        nodes[1].kill()
+        again = start_at(1, starts)
+        assert again["resumed_from"]
+        assert (again["global_batch"], again["accumulation"]) == (8, 2)
+        assert again["peak_lr"] == pytest.approx(peak_lr)
+        logged("elastic: world size changed 2 -> 1; policy keep_global: accumulation 2, global batch 8")
+        assert first.proc.wait(timeout=300) == 0, first.output()[-3000:]
+    finally:
+        cleanup_pids(nodes)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["completed"] and summary["world_size"] == 1 and summary["global_batch"] == 8
+    assert summary["images_seen"] == 6 * 48
 
 
 @pytest.fixture

@@ -39,8 +39,8 @@ def test_quickstart_on_prepared_shards_reaches_97_percent_and_counts_a_corrupt_m
         f.write(b"\xff" * member.size)
 
     out = tmp_path / "run"
-    proc = run_cli(["train", "--output-dir", str(out), f"data.root={shards}", "data.format=shards",
-                    "training.progress_bar=false"], timeout=600)
+    proc = run_cli(["train", "--config", "quickstart", "--output-dir", str(out), f"data.root={shards}",
+                    "data.format=shards", "training.progress_bar=false"], timeout=600)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["val_top1"] >= 97.0, summary
     assert summary["val_images"] == 360 and summary["epochs"] == QUICKSTART_EPOCHS

@@ -170,7 +170,7 @@ def test_cli_run_survives_one_corrupt_file(tmp_path):
     assert summary["images_seen"] == 2 * 36
     # The resolved config is written as config.yaml and loads back to the same config.
     written = load_config(out / "config.yaml")
-    assert written == load_config("quickstart", [*args, f"output_dir='{out}'"])
+    assert written == load_config("folder", [*args, f"output_dir='{out}'"])  # data.root without --config
     assert written.data.root == str(root) and written.output_dir == str(out)
 
 

@@ -63,7 +63,7 @@ def train_transform(cfg: DataConfig) -> TrainTransform:
 
 
 def eval_resize(cfg: DataConfig) -> int:
-    return cfg.val_resize if cfg.val_resize is not None else int(round(cfg.image_size / 0.875))
+    return cfg.val_resize if cfg.val_resize is not None else int(round(cfg.image_size / cfg.val_crop_fraction))
 
 
 def eval_transform(cfg: DataConfig) -> EvalTransform:
