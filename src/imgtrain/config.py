@@ -353,7 +353,8 @@ class NotifyConfig:
     urls: list[str] = field(default_factory=list)
     """Apprise URLs (slack://..., https://hooks.slack.com/services/..., json://host/path,
     mailtos://user:pass@smtp.example.com?to=ops@example.com). ``${VAR}`` is read from the environment
-    at start, so secrets stay out of the YAML and of the run directory's config.yaml."""
+    at start, so secrets stay out of the YAML; a URL without ``${VAR}`` is redacted from everything imgtrain
+    writes (config.yaml, checkpoints, model.pt) and warned about at start."""
     urls_file: str | None = None
     """An apprise configuration file (one URL per line) kept outside the repository, e.g. a mounted secret."""
     events: list[Literal["started", "finished", "failed", "resumed", "diverged"]] = field(
