@@ -321,8 +321,12 @@ class CheckpointConfig:
     """auto (newest valid checkpoint in dir), never, or a checkpoint path."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """Passed to fsspec (e.g. {client_kwargs: {endpoint_url: ...}} for an S3-compatible store)."""
+    lock_timeout: float = 120.0
+    """Seconds a starting writer waits for the writer lock of checkpoint.dir held by another process (an
+    evicted pod still saving) before exiting with code 4 naming the holder."""
 
     def validate(self, p: str) -> None:
+        _check(self.lock_timeout >= 0, f"{p}.lock_timeout", self.lock_timeout, "seconds >= 0")
         _check(self.save_interval is None or self.save_interval > 0, f"{p}.save_interval",
                self.save_interval, "null or seconds > 0")
         _check(self.save_every_steps is None or self.save_every_steps >= 1, f"{p}.save_every_steps",
@@ -356,7 +360,8 @@ class NotifyConfig:
     urls: list[str] = field(default_factory=list)
     """Apprise URLs (slack://..., https://hooks.slack.com/services/..., json://host/path,
     mailtos://user:pass@smtp.example.com?to=ops@example.com). ``${VAR}`` is read from the environment
-    at start, so secrets stay out of the YAML and of the run directory's config.yaml."""
+    at start, so secrets stay out of the YAML; a URL without ``${VAR}`` is redacted from everything imgtrain
+    writes (config.yaml, checkpoints, model.pt) and warned about at start."""
     urls_file: str | None = None
     """An apprise configuration file (one URL per line) kept outside the repository, e.g. a mounted secret."""
     events: list[Literal["started", "finished", "failed", "resumed", "diverged"]] = field(
@@ -470,8 +475,11 @@ class Config:
                "distributed.static_graph", self.distributed.static_graph,
                "false with optimization.accumulation_steps > 1 (DDP's static graph does not support no_sync)")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def to_dict(self, redact: bool = True) -> dict[str, Any]:
+        """Plain data. Redacted by default (see :func:`redact_secrets`): this is what gets written down
+        (config.yaml, checkpoints, model.pt); the live config object keeps the real values."""
+        data = dataclasses.asdict(self)
+        return redact_secrets(data) if redact else data
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -656,4 +664,78 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
+    """Writes the resolved config with its secrets redacted."""
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Secrets: never written down. Whatever a config holds under a secret-looking key (storage_options'
+# key/secret/token, a password), URL credentials (user:pass@, ?token=) and notification URLs (apprise
+# keeps its tokens in the path) are replaced before a config is persisted. ${VAR} references are kept:
+# they name a secret without holding it.
+
+REDACTED = "<redacted>"
+_SECRET_KEY = re.compile(r"key|secret|token|passw|pwd|credential|auth", re.I)
+_ENV_REF = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}")
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)(.*)$", re.S)
+_SECRET_QUERY = re.compile(r"([?&;])([^=&;#]*)=([^&;#]*)")
+
+
+def _literal(text: str) -> bool:
+    """Whether ``text`` holds anything besides ${VAR} references (and the ':' of user:pass)."""
+    return bool(_ENV_REF.sub("", text).strip(":"))
+
+
+def redact_url(url: str, whole: bool = False) -> str:
+    """``url`` with literal credentials replaced: user:pass@ and secret-looking query values; everything
+    after the scheme when ``whole`` and the URL holds no ${VAR} (apprise URLs keep tokens in the path)."""
+    m = _URL.match(url)
+    if m is None:
+        return url
+    scheme, authority, rest = m.groups()
+    if whole and not _ENV_REF.search(url):
+        return scheme + REDACTED
+    if "@" in authority:
+        userinfo, host = authority.rsplit("@", 1)
+        if _literal(userinfo):
+            authority = f"{REDACTED}@{host}"
+
+    def query(q: re.Match) -> str:
+        sep, name, value = q.groups()
+        return f"{sep}{name}={REDACTED}" if _SECRET_KEY.search(name) and _literal(value) else q.group(0)
+
+    return scheme + authority + _SECRET_QUERY.sub(query, rest)
+
+
+def redact_secrets(data: Any, key: str = "") -> Any:
+    """A copy of plain config data (``Config.to_dict(redact=False)``) that is safe to write down."""
+    if isinstance(data, dict):
+        return {k: redact_secrets(v, f"{key}.{k}" if key else str(k)) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [redact_secrets(v, f"{key}[{i}]") for i, v in enumerate(data)]
+    name = key.rsplit(".", 1)[-1]
+    if _SECRET_KEY.search(name) and not (isinstance(data, str) and not _literal(data)) and data is not None:
+        return REDACTED
+    if isinstance(data, str):
+        return redact_url(data, whole=key.startswith("monitoring.notify.urls["))
+    return data
+
+
+def literal_credentials(cfg: Config) -> list[str]:
+    """Keys whose value holds a literal credential instead of a ${VAR} reference (for a warning at start:
+    they are redacted from everything imgtrain writes, but they stay in the YAML or command line)."""
+    plain = cfg.to_dict(redact=False)
+    found: list[str] = []
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(value, list | tuple):
+            for i, v in enumerate(value):
+                walk(v, f"{key}[{i}]")
+        elif redact_secrets(value, key) != value:
+            found.append(key)
+
+    walk(plain, "")
+    return found

@@ -30,7 +30,8 @@ EXIT_CODES: dict[int, str] = {
     EXIT_DATA: ("data error (missing root, no classes, a class without training or validation images, "
                 "class mismatch, too many unreadable files)"),
     EXIT_CHECKPOINT: ("checkpoint error (corrupt, missing, or not matching the configured model or data: model, classes, "
-                      "training split size)"),
+                      "training split size; `checkpoint.dir` locked by another writer or holding another run's "
+                      "checkpoints)"),
     EXIT_DIVERGED: "training diverged (loss NaN or infinite)",
     EXIT_HANG: "hang watchdog fired (all stacks dumped; no checkpoint saved)",
     EXIT_SIGINT: "stopped by SIGINT (Ctrl-C), as for 143",

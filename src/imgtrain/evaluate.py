@@ -7,14 +7,13 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import fsspec
 import torch
 from torch import nn
 
 from . import distributed as D
-from .checkpoint import MANIFEST, CheckpointError, CheckpointManager, load_checkpoint
+from .checkpoint import MANIFEST, CheckpointError, CheckpointManager, load_checkpoint, load_plain
 
 log = logging.getLogger(__name__)
 
@@ -63,46 +62,63 @@ def evaluate_model(model: nn.Module, loader, normalize: nn.Module, info: D.DistI
                       first_bad=first_bad)
 
 
-def resolve_checkpoint(path: str, storage_options: dict | None = None) -> str:
-    """A checkpoint directory as given; a checkpoints/ folder or '<folder>/latest': its newest good one."""
+def load_any(path: str, storage_options: dict | None = None) -> dict:
+    """A checkpoint directory (verified), a checkpoints/ folder or '<folder>/latest' (its newest good
+    checkpoint) or a model.pt file, as plain data."""
+    from .config import CheckpointConfig
+
     fs, root = fsspec.core.url_to_fs(path.rstrip("/"), **(storage_options or {}))
-    if fs.isfile(root) or fs.exists(f"{root}/{MANIFEST}"):
-        return path
+    if fs.isfile(root):  # model.pt
+        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+            return load_plain(root, path)
+        with fs.open(root, "rb") as f:
+            return load_plain(f, path)
+    if fs.exists(f"{root}/{MANIFEST}"):
+        return load_checkpoint(path, storage_options)
     folder = path.rstrip("/")
     if folder.endswith("/latest") and not fs.exists(root):
         folder = folder[: -len("/latest")]
-    from .config import CheckpointConfig
-
-    found = CheckpointManager(CheckpointConfig(storage_options=storage_options or {}), folder,
-                              is_writer=False).find_latest_valid()
+    mgr = CheckpointManager(CheckpointConfig(storage_options=storage_options or {}), folder, is_writer=False)
+    try:
+        found = mgr.load_latest()
+    finally:
+        mgr.close()
     if found is None:
         raise CheckpointError(f"no valid checkpoint at {path}")
-    return found
+    return found[1]
 
 
-def load_any(path: str, storage_options: dict | None = None) -> dict:
-    """A checkpoint directory (verified) or a model.pt file, as plain data."""
-    resolved = resolve_checkpoint(path, storage_options)
-    if Path(resolved).is_file():
-        try:
-            return torch.load(resolved, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{resolved}: cannot be loaded as plain data: {e}") from None
-    return load_checkpoint(resolved, storage_options)
+# What a checkpoint's own config may decide for `imgtrain eval`: the model and how an evaluation image is
+# made. Where the data is and how to reach it (data.root, storage options, endpoints, credentials) comes
+# from the user: a shared checkpoint must not point the evaluation at its author's data or secrets.
+EVAL_DATA_KEYS = ("image_size", "val_resize", "mean", "std", "decoder")
+
+
+def eval_base(saved: dict | None) -> dict:
+    """The model fields and the eval-transform fields of a checkpoint's embedded config."""
+    saved = saved or {}
+    data = saved.get("data") or {}
+    return {"model": saved.get("model") or {}, "data": {k: data[k] for k in EVAL_DATA_KEYS if k in data}}
 
 
 def run_eval(checkpoint: str, config_path: str | None, overrides: list[str]) -> int:
-    from .config import load_config
+    from .config import ConfigError, load_config
     from .data import build_data
     from .data.transforms import DeviceNormalize
     from .models import create_model
     from .trainer import _configure_logging
 
     # Validate what the user typed before touching the process group or data.
-    load_config(config_path, overrides)
-    sd = load_any(checkpoint)
-    base = sd.get("config") if config_path is None else None
-    cfg = load_config(config_path, overrides, base=base)
+    user = load_config(config_path, overrides)
+    sd = load_any(checkpoint, user.checkpoint.storage_options)
+    if config_path is None:
+        saved = sd.get("config") or {}
+        cfg = load_config(None, overrides, base=eval_base(saved))
+        if cfg.data.root is None and (saved.get("data") or {}).get("root") is not None:
+            raise ConfigError("data.root", None, "the evaluation data: data.root=PATH or --config (the "
+                              "checkpoint's own data location and credentials are not used)")
+    else:
+        cfg = user
     cfg.data.decode = "cpu"  # GPU decode is a training-time option: evaluation decodes on the CPU anyway
     info = D.init_distributed(cfg.distributed)
     _configure_logging(info)
@@ -113,6 +129,9 @@ def run_eval(checkpoint: str, config_path: str | None, overrides: list[str]) -> 
         if meta.get("num_classes") not in (None, data.num_classes):
             raise CheckpointError(f"{checkpoint} was trained on {meta['num_classes']} classes, the data at "
                                   f"{data.val_set.split_dir} has {data.num_classes}")
+        if meta.get("classes") is not None and list(meta["classes"]) != list(data.classes):
+            raise CheckpointError(f"{checkpoint} was trained on classes {_brief(meta['classes'])}, the data at "
+                                  f"{data.val_set.split_dir} has {_brief(data.classes)}")
         model = create_model(cfg.model, data.num_classes, cfg.data.image_size).to(info.device)
         try:
             model.load_state_dict(sd["model"])
@@ -127,3 +146,8 @@ def run_eval(checkpoint: str, config_path: str | None, overrides: list[str]) -> 
     finally:
         D.destroy_distributed(info)
     return 0
+
+
+def _brief(names, n: int = 5) -> str:
+    names = list(names)
+    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")

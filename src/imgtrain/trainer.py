@@ -22,7 +22,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from . import distributed as D
 from .checkpoint import CheckpointManager, load_checkpoint
 from .comm_hooks import Compression, create_compression
-from .config import Config, dump_config
+from .config import Config, dump_config, literal_credentials
 from .data import DataBundle, build_data
 from .data.prefetch import device_batches
 from .data.shard_cache import cache_record
@@ -53,6 +53,13 @@ class Progress:
     bad_images: int = 0  # unreadable training files skipped, all ranks, every epoch and restart
     train_seconds: float = 0.0  # wall time spent in training epochs, summed over restarts
     restarts: int = 0
+
+
+def checkpoint_run_id(cfg: Config) -> str:
+    """The run a checkpoint belongs to (recorded in its manifest): monitoring.run_id, else the run
+    directory's name. Not torchrun's --rdzv-id: the launch scripts set it to the scheduler's job id, which
+    a resubmitted run that should continue from its checkpoints does not keep."""
+    return cfg.monitoring.run_id or Path(cfg.output_dir).resolve().name
 
 
 def seed_everything(seed: int) -> None:
@@ -148,7 +155,11 @@ class Trainer:
                                cfg.training.seed, info.device)
         if info.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.output_dir / "config.yaml")
+            dump_config(cfg, self.output_dir / "config.yaml")  # secrets redacted
+            for key in literal_credentials(cfg):
+                log.warning("%s is a literal credential (or a notification URL without ${VAR}): imgtrain "
+                            "redacts it from everything it writes, but your config file or command line holds "
+                            "it; read it from the environment (${VAR}) or use a role", key)
         self.model_without_ddp = create_model(cfg.model, self.data.num_classes, cfg.data.image_size)
         self.model_without_ddp.to(info.device)
         self.channels_last = cfg.model.channels_last and info.device.type == "cuda"
@@ -167,7 +178,8 @@ class Trainer:
         self.schedule = create_schedule(cfg.training)
 
         ckpt_dir = cfg.checkpoint.dir or str(self.output_dir / "checkpoints")
-        self.checkpointer = CheckpointManager(cfg.checkpoint, ckpt_dir, is_writer=info.is_main)
+        self.checkpointer = CheckpointManager(cfg.checkpoint, ckpt_dir, is_writer=info.is_main,
+                                              run_id=checkpoint_run_id(cfg))
         self.timeline["built"] = time.time()
         self._maybe_resume()
         self.timeline["checkpoint_loaded"] = time.time()
@@ -362,13 +374,18 @@ class Trainer:
         if mode == "never":
             return
         path: str | None = None
+        sd: dict[str, Any] | None = None
         if self.info.is_main:
-            path = self.checkpointer.find_latest_valid() if mode == "auto" else mode
+            if mode == "auto":  # verified and loaded in one read of the file
+                path, sd = self.checkpointer.load_latest() or (None, None)
+            else:
+                path = mode
         path = D.broadcast_string(path, self.info)
         if path is None:
             log.info("no checkpoint to resume from in %s: starting fresh", self.checkpointer.directory)
             return
-        sd = load_checkpoint(path, self.cfg.checkpoint.storage_options)
+        if sd is None:
+            sd = load_checkpoint(path, self.cfg.checkpoint.storage_options)
         self.load_state_dict(sd, path)
         self.progress.restarts += 1
         self.resumed_from = path

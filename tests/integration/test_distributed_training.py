@@ -61,8 +61,10 @@ def test_accumulation_under_torchrun_matches_single_process(image_folder, tmp_pa
 def test_eval_command_under_torchrun_counts_every_image_once(image_folder, tmp_path):
     out = tmp_path / "run"
     run_cli(["train", "--output-dir", str(out), f"data.root={image_folder}", *TINY])
-    single = json.loads(run_cli(["eval", "--checkpoint", str(out / "model.pt")]).stdout.strip().splitlines()[-1])
-    multi = run_torchrun(2, ["eval", "--checkpoint", str(out / "checkpoints")])
+    # The data location comes from the user, never from the checkpoint's embedded config.
+    root = f"data.root={image_folder}"
+    single = json.loads(run_cli(["eval", "--checkpoint", str(out / "model.pt"), root]).stdout.strip().splitlines()[-1])
+    multi = run_torchrun(2, ["eval", "--checkpoint", str(out / "checkpoints"), root])
     line = [ln for ln in multi.stdout.splitlines() if ln.startswith("{")][-1]
     multi = json.loads(line)
     assert single["val_images"] == multi["val_images"] == 12
@@ -70,5 +72,5 @@ def test_eval_command_under_torchrun_counts_every_image_once(image_folder, tmp_p
     summary = json.loads((out / "summary.json").read_text())
     assert single["val_top1"] == pytest.approx(summary["val_top1"])
     # GPU decode is a training-time option: a run configured with it still evaluates on a CPU machine.
-    cpu_eval = run_cli(["eval", "--checkpoint", str(out / "model.pt"), "data.decode=gpu"])
+    cpu_eval = run_cli(["eval", "--checkpoint", str(out / "model.pt"), root, "data.decode=gpu"])
     assert json.loads(cpu_eval.stdout.strip().splitlines()[-1])["val_top1"] == pytest.approx(single["val_top1"])

@@ -1,0 +1,332 @@
+"""Checkpoint directory safety: one writer at a time (a POSIX lock across processes, a lease on object
+stores), the interrupted same-step re-save put back, run ids in manifests, streamed verification and
+memory-mapped loading."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import tracemalloc
+import uuid
+from pathlib import Path
+
+import fsspec
+import pytest
+import torch
+
+from imgtrain import checkpoint as ckpt
+from imgtrain.checkpoint import (
+    MANIFEST,
+    STATE_FILE,
+    CheckpointError,
+    CheckpointManager,
+    load_checkpoint,
+    verify,
+)
+from imgtrain.config import CheckpointConfig
+
+from conftest import subprocess_env
+
+WAIT = 240  # generous: the machine running the tests may be slow and busy
+
+
+def _cfg(**kw) -> CheckpointConfig:
+    return CheckpointConfig(async_save=False, **kw)
+
+
+def _save(directory, steps, run_id="run-a", value=None, **kw) -> CheckpointManager:
+    mgr = CheckpointManager(_cfg(**kw), str(directory), run_id=run_id)
+    for s in steps:
+        mgr.save(s, {"w": torch.full((4,), float(s if value is None else value))})
+    return mgr
+
+
+def _wait_for(cond, what: str, proc: subprocess.Popen | None = None, timeout: float = WAIT):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        if proc is not None and proc.poll() is not None and not cond():
+            raise AssertionError(f"helper exited ({proc.returncode}) before {what}: {proc.stderr.read()}")
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _helper(code: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+# A writer in another process whose save of step 5 stops after writing state.pt into its temporary
+# directory, until the test creates <ctl>/go; it then holds the lock until <ctl>/release exists.
+SLOW_WRITER = """
+    import os, sys, time
+    from pathlib import Path
+    import torch
+    from imgtrain import checkpoint
+    from imgtrain.config import CheckpointConfig
+
+    directory, ctl = sys.argv[1], Path(sys.argv[2])
+    real_write = checkpoint._write_fsync
+
+    def wait(name):
+        while not (ctl / name).exists():
+            time.sleep(0.01)
+
+    def slow_write(path, data):
+        real_write(path, data)
+        if path.endswith(checkpoint.STATE_FILE):
+            (ctl / "saving").touch()
+            wait("go")
+
+    checkpoint._write_fsync = slow_write
+    mgr = checkpoint.CheckpointManager(CheckpointConfig(async_save=False), directory, run_id="run-a")
+    mgr.save(5, {"w": torch.ones(4)})
+    (ctl / "saved").touch()
+    wait("release")
+    mgr.close()
+"""
+
+
+def test_second_writer_is_refused_naming_the_holder_and_leaves_its_save_alone(tmp_path, caplog):
+    directory, ctl = tmp_path / "ckpt", tmp_path / "ctl"
+    ctl.mkdir()
+    proc = _helper(SLOW_WRITER, str(directory), str(ctl))
+    try:
+        _wait_for(lambda: (ctl / "saving").exists(), "the first writer's save to start", proc)
+        in_progress = list(directory.glob(".tmp-step_000000005-*"))
+        assert in_progress
+
+        # Another run pointed at the same directory: refused after checkpoint.lock_timeout, naming the holder.
+        with pytest.raises(CheckpointError) as err:
+            CheckpointManager(_cfg(lock_timeout=0.5), str(directory), run_id="run-b")
+        msg = str(err.value)
+        assert "is locked by another writer" in msg and "checkpoint.lock_timeout" in msg and "\n" not in msg
+        assert f"run 'run-a', host {socket.gethostname()}, pid {proc.pid}" in msg
+        assert all(p.exists() for p in in_progress), "the second writer deleted the save in progress"
+
+        (ctl / "go").touch()
+        _wait_for(lambda: (ctl / "saved").exists(), "the first writer's save to finish", proc)
+        verify(str(directory / "step_000000005"))
+
+        # A replacement of the same run waits for the lock instead (an evicted pod still saving).
+        got: dict = {}
+
+        def replacement():
+            got["mgr"] = CheckpointManager(_cfg(lock_timeout=WAIT), str(directory), run_id="run-a")
+            got["at"] = time.monotonic()
+
+        caplog.set_level(logging.WARNING, logger="imgtrain.checkpoint")
+        t = threading.Thread(target=replacement)
+        t.start()
+        _wait_for(lambda: "waiting up to" in caplog.text, "the replacement to wait for the lock")
+        released = time.monotonic()
+        (ctl / "release").touch()
+        t.join(WAIT)
+        assert "mgr" in got and got["at"] > released
+        assert proc.wait(WAIT) == 0, proc.stderr.read()
+        path, sd = got["mgr"].load_latest()
+        assert path == str(directory / "step_000000005") and torch.equal(sd["w"], torch.ones(4))
+        got["mgr"].close()
+    finally:
+        for name in ("go", "release"):
+            (ctl / name).touch()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+
+
+CRASH_BETWEEN_RENAMES = """
+    import os, sys
+    import torch
+    from imgtrain.checkpoint import CheckpointManager
+    from imgtrain.config import CheckpointConfig
+
+    mgr = CheckpointManager(CheckpointConfig(async_save=False), sys.argv[1], run_id="run-a")
+    mgr.save(5, {"w": torch.ones(4)})
+    real_rename, calls = os.rename, []
+
+    def rename(src, dst):
+        calls.append(src)
+        if len(calls) == 2:  # step_5 -> step_5.old-* is done; tmp -> step_5 never happens
+            os._exit(9)
+        real_rename(src, dst)
+
+    os.rename = rename
+    mgr.save(5, {"w": torch.full((4,), 2.0)})
+"""
+
+
+def test_crash_between_the_renames_of_a_same_step_resave_restores_the_published_copy(tmp_path, caplog):
+    directory = tmp_path / "ckpt"
+    proc = _helper(CRASH_BETWEEN_RENAMES, str(directory))
+    assert proc.wait(WAIT) == 9, proc.stderr.read()
+    assert not (directory / "step_000000005").exists()
+    assert list(directory.glob("step_000000005.old-*")) and list(directory.glob(".tmp-step_000000005-*"))
+
+    caplog.set_level(logging.WARNING, logger="imgtrain.checkpoint")
+    mgr = CheckpointManager(_cfg(), str(directory), run_id="run-a")
+    assert "restored" in caplog.text and "interrupted between its two renames" in caplog.text
+    assert sorted(p.name for p in directory.iterdir()) == ["step_000000005", ckpt.LOCK_FILE]
+    path, sd = mgr.load_latest()
+    assert path == str(directory / "step_000000005") and torch.equal(sd["w"], torch.ones(4))
+    mgr.close()
+
+
+# ------------------------------------------------------------------------------------------- run ids
+
+
+def test_manifest_records_the_run_id_and_another_run_is_refused(tmp_path):
+    _save(tmp_path, [1, 2], run_id="run-a").close()
+    assert json.loads((tmp_path / "step_000000002" / MANIFEST).read_text())["run_id"] == "run-a"
+    with pytest.raises(CheckpointError) as err:
+        CheckpointManager(_cfg(), str(tmp_path), run_id="run-b")
+    msg = str(err.value)
+    assert "holds checkpoints of run 'run-a'" in msg and "this is run 'run-b'" in msg
+    assert "monitoring.run_id=run-a" in msg and "--resume PATH" in msg
+    verify(str(tmp_path / "step_000000001"))
+    verify(str(tmp_path / "step_000000002"))
+    # The same run (a restart) goes on; so does a reader of any run.
+    _save(tmp_path, [3], run_id="run-a").close()
+    assert CheckpointManager(_cfg(), str(tmp_path), is_writer=False).find_latest_valid().endswith("3")
+
+
+def test_checkpoints_without_a_run_id_are_resumed(tmp_path):
+    _save(tmp_path, [1], run_id=None).close()
+    assert "run_id" not in json.loads((tmp_path / "step_000000001" / MANIFEST).read_text())
+    mgr = _save(tmp_path, [2], run_id="run-a", keep_last_n=1)
+    assert [n for _, n in mgr.list_checkpoints()] == ["step_000000002"]  # and pruned as our own
+    mgr.close()
+
+
+def test_retention_never_removes_another_runs_checkpoint(tmp_path):
+    mgr = _save(tmp_path, [1, 2], run_id="run-b", keep_last_n=2)
+    # Another run's checkpoint appears beside ours (a file system without locks, a hand copy).
+    foreign = tmp_path / "step_000000000"
+    shutil.copytree(tmp_path / "step_000000001", foreign)
+    manifest = json.loads((foreign / MANIFEST).read_text())
+    (foreign / MANIFEST).write_text(json.dumps({**manifest, "run_id": "run-a"}))
+    mgr.save(3, {"w": torch.zeros(4)})
+    mgr.save(4, {"w": torch.zeros(4)})
+    mgr.close()
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000000000", "step_000000003",
+                                                                "step_000000004"]
+
+
+# ------------------------------------------------------------------------------- object-store lease
+
+
+@pytest.fixture
+def memdir():
+    path = f"memory://ckpt-{uuid.uuid4().hex[:8]}"
+    yield path
+    fs = fsspec.filesystem("memory")
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def test_lease_refuses_a_second_writer_until_released(memdir):
+    first = _save(memdir, [1], run_id="run-a")
+    lease = json.loads(fsspec.filesystem("memory").cat(f"{memdir}/{ckpt.LOCK_FILE}"))
+    assert lease["run_id"] == "run-a" and lease["pid"] == os.getpid() and lease["expires_unix"] > time.time()
+    with pytest.raises(CheckpointError, match=f"run 'run-a', host {socket.gethostname()}, pid {os.getpid()}"):
+        CheckpointManager(_cfg(lock_timeout=0.3), memdir, run_id="run-a")
+    first.close()
+    assert not fsspec.filesystem("memory").exists(f"{memdir}/{ckpt.LOCK_FILE}")
+    second = CheckpointManager(_cfg(lock_timeout=0.3), memdir, run_id="run-a")
+    assert second.load_latest()[0] == f"{memdir}/step_000000001"
+    second.close()
+
+
+def test_an_expired_lease_is_taken_over_and_its_old_holder_stops_saving(memdir, monkeypatch, caplog):
+    monkeypatch.setattr(ckpt, "LEASE_TTL_S", 0.6)
+    stalled = _save(memdir, [1], run_id="run-a")
+
+    def store_unreachable():
+        raise OSError("store unreachable")
+
+    stalled._lock._write = store_unreachable  # its renewals stop reaching the store: the lease lapses
+    taker = CheckpointManager(_cfg(lock_timeout=WAIT), memdir, run_id="run-a")
+    caplog.set_level(logging.ERROR, logger="imgtrain.checkpoint")
+    _wait_for(lambda: stalled._lock.lost is not None, "the old holder to notice the takeover")
+    stalled.save(2, {"w": torch.zeros(4)})
+    assert stalled.failures == 1 and "taken over by run 'run-a'" in caplog.text
+    assert [n for _, n in taker.list_checkpoints()] == ["step_000000001"]
+    taker.save(2, {"w": torch.zeros(4)})
+    assert taker.failures == 0 and [n for _, n in taker.list_checkpoints()][0] == "step_000000002"
+    taker.close()
+    stalled.close()
+
+
+def test_a_lease_left_by_a_dead_process_of_this_host_is_taken_at_once(memdir):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    fs = fsspec.filesystem("memory")
+    fs.makedirs(memdir, exist_ok=True)
+    fs.pipe(f"{memdir}/{ckpt.LOCK_FILE}", json.dumps(
+        {"run_id": "run-a", "host": socket.gethostname(), "pid": int(dead.stdout), "token": "x",
+         "expires_unix": time.time() + 3600}).encode())
+    CheckpointManager(_cfg(lock_timeout=0), memdir, run_id="run-a").close()
+
+
+# ------------------------------------------------------------------------- streamed hash, mmap load
+
+
+def _mapped_file(t: torch.Tensor) -> str | None:
+    """The file whose memory mapping holds ``t``'s data (Linux /proc/self/maps), if any."""
+    ptr = t.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if start <= ptr < end:
+            return fields[5] if len(fields) == 6 else None
+    return None
+
+
+def test_load_memory_maps_a_local_checkpoint(tmp_path):
+    _save(tmp_path, [1]).close()
+    state = str(tmp_path / "step_000000001" / STATE_FILE)
+    sd = load_checkpoint(str(tmp_path / "step_000000001"))
+    assert _mapped_file(sd["w"]) == state
+    mgr = CheckpointManager(_cfg(), str(tmp_path), is_writer=False)
+    assert _mapped_file(mgr.load_latest()[1]["w"]) == state
+
+
+def test_verification_streams_the_file(tmp_path):
+    mgr = CheckpointManager(_cfg(), str(tmp_path), run_id="run-a")
+    mgr.save(1, {"w": torch.zeros(12 << 20, dtype=torch.uint8)})  # 12 MiB + the pickle
+    mgr.close()
+    tracemalloc.start()
+    try:
+        verify(str(tmp_path / "step_000000001"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 << 20, f"verification held {peak / 2**20:.1f} MiB: the file was read whole"
+
+
+def test_the_newest_checkpoint_is_read_once_to_verify_and_load(tmp_path, monkeypatch):
+    _save(tmp_path, [1, 2]).close()
+    fs = fsspec.filesystem("file")
+    opened: list[str] = []
+    real_open = type(fs)._open
+
+    def counting_open(self, path, *args, **kwargs):
+        opened.append(path)
+        return real_open(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(type(fs), "_open", counting_open)
+    real_load = torch.load
+    loads: list = []
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: loads.append(f) or real_load(f, *a, **k))
+    path, sd = CheckpointManager(_cfg(), str(tmp_path), is_writer=False).load_latest()
+    assert path == str(tmp_path / "step_000000002") and torch.equal(sd["w"], torch.full((4,), 2.0))
+    reads = [p for p in opened if p.endswith(STATE_FILE)] + [f for f in loads if not isinstance(f, str)]
+    assert reads == [str(tmp_path / "step_000000002" / STATE_FILE)]  # hashed once, then mmapped by name
