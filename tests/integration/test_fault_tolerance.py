@@ -234,6 +234,29 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert not differ, f"weights differ from the uninterrupted run in {differ}"
 
 
+def assert_same_rng_streams(a: Path, b: Path, step: int) -> None:
+    """Every rank's RNG streams (Python, NumPy, torch) in both runs' checkpoints of ``step``: a resumed run
+    goes on with the streams an uninterrupted one has, not only with its weights."""
+    def streams(out: Path) -> list[dict]:
+        state = out / "checkpoints" / f"step_{step:09d}" / STATE_FILE
+        return torch.load(state, map_location="cpu", weights_only=True)["rng"]
+
+    def same(x, y) -> bool:
+        if isinstance(x, torch.Tensor):
+            return isinstance(y, torch.Tensor) and torch.equal(x, y)
+        if isinstance(x, dict):
+            return isinstance(y, dict) and x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        if isinstance(x, list | tuple):
+            return isinstance(y, list | tuple) and len(x) == len(y) and all(map(same, x, y))
+        return x == y
+
+    ra, rb = streams(a), streams(b)
+    assert len(ra) == len(rb)
+    for rank, (x, y) in enumerate(zip(ra, rb, strict=True)):
+        differ = [k for k in x if not same(x[k], y.get(k))]
+        assert not differ, f"rank {rank}: the {differ} RNG streams differ from the uninterrupted run"
+
+
 def summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
@@ -272,6 +295,9 @@ def test_kill9_worker_under_torchrun_restarts_and_matches_uninterrupted(data_dir
     assert s["images_seen"] == EPOCHS * N_TRAIN
     assert s["steps"] == EPOCHS * STEPS_PER_EPOCH
     assert_same_weights(reference(2), out)
+    # And the RNG streams: the loaders draw their workers' seeds from their own generator, so the extra
+    # iter() of the resumed epoch leaves the global streams (which MixUp/CutMix draw from) as they were.
+    assert_same_rng_streams(reference(2), out, EPOCHS * STEPS_PER_EPOCH)
 
 
 # ---------------------------------------------------------------------------------------------- 2. kill -9 mid-write

@@ -1,6 +1,6 @@
 """The trainer's DataLoader: its workers and stop signals (a SIGTERM/SIGINT sent to the whole job by torchrun's
 os.killpg, Slurm or Ctrl-C must not kill them before their training process has saved, nor keep that process
-from exiting afterwards)."""
+from exiting afterwards), and the global RNG streams it leaves alone."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import subprocess
 import sys
 
 import psutil
+import torch
+
+from imgtrain.data.loader import WorkerLoader
 
 from conftest import subprocess_env
 
@@ -41,3 +44,12 @@ def test_loader_workers_drop_a_job_wide_sigterm_and_exit_with_their_process():
     assert said.strip() == "all batches"
     assert not psutil.pid_exists(int(pid)) or psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE
 
+
+def test_starting_an_epoch_leaves_the_global_rng_streams_alone():
+    # A plain DataLoader draws its workers' base seed from the global torch generator at every iter(): a run
+    # resumed mid-epoch (one iter() more than an uninterrupted run) would go on one draw ahead of it.
+    loader = WorkerLoader(list(range(8)), batch_size=2)
+    before = torch.get_rng_state()
+    assert [b.tolist() for b in loader] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    iter(loader)
+    assert torch.equal(torch.get_rng_state(), before)

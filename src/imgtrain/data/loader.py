@@ -53,12 +53,18 @@ def resolve_data_root(cfg: DataConfig) -> Path:
 
 
 class WorkerLoader(DataLoader):
-    """A DataLoader whose worker processes leave SIGTERM/SIGINT to the training process
-    (``worker_init_fn``); the signals are held pending while they are forked, so that none reaches a
-    worker before that. The training process saves at preemption, then shuts them down as usual
-    (fault.ignore_stop_signals)."""
+    """A DataLoader that leaves the training process's RNG streams and stop signals to it.
+
+    * Its own generator: without one, every ``iter()`` draws the workers' base seed from the global torch
+      generator, so a run resumed mid-epoch (one ``iter()`` more than an uninterrupted run) would go on
+      with another global stream than the uninterrupted run (MixUp/CutMix draw from it). The base seed
+      does not decide any sample: each one is decoded under its own seed (folder.sample_rng_scope).
+    * Its worker processes leave SIGTERM/SIGINT to the training process (``worker_init_fn``), and the
+      signals are held pending while they are forked, so that none reaches a worker before that. The
+      training process saves at preemption, then shuts them down as usual (fault.ignore_stop_signals)."""
 
     def __init__(self, dataset, **kw) -> None:
+        kw.setdefault("generator", torch.Generator())
         if kw.get("num_workers", 0) > 0:
             kw["worker_init_fn"] = ignore_stop_signals
         super().__init__(dataset, **kw)
