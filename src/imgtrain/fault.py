@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import logging
 import os
@@ -13,6 +14,45 @@ import time
 log = logging.getLogger(__name__)
 
 WATCHDOG_EXIT_CODE = 75  # distinct, non-zero: torchrun restarts the group, the logs say why
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """Hold SIGTERM/SIGINT pending in this thread while it starts DataLoader workers.
+
+    A fork inherits the blocked mask, so a signal that reaches a new loader worker before its
+    :func:`ignore_stop_signals` has run waits for it there instead of hitting torch's worker handler. In
+    this process the signal is only deferred to the end of the block (or taken by another thread)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """``worker_init_fn`` of every DataLoader: its worker ignores SIGTERM and SIGINT unless its parent (the
+    training process) sends them.
+
+    Plain torchrun stops a worker with ``os.killpg`` (Slurm signals every process of a step, a terminal's
+    Ctrl-C the whole foreground group): the loader workers get the signal too, and torch's worker handler
+    dies of any SIGTERM its parent did not send, which takes the training process down in its next step,
+    before its preemption checkpoint. Plain ``SIG_IGN`` is not enough either: at exit ``multiprocessing``
+    terminates its daemonic children (SIGTERM from the parent) and joins them without a timeout, which
+    would then wait forever. So the signals stay blocked in every thread and one thread takes them: from
+    the parent it exits as torch's handler does, from anyone else it drops them."""
+    if not hasattr(signal, "sigwaitinfo"):  # not on macOS: torch's handling stays
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # already so when forked by stop_signals_blocked
+    parent = os.getppid()
+
+    def take() -> None:
+        while True:
+            if signal.sigwaitinfo(STOP_SIGNALS).si_pid == parent:
+                os._exit(0)  # what torch's worker handler does for its parent's SIGTERM
+
+    threading.Thread(target=take, name="imgtrain-loader-signals", daemon=True).start()
 
 
 class PreemptionHandler:
@@ -20,10 +60,12 @@ class PreemptionHandler:
 
     The handler only sets a flag (nothing else is safe inside a signal handler); the trainer checks it
     after each optimizer step, agrees with the other ranks (one small all-reduce) so that all stop at
-    the same step, saves a checkpoint and exits cleanly. A second signal while stopping exits at once.
+    the same step, saves a checkpoint and exits cleanly. A second signal while stopping exits at once
+    (the same signal again within REPEAT_WINDOW is taken as the first one delivered twice).
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = STOP_SIGNALS
+    REPEAT_WINDOW = 2.0  # seconds in which the same signal again is the same request, not an insistence
 
     def __init__(self, grace_period: float | None = None) -> None:
         self.grace_period = grace_period
@@ -45,10 +87,18 @@ class PreemptionHandler:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
         if self.requested_at is not None:
+            if 128 + signum == self.exit_code and now - self.requested_at < self.REPEAT_WINDOW:
+                # The same event, delivered again: a killed parent's death signal (SIGINT, set by torch for
+                # the workers of `imgtrain launch`) comes once for each of the parent's threads that the
+                # orphan is handed to as they exit, all within microseconds.
+                return
             # Second signal: the user (or the orchestrator) insists.
+            os.write(2, f"imgtrain: {signal.Signals(signum).name} again while stopping; exiting at once, "
+                        "without a final checkpoint\n".encode())
             os._exit(128 + signum)
-        self.requested_at = time.monotonic()
+        self.requested_at = now
         self.signal_name = signal.Signals(signum).name
         self.exit_code = 128 + signum
         if self.grace_period is not None:

@@ -276,6 +276,10 @@ def run_worker(*argv: str) -> None:
     except Exception:  # as python would: the traceback on stderr (the rank's log), exit code 1
         traceback.print_exc()
         code = 1
+    # Done, saved or not. A killed agent's death signal (SIGINT) reaches a fork of it once for each of the
+    # agent's threads the orphan is handed to as they exit; a late one must not turn the exit (which joins
+    # the DataLoader's workers) into a KeyboardInterrupt traceback and exit code 1.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.stdout.flush()
     if code:
         sys.exit(code)
@@ -328,7 +332,8 @@ def _format_agent_tracebacks_lightly() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`imgtrain launch ...`: exits as torchrun does (1, with torchrun's failure summary, if a worker failed)."""
+    """`imgtrain launch ...`: exits as torchrun does (1, with torchrun's failure summary, if a worker failed),
+    except when stopped by a signal: 128 + the signal (143 for SIGTERM, 130 for SIGINT), no traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
     # Before torch is imported here: the server's imports overlap this process's own.
     known, omp_threads = expected_omp_threads(argv)
@@ -341,13 +346,14 @@ def main(argv: list[str] | None = None) -> int:
     elif known and method == "fork":
         _set_env("OMP_NUM_THREADS", omp_threads)  # what torchrun sets, here before torch reads it
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import record
     from torch.distributed.launcher.api import elastic_launch
 
     _format_agent_tracebacks_lightly()
 
     @record
-    def launch() -> None:
+    def launch() -> int:
         config, entrypoint, args = resolve(argv)
         # Workers forked from the agent get the exact value; a fork server started above has the guess.
         _set_env(MAX_WORLD_SIZE_ENV, str(config.max_nodes * config.nproc_per_node))
@@ -357,13 +363,19 @@ def main(argv: list[str] | None = None) -> int:
             stop_forkserver()
         if callable(entrypoint) and config.start_method == "fork":
             preload_in_background()
-        elastic_launch(config=config, entrypoint=entrypoint)(*args)
+        try:
+            elastic_launch(config=config, entrypoint=entrypoint)(*args)
+        except SignalException as e:
+            # The agent turns SIGTERM/SIGINT/... into this exception once it has stopped its workers (which
+            # saved and exited 143/130; its log said "Received ... death signal"). Not an error of the
+            # launcher: it exits as a process stopped by that signal is reported, without a traceback.
+            return 128 + int(e.sigval)
+        return 0
 
     try:
-        launch()
+        return launch()
     finally:
         stop_forkserver()
-    return 0
 
 
 if __name__ == "__main__":

@@ -470,6 +470,7 @@ class Trainer:
             self.watchdog.stop()
         self.checkpointer.wait()
         if self.preemption.requested:
+            self._log_event("preempted", signal=self.preemption.signal_name, exit_code=self.preemption.exit_code)
             return {"preempted": True, "exit_code": self.preemption.exit_code}
         summary = self._summary(time.perf_counter() - t_start, stopped_early)
         if self.metrics is not None:

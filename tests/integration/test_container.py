@@ -5,8 +5,8 @@ What this proves: requirements.py reads pyproject.toml, the wheel builds from a 
 what the Dockerfile COPYs (so .dockerignore and the COPY lines are enough), the dependency install
 resolves, and the installed wheel (not the editable checkout) runs the image's command (`imgtrain
 --help`) and checks a recipe the image copies into its WORKDIR. What it does not: the base image (its
-Python, pip and CUDA torch are stood in for by this machine's, reached through --system-site-packages as
-the image reaches the base's), the OS layer (its apt-get lines; the compiler and libjpeg headers come from
+Python, pip and CUDA torch are stood in for by those of the Python running the tests, the system's or a
+venv's, reached as the image reaches the base's), the OS layer (its apt-get lines; the compiler and libjpeg headers come from
 scripts/install.sh here, so the wheel's region decoder is compiled as in the build stage), USER/permissions, a training run inside the image (the
 training code itself is tested everywhere else), or a GPU.
 """
@@ -17,6 +17,7 @@ import json
 import os
 import shlex
 import shutil
+import site
 import subprocess
 import venv
 from pathlib import Path
@@ -129,12 +130,42 @@ def run_dockerfile_python_steps(dockerfile: Path, root: Path, python_bin: Path) 
     return workdir, entry
 
 
+def venv_over_this_python(env_dir: Path) -> Path:
+    """A new virtual environment that sees this Python's packages after its own, as a venv made with
+    --system-site-packages sees the base Python's; returns its python.
+
+    The packages must be those of the interpreter running the tests: the system Python's when the
+    project was installed there (CI), but the user's venv's when it was installed into one, and
+    ``system_site_packages=True`` would reach past that venv to the base Python, which has no torch."""
+    venv.EnvBuilder(with_pip=False).create(env_dir)
+    python = env_dir / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    # addsitedir: appended after the venv's own directory, their .pth files processed (as site does for the
+    # system site-packages).
+    lines = [f"import site; site.addsitedir({d!r})" for d in site.getsitepackages()]
+    (Path(purelib) / "_outer_site_packages.pth").write_text("\n".join(lines) + "\n")
+    return python
+
+
+def test_venv_over_this_python_sees_its_packages_after_its_own(tmp_path):
+    python = venv_over_this_python(tmp_path / "venv")
+    code = "import sys, torch; print(sys.prefix); print(torch.__file__)"
+    env = subprocess_env()
+    env.pop("PYTHONPATH", None)
+    prefix, torch_file = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True,
+                                        env=env).stdout.split()
+    assert Path(prefix) == tmp_path / "venv"
+    import torch
+
+    assert torch_file == torch.__file__  # this Python's torch, wherever it was installed
+
+
 def test_dockerfile_pip_steps_and_entrypoint_in_a_clean_venv(tmp_path):
     env_dir = tmp_path / "venv"
     # Stands in for the base image's Python: torch comes from it, everything else is installed anew.
-    # pip too comes from the system site-packages (as in the image), which saves installing it anew.
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
-    python = env_dir / "bin" / "python"
+    # pip too comes from the outer site-packages (as in the image), which saves installing it anew.
+    python = venv_over_this_python(env_dir)
     workspace, entry = run_dockerfile_python_steps(DOCKERFILE, tmp_path / "image", python)
     assert entry == ["imgtrain", "--help"]
 

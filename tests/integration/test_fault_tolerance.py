@@ -234,6 +234,29 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert not differ, f"weights differ from the uninterrupted run in {differ}"
 
 
+def assert_same_rng_streams(a: Path, b: Path, step: int) -> None:
+    """Every rank's RNG streams (Python, NumPy, torch) in both runs' checkpoints of ``step``: a resumed run
+    goes on with the streams an uninterrupted one has, not only with its weights."""
+    def streams(out: Path) -> list[dict]:
+        state = out / "checkpoints" / f"step_{step:09d}" / STATE_FILE
+        return torch.load(state, map_location="cpu", weights_only=True)["rng"]
+
+    def same(x, y) -> bool:
+        if isinstance(x, torch.Tensor):
+            return isinstance(y, torch.Tensor) and torch.equal(x, y)
+        if isinstance(x, dict):
+            return isinstance(y, dict) and x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        if isinstance(x, list | tuple):
+            return isinstance(y, list | tuple) and len(x) == len(y) and all(map(same, x, y))
+        return x == y
+
+    ra, rb = streams(a), streams(b)
+    assert len(ra) == len(rb)
+    for rank, (x, y) in enumerate(zip(ra, rb, strict=True)):
+        differ = [k for k in x if not same(x[k], y.get(k))]
+        assert not differ, f"rank {rank}: the {differ} RNG streams differ from the uninterrupted run"
+
+
 def summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
@@ -272,6 +295,9 @@ def test_kill9_worker_under_torchrun_restarts_and_matches_uninterrupted(data_dir
     assert s["images_seen"] == EPOCHS * N_TRAIN
     assert s["steps"] == EPOCHS * STEPS_PER_EPOCH
     assert_same_weights(reference(2), out)
+    # And the RNG streams: the loaders draw their workers' seeds from their own generator, so the extra
+    # iter() of the resumed epoch leaves the global streams (which MixUp/CutMix draw from) as they were.
+    assert_same_rng_streams(reference(2), out, EPOCHS * STEPS_PER_EPOCH)
 
 
 # ---------------------------------------------------------------------------------------------- 2. kill -9 mid-write
@@ -425,6 +451,13 @@ def _sigterm_and_check(run: Run, out: Path, target: psutil.Process | subprocess.
     assert step_dirs(out)[-1].name == f"step_{stopped:09d}"
     assert manager(out).find_latest_valid() == str(out / "checkpoints" / f"step_{stopped:09d}")
     assert not (out / "model.pt").exists()
+    # metrics.jsonl ends with the preemption (not "failed"), and each rank's own log says it exits 143.
+    ends = [r for r in metrics(out) if r["event"] in ("start", "finished", "failed", "preempted")]
+    assert ends[-1]["event"] == "preempted", ends
+    assert (ends[-1]["step"], ends[-1]["signal"], ends[-1]["exit_code"]) == (stopped, "SIGTERM", 143)
+    for rank_log in sorted((out / "logs").glob("rank*.jsonl")):
+        fields = [json.loads(ln).get("fields", {}) for ln in rank_log.read_text().splitlines()]
+        assert [f["exit_code"] for f in fields if f.get("event") == "preempted"] == [143], rank_log
     return rc, stopped
 
 
@@ -446,24 +479,36 @@ def test_sigterm_single_process_saves_exits_and_resumes_bit_identical(data_dir, 
 
 
 @pytest.mark.slow
-def test_sigterm_to_torchrun_saves_exits_and_resumes_bit_identical(data_dir, tmp_path, runs, reference):
+@pytest.mark.parametrize("launcher", ["torchrun", "imgtrain launch"])
+def test_sigterm_to_torchrun_saves_exits_and_resumes_bit_identical(data_dir, tmp_path, runs, reference, launcher):
+    """With a DataLoader worker per rank. Plain torchrun stops its workers with os.killpg: each rank's
+    loader worker gets the SIGTERM too, and must outlive it until its rank has saved (issue 16)."""
     out = tmp_path / "run"
-    args = slow_args(data_dir, out, 2, f"fault_tolerance.grace_period={GRACE}")
-    run = runs(torchrun_cmd(2, args), out)
-    wait_until(lambda: len(run.workers()) == 2, "two workers", run)
-    workers = run.workers()
+    args = slow_args(data_dir, out, 2, f"fault_tolerance.grace_period={GRACE}", "data.workers=1")
+    cmd = torchrun_cmd(2, args)
+    if launcher == "imgtrain launch":
+        cmd[1:3] = ["-m", "imgtrain", "launch"]
+    run = runs(cmd, out)
+    agent = psutil.Process(run.proc.pid)
+    # The training processes: the agent's children (a loader worker is a child of its training process).
+    workers = wait_until(lambda: len(agent.children()) == 2 and agent.children(), "two workers", run)
+    wait_until(lambda: all(w.children() for w in workers), "a loader worker per rank", run)
     rc, stopped = _sigterm_and_check(run, out, run.proc)
-    assert rc != 0  # torchrun reports that it was terminated
     for w in workers:
         assert not w.is_running()
     text = run.output
     for rank in (0, 1):
         assert f"[rank {rank}] WARNING imgtrain.trainer: preemption (SIGTERM): saving a checkpoint at step " \
                f"{stopped} before exiting" in text
-    # torchrun reports its own SIGTERM with a traceback of its own; the workers print none.
-    assert text.count("Traceback (most recent call last)") <= 1, text[-6000:]
+    assert "DataLoader worker" not in text, text[-6000:]
     assert not re.search(r'File "[^"]*/imgtrain/', text), text[-6000:]
     assert "forcefully exiting via" not in text  # the workers exited by themselves, none was killed
+    if launcher == "torchrun":
+        assert rc != 0  # torchrun reports that it was terminated, with a traceback of its own
+        assert text.count("Traceback (most recent call last)") <= 1, text[-6000:]
+    else:
+        assert rc == 143  # as a process stopped by SIGTERM, quietly
+        no_traceback(text)
 
     run_torchrun(2, args, timeout=WAIT)
     assert resumed_steps(out)[-1] == stopped

@@ -3,6 +3,7 @@ logs, and a killed agent that leaves nothing behind (its fork server exits, its 
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -99,11 +100,42 @@ def test_killed_launcher_leaves_no_process_and_its_worker_saves(tmp_path, start_
         for p in procs:
             if _alive(p):
                 p.kill()
-    # The fork server exited with its agent; the worker took that as SIGINT and saved where it stopped.
+    # The fork server exited with its agent; the worker took that as SIGINT and saved where it stopped. The
+    # step it stops at is the one its own log names when the signal is taken (a step or more after the kill).
     (stderr_log,) = logs.glob("*/attempt_0/0/stderr.log")
     text = stderr_log.read_text()
     assert "received SIGINT; stopping after this step" in text, text[-3000:]
-    saved = events(out, "checkpoint")
-    stopped = saved[-1]["step"] if saved else None
-    assert f"preemption (SIGINT): saving a checkpoint at step {stopped}" in text, text[-3000:]
+    said = re.search(r"preemption \(SIGINT\): saving a checkpoint at step (\d+) before exiting", text)
+    assert said, text[-3000:]
+    stopped = int(said.group(1))
+    # That step's checkpoint is published and intact, it is the run's newest, and nothing was trained after it.
     verify(str(out / "checkpoints" / f"step_{stopped:09d}"))
+    assert wait_for(lambda: [e["step"] for e in events(out, "checkpoint")][-1:] == [stopped], 60,
+                    f"the checkpoint record of step {stopped} in metrics.jsonl")
+    assert max(e["step"] for e in events(out, "train")) == stopped
+
+
+@pytest.mark.parametrize(("sig", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_launcher_stopped_by_a_signal_exits_with_its_code_quietly(tmp_path, sig, code):
+    """torchrun's agent turns the signal into an exception once it has stopped its workers; `imgtrain launch`
+    exits as a process stopped by that signal (README's exit codes), without a traceback."""
+    import signal
+
+    cmd = [sys.executable, "-m", "imgtrain", "launch", "--standalone", "--nproc-per-node=1",
+           f"--log-dir={tmp_path}", "--no-python", "sleep", "600"]
+    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=subprocess_env(), start_new_session=True)
+    try:
+        # Signal once the agent runs its worker: its handlers are installed by then.
+        (worker,) = wait_for(lambda: agent.poll() is None and psutil.Process(agent.pid).children(), 120,
+                             "the agent's worker")
+        agent.send_signal(getattr(signal, sig))
+        rc = agent.wait(timeout=60)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    output = agent.stdout.read()
+    assert rc == code, output[-3000:]
+    assert f"Received {int(getattr(signal, sig))} death signal, shutting down workers" in output, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert not _alive(worker)

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import DataConfig
+from ..fault import ignore_stop_signals, stop_signals_blocked
 from .embedded import ensure_digits
 from .folder import DataError, ImageFolderDataset, SampleRef, collate, scan_classes
 from .gpu_decode import GpuBatchDecoder, GpuTrainPlan, check_gpu_decode, gpu_collate
@@ -50,6 +51,30 @@ def resolve_data_root(cfg: DataConfig) -> Path:
     if not root.is_dir():
         raise DataError(f"data.root does not exist or is not a directory: {root}")
     return root
+
+
+class WorkerLoader(DataLoader):
+    """A DataLoader that leaves the training process's RNG streams and stop signals to it.
+
+    * Its own generator: without one, every ``iter()`` draws the workers' base seed from the global torch
+      generator, so a run resumed mid-epoch (one ``iter()`` more than an uninterrupted run) would go on
+      with another global stream than the uninterrupted run (MixUp/CutMix draw from it). The base seed
+      does not decide any sample: each one is decoded under its own seed (folder.sample_rng_scope).
+    * Its worker processes leave SIGTERM/SIGINT to the training process (``worker_init_fn``), and the
+      signals are held pending while they are forked, so that none reaches a worker before that. The
+      training process saves at preemption, then shuts them down as usual (fault.ignore_stop_signals)."""
+
+    def __init__(self, dataset, **kw) -> None:
+        kw.setdefault("generator", torch.Generator())
+        if kw.get("num_workers", 0) > 0:
+            kw["worker_init_fn"] = ignore_stop_signals
+        super().__init__(dataset, **kw)
+
+    def __iter__(self):
+        if self.num_workers == 0:
+            return super().__iter__()
+        with stop_signals_blocked():  # the workers are forked here (each epoch without persistent workers)
+            return super().__iter__()
 
 
 def _loader_kwargs(cfg: DataConfig, device: torch.device) -> dict:
@@ -126,9 +151,9 @@ def _bundle(cfg: DataConfig, train_set, val_set, batch_size: int, rank: int, wor
     check_shared_memory(cfg, batch_size)
     kw = _loader_kwargs(cfg, device)
     train_kw = kw | {"collate_fn": gpu_collate} if gpu else kw
-    train_loader = DataLoader(train_set, batch_sampler=sampler, **train_kw)
-    val_loader = DataLoader(val_set, batch_size=eval_batch_size or batch_size,
-                            sampler=_RefList(eval_shard(len(val_set), rank, world_size)), **kw)
+    train_loader = WorkerLoader(train_set, batch_sampler=sampler, **train_kw)
+    val_loader = WorkerLoader(val_set, batch_size=eval_batch_size or batch_size,
+                              sampler=_RefList(eval_shard(len(val_set), rank, world_size)), **kw)
     log.info("data: %s, %d classes, %d train / %d val images", train_set.split_dir, len(train_set.classes),
              len(train_set), len(val_set))
     return DataBundle(train_set.classes, train_set, val_set, sampler, train_loader, val_loader,

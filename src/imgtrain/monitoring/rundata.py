@@ -19,7 +19,7 @@ import yaml
 
 from .logs import METRICS_LOGGER
 
-TERMINAL_EVENTS = ("finished", "failed", "diverged")
+TERMINAL_EVENTS = ("finished", "failed", "diverged", "preempted")
 LIFECYCLE_EVENTS = ("start", *TERMINAL_EVENTS)
 _RANK_FILE = re.compile(r"rank(\d+)\.jsonl$")
 
