@@ -35,7 +35,8 @@ EXIT_CODES: dict[int, str] = {
     EXIT_DIVERGED: "training diverged (loss NaN or infinite)",
     EXIT_HANG: "hang watchdog fired (all stacks dumped; no checkpoint saved)",
     EXIT_SIGINT: "stopped by SIGINT (Ctrl-C), as for 143",
-    EXIT_SIGTERM: ("stopped by SIGTERM: after saving a checkpoint, or without one when the step and the save "
+    EXIT_SIGTERM: ("stopped by SIGTERM (each training process, and `imgtrain launch` itself): after saving a "
+                   "checkpoint, or without one when the step and the save "
                    "outlast `fault_tolerance.grace_period` (non-zero so schedulers requeue)"),
 }
 
