@@ -85,6 +85,9 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     max_bad_fraction: float = 0.001
     """Stop with an error once more than this fraction of a split's files failed to decode."""
+    max_image_pixels: int = 100_000_000
+    """Largest image decoded (width x height, from the header, before any pixel is decoded); a larger one is
+    a bad sample. Bounds a loader worker's memory per image (docs/decode.md, "Hostile files")."""
     decoder: Literal[
         "libjpeg_roi", "simplejpeg_fast", "simplejpeg", "simplejpeg_pillow", "opencv", "torchvision", "pil"
     ] = "libjpeg_roi"
@@ -133,6 +136,7 @@ class DataConfig:
                self.root, "a local ImageFolder directory (a URL needs data.format=shards)")
         _check(self.format == "folder" or self.root is not None, f"{p}.root", self.root,
                "the output of `imgtrain prepare` when data.format=shards")
+        _check(self.max_image_pixels >= 1, f"{p}.max_image_pixels", self.max_image_pixels, "an integer >= 1")
         _check(self.cache_size_gb > 0, f"{p}.cache_size_gb", self.cache_size_gb, "a number of GB > 0")
 
 
