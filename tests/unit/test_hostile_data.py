@@ -111,9 +111,9 @@ def test_a_jpeg_with_thousands_of_scans_is_refused_before_decoding(decoder):
 
 
 def test_scan_count_skips_app_segments_that_hold_sos_bytes():
-    data = _jpeg()
     app = b"\xff\xe1" + (2 + 400).to_bytes(2, "big") + b"\xff\xda" * 200  # an EXIF-like payload
-    assert D.jpeg_scan_count(data[:2] + app + data[2:]) == 1
+    prog = _jpeg(progressive=True)
+    assert D.jpeg_scan_count(prog[:2] + app + prog[2:]) == D.jpeg_scan_count(prog) < 20
 
 
 def test_a_bomb_in_the_training_data_is_a_bad_sample_refused_by_the_limit(tmp_path, caplog):

@@ -89,13 +89,18 @@ class DecodeLimits:
 
 _SOS = b"\xff\xda"
 _STANDALONE = frozenset(range(0xD0, 0xDA)) | {0x01}  # RSTn, SOI, EOI, TEM: markers without a length
+_PROGRESSIVE_SOF = frozenset({0xC2, 0xC6, 0xCA, 0xCE})  # SOF2/6/10/14: Huffman/arithmetic, (non)differential
 
 
 def jpeg_scan_count(data: bytes) -> int:
-    """An upper bound of the number of scans (SOS markers) of a JPEG: the segments before the first scan
-    are skipped by their lengths (an APPn payload may hold any bytes), then the SOS markers are counted
-    (entropy-coded data cannot hold one: a 0xFF there is followed by 0x00 or a restart marker)."""
+    """An upper bound of the number of scans (SOS markers) of a progressive JPEG, 1 for a sequential one:
+    the segments before the first scan are skipped by their lengths (an APPn payload may hold any bytes),
+    then the SOS markers are counted (entropy-coded data cannot hold one: a 0xFF there is followed by 0x00
+    or a restart marker). A sequential file's scans code every block of their components, so what they
+    cost is bounded by the file's size; a progressive scan can skip 32767 blocks in one code. Counting only
+    there keeps the ~5% it costs on a 100 KB file off the common baseline JPEG."""
     pos, n = 2, len(data)
+    progressive = False
     while pos + 4 <= n:
         if data[pos] != 0xFF:
             return 0  # not a well-formed header: the decoder will say so
@@ -104,7 +109,8 @@ def jpeg_scan_count(data: bytes) -> int:
             pos += 1
             continue
         if marker == 0xDA:
-            return 1 + data.count(_SOS, pos + 2)
+            return 1 + data.count(_SOS, pos + 2) if progressive else 1
+        progressive = progressive or marker in _PROGRESSIVE_SOF
         if marker in _STANDALONE:
             pos += 2
             continue
