@@ -55,10 +55,6 @@ MAX_IMAGE_PIXELS = DataConfig.max_image_pixels
 MAX_JPEG_SCANS = 100
 
 
-def decode_limits(cfg: DataConfig) -> DecodeLimits:
-    return DecodeLimits(max_pixels=cfg.max_image_pixels)
-
-
 class ImageLimitError(Exception):
     """An image above the decode limits (pixel count, JPEG scans): a bad sample, never retried with another
     decoder (deliberately not a ValueError, which the decoders catch to fall back)."""
@@ -85,6 +81,11 @@ class DecodeLimits:
         """libjpeg's memory limit: a progressive file's coefficients at 2 bytes per sample, for up to 4
         full-resolution components (CMYK) of the largest image allowed, plus working buffers."""
         return 8 * self.max_pixels + (64 << 20)
+
+
+def decode_limits(cfg: DataConfig) -> DecodeLimits:
+    """The configured limits (``data.max_image_pixels``; the scan cap is fixed)."""
+    return DecodeLimits(max_pixels=cfg.max_image_pixels)
 
 
 _SOS = b"\xff\xda"
