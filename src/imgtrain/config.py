@@ -90,6 +90,9 @@ class DataConfig:
     allow_empty_classes: bool = False
     """Train with a class that has no training or no validation images (or whose folder is in only one of
     train/ and val/). Off: such a class is a data error, since it is most often a copy gone wrong."""
+    max_image_pixels: int = 100_000_000
+    """Largest image decoded (width x height, from the header, before any pixel is decoded); a larger one is
+    a bad sample. Bounds a loader worker's memory per image (docs/decode.md, "Hostile files")."""
     decoder: Literal[
         "libjpeg_roi", "simplejpeg_fast", "simplejpeg", "simplejpeg_pillow", "opencv", "torchvision", "pil"
     ] = "libjpeg_roi"
@@ -140,6 +143,7 @@ class DataConfig:
                self.root, "a local ImageFolder directory (a URL needs data.format=shards)")
         _check(self.format == "folder" or self.root is not None, f"{p}.root", self.root,
                "the output of `imgtrain prepare` when data.format=shards")
+        _check(self.max_image_pixels >= 1, f"{p}.max_image_pixels", self.max_image_pixels, "an integer >= 1")
         _check(self.cache_size_gb > 0, f"{p}.cache_size_gb", self.cache_size_gb, "a number of GB > 0")
 
 

@@ -9,31 +9,62 @@
  * this small binding. It uses only the libjpeg API of libjpeg-turbo (>= 1.5 has these calls; decode.py uses
  * it only with >= 2.1.5, the release it was tested with).
  *
- * decode_crop(data, top, left, height, width, fast) -> (bytearray, x0, out_width)
+ * decode_crop(data, top, left, height, width, fast[, max_pixels, max_scans, max_memory])
+ *     -> (bytearray, x0, out_width)
  *   RGB rows top .. top+height-1, columns x0 .. x0+out_width-1 (x0 <= left, x0 + out_width >=
  *   left + width: the iMCU-aligned columns that libjpeg delivered), 3 bytes per pixel.
  *   fast: libjpeg-turbo's fast integer IDCT and plain (non-fancy) chroma upsampling, as simplejpeg's
  *   fastdct/fastupsample. Raises ValueError on any libjpeg error or warning (corrupt data, CMYK), so the
- *   caller can fall back to another decoder.
+ *   caller can fall back to another decoder. Raises LimitError (no fallback: the file is bad) for an
+ *   image of more than max_pixels pixels (checked right after the header), a JPEG of more than max_scans
+ *   scans (checked by a progress monitor as each scan starts, as djpeg -maxscans does), or one that needs
+ *   more than max_memory bytes of libjpeg's memory (cinfo->mem->max_memory_to_use: a progressive file's
+ *   coefficient buffer above it fails with "backing store not supported" instead of being allocated).
+ *
+ * LIBJPEG_TURBO_VERSION_NUMBER is the version of the headers it was built with; LIBJPEG_PATH is the file of
+ * the libjpeg actually loaded (dladdr), which decode.py reads its version from.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <dlfcn.h>
 #include <setjmp.h>
 #include <stdio.h>
 #include <string.h>
 
 #include <jpeglib.h>
+#include <jerror.h>
+
+static PyObject *LimitError;
 
 struct roi_error {
     struct jpeg_error_mgr pub;
     jmp_buf jump;
     char message[JMSG_LENGTH_MAX];
+    int limit; /* the error is a limit (LimitError), not corrupt data (ValueError) */
 };
+
+struct roi_progress {
+    struct jpeg_progress_mgr pub;
+    int max_scans;
+};
+
+static void roi_progress_monitor(j_common_ptr cinfo) {
+    struct roi_progress *prog = (struct roi_progress *)cinfo->progress;
+    int scan = ((j_decompress_ptr)cinfo)->input_scan_number;
+    if (scan > prog->max_scans) {
+        struct roi_error *err = (struct roi_error *)cinfo->err;
+        snprintf(err->message, sizeof err->message, "JPEG with more than %d scans", prog->max_scans);
+        err->limit = 1;
+        longjmp(err->jump, 1);
+    }
+}
 
 static void roi_error_exit(j_common_ptr cinfo) {
     struct roi_error *err = (struct roi_error *)cinfo->err;
     (*cinfo->err->format_message)(cinfo, err->message);
+    /* the coefficient buffer of a file above max_memory_to_use would need a temporary file */
+    if (cinfo->err->msg_code == JERR_NO_BACKING_STORE) err->limit = 1;
     longjmp(err->jump, 1);
 }
 
@@ -45,31 +76,51 @@ static void roi_emit_message(j_common_ptr cinfo, int level) {
 
 static PyObject *decode_crop(PyObject *self, PyObject *args) {
     Py_buffer data;
-    int top, left, height, width, fast;
-    if (!PyArg_ParseTuple(args, "y*iiiip", &data, &top, &left, &height, &width, &fast)) return NULL;
+    /* The limits' defaults are decode.py's DecodeLimits() defaults. */
+    int top, left, height, width, fast, max_scans = 100;
+    long long max_pixels = 100000000LL, max_memory = -1;
+    if (!PyArg_ParseTuple(args, "y*iiiip|LiL", &data, &top, &left, &height, &width, &fast, &max_pixels,
+                          &max_scans, &max_memory))
+        return NULL;
+    if (max_memory < 0) max_memory = 8 * max_pixels + (64LL << 20);
 
     struct jpeg_decompress_struct cinfo;
     struct roi_error err;
+    struct roi_progress progress;
     PyObject *volatile out = NULL;
     PyThreadState *volatile released = NULL; /* the GIL is released while libjpeg decodes */
+    volatile int created = 0;
     JDIMENSION x0 = 0, out_w = 0;
 
     cinfo.err = jpeg_std_error(&err.pub);
     err.pub.error_exit = roi_error_exit;
     err.pub.emit_message = roi_emit_message;
     err.message[0] = '\0';
-    jpeg_create_decompress(&cinfo);
-
+    err.limit = 0;
+    /* Before jpeg_create_decompress: it can fail too (out of memory), and its error_exit jumps here. */
     if (setjmp(err.jump)) {
         if (released != NULL) PyEval_RestoreThread(released);
-        jpeg_destroy_decompress(&cinfo);
+        if (created) jpeg_destroy_decompress(&cinfo);
         PyBuffer_Release(&data);
         Py_XDECREF(out);
-        PyErr_Format(PyExc_ValueError, "libjpeg: %s", err.message);
+        PyErr_Format(err.limit ? LimitError : PyExc_ValueError, "libjpeg: %s", err.message);
         return NULL;
     }
+    jpeg_create_decompress(&cinfo);
+    created = 1;
+    cinfo.mem->max_memory_to_use = (long)max_memory;
+    progress.pub.progress_monitor = roi_progress_monitor;
+    progress.max_scans = max_scans;
+    cinfo.progress = &progress.pub;
+
     jpeg_mem_src(&cinfo, (const unsigned char *)data.buf, (unsigned long)data.len);
     jpeg_read_header(&cinfo, TRUE);
+    if ((long long)cinfo.image_width * cinfo.image_height > max_pixels) {
+        snprintf(err.message, sizeof err.message, "%ux%u image is above %lld pixels", cinfo.image_width,
+                 cinfo.image_height, max_pixels);
+        err.limit = 1;
+        longjmp(err.jump, 1);
+    }
     if (top < 0 || left < 0 || height <= 0 || width <= 0 || (JDIMENSION)top + height > cinfo.image_height ||
         (JDIMENSION)left + width > cinfo.image_width) {
         jpeg_destroy_decompress(&cinfo);
@@ -83,7 +134,11 @@ static PyObject *decode_crop(PyObject *self, PyObject *args) {
         cinfo.dct_method = JDCT_IFAST;
         cinfo.do_fancy_upsampling = FALSE;
     }
+    /* A progressive file's scans are all read here: without the GIL, as the rows below */
+    released = PyEval_SaveThread();
     jpeg_start_decompress(&cinfo);
+    PyEval_RestoreThread(released);
+    released = NULL;
     x0 = (JDIMENSION)left;
     out_w = (JDIMENSION)width;
     jpeg_crop_scanline(&cinfo, &x0, &out_w);
@@ -124,7 +179,8 @@ static PyObject *decode_crop(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"decode_crop", decode_crop, METH_VARARGS,
-     "decode_crop(data, top, left, height, width, fast) -> (bytearray, x0, out_width): RGB rows "
+     "decode_crop(data, top, left, height, width, fast[, max_pixels, max_scans, max_memory]) -> (bytearray, "
+     "x0, out_width): RGB rows "
      "top..top+height-1, iMCU-aligned columns x0..x0+out_width-1 of a JPEG."},
     {NULL, NULL, 0, NULL},
 };
@@ -134,6 +190,18 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_jpegroi",
 
 PyMODINIT_FUNC PyInit__jpegroi(void) {
     PyObject *m = PyModule_Create(&module);
-    if (m != NULL) PyModule_AddIntConstant(m, "LIBJPEG_TURBO_VERSION_NUMBER", LIBJPEG_TURBO_VERSION_NUMBER);
+    if (m == NULL) return NULL;
+    LimitError = PyErr_NewException("imgtrain.data._jpegroi.LimitError", NULL, NULL);
+    if (LimitError == NULL || PyModule_AddObjectRef(m, "LimitError", LimitError) < 0 ||
+        PyModule_AddIntConstant(m, "LIBJPEG_TURBO_VERSION_NUMBER", LIBJPEG_TURBO_VERSION_NUMBER) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    Dl_info info;
+    const char *path = dladdr((void *)jpeg_std_error, &info) && info.dli_fname ? info.dli_fname : "";
+    if (PyModule_AddStringConstant(m, "LIBJPEG_PATH", path) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     return m;
 }

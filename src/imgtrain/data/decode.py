@@ -18,12 +18,15 @@ import functools
 import io
 import logging
 import math
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
+
+from ..config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,79 @@ FALLBACK_ORDER: tuple[str, ...] = (
 )
 DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 JPEG_MAGIC = b"\xff\xd8"
+# Default of data.max_image_pixels (docs/decode.md, "Hostile files"): 100 megapixels, above every image of
+# the usual datasets and of 50 MP cameras, close to Pillow's own decompression-bomb warning
+# (Image.MAX_IMAGE_PIXELS, ~89 MP). One such image costs a worker ~300 MB of RGB plus, when progressive, up
+# to ~600 MB of DCT coefficients held until the last scan.
+MAX_IMAGE_PIXELS = DataConfig.max_image_pixels
+# Scans per JPEG: libjpeg's own progressive scripts use at most 10 (mozjpeg's a few more); every scan of a
+# progressive file is a pass over all of its coefficients, so thousands of tiny scans burn CPU for minutes
+# (libjpeg-turbo's djpeg -maxscans and its fuzzers cap them in the same way).
+MAX_JPEG_SCANS = 100
+
+
+class ImageLimitError(Exception):
+    """An image above the decode limits (pixel count, JPEG scans): a bad sample, never retried with another
+    decoder (deliberately not a ValueError, which the decoders catch to fall back)."""
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What a decoder accepts, checked from the header before any pixel is decoded."""
+
+    max_pixels: int = MAX_IMAGE_PIXELS
+    max_scans: int = MAX_JPEG_SCANS
+
+    def check(self, data: bytes, height: int, width: int) -> None:
+        if height * width > self.max_pixels:
+            raise ImageLimitError(
+                f"{width}x{height} image ({height * width / 1e6:.1f} MP) is above data.max_image_pixels="
+                f"{self.max_pixels}"
+            )
+        if data[:2] == JPEG_MAGIC and (n := jpeg_scan_count(data)) > self.max_scans:
+            raise ImageLimitError(f"JPEG with {n} scans (more than {self.max_scans})")
+
+    @property
+    def max_memory(self) -> int:
+        """libjpeg's memory limit: a progressive file's coefficients at 2 bytes per sample, for up to 4
+        full-resolution components (CMYK) of the largest image allowed, plus working buffers."""
+        return 8 * self.max_pixels + (64 << 20)
+
+
+def decode_limits(cfg: DataConfig) -> DecodeLimits:
+    """The configured limits (``data.max_image_pixels``; the scan cap is fixed)."""
+    return DecodeLimits(max_pixels=cfg.max_image_pixels)
+
+
+_SOS = b"\xff\xda"
+_STANDALONE = frozenset(range(0xD0, 0xDA)) | {0x01}  # RSTn, SOI, EOI, TEM: markers without a length
+_PROGRESSIVE_SOF = frozenset({0xC2, 0xC6, 0xCA, 0xCE})  # SOF2/6/10/14: Huffman/arithmetic, (non)differential
+
+
+def jpeg_scan_count(data: bytes) -> int:
+    """An upper bound of the number of scans (SOS markers) of a progressive JPEG, 1 for a sequential one:
+    the segments before the first scan are skipped by their lengths (an APPn payload may hold any bytes),
+    then the SOS markers are counted (entropy-coded data cannot hold one: a 0xFF there is followed by 0x00
+    or a restart marker). A sequential file's scans code every block of their components, so what they
+    cost is bounded by the file's size; a progressive scan can skip 32767 blocks in one code. Counting only
+    there keeps the ~5% it costs on a 100 KB file off the common baseline JPEG."""
+    pos, n = 2, len(data)
+    progressive = False
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return 0  # not a well-formed header: the decoder will say so
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xDA:
+            return 1 + data.count(_SOS, pos + 2) if progressive else 1
+        progressive = progressive or marker in _PROGRESSIVE_SOF
+        if marker in _STANDALONE:
+            pos += 2
+            continue
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return 0
 
 
 @dataclass(frozen=True)
@@ -134,16 +210,23 @@ class BaseDecoder:
 
     name = "base"
 
-    def size(self, data: bytes) -> tuple[int, int]:
-        """(height, width) from the header, without decoding the pixels."""
-        from PIL import Image
+    def __init__(self, limits: DecodeLimits | None = None):
+        self.limits = limits or DecodeLimits()
 
-        with Image.open(io.BytesIO(data)) as im:
+    def size(self, data: bytes) -> tuple[int, int]:
+        """(height, width) from the header, without decoding the pixels; raises ImageLimitError above the
+        limits. Every decode entry point calls it first (decode_train, decode_eval, decode_full)."""
+        h, w = self.header_size(data)
+        self.limits.check(data, h, w)
+        return h, w
+
+    def header_size(self, data: bytes) -> tuple[int, int]:
+        with pil_open(data) as im:
             return im.height, im.width
 
     def decode(self, data: bytes, min_size: tuple[int, int] | None = None):
         """RGB image, DCT-reduced to at least ``min_size`` (h, w) where the format allows it."""
-        return np.asarray(pil_decode(data, min_size))
+        return np.asarray(pil_decode(data, min_size, self.limits))
 
     def decode_region(self, data: bytes, box: CropBox):
         """An image holding at least the window ``box`` (full-size coordinates), and where the window lies
@@ -204,10 +287,23 @@ def _planar(img: np.ndarray, reverse: bool = False, out: torch.Tensor | None = N
     return t
 
 
-def pil_decode(data: bytes, min_size: tuple[int, int] | None = None):
+def pil_open(data: bytes):
+    """``Image.open``, whose own decompression-bomb check (above twice Image.MAX_IMAGE_PIXELS, ~179 MP)
+    raises an ImageLimitError like ours."""
     from PIL import Image
 
-    im = Image.open(io.BytesIO(data))
+    try:
+        return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ImageLimitError(str(e)) from None
+
+
+def pil_decode(data: bytes, min_size: tuple[int, int] | None = None, limits: DecodeLimits | None = None):
+    """Pillow's decode. Its header is checked against ``limits`` (the default ones when None) before the
+    pixels are decoded, as Image.MAX_IMAGE_PIXELS does (Pillow's own check, an error above twice that
+    global, stays in force too)."""
+    im = pil_open(data)
+    (limits or DecodeLimits()).check(data, im.height, im.width)
     if min_size is not None and im.format == "JPEG":
         im.draft("RGB", (min_size[1], min_size[0]))  # libjpeg's DCT scaling, size >= requested
     return im.convert("RGB")
@@ -220,7 +316,7 @@ class PilDecoder(BaseDecoder):
     name = "pil"
 
     def decode(self, data: bytes, min_size: tuple[int, int] | None = None):
-        return pil_decode(data, min_size)
+        return pil_decode(data, min_size, self.limits)
 
     def dims(self, img) -> tuple[int, int]:
         return img.height, img.width
@@ -251,19 +347,20 @@ class SimplejpegDecoder(BaseDecoder):
     name = "simplejpeg"
     flags: dict = {}
 
-    def __init__(self):
+    def __init__(self, limits: DecodeLimits | None = None):
+        super().__init__(limits)
         # Fail here (and fall back) when simplejpeg, or OpenCV for the resize, is missing.
         _simplejpeg()
         _cv2()
 
-    def size(self, data: bytes) -> tuple[int, int]:
+    def header_size(self, data: bytes) -> tuple[int, int]:
         if data[:2] == JPEG_MAGIC:
             try:
                 h, w, _, _ = _simplejpeg().decode_jpeg_header(data)
                 return h, w
             except ValueError:
                 pass
-        return super().size(data)
+        return super().header_size(data)
 
     def decode(self, data: bytes, min_size: tuple[int, int] | None = None):
         if data[:2] == JPEG_MAGIC:
@@ -311,7 +408,29 @@ def _jpegroi():
         raise ImportError(f"imgtrain's _jpegroi is built against libjpeg-turbo "
                           f"{_jpegroi.LIBJPEG_TURBO_VERSION_NUMBER}, older than {LIBJPEG_TURBO_MIN}, the oldest "
                           f"release its crop-window decode was tested with")
+    # The headers say what it was built with; the library loaded now may be another one (LD_LIBRARY_PATH,
+    # a wheel built elsewhere, a container's older libjpeg).
+    runtime = libjpeg_turbo_version(_jpegroi.LIBJPEG_PATH)
+    if runtime is None or runtime < LIBJPEG_TURBO_MIN:
+        found = "no libjpeg-turbo version string" if runtime is None else f"libjpeg-turbo {runtime}"
+        raise ImportError(f"the libjpeg loaded by imgtrain's _jpegroi ({_jpegroi.LIBJPEG_PATH or 'unknown'}) "
+                          f"has {found}, older than {LIBJPEG_TURBO_MIN} or unknown")
     return _jpegroi
+
+
+_LJT_VERSION = re.compile(rb"libjpeg-turbo version (\d+)\.(\d+)\.(\d+)")
+
+
+def libjpeg_turbo_version(path: str) -> int | None:
+    """The version (as LIBJPEG_TURBO_VERSION_NUMBER: 2001005 for 2.1.5) that the libjpeg-turbo library file
+    ``path`` carries (it embeds "libjpeg-turbo version X.Y.Z": the libjpeg API has no call that returns
+    it), or None when the file has no such string or cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            m = _LJT_VERSION.search(f.read())
+    except OSError:
+        return None
+    return None if m is None else int(m[1]) * 1_000_000 + int(m[2]) * 1_000 + int(m[3])
 
 
 class LibjpegRoiDecoder(SimplejpegFastDecoder):
@@ -322,14 +441,20 @@ class LibjpegRoiDecoder(SimplejpegFastDecoder):
 
     name = "libjpeg_roi"
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, limits: DecodeLimits | None = None):
+        super().__init__(limits)
         _jpegroi()
 
     def decode_region(self, data: bytes, box: CropBox):
         if data[:2] == JPEG_MAGIC:
+            lim = self.limits
             try:
-                buf, x0, width = _jpegroi().decode_crop(data, box.top, box.left, box.height, box.width, True)
+                buf, x0, width = _jpegroi().decode_crop(
+                    data, box.top, box.left, box.height, box.width, True, lim.max_pixels, lim.max_scans,
+                    lim.max_memory,
+                )
+            except _jpegroi().LimitError as e:  # the C side's own check of the same limits
+                raise ImageLimitError(str(e)) from None
             except ValueError:
                 pass
             else:
@@ -347,8 +472,8 @@ class SimplejpegPillowDecoder(SimplejpegFastDecoder):
 
     name = "simplejpeg_pillow"
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, limits: DecodeLimits | None = None):
+        super().__init__(limits)
         from PIL import Image  # noqa: F401 - a core dependency; imported here to fail early
 
     def decode(self, data: bytes, min_size: tuple[int, int] | None = None):
@@ -371,7 +496,7 @@ class SimplejpegPillowDecoder(SimplejpegFastDecoder):
                 return Image.frombuffer("RGBX", (a.shape[1], a.shape[0]), a, "raw", "RGBX", 0, 1)
             except ValueError:
                 pass
-        return pil_decode(data, min_size)
+        return pil_decode(data, min_size, self.limits)
 
     def dims(self, img) -> tuple[int, int]:
         return img.height, img.width
@@ -405,7 +530,8 @@ class OpencvDecoder(BaseDecoder):
 
     name = "opencv"
 
-    def __init__(self):
+    def __init__(self, limits: DecodeLimits | None = None):
+        super().__init__(limits)
         _cv2()
 
     def decode(self, data: bytes, min_size: tuple[int, int] | None = None):
@@ -413,7 +539,7 @@ class OpencvDecoder(BaseDecoder):
             cv2 = _cv2()
             flag = cv2.IMREAD_COLOR
             if min_size is not None:
-                h, w = self.size(data)
+                h, w = self.header_size(data)
                 for f, reduced in (
                     (8, cv2.IMREAD_REDUCED_COLOR_8),
                     (4, cv2.IMREAD_REDUCED_COLOR_4),
@@ -434,18 +560,22 @@ class OpencvDecoder(BaseDecoder):
 
 
 class TorchvisionDecoder(BaseDecoder):
-    """torchvision.io (libjpeg-turbo / libpng) to a CHW tensor, resized by torchvision's uint8 kernels.
-    No DCT-scaled decode: torchvision.io.decode_jpeg has no scale option."""
+    """torchvision.io's JPEG decode (libjpeg-turbo) to a CHW tensor, resized by torchvision's uint8 kernels.
+    No DCT-scaled decode: torchvision.io.decode_jpeg has no scale option. Other formats go through PIL:
+    torchvision's PNG decode crashed the process (SIGSEGV after "libpng error: IDAT: incorrect data
+    check", torchvision 0.29) on corrupt PNGs in the decoder fuzz test."""
 
     name = "torchvision"
 
     def decode(self, data: bytes, min_size: tuple[int, int] | None = None):
-        from torchvision.io import ImageReadMode, decode_image
+        from torchvision.io import ImageReadMode, decode_jpeg
 
-        try:
-            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        except RuntimeError:
-            return super().to_tensor(super().decode(data))
+        if data[:2] == JPEG_MAGIC:
+            try:
+                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            except RuntimeError:
+                pass
+        return super().to_tensor(super().decode(data))
 
     def dims(self, img) -> tuple[int, int]:
         return img.shape[-2], img.shape[-1]
@@ -474,16 +604,16 @@ DECODERS: dict[str, type[BaseDecoder]] = {
 }
 
 
-def create_decoder(name: str) -> BaseDecoder:
+def create_decoder(name: str, limits: DecodeLimits | None = None) -> BaseDecoder:
     """The named decoder, or (with a warning) the fastest one whose library is installed."""
     try:
-        return DECODERS[name]()
+        return DECODERS[name](limits)
     except ImportError as e:
         for other in FALLBACK_ORDER:
             if other == name:
                 continue
             try:
-                dec = DECODERS[other]()
+                dec = DECODERS[other](limits)
             except ImportError:
                 continue
             log.warning("data.decoder=%s is not available (%s); decoding with %s instead", name, e, other)
@@ -542,6 +672,7 @@ def crop_resize(
 
 
 def decode_full(decoder: BaseDecoder, data: bytes) -> torch.Tensor:
+    decoder.size(data)  # the limits, from the header
     return decoder.to_tensor(decoder.decode(data))
 
 

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,15 +55,91 @@ def scan_classes(split_dir: Path) -> list[str]:
 
 
 def scan_samples(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
+    """The image files of each class folder, in a fixed order (directories by path, files by name).
+
+    Only regular files are samples (a FIFO or a device would block or never end). Symbolic links are
+    followed while their target stays under ``split_dir``'s real path; a link that leads outside it is
+    skipped with one warning (a hostile dataset must not make imgtrain read, or ``imgtrain prepare``
+    publish, files from elsewhere on the host): link the files in, or copy them, to train on them.
+    """
+    root = os.path.realpath(split_dir)
+    skipped: dict[str, list[str]] = {"outside": [], "special": []}
     samples: list[tuple[str, int]] = []
     for idx, c in enumerate(classes):
-        for dirpath, _, files in sorted(os.walk(split_dir / c, followlinks=True)):
+        for dirpath, files in sorted(_walk_regular(os.fspath(split_dir / c), root, skipped)):
             for f in sorted(files):
                 if f.lower().endswith(IMG_EXTENSIONS):
                     samples.append((os.path.join(dirpath, f), idx))
+    for what, paths in (
+        ("link outside it", skipped["outside"]),
+        ("are not regular files (FIFOs, sockets, devices)", skipped["special"]),
+    ):
+        if paths:
+            log.warning("skipping %d entries under %s that %s, e.g. %s", len(paths), split_dir, what, paths[0])
     if not samples:
         raise DataError(f"no image files under {split_dir} (extensions: {', '.join(IMG_EXTENSIONS)})")
     return samples
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _walk_regular(top: str, root: str, skipped: dict[str, list[str]]):
+    """(directory, names of its regular files) for ``top`` and every directory below it, as
+    ``os.walk(top, followlinks=True)`` lists them, minus what lies outside ``root`` (real paths), what is
+    not a regular file, and links back to a directory being walked (a loop). The entries' types come from
+    the directory listing: only links cost a ``realpath``."""
+    stack: list[tuple[str, frozenset[str]]] = [(top, frozenset())]
+    while stack:
+        d, above = stack.pop()
+        real = os.path.realpath(d)
+        if not _under(real, root):
+            skipped["outside"].append(d)
+            continue
+        if real in above:
+            continue
+        try:
+            entries = list(os.scandir(d))
+        except OSError:  # unreadable: os.walk skips it too
+            continue
+        files = []
+        for e in entries:
+            if e.is_symlink():
+                target = os.path.realpath(e.path)
+                if not _under(target, root):
+                    skipped["outside"].append(e.path)
+                elif os.path.isdir(target):
+                    stack.append((e.path, above | {real}))
+                elif os.path.isfile(target):
+                    files.append(e.name)
+                else:
+                    skipped["special"].append(e.path)
+            elif e.is_dir(follow_symlinks=False):
+                stack.append((e.path, above | {real}))
+            elif e.is_file(follow_symlinks=False):
+                files.append(e.name)
+            else:
+                skipped["special"].append(e.path)
+        yield d, files
+
+
+# Largest file read as one sample: above what an image within data.max_image_pixels's default can need
+# (100 MP at 8 bytes per pixel, 16-bit RGBA uncompressed, is 800 MB). A bigger file is a bad sample.
+MAX_FILE_BYTES = 1 << 30
+
+
+def read_regular_file(path: str, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of ``path``, which must be a regular file of at most ``limit`` bytes (checked on the open
+    file: the scan's view may be stale). Opened non-blocking, so that a FIFO fails instead of waiting."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(f"{path} is larger than {limit} bytes")
+    return data
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -106,8 +183,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             # accelerator backend, formatting a stack trace each time (milliseconds per sample).
             torch.default_generator.manual_seed((self.seed * 1_000_003 + ref.epoch) * 10_000_019 + ref.index)
             try:
-                with open(path, "rb") as f:
-                    data = f.read()
+                data = read_regular_file(path)
                 if self.transform is None:
                     img = decode_full(self.decoder, data)
                 else:

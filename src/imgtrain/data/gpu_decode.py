@@ -19,7 +19,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from ..config import ConfigError, DataConfig
-from .decode import JPEG_MAGIC, create_decoder, crop_resize, sample_crop
+from .decode import JPEG_MAGIC, create_decoder, crop_resize, decode_limits, sample_crop
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class GpuTrainPlan:
     JPEG, or the finished uint8 CHW crop for any other format (decoded on the CPU)."""
 
     def __init__(self, cfg: DataConfig):
-        self.decoder = create_decoder(cfg.decoder)
+        self.decoder = create_decoder(cfg.decoder, decode_limits(cfg))
         self.size = cfg.image_size
         self.scale = (cfg.random_resized_crop_scale[0], cfg.random_resized_crop_scale[1])
         self.hflip = cfg.hflip

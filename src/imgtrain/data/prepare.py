@@ -25,6 +25,7 @@ import logging
 import multiprocessing as mp
 import os
 import re
+import secrets
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any
 
 import fsspec
 
-from .folder import DataError, scan_classes, scan_samples
+from .folder import DataError, read_regular_file, scan_classes, scan_samples
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def encode_image(path: str, max_side: int, quality: int) -> tuple[bytes, str]:
     """
     from PIL import Image
 
-    data = Path(path).read_bytes()
+    data = read_regular_file(path)
     with Image.open(io.BytesIO(data)) as im:
         fmt, size = im.format, im.size
         if fmt in ("JPEG", "PNG") and im.mode in ("L", "RGB") and max(size) <= max_side:
@@ -138,10 +139,23 @@ def _publish(fs: fsspec.AbstractFileSystem, local_tmp: str, dst: str) -> None:
         os.unlink(local_tmp)
 
 
+def _temp_file(fs: fsspec.AbstractFileSystem, root: str, prefix: str, suffix: str = "") -> tuple[int, str]:
+    """A new file to write and then publish: beside its final place on a local destination, created with
+    mode 0666 less the umask, as any file the user writes (mkstemp's 0600 would keep other users' pods
+    from reading a published dataset); in the temporary folder, private, before an upload."""
+    if not _is_local(fs):
+        return tempfile.mkstemp(prefix=prefix, suffix=suffix)
+    while True:
+        path = os.path.join(root, f"{prefix}{os.getpid()}.{secrets.token_hex(4)}{suffix}")
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+        except FileExistsError:
+            continue
+
+
 def _write_json(fs: fsspec.AbstractFileSystem, root: str, name: str, obj: dict) -> None:
     data = (json.dumps(obj, indent=1) + "\n").encode()
-    tmp_dir = root if _is_local(fs) else None
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=tmp_dir)
+    fd, tmp = _temp_file(fs, root, f".{name}.")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     _publish(fs, tmp, f"{root}/{name}")
@@ -191,9 +205,7 @@ def build_shard(task: ShardTask) -> dict:
             stale.unlink(missing_ok=True)
     skipped: list[dict] = []
     count = 0
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{task.name}.", suffix=".partial", dir=root if _is_local(fs) else None
-    )
+    fd, tmp = _temp_file(fs, root, f".{task.name}.", ".partial")
     try:
         with os.fdopen(fd, "wb") as f:
             # Fixed mtime, owner and format: the same sources give the same bytes (and checksum).

@@ -68,6 +68,7 @@ class ShardSource:
             # One folder per dataset URL: two datasets with equally named shards never collide.
             self.cache_dir = self.cache_root / hashlib.sha256(self.root.encode()).hexdigest()[:16]
             self.cache_dir.mkdir(parents=True, exist_ok=True)
+            _mark(self.cache_dir, self.root)
         # Shards that are cached (all of them when the sizes are not known or the dataset fits): the longest
         # prefix, in the order given, whose total size fits the cache; the rest are read by byte range.
         self.pinned: set[str] | None = None
@@ -193,10 +194,11 @@ class ShardSource:
             self._evict(keep=path)
 
     def _evict(self, keep: Path) -> None:
-        """Delete least-recently-used shards (all datasets in the cache) until the cache fits its limit."""
+        """Delete least-recently-used shards (of all datasets cached in ``data.cache_dir``, and nothing else
+        there: :func:`cached_shards`) until the cache fits its limit."""
         # This dataset's pinned shards stay: evicting one would only download it again.
         pinned = {self.cache_dir / n for n in self.pinned or ()}
-        files = [p for p in self.cache_root.glob("*/*.tar") if p != keep and p not in pinned]
+        files = [p for p in cached_shards(self.cache_root) if p != keep and p not in pinned]
         sizes = {p: _size(p) for p in files}
         total = sum(sizes.values()) + keep.stat().st_size
         if total <= self.cache_size:
@@ -212,6 +214,34 @@ class ShardSource:
             log.info("shard cache: evicted %s (cache above its %.1f GB limit)", p, self.cache_size / 1e9)
         if total > self.cache_size:
             log.warning("shard cache: %s alone exceeds data.cache_size_gb=%.3f", keep, self.cache_size / 1e9)
+
+
+# In each dataset folder of the cache, written when imgtrain creates (or first uses) it: eviction deletes
+# files only in folders that carry it, so whatever else lives in data.cache_dir is never touched.
+CACHE_MARKER = ".imgtrain-shard-cache"
+
+
+def _mark(folder: Path, root: str) -> None:
+    """Mark ``folder`` as the cache of dataset ``root``. A folder made by an older imgtrain gets the marker
+    on first use: its name is the hash of this dataset's URL, so it is this cache's own."""
+    marker = folder / CACHE_MARKER
+    if marker.exists():
+        return
+    tmp = folder / f"{CACHE_MARKER}.{os.getpid()}.partial"
+    tmp.write_text(f"imgtrain shard cache of {root}\n")
+    os.replace(tmp, marker)
+
+
+def cached_shards(cache_root: Path) -> list[Path]:
+    """The cached shards under ``cache_root``: the files of its marked dataset folders, but not the cache's
+    own hidden files (locks, sample tables, partial downloads, the marker)."""
+    return [
+        p
+        for d in cache_root.iterdir()
+        if (d / CACHE_MARKER).is_file()
+        for p in d.iterdir()
+        if not p.name.startswith(".") and p.is_file()
+    ]
 
 
 class _Hashing:

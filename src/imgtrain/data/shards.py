@@ -67,7 +67,26 @@ def load_index(root: str, storage_options: dict | None = None) -> dict:
             f"{url} is not an imgtrain shard index (format {index.get('format')!r}, "
             f"expected {INDEX_FORMAT!r})"
         )
+    for split in index.get("splits", {}).values():
+        for shard in split.get("shards", []):
+            name = shard.get("name")
+            if not _plain_name(name):
+                raise DataError(
+                    f"{url} names a shard {name!r}: a shard name must be a plain file name (no '/' or '\\', "
+                    "not starting with '.'), it is joined to data.root and to the cache folder"
+                )
     return index
+
+
+def _plain_name(name) -> bool:
+    """A file name that stays in the folder it is joined to: not absolute, no ``..``, no separator, and not
+    hidden (the cache keeps its lock, table and partial files under hidden names beside the shards)."""
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= 255
+        and not name.startswith(".")
+        and not any(c in name for c in "/\\\0")
+    )
 
 
 @dataclass
@@ -207,7 +226,7 @@ class ShardDataset(torch.utils.data.Dataset):
             start = int(t.start[k])
             buf = self.source.read_range(self.names[s], start, int(t.end[k]))
             i, c = int(t.img[k]) - start, int(t.cls[k]) - start
-            return buf[i : i + int(t.img_size[k])], int(buf[c : c + int(t.cls_size[k])])
+            return buf[i : i + int(t.img_size[k])], self._label(buf[c : c + int(t.cls_size[k])])
         for attempt in range(2):
             path = self.source.local_path(self.names[s])
             try:
@@ -219,7 +238,18 @@ class ShardDataset(torch.utils.data.Dataset):
                 if attempt:  # evicted from the cache between the lookup and the open: fetch it again
                     raise
         i, c = int(t.img[k]) - start, int(t.cls[k]) - start
-        return buf[i : i + int(t.img_size[k])], int(buf[c : c + int(t.cls_size[k])])
+        return buf[i : i + int(t.img_size[k])], self._label(buf[c : c + int(t.cls_size[k])])
+
+    def _label(self, raw: bytes) -> int:
+        """A sample's .cls member as a class index; anything else makes the sample a bad one (an index out
+        of range would fail the whole step, and an exact resume would repeat it until restarts run out)."""
+        try:
+            label = int(raw)
+        except ValueError:
+            raise ValueError(f"label {bytes(raw[:20])!r} is not a class index") from None
+        if not 0 <= label < len(self.classes):
+            raise ValueError(f"label {label} is not a class index (the index lists {len(self.classes)} classes)")
+        return label
 
     def __getitem__(self, ref: SampleRef | int):
         return self.load(ref if isinstance(ref, SampleRef) else SampleRef(int(ref)))

@@ -6,7 +6,7 @@ import torch
 from torchvision.transforms import v2
 
 from ..config import DataConfig
-from .decode import create_decoder, decode_eval, decode_train, into_slot
+from .decode import create_decoder, decode_eval, decode_limits, decode_train, into_slot
 
 
 def augment_tail(cfg: DataConfig) -> v2.Compose | None:
@@ -30,7 +30,7 @@ class TrainTransform:
     batch_slots = True  # can write a sample into its slot of a batch (folder.load_batch)
 
     def __init__(self, cfg: DataConfig):
-        self.decoder = create_decoder(cfg.decoder)
+        self.decoder = create_decoder(cfg.decoder, decode_limits(cfg))
         self.size = cfg.image_size
         self.scale = (cfg.random_resized_crop_scale[0], cfg.random_resized_crop_scale[1])
         self.hflip = cfg.hflip
@@ -50,7 +50,7 @@ class EvalTransform:
     batch_slots = True
 
     def __init__(self, cfg: DataConfig):
-        self.decoder = create_decoder(cfg.decoder)
+        self.decoder = create_decoder(cfg.decoder, decode_limits(cfg))
         self.resize = eval_resize(cfg)
         self.size = cfg.image_size
 
