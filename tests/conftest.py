@@ -219,3 +219,32 @@ def runs():
     for r in started:
         r.cleanup()
 
+
+@pytest.fixture
+def s3_server():
+    """An S3-compatible server (moto) on loopback with an empty bucket "ckpts": yields (endpoint, boto3 client)."""
+    pytest.importorskip("s3fs")
+    import urllib.request
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    # moto keeps its buckets in process-wide state: an earlier test's server leaves them behind.
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30)
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="eu-west-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3.create_bucket(Bucket="ckpts", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    yield endpoint, s3
+    server.stop()
+
+
+def s3_env(endpoint: str) -> dict:
+    """subprocess_env() with the test S3 server's credentials and endpoint."""
+    env = subprocess_env()
+    env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="eu-west-1",
+               AWS_ENDPOINT_URL=endpoint)
+    return env
