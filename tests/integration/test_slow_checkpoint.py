@@ -9,6 +9,7 @@ collective; without widening the timeout around the write, Gloo would abort it.
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 
 import pytest
@@ -56,7 +57,8 @@ def test_synchronous_save_slower_than_collective_timeout(tmp_path, monkeypatch):
     plugin = tmp_path / "plugin"
     plugin.mkdir()
     _install_slowfs(plugin)
-    monkeypatch.setenv("PYTHONPATH", str(plugin))
+    # In front of the tree under test (an editable install elsewhere must not take its place).
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(plugin), os.environ.get("PYTHONPATH")])))
     out = tmp_path / "run"
     run_torchrun(2, ["train", "--output-dir", str(out), f"data.root={data}", *TINY,
                      f"checkpoint.dir=slowfile://{tmp_path / 'ckpt'}", "checkpoint.async_save=false",
