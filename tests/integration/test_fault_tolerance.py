@@ -409,15 +409,20 @@ def test_wedged_rank_trips_the_watchdog(data_dir, tmp_path, runs):
     try:
         wait_until(lambda: "imgtrain watchdog: rank 0" in run.output, "the watchdog message", run,
                    timeout=120)
+        seen = time.time()
         stuck_at = last_step(out)
     finally:
         wedged.resume()  # SIGCONT: let it see its peer is gone (and torchrun's SIGTERM)
     rc = run.wait()
     text = run.output
     assert rc != 0
-    # How long rank 0 waited is the watchdog's own measure (this test's clock may be starved).
     idle = re.search(r"imgtrain watchdog: rank 0 completed no step for (\d+)s \(limit 5s", text)
     assert idle and int(idle.group(1)) >= 5, text[-4000:]
+    # Not before hang_timeout after rank 0's last step: the message was seen (late, if this poller was
+    # starved: a bound that holds however busy the machine) 5 s or more after that step's record was
+    # written, less the moment between the step and its record (2 s of slack for a starved rank 0).
+    last = max(r["time"] for r in metrics(out) if r["event"] == "train")
+    assert seen - last >= 3, f"the watchdog fired {seen - last:.1f}s after rank 0's last step (limit 5s)"
     assert last_step(out) == stuck_at  # no step completed between the message and the exit
     dump = text[text.index("imgtrain watchdog: rank 0"):]
     # Every thread's stack: the watchdog's own and the training loop's, stuck in a step.
