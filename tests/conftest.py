@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +111,140 @@ def load_weights(run_dir: Path) -> dict:
     import torch
 
     return torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def wait_for(predicate: Callable, timeout: float, what: str, *, poll: float = 0.5,
+             ended: Callable[[], bool] | None = None, context: Callable[[], str] | None = None):
+    """Poll ``predicate()`` until it returns something truthy and return that: tests wait on events (a
+    log line, a file, a store key), and ``timeout`` is only a generous bound for a loaded machine.
+    ``ended()``: the process being watched has exited, so the event can no longer come (checked once
+    more, then a failure at once); ``context()``: text (logs) appended to a failure."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if ended is not None and ended():
+            value = predicate()
+            if value:
+                return value
+            problem = f"it ended before {what}"
+            break
+        if time.monotonic() >= deadline:
+            problem = f"timed out after {timeout:.0f}s waiting for {what}"
+            break
+        time.sleep(poll)
+    raise AssertionError(problem + (f"\n{context()}" if context is not None else ""))
+
+
+class Run:
+    """A training process (imgtrain or torchrun) started in the background, output to a file."""
+
+    def __init__(self, cmd: list[str], out: Path, name: str = "run"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.out = out
+        self.log_path = out.parent / f"{out.name}.{name}.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=subprocess_env())
+
+    @property
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def wait(self, timeout: float = 240) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.proc.args[:4]} did not exit within {timeout}s\n{self.output[-6000:]}") from None
+
+    def workers(self) -> list:
+        """The trainer processes (torchrun's workers, or the process itself)."""
+        import psutil
+
+        try:
+            me = psutil.Process(self.proc.pid)
+            procs = [me, *me.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+        found = []
+        for p in procs:
+            try:
+                cmd = p.cmdline()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if "imgtrain" in cmd and "torch.distributed.run" not in cmd:
+                found.append(p)
+        return found
+
+    def worker_with_rank(self, rank: int):
+        import psutil
+
+        for p in self.workers():
+            try:
+                if p.environ().get("RANK") == str(rank):
+                    return p
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        raise AssertionError(f"no worker with RANK={rank} under pid {self.proc.pid}\n{self.output[-3000:]}")
+
+    def cleanup(self) -> None:
+        import psutil
+
+        for p in self.workers():
+            if p.pid == self.proc.pid:
+                continue
+            try:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self._log.close()
+
+
+@pytest.fixture
+def runs():
+    """``runs(cmd, out, name="run")`` starts a :class:`Run`; every one still running is killed at the end."""
+    started: list[Run] = []
+
+    def start(cmd: list[str], out: Path, name: str = "run") -> Run:
+        r = Run(cmd, out, name)
+        started.append(r)
+        return r
+
+    yield start
+    for r in started:
+        r.cleanup()
+
+
+@pytest.fixture
+def s3_server():
+    """An S3-compatible server (moto) on loopback with an empty bucket "ckpts": yields (endpoint, boto3 client)."""
+    pytest.importorskip("s3fs")
+    import urllib.request
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    # moto keeps its buckets in process-wide state: an earlier test's server leaves them behind.
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30)
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="eu-west-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3.create_bucket(Bucket="ckpts", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    yield endpoint, s3
+    server.stop()
+
+
+def s3_env(endpoint: str) -> dict:
+    """subprocess_env() with the test S3 server's credentials and endpoint."""
+    env = subprocess_env()
+    env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="eu-west-1",
+               AWS_ENDPOINT_URL=endpoint)
+    return env

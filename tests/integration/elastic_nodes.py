@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 
+import conftest
 from conftest import read_jsonl, subprocess_env
 
 # The rendezvous settings imgtrain documents (docs/fault_tolerance.md, "What we measured about torchrun's rendezvous").
@@ -106,14 +107,9 @@ def _cmdline(p: psutil.Process) -> str:
 
 
 def wait_for(predicate, timeout: float, what: str, nodes: list[Node] = (), poll: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    logs = "\n\n".join(f"--- {n.name} ---\n{n.output()[-5000:]}" for n in nodes)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{logs}")
+    """conftest.wait_for, failing with the nodes' logs."""
+    return conftest.wait_for(predicate, timeout, what, poll=poll, context=lambda: "\n\n".join(
+        f"--- {n.name} ---\n{n.output()[-5000:]}" for n in nodes))
 
 
 def events(run_dir: Path, kind: str) -> list[dict]:
@@ -150,13 +146,15 @@ def train_args(data: Path, out: Path) -> list[str]:
             "checkpoint.keep_last_n=2", "distributed.timeout=20", "fault_tolerance.hang_timeout=120"]
 
 
-def lose_a_node_then_rejoin(out: Path, make_node, victim: str, kill_extra=None, stagger: float = 1.0) -> list[Node]:
-    """Two nodes ("first", started first, then "second") train together; ``victim`` is killed (with
-    ``kill_extra``, e.g. an etcd member), the other must go on alone from the last checkpoint within a
-    minute, then a restarted node ("<victim>-again") must join and both must finish. Returns the nodes.
-    ``stagger``: seconds between the two starts (0: together, for nodes told their ``is_host``)."""
+def lose_a_node_then_rejoin(out: Path, make_node, victim: str, kill_extra=None) -> list[Node]:
+    """Two nodes ("first" and "second") train together; ``victim`` is killed (with ``kill_extra``, e.g. an
+    etcd member), the other must go on alone from the last checkpoint within a minute, then a restarted
+    node ("<victim>-again") must join and both must finish. Returns the nodes.
+
+    Both start at once, in no set order: the store is external or named by ``is_host`` (the other node
+    retries until it is up). Starting one after the other would make the first train alone until the
+    second joins: a membership change of its own, and not what is tested here."""
     first = make_node("first")
-    time.sleep(stagger)  # the first agent is up before the second dials in
     second = make_node("second")
     nodes = [first, second]
     dead, survivor = (first, second) if victim == "first" else (second, first)

@@ -14,6 +14,8 @@ from imgtrain.batch_finder import limit_data
 
 from conftest import run_cli, subprocess_env
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 # A model whose memory grows fast with the batch (~0.5 MB per image) and whose steps are cheap.
 MODEL = [
     "model.name=simple_cnn",

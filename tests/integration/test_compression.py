@@ -19,7 +19,6 @@ from test_fault_tolerance import (
     metrics,
     published,
     resumed_steps,
-    runs,  # noqa: F401  (fixture)
     summary,
     wait_until,
 )

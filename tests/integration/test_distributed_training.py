@@ -9,7 +9,7 @@ import torch
 
 from conftest import TINY, load_weights, read_jsonl, run_cli, run_torchrun
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # Two-epoch runs with a model without batch norm, so that how a batch is split cannot change results.
 EQUIV = [*TINY, "training.max_steps=6", "checkpoint.save_at_epoch_end=false"]

@@ -34,7 +34,7 @@ def test_node_killed_and_readded(tmp_path):
     # one second apart, the first can pass its 1 s last call alone and start at world size 1.
     nodes = lose_a_node_then_rejoin(
         out, lambda name: Node(name, endpoint, train_args(data, out), tmp_path, launcher="imgtrain",
-                               is_host=name == "first"), victim="second", stagger=0.0)
+                               is_host=name == "first"), victim="second")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["completed"] and summary["world_size"] == 2 and summary["restarts"] >= 2
     # Every sample exactly once per epoch despite two membership changes and re-sharding.
@@ -116,7 +116,6 @@ def test_network_partition_is_detected_and_survivor_continues(tmp_path, two_name
     # guess which agent hosts the store, nor which address the workers should advertise: say both
     # explicitly, as on machines with several interfaces.
     host = Node("host", endpoint, args, tmp_path, netns=ns_a, ifname=veth_a, is_host=True, local_addr=addr_a)
-    time.sleep(1.0)
     other = Node("other", endpoint, args, tmp_path, netns=ns_b, ifname=veth_b, is_host=False,
                  local_addr=addr_b)
     nodes = [host, other]

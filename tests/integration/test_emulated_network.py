@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO, subprocess_env
 
-pytestmark = [pytest.mark.integration]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _links() -> set[str]:

@@ -120,8 +120,14 @@ def test_two_node_job_over_launch_monitor_and_cleanup(tmp_path, two_hosts):
     assert launcher.returncode == 0, output[-3000:] + host_logs()
     # The launcher said where everything is; each host's output is in its own log.
     assert f"checkpoints: {out}/checkpoints" in output and f"{out}/metrics.jsonl" in output
-    for ns in (ns_a, ns_b):
-        assert "torchrun" in (logs / f"{ns}.log").read_text() or (logs / f"{ns}.log").stat().st_size > 0
+    # Each host ran the script in node mode against the first host's store, and its own agent's output
+    # (rank 0's training log on one of them) went to that host's log.
+    host_log = {ns: (logs / f"{ns}.log").read_text() for ns in (ns_a, ns_b)}
+    for ns, is_host in ((ns_a, "true"), (ns_b, "false")):
+        assert re.search(rf"launch_training.sh: mode=node nodes=2 .* endpoint={re.escape(addr_a)}:\d+ .*"
+                         rf"is_host={is_host}\b", host_log[ns]), host_log[ns][-3000:]
+    trained = [ns for ns, text in host_log.items() if "[rank 0] INFO imgtrain.trainer: imgtrain: world size 2" in text]
+    assert len(trained) == 1, host_logs()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["completed"] and summary["world_size"] == 2 and summary["images_seen"] == 2 * 48
     assert json.loads(_script("monitor.sh", "--json", str(out)).stdout)["state"] == "finished"

@@ -15,7 +15,7 @@ from imgtrain.checkpoint import verify
 from conftest import TINY, free_port, make_image_folder, subprocess_env
 from elastic_nodes import events, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _cmdline(p: psutil.Process) -> list[str]:

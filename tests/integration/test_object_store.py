@@ -6,38 +6,9 @@ import json
 
 import pytest
 
-from conftest import TINY, free_port, read_jsonl, run_cli, subprocess_env
+from conftest import TINY, read_jsonl, run_cli, s3_env
 
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def s3_server():
-    pytest.importorskip("s3fs")
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    # moto keeps its buckets in process-wide state: an earlier test's server leaves them behind.
-    import urllib.request
-
-    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30)
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="eu-west-1",
-                      aws_access_key_id="testing", aws_secret_access_key="testing")
-    s3.create_bucket(Bucket="ckpts", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
-    yield endpoint, s3
-    server.stop()
-
-
-def _env(endpoint: str) -> dict:
-    env = subprocess_env()
-    env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="eu-west-1",
-               AWS_ENDPOINT_URL=endpoint)
-    return env
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_checkpoints_round_trip_through_s3(image_folder, tmp_path, s3_server):
@@ -46,12 +17,12 @@ def test_checkpoints_round_trip_through_s3(image_folder, tmp_path, s3_server):
     args = ["train", f"data.root={image_folder}", *TINY, "checkpoint.dir=s3://ckpts/run1",
             f"checkpoint.storage_options={opts}", "checkpoint.keep_last_n=2"]
     out = tmp_path / "run"
-    run_cli([*args, "--output-dir", str(out), "training.max_steps=5"], env=_env(endpoint))
+    run_cli([*args, "--output-dir", str(out), "training.max_steps=5"], env=s3_env(endpoint))
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="ckpts", Prefix="run1/")["Contents"])
     assert "run1/step_000000005/manifest.json" in keys and "run1/step_000000005/state.pt" in keys
 
     # A second invocation finds the newest checkpoint in the bucket and continues from it.
-    proc = run_cli([*args, "--output-dir", str(out)], env=_env(endpoint))
+    proc = run_cli([*args, "--output-dir", str(out)], env=s3_env(endpoint))
     assert "resumed from s3://ckpts/run1/step_000000005" in proc.stderr
     start = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "start"]
     assert start[-1]["resumed_from"] == "s3://ckpts/run1/step_000000005"
@@ -63,6 +34,6 @@ def test_checkpoints_round_trip_through_s3(image_folder, tmp_path, s3_server):
     # A corrupted object is detected by its checksum and the older checkpoint is used instead.
     newest = max(steps)
     s3.put_object(Bucket="ckpts", Key=f"run1/{newest}/state.pt", Body=b"not a checkpoint")
-    ev = run_cli(["eval", "--checkpoint", "s3://ckpts/run1", f"data.root={image_folder}"], env=_env(endpoint))
+    ev = run_cli(["eval", "--checkpoint", "s3://ckpts/run1", f"data.root={image_folder}"], env=s3_env(endpoint))
     assert f"skipping checkpoint s3://ckpts/run1/{newest}" in ev.stderr
     assert json.loads(ev.stdout.strip().splitlines()[-1])["val_images"] == 12

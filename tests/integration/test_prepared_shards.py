@@ -12,17 +12,15 @@ from imgtrain.data.embedded import ensure_digits
 from imgtrain.data.shard_cache import ShardSource
 from imgtrain.data.shards import ShardDataset, load_index
 
-from conftest import TINY, read_jsonl, run_cli
-from test_object_store import _env, s3_server  # noqa: F401 - the moto server fixture
+from conftest import TINY, read_jsonl, run_cli, s3_env
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # The quickstart recipe as it is (5 epochs, 99.2% on the folder). Measured on shards with 3 epochs: 98.1%
 # and 96.1% in two runs, not a reliable margin over 97%.
 QUICKSTART_EPOCHS = 5
 
 
-@pytest.mark.slow
 def test_quickstart_on_prepared_shards_reaches_97_percent_and_counts_a_corrupt_member(tmp_path):
     shards = tmp_path / "shards"
     run_cli(["prepare", str(ensure_digits()), str(shards), "--samples-per-shard", "500", "--workers", "2",
@@ -51,26 +49,26 @@ def test_quickstart_on_prepared_shards_reaches_97_percent_and_counts_a_corrupt_m
     assert per_epoch == [1] * QUICKSTART_EPOCHS
 
 
-def test_shards_round_trip_through_s3_with_a_local_cache(image_folder, tmp_path, s3_server, monkeypatch):  # noqa: F811
+def test_shards_round_trip_through_s3_with_a_local_cache(image_folder, tmp_path, s3_server, monkeypatch):
     endpoint, s3 = s3_server
     s3.create_bucket(Bucket="data", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
     opts = "{client_kwargs: {endpoint_url: '" + endpoint + "', region_name: eu-west-1}}"
     prep = ["prepare", str(image_folder), "s3://data/tiny", "--samples-per-shard", "10", "--workers", "2",
             "--storage-options", opts, "--no-progress"]
-    run_cli(prep, env=_env(endpoint))
+    run_cli(prep, env=s3_env(endpoint))
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="data", Prefix="tiny/")["Contents"])
     shards = [k for k in keys if k.endswith(".tar")]
     assert "tiny/index.json" in keys and len(shards) == 6  # 36 train / 12 val images in shards of 10
 
     # A rerun verifies what is there (checksums read back from the bucket) and rewrites only what is missing.
     s3.delete_object(Bucket="data", Key="tiny/train-000002.tar")
-    rerun = run_cli(prep, env=_env(endpoint))
+    rerun = run_cli(prep, env=s3_env(endpoint))
     assert "5 shards kept from an earlier run, 1 written" in rerun.stderr
 
     out, cache = tmp_path / "run", tmp_path / "cache"
     proc = run_cli(["train", "--output-dir", str(out), *TINY, "data.workers=1", "data.root=s3://data/tiny",
                     "data.format=shards", f"data.storage_options={opts}", f"data.cache_dir={cache}"],
-                   env=_env(endpoint))
+                   env=s3_env(endpoint))
     assert json.loads((out / "summary.json").read_text())["val_images"] == 12
     reports = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "shard_cache"]
     assert [r["epoch"] for r in reports] == [1, 2]
@@ -83,7 +81,7 @@ def test_shards_round_trip_through_s3_with_a_local_cache(image_folder, tmp_path,
 
     # A cache with room for one shard: that one is cached, the others are read by byte range from the
     # bucket (tar members located by one streaming pass), and every sample still reads back the same.
-    for k, v in _env(endpoint).items():
+    for k, v in s3_env(endpoint).items():
         if k.startswith("AWS_"):
             monkeypatch.setenv(k, v)
     storage = {"client_kwargs": {"endpoint_url": endpoint, "region_name": "eu-west-1"}}

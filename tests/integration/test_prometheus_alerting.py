@@ -44,6 +44,7 @@ from conftest import (
     read_jsonl,
     subprocess_env,
     torchrun_cmd,
+    wait_for,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -97,16 +98,6 @@ FAMILIES = [
 ]
 WRITER_ONLY = ["imgtrain_checkpoint_write_seconds", "imgtrain_checkpoint_failures"]
 GPU_ONLY = re.compile(r"imgtrain_gpu_\w+")
-
-
-def _wait(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def _http_json(url: str, params: dict | None = None):
@@ -229,7 +220,7 @@ def stack(tmp_path):
             )
         )
         prom = f"http://127.0.0.1:{prom_port}"
-        _wait(
+        wait_for(
             lambda: _ready(f"{prom}/-/ready") and _ready(f"http://127.0.0.1:{am_port}/-/ready"),
             60,
             "Prometheus and Alertmanager to be ready",
@@ -342,7 +333,7 @@ def test_run_is_scraped_and_a_stall_alerts_slack_and_email(stack, tmp_path):
             started = jsonl.exists() and '"event": "train"' in jsonl.read_text()
             return started and len(_query(prom, "imgtrain_running == 1")) == 2
 
-        _wait(training_and_scraped, 120, "both ranks to be scraped while training", interval=0.05)
+        wait_for(training_and_scraped, 120, "both ranks to be scraped while training", poll=0.05)
         assert torchrun.poll() is None, _fmt_failure(stack, run_dir, proc_log)
         steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["event"] == "train"]
         assert steps and steps[-1] < 300, "the run ended before the stall could be injected"
@@ -358,14 +349,14 @@ def test_run_is_scraped_and_a_stall_alerts_slack_and_email(stack, tmp_path):
                 mail = [m for m in stack["mail"] if "ImgtrainTrainingStalled" in m]
                 return (slack, mail) if slack and mail else None
 
-            slack, mail = _wait(delivered, 90, "the stall alert at the Slack webhook and the SMTP server")
+            slack, mail = wait_for(delivered, 90, "the stall alert at the Slack webhook and the SMTP server")
             firing = _query(prom, 'ALERTS{alertname="ImgtrainTrainingStalled", alertstate="firing"}')
             assert {r["metric"]["rank"] for r in firing} == {"0"}  # the waiting rank, not the frozen one
             attachment = slack[0]["attachments"][0]
             assert "made no progress" in attachment["title"] and slack[0]["channel"] == "#training-alerts"
             assert "To: ml-oncall@example.com" in mail[0]
             # The frozen rank's endpoint stopped answering while it was training: target down, routed too.
-            _wait(
+            wait_for(
                 lambda: any("ImgtrainTargetDown" in json.dumps(b) for _, b in stack["webhook"]),
                 60,
                 "the target-down alert of the frozen rank at the Slack webhook",
@@ -375,13 +366,13 @@ def test_run_is_scraped_and_a_stall_alerts_slack_and_email(stack, tmp_path):
             rank1.resume()
 
         # 3. The run finishes; its endpoints linger with the final values (imgtrain_running 0).
-        _wait(
+        wait_for(
             lambda: (run_dir / "summary.json").exists() or torchrun.poll() is not None,
             180,
             "the run to finish",
         )
         assert (run_dir / "summary.json").exists(), _fmt_failure(stack, run_dir, proc_log)
-        _wait(
+        wait_for(
             lambda: _by_rank(_query(prom, "imgtrain_running")) == {"0": 0.0, "1": 0.0},
             60,
             "Prometheus to scrape the finished run from both ranks",

@@ -10,7 +10,7 @@ import torch
 
 from conftest import TINY, load_weights, read_jsonl, run_cli
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.mark.parametrize("extra", [

@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO, subprocess_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def run_script(name: str, args: list[str], tmp_path: Path) -> dict:

@@ -163,6 +163,8 @@ def test_dump_config_round_trips(tmp_path):
     assert again.output_dir == "runs/x #1"
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.parametrize(("override", "key", "shown", "expected"), BAD_OVERRIDES)
 def test_cli_exits_2_naming_the_key_before_creating_anything(override, key, shown, expected, tmp_path):
     out = tmp_path / "run"
@@ -177,6 +179,8 @@ def test_cli_exits_2_naming_the_key_before_creating_anything(override, key, show
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_cli_reports_a_config_error_before_importing_torch():
     import subprocess
     import sys
@@ -189,6 +193,8 @@ def test_cli_reports_a_config_error_before_importing_torch():
     assert "training.epochz" in proc.stderr
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_cli_missing_config_file_exits_2(tmp_path):
     proc = run_cli(["train", "--config", str(tmp_path / "nope.yaml"), "--output-dir", str(tmp_path / "o")],
                    check=False)
@@ -212,6 +218,8 @@ def test_cli_output_dir_and_resume_are_taken_literally(out, monkeypatch):
     assert seen["cfg"].training.epochs == 3
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_python_m_help_and_console_script():
     import shutil
     import subprocess

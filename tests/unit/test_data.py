@@ -156,6 +156,8 @@ def _folder_with_one_corrupt_file(tmp_path: Path) -> tuple[Path, Path]:
     return root, bad
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_cli_run_survives_one_corrupt_file(tmp_path):
     root, bad = _folder_with_one_corrupt_file(tmp_path)
     out = tmp_path / "run #1"  # also: an output dir that YAML would misread is taken literally
@@ -174,6 +176,8 @@ def test_cli_run_survives_one_corrupt_file(tmp_path):
     assert written.data.root == str(root) and written.output_dir == str(out)
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_cli_stops_when_bad_files_exceed_max_bad_fraction(tmp_path):
     root, bad = _folder_with_one_corrupt_file(tmp_path)
     out = tmp_path / "run"
@@ -188,6 +192,7 @@ def test_cli_stops_when_bad_files_exceed_max_bad_fraction(tmp_path):
     assert not (out / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_ensure_digits_writes_the_tree_once(tmp_path, monkeypatch):
     root = ensure_digits(tmp_path)
     assert root.parent == tmp_path

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = [pytest.mark.slow]
+
 REPO = Path(__file__).resolve().parents[2]
 K8S_DIR = REPO / "deploy" / "kubernetes"
 OVERLAYS = sorted(p.parent.name for p in (K8S_DIR / "overlays").glob("*/kustomization.yaml"))
@@ -335,20 +337,14 @@ def test_training_manifests_carry_the_fault_tolerance_settings(rendered):
 def test_manifest_overrides_are_valid_imgtrain_config(rendered):
     """Every section.key=value a manifest passes is accepted by imgtrain's schema, so a typo in a
     manifest fails here instead of in the cluster."""
-    import dataclasses
+    from imgtrain.config import load_config
 
-    from imgtrain.config import Config, load_config
-
-    sections = {f.name for f in dataclasses.fields(Config)}
     for docs in rendered.values():
         _, _, _, argv = _training_pod(docs)
         tail = argv[argv.index("train") + 1:]
         overrides = [a for a in tail if "=" in a and not a.startswith("-")]
         assert len(overrides) >= 5, tail
-        # monitoring.* comes with the Prometheus exporter (its own branch); checked once it is here.
-        known = [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] in sections]
-        assert len(known) >= len(overrides) - 2
-        load_config(REPO / tail[tail.index("--config") + 1], known)
+        load_config(REPO / tail[tail.index("--config") + 1], overrides)  # every one, unknown keys included
 
 
 def test_settings_configmap_is_the_one_place_to_change(tmp_path):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = [pytest.mark.slow]
+
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILES = [REPO / "deploy" / "docker" / "Dockerfile", REPO / "deploy" / "docker" / "Dockerfile.cpu"]
 TERRAFORM = {"aws": REPO / "deploy" / "terraform" / "aws", "gcp": REPO / "deploy" / "terraform" / "gcp"}

@@ -122,6 +122,8 @@ def test_val_shards_do_not_pad():
     assert sorted(i for s in shards for i in s) == list(range(11))
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_three_process_eval_matches_single_process(val_root, single, tmp_path):
     out_dir = tmp_path / "out"

@@ -7,7 +7,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, subprocess_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_monitoring_overhead_benchmark(tmp_path):

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = [pytest.mark.slow]
+
 REPO = Path(__file__).resolve().parents[2]
 MON = REPO / "deploy" / "monitoring"
 RULES = MON / "prometheus" / "rules" / "imgtrain.rules.yml"

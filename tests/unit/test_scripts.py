@@ -12,6 +12,8 @@ import pytest
 
 from conftest import REPO, subprocess_env
 
+pytestmark = [pytest.mark.slow]
+
 SCRIPTS = ["launch_training.sh", "monitor.sh", "cleanup.sh"]
 
 

@@ -53,6 +53,7 @@ def prepared(tmp_path_factory) -> tuple[Path, Path]:
     return src, base / "shards"
 
 
+@pytest.mark.slow
 def test_prepare_writes_webdataset_shards_and_lists_unreadable_files(tmp_path):
     import webdataset as wds
 
@@ -117,6 +118,7 @@ def test_a_workers_batch_decoded_into_shared_slots_equals_the_samples(prepared):
         assert torch.equal(images[k], img) and labels[k].item() == label and weights[k].item() == weight
 
 
+@pytest.mark.slow
 def test_rerun_keeps_finished_shards_and_rewrites_partial_ones(tmp_path):
     src = make_image_folder(tmp_path / "data", classes=3, train_per_class=10, val_per_class=2, size=20)
     dst = tmp_path / "shards"
@@ -145,6 +147,7 @@ def test_rerun_keeps_finished_shards_and_rewrites_partial_ones(tmp_path):
     assert third["settings"]["quality"] == 50 and (dst / names[0]).stat().st_mtime_ns != before[names[0]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [4, 5])
 def test_every_sample_once_per_epoch_across_2_ranks_x_2_workers(prepared, batch_size):
     """33 samples: global batches of 8 leave a tail of 1 (rank 1 gets a weight-0 pad), of 10 a tail of 3."""

@@ -50,6 +50,7 @@ def test_static_graph_with_gradient_accumulation_is_rejected_naming_the_key():
     load_config(None, ["optimization.accumulation_steps=2"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compression", ["none", "onebit"])
 def test_static_graph_gives_the_same_weights(tmp_path, image_folder, monkeypatch, compression):
     runs = {}
