@@ -113,7 +113,10 @@ if [ "$watch" = 0 ]; then
   exit $?
 fi
 while true; do
-  report || true   # stalled or not started yet: keep watching
-  if [ "$state" = "finished" ]; then exit 0; fi
+  report || true   # stalled, preempted (requeued) or not started yet: keep watching
+  case "$state" in
+    finished) exit 0 ;;
+    failed|diverged) exit 1 ;;
+  esac
   sleep "$watch"
 done

@@ -43,7 +43,7 @@ from typing import Any
 import fsspec
 import torch
 
-from .config import CheckpointConfig
+from .config import CheckpointConfig, resolve_storage_options
 from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,8 @@ class CheckpointManager:
         self.directory = directory.rstrip("/")
         self.is_writer = is_writer
         self.run_id = run_id  # recorded in every manifest; None: checkpoints of any run are taken as ours
-        self.fs, self.root = fsspec.core.url_to_fs(self.directory, **cfg.storage_options)
+        self.storage_options = resolve_storage_options(cfg.storage_options, "checkpoint.storage_options")
+        self.fs, self.root = fsspec.core.url_to_fs(self.directory, **self.storage_options)
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt")
         self._pending: concurrent.futures.Future | None = None
@@ -179,7 +180,7 @@ class CheckpointManager:
         for _, name in self.list_checkpoints():
             path = self.url(name)
             try:
-                verify(path, self.cfg.storage_options)
+                verify(path, self.storage_options)
                 return path
             except CheckpointError as e:
                 log.warning("skipping checkpoint %s: %s", path, e)
@@ -191,7 +192,7 @@ class CheckpointManager:
         for _, name in self.list_checkpoints():
             path = self.url(name)
             try:
-                source = _fetch_verified(path, self.cfg.storage_options)
+                source = _fetch_verified(path, self.storage_options)
             except CheckpointError as e:
                 log.warning("skipping checkpoint %s: %s", path, e)
                 continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -110,7 +111,8 @@ class DataConfig:
     format: Literal["folder", "shards"] = "folder"
     """folder: an ImageFolder tree; shards: the output of ``imgtrain prepare`` (a folder or s3://, gs:// URL)."""
     storage_options: dict[str, Any] = field(default_factory=dict)
-    """Passed to fsspec for a data.root URL (e.g. {client_kwargs: {endpoint_url: ...}})."""
+    """Passed to fsspec for a data.root URL (e.g. {client_kwargs: {endpoint_url: ...}}); ``${VAR}`` in a
+    value is read from the environment when the store is opened (and written down as the reference)."""
     cache_dir: str | None = None
     """Node-local cache of shards read from an object store; None: $IMGTRAIN_DATA_HOME/shard-cache."""
     cache_size_gb: float = 200.0
@@ -324,7 +326,8 @@ class CheckpointConfig:
     resume: str = "auto"
     """auto (newest valid checkpoint in dir), never, or a checkpoint path."""
     storage_options: dict[str, Any] = field(default_factory=dict)
-    """Passed to fsspec (e.g. {client_kwargs: {endpoint_url: ...}} for an S3-compatible store)."""
+    """Passed to fsspec (e.g. {client_kwargs: {endpoint_url: ...}} for an S3-compatible store); ``${VAR}`` in
+    a value is read from the environment when the store is opened (and written down as the reference)."""
     lock_timeout: float = 120.0
     """Seconds a starting writer waits for the writer lock of checkpoint.dir held by another process (an
     evicted pod still saving) before exiting with code 4 naming the holder."""
@@ -673,6 +676,26 @@ def dump_config(cfg: Config, path: str | Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+def resolve_storage_options(options: dict[str, Any], key: str) -> dict[str, Any]:
+    """``options`` for fsspec with every ``${VAR}`` replaced from the environment: the way to give a
+    credential without writing it into a config (the config keeps the reference; only this copy, handed to
+    fsspec, holds the value). An unset variable is a config error naming the key."""
+
+    def expand(value: Any, at: str) -> Any:
+        if isinstance(value, dict):
+            return {k: expand(v, f"{at}.{k}") for k, v in value.items()}
+        if isinstance(value, list):
+            return [expand(v, f"{at}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, str):
+            missing = [m.group(0)[2:-1] for m in _ENV_REF.finditer(value) if m.group(0)[2:-1] not in os.environ]
+            if missing:
+                raise ConfigError(at, value, f"environment variable(s) {', '.join(missing)} to be set")
+            return _ENV_REF.sub(lambda m: os.environ[m.group(0)[2:-1]], value)
+        return value
+
+    return expand(dict(options or {}), key)
+
+
 # Secrets: never written down. Whatever a config holds under a secret-looking key (storage_options'
 # key/secret/token, a password), URL credentials (user:pass@, ?token=) and notification URLs (apprise
 # keeps its tokens in the path) are replaced before a config is persisted. ${VAR} references are kept:
@@ -690,6 +713,12 @@ def _literal(text: str) -> bool:
     return bool(_ENV_REF.sub("", text).strip(":"))
 
 
+def _token_like(segment: str) -> bool:
+    """A literal path segment that looks like an API token: long, mixing digits into a token alphabet."""
+    return (_literal(segment) and len(segment) >= 12 and re.search(r"\d", segment) is not None
+            and re.fullmatch(r"[\w:.~-]+", segment) is not None)
+
+
 def redact_url(url: str, whole: bool = False) -> str:
     """``url`` with literal credentials replaced: user:pass@ and secret-looking query values; everything
     after the scheme when ``whole`` and the URL holds no ${VAR} (apprise URLs keep tokens in the path)."""
@@ -699,6 +728,10 @@ def redact_url(url: str, whole: bool = False) -> str:
     scheme, authority, rest = m.groups()
     if whole and not _ENV_REF.search(url):
         return scheme + REDACTED
+    if whole:  # partly templated: a literal token may still sit in a path segment (tgram://${BOT}/<id:token>)
+        path, sep, tail = rest.partition("?")
+        path = "/".join(REDACTED if _token_like(seg) else seg for seg in path.split("/"))
+        rest = path + sep + tail
     if "@" in authority:
         userinfo, host = authority.rsplit("@", 1)
         if _literal(userinfo):

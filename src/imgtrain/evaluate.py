@@ -91,7 +91,7 @@ def load_any(path: str, storage_options: dict | None = None) -> dict:
 # What a checkpoint's own config may decide for `imgtrain eval`: the model and how an evaluation image is
 # made. Where the data is and how to reach it (data.root, storage options, endpoints, credentials) comes
 # from the user: a shared checkpoint must not point the evaluation at its author's data or secrets.
-EVAL_DATA_KEYS = ("image_size", "val_resize", "mean", "std", "decoder")
+EVAL_DATA_KEYS = ("image_size", "val_resize", "val_crop_fraction", "mean", "std", "decoder")
 
 
 def eval_base(saved: dict | None) -> dict:
@@ -102,7 +102,7 @@ def eval_base(saved: dict | None) -> dict:
 
 
 def run_eval(checkpoint: str, config_path: str | None, overrides: list[str]) -> int:
-    from .config import ConfigError, load_config
+    from .config import ConfigError, load_config, resolve_storage_options
     from .data import build_data
     from .data.transforms import DeviceNormalize
     from .models import create_model
@@ -110,7 +110,7 @@ def run_eval(checkpoint: str, config_path: str | None, overrides: list[str]) -> 
 
     # Validate what the user typed before touching the process group or data.
     user = load_config(config_path, overrides)
-    sd = load_any(checkpoint, user.checkpoint.storage_options)
+    sd = load_any(checkpoint, resolve_storage_options(user.checkpoint.storage_options, "checkpoint.storage_options"))
     if config_path is None:
         saved = sd.get("config") or {}
         cfg = load_config(None, overrides, base=eval_base(saved))

@@ -49,7 +49,7 @@ WORKER_COMMANDS = ("train", "eval", "find-batch-size")
 MAX_WORLD_SIZE_ENV = "IMGTRAIN_MAX_WORLD_SIZE"
 
 log = logging.getLogger(__name__)
-_server_omp: str | None = None  # OMP_NUM_THREADS the running fork server was started with
+_server_omp: tuple[str | None, str | None] | None = None  # (OMP_NUM_THREADS, MAX_WORLD_SIZE_ENV) of the running fork server
 
 
 def build_parser():
@@ -194,16 +194,18 @@ def max_world_size_from_launcher(environ=os.environ) -> int | None:
 
 def start_forkserver(omp_threads: str | None, modules=PRELOAD) -> None:
     """Have a fork server importing ``modules`` under ``OMP_NUM_THREADS=omp_threads``; replace one started
-    with another value. Returns at once: the imports run in the server while the agent goes on."""
+    with another value, or with another MAX_WORLD_SIZE_ENV (its workers inherit the server's environment,
+    not the agent's). Returns at once: the imports run in the server while the agent goes on."""
     global _server_omp
     server = multiprocessing.forkserver._forkserver
-    if server._forkserver_pid is not None and _server_omp == omp_threads:
+    wanted = (omp_threads, os.environ.get(MAX_WORLD_SIZE_ENV))
+    if server._forkserver_pid is not None and _server_omp == wanted:
         return
     stop_forkserver()
     multiprocessing.set_forkserver_preload(list(modules))
     with _environ("OMP_NUM_THREADS", omp_threads):
         multiprocessing.forkserver.ensure_running()
-    _server_omp = omp_threads
+    _server_omp = wanted
 
 
 def stop_forkserver() -> None:
@@ -358,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         # Workers forked from the agent get the exact value; a fork server started above has the guess.
         _set_env(MAX_WORLD_SIZE_ENV, str(config.max_nodes * config.nproc_per_node))
         if callable(entrypoint) and config.start_method == "forkserver":
-            start_forkserver(os.environ.get("OMP_NUM_THREADS"))  # no-op unless torchrun changed it
+            # A no-op unless torchrun changed OMP_NUM_THREADS or the world size was not known before resolve().
+            start_forkserver(os.environ.get("OMP_NUM_THREADS"))
         else:
             stop_forkserver()
         if callable(entrypoint) and config.start_method == "fork":

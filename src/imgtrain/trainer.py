@@ -153,6 +153,10 @@ class Trainer:
         # Data first: a wrong data.root must not leave a half-made run directory behind.
         self.data = build_data(cfg.data, cfg.training.batch_size, info.rank, info.world_size,
                                cfg.training.seed, info.device)
+        # The writer lock (and the refusal of another run's directory) before anything is written there.
+        ckpt_dir = cfg.checkpoint.dir or str(self.output_dir / "checkpoints")
+        self.checkpointer = CheckpointManager(cfg.checkpoint, ckpt_dir, is_writer=info.is_main,
+                                              run_id=checkpoint_run_id(cfg))
         if info.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.output_dir / "config.yaml")  # secrets redacted
@@ -176,10 +180,6 @@ class Trainer:
                                      use_buffers=True)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=oc.label_smoothing, reduction="none")
         self.schedule = create_schedule(cfg.training)
-
-        ckpt_dir = cfg.checkpoint.dir or str(self.output_dir / "checkpoints")
-        self.checkpointer = CheckpointManager(cfg.checkpoint, ckpt_dir, is_writer=info.is_main,
-                                              run_id=checkpoint_run_id(cfg))
         self.timeline["built"] = time.time()
         self._maybe_resume()
         self.timeline["checkpoint_loaded"] = time.time()
@@ -385,7 +385,7 @@ class Trainer:
             log.info("no checkpoint to resume from in %s: starting fresh", self.checkpointer.directory)
             return
         if sd is None:
-            sd = load_checkpoint(path, self.cfg.checkpoint.storage_options)
+            sd = load_checkpoint(path, self.checkpointer.storage_options)
         self.load_state_dict(sd, path)
         self.progress.restarts += 1
         self.resumed_from = path

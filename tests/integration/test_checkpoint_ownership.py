@@ -86,6 +86,7 @@ def test_a_second_writer_exits_4_naming_the_lock_holder(data, run_a, tmp_path):
             assert holder.poll() is None and time.monotonic() < deadline, holder.stderr.read()
             time.sleep(0.05)
         before = sorted(p.name for p in (run_a / "checkpoints").iterdir())
+        config_before = (run_a / "config.yaml").read_text()
         second = train(data, run_a, "checkpoint.lock_timeout=1", check=False)
         assert second.returncode == EXIT_CHECKPOINT, second.stderr[-3000:]
         line = [ln for ln in second.stderr.splitlines() if ln.startswith("imgtrain: checkpoint error:")]
@@ -93,6 +94,7 @@ def test_a_second_writer_exits_4_naming_the_lock_holder(data, run_a, tmp_path):
         assert f"run 'a', host {socket.gethostname()}, pid {holder.pid}" in line[0]
         no_traceback(second.stderr)
         assert sorted(p.name for p in (run_a / "checkpoints").iterdir()) == before
+        assert (run_a / "config.yaml").read_text() == config_before  # refused before writing anything
     finally:
         done.touch()
         holder.wait(WAIT)

@@ -170,6 +170,21 @@ def test_region_decoder_refuses_an_older_libjpeg_found_at_run_time(monkeypatch, 
         D._jpegroi.cache_clear()
 
 
+def test_an_extension_older_than_its_source_falls_back_instead_of_failing(monkeypatch, caplog):
+    # An editable install does not rebuild _jpegroi when _jpegroi.c changes: a stale build lacks the new
+    # attributes, and the run must fall back with a warning, not end in an AttributeError traceback.
+    roi = _roi()
+    monkeypatch.delattr(roi, "LimitError")
+    D._jpegroi.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING):
+            dec = D.create_decoder("libjpeg_roi")
+        assert dec.name != "libjpeg_roi"
+        assert "older than its source" in caplog.text
+    finally:
+        D._jpegroi.cache_clear()
+
+
 # ------------------------------------------------------------------------------------------------
 # Labels (item 3), shard names (item 10), published modes (item 12)
 

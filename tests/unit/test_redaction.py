@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from imgtrain.config import REDACTED, dump_config, literal_credentials, load_config, redact_url
+from imgtrain.config import (
+    REDACTED,
+    ConfigError,
+    dump_config,
+    literal_credentials,
+    load_config,
+    redact_url,
+    resolve_storage_options,
+)
 from imgtrain.evaluate import eval_base
 
 SECRETS = ["AKIAEXAMPLE", "s3cr3t-value", "hunter2", "xoxb-slack-token", "sess-tok"]
@@ -31,6 +39,30 @@ OVERRIDES = [
 ])
 def test_redact_url(url, expected):
     assert redact_url(url) == expected
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("slack://xoxb-literal/B0/C0", f"slack://{REDACTED}"),
+    # partly templated: the literal token in the path still goes
+    ("tgram://${BOT}/123456789:AAHliteraltoken/", f"tgram://${{BOT}}/{REDACTED}/"),
+    ("slack://${A}/${B}/${C}", "slack://${A}/${B}/${C}"),
+    ("mailtos://${U}:${P}@smtp.example.com?to=ops@example.com", "mailtos://${U}:${P}@smtp.example.com?to=ops@example.com"),
+])
+def test_notification_urls_keep_no_literal_token(url, expected):
+    assert redact_url(url, whole=True) == expected
+
+
+def test_storage_options_read_var_references_from_the_environment(monkeypatch):
+    options = {"key": "${AWS_KEY}", "anon": False, "client_kwargs": {"endpoint_url": "https://${HOST}:9000"}}
+    monkeypatch.setenv("AWS_KEY", "AKIAFROMENV")
+    monkeypatch.setenv("HOST", "minio.local")
+    resolved = resolve_storage_options(options, "checkpoint.storage_options")
+    assert resolved == {"key": "AKIAFROMENV", "anon": False,
+                        "client_kwargs": {"endpoint_url": "https://minio.local:9000"}}
+    assert options["key"] == "${AWS_KEY}"  # the config keeps the reference: that is what is written down
+    monkeypatch.delenv("HOST")
+    with pytest.raises(ConfigError, match=r"checkpoint\.storage_options\.client_kwargs\.endpoint_url.*HOST"):
+        resolve_storage_options(options, "checkpoint.storage_options")
 
 
 def test_persisted_config_holds_no_secret_and_the_live_one_keeps_them(tmp_path):
@@ -76,7 +108,8 @@ def test_eval_takes_only_model_and_transform_fields_from_a_checkpoint():
                                        "data.cache_dir=/their/cache", "output_dir=/their/run"]).to_dict(redact=False)
     base = eval_base(saved)
     assert base["model"] == saved["model"]
-    assert base["data"] == {k: saved["data"][k] for k in ("image_size", "val_resize", "mean", "std", "decoder")}
+    transform = ("image_size", "val_resize", "val_crop_fraction", "mean", "std", "decoder")
+    assert base["data"] == {k: saved["data"][k] for k in transform}
     assert set(base) == {"model", "data"}
     cfg = load_config(None, ["data.root=/mine"], base=base)
     assert cfg.data.root == "/mine" and cfg.data.storage_options == {} and cfg.checkpoint.storage_options == {}

@@ -404,6 +404,10 @@ def _jpegroi():
             f"imgtrain's C extension _jpegroi is not built ({e}); `pip install -e .` builds it where a C "
             "compiler and libjpeg-turbo's headers are installed (scripts/install.sh installs them)"
         ) from None
+    if not all(hasattr(_jpegroi, a) for a in ("LIBJPEG_PATH", "LimitError", "LIBJPEG_TURBO_VERSION_NUMBER")):
+        # An editable install does not rebuild the extension when its source changes.
+        raise ImportError("imgtrain's C extension _jpegroi is older than its source: rebuild it with "
+                          "`pip install -e .` (or `python setup.py build_ext --inplace`)")
     if _jpegroi.LIBJPEG_TURBO_VERSION_NUMBER < LIBJPEG_TURBO_MIN:
         raise ImportError(f"imgtrain's _jpegroi is built against libjpeg-turbo "
                           f"{_jpegroi.LIBJPEG_TURBO_VERSION_NUMBER}, older than {LIBJPEG_TURBO_MIN}, the oldest "

@@ -24,7 +24,7 @@ import fsspec
 import numpy as np
 import torch
 
-from ..config import DataConfig
+from ..config import DataConfig, resolve_storage_options
 from .decode import create_decoder, decode_full
 from .embedded import default_data_home
 from .folder import DataError, SampleRef, blank, load_batch, sample_rng_scope
@@ -293,12 +293,13 @@ def build_shard_sets(
 ) -> tuple[ShardDataset, ShardDataset, ShardSource]:
     assert cfg.root is not None
     root = cfg.root if "://" in cfg.root else str(Path(cfg.root).expanduser())
-    index = load_index(root, cfg.storage_options)
+    options = resolve_storage_options(cfg.storage_options, "data.storage_options")
+    index = load_index(root, options)
     shards = [s for sp in index["splits"].values() for s in sp["shards"]]
     sha = {s["name"]: s["sha256"] for s in shards}
     sizes = {s["name"]: int(s["bytes"]) for s in shards}
     cache_dir = cfg.cache_dir or default_data_home() / "shard-cache"
-    source = ShardSource(root, cfg.storage_options, cache_dir, int(cfg.cache_size_gb * 1e9), sha, sizes)
+    source = ShardSource(root, options, cache_dir, int(cfg.cache_size_gb * 1e9), sha, sizes)
     train = ShardDataset(source, index, "train", train_transform, seed, cfg.image_size)
     val = ShardDataset(source, index, "val", eval_transform, seed, cfg.image_size)
     return train, val, source

@@ -151,7 +151,8 @@ def render(data: RunData, now: float | None = None):
 
 
 def monitor(run_dir: Path, once: bool = False, interval: float = 2.0) -> int:
-    """Returns 0 when the run finished (or for --once), 1 when it failed or diverged."""
+    """Returns 0 when the run finished (or for --once), 1 when it failed or diverged. A preempted run has
+    not ended (its scheduler requeues it and it resumes): the dashboard waits for it."""
     data = RunData(run_dir, tail=1000)
     interactive = sys.stdout.isatty()
     console = Console(width=None if interactive else 140)
@@ -159,7 +160,7 @@ def monitor(run_dir: Path, once: bool = False, interval: float = 2.0) -> int:
         console.print(render(data.refresh()))
         return 0
     with Live(render(data.refresh()), console=console, refresh_per_second=4, auto_refresh=False) as live:
-        while not data.ended:
+        while not data.ended or data.status == "preempted":
             time.sleep(interval)
             live.update(render(data.refresh()), refresh=True)
     return 0 if data.status == "finished" else 1
