@@ -12,8 +12,10 @@ no loader, no decoding. They differ only in the step code:
 
 The variants alternate in rounds (the order flips every round) at each image size, in one process, so
 that drift on a shared machine hits both alike. imgtrain / reference is the ratio of step times:
-1.0 means imgtrain's step costs what the reference's does. ``--profile`` also writes torch.profiler
-operator tables of a few steps of each.
+1.0 means imgtrain's step costs what the reference's does. Wall time follows the machine's load; the
+process CPU time (with ``--threads 1``) is the load-robust measure. The script also times imgtrain's
+on-device normalization against the out-of-place form it replaced, and ``--profile`` writes
+torch.profiler operator tables of a few steps of each variant.
 
     python benchmarks/reference_step.py --model resnet18 --batch 8 --sizes 112 224 --threads 2
 """
@@ -108,6 +110,26 @@ def profile_table(fn, path: Path) -> None:
     print(f"  wrote {path}", flush=True)
 
 
+def normalize_costs(trainer, batch: int, size: int, calls: int = 20) -> dict:
+    """CPU ms per batch of imgtrain's DeviceNormalize against the out-of-place form it replaced, which
+    allocated three batch-sized float tensors (the reference does this in its loader workers)."""
+    norm = trainer.normalize
+    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    variants = {"device_normalize": norm, "out_of_place": lambda t: (t.float() - norm.mean) * norm.inv_std}
+    samples: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(5):
+        for v in (variants if r % 2 == 0 else reversed(list(variants))):
+            variants[v](x)
+            c0 = time.process_time()
+            for _ in range(calls):
+                variants[v](x)
+            samples[v].append((time.process_time() - c0) / calls * 1e3)
+    out = {v: stats(samples[v]) for v in variants}
+    print(f"  normalize {batch} x {size} px: DeviceNormalize {out['device_normalize']['median']:.2f} ms CPU, "
+          f"out-of-place {out['out_of_place']['median']:.2f} ms CPU", flush=True)
+    return {"unit": "CPU ms per batch", **out}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
@@ -156,6 +178,7 @@ def benchmark(args, root: Path, tmp: Path) -> dict:
                       f"(CPU {row['imgtrain'][1] * 1e3:.0f} ms), reference {row['reference'][0] * 1e3:.0f} ms "
                       f"(CPU {row['reference'][1] * 1e3:.0f} ms), ratio {per_size[size]['ratio'][-1]:.3f} "
                       f"(CPU {per_size[size]['ratio_cpu'][-1]:.3f})", flush=True)
+        normalize = {str(size): normalize_costs(setups[size][0], args.batch, size) for size in args.sizes}
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
             for size in args.sizes:
@@ -190,6 +213,7 @@ def benchmark(args, root: Path, tmp: Path) -> dict:
                      "imgtrain_overrides": {str(s): setups[s][1] for s in args.sizes}},
         "unit": "seconds per step",
         "sizes": results,
+        "normalize": normalize,
     }
 
 

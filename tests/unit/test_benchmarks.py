@@ -132,3 +132,6 @@ def test_reference_step_benchmark(tmp_path):
                     "ratio_cpu"):
             assert_stats(size[key], 2)
     assert r["load_average"] and r["date"]
+    for size in ("32", "48"):
+        assert_stats(r["normalize"][size]["device_normalize"], 5)
+        assert_stats(r["normalize"][size]["out_of_place"], 5)
