@@ -84,8 +84,8 @@ class DeviceNormalize(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One new float tensor, in the model's memory format, normalized in place (copy=True: never the
         # caller's tensor). The out-of-place form made three batch-sized float tensors per step; on CPU
-        # glibc returns such freed blocks to the kernel, and every step page-faulted them in again: 6.4 ms
-        # against 0.3 ms for 8 images of 224 px (docs/BENCHMARKS.md, "imgtrain's step against torchvision's").
+        # glibc can return such freed blocks to the kernel, and the next step page-faults them in again:
+        # up to 6.4 ms against 0.3 ms for 8 images of 224 px (docs/BENCHMARKS.md, issue 16 section).
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         x = x.to(torch.float32, memory_format=fmt, copy=True)
         return x.sub_(self.mean).mul_(self.inv_std)
