@@ -125,3 +125,17 @@ def test_gpu_training_benchmark_runs_its_variants_on_cpu(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["model"], r["channels_last"]) for r in rows] == [("simple_cnn", True), ("simple_cnn", False)]
     assert all(r["images_per_s"] > 0 and "error" not in r for r in rows)
+
+
+def test_reference_step_benchmark(tmp_path):
+    r = run_script("reference_step", ["--model", "resnet18", "--batch", "2", "--sizes", "32", "48", "--steps", "1",
+                                      "--warmup", "0", "--rounds", "2"], tmp_path)
+    assert r["unit"] == "seconds per step" and sorted(r["sizes"]) == ["32", "48"]
+    for size in r["sizes"].values():
+        for key in ("imgtrain", "reference", "imgtrain_cpu", "reference_cpu", "ratio_imgtrain_over_reference",
+                    "ratio_cpu"):
+            assert_stats(size[key], 2)
+    assert r["load_average"] and r["date"]
+    for size in ("32", "48"):
+        assert_stats(r["normalize"][size]["device_normalize"], 5)
+        assert_stats(r["normalize"][size]["out_of_place"], 5)

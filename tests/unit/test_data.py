@@ -245,3 +245,29 @@ def test_a_loader_workers_batch_equals_the_in_process_batch(tmp_path):
         assert (i1.dtype, l1.dtype, w1.dtype) == (torch.uint8, torch.long, torch.float32)
     assert sorted(torch.cat([b[1] for b in batches[1]]).tolist()) == [0, 0, 1, 1, 2, 2]
     assert sum(len(b[3]) for b in batches[1]) == 1 and 0.0 in torch.cat([b[2] for b in batches[1]])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_device_normalize_makes_one_float_batch_with_the_normalized_values(channels_last):
+    """(x - mean) / std in the model's memory format, allocating the float batch once: three batch-sized
+    temporaries per step were page-faulted in again every step on CPU (docs/BENCHMARKS.md)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from imgtrain.data.transforms import DeviceNormalize
+
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    norm = DeviceNormalize(mean, std, CPU, channels_last)
+    x = torch.randint(0, 256, (4, 3, 32, 24), dtype=torch.uint8)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        y = norm(x)
+    expected = (x.double() / 255 - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)) / torch.tensor(
+        std, dtype=torch.float64).view(1, 3, 1, 1)
+    assert y.dtype == torch.float32 and torch.allclose(y.double(), expected, atol=1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    allocated = sum(e.self_cpu_memory_usage for e in prof.key_averages()
+                    if e.key != "[memory]" and e.self_cpu_memory_usage > 0)
+    assert allocated == y.numel() * 4, f"{allocated} bytes allocated for a {y.numel() * 4}-byte batch"
+    floats = x.float()
+    before = floats.clone()
+    norm(floats)
+    assert torch.equal(floats, before), "a float input must not be normalized in place"

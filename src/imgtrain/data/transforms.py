@@ -82,8 +82,13 @@ class DeviceNormalize(torch.nn.Module):
         self.channels_last = channels_last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x.float() - self.mean) * self.inv_std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        # One new float tensor, in the model's memory format, normalized in place (copy=True: never the
+        # caller's tensor). The out-of-place form made three batch-sized float tensors per step; on CPU
+        # glibc can return such freed blocks to the kernel, and the next step page-faults them in again:
+        # up to 6.4 ms against 0.3 ms for 8 images of 224 px (docs/BENCHMARKS.md, issue 16 section).
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        x = x.to(torch.float32, memory_format=fmt, copy=True)
+        return x.sub_(self.mean).mul_(self.inv_std)
 
 
 def batch_mix(cfg: DataConfig, num_classes: int) -> v2.Transform | None:
