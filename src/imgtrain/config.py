@@ -9,7 +9,6 @@ expected (the CLI turns it into exit code 2).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 import types
 import typing
@@ -19,8 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
-from . import model_names
-from .errors import ConfigError
+from . import model_names, registry
+from .errors import ConfigError, expected_one_of
 
 
 def _check(cond: bool, key: str, value: Any, expected: str) -> None:
@@ -90,9 +89,7 @@ class DataConfig:
     allow_empty_classes: bool = False
     """Train with a class that has no training or no validation images (or whose folder is in only one of
     train/ and val/). Off: such a class is a data error, since it is most often a copy gone wrong."""
-    decoder: Literal[
-        "libjpeg_roi", "simplejpeg_fast", "simplejpeg", "simplejpeg_pillow", "opencv", "torchvision", "pil"
-    ] = "libjpeg_roi"
+    decoder: str = "libjpeg_roi"
     """JPEG decoder of the CPU path (measurements in docs/decode.md): libjpeg_roi (simplejpeg_fast's output,
     but only the crop window is decoded; needs imgtrain's small C extension, built by ``pip install -e .``
     where libjpeg-turbo's headers are installed, else it falls back to simplejpeg_fast), simplejpeg_fast
@@ -114,6 +111,7 @@ class DataConfig:
     """Size limit of that cache (least recently used shards are evicted above it)."""
 
     def validate(self, p: str) -> None:
+        registry.DECODERS.check(self.decoder, f"{p}.decoder")
         _check(self.image_size >= 8, f"{p}.image_size", self.image_size, "an integer >= 8")
         _check(self.val_resize is None or self.val_resize >= self.image_size, f"{p}.val_resize",
                self.val_resize, f"null or an integer >= data.image_size ({self.image_size})")
@@ -154,7 +152,8 @@ class TrainingConfig:
     warmup_epochs: float = 5.0
     warmup_start_factor: float = 0.0
     """LR at step 0 as a fraction of the peak LR."""
-    lr_schedule: Literal["cosine", "step", "constant"] = "cosine"
+    lr_schedule: str = "cosine"
+    """cosine, step (lr_step_epochs, lr_step_gamma) or constant, after the warmup (registry.LR_SCHEDULES)."""
     lr_step_epochs: list[int] = field(default_factory=lambda: [30, 60, 80])
     lr_step_gamma: float = 0.1
     min_lr_factor: float = 0.0
@@ -173,6 +172,7 @@ class TrainingConfig:
     """torch.compile the model (first steps pay the compilation)."""
 
     def validate(self, p: str) -> None:
+        registry.LR_SCHEDULES.check(self.lr_schedule, f"{p}.lr_schedule")
         _check(self.epochs >= 1, f"{p}.epochs", self.epochs, "an integer >= 1")
         _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "an integer >= 1")
         _check(self.base_lr > 0, f"{p}.base_lr", self.base_lr, "a number > 0")
@@ -194,7 +194,8 @@ class TrainingConfig:
 
 @dataclass
 class OptimizationConfig:
-    optimizer: Literal["sgd", "adamw"] = "sgd"
+    optimizer: str = "sgd"
+    """sgd or adamw (registry.OPTIMIZERS)."""
     momentum: float = 0.9
     nesterov: bool = False
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -216,6 +217,7 @@ class OptimizationConfig:
     (multi-tensor), fused (one kernel; CUDA and CPU in recent torch), for_loop (per parameter)."""
 
     def validate(self, p: str) -> None:
+        registry.OPTIMIZERS.check(self.optimizer, f"{p}.optimizer")
         _check(0 <= self.momentum < 1, f"{p}.momentum", self.momentum, "a number in [0, 1)")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{p}.betas", self.betas,
                "two numbers in [0, 1)")
@@ -286,8 +288,9 @@ class DistributedConfig:
     elastic_batch: Literal["keep_global", "keep_per_process"] = "keep_global"
     """When the world size changes: keep the global batch by changing gradient accumulation, or keep
     the per-process batch and rescale the LR linearly."""
-    compression: Literal["none", "fp16", "bf16", "powersgd", "onebit"] = "none"
-    """Gradient compression as a DDP communication hook (docs/compression.md)."""
+    compression: str = "none"
+    """Gradient compression as a DDP communication hook: none, fp16, bf16, powersgd or onebit
+    (registry.COMPRESSION, docs/compression.md)."""
     powersgd: PowerSGDConfig = field(default_factory=PowerSGDConfig)
     onebit: OneBitConfig = field(default_factory=OneBitConfig)
     gradient_as_bucket_view: bool = True
@@ -297,6 +300,7 @@ class DistributedConfig:
     find_unused-style models."""
 
     def validate(self, p: str) -> None:
+        registry.COMPRESSION.check(self.compression, f"{p}.compression")
         self.powersgd.validate(f"{p}.powersgd")
         self.onebit.validate(f"{p}.onebit")
         _check(self.bucket_cap_mb > 0, f"{p}.bucket_cap_mb", self.bucket_cap_mb, "a number > 0")
@@ -511,8 +515,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         choices = typing.get_args(tp)
         if value in choices:
             return value
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=3)
-        raise ConfigError(key, value, _type_name(tp) + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        raise ConfigError(key, value, expected_one_of(value, choices))
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None:
