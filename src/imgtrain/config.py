@@ -95,8 +95,9 @@ class DataConfig:
     where libjpeg-turbo's headers are installed, else it falls back to simplejpeg_fast), simplejpeg_fast
     (fast IDCT and chroma upsampling, within the tested tolerance), simplejpeg, simplejpeg_pillow (simplejpeg_fast's decode with
     Pillow's resize: faster on full-size photos with pillow-simd installed, scripts/install_pillow_simd.sh), opencv,
-    torchvision, or pil (the reference). Files
-    that are not JPEGs decode with PIL; a decoder whose library is missing falls back to the next fastest."""
+    torchvision, or pil (the reference); the names of registry.DECODERS, and when each is the one to use in
+    docs/decode.md. Files that are not JPEGs decode with PIL; a decoder whose library is missing falls back to
+    the next fastest."""
     decode: Literal["cpu", "gpu", "dali"] = "cpu"
     """Where training images are decoded: cpu (loader workers), or gpu (CUDA only: workers read the bytes,
     nvJPEG decodes the batch, crops/flips/resizes run on the GPU; see docs/decode.md), or dali (as gpu, with
