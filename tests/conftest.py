@@ -108,3 +108,15 @@ def load_weights(run_dir: Path) -> dict:
     import torch
 
     return torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny models: two threads on two shared cores are many times
+    slower than one for such small tensors."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -27,13 +27,7 @@ FAMILIES = ("alexnet", "vgg11", "maxvit_t", "wide_resnet50_2", "resnext50_32x4d"
             "inception_v3", "shufflenet_v2_x0_5", "mnasnet0_5", "squeezenet1_0", "resnet18", "efficientnet_b0")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two intra-op threads on two shared cores are many times slower than one for these tiny tensors.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _contract(name: str, size: int) -> None:
