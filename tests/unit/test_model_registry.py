@@ -135,3 +135,16 @@ def test_pretrained_timm_model_asks_timm_for_its_weights(monkeypatch):
     model = create_model(ModelConfig(name="timm/test_vit", pretrained=True), NUM_CLASSES, 160)
     assert asked == ["VisionTransformer"]
     assert model(torch.randn(1, 3, 160, 160)).shape == (1, NUM_CLASSES)
+
+
+def test_pretrained_weights_are_kept_and_only_the_head_is_new(monkeypatch):
+    torch.manual_seed(3)
+    published = torchvision.models.mobilenet_v3_small(weights=None).state_dict()
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", lambda *a, **k: published)
+    model = create_model(ModelConfig(name="mobilenet_v3_small", pretrained=True), NUM_CLASSES, 32)
+    ours = model.state_dict()
+    head = {"classifier.3.weight", "classifier.3.bias"}
+    assert ours.keys() == published.keys()
+    for key in published.keys() - head:
+        torch.testing.assert_close(ours[key], published[key], rtol=0, atol=0, msg=key)
+    assert ours["classifier.3.weight"].shape == (NUM_CLASSES, published["classifier.3.weight"].shape[1])
