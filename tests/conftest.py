@@ -248,3 +248,15 @@ def s3_env(endpoint: str) -> dict:
     env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="eu-west-1",
                AWS_ENDPOINT_URL=endpoint)
     return env
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny models: two threads on two shared cores are many times
+    slower than one for such small tensors."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

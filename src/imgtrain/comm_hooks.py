@@ -14,6 +14,7 @@ fresh process differs from the one it rebuilds after the first step, so bucket i
 across a restart. See docs/compression.md.
 """
 
+import functools
 import logging
 import math
 from collections import defaultdict
@@ -29,11 +30,9 @@ from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
 
 from .config import DistributedConfig
 from .internals.powersgd import should_compress
+from .registry import COMPRESSION
 
 log = logging.getLogger(__name__)
-
-METHODS = ("none", "fp16", "bf16", "powersgd", "onebit")
-
 
 @dataclass
 class CommCounter:
@@ -611,7 +610,11 @@ def _onebit_hook(self: OneBitCompression, bucket: dist.GradBucket) -> torch.futu
     return fut.then(decode)
 
 
-_CLASSES = {"none": Compression, "powersgd": PowerSGDCompression, "onebit": OneBitCompression}
+COMPRESSION.register("none")(Compression)
+COMPRESSION.register("fp16")(functools.partial(_CastCompression, dtype=torch.float16))
+COMPRESSION.register("bf16")(functools.partial(_CastCompression, dtype=torch.bfloat16))
+COMPRESSION.register("powersgd")(PowerSGDCompression)
+COMPRESSION.register("onebit")(OneBitCompression)
 
 
 def create_compression(
@@ -619,12 +622,7 @@ def create_compression(
 ) -> Compression:
     """The configured method, its hook registered on ``ddp_model`` (a DDP module; with no process group
     nothing is registered and nothing is sent)."""
-    m = cfg.compression
-    args = (ddp_model, cfg, world_size, backend)
-    if m in ("fp16", "bf16"):
-        comp: Compression = _CastCompression(*args, dtype=torch.float16 if m == "fp16" else torch.bfloat16)
-    else:
-        comp = _CLASSES[m](*args)
+    comp: Compression = COMPRESSION[cfg.compression](ddp_model, cfg, world_size, backend)
     if backend is not None:
         comp.register()
     return comp

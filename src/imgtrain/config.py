@@ -9,7 +9,6 @@ expected (the CLI turns it into exit code 2).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 import types
@@ -20,8 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
-from . import model_names
-from .errors import ConfigError
+from . import model_names, registry
+from .errors import ConfigError, expected_one_of
 
 
 def _check(cond: bool, key: str, value: Any, expected: str) -> None:
@@ -94,16 +93,15 @@ class DataConfig:
     max_image_pixels: int = 100_000_000
     """Largest image decoded (width x height, from the header, before any pixel is decoded); a larger one is
     a bad sample. Bounds a loader worker's memory per image (docs/decode.md, "Hostile files")."""
-    decoder: Literal[
-        "libjpeg_roi", "simplejpeg_fast", "simplejpeg", "simplejpeg_pillow", "opencv", "torchvision", "pil"
-    ] = "libjpeg_roi"
+    decoder: str = "libjpeg_roi"
     """JPEG decoder of the CPU path (measurements in docs/decode.md): libjpeg_roi (simplejpeg_fast's output,
     but only the crop window is decoded; needs imgtrain's small C extension, built by ``pip install -e .``
     where libjpeg-turbo's headers are installed, else it falls back to simplejpeg_fast), simplejpeg_fast
     (fast IDCT and chroma upsampling, within the tested tolerance), simplejpeg, simplejpeg_pillow (simplejpeg_fast's decode with
     Pillow's resize: faster on full-size photos with pillow-simd installed, scripts/install_pillow_simd.sh), opencv,
-    torchvision, or pil (the reference). Files
-    that are not JPEGs decode with PIL; a decoder whose library is missing falls back to the next fastest."""
+    torchvision, or pil (the reference); the names of registry.DECODERS, and when each is the one to use in
+    docs/decode.md. Files that are not JPEGs decode with PIL; a decoder whose library is missing falls back to
+    the next fastest."""
     decode: Literal["cpu", "gpu", "dali"] = "cpu"
     """Where training images are decoded: cpu (loader workers), or gpu (CUDA only: workers read the bytes,
     nvJPEG decodes the batch, crops/flips/resizes run on the GPU; see docs/decode.md), or dali (as gpu, with
@@ -119,6 +117,7 @@ class DataConfig:
     """Size limit of that cache (least recently used shards are evicted above it)."""
 
     def validate(self, p: str) -> None:
+        registry.DECODERS.check(self.decoder, f"{p}.decoder")
         _check(self.image_size >= 8, f"{p}.image_size", self.image_size, "an integer >= 8")
         _check(self.val_resize is None or self.val_resize >= self.image_size, f"{p}.val_resize",
                self.val_resize, f"null or an integer >= data.image_size ({self.image_size})")
@@ -160,7 +159,8 @@ class TrainingConfig:
     warmup_epochs: float = 5.0
     warmup_start_factor: float = 0.0
     """LR at step 0 as a fraction of the peak LR."""
-    lr_schedule: Literal["cosine", "step", "constant"] = "cosine"
+    lr_schedule: str = "cosine"
+    """cosine, step (lr_step_epochs, lr_step_gamma) or constant, after the warmup (registry.LR_SCHEDULES)."""
     lr_step_epochs: list[int] = field(default_factory=lambda: [30, 60, 80])
     lr_step_gamma: float = 0.1
     min_lr_factor: float = 0.0
@@ -179,6 +179,7 @@ class TrainingConfig:
     """torch.compile the model (first steps pay the compilation)."""
 
     def validate(self, p: str) -> None:
+        registry.LR_SCHEDULES.check(self.lr_schedule, f"{p}.lr_schedule")
         _check(self.epochs >= 1, f"{p}.epochs", self.epochs, "an integer >= 1")
         _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "an integer >= 1")
         _check(self.base_lr > 0, f"{p}.base_lr", self.base_lr, "a number > 0")
@@ -200,7 +201,8 @@ class TrainingConfig:
 
 @dataclass
 class OptimizationConfig:
-    optimizer: Literal["sgd", "adamw"] = "sgd"
+    optimizer: str = "sgd"
+    """sgd or adamw (registry.OPTIMIZERS)."""
     momentum: float = 0.9
     nesterov: bool = False
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -222,6 +224,7 @@ class OptimizationConfig:
     (multi-tensor), fused (one kernel; CUDA and CPU in recent torch), for_loop (per parameter)."""
 
     def validate(self, p: str) -> None:
+        registry.OPTIMIZERS.check(self.optimizer, f"{p}.optimizer")
         _check(0 <= self.momentum < 1, f"{p}.momentum", self.momentum, "a number in [0, 1)")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{p}.betas", self.betas,
                "two numbers in [0, 1)")
@@ -292,8 +295,9 @@ class DistributedConfig:
     elastic_batch: Literal["keep_global", "keep_per_process"] = "keep_global"
     """When the world size changes: keep the global batch by changing gradient accumulation, or keep
     the per-process batch and rescale the LR linearly."""
-    compression: Literal["none", "fp16", "bf16", "powersgd", "onebit"] = "none"
-    """Gradient compression as a DDP communication hook (docs/compression.md)."""
+    compression: str = "none"
+    """Gradient compression as a DDP communication hook: none, fp16, bf16, powersgd or onebit
+    (registry.COMPRESSION, docs/compression.md)."""
     powersgd: PowerSGDConfig = field(default_factory=PowerSGDConfig)
     onebit: OneBitConfig = field(default_factory=OneBitConfig)
     gradient_as_bucket_view: bool = True
@@ -303,6 +307,7 @@ class DistributedConfig:
     find_unused-style models."""
 
     def validate(self, p: str) -> None:
+        registry.COMPRESSION.check(self.compression, f"{p}.compression")
         self.powersgd.validate(f"{p}.powersgd")
         self.onebit.validate(f"{p}.onebit")
         _check(self.bucket_cap_mb > 0, f"{p}.bucket_cap_mb", self.bucket_cap_mb, "a number > 0")
@@ -518,8 +523,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         choices = typing.get_args(tp)
         if value in choices:
             return value
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=3)
-        raise ConfigError(key, value, _type_name(tp) + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        raise ConfigError(key, value, expected_one_of(value, choices))
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None:

@@ -8,6 +8,7 @@ torch, so that config loading and ``imgtrain status`` stay fast.
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 EXIT_OK = 0
@@ -56,6 +57,12 @@ class ConfigError(ImgtrainError, ValueError):
     def __init__(self, key: str, value: Any, expected: str):
         self.key, self.value, self.expected = key, value, expected
         super().__init__(f"config key '{key}': got {value!r}, expected {expected}")
+
+
+def expected_one_of(value: Any, choices: tuple[Any, ...]) -> str:
+    """A ConfigError's ``expected`` for a value outside ``choices``: all of them, and the close matches."""
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=3)
+    return "one of " + ", ".join(repr(c) for c in choices) + (f" (did you mean {', '.join(close)}?)" if close else "")
 
 
 class DataError(ImgtrainError, RuntimeError):

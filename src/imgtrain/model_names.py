@@ -27,7 +27,8 @@ def torchvision_models() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
-def _timm():
+def import_timm():
+    """timm, or None where it is not installed (an optional dependency)."""
     try:
         import timm
     except ImportError:
@@ -39,14 +40,14 @@ def is_known(name: str) -> bool:
     if name in IMGTRAIN_MODELS or name in COMMON_TORCHVISION_MODELS:
         return True
     if name.startswith(TIMM_PREFIX):
-        timm = _timm()
+        timm = import_timm()
         return timm is not None and timm.is_model(name[len(TIMM_PREFIX):])  # a tag (name.tag) is accepted
     return name in torchvision_models()
 
 
 def unknown_model_hint(name: str) -> str:
     """What to say about a name :func:`is_known` rejected: the close matches, or how to get timm."""
-    timm = _timm()
+    timm = import_timm()
     if name.startswith(TIMM_PREFIX):
         if timm is None:
             return "a model of timm, which is not installed: pip install 'imgtrain[timm]'"

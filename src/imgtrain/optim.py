@@ -1,16 +1,18 @@
-"""Optimizer, parameter groups and the per-step LR schedule (linear warmup, then cosine or step)."""
+"""Optimizer, parameter groups and the per-step LR schedule (linear warmup, then cosine, step or constant).
+
+The optimizers and schedules are registered under the names the config accepts (registry.py)."""
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .config import OptimizationConfig, TrainingConfig
+from .registry import LR_SCHEDULES, OPTIMIZERS
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +37,15 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "sgd": lambda groups, lr, c, **impl: torch.optim.SGD(
-        groups, lr=lr, momentum=c.momentum, nesterov=c.nesterov, **impl
-    ),
-    "adamw": lambda groups, lr, c, **impl: torch.optim.AdamW(groups, lr=lr, betas=tuple(c.betas), **impl),
-}
+@OPTIMIZERS.register("sgd")
+def _sgd(groups: list[dict], lr: float, c: OptimizationConfig, **impl: bool) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=lr, momentum=c.momentum, nesterov=c.nesterov, **impl)
+
+
+@OPTIMIZERS.register("adamw")
+def _adamw(groups: list[dict], lr: float, c: OptimizationConfig, **impl: bool) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(c.betas), **impl)
+
 
 # torch's keyword for each implementation; "auto" leaves torch's choice (foreach where supported).
 _IMPLEMENTATIONS: dict[str, dict[str, bool]] = {
@@ -53,7 +58,7 @@ _IMPLEMENTATIONS: dict[str, dict[str, bool]] = {
 
 def create_optimizer(model: nn.Module, cfg: OptimizationConfig, lr: float) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay, cfg.no_weight_decay_on_norm_bias)
-    return _OPTIMIZERS[cfg.optimizer](groups, lr, cfg, **_IMPLEMENTATIONS[cfg.optimizer_impl])
+    return OPTIMIZERS[cfg.optimizer](groups, lr, cfg, **_IMPLEMENTATIONS[cfg.optimizer_impl])
 
 
 @dataclass(frozen=True)
@@ -74,13 +79,24 @@ class LRSchedule:
     def __call__(self, progress: float) -> float:
         if progress < self.warmup_epochs:
             return self.warmup_start_factor + (1.0 - self.warmup_start_factor) * progress / self.warmup_epochs
-        if self.kind == "constant":
-            return 1.0
-        if self.kind == "step":
-            return self.gamma ** sum(1 for m in self.milestones if progress >= m)
-        span = max(1e-12, self.epochs - self.warmup_epochs)
-        t = min(1.0, (progress - self.warmup_epochs) / span)
-        return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
+        return LR_SCHEDULES[self.kind](self, progress)
+
+
+@LR_SCHEDULES.register("cosine")
+def _cosine(s: LRSchedule, progress: float) -> float:
+    span = max(1e-12, s.epochs - s.warmup_epochs)
+    t = min(1.0, (progress - s.warmup_epochs) / span)
+    return s.min_factor + (1.0 - s.min_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+@LR_SCHEDULES.register("step")
+def _step(s: LRSchedule, progress: float) -> float:
+    return s.gamma ** sum(1 for m in s.milestones if progress >= m)
+
+
+@LR_SCHEDULES.register("constant")
+def _constant(s: LRSchedule, progress: float) -> float:
+    return 1.0
 
 
 def create_schedule(training: TrainingConfig) -> LRSchedule:

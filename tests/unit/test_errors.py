@@ -4,6 +4,8 @@ and the names a config accepts are those of the registries that build them."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import typing
 
 import pytest
@@ -11,14 +13,11 @@ import pytest
 from imgtrain import errors
 from imgtrain.config import (
     ConfigError,
-    DataConfig,
-    DistributedConfig,
     OptimizationConfig,
-    TrainingConfig,
     load_config,
 )
 
-from conftest import REPO
+from conftest import REPO, subprocess_env
 
 
 def _readme_exit_codes() -> dict[int, str]:
@@ -54,20 +53,45 @@ def test_the_old_homes_of_the_errors_are_the_same_classes():
     assert WATCHDOG_EXIT_CODE == errors.EXIT_HANG
 
 
-def _choices(cls, name: str) -> set[str]:
-    return set(typing.get_args(typing.get_type_hints(cls)[name]))
-
-
 def test_config_choices_are_the_registries():
-    """The config checks these names at load time (Literal types); each must be what the code can build."""
-    from imgtrain import comm_hooks, optim
-    from imgtrain.data import decode
+    """The config checks these names at load time against the registries; each name is one the code builds."""
+    from imgtrain import comm_hooks, optim, registry  # noqa: F401  (importing them registers the factories)
+    from imgtrain.data import decode  # noqa: F401
 
-    assert _choices(DataConfig, "decoder") == set(decode.DECODERS)
-    assert _choices(DistributedConfig, "compression") == set(comm_hooks.METHODS)
-    assert _choices(OptimizationConfig, "optimizer") == set(optim._OPTIMIZERS)
-    assert _choices(OptimizationConfig, "optimizer_impl") == set(optim._IMPLEMENTATIONS)
-    assert _choices(TrainingConfig, "lr_schedule") == {"cosine", "step", "constant"}
+    regs = (registry.DECODERS, registry.COMPRESSION, registry.OPTIMIZERS, registry.LR_SCHEDULES)
+    for reg in regs:
+        assert set(reg._factories) == set(reg.names), reg.key
+        for name in reg:
+            assert callable(reg[name])
+            assert _value(load_config(None, [f"{reg.key}={name}"]), reg.key) == name
+        with pytest.raises(ConfigError) as ei:
+            load_config(None, [f"{reg.key}={reg.names[0]}x"])
+        assert ei.value.key == reg.key and f"did you mean {reg.names[0]}" in str(ei.value)
+    assert typing.get_args(typing.get_type_hints(OptimizationConfig)["optimizer_impl"]) == tuple(
+        optim._IMPLEMENTATIONS)
+
+
+def test_registry_names_are_checked_without_importing_torch():
+    code = ("import sys; from imgtrain.config import load_config; from imgtrain.cli import main; "
+            "load_config(None, ['data.decoder=pil', 'distributed.compression=onebit', 'optimization.optimizer=adamw', "
+            "'training.lr_schedule=step']); rc = main(['train', 'data.decoder=pillow']); "
+            "print(rc, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env=subprocess_env())
+    assert proc.stdout.split() == ["2", "False"], proc.stderr
+    assert "data.decoder" in proc.stderr and "did you mean pil" in proc.stderr
+
+
+def test_a_name_is_declared_before_it_is_registered():
+    from imgtrain import registry
+
+    with pytest.raises(ValueError, match="lion"):
+        registry.OPTIMIZERS.register("lion")
+
+
+def _value(cfg, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
 
 
 @pytest.mark.parametrize("name", ["simple_cnn", "resnet18", "regnet_y_400mf", "densenet121", "timm/resnet18",

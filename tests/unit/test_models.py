@@ -18,13 +18,7 @@ CASES = {
 NUM_CLASSES = 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two intra-op threads on two shared cores are many times slower than one for these tiny tensors.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _build(cfg: ModelConfig, size: int, checkpointing: bool = False, seed: int = 0) -> torch.nn.Module:

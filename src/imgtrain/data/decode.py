@@ -20,19 +20,16 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
 from ..config import DataConfig
+from ..registry import DECODERS
 
 log = logging.getLogger(__name__)
 
-DecoderName = Literal[
-    "pil", "libjpeg_roi", "simplejpeg", "simplejpeg_fast", "simplejpeg_pillow", "opencv", "torchvision"
-]
 # Tried in this order when the configured decoder's library is missing (fastest first, as measured).
 FALLBACK_ORDER: tuple[str, ...] = (
     "libjpeg_roi",
@@ -309,6 +306,7 @@ def pil_decode(data: bytes, min_size: tuple[int, int] | None = None, limits: Dec
     return im.convert("RGB")
 
 
+@DECODERS.register("pil")
 class PilDecoder(BaseDecoder):
     """The reference: Pillow decodes, crops and resizes (bilinear, antialiased), as torchvision's
     transforms do on PIL images."""
@@ -343,6 +341,7 @@ class PilDecoder(BaseDecoder):
         return super().to_tensor(np.asarray(img), out)
 
 
+@DECODERS.register("simplejpeg")
 class SimplejpegDecoder(BaseDecoder):
     name = "simplejpeg"
     flags: dict = {}
@@ -381,6 +380,7 @@ class SimplejpegDecoder(BaseDecoder):
         return super().decode(data, min_size)
 
 
+@DECODERS.register("simplejpeg_fast")
 class SimplejpegFastDecoder(SimplejpegDecoder):
     """simplejpeg with libjpeg-turbo's fast integer IDCT and nearest-neighbour chroma upsampling: faster,
     slightly further from the reference (still within the tested tolerance; docs/decode.md)."""
@@ -437,6 +437,7 @@ def libjpeg_turbo_version(path: str) -> int | None:
     return None if m is None else int(m[1]) * 1_000_000 + int(m[2]) * 1_000 + int(m[3])
 
 
+@DECODERS.register("libjpeg_roi")
 class LibjpegRoiDecoder(SimplejpegFastDecoder):
     """Decodes only the crop window: libjpeg-turbo (the system's, through the small ``_jpegroi`` extension)
     skips the IDCT, upsampling and colour conversion outside it and stops after its last row; same fast
@@ -467,6 +468,7 @@ class LibjpegRoiDecoder(SimplejpegFastDecoder):
         return super().decode_region(data, box)
 
 
+@DECODERS.register("simplejpeg_pillow")
 class SimplejpegPillowDecoder(SimplejpegFastDecoder):
     """simplejpeg's fast decode, Pillow's resize: with pillow-simd installed (``scripts/install_pillow_simd.sh``)
     the resize is ~3x faster than OpenCV's INTER_AREA, the fastest path on full-size photos; on small images
@@ -529,6 +531,7 @@ class SimplejpegPillowDecoder(SimplejpegFastDecoder):
         return into_slot(torch.from_numpy(np.stack(planes[:3])), out)
 
 
+@DECODERS.register("opencv")
 class OpencvDecoder(BaseDecoder):
     """``cv2.imdecode`` (BGR), OpenCV resize, RGB at the end."""
 
@@ -563,6 +566,7 @@ class OpencvDecoder(BaseDecoder):
         return _planar(img, reverse=True, out=out)
 
 
+@DECODERS.register("torchvision")
 class TorchvisionDecoder(BaseDecoder):
     """torchvision.io's JPEG decode (libjpeg-turbo) to a CHW tensor, resized by torchvision's uint8 kernels.
     No DCT-scaled decode: torchvision.io.decode_jpeg has no scale option. Other formats go through PIL:
@@ -595,17 +599,6 @@ class TorchvisionDecoder(BaseDecoder):
 
     def to_tensor(self, img, out: torch.Tensor | None = None) -> torch.Tensor:
         return into_slot(img, out)
-
-
-DECODERS: dict[str, type[BaseDecoder]] = {
-    "pil": PilDecoder,
-    "simplejpeg": SimplejpegDecoder,
-    "simplejpeg_fast": SimplejpegFastDecoder,
-    "libjpeg_roi": LibjpegRoiDecoder,
-    "simplejpeg_pillow": SimplejpegPillowDecoder,
-    "opencv": OpencvDecoder,
-    "torchvision": TorchvisionDecoder,
-}
 
 
 def create_decoder(name: str, limits: DecodeLimits | None = None) -> BaseDecoder:
