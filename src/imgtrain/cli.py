@@ -7,6 +7,7 @@ import sys
 
 from . import commands
 from .errors import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA, EXIT_DIVERGED, ImgtrainError
+from .monitoring.logs import configure_logging
 
 __all__ = ["COMMANDS", "EXIT_CHECKPOINT", "EXIT_CONFIG", "EXIT_DATA", "EXIT_DIVERGED", "build_parser", "main"]
 
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     handler, takes_overrides = COMMANDS[args.command]
     if rest and not takes_overrides:
         parser.error(f"{args.command} takes no overrides: {' '.join(rest)}")
+    # The console of every command; train and eval add the rank once the process group is up.
+    configure_logging()
     try:
         return handler(args, parser)
     except ImgtrainError as e:

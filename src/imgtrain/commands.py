@@ -107,7 +107,6 @@ def prepare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import yaml
 
     from .data import prepare as shards
-    from .monitoring.logs import configure_logging
     from .units import parse_size
 
     try:
@@ -124,7 +123,6 @@ def prepare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             parser.error(f"{name} must be >= {low}, got {v}")
     if args.quality > 100:
         parser.error(f"--quality must be <= 100, got {args.quality}")
-    configure_logging()
     index = shards.prepare(args.src, args.dst, settings, args.workers, args.split, options, not args.no_progress)
     print(json.dumps({name: {"samples": sp["samples"], "shards": len(sp["shards"]), "skipped": len(sp["skipped"])}
                       for name, sp in index["splits"].items()}))
