@@ -30,7 +30,6 @@ import gc
 import logging
 import multiprocessing as mp
 import os
-import re
 import resource
 import time
 import traceback
@@ -46,33 +45,9 @@ from .config import Config
 from .data.transforms import DeviceNormalize
 from .models import create_model
 from .optim import create_optimizer, scaled_lr
+from .precision import amp_dtype
 
 log = logging.getLogger(__name__)
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-    "tb": 1000**4,
-}
-
-
-def parse_size(text: str) -> int:
-    """'2GiB', '1500MB', '3e9' -> bytes."""
-    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"not a memory size: {text!r} (examples: 2GiB, 1500MiB, 3GB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
 
 def format_size(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
@@ -142,7 +117,7 @@ class _Step:
         self.model = model.train()
         oc = cfg.optimization
         self.optimizer = create_optimizer(model, oc, lr=cfg.training.base_lr)
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(oc.mixed_precision)
+        self.amp_dtype = amp_dtype(oc.mixed_precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=oc.mixed_precision == "fp16")
         self.criterion = nn.CrossEntropyLoss(label_smoothing=oc.label_smoothing)
         self.normalize = DeviceNormalize(cfg.data.mean, cfg.data.std, device, self.channels_last)

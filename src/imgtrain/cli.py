@@ -1,19 +1,30 @@
-"""Command line: argument parsing only; the work happens in the modules it calls."""
+"""Command line: argument parsing and a table of commands; the handlers are in :mod:`imgtrain.commands`."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import os
 import sys
 
-from .config import default_recipe, load_config
-from .errors import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA, EXIT_DIVERGED, ImgtrainError, exit_code_of
+from . import commands
+from .errors import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA, EXIT_DIVERGED, ImgtrainError
+from .monitoring.logs import configure_logging
 
-__all__ = ["EXIT_CHECKPOINT", "EXIT_CONFIG", "EXIT_DATA", "EXIT_DIVERGED", "build_parser", "main"]
+__all__ = ["COMMANDS", "EXIT_CHECKPOINT", "EXIT_CONFIG", "EXIT_DATA", "EXIT_DIVERGED", "build_parser", "main"]
 
-log = logging.getLogger("imgtrain")
+# command -> (handler in commands.py, whether it takes section.key=value overrides). `launch` is not here:
+# torchrun's own parser takes every argument after it.
+COMMANDS = {
+    "train": (commands.train, True),
+    "eval": (commands.evaluate, True),
+    "find-batch-size": (commands.find_batch_size, True),
+    "prepare": (commands.prepare, False),
+    "rendezvous-store": (commands.rendezvous_store, False),
+    "report": (commands.observe, False),
+    "monitor": (commands.observe, False),
+    "profile-summary": (commands.observe, False),
+    "checkpoints": (commands.checkpoints, False),
+    "status": (commands.status, False),
+}
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -100,71 +111,23 @@ def _add_find_batch_size(sub) -> None:
     f.add_argument("--json", action="store_true", help="also print the result as one JSON line")
 
 
-def _overrides(args: argparse.Namespace) -> list[str]:
-    ov = list(args.overrides)
-    # Quoted (a JSON string is YAML) so that a path such as "run #2" or "2024" stays that string.
-    if args.output_dir:
-        ov.append(f"output_dir={json.dumps(args.output_dir)}")
-    if getattr(args, "resume", None):
-        ov.append(f"checkpoint.resume={json.dumps(args.resume)}")
-    return ov
-
-
-def _recipe(args: argparse.Namespace) -> str:
-    """--config, else the shipped recipe that fits the command line, said once (by rank 0) with the reason."""
-    if args.config:
-        return args.config
-    recipe, why = default_recipe(args.overrides)
-    if os.environ.get("RANK", "0") == "0":
-        print(f"imgtrain: {why}", file=sys.stderr)
-    return recipe
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["launch"]:  # torchrun's own parser takes every argument after it
-        from .launch import main as launch
-
-        return launch(argv[1:])
+    if argv[:1] == ["launch"]:
+        return commands.launch(argv[1:])
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     unknown = [a for a in rest if a.startswith("-") or "=" not in a]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides look like section.key=value)")
     args.overrides = rest
+    handler, takes_overrides = COMMANDS[args.command]
+    if rest and not takes_overrides:
+        parser.error(f"{args.command} takes no overrides: {' '.join(rest)}")
+    # The console of every command; train and eval add the rank once the process group is up.
+    configure_logging()
     try:
-        if args.command == "rendezvous-store":
-            if rest:
-                parser.error(f"rendezvous-store takes no overrides: {' '.join(rest)}")
-            from .rendezvous import BindError, serve_store, store_address
-
-            try:
-                serve_store(store_address(args.host, args.allow_wildcard_bind), args.port)
-            except BindError as e:
-                print(f"imgtrain: rendezvous-store: {e}", file=sys.stderr)
-                return EXIT_CONFIG
-            return 0
-        if args.command in ("report", "monitor", "profile-summary"):
-            if rest:
-                parser.error(f"{args.command} takes no overrides: {' '.join(rest)}")
-            return _observe(args)
-        if args.command in ("checkpoints", "status"):
-            if rest:
-                parser.error(f"{args.command} takes no overrides: {' '.join(rest)}")
-            # status is polled by scripts/monitor.sh: it must not pay for importing torch.
-            return _run_ops(args) if args.command == "status" else _run(_run_ops, args)
-        if args.command == "find-batch-size":
-            cfg = load_config(_recipe(args), _overrides(args))
-            return _run(_find_batch_size, (cfg, args))
-        if args.command == "prepare":
-            if rest:
-                parser.error(f"prepare takes no overrides: {' '.join(rest)}")
-            return _run(_prepare, (parser, args))
-        if args.command == "train":
-            # Validated before torch is even imported: a typo is reported at once.
-            cfg = load_config(_recipe(args), _overrides(args))
-            return _run(_train, cfg)
-        return _run(_eval, args)
+        return handler(args, parser)
     except ImgtrainError as e:
         return _report(e)
 
@@ -173,157 +136,6 @@ def _report(e: ImgtrainError) -> int:
     """One line on stderr, the code of errors.py's table: an expected error is no bug, so no traceback."""
     print(f"imgtrain: {e.prefix}: {e}" if e.prefix else f"imgtrain: {e}", file=sys.stderr)
     return e.exit_code
-
-
-def _run(fn, arg) -> int:
-    try:
-        return fn(arg)
-    except ImgtrainError as e:
-        return _report(e)
-
-
-def _train(cfg) -> int:
-    from .trainer import Trainer
-
-    trainer = Trainer(cfg)
-    try:
-        trainer.setup()
-        result = trainer.train()
-    except BaseException as e:
-        trainer.report_failure(e, exit_code_of(e))
-        raise
-    finally:
-        trainer.close()
-    if result.get("preempted"):
-        return int(result["exit_code"])
-    if trainer.info.is_main:
-        print(json.dumps({k: result[k] for k in ("val_top1", "val_top5", "epochs", "steps",
-                                                   "wall_seconds", "mean_train_images_per_s")}))
-    return 0
-
-
-def _observe(args: argparse.Namespace) -> int:
-    """report / monitor / profile-summary: read a run directory; no torch import, no process group."""
-    from pathlib import Path
-
-    run_dir = Path(args.run_dir)
-    if args.command == "monitor":  # may be started before the run has created its directory
-        from .monitoring.dashboard import monitor
-
-        return monitor(run_dir, once=args.once, interval=args.interval)
-    if not run_dir.is_dir():
-        print(f"imgtrain: error: run directory {run_dir} does not exist", file=sys.stderr)
-        return EXIT_CONFIG
-    if args.command == "report":
-        from .monitoring.report import write_report
-
-        out = write_report(run_dir, Path(args.output) if args.output else None)
-        print(out)
-        return 0
-    from .monitoring.profile_summary import print_summary
-
-    return print_summary(run_dir, top=args.top)
-
-
-def _run_ops(args: argparse.Namespace) -> int:
-    from . import run_ops
-
-    if args.command == "status":
-        if bool(args.run_dir) == bool(args.metrics_url):
-            print("imgtrain: error: status takes a run directory or --metrics-url", file=sys.stderr)
-            return EXIT_CONFIG
-        print(json.dumps(run_ops.endpoint_status(args.metrics_url) if args.metrics_url
-                         else run_ops.run_status(args.run_dir)))
-        return 0
-    if args.action == "list":
-        from .checkpoint import CheckpointError, CheckpointManager, verify
-        from .config import CheckpointConfig
-
-        mgr = CheckpointManager(CheckpointConfig(), args.directory, is_writer=False)
-        for step, name in mgr.list_checkpoints():
-            try:
-                verify(mgr.url(name))
-                state = "ok"
-            except CheckpointError as e:
-                state = f"bad: {e}"
-            print(json.dumps({"step": step, "path": mgr.url(name), "state": state}))
-        mgr.close()
-        return 0
-    if args.keep < 1:
-        print("imgtrain: error: --keep must be >= 1 (the newest good checkpoint is never removed)", file=sys.stderr)
-        return EXIT_CONFIG
-    report = run_ops.prune_checkpoints(args.directory, args.keep, dry_run=args.dry_run)
-    verb = "would remove" if args.dry_run else "removed"
-    for path in report.removed:
-        print(f"{verb} {path}")
-    for path in report.kept:
-        print(f"keep {path}")
-    if report.newest_valid is None:
-        print(f"imgtrain: no checkpoint in {args.directory} verifies: nothing removed", file=sys.stderr)
-    return 0
-
-
-def _find_batch_size(cfg_args) -> int:
-    from pathlib import Path
-
-    from .batch_finder import find_batch_size, parse_size, report, world_size_of
-
-    cfg, args = cfg_args
-    try:
-        limit = parse_size(args.memory_limit) if args.memory_limit else None
-        world = world_size_of(args.nnodes, args.nproc_per_node)
-        if not 0 <= args.headroom < 1 or args.tolerance <= 0 or args.steps < 1 or args.max_batch < 1:
-            raise ValueError("need 0 <= --headroom < 1, --tolerance > 0, --steps >= 1, --max-batch >= 1")
-        result = find_batch_size(cfg, limit, start=args.start, max_batch=args.max_batch,
-                                 tolerance=args.tolerance, steps=args.steps, headroom=args.headroom,
-                                 on_probe=lambda p: print(
-                                     f"  batch {p.batch:>5}: " + (f"fits, {p.images_per_s:.1f} images/s"
-                                                                  if p.fits else f"does not fit ({p.error})"),
-                                     flush=True))
-    except ValueError as e:
-        print(f"imgtrain: error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    if result.largest == 0:
-        print("imgtrain: error: not even batch 1 fits in the budget", file=sys.stderr)
-        return 1
-    out = Path(args.out) if args.out else Path(cfg.output_dir) / "batch_size.yaml"
-    summary = report(cfg, result, world, args.pick, out)
-    if args.json:
-        print(json.dumps(summary))
-    return 0
-
-
-def _prepare(parser_args: tuple[argparse.ArgumentParser, argparse.Namespace]) -> int:
-    import yaml
-
-    from .data.prepare import PrepareSettings, parse_size, prepare
-
-    parser, args = parser_args
-    try:
-        settings = PrepareSettings(max_side=args.max_side, quality=args.quality,
-                                   shard_size=parse_size(args.shard_size), samples_per_shard=args.samples_per_shard)
-        options = yaml.safe_load(args.storage_options)
-    except (ValueError, yaml.YAMLError) as e:
-        parser.error(str(e))
-    if not isinstance(options, dict):
-        parser.error(f"--storage-options: expected a mapping, got {args.storage_options!r}")
-    for name, v, low in (("--max-side", args.max_side, 8), ("--quality", args.quality, 1),
-                         ("--samples-per-shard", args.samples_per_shard, 1), ("--workers", args.workers, 1)):
-        if v is not None and v < low:
-            parser.error(f"{name} must be >= {low}, got {v}")
-    if args.quality > 100:
-        parser.error(f"--quality must be <= 100, got {args.quality}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    index = prepare(args.src, args.dst, settings, args.workers, args.split, options, not args.no_progress)
-    print(json.dumps({name: {"samples": sp["samples"], "shards": len(sp["shards"]), "skipped": len(sp["skipped"])}
-                      for name, sp in index["splits"].items()}))
-    return 0
-
-
-def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import run_eval
-
-    return run_eval(args.checkpoint, args.config, _overrides(args))
 
 
 if __name__ == "__main__":

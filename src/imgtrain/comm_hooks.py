@@ -30,7 +30,9 @@ from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
 
 from .config import DistributedConfig
 from .internals.powersgd import should_compress
+from .precision import amp_dtype
 from .registry import COMPRESSION
+from .rng import mt19937_from_plain, mt19937_to_plain
 
 log = logging.getLogger(__name__)
 
@@ -115,13 +117,11 @@ class Compression:
 class _CastCompression(Compression):
     """fp16 / bf16: torch's built-in hooks; half the bytes, no state."""
 
-    def __init__(self, *args, dtype: torch.dtype):
+    def __init__(self, *args, method: str):
         super().__init__(*args)
-        self.dtype = dtype
-        self.method = "fp16" if dtype == torch.float16 else "bf16"
-        self._inner = (
-            default_hooks.fp16_compress_hook if dtype == torch.float16 else default_hooks.bf16_compress_hook
-        )
+        self.method = method
+        self.dtype = amp_dtype(method)
+        self._inner = default_hooks.fp16_compress_hook if method == "fp16" else default_hooks.bf16_compress_hook
 
     def register(self) -> None:
         self.ddp_model.register_comm_hook(self, _cast_hook)
@@ -285,26 +285,12 @@ class PowerSGDCompression(Compression):
                 for name, (off, n) in lay.q.items():
                     q[name] = st.q_memory_dict[idx][off : off + n].clone()
         # PowerSGDState's own pickling carries a NumPy RandomState: store its numbers instead.
-        _, key, pos, has_gauss, gauss = st.rng.get_state()
-        return {
-            "iter": int(st.iter),
-            "error": error,
-            "q": q,
-            "rng": {
-                "key": torch.from_numpy(key.astype(np.int64)),
-                "pos": int(pos),
-                "has_gauss": int(has_gauss),
-                "gauss": float(gauss),
-            },
-        }
+        return {"iter": int(st.iter), "error": error, "q": q, "rng": mt19937_to_plain(st.rng.get_state())}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         st = self.state
         st.iter = int(sd["iter"])
-        r = sd["rng"]
-        st.rng.set_state(
-            ("MT19937", r["key"].numpy().astype(np.uint32), r["pos"], r["has_gauss"], r["gauss"])
-        )
+        st.rng.set_state(mt19937_from_plain(sd["rng"]))
         st.error_dict.clear()
         st.p_memory_dict.clear()
         st.q_memory_dict.clear()
@@ -611,8 +597,8 @@ def _onebit_hook(self: OneBitCompression, bucket: dist.GradBucket) -> torch.futu
 
 
 COMPRESSION.register("none")(Compression)
-COMPRESSION.register("fp16")(functools.partial(_CastCompression, dtype=torch.float16))
-COMPRESSION.register("bf16")(functools.partial(_CastCompression, dtype=torch.bfloat16))
+COMPRESSION.register("fp16")(functools.partial(_CastCompression, method="fp16"))
+COMPRESSION.register("bf16")(functools.partial(_CastCompression, method="bf16"))
 COMPRESSION.register("powersgd")(PowerSGDCompression)
 COMPRESSION.register("onebit")(OneBitCompression)
 

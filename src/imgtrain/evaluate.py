@@ -106,7 +106,8 @@ def run_eval(checkpoint: str, config_path: str | None, overrides: list[str]) -> 
     from .data import build_data
     from .data.transforms import DeviceNormalize
     from .models import create_model
-    from .trainer import _configure_logging
+    from .monitoring.logs import configure_logging
+    from .precision import amp_dtype
 
     # Validate what the user typed before touching the process group or data.
     user = load_config(config_path, overrides)
@@ -121,7 +122,7 @@ def run_eval(checkpoint: str, config_path: str | None, overrides: list[str]) -> 
         cfg = user
     cfg.data.decode = "cpu"  # GPU decode is a training-time option: evaluation decodes on the CPU anyway
     info = D.init_distributed(cfg.distributed)
-    _configure_logging(info)
+    configure_logging(info.rank, info.is_main)
     try:
         data = build_data(cfg.data, cfg.training.batch_size, info.rank, info.world_size, cfg.training.seed,
                           info.device)
@@ -138,8 +139,7 @@ def run_eval(checkpoint: str, config_path: str | None, overrides: list[str]) -> 
         except RuntimeError as e:
             raise CheckpointError(f"{checkpoint} does not fit model.name='{cfg.model.name}': {e}") from None
         normalize = DeviceNormalize(cfg.data.mean, cfg.data.std, info.device)
-        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.optimization.mixed_precision)
-        res = evaluate_model(model, data.val_loader, normalize, info, amp)
+        res = evaluate_model(model, data.val_loader, normalize, info, amp_dtype(cfg.optimization.mixed_precision))
         if info.is_main:
             print(json.dumps({"checkpoint": checkpoint, "val_top1": res.top1, "val_top5": res.top5,
                               "val_loss": res.loss, "val_images": res.count, "bad_images": res.bad}))

@@ -40,7 +40,11 @@ import threading
 import traceback
 
 # What a worker imports before its first step; what it imports later is small (python -X importtime).
-PRELOAD = ("torch", "torchvision", "psutil", "cv2", "imgtrain.cli", "imgtrain.trainer")
+# The module `python -m imgtrain` runs (its main() is what a worker runs). Named, as torchrun names the
+# program it starts, rather than imported: the command line dispatches `imgtrain launch` to this module, so
+# an import of it here would close a cycle (tests/unit/test_import_cycles.py).
+COMMAND_LINE = "imgtrain.cli"
+PRELOAD = ("torch", "torchvision", "psutil", "cv2", COMMAND_LINE, "imgtrain.trainer")
 # `imgtrain launch [torchrun options] train ...` is short for `... -m imgtrain train ...`.
 WORKER_COMMANDS = ("train", "eval", "find-batch-size")
 
@@ -270,9 +274,7 @@ def run_worker(*argv: str) -> None:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # torchrun starts workers with python -u
     try:
-        from .cli import main
-
-        code = main(list(argv))
+        code = importlib.import_module(COMMAND_LINE).main(list(argv))
     except KeyboardInterrupt:  # SIGINT before the trainer's handler; torch's process wrapper would exit 0
         code = 130
     except Exception:  # as python would: the traceback on stderr (the rank's log), exit code 1

@@ -37,6 +37,8 @@ from .monitoring.logs import LogSink, configure_logging, resolve_run_id
 from .monitoring.notify import Notifier
 from .monitoring.profiler import StepProfiler
 from .optim import create_optimizer, create_schedule, scaled_lr, set_lr
+from .precision import amp_dtype
+from .rng import mt19937_from_plain, mt19937_to_plain
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +72,9 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict[str, Any]:
     """This process's RNG streams as plain data (loadable with weights_only=True)."""
-    np_state = np.random.get_state(legacy=False)
     state = {
         "python": random.getstate(),
-        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
-                  "gauss": float(np_state["gauss"])},
+        "numpy": mt19937_to_plain(np.random.get_state()),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -86,10 +85,7 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state({"bit_generator": "MT19937",
-                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
-                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    np.random.set_state(mt19937_from_plain(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -173,7 +169,7 @@ class Trainer:
         self.mix = batch_mix(cfg.data, self.data.num_classes)
         oc = cfg.optimization
         self.optimizer = create_optimizer(self.model_without_ddp, oc, lr=cfg.training.base_lr)
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(oc.mixed_precision)
+        self.amp_dtype = amp_dtype(oc.mixed_precision)
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=oc.mixed_precision == "fp16")
         if oc.ema:
             self.ema = AveragedModel(self.model_without_ddp, multi_avg_fn=get_ema_multi_avg_fn(oc.ema_decay),
@@ -807,8 +803,3 @@ def _process_start_time() -> float:
 def _secs(v: float | None) -> str:
     return "off" if v is None else f"{v:.0f}s"
 
-
-def _configure_logging(info: D.DistInfo) -> None:
-    level = logging.INFO if info.is_main else logging.WARNING
-    fmt = f"%(asctime)s [rank {info.rank}] %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level, format=fmt, force=True)

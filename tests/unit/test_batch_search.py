@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from imgtrain.batch_finder import ProbeResult, parse_size, search
+from imgtrain.batch_finder import ProbeResult, search
+from imgtrain.units import parse_size
 
 
 def _limit(fits_up_to: int):
@@ -47,4 +48,4 @@ def test_parse_size():
     assert parse_size("1500MB") == 1_500_000_000
     assert parse_size("123") == 123
     with pytest.raises(ValueError, match="not a memory size"):
-        parse_size("lots")
+        parse_size("lots", "memory size")

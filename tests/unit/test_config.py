@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imgtrain import cli
+from imgtrain import cli, commands
 from imgtrain.config import RECIPES_DIR, Config, ConfigError, dump_config, load_config
 
 from conftest import run_cli, subprocess_env
@@ -211,7 +211,7 @@ def test_cli_output_dir_and_resume_are_taken_literally(out, monkeypatch):
         seen["cfg"] = cfg
         return 0
 
-    monkeypatch.setattr(cli, "_train", fake_train)
+    monkeypatch.setattr(commands, "run_training", fake_train)
     assert cli.main(["train", "--output-dir", out, "--resume", f"{out}/ckpt", "training.epochs=3"]) == 0
     assert seen["cfg"].output_dir == out
     assert seen["cfg"].checkpoint.resume == f"{out}/ckpt"

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from imgtrain import cli
+from imgtrain import cli, commands
 from imgtrain.config import RECIPES_DIR, default_recipe, load_config
 from imgtrain.data.transforms import eval_resize
 from imgtrain.optim import create_schedule
@@ -13,7 +13,7 @@ from imgtrain.optim import create_schedule
 
 def test_a_folder_of_ones_own_gets_the_general_recipe_and_the_run_says_why(tmp_path, monkeypatch, capsys):
     seen = {}
-    monkeypatch.setattr(cli, "_train", lambda cfg: seen.setdefault("cfg", cfg) and 0)
+    monkeypatch.setattr(commands, "run_training", lambda cfg: seen.setdefault("cfg", cfg) and 0)
     monkeypatch.delenv("RANK", raising=False)
     assert cli.main(["train", "data.root=/my/photos", "--output-dir", str(tmp_path / "o")]) == 0
     cfg = seen["cfg"]
@@ -27,7 +27,7 @@ def test_a_folder_of_ones_own_gets_the_general_recipe_and_the_run_says_why(tmp_p
 
 def test_without_data_root_the_quickstart_recipe_is_named(tmp_path, monkeypatch, capsys):
     seen = {}
-    monkeypatch.setattr(cli, "_train", lambda cfg: seen.setdefault("cfg", cfg) and 0)
+    monkeypatch.setattr(commands, "run_training", lambda cfg: seen.setdefault("cfg", cfg) and 0)
     monkeypatch.delenv("RANK", raising=False)
     assert cli.main(["train", "--output-dir", str(tmp_path / "o")]) == 0
     assert seen["cfg"].data.root is None and seen["cfg"].data.image_size == 8

@@ -13,23 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..config import ConfigError
-from .gpu_decode import GpuBatchDecoder
-
-
-def import_dali():
-    """DALI's modules, or a ConfigError naming ``data.decode`` when DALI is not installed."""
-    try:
-        from nvidia import dali
-        from nvidia.dali import fn, types
-    except ImportError as e:
-        raise ConfigError(
-            "data.decode",
-            "dali",
-            "'gpu' (torchvision's nvJPEG), or install NVIDIA DALI: pip install nvidia-dali-cuda130 "
-            f"(or -cuda120; the 'dali' extra) [{e}]",
-        ) from None
-    return dali, fn, types
+from .gpu_decode import GpuBatchDecoder, import_dali
 
 
 class DaliBatchDecoder(GpuBatchDecoder):

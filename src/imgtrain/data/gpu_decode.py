@@ -42,9 +42,22 @@ def check_gpu_decode(cfg: DataConfig, device: torch.device) -> None:
             "does RandomResizedCrop and flip only)",
         )
     if cfg.decode == "dali":
-        from .dali_decode import import_dali
-
         import_dali()
+
+
+def import_dali():
+    """DALI's modules, or a ConfigError naming ``data.decode`` when DALI is not installed."""
+    try:
+        from nvidia import dali
+        from nvidia.dali import fn, types
+    except ImportError as e:
+        raise ConfigError(
+            "data.decode",
+            "dali",
+            "'gpu' (torchvision's nvJPEG), or install NVIDIA DALI: pip install nvidia-dali-cuda130 "
+            f"(or -cuda120; the 'dali' extra) [{e}]",
+        ) from None
+    return dali, fn, types
 
 
 class GpuTrainPlan:

@@ -24,7 +24,6 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import re
 import secrets
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -41,19 +40,6 @@ INDEX_NAME = "index.json"
 INDEX_FORMAT = "imgtrain-shards/1"
 # Estimated bytes per re-encoded pixel at JPEG quality ~90 (ImageNet-like photos), times a 4:3 aspect.
 _EST_BYTES_PER_MAX_SIDE_SQ = 0.5 * 0.75
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-
-
-def parse_size(text: str) -> int:
-    """'500MB' -> 500_000_000; '1GiB' -> 2**30; a bare number is bytes."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise ValueError(f"not a size: {text!r} (examples: 500MB, 1GiB, 200000)")
-    unit = (m.group(2) or "").lower()
-    base = unit[:1]
-    factor = 1024 ** " kmgt".index(base) if "i" in unit and base else _UNITS[base]
-    return int(float(m.group(1)) * factor)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ def resolve_run_id(configured: str | None, output_dir: str | Path) -> str:
 class _Context(logging.Filter):
     """Stamps every record with the run id, rank and the trainer's current step."""
 
-    def __init__(self, run_id: str, rank: int, step_fn: Callable[[], int | None]):
+    def __init__(self, run_id: str | None, rank: int, step_fn: Callable[[], int | None]):
         super().__init__()
         self.run_id, self.rank, self.step_fn = run_id, rank, step_fn
 
@@ -102,36 +102,39 @@ def rank_log_path(output_dir: str | Path, rank: int) -> Path:
 
 
 def configure_logging(
-    rank: int,
-    is_main: bool,
-    run_id: str,
-    output_dir: str | Path,
+    rank: int | None = None,
+    is_main: bool = True,
+    run_id: str | None = None,
+    output_dir: str | Path | None = None,
     console_format: str = "text",
     step_fn: Callable[[], int | None] = lambda: None,
 ) -> None:
-    """Console on stderr (INFO on rank 0, WARNING elsewhere) plus this rank's JSON-lines file (INFO)."""
-    context = _Context(run_id, rank, step_fn)
+    """The logging of every imgtrain command: the console on stderr (INFO on the main rank, WARNING on the
+    others), tagged ``[rank R]`` in a distributed command; plus, given ``output_dir``, this rank's JSON-lines
+    file (INFO). Replaces whatever handlers were installed before."""
+    context = _Context(run_id, 0 if rank is None else rank, step_fn)
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.INFO if is_main else logging.WARNING)
     if console_format == "json":
         console.setFormatter(JsonFormatter())
     else:
-        console.setFormatter(
-            logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
-        )
+        tag = "" if rank is None else f"[rank {rank}] "
+        console.setFormatter(logging.Formatter(f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s"))
         console.addFilter(_ConsoleFilter())
-    file = _RankFileHandler(rank_log_path(output_dir, rank))
-    file.setLevel(logging.INFO)
-    file.setFormatter(JsonFormatter())
-    for h in (console, file):
-        h.addFilter(context)
+    handlers: list[logging.Handler] = [console]
+    if output_dir is not None:
+        file = _RankFileHandler(rank_log_path(output_dir, 0 if rank is None else rank))
+        file.setLevel(logging.INFO)
+        file.setFormatter(JsonFormatter())
+        handlers.append(file)
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
         h.close()
     root.setLevel(logging.INFO)
-    root.addHandler(console)
-    root.addHandler(file)
+    for h in handlers:
+        h.addFilter(context)
+        root.addHandler(h)
 
 
 class LogSink(MetricsSink):
