@@ -64,24 +64,49 @@ def command_line() -> str:
 
 
 def stats(samples: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
-            "n": len(samples), "samples": samples}
+    return {
+        "median": statistics.median(samples),
+        "min": min(samples),
+        "max": max(samples),
+        "n": len(samples),
+        "samples": samples,
+    }
 
 
 def git_state() -> tuple[str, bool]:
     """(commit, dirty) of the checkout the benchmark runs from; ("unknown", True) outside git."""
     root = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip() != ""
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = (
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            != ""
+        )
     except (OSError, subprocess.CalledProcessError):
         return "unknown", True
     return commit, dirty
 
 
-ROW_ID_KEYS = ("name", "model", "nodes", "link_mbit", "method", "precision", "decode", "variant", "fault", "settings")
+ROW_ID_KEYS = (
+    "name",
+    "model",
+    "nodes",
+    "link_mbit",
+    "method",
+    "precision",
+    "decode",
+    "variant",
+    "fault",
+    "settings",
+)
 
 
 def _is_headline_key(key: str) -> bool:
@@ -96,8 +121,11 @@ def headline(result: Any, prefix: str = "", depth: int = 0) -> dict[str, float]:
     if depth > 4:
         return out
     if isinstance(result, list):
-        items = [(".".join(str(r[k]) for k in ROW_ID_KEYS if isinstance(r.get(k), (str, int, float))) or str(i), r)
-                 for i, r in enumerate(result) if isinstance(r, dict)]
+        items = [
+            (".".join(str(r[k]) for k in ROW_ID_KEYS if isinstance(r.get(k), (str, int, float))) or str(i), r)
+            for i, r in enumerate(result)
+            if isinstance(r, dict)
+        ]
     else:
         items = result.items() if isinstance(result, dict) else ()
     for key, value in items:
@@ -157,8 +185,10 @@ def print_table(title: str, unit: str, rows: list[tuple[str, dict[str, Any], str
     width = max(len(r[0]) for r in rows) + 2
     print(f"{'variant':<{width}}{'median':>10}{'min':>10}{'max':>10}  {unit:<10}{'n':>3}  vs baseline")
     for label, s, extra in rows:
-        print(f"{label:<{width}}{s['median']:>10.4g}{s['min']:>10.4g}{s['max']:>10.4g}  {'':<10}"
-              f"{s['n']:>3}  {extra}")
+        print(
+            f"{label:<{width}}{s['median']:>10.4g}{s['min']:>10.4g}{s['max']:>10.4g}  {'':<10}"
+            f"{s['n']:>3}  {extra}"
+        )
 
 
 def add_model_args(p, model: str, batch: int, image_size: int) -> None:
@@ -171,8 +201,9 @@ def add_model_args(p, model: str, batch: int, image_size: int) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
 
 
-def make_jpeg_folder(root: Path, images: int, classes: int = 8, size: int = 96, val_per_class: int = 2,
-                     seed: int = 0) -> Path:
+def make_jpeg_folder(
+    root: Path, images: int, classes: int = 8, size: int = 96, val_per_class: int = 2, seed: int = 0
+) -> Path:
     """An ImageFolder tree of ``images`` training JPEGs (plus a small val split), as tests/conftest.py's
     make_image_folder writes them: each class has its own mean colour plus noise, so that JPEG decoding
     works on realistic, not constant, pixels."""
@@ -211,14 +242,21 @@ def shutdown_loader_workers(trainer: Trainer) -> None:
         shutdown_workers(loader)
 
 
-def synthetic_batches(count: int, batch: int, image_size: int, num_classes: int,
-                      seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]]:
+def synthetic_batches(
+    count: int, batch: int, image_size: int, num_classes: int, seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]]:
     """In-memory batches shaped exactly as imgtrain's loader yields them: (uint8 NCHW images, labels,
     weights, bad paths)."""
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8, generator=g),
-             torch.randint(0, num_classes, (batch,), generator=g),
-             torch.ones(batch), []) for _ in range(count)]
+    return [
+        (
+            torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8, generator=g),
+            torch.randint(0, num_classes, (batch,), generator=g),
+            torch.ones(batch),
+            [],
+        )
+        for _ in range(count)
+    ]
 
 
 class Clock:

@@ -43,8 +43,9 @@ from bench_common import (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add_model_args(p, model="resnet50", batch=8, image_size=32)
     p.add_argument("--classes", type=int, default=10, help="classes of the generated dataset (model head)")
     p.add_argument("--saves", type=int, default=5, help="part 1: saves per mode (async, sync)")
@@ -52,10 +53,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window-saves", type=int, default=1, help="part 2: saves per timed window")
     p.add_argument("--rounds", type=int, default=6, help="part 2: rounds; each runs every variant once")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps before part 2")
-    p.add_argument("--dir", default=None,
-                   help="where checkpoints are written (a temp dir under it); default: the system temp dir")
-    p.add_argument("--out", type=Path, default=None,
-                   help="write the result here instead of the record (results/checkpoint/latest.json + history.jsonl)")
+    p.add_argument(
+        "--dir",
+        default=None,
+        help="where checkpoints are written (a temp dir under it); default: the system temp dir",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write the result here instead of the record (results/checkpoint/latest.json + history.jsonl)",
+    )
     p.add_argument("--verbose", action="store_true", help="keep imgtrain's INFO logging")
     args = p.parse_args(argv)
     for k in ("batch", "saves", "save_every", "window_saves", "rounds", "classes", "image_size"):
@@ -73,8 +81,11 @@ def filesystem_of(path: Path) -> str:
     try:
         for line in Path("/proc/mounts").read_text().splitlines():
             parts = line.split()
-            if len(parts) >= 3 and (str(path) + "/").startswith(parts[1].rstrip("/") + "/") \
-                    and len(parts[1]) >= len(best):
+            if (
+                len(parts) >= 3
+                and (str(path) + "/").startswith(parts[1].rstrip("/") + "/")
+                and len(parts[1]) >= len(best)
+            ):
                 best, fstype = parts[1], parts[2]
     except OSError:
         pass
@@ -85,8 +96,12 @@ def state_size(trainer) -> dict:
     """Bytes of the tensors in Trainer.state_dict(), and of the newest checkpoint file on disk."""
     sd = trainer.state_dict()
     model = sum(t.numel() * t.element_size() for t in sd["model"].values() if torch.is_tensor(t))
-    opt = sum(t.numel() * t.element_size() for s in sd["optimizer"]["state"].values()
-              for t in s.values() if torch.is_tensor(t))
+    opt = sum(
+        t.numel() * t.element_size()
+        for s in sd["optimizer"]["state"].values()
+        for t in s.values()
+        if torch.is_tensor(t)
+    )
     out = {"model_bytes": model, "optimizer_bytes": opt}
     ckpts = trainer.checkpointer.list_checkpoints()
     if ckpts:
@@ -114,7 +129,7 @@ def part_stall(args, trainer) -> dict:
     async_write: list[float] = []
     n_before = len(checkpoint_records(trainer))
     for i in range(args.saves):
-        for mode in (("async", "sync") if i % 2 == 0 else ("sync", "async")):
+        for mode in ("async", "sync") if i % 2 == 0 else ("sync", "async"):
             trainer.progress.step += 1  # a new checkpoint directory per save, as in a run
             trainer.save_checkpoint(blocking=mode == "sync")
             if mode == "async":
@@ -123,8 +138,12 @@ def part_stall(args, trainer) -> dict:
                 async_write.append(c.seconds)
     records = checkpoint_records(trainer)[n_before:]
     stall = {m: [r["stall_s"] for r in records if r["async"] == (m == "async")] for m in ("async", "sync")}
-    return {"async": stats(stall["async"]), "sync": stats(stall["sync"]),
-            "async_background_write": stats(async_write), "source": "stall_s of metrics.jsonl records"}
+    return {
+        "async": stats(stall["async"]),
+        "sync": stats(stall["sync"]),
+        "async_background_write": stats(async_write),
+        "source": "stall_s of metrics.jsonl records",
+    }
 
 
 def part_interval(args, trainer, batches) -> dict:
@@ -134,7 +153,7 @@ def part_interval(args, trainer, batches) -> dict:
     variants = ["none", "async", "sync"]
     rounds = []
     for r in range(args.rounds):
-        order = variants[r % 3:] + variants[:r % 3]
+        order = variants[r % 3 :] + variants[: r % 3]
         row = {}
         for v in order:
             with Clock() as c:
@@ -147,16 +166,22 @@ def part_interval(args, trainer, batches) -> dict:
         for v in ("async", "sync"):
             row[f"{v}_over_none"] = row[v]["steps_per_s"] / row["none"]["steps_per_s"]
         rounds.append(row)
-        print(f"  round {r + 1}/{args.rounds}: " + ", ".join(
-            f"{v} {row[v]['steps_per_s']:.3f} steps/s" for v in variants)
-              + f"; async/none {row['async_over_none']:.3f}, sync/none {row['sync_over_none']:.3f}",
-              flush=True)
+        print(
+            f"  round {r + 1}/{args.rounds}: "
+            + ", ".join(f"{v} {row[v]['steps_per_s']:.3f} steps/s" for v in variants)
+            + f"; async/none {row['async_over_none']:.3f}, sync/none {row['sync_over_none']:.3f}",
+            flush=True,
+        )
     per = {v: stats([row[v]["steps_per_s"] for row in rounds]) for v in variants}
-    return {"save_every_steps": n, "saves_per_window": k, "steps_per_window": k * n,
-            "steps_per_s": per,
-            "async_over_none": stats([row["async_over_none"] for row in rounds]),
-            "sync_over_none": stats([row["sync_over_none"] for row in rounds]),
-            "rounds": rounds}
+    return {
+        "save_every_steps": n,
+        "saves_per_window": k,
+        "steps_per_window": k * n,
+        "steps_per_s": per,
+        "async_over_none": stats([row["async_over_none"] for row in rounds]),
+        "sync_over_none": stats([row["sync_over_none"] for row in rounds]),
+        "rounds": rounds,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -168,15 +193,29 @@ def main(argv: list[str] | None = None) -> dict:
         base.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="imgtrain-bench-ckpt-", dir=base) as tmp:
         tmp_path = Path(tmp)
-        root = make_jpeg_folder(tmp_path / "data", images=2 * args.classes, classes=args.classes,
-                                size=max(args.image_size, 16), val_per_class=1)
+        root = make_jpeg_folder(
+            tmp_path / "data",
+            images=2 * args.classes,
+            classes=args.classes,
+            size=max(args.image_size, 16),
+            val_per_class=1,
+        )
         overrides = [
-            f"model.name={args.model}", f"model.small_input={str(args.small_input).lower()}",
-            f"model.width={args.width}", f"data.root={root}", f"data.image_size={args.image_size}",
-            "data.workers=0", f"training.batch_size={args.batch}", "training.warmup_epochs=0",
-            "training.base_lr=0.01", "optimization.optimizer=sgd", "optimization.momentum=0.9",
-            "checkpoint.keep_last_n=2", "checkpoint.save_at_epoch_end=false",
-            f"checkpoint.dir={tmp_path / 'checkpoints'}", f"output_dir={tmp_path / 'run'}",
+            f"model.name={args.model}",
+            f"model.small_input={str(args.small_input).lower()}",
+            f"model.width={args.width}",
+            f"data.root={root}",
+            f"data.image_size={args.image_size}",
+            "data.workers=0",
+            f"training.batch_size={args.batch}",
+            "training.warmup_epochs=0",
+            "training.base_lr=0.01",
+            "optimization.optimizer=sgd",
+            "optimization.momentum=0.9",
+            "checkpoint.keep_last_n=2",
+            "checkpoint.save_at_epoch_end=false",
+            f"checkpoint.dir={tmp_path / 'checkpoints'}",
+            f"output_dir={tmp_path / 'run'}",
         ]
         trainer = make_trainer(overrides, args.verbose)
         try:
@@ -192,43 +231,67 @@ def benchmark(args, trainer, overrides, tmp_path: Path) -> dict:
     counter = [0]
     train_steps(trainer, batches, 1, counter)  # creates the momentum buffers that a checkpoint holds
     fs = filesystem_of(tmp_path)
-    print(f"imgtrain checkpoint: {args.model}, {args.image_size} px, batch {args.batch}, checkpoints on "
-          f"{fs} ({tmp_path}); part 1: {args.saves} saves per mode; part 2: {args.rounds} rounds of "
-          f"{args.window_saves} x (save + {args.save_every} steps) per variant", flush=True)
+    print(
+        f"imgtrain checkpoint: {args.model}, {args.image_size} px, batch {args.batch}, checkpoints on "
+        f"{fs} ({tmp_path}); part 1: {args.saves} saves per mode; part 2: {args.rounds} rounds of "
+        f"{args.window_saves} x (save + {args.save_every} steps) per variant",
+        flush=True,
+    )
 
     stall = part_stall(args, trainer)
     size = state_size(trainer)
     mb = size.get("state_file_bytes", size["model_bytes"] + size["optimizer_bytes"]) / 1e6
     a, s = stall["async"]["median"], stall["sync"]["median"]
-    print_table(f"stall per save ({mb:.1f} MB checkpoint: model {size['model_bytes'] / 1e6:.1f} MB + SGD "
-                f"momentum {size['optimizer_bytes'] / 1e6:.1f} MB; lower is better)", "s", [
-                    ("sync (checkpoint.async_save=false)", stall["sync"], "1.000 (baseline)"),
-                    ("async (checkpoint.async_save=true)", stall["async"], f"{a / s:.3f}"),
-                    ("  async: background write after it", stall["async_background_write"], ""),
-                ])
-    print(f"async stalls the loop {s / a:.1f}x less than sync (median stall {a * 1e3:.0f} ms vs "
-          f"{s * 1e3:.0f} ms)", flush=True)
+    print_table(
+        f"stall per save ({mb:.1f} MB checkpoint: model {size['model_bytes'] / 1e6:.1f} MB + SGD "
+        f"momentum {size['optimizer_bytes'] / 1e6:.1f} MB; lower is better)",
+        "s",
+        [
+            ("sync (checkpoint.async_save=false)", stall["sync"], "1.000 (baseline)"),
+            ("async (checkpoint.async_save=true)", stall["async"], f"{a / s:.3f}"),
+            ("  async: background write after it", stall["async_background_write"], ""),
+        ],
+    )
+    print(
+        f"async stalls the loop {s / a:.1f}x less than sync (median stall {a * 1e3:.0f} ms vs "
+        f"{s * 1e3:.0f} ms)",
+        flush=True,
+    )
 
     interval = part_interval(args, trainer, batches)
     per = interval["steps_per_s"]
     ra, rs = interval["async_over_none"]["median"], interval["sync_over_none"]["median"]
-    print_table(f"training steps/s with a save every {args.save_every} steps (higher is better)",
-                "steps/s", [
-                    ("no saves", per["none"], "1.000 (baseline)"),
-                    ("async save every N steps", per["async"], f"{ra:.3f} (median of per-round ratios)"),
-                    ("sync save every N steps", per["sync"], f"{rs:.3f} (median of per-round ratios)"),
-                ])
-    print(f"throughput lost at one save per {args.save_every} steps: async {100 * (1 - ra):.1f}%, "
-          f"sync {100 * (1 - rs):.1f}%")
+    print_table(
+        f"training steps/s with a save every {args.save_every} steps (higher is better)",
+        "steps/s",
+        [
+            ("no saves", per["none"], "1.000 (baseline)"),
+            ("async save every N steps", per["async"], f"{ra:.3f} (median of per-round ratios)"),
+            ("sync save every N steps", per["sync"], f"{rs:.3f} (median of per-round ratios)"),
+        ],
+    )
+    print(
+        f"throughput lost at one save per {args.save_every} steps: async {100 * (1 - ra):.1f}%, "
+        f"sync {100 * (1 - rs):.1f}%"
+    )
 
     return {
         "benchmark": "checkpoint",
         "command": command_line(),
         "machine": {**machine_info(), "checkpoint_filesystem": fs},
-        "settings": {"model": args.model, "small_input": args.small_input, "image_size": args.image_size,
-                     "batch": args.batch, "classes": trainer.data.num_classes, "saves": args.saves,
-                     "save_every": args.save_every, "window_saves": args.window_saves,
-                     "rounds": args.rounds, "warmup": args.warmup, "imgtrain_overrides": overrides},
+        "settings": {
+            "model": args.model,
+            "small_input": args.small_input,
+            "image_size": args.image_size,
+            "batch": args.batch,
+            "classes": trainer.data.num_classes,
+            "saves": args.saves,
+            "save_every": args.save_every,
+            "window_saves": args.window_saves,
+            "rounds": args.rounds,
+            "warmup": args.warmup,
+            "imgtrain_overrides": overrides,
+        },
         "state": {**size, "megabytes": mb},
         "stall_s": stall,
         "stall_ratio_async_over_sync": a / s,

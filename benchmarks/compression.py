@@ -97,7 +97,11 @@ def main() -> None:
     p.add_argument("--decode-ranks", type=int, default=2, help="ranks whose 1-bit messages are decoded")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=None, help="write the result here instead of the record (results/compression/latest.json)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="write the result here instead of the record (results/compression/latest.json)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -328,8 +328,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also run benchmarks/throughput.py (ResNet-18, 64 px) on the set for two decoders",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads of this process")
-    p.add_argument("--out", type=Path, default=None,
-                   help="write the result here instead of the record (results/input_pipeline/latest.json)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write the result here instead of the record (results/input_pipeline/latest.json)",
+    )
     args = p.parse_args(argv)
     args.generate = max(args.generate, args.images)
     args.argv = [a for a in (sys.argv[1:] if argv is None else argv)]

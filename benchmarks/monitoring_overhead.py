@@ -71,8 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="only the metrics work per step measured alone, against one run of --steps steps with metrics off",
     )
-    p.add_argument("--out", type=Path, default=None,
-                   help="write the result here instead of the record (results/monitoring_overhead/latest.json + history.jsonl)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write the result here instead of the record (results/monitoring_overhead/latest.json + history.jsonl)",
+    )
     p.add_argument("--verbose", action="store_true", help="keep imgtrain's INFO logging")
     args = p.parse_args(argv)
     for k in ("batch", "steps", "rounds", "log_interval", "straggler_interval"):
@@ -186,9 +190,15 @@ def main(argv: list[str] | None = None) -> dict:
         if args.control:  # a second, identical trainer with monitoring off: the A/A noise floor
             variants["off_again"] = [*common, f"output_dir={tmp_path / 'off_again'}"]
         if args.profiler:
-            variants["profiler"] = [*common, f"output_dir={tmp_path / 'profiler'}", "profiler.enabled=true",
-                                    "profiler.wait=0", "profiler.warmup=1", "profiler.active=3",
-                                    "profiler.repeat=0"]
+            variants["profiler"] = [
+                *common,
+                f"output_dir={tmp_path / 'profiler'}",
+                "profiler.enabled=true",
+                "profiler.wait=0",
+                "profiler.warmup=1",
+                "profiler.active=3",
+                "profiler.repeat=0",
+            ]
         trainers = {}
         stop, scrapes = threading.Event(), []
         try:

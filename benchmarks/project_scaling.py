@@ -234,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument(
-        "--results", type=Path, default=RESULTS / "scaling" / "latest.json", help="benchmarks/scaling.py output"
+        "--results",
+        type=Path,
+        default=RESULTS / "scaling" / "latest.json",
+        help="benchmarks/scaling.py output",
     )
     p.add_argument("--batch", type=int, nargs="+", default=[256, 64], help="per-GPU batch(es)")
     p.add_argument("--gpus", type=int, nargs="+", default=[8, 32, 64])
@@ -245,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         help="overlap fraction for the GPU projection (default: the calibrated one)",
     )
     p.add_argument(
-        "--out", type=Path, default=None,
+        "--out",
+        type=Path,
+        default=None,
         help="write the result here instead of the record (results/projection/latest.json)",
     )
     args = p.parse_args(argv)

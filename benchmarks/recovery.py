@@ -79,26 +79,39 @@ PARTS = [
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--faults", default=",".join(FAULTS), help=f"comma-separated, of {', '.join(FAULTS)}")
-    p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {', '.join(SETTINGS)}")
+    p.add_argument(
+        "--settings", default=",".join(SETTINGS), help=f"comma-separated, of {', '.join(SETTINGS)}"
+    )
     p.add_argument("--repetitions", type=int, default=2, help="trials per (fault, settings)")
-    p.add_argument("--cap", type=float, default=120.0, help="seconds a recovery may take before it is '> cap'")
+    p.add_argument(
+        "--cap", type=float, default=120.0, help="seconds a recovery may take before it is '> cap'"
+    )
     p.add_argument("--save-every", type=int, default=5, help="checkpoint.save_every_steps")
-    p.add_argument("--steps-after-save", type=int, default=2, help="inject the fault this many steps after a save")
+    p.add_argument(
+        "--steps-after-save", type=int, default=2, help="inject the fault this many steps after a save"
+    )
     p.add_argument("--images", type=int, default=96, help="training images (3 classes); global batch 8")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each worker")
     p.add_argument("--dir", default=None, help="keep the runs and their logs here (default: a temp dir)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="write the result here instead of the record (results/recovery/latest.json + history.jsonl)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write the result here instead of the record (results/recovery/latest.json + history.jsonl)",
+    )
     args = p.parse_args(argv)
     args.faults = [f.strip() for f in args.faults.split(",") if f.strip()]
     args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     bad = [f for f in args.faults if f not in FAULTS] + [s for s in args.settings if s not in SETTINGS]
     if bad or not args.faults or not args.settings:
-        p.error(f"unknown or missing fault/settings {bad}; faults: {', '.join(FAULTS)}; "
-                f"settings: {', '.join(SETTINGS)}")
+        p.error(
+            f"unknown or missing fault/settings {bad}; faults: {', '.join(FAULTS)}; "
+            f"settings: {', '.join(SETTINGS)}"
+        )
     if args.repetitions < 1 or args.save_every < 1 or args.steps_after_save < 0 or args.cap <= 0:
         p.error("--repetitions, --save-every and --cap must be positive, --steps-after-save >= 0")
     return args
@@ -128,8 +141,12 @@ class Trial:
         self.namespaces: list[str] = []
 
     def train(self, partition: bool = False) -> list[str]:
-        extra = [f"checkpoint.save_every_steps={self.args.save_every}", "training.epochs=40",
-                 "fault_tolerance.hang_timeout=600", "fault_tolerance.first_step_timeout=600"]
+        extra = [
+            f"checkpoint.save_every_steps={self.args.save_every}",
+            "training.epochs=40",
+            "fault_tolerance.hang_timeout=600",
+            "fault_tolerance.first_step_timeout=600",
+        ]
         if not self.tuned:
             extra.append("distributed.timeout=1800")  # torch's default Gloo timeout (30 min)
         elif partition:
@@ -137,8 +154,16 @@ class Trial:
         return [*train_args(self.data, self.out), *extra]
 
     def node(self, name: str, endpoint: str, **kw) -> Node:
-        n = Node(name, endpoint, kw.pop("train", None) or self.train(), self.dir, tuned=self.tuned,
-                 monitor_interval=None, launcher=self.launcher, **kw)
+        n = Node(
+            name,
+            endpoint,
+            kw.pop("train", None) or self.train(),
+            self.dir,
+            tuned=self.tuned,
+            monitor_interval=None,
+            launcher=self.launcher,
+            **kw,
+        )
         self.nodes.append(n)
         return n
 
@@ -163,12 +188,24 @@ class Trial:
 
     def ready_for_fault(self, world: int = 2) -> None:
         """Wait for a group of ``world`` that has saved a checkpoint and trained --steps-after-save past it."""
-        start = self.require(lambda: [e for e in events(self.out, "start") if e["world_size"] == world], 180,
-                             f"group of world size {world}")[-1]
-        ckpt = self.require(lambda: [e for e in events(self.out, "checkpoint") if e["time"] > start["time"]],
-                            120, "checkpoint")[0]
-        self.require(lambda: max((e["step"] for e in events(self.out, "train")), default=0)
-                     >= ckpt["step"] + self.args.steps_after_save, 60, "steps after the checkpoint")
+        start = self.require(
+            lambda: [e for e in events(self.out, "start") if e["world_size"] == world],
+            180,
+            f"group of world size {world}",
+        )[-1]
+        ckpt = self.require(
+            lambda: [e for e in events(self.out, "checkpoint") if e["time"] > start["time"]],
+            120,
+            "checkpoint",
+        )[0]
+        self.require(
+            lambda: (
+                max((e["step"] for e in events(self.out, "train")), default=0)
+                >= ckpt["step"] + self.args.steps_after_save
+            ),
+            60,
+            "steps after the checkpoint",
+        )
 
     def last_step_before(self, t: float) -> int:
         return max((e["step"] for e in events(self.out, "train") if e["time"] <= t), default=0)
@@ -234,26 +271,43 @@ def recovered(trial: Trial, t0: float, world: int | None):
 def split(t0: float, start: dict, first: dict, correction: float) -> dict:
     tl = start["timeline"]
     process_start = tl["process_start"] + correction
-    return {"total_s": round(first["time"] - t0, 3),
-            "detect_and_rendezvous_s": round(process_start - t0, 3),
-            "worker_start_s": round(tl["process_group_ready"] - process_start, 3),
-            "build_s": round(tl["built"] - tl["process_group_ready"], 3),
-            "checkpoint_load_s": round(tl["checkpoint_loaded"] - tl["built"], 3),
-            "first_step_s": round(first["time"] - tl["checkpoint_loaded"], 3),
-            "world_size": start["world_size"], "resumed_step": start["step"], "first_step": first["step"]}
+    return {
+        "total_s": round(first["time"] - t0, 3),
+        "detect_and_rendezvous_s": round(process_start - t0, 3),
+        "worker_start_s": round(tl["process_group_ready"] - process_start, 3),
+        "build_s": round(tl["built"] - tl["process_group_ready"], 3),
+        "checkpoint_load_s": round(tl["checkpoint_loaded"] - tl["built"], 3),
+        "first_step_s": round(first["time"] - tl["checkpoint_loaded"], 3),
+        "world_size": start["world_size"],
+        "resumed_step": start["step"],
+        "first_step": first["step"],
+    }
 
 
-def measure(trial: Trial, t_fault: float, world: int | None, cap: float, watch: list[Node], correction: float,
-            killed_at: int | None = None) -> dict:
+def measure(
+    trial: Trial,
+    t_fault: float,
+    world: int | None,
+    cap: float,
+    watch: list[Node],
+    correction: float,
+    killed_at: int | None = None,
+) -> dict:
     found = trial.wait(lambda: recovered(trial, t_fault, world), cap, "recovery", watch=watch)
     if not found:
         alive = [n.name for n in watch if n.proc.poll() is None]
         if alive:
-            return {"outcome": "> cap", "cap_s": cap, "note": f"no step at world size {world} within the cap; "
-                    f"still running: {', '.join(alive)}"}
-        return {"outcome": "job lost", "note": "every agent exited: " + ", ".join(
-            f"{n.name} exit code {n.proc.returncode}" for n in watch),
-                "agents_exited_after_s": round(time.time() - t_fault, 2)}
+            return {
+                "outcome": "> cap",
+                "cap_s": cap,
+                "note": f"no step at world size {world} within the cap; still running: {', '.join(alive)}",
+            }
+        return {
+            "outcome": "job lost",
+            "note": "every agent exited: "
+            + ", ".join(f"{n.name} exit code {n.proc.returncode}" for n in watch),
+            "agents_exited_after_s": round(time.time() - t_fault, 2),
+        }
     start, first = found
     r = {"outcome": "recovered", **split(t_fault, start, first, correction)}
     if killed_at is None:  # the group was stopped by the rendezvous itself (rejoin): its last step
@@ -264,6 +318,7 @@ def measure(trial: Trial, t_fault: float, world: int | None, cap: float, watch: 
 
 
 # ---------------------------------------------------------------------------------------------- faults
+
 
 def two_nodes(trial: Trial, endpoint: str, **kw) -> tuple[Node, Node]:
     first = trial.node("first", endpoint, **kw)
@@ -285,8 +340,9 @@ def trial_worker(trial: Trial, correction: float) -> dict:
     trial.ready_for_fault()
     t = time.time()
     kill_worker(second)
-    return {"worker": measure(trial, t, 2, trial.args.cap, [first, second], correction,
-                              trial.last_step_before(t))}
+    return {
+        "worker": measure(trial, t, 2, trial.args.cap, [first, second], correction, trial.last_step_before(t))
+    }
 
 
 def trial_node(trial: Trial, correction: float, rejoin: bool) -> dict:
@@ -311,9 +367,21 @@ def trial_node(trial: Trial, correction: float, rejoin: bool) -> dict:
 def trial_host(trial: Trial, correction: float) -> dict:
     if trial.tuned:  # the store runs outside the training nodes
         port = free_port()
-        trial.store = subprocess.Popen([sys.executable, "-m", "imgtrain", "rendezvous-store", "--host",
-                                        "127.0.0.1", "--port", str(port)], stdout=subprocess.PIPE, text=True,
-                                       env=subprocess_env())
+        trial.store = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "imgtrain",
+                "rendezvous-store",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=subprocess_env(),
+        )
         if "listening" not in trial.store.stdout.readline():
             raise RuntimeError("imgtrain rendezvous-store did not start")
         first, second = two_nodes(trial, f"127.0.0.1:{port}", is_host=False)
@@ -333,11 +401,13 @@ def trial_partition(trial: Trial, correction: float) -> dict:
     ns, veth, addrs = add_namespace_pair(trial.namespaces, "rb", "10.231.9", fast_tcp_abort=trial.tuned)
     endpoint = f"{addrs[0]}:{free_port()}"
     args = trial.train(partition=True)
-    host = trial.node("host", endpoint, train=args, netns=ns[0], ifname=veth[0], is_host=True,
-                      local_addr=addrs[0])
+    host = trial.node(
+        "host", endpoint, train=args, netns=ns[0], ifname=veth[0], is_host=True, local_addr=addrs[0]
+    )
     time.sleep(1.0)
-    other = trial.node("other", endpoint, train=args, netns=ns[1], ifname=veth[1], is_host=False,
-                       local_addr=addrs[1])
+    other = trial.node(
+        "other", endpoint, train=args, netns=ns[1], ifname=veth[1], is_host=False, local_addr=addrs[1]
+    )
     trial.ready_for_fault()
     t = time.time()
     ip("-n", ns[1], "link", "set", veth[1], "down")
@@ -354,14 +424,21 @@ def trial_sigterm(trial: Trial, correction: float) -> dict:
     last = trial.last_step_before(t)
     for n in nodes:
         n.proc.send_signal(signal.SIGTERM)
-    ckpt = trial.wait(lambda: [e for e in events(trial.out, "checkpoint") if e["time"] > t], trial.args.cap,
-                      "preemption checkpoint", watch=None)
+    ckpt = trial.wait(
+        lambda: [e for e in events(trial.out, "checkpoint") if e["time"] > t],
+        trial.args.cap,
+        "preemption checkpoint",
+        watch=None,
+    )
     exited = trial.wait(lambda: all(n.proc.poll() is not None for n in nodes), trial.args.cap, "exit")
     t_exit = time.time()
-    r = {"signal_to_checkpoint_s": round(ckpt[0]["time"] - t, 3) if ckpt else None,
-         "checkpoint_step": ckpt[0]["step"] if ckpt else None,
-         "signal_to_exit_s": round(t_exit - t, 3) if exited else None,
-         "exit_codes": [n.proc.returncode for n in nodes], "last_step_before_signal": last}
+    r = {
+        "signal_to_checkpoint_s": round(ckpt[0]["time"] - t, 3) if ckpt else None,
+        "checkpoint_step": ckpt[0]["step"] if ckpt else None,
+        "signal_to_exit_s": round(t_exit - t, 3) if exited else None,
+        "exit_codes": [n.proc.returncode for n in nodes],
+        "last_step_before_signal": last,
+    }
     if not (ckpt and exited):
         return {"sigterm": {"outcome": "> cap", "cap_s": trial.args.cap, **r}}
     for n in nodes:
@@ -377,8 +454,15 @@ def trial_sigterm(trial: Trial, correction: float) -> dict:
     return {"sigterm": {**m, **r}}
 
 
-def run_trial(scenario: str, faults: list[str], args: argparse.Namespace, settings: str, work: Path,
-              data: Path, correction: float) -> dict:
+def run_trial(
+    scenario: str,
+    faults: list[str],
+    args: argparse.Namespace,
+    settings: str,
+    work: Path,
+    data: Path,
+    correction: float,
+) -> dict:
     trial = Trial(args, settings, work, data)
     try:
         if scenario == "worker":
@@ -394,7 +478,9 @@ def run_trial(scenario: str, faults: list[str], args: argparse.Namespace, settin
         else:
             res = trial_sigterm(trial, correction)
     except (RuntimeError, subprocess.CalledProcessError, OSError) as e:
-        res = {f: {"outcome": "error", "note": str(e)[-2000:]} for f in faults if f in _SCENARIO_FAULTS[scenario]}
+        res = {
+            f: {"outcome": "error", "note": str(e)[-2000:]} for f in faults if f in _SCENARIO_FAULTS[scenario]
+        }
     finally:
         leaked = trial.cleanup()
     for r in res.values():
@@ -403,16 +489,27 @@ def run_trial(scenario: str, faults: list[str], args: argparse.Namespace, settin
     return res
 
 
-_SCENARIO_FAULTS = {"worker": ("worker",), "node": ("node", "rejoin"), "host": ("host",),
-                    "partition": ("partition",), "sigterm": ("sigterm",)}
+_SCENARIO_FAULTS = {
+    "worker": ("worker",),
+    "node": ("node", "rejoin"),
+    "host": ("host",),
+    "partition": ("partition",),
+    "sigterm": ("sigterm",),
+}
 
 
 def summarize(trials: list[dict]) -> dict:
     ok = [t for t in trials if t["outcome"] == "recovered"]
     s: dict = {"outcomes": [t["outcome"] for t in trials]}
     if ok:  # over the trials that recovered; "outcomes" says which did not
-        for key in ["total_s", *(k for k, _ in PARTS), "steps_redone", "signal_to_checkpoint_s",
-                    "signal_to_exit_s", "total_with_preemption_s"]:
+        for key in [
+            "total_s",
+            *(k for k, _ in PARTS),
+            "steps_redone",
+            "signal_to_checkpoint_s",
+            "signal_to_exit_s",
+            "total_with_preemption_s",
+        ]:
             vals = [t[key] for t in ok if t.get(key) is not None]
             if len(vals) == len(ok):
                 s[key] = stats(vals)
@@ -429,8 +526,11 @@ def fmt(s: dict, key: str) -> str:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     correction = boot_time_correction()
-    scenarios = [sc for sc in ("worker", "node", "host", "partition", "sigterm")
-                 if any(f in args.faults for f in _SCENARIO_FAULTS[sc])]
+    scenarios = [
+        sc
+        for sc in ("worker", "node", "host", "partition", "sigterm")
+        if any(f in args.faults for f in _SCENARIO_FAULTS[sc])
+    ]
     if args.dir:
         work_dir = contextlib.nullcontext(str(Path(args.dir) / f"recovery-{time.strftime('%Y%m%d-%H%M%S')}"))
     else:
@@ -442,36 +542,53 @@ def main(argv: list[str] | None = None) -> dict:
         work = Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         data = make_jpeg_folder(work / "data", images=args.images, classes=3, size=16)
-        print(f"imgtrain recovery: faults {','.join(args.faults)}; settings {','.join(args.settings)}; "
-              f"{args.repetitions} repetitions; cap {args.cap:.0f} s", flush=True)
+        print(
+            f"imgtrain recovery: faults {','.join(args.faults)}; settings {','.join(args.settings)}; "
+            f"{args.repetitions} repetitions; cap {args.cap:.0f} s",
+            flush=True,
+        )
         for rep in range(args.repetitions):
             for sc in scenarios:
                 for settings in args.settings:
                     t0 = time.time()
-                    res = run_trial(sc, args.faults, args, settings, work / f"{sc}-{settings}-{rep}", data,
-                                    correction)
+                    res = run_trial(
+                        sc, args.faults, args, settings, work / f"{sc}-{settings}-{rep}", data, correction
+                    )
                     for f, r in res.items():
                         r["repetition"] = rep
                         results[f][settings].append(r)
                         total = f"{r['total_s']:.2f} s" if "total_s" in r else ""
-                        print(f"  {f:<10} {settings:<18} rep {rep}: {r['outcome']} {total} "
-                              f"{r.get('note', '')[:200]} (trial {time.time() - t0:.0f} s)", flush=True)
+                        print(
+                            f"  {f:<10} {settings:<18} rep {rep}: {r['outcome']} {total} "
+                            f"{r.get('note', '')[:200]} (trial {time.time() - t0:.0f} s)",
+                            flush=True,
+                        )
     if env_threads is None:
         os.environ.pop("OMP_NUM_THREADS", None)
     summary = {f: {s: summarize(results[f][s]) for s in args.settings} for f in args.faults}
-    print(f"\nseconds, median (min-max) over {args.repetitions} repetitions; parts: "
-          + "; ".join(f"{k[:-2]} = {label}" for k, label in PARTS))
+    print(
+        f"\nseconds, median (min-max) over {args.repetitions} repetitions; parts: "
+        + "; ".join(f"{k[:-2]} = {label}" for k, label in PARTS)
+    )
     cols = ["total_s", *(k for k, _ in PARTS), "steps_redone"]
-    print(f"{'fault':<10}{'settings':<18}{'outcomes':<24}" + "".join(f"{k.removesuffix('_s'):>24}" for k in cols))
+    print(
+        f"{'fault':<10}{'settings':<18}{'outcomes':<24}"
+        + "".join(f"{k.removesuffix('_s'):>24}" for k in cols)
+    )
     for f in args.faults:
         for s in args.settings:
             sm = summary[f][s]
-            print(f"{f:<10}{s:<18}{','.join(sm['outcomes']):<24}" + "".join(f"{fmt(sm, k):>24}" for k in cols))
+            print(
+                f"{f:<10}{s:<18}{','.join(sm['outcomes']):<24}" + "".join(f"{fmt(sm, k):>24}" for k in cols)
+            )
     result = {
         "benchmark": "recovery",
         "command": command_line(),
-        "machine": {**machine_info(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-                    "load_average_1m": round(os.getloadavg()[0], 2)},
+        "machine": {
+            **machine_info(),
+            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "load_average_1m": round(os.getloadavg()[0], 2),
+        },
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "imgtrain_rdzv_conf": RDZV_CONF,
         "process_start_correction_s": round(correction, 3),

@@ -46,19 +46,33 @@ from torch import nn
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add_model_args(p, model="resnet18", batch=8, image_size=224)
     p.add_argument("--sizes", type=int, nargs="+", default=[112, 224], help="image sizes to compare")
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant per round")
     p.add_argument("--rounds", type=int, default=5, help="rounds; each runs both variants once per size")
-    p.add_argument("--profile", type=Path, default=None,
-                   help="write torch.profiler operator tables of 2 steps per variant and size to this dir")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra imgtrain config override (repeatable)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="write the result here instead of the record (results/reference_step/latest.json)")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="write torch.profiler operator tables of 2 steps per variant and size to this dir",
+    )
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra imgtrain config override (repeatable)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write the result here instead of the record (results/reference_step/latest.json)",
+    )
     p.add_argument("--verbose", action="store_true", help="keep imgtrain's INFO logging")
     args = p.parse_args(argv)
     for k in ("batch", "steps", "rounds"):
@@ -118,15 +132,18 @@ def normalize_costs(trainer, batch: int, size: int, calls: int = 20) -> dict:
     variants = {"device_normalize": norm, "out_of_place": lambda t: (t.float() - norm.mean) * norm.inv_std}
     samples: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(5):
-        for v in (variants if r % 2 == 0 else reversed(list(variants))):
+        for v in variants if r % 2 == 0 else reversed(list(variants)):
             variants[v](x)
             c0 = time.process_time()
             for _ in range(calls):
                 variants[v](x)
             samples[v].append((time.process_time() - c0) / calls * 1e3)
     out = {v: stats(samples[v]) for v in variants}
-    print(f"  normalize {batch} x {size} px: DeviceNormalize {out['device_normalize']['median']:.2f} ms CPU, "
-          f"out-of-place {out['out_of_place']['median']:.2f} ms CPU", flush=True)
+    print(
+        f"  normalize {batch} x {size} px: DeviceNormalize {out['device_normalize']['median']:.2f} ms CPU, "
+        f"out-of-place {out['out_of_place']['median']:.2f} ms CPU",
+        flush=True,
+    )
     return {"unit": "CPU ms per batch", **out}
 
 
@@ -143,26 +160,46 @@ def main(argv: list[str] | None = None) -> dict:
 
 def benchmark(args, root: Path, tmp: Path) -> dict:
     per_size: dict[int, dict] = {}
-    print(f"compute-only step: {args.model}, batch {args.batch}, sizes {args.sizes}, fp32, "
-          f"{torch.get_num_threads()} torch threads; {args.rounds} rounds x {args.steps} timed steps "
-          f"(+{args.warmup} warm-up) per variant", flush=True)
+    print(
+        f"compute-only step: {args.model}, batch {args.batch}, sizes {args.sizes}, fp32, "
+        f"{torch.get_num_threads()} torch threads; {args.rounds} rounds x {args.steps} timed steps "
+        f"(+{args.warmup} warm-up) per variant",
+        flush=True,
+    )
     setups = {}
     for size in args.sizes:
-        overrides = [f"model.name={args.model}", "model.small_input=false", f"data.root={root}",
-                     f"data.image_size={size}", "data.workers=0", f"training.batch_size={args.batch}",
-                     "training.warmup_epochs=0", "training.base_lr=0.01", "optimization.momentum=0.9",
-                     "optimization.weight_decay=1e-4", "optimization.mixed_precision=none",
-                     f"output_dir={tmp / f'run{size}'}", *args.override]
+        overrides = [
+            f"model.name={args.model}",
+            "model.small_input=false",
+            f"data.root={root}",
+            f"data.image_size={size}",
+            "data.workers=0",
+            f"training.batch_size={args.batch}",
+            "training.warmup_epochs=0",
+            "training.base_lr=0.01",
+            "optimization.momentum=0.9",
+            "optimization.weight_decay=1e-4",
+            "optimization.mixed_precision=none",
+            f"output_dir={tmp / f'run{size}'}",
+            *args.override,
+        ]
         trainer = make_trainer(overrides, args.verbose)
         ref = Reference(args.model, trainer.data.num_classes, trainer.model_without_ddp.state_dict())
         images, labels, weights, bad = synthetic_batches(1, args.batch, size, trainer.data.num_classes)[0]
         normalized = trainer.normalize(images)  # the reference's loader yields normalized floats
         setups[size] = (
-            trainer, overrides,
-            {"imgtrain": lambda t=trainer, b=(images, labels, weights, bad): t.train_step([b], [len(b[1])]),
-             "reference": lambda r=ref, x=normalized, y=labels: r.step(x, y)})
-        per_size[size] = {k: [] for k in ("imgtrain", "reference", "ratio", "imgtrain_cpu", "reference_cpu",
-                                          "ratio_cpu")}
+            trainer,
+            overrides,
+            {
+                "imgtrain": lambda t=trainer, b=(images, labels, weights, bad): t.train_step(
+                    [b], [len(b[1])]
+                ),
+                "reference": lambda r=ref, x=normalized, y=labels: r.step(x, y),
+            },
+        )
+        per_size[size] = {
+            k: [] for k in ("imgtrain", "reference", "ratio", "imgtrain_cpu", "reference_cpu", "ratio_cpu")
+        }
     try:
         for r in range(args.rounds):
             for size in args.sizes:
@@ -174,10 +211,13 @@ def benchmark(args, root: Path, tmp: Path) -> dict:
                     per_size[size][f"{v}_cpu"].append(row[v][1])
                 per_size[size]["ratio"].append(row["imgtrain"][0] / row["reference"][0])
                 per_size[size]["ratio_cpu"].append(row["imgtrain"][1] / row["reference"][1])
-                print(f"  round {r + 1}/{args.rounds}, {size} px: imgtrain {row['imgtrain'][0] * 1e3:.0f} ms "
-                      f"(CPU {row['imgtrain'][1] * 1e3:.0f} ms), reference {row['reference'][0] * 1e3:.0f} ms "
-                      f"(CPU {row['reference'][1] * 1e3:.0f} ms), ratio {per_size[size]['ratio'][-1]:.3f} "
-                      f"(CPU {per_size[size]['ratio_cpu'][-1]:.3f})", flush=True)
+                print(
+                    f"  round {r + 1}/{args.rounds}, {size} px: imgtrain {row['imgtrain'][0] * 1e3:.0f} ms "
+                    f"(CPU {row['imgtrain'][1] * 1e3:.0f} ms), reference {row['reference'][0] * 1e3:.0f} ms "
+                    f"(CPU {row['reference'][1] * 1e3:.0f} ms), ratio {per_size[size]['ratio'][-1]:.3f} "
+                    f"(CPU {per_size[size]['ratio_cpu'][-1]:.3f})",
+                    flush=True,
+                )
         normalize = {str(size): normalize_costs(setups[size][0], args.batch, size) for size in args.sizes}
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
@@ -194,23 +234,40 @@ def benchmark(args, root: Path, tmp: Path) -> dict:
         ratio = stats(per_size[size]["ratio"])
         ratio_cpu = stats(per_size[size]["ratio_cpu"])
         base = s["reference"]["median"]
-        print_table(f"{size} px: seconds per step (lower is better)", "s",
-                    [("reference (torchvision loop)", s["reference"], "1.000 (baseline)"),
-                     ("imgtrain Trainer.train_step", s["imgtrain"], f"{s['imgtrain']['median'] / base:.3f}")])
-        print(f"imgtrain / reference at {size} px, median of per-round ratios: wall {ratio['median']:.3f} "
-              f"(min {ratio['min']:.3f}, max {ratio['max']:.3f}), process CPU {ratio_cpu['median']:.3f} "
-              f"(min {ratio_cpu['min']:.3f}, max {ratio_cpu['max']:.3f})")
-        results[str(size)] = {**s, "ratio_imgtrain_over_reference": ratio, "ratio_cpu": ratio_cpu,
-                              "ratio_of_medians": s["imgtrain"]["median"] / base}
+        print_table(
+            f"{size} px: seconds per step (lower is better)",
+            "s",
+            [
+                ("reference (torchvision loop)", s["reference"], "1.000 (baseline)"),
+                ("imgtrain Trainer.train_step", s["imgtrain"], f"{s['imgtrain']['median'] / base:.3f}"),
+            ],
+        )
+        print(
+            f"imgtrain / reference at {size} px, median of per-round ratios: wall {ratio['median']:.3f} "
+            f"(min {ratio['min']:.3f}, max {ratio['max']:.3f}), process CPU {ratio_cpu['median']:.3f} "
+            f"(min {ratio_cpu['min']:.3f}, max {ratio_cpu['max']:.3f})"
+        )
+        results[str(size)] = {
+            **s,
+            "ratio_imgtrain_over_reference": ratio,
+            "ratio_cpu": ratio_cpu,
+            "ratio_of_medians": s["imgtrain"]["median"] / base,
+        }
     return {
         "benchmark": "reference_step",
         "command": command_line(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine_info(),
         "load_average": list(os.getloadavg()),
-        "settings": {"model": args.model, "batch": args.batch, "sizes": args.sizes, "steps": args.steps,
-                     "warmup": args.warmup, "rounds": args.rounds,
-                     "imgtrain_overrides": {str(s): setups[s][1] for s in args.sizes}},
+        "settings": {
+            "model": args.model,
+            "batch": args.batch,
+            "sizes": args.sizes,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "rounds": args.rounds,
+            "imgtrain_overrides": {str(s): setups[s][1] for s in args.sizes},
+        },
         "unit": "seconds per step",
         "sizes": results,
         "normalize": normalize,

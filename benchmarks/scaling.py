@@ -60,7 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--job-timeout", type=float, default=1800.0, help="seconds per torchrun job")
     p.add_argument("--extra", nargs="*", default=[], help="further imgtrain overrides for every job")
     p.add_argument(
-        "--out", type=Path, default=None,
+        "--out",
+        type=Path,
+        default=None,
         help="write the result here instead of the record (results/scaling[_quick]/latest.json)",
     )
     args = p.parse_args(argv)

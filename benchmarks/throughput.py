@@ -42,24 +42,41 @@ from bench_common import (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add_model_args(p, model="resnet18", batch=32, image_size=64)
     p.add_argument("--steps", type=int, default=6, help="timed steps per variant per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant per round")
     p.add_argument("--rounds", type=int, default=6, help="rounds; each runs every variant once")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (data.workers)")
     p.add_argument("--prefetch", type=int, default=4, help="data.prefetch_factor")
-    p.add_argument("--data-root", default=None,
-                   help="an ImageFolder root with train/ and val/; default: generate JPEGs in a temp dir")
-    p.add_argument("--images", type=int, default=512,
-                   help="JPEGs to generate (raised to batch*(warmup+steps) so a round reads one epoch)")
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="an ImageFolder root with train/ and val/; default: generate JPEGs in a temp dir",
+    )
+    p.add_argument(
+        "--images",
+        type=int,
+        default=512,
+        help="JPEGs to generate (raised to batch*(warmup+steps) so a round reads one epoch)",
+    )
     p.add_argument("--source-size", type=int, default=96, help="side of the generated JPEGs (pixels)")
     p.add_argument("--no-loader-only", action="store_true", help="skip the loader-alone variant")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra imgtrain config override, e.g. data.decoder=pil (repeatable)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="write the result here instead of the record (results/throughput/latest.json + history.jsonl)")
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra imgtrain config override, e.g. data.decoder=pil (repeatable)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write the result here instead of the record (results/throughput/latest.json + history.jsonl)",
+    )
     p.add_argument("--verbose", action="store_true", help="keep imgtrain's INFO logging")
     args = p.parse_args(argv)
     for k in ("batch", "steps", "rounds", "image_size", "source_size"):
@@ -126,14 +143,26 @@ def main(argv: list[str] | None = None) -> dict:
             n_images = max(args.images, args.batch * (args.warmup + args.steps))
             t0 = time.perf_counter()
             root = make_jpeg_folder(tmp_path / "data", n_images, size=args.source_size)
-            generated = {"train_images": n_images, "side_px": args.source_size, "format": "JPEG",
-                         "seconds_to_write": round(time.perf_counter() - t0, 2)}
+            generated = {
+                "train_images": n_images,
+                "side_px": args.source_size,
+                "format": "JPEG",
+                "seconds_to_write": round(time.perf_counter() - t0, 2),
+            }
         overrides = [
-            f"model.name={args.model}", f"model.small_input={str(args.small_input).lower()}",
-            f"model.width={args.width}", f"data.root={root}", f"data.image_size={args.image_size}",
-            f"data.workers={args.workers}", f"data.prefetch_factor={args.prefetch}",
-            f"training.batch_size={args.batch}", "training.warmup_epochs=0", "training.epochs=1000",
-            "training.base_lr=0.01", f"output_dir={tmp_path / 'run'}", *args.override,
+            f"model.name={args.model}",
+            f"model.small_input={str(args.small_input).lower()}",
+            f"model.width={args.width}",
+            f"data.root={root}",
+            f"data.image_size={args.image_size}",
+            f"data.workers={args.workers}",
+            f"data.prefetch_factor={args.prefetch}",
+            f"training.batch_size={args.batch}",
+            "training.warmup_epochs=0",
+            "training.epochs=1000",
+            "training.base_lr=0.01",
+            f"output_dir={tmp_path / 'run'}",
+            *args.override,
         ]
         trainer = make_trainer(overrides, args.verbose)
         try:
@@ -146,12 +175,15 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def benchmark(args, trainer, overrides, root, generated) -> dict:
-    print(f"imgtrain throughput: {args.model}, batch {args.batch}, {args.image_size} px, "
-          f"{args.workers} loader workers, {len(trainer.data.train_set)} train images in {root}; "
-          f"{args.rounds} rounds x {args.steps} timed steps (+{args.warmup} warm-up) per variant",
-          flush=True)
-    syn = synthetic_batches(min(args.warmup + args.steps, 8), args.batch, args.image_size,
-                            trainer.data.num_classes)
+    print(
+        f"imgtrain throughput: {args.model}, batch {args.batch}, {args.image_size} px, "
+        f"{args.workers} loader workers, {len(trainer.data.train_set)} train images in {root}; "
+        f"{args.rounds} rounds x {args.steps} timed steps (+{args.warmup} warm-up) per variant",
+        flush=True,
+    )
+    syn = synthetic_batches(
+        min(args.warmup + args.steps, 8), args.batch, args.image_size, trainer.data.num_classes
+    )
     run_synthetic(trainer, syn, 0, 2)  # one-time allocations, kernel selection
 
     variants = ["synthetic", "real"] + ([] if args.no_loader_only else ["loader_only"])
@@ -168,33 +200,51 @@ def benchmark(args, trainer, overrides, root, generated) -> dict:
                 epoch += 1
         row["ratio_real_over_synthetic"] = row["real"]["images_per_s"] / row["synthetic"]["images_per_s"]
         rounds.append(row)
-        print(f"  round {r + 1}/{args.rounds}: " + ", ".join(
-            f"{v} {row[v]['images_per_s']:.1f} img/s" for v in variants)
-              + f", real/synthetic {row['ratio_real_over_synthetic']:.3f}", flush=True)
+        print(
+            f"  round {r + 1}/{args.rounds}: "
+            + ", ".join(f"{v} {row[v]['images_per_s']:.1f} img/s" for v in variants)
+            + f", real/synthetic {row['ratio_real_over_synthetic']:.3f}",
+            flush=True,
+        )
 
     per = {v: stats([row[v]["images_per_s"] for row in rounds]) for v in variants}
     ratios = stats([row["ratio_real_over_synthetic"] for row in rounds])
     wait = stats([row["real"]["data_wait_fraction"] for row in rounds])
     base = per["synthetic"]["median"]
-    rows = [("synthetic (in-memory uint8)", per["synthetic"], "1.000 (baseline)"),
-            ("real (JPEG files, build_data)", per["real"], f"{per['real']['median'] / base:.3f}")]
+    rows = [
+        ("synthetic (in-memory uint8)", per["synthetic"], "1.000 (baseline)"),
+        ("real (JPEG files, build_data)", per["real"], f"{per['real']['median'] / base:.3f}"),
+    ]
     if "loader_only" in per:
-        rows.append(("loader alone (no model)", per["loader_only"],
-                     f"{per['loader_only']['median'] / base:.3f}"))
+        rows.append(
+            ("loader alone (no model)", per["loader_only"], f"{per['loader_only']['median'] / base:.3f}")
+        )
     print_table("training throughput (images/s, higher is better)", "img/s", rows)
-    print(f"\nreal / synthetic, median of per-round ratios: {ratios['median']:.3f} "
-          f"(min {ratios['min']:.3f}, max {ratios['max']:.3f}); real pipeline: training waited for data "
-          f"{100 * wait['median']:.1f}% of the step time (median)")
+    print(
+        f"\nreal / synthetic, median of per-round ratios: {ratios['median']:.3f} "
+        f"(min {ratios['min']:.3f}, max {ratios['max']:.3f}); real pipeline: training waited for data "
+        f"{100 * wait['median']:.1f}% of the step time (median)"
+    )
 
     return {
         "benchmark": "throughput",
         "command": command_line(),
         "machine": machine_info(),
-        "settings": {"model": args.model, "small_input": args.small_input, "batch": args.batch,
-                     "image_size": args.image_size, "steps": args.steps, "warmup": args.warmup,
-                     "rounds": args.rounds, "workers": args.workers, "prefetch_factor": args.prefetch,
-                     "data_root": None if generated else str(root), "generated_data": generated,
-                     "train_images": len(trainer.data.train_set), "imgtrain_overrides": overrides},
+        "settings": {
+            "model": args.model,
+            "small_input": args.small_input,
+            "batch": args.batch,
+            "image_size": args.image_size,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "rounds": args.rounds,
+            "workers": args.workers,
+            "prefetch_factor": args.prefetch,
+            "data_root": None if generated else str(root),
+            "generated_data": generated,
+            "train_images": len(trainer.data.train_set),
+            "imgtrain_overrides": overrides,
+        },
         "unit": "images/s",
         "synthetic": per["synthetic"],
         "real": per["real"],

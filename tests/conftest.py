@@ -20,14 +20,29 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Tiny, fast, deterministic settings for CLI runs in tests.
 TINY = [
-    "model.name=simple_cnn", "model.width=8", "data.image_size=16", "data.val_resize=16",
-    "data.workers=0", "training.epochs=2", "training.batch_size=8", "training.warmup_epochs=0",
-    "training.progress_bar=false", "training.log_interval=1", "training.deterministic=true",
+    "model.name=simple_cnn",
+    "model.width=8",
+    "data.image_size=16",
+    "data.val_resize=16",
+    "data.workers=0",
+    "training.epochs=2",
+    "training.batch_size=8",
+    "training.warmup_epochs=0",
+    "training.progress_bar=false",
+    "training.log_interval=1",
+    "training.deterministic=true",
 ]
 
 
-def make_image_folder(root: Path, classes: int = 3, train_per_class: int = 12, val_per_class: int = 4,
-                      size: int = 20, fmt: str = "JPEG", seed: int = 0) -> Path:
+def make_image_folder(
+    root: Path,
+    classes: int = 3,
+    train_per_class: int = 12,
+    val_per_class: int = 4,
+    size: int = 20,
+    fmt: str = "JPEG",
+    seed: int = 0,
+) -> Path:
     """A small ImageFolder tree whose classes are separable (each class has its own mean colour)."""
     rng = np.random.default_rng(seed)
     for split, n in (("train", train_per_class), ("val", val_per_class)):
@@ -76,30 +91,60 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], timeout: float = 300, check: bool = True, cwd: Path | None = None,
-            env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str],
+    timeout: float = 300,
+    check: bool = True,
+    cwd: Path | None = None,
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
     """`python -m imgtrain ARGS` as a subprocess; returns the completed process (text output)."""
-    proc = subprocess.run([sys.executable, "-m", "imgtrain", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, env=env or subprocess_env())
+    proc = subprocess.run(
+        [sys.executable, "-m", "imgtrain", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=env or subprocess_env(),
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"imgtrain {' '.join(args)} exited {proc.returncode}\n"
-                             f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"imgtrain {' '.join(args)} exited {proc.returncode}\n"
+            f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
 def torchrun_cmd(nproc: int, args: list[str], extra: list[str] | None = None) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", *(extra or []),
-            "-m", "imgtrain", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        *(extra or []),
+        "-m",
+        "imgtrain",
+        *args,
+    ]
 
 
-def run_torchrun(nproc: int, args: list[str], timeout: float = 300, check: bool = True,
-                 extra: list[str] | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(torchrun_cmd(nproc, args, extra), capture_output=True, text=True,
-                          timeout=timeout, env=subprocess_env())
+def run_torchrun(
+    nproc: int, args: list[str], timeout: float = 300, check: bool = True, extra: list[str] | None = None
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        torchrun_cmd(nproc, args, extra),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=subprocess_env(),
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"torchrun {' '.join(args)} exited {proc.returncode}\n"
-                             f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}")
+        raise AssertionError(
+            f"torchrun {' '.join(args)} exited {proc.returncode}\n"
+            f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}"
+        )
     return proc
 
 
@@ -113,8 +158,15 @@ def load_weights(run_dir: Path) -> dict:
     return torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)["model"]
 
 
-def wait_for(predicate: Callable, timeout: float, what: str, *, poll: float = 0.5,
-             ended: Callable[[], bool] | None = None, context: Callable[[], str] | None = None):
+def wait_for(
+    predicate: Callable,
+    timeout: float,
+    what: str,
+    *,
+    poll: float = 0.5,
+    ended: Callable[[], bool] | None = None,
+    context: Callable[[], str] | None = None,
+):
     """Poll ``predicate()`` until it returns something truthy and return that: tests wait on events (a
     log line, a file, a store key), and ``timeout`` is only a generous bound for a loaded machine.
     ``ended()``: the process being watched has exited, so the event can no longer come (checked once
@@ -156,7 +208,9 @@ class Run:
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.proc.args[:4]} did not exit within {timeout}s\n{self.output[-6000:]}") from None
+            raise AssertionError(
+                f"{self.proc.args[:4]} did not exit within {timeout}s\n{self.output[-6000:]}"
+            ) from None
 
     def workers(self) -> list:
         """The trainer processes (torchrun's workers, or the process itself)."""
@@ -235,8 +289,13 @@ def s3_server():
     endpoint = f"http://127.0.0.1:{port}"
     # moto keeps its buckets in process-wide state: an earlier test's server leaves them behind.
     urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30)
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="eu-west-1",
-                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="eu-west-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     s3.create_bucket(Bucket="ckpts", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
     yield endpoint, s3
     server.stop()
@@ -245,8 +304,12 @@ def s3_server():
 def s3_env(endpoint: str) -> dict:
     """subprocess_env() with the test S3 server's credentials and endpoint."""
     env = subprocess_env()
-    env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="eu-west-1",
-               AWS_ENDPOINT_URL=endpoint)
+    env.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="eu-west-1",
+        AWS_ENDPOINT_URL=endpoint,
+    )
     return env
 
 

@@ -58,8 +58,13 @@ if __name__ == "__main__":
     p.add_argument("extras", nargs="*")
     p.add_argument("--exclude", nargs="*", default=[], help="leave these packages out")
     p.add_argument("--only", nargs="*", default=[], help="print only these packages")
-    p.add_argument("--check-installed", nargs="*", default=[], metavar="NAME",
-                   help="check that these installed packages satisfy pyproject.toml, print nothing else")
+    p.add_argument(
+        "--check-installed",
+        nargs="*",
+        default=[],
+        metavar="NAME",
+        help="check that these installed packages satisfy pyproject.toml, print nothing else",
+    )
     a = p.parse_args()
     if a.check_installed:
         problems = outside_range(a.pyproject, a.check_installed)

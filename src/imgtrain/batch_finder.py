@@ -49,6 +49,7 @@ from .precision import amp_dtype
 
 log = logging.getLogger(__name__)
 
+
 def format_size(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
@@ -90,7 +91,9 @@ def _is_oom(e: BaseException) -> bool:
     # oneDNN reports a failed scratch-buffer allocation as "could not create a primitive" (seen under
     # RLIMIT_DATA when a convolution's workspace no longer fits); std::bad_alloc surfaces as is.
     return isinstance(e, RuntimeError) and any(
-        m in msg for m in ("can't allocate memory", "out of memory", "could not create a primitive", "bad_alloc"))
+        m in msg
+        for m in ("can't allocate memory", "out of memory", "could not create a primitive", "bad_alloc")
+    )
 
 
 def num_classes_of(cfg: Config) -> int:

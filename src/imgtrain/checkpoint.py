@@ -84,14 +84,18 @@ def step_dir_name(step: int) -> str:
 
 
 class CheckpointManager:
-    def __init__(self, cfg: CheckpointConfig, directory: str, is_writer: bool = True, run_id: str | None = None):
+    def __init__(
+        self, cfg: CheckpointConfig, directory: str, is_writer: bool = True, run_id: str | None = None
+    ):
         self.cfg = cfg
         self.directory = directory.rstrip("/")
         self.is_writer = is_writer
         self.run_id = run_id  # recorded in every manifest; None: checkpoints of any run are taken as ours
         self.storage_options = resolve_storage_options(cfg.storage_options, "checkpoint.storage_options")
         self.fs, self.root = fsspec.core.url_to_fs(self.directory, **self.storage_options)
-        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self.local = "file" in (
+            self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        )
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt")
         self._pending: concurrent.futures.Future | None = None
         self.last_save_time = time.monotonic()
@@ -227,8 +231,12 @@ class CheckpointManager:
             self._apply_retention()
         except Exception as e:  # noqa: BLE001 - a failed save must not kill a healthy run
             self.failures += 1
-            log.error("checkpoint save of step %d failed (%s: %s); the previous checkpoints are intact",
-                      step, type(e).__name__, e)
+            log.error(
+                "checkpoint save of step %d failed (%s: %s); the previous checkpoints are intact",
+                step,
+                type(e).__name__,
+                e,
+            )
         finally:
             self.last_write_seconds = time.perf_counter() - t0
 
@@ -291,8 +299,12 @@ class CheckpointManager:
         return self.run_id is None or owner is None or owner == self.run_id
 
     def _take_writer_lock(self) -> _FileLock | _Lease:
-        holder = {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
-                  "since_unix": round(time.time(), 3)}
+        holder = {
+            "run_id": self.run_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "since_unix": round(time.time(), 3),
+        }
         if self.local:
             lock: _FileLock | _Lease = _FileLock(os.path.join(self.root, LOCK_FILE), holder)
         else:
@@ -301,15 +313,21 @@ class CheckpointManager:
         deadline = time.monotonic() + timeout
         other = lock.try_acquire()
         if other is not None:
-            log.warning("checkpoint.dir %s is locked by another writer (%s); waiting up to %.0fs "
-                        "(checkpoint.lock_timeout) for it to finish", self.directory, _describe(other), timeout)
+            log.warning(
+                "checkpoint.dir %s is locked by another writer (%s); waiting up to %.0fs "
+                "(checkpoint.lock_timeout) for it to finish",
+                self.directory,
+                _describe(other),
+                timeout,
+            )
         while other is not None:
             if time.monotonic() >= deadline:
                 lock.release()
                 raise CheckpointError(
                     f"checkpoint.dir {self.directory} is locked by another writer ({_describe(other)}); waited "
                     f"{timeout:.0f}s (checkpoint.lock_timeout): stop that run, or give this run its own "
-                    f"checkpoint.dir")
+                    f"checkpoint.dir"
+                )
             time.sleep(min(lock.poll_s, max(deadline - time.monotonic(), 0.0)))
             other = lock.try_acquire()
         return lock
@@ -326,8 +344,11 @@ class CheckpointManager:
             if final and not os.path.exists(final) and os.path.exists(os.path.join(e.path, MANIFEST)):
                 os.rename(e.path, final)
                 _fsync_dir(self.root)
-                log.warning("restored %s from %s: a save of the same step was interrupted between its two "
-                            "renames", final, e.name)
+                log.warning(
+                    "restored %s from %s: a save of the same step was interrupted between its two renames",
+                    final,
+                    e.name,
+                )
 
     def _remove_stale_temporaries(self) -> None:
         if not self.local:
@@ -346,7 +367,8 @@ class CheckpointManager:
                     f"checkpoint.dir {self.directory} holds checkpoints of run '{manifest['run_id']}' "
                     f"({self.url(name)}), this is run '{self.run_id}': give this run its own checkpoint.dir "
                     f"(--resume PATH still starts from one of them), or set monitoring.run_id="
-                    f"{manifest['run_id']} if it is that run")
+                    f"{manifest['run_id']} if it is that run"
+                )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -383,8 +405,11 @@ class _FileLock:
                 except ValueError:
                     return {}
             # A file system without locks (some FUSE mounts): going on unlocked beats refusing to train.
-            log.warning("checkpoint lock %s: %s; a second writer on this directory would not be detected",
-                        self.path, e)
+            log.warning(
+                "checkpoint lock %s: %s; a second writer on this directory would not be detected",
+                self.path,
+                e,
+            )
             return None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, json.dumps(self.holder).encode(), 0)
@@ -450,8 +475,11 @@ class _Lease:
                 cur = self._read()
                 if not self._ours(cur):
                     self.lost = cur or {}
-                    log.error("checkpoint lease %s was taken over by %s: this writer saves no more",
-                              self.path, _describe(self.lost))
+                    log.error(
+                        "checkpoint lease %s was taken over by %s: this writer saves no more",
+                        self.path,
+                        _describe(self.lost),
+                    )
                     return
                 self._write()
             except Exception as e:  # noqa: BLE001 - a store hiccup: the next renewal may succeed
@@ -459,8 +487,9 @@ class _Lease:
 
     def check(self) -> None:
         if self.lost is not None:
-            raise CheckpointError(f"the writer lease on this checkpoint.dir was taken over by "
-                                  f"{_describe(self.lost)}")
+            raise CheckpointError(
+                f"the writer lease on this checkpoint.dir was taken over by {_describe(self.lost)}"
+            )
 
     def release(self) -> None:
         self._stop.set()
@@ -549,11 +578,14 @@ def _fetch_verified(path: str, storage_options: dict | None = None, keep: bool =
             if sink is not None:
                 sink.write(chunk)
     if size != expected_bytes:
-        raise CheckpointError(f"{STATE_FILE} is truncated or padded: {size} bytes, manifest says "
-                              f"{expected_bytes}")
+        raise CheckpointError(
+            f"{STATE_FILE} is truncated or padded: {size} bytes, manifest says {expected_bytes}"
+        )
     if digest.hexdigest() != expected_sha:
-        raise CheckpointError(f"{STATE_FILE} is corrupt: sha256 {digest.hexdigest()[:12]}... does not match the "
-                              f"manifest's {expected_sha[:12]}...")
+        raise CheckpointError(
+            f"{STATE_FILE} is corrupt: sha256 {digest.hexdigest()[:12]}... does not match the "
+            f"manifest's {expected_sha[:12]}..."
+        )
     if sink is None:
         return spath
     sink.seek(0)

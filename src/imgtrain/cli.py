@@ -28,11 +28,16 @@ COMMANDS = {
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML recipe or the name of a shipped one (default: folder with data.root=DIR, else quickstart); "
-                                    "precedence: defaults < recipe < overrides")
+    p.add_argument(
+        "--config",
+        help="YAML recipe or the name of a shipped one (default: folder with data.root=DIR, else quickstart); "
+        "precedence: defaults < recipe < overrides",
+    )
     p.add_argument("--output-dir", help="run directory (same as output_dir=DIR)")
-    p.epilog = ("Any further section.key=value arguments override config values, anywhere on the line, "
-                "e.g. training.epochs=3 training.base_lr=0.2 model.name=resnet18")
+    p.epilog = (
+        "Any further section.key=value arguments override config values, anywhere on the line, "
+        "e.g. training.epochs=3 training.base_lr=0.2 model.name=resnet18"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,29 +47,47 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(t)
     t.add_argument("--resume", help="checkpoint to resume from (same as checkpoint.resume=PATH)")
     e = sub.add_parser("eval", help="top-1/top-5 of a checkpoint or model.pt on the validation split")
-    e.add_argument("--checkpoint", required=True,
-                   help="a checkpoint directory, its checkpoints/ folder (newest good one), or model.pt")
+    e.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint directory, its checkpoints/ folder (newest good one), or model.pt",
+    )
     _add_common(e)
-    pr = sub.add_parser("prepare", help="ImageFolder tree -> WebDataset tar shards + index.json, for data.format=shards")
+    pr = sub.add_parser(
+        "prepare", help="ImageFolder tree -> WebDataset tar shards + index.json, for data.format=shards"
+    )
     pr.add_argument("src", help="ImageFolder root: with train/ and/or val/, else one split (see --split)")
     pr.add_argument("dst", help="output folder or fsspec URL (s3://bucket/prefix, gs://...)")
-    pr.add_argument("--max-side", type=int, default=320, help="longer image side after re-encoding (default 320)")
+    pr.add_argument(
+        "--max-side", type=int, default=320, help="longer image side after re-encoding (default 320)"
+    )
     pr.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
     pr.add_argument("--shard-size", default="500MB", help="target shard size (default 500MB)")
     pr.add_argument("--samples-per-shard", type=int, help="fix the source files per shard instead")
     pr.add_argument("--workers", type=int, help="worker processes (default: all CPUs)")
     pr.add_argument("--split", help="write SRC as this one split (e.g. val) into DST's index")
-    pr.add_argument("--storage-options", default="{}", help="fsspec options for DST as YAML/JSON, e.g. "
-                                                            "'{client_kwargs: {endpoint_url: http://...}}'")
+    pr.add_argument(
+        "--storage-options",
+        default="{}",
+        help="fsspec options for DST as YAML/JSON, e.g. '{client_kwargs: {endpoint_url: http://...}}'",
+    )
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
-    s = sub.add_parser("rendezvous-store",
-                       help="serve a standalone c10d rendezvous store (for torchrun agents with is_host=false)")
-    s.add_argument("--host", help="address to listen on: one the agents reach (default: $POD_IP, set in the "
-                                  "Kubernetes manifest; required elsewhere)")
+    s = sub.add_parser(
+        "rendezvous-store",
+        help="serve a standalone c10d rendezvous store (for torchrun agents with is_host=false)",
+    )
+    s.add_argument(
+        "--host",
+        help="address to listen on: one the agents reach (default: $POD_IP, set in the "
+        "Kubernetes manifest; required elsewhere)",
+    )
     s.add_argument("--port", type=int, default=29400)
-    s.add_argument("--allow-wildcard-bind", action="store_true",
-                   help="accept 0.0.0.0 or :: (every interface): only behind a firewall that admits the job's "
-                        "nodes alone (docs/security.md)")
+    s.add_argument(
+        "--allow-wildcard-bind",
+        action="store_true",
+        help="accept 0.0.0.0 or :: (every interface): only behind a firewall that admits the job's "
+        "nodes alone (docs/security.md)",
+    )
     r = sub.add_parser("report", help="write a self-contained HTML report (plots inlined) of a run directory")
     r.add_argument("run_dir", help="the run directory (output_dir) of a finished or running run")
     r.add_argument("-o", "--output", help="HTML file to write (default: RUN_DIR/report.html)")
@@ -72,8 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("run_dir")
     m.add_argument("--once", action="store_true", help="print one snapshot and exit")
     m.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
-    ps = sub.add_parser("profile-summary", help="top operators per rank and cross-rank differences from the "
-                                                "profiler's Chrome traces in RUN_DIR/profiler")
+    ps = sub.add_parser(
+        "profile-summary",
+        help="top operators per rank and cross-rank differences from the "
+        "profiler's Chrome traces in RUN_DIR/profiler",
+    )
     ps.add_argument("run_dir")
     ps.add_argument("--top", type=int, default=15, help="operators listed per rank (default 15)")
     c = sub.add_parser("checkpoints", help="list or prune a checkpoint directory (local or s3://, gs://)")
@@ -83,30 +109,50 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dry-run", action="store_true", help="prune: only say what would be removed")
     st = sub.add_parser("status", help="state, step, throughput and last checkpoint of a run (JSON)")
     st.add_argument("run_dir", nargs="?", help="the run's output directory")
-    st.add_argument("--metrics-url", help="a Prometheus endpoint of the run instead, e.g. http://node:9450/metrics")
+    st.add_argument(
+        "--metrics-url", help="a Prometheus endpoint of the run instead, e.g. http://node:9450/metrics"
+    )
     _add_find_batch_size(sub)
-    sub.add_parser("launch", add_help=False,
-                   help="torchrun with pre-imported workers: `imgtrain launch [torchrun options] -m imgtrain train "
-                        "...` (`imgtrain launch --help`; see docs/fault_tolerance.md)")
+    sub.add_parser(
+        "launch",
+        add_help=False,
+        help="torchrun with pre-imported workers: `imgtrain launch [torchrun options] -m imgtrain train "
+        "...` (`imgtrain launch --help`; see docs/fault_tolerance.md)",
+    )
     return parser
 
 
 def _add_find_batch_size(sub) -> None:
     f = sub.add_parser("find-batch-size", help="largest and fastest per-process batch that fits (real steps)")
     _add_common(f)
-    f.add_argument("--memory-limit", help="memory budget per process, e.g. 4GiB (required on CPU: each probe "
-                                          "runs capped to it; on GPU: caps the CUDA allocator)")
+    f.add_argument(
+        "--memory-limit",
+        help="memory budget per process, e.g. 4GiB (required on CPU: each probe "
+        "runs capped to it; on GPU: caps the CUDA allocator)",
+    )
     f.add_argument("--nnodes", type=int, default=1, help="nodes of the run to size (for the global batch/LR)")
     f.add_argument("--nproc-per-node", type=int, default=1, help="processes per node of that run")
     f.add_argument("--start", type=int, help="first batch probed (default: training.batch_size)")
     f.add_argument("--max-batch", type=int, default=4096, help="stop growing here")
-    f.add_argument("--tolerance", type=float, default=0.1,
-                   help="bisect until the gap to the first failing batch is at most this fraction")
+    f.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.1,
+        help="bisect until the gap to the first failing batch is at most this fraction",
+    )
     f.add_argument("--steps", type=int, default=3, help="training steps per probe (the first is not timed)")
-    f.add_argument("--headroom", type=float, default=0.1,
-                   help="fraction of the budget left free for the loader, evaluation and checkpoints")
-    f.add_argument("--pick", choices=("fastest", "largest"), default="fastest",
-                   help="which batch goes into the written recipe")
+    f.add_argument(
+        "--headroom",
+        type=float,
+        default=0.1,
+        help="fraction of the budget left free for the loader, evaluation and checkpoints",
+    )
+    f.add_argument(
+        "--pick",
+        choices=("fastest", "largest"),
+        default="fastest",
+        help="which batch goes into the written recipe",
+    )
     f.add_argument("--out", help="recipe to write (default: <output_dir>/batch_size.yaml)")
     f.add_argument("--json", action="store_true", help="also print the result as one JSON line")
 

@@ -36,6 +36,7 @@ from .rng import mt19937_from_plain, mt19937_to_plain
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class CommCounter:
     """Bytes this rank handed to gradient collectives since the last ``take()``, by collective kind.
@@ -121,7 +122,9 @@ class _CastCompression(Compression):
         super().__init__(*args)
         self.method = method
         self.dtype = amp_dtype(method)
-        self._inner = default_hooks.fp16_compress_hook if method == "fp16" else default_hooks.bf16_compress_hook
+        self._inner = (
+            default_hooks.fp16_compress_hook if method == "fp16" else default_hooks.bf16_compress_hook
+        )
 
     def register(self) -> None:
         self.ddp_model.register_comm_hook(self, _cast_hook)

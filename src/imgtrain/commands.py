@@ -63,8 +63,21 @@ def run_training(cfg: Config) -> int:
     if result.get("preempted"):
         return int(result["exit_code"])
     if trainer.info.is_main:
-        print(json.dumps({k: result[k] for k in ("val_top1", "val_top5", "epochs", "steps",
-                                                   "wall_seconds", "mean_train_images_per_s")}))
+        print(
+            json.dumps(
+                {
+                    k: result[k]
+                    for k in (
+                        "val_top1",
+                        "val_top5",
+                        "epochs",
+                        "steps",
+                        "wall_seconds",
+                        "mean_train_images_per_s",
+                    )
+                }
+            )
+        )
     return 0
 
 
@@ -84,12 +97,20 @@ def find_batch_size(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         world = batch_finder.world_size_of(args.nnodes, args.nproc_per_node)
         if not 0 <= args.headroom < 1 or args.tolerance <= 0 or args.steps < 1 or args.max_batch < 1:
             raise ValueError("need 0 <= --headroom < 1, --tolerance > 0, --steps >= 1, --max-batch >= 1")
-        result = batch_finder.find_batch_size(cfg, limit, start=args.start, max_batch=args.max_batch,
-                                             tolerance=args.tolerance, steps=args.steps,
-                                             headroom=args.headroom, on_probe=lambda p: print(
-                                                 f"  batch {p.batch:>5}: "
-                                                 + (f"fits, {p.images_per_s:.1f} images/s" if p.fits
-                                                    else f"does not fit ({p.error})"), flush=True))
+        result = batch_finder.find_batch_size(
+            cfg,
+            limit,
+            start=args.start,
+            max_batch=args.max_batch,
+            tolerance=args.tolerance,
+            steps=args.steps,
+            headroom=args.headroom,
+            on_probe=lambda p: print(
+                f"  batch {p.batch:>5}: "
+                + (f"fits, {p.images_per_s:.1f} images/s" if p.fits else f"does not fit ({p.error})"),
+                flush=True,
+            ),
+        )
     except ValueError as e:
         print(f"imgtrain: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -110,22 +131,38 @@ def prepare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .units import parse_size
 
     try:
-        settings = shards.PrepareSettings(max_side=args.max_side, quality=args.quality,
-                                   shard_size=parse_size(args.shard_size), samples_per_shard=args.samples_per_shard)
+        settings = shards.PrepareSettings(
+            max_side=args.max_side,
+            quality=args.quality,
+            shard_size=parse_size(args.shard_size),
+            samples_per_shard=args.samples_per_shard,
+        )
         options = yaml.safe_load(args.storage_options)
     except (ValueError, yaml.YAMLError) as e:
         parser.error(str(e))
     if not isinstance(options, dict):
         parser.error(f"--storage-options: expected a mapping, got {args.storage_options!r}")
-    for name, v, low in (("--max-side", args.max_side, 8), ("--quality", args.quality, 1),
-                         ("--samples-per-shard", args.samples_per_shard, 1), ("--workers", args.workers, 1)):
+    for name, v, low in (
+        ("--max-side", args.max_side, 8),
+        ("--quality", args.quality, 1),
+        ("--samples-per-shard", args.samples_per_shard, 1),
+        ("--workers", args.workers, 1),
+    ):
         if v is not None and v < low:
             parser.error(f"{name} must be >= {low}, got {v}")
     if args.quality > 100:
         parser.error(f"--quality must be <= 100, got {args.quality}")
-    index = shards.prepare(args.src, args.dst, settings, args.workers, args.split, options, not args.no_progress)
-    print(json.dumps({name: {"samples": sp["samples"], "shards": len(sp["shards"]), "skipped": len(sp["skipped"])}
-                      for name, sp in index["splits"].items()}))
+    index = shards.prepare(
+        args.src, args.dst, settings, args.workers, args.split, options, not args.no_progress
+    )
+    print(
+        json.dumps(
+            {
+                name: {"samples": sp["samples"], "shards": len(sp["shards"]), "skipped": len(sp["skipped"])}
+                for name, sp in index["splits"].items()
+            }
+        )
+    )
     return 0
 
 
@@ -168,8 +205,13 @@ def status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if bool(args.run_dir) == bool(args.metrics_url):
         print("imgtrain: error: status takes a run directory or --metrics-url", file=sys.stderr)
         return EXIT_CONFIG
-    print(json.dumps(run_ops.endpoint_status(args.metrics_url) if args.metrics_url
-                     else run_ops.run_status(args.run_dir)))
+    print(
+        json.dumps(
+            run_ops.endpoint_status(args.metrics_url)
+            if args.metrics_url
+            else run_ops.run_status(args.run_dir)
+        )
+    )
     return 0
 
 
@@ -191,7 +233,10 @@ def checkpoints(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         mgr.close()
         return 0
     if args.keep < 1:
-        print("imgtrain: error: --keep must be >= 1 (the newest good checkpoint is never removed)", file=sys.stderr)
+        print(
+            "imgtrain: error: --keep must be >= 1 (the newest good checkpoint is never removed)",
+            file=sys.stderr,
+        )
         return EXIT_CONFIG
     report = run_ops.prune_checkpoints(args.directory, args.keep, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"

@@ -119,31 +119,55 @@ class DataConfig:
     def validate(self, p: str) -> None:
         registry.DECODERS.check(self.decoder, f"{p}.decoder")
         _check(self.image_size >= 8, f"{p}.image_size", self.image_size, "an integer >= 8")
-        _check(self.val_resize is None or self.val_resize >= self.image_size, f"{p}.val_resize",
-               self.val_resize, f"null or an integer >= data.image_size ({self.image_size})")
-        _check(0 < self.val_crop_fraction <= 1, f"{p}.val_crop_fraction", self.val_crop_fraction,
-               "a number in (0, 1]")
+        _check(
+            self.val_resize is None or self.val_resize >= self.image_size,
+            f"{p}.val_resize",
+            self.val_resize,
+            f"null or an integer >= data.image_size ({self.image_size})",
+        )
+        _check(
+            0 < self.val_crop_fraction <= 1,
+            f"{p}.val_crop_fraction",
+            self.val_crop_fraction,
+            "a number in (0, 1]",
+        )
         _check(self.workers >= 0, f"{p}.workers", self.workers, "an integer >= 0")
         _check(self.prefetch_factor >= 1, f"{p}.prefetch_factor", self.prefetch_factor, "an integer >= 1")
         s = self.random_resized_crop_scale
-        _check(len(s) == 2 and 0 < s[0] <= s[1] <= 1, f"{p}.random_resized_crop_scale", s,
-               "[min, max] with 0 < min <= max <= 1")
+        _check(
+            len(s) == 2 and 0 < s[0] <= s[1] <= 1,
+            f"{p}.random_resized_crop_scale",
+            s,
+            "[min, max] with 0 < min <= max <= 1",
+        )
         for k in ("hflip", "random_erase", "max_bad_fraction"):
             v = getattr(self, k)
             _check(0.0 <= v <= 1.0, f"{p}.{k}", v, "a number in [0, 1]")
         for k in ("mixup_alpha", "cutmix_alpha"):
             v = getattr(self, k)
             _check(v >= 0.0, f"{p}.{k}", v, "a number >= 0")
-        _check(0 <= self.randaugment_magnitude <= 30, f"{p}.randaugment_magnitude",
-               self.randaugment_magnitude, "an integer in [0, 30]")
+        _check(
+            0 <= self.randaugment_magnitude <= 30,
+            f"{p}.randaugment_magnitude",
+            self.randaugment_magnitude,
+            "an integer in [0, 30]",
+        )
         for k in ("mean", "std"):
             v = getattr(self, k)
             _check(len(v) == 3, f"{p}.{k}", v, "a list of 3 numbers (RGB)")
         _check(all(x > 0 for x in self.std), f"{p}.std", self.std, "positive numbers")
-        _check(self.format == "shards" or self.root is None or "://" not in self.root, f"{p}.root",
-               self.root, "a local ImageFolder directory (a URL needs data.format=shards)")
-        _check(self.format == "folder" or self.root is not None, f"{p}.root", self.root,
-               "the output of `imgtrain prepare` when data.format=shards")
+        _check(
+            self.format == "shards" or self.root is None or "://" not in self.root,
+            f"{p}.root",
+            self.root,
+            "a local ImageFolder directory (a URL needs data.format=shards)",
+        )
+        _check(
+            self.format == "folder" or self.root is not None,
+            f"{p}.root",
+            self.root,
+            "the output of `imgtrain prepare` when data.format=shards",
+        )
         _check(self.max_image_pixels >= 1, f"{p}.max_image_pixels", self.max_image_pixels, "an integer >= 1")
         _check(self.cache_size_gb > 0, f"{p}.cache_size_gb", self.cache_size_gb, "a number of GB > 0")
 
@@ -183,20 +207,36 @@ class TrainingConfig:
         _check(self.epochs >= 1, f"{p}.epochs", self.epochs, "an integer >= 1")
         _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "an integer >= 1")
         _check(self.base_lr > 0, f"{p}.base_lr", self.base_lr, "a number > 0")
-        _check(self.lr_reference_batch >= 1, f"{p}.lr_reference_batch", self.lr_reference_batch,
-               "an integer >= 1")
+        _check(
+            self.lr_reference_batch >= 1,
+            f"{p}.lr_reference_batch",
+            self.lr_reference_batch,
+            "an integer >= 1",
+        )
         # Longer than the run is allowed: the trainer shortens it and says so (optim.create_schedule).
         _check(self.warmup_epochs >= 0, f"{p}.warmup_epochs", self.warmup_epochs, "a number >= 0")
-        _check(0 <= self.warmup_start_factor <= 1, f"{p}.warmup_start_factor", self.warmup_start_factor,
-               "a number in [0, 1]")
+        _check(
+            0 <= self.warmup_start_factor <= 1,
+            f"{p}.warmup_start_factor",
+            self.warmup_start_factor,
+            "a number in [0, 1]",
+        )
         _check(0 < self.lr_step_gamma <= 1, f"{p}.lr_step_gamma", self.lr_step_gamma, "a number in (0, 1]")
         _check(0 <= self.min_lr_factor <= 1, f"{p}.min_lr_factor", self.min_lr_factor, "a number in [0, 1]")
-        _check(self.lr_step_epochs == sorted(self.lr_step_epochs), f"{p}.lr_step_epochs",
-               self.lr_step_epochs, "epochs in increasing order")
+        _check(
+            self.lr_step_epochs == sorted(self.lr_step_epochs),
+            f"{p}.lr_step_epochs",
+            self.lr_step_epochs,
+            "epochs in increasing order",
+        )
         _check(self.log_interval >= 1, f"{p}.log_interval", self.log_interval, "an integer >= 1")
         _check(self.eval_interval >= 1, f"{p}.eval_interval", self.eval_interval, "an integer >= 1")
-        _check(self.max_steps is None or self.max_steps >= 1, f"{p}.max_steps", self.max_steps,
-               "null or an integer >= 1")
+        _check(
+            self.max_steps is None or self.max_steps >= 1,
+            f"{p}.max_steps",
+            self.max_steps,
+            "null or an integer >= 1",
+        )
 
 
 @dataclass
@@ -226,19 +266,36 @@ class OptimizationConfig:
     def validate(self, p: str) -> None:
         registry.OPTIMIZERS.check(self.optimizer, f"{p}.optimizer")
         _check(0 <= self.momentum < 1, f"{p}.momentum", self.momentum, "a number in [0, 1)")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{p}.betas", self.betas,
-               "two numbers in [0, 1)")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"{p}.betas",
+            self.betas,
+            "two numbers in [0, 1)",
+        )
         _check(self.weight_decay >= 0, f"{p}.weight_decay", self.weight_decay, "a number >= 0")
-        _check(self.gradient_clip is None or self.gradient_clip > 0, f"{p}.gradient_clip",
-               self.gradient_clip, "null or a number > 0")
-        _check(self.accumulation_steps >= 1, f"{p}.accumulation_steps", self.accumulation_steps,
-               "an integer >= 1")
-        _check(0 <= self.label_smoothing < 1, f"{p}.label_smoothing", self.label_smoothing,
-               "a number in [0, 1)")
+        _check(
+            self.gradient_clip is None or self.gradient_clip > 0,
+            f"{p}.gradient_clip",
+            self.gradient_clip,
+            "null or a number > 0",
+        )
+        _check(
+            self.accumulation_steps >= 1,
+            f"{p}.accumulation_steps",
+            self.accumulation_steps,
+            "an integer >= 1",
+        )
+        _check(
+            0 <= self.label_smoothing < 1, f"{p}.label_smoothing", self.label_smoothing, "a number in [0, 1)"
+        )
         _check(0 < self.ema_decay < 1, f"{p}.ema_decay", self.ema_decay, "a number in (0, 1)")
         _check(self.ema_interval >= 1, f"{p}.ema_interval", self.ema_interval, "an integer >= 1")
-        _check(not (self.nesterov and self.momentum == 0), f"{p}.nesterov", self.nesterov,
-               "false when optimization.momentum is 0")
+        _check(
+            not (self.nesterov and self.momentum == 0),
+            f"{p}.nesterov",
+            self.nesterov,
+            "false when optimization.momentum is 0",
+        )
 
 
 @dataclass
@@ -260,10 +317,18 @@ class PowerSGDConfig:
     def validate(self, p: str) -> None:
         _check(self.rank >= 1, f"{p}.rank", self.rank, "an integer >= 1")
         _check(self.start_iter >= 0, f"{p}.start_iter", self.start_iter, "an integer >= 0")
-        _check(self.start_iter >= 2 or not (self.error_feedback or self.warm_start), f"{p}.start_iter",
-               self.start_iter, "an integer >= 2 when error_feedback or warm_start is on")
-        _check(self.min_compression_rate >= 1, f"{p}.min_compression_rate", self.min_compression_rate,
-               "a number >= 1")
+        _check(
+            self.start_iter >= 2 or not (self.error_feedback or self.warm_start),
+            f"{p}.start_iter",
+            self.start_iter,
+            "an integer >= 2 when error_feedback or warm_start is on",
+        )
+        _check(
+            self.min_compression_rate >= 1,
+            f"{p}.min_compression_rate",
+            self.min_compression_rate,
+            "a number >= 1",
+        )
 
 
 @dataclass
@@ -278,8 +343,12 @@ class OneBitConfig:
     def validate(self, p: str) -> None:
         _check(self.warmup_steps >= 0, f"{p}.warmup_steps", self.warmup_steps, "an integer >= 0")
         # 32: the packed signs of a chunk are then whole 4-byte words, so the scales after them stay aligned.
-        _check(self.chunk_size >= 32 and self.chunk_size % 32 == 0, f"{p}.chunk_size", self.chunk_size,
-               "a multiple of 32, >= 32")
+        _check(
+            self.chunk_size >= 32 and self.chunk_size % 32 == 0,
+            f"{p}.chunk_size",
+            self.chunk_size,
+            "a multiple of 32, >= 32",
+        )
 
 
 @dataclass
@@ -312,8 +381,12 @@ class DistributedConfig:
         self.onebit.validate(f"{p}.onebit")
         _check(self.bucket_cap_mb > 0, f"{p}.bucket_cap_mb", self.bucket_cap_mb, "a number > 0")
         _check(self.timeout > 0, f"{p}.timeout", self.timeout, "a number of seconds > 0")
-        _check(self.init_timeout >= self.timeout, f"{p}.init_timeout", self.init_timeout,
-               f"seconds >= distributed.timeout ({self.timeout})")
+        _check(
+            self.init_timeout >= self.timeout,
+            f"{p}.init_timeout",
+            self.init_timeout,
+            f"seconds >= distributed.timeout ({self.timeout})",
+        )
 
 
 @dataclass
@@ -339,10 +412,18 @@ class CheckpointConfig:
 
     def validate(self, p: str) -> None:
         _check(self.lock_timeout >= 0, f"{p}.lock_timeout", self.lock_timeout, "seconds >= 0")
-        _check(self.save_interval is None or self.save_interval > 0, f"{p}.save_interval",
-               self.save_interval, "null or seconds > 0")
-        _check(self.save_every_steps is None or self.save_every_steps >= 1, f"{p}.save_every_steps",
-               self.save_every_steps, "null or an integer >= 1")
+        _check(
+            self.save_interval is None or self.save_interval > 0,
+            f"{p}.save_interval",
+            self.save_interval,
+            "null or seconds > 0",
+        )
+        _check(
+            self.save_every_steps is None or self.save_every_steps >= 1,
+            f"{p}.save_every_steps",
+            self.save_every_steps,
+            "null or an integer >= 1",
+        )
         _check(self.keep_last_n >= 1, f"{p}.keep_last_n", self.keep_last_n, "an integer >= 1")
         _check(bool(self.resume), f"{p}.resume", self.resume, "'auto', 'never' or a checkpoint path")
 
@@ -358,10 +439,18 @@ class FaultToleranceConfig:
 
     def validate(self, p: str) -> None:
         _check(self.grace_period > 0, f"{p}.grace_period", self.grace_period, "seconds > 0")
-        _check(self.hang_timeout is None or self.hang_timeout > 0, f"{p}.hang_timeout", self.hang_timeout,
-               "null or seconds > 0")
-        _check(self.first_step_timeout is None or self.first_step_timeout > 0, f"{p}.first_step_timeout",
-               self.first_step_timeout, "null or seconds > 0")
+        _check(
+            self.hang_timeout is None or self.hang_timeout > 0,
+            f"{p}.hang_timeout",
+            self.hang_timeout,
+            "null or seconds > 0",
+        )
+        _check(
+            self.first_step_timeout is None or self.first_step_timeout > 0,
+            f"{p}.first_step_timeout",
+            self.first_step_timeout,
+            "null or seconds > 0",
+        )
 
 
 NOTIFY_EVENTS = ("started", "finished", "failed", "resumed", "diverged")
@@ -377,11 +466,14 @@ class NotifyConfig:
     urls_file: str | None = None
     """An apprise configuration file (one URL per line) kept outside the repository, e.g. a mounted secret."""
     events: list[Literal["started", "finished", "failed", "resumed", "diverged"]] = field(
-        default_factory=lambda: list(NOTIFY_EVENTS))
+        default_factory=lambda: list(NOTIFY_EVENTS)
+    )
     """Which run events are sent (by rank 0)."""
 
     def validate(self, p: str) -> None:
-        _check(len(set(self.events)) == len(self.events), f"{p}.events", self.events, "events without repeats")
+        _check(
+            len(set(self.events)) == len(self.events), f"{p}.events", self.events, "events without repeats"
+        )
 
 
 @dataclass
@@ -407,15 +499,29 @@ class PrometheusConfig:
 
     def validate(self, p: str) -> None:
         _check(0 <= self.port <= 65535, f"{p}.port", self.port, "a port number in [0, 65535]")
-        _check(bool(self.bind_address), f"{p}.bind_address", self.bind_address, "an address such as 127.0.0.1")
+        _check(
+            bool(self.bind_address), f"{p}.bind_address", self.bind_address, "an address such as 127.0.0.1"
+        )
         _check(self.linger_s >= 0, f"{p}.linger_s", self.linger_s, "seconds >= 0")
         _check(self.stall_after_s > 0, f"{p}.stall_after_s", self.stall_after_s, "seconds > 0")
-        _check(self.straggler_interval >= 1, f"{p}.straggler_interval", self.straggler_interval,
-               "an integer >= 1")
-        _check(self.straggler_threshold > 0, f"{p}.straggler_threshold", self.straggler_threshold,
-               "a fraction > 0 (0.2: 20% slower than the median)")
-        _check(self.straggler_patience >= 1, f"{p}.straggler_patience", self.straggler_patience,
-               "an integer >= 1")
+        _check(
+            self.straggler_interval >= 1,
+            f"{p}.straggler_interval",
+            self.straggler_interval,
+            "an integer >= 1",
+        )
+        _check(
+            self.straggler_threshold > 0,
+            f"{p}.straggler_threshold",
+            self.straggler_threshold,
+            "a fraction > 0 (0.2: 20% slower than the median)",
+        )
+        _check(
+            self.straggler_patience >= 1,
+            f"{p}.straggler_patience",
+            self.straggler_patience,
+            "an integer >= 1",
+        )
 
 
 @dataclass
@@ -430,8 +536,12 @@ class MonitoringConfig:
     prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
 
     def validate(self, p: str) -> None:
-        _check(self.run_id is None or bool(self.run_id.strip()), f"{p}.run_id", self.run_id,
-               "null or a non-empty name")
+        _check(
+            self.run_id is None or bool(self.run_id.strip()),
+            f"{p}.run_id",
+            self.run_id,
+            "null or a non-empty name",
+        )
         self.notify.validate(f"{p}.notify")
         self.prometheus.validate(f"{p}.prometheus")
 
@@ -457,8 +567,12 @@ class ProfilerConfig:
             v = getattr(self, k)
             _check(v >= 0, f"{p}.{k}", v, "an integer >= 0")
         _check(self.active >= 1, f"{p}.active", self.active, "an integer >= 1")
-        _check(self.ranks is None or all(r >= 0 for r in self.ranks), f"{p}.ranks", self.ranks,
-               "null or a list of ranks >= 0")
+        _check(
+            self.ranks is None or all(r >= 0 for r in self.ranks),
+            f"{p}.ranks",
+            self.ranks,
+            "null or a list of ranks >= 0",
+        )
 
 
 @dataclass
@@ -483,9 +597,12 @@ class Config:
         _check(bool(self.output_dir), "output_dir", self.output_dir, "a directory path")
         # torch's DDP with static_graph crashes under no_sync (reducer assert) and, patched past that,
         # stops all-reducing after the first step (pytorch#143580, pytorch PR #187732).
-        _check(not (self.distributed.static_graph and self.optimization.accumulation_steps > 1),
-               "distributed.static_graph", self.distributed.static_graph,
-               "false with optimization.accumulation_steps > 1 (DDP's static graph does not support no_sync)")
+        _check(
+            not (self.distributed.static_graph and self.optimization.accumulation_steps > 1),
+            "distributed.static_graph",
+            self.distributed.static_graph,
+            "false with optimization.accumulation_steps > 1 (DDP's static graph does not support no_sync)",
+        )
 
     def to_dict(self, redact: bool = True) -> dict[str, Any]:
         """Plain data. Redacted by default (see :func:`redact_secrets`): this is what gets written down
@@ -623,11 +740,15 @@ def default_recipe(overrides: list[str] | tuple[str, ...]) -> tuple[str, str]:
         if "=" in ov:
             keys, value = parse_override(ov)
             if keys == ["data", "root"] and value is not None:
-                return FOLDER_RECIPE, (f"data.root is given and no --config: using the '{FOLDER_RECIPE}' recipe "
-                                       "(ResNet-18 at 160 px, flips, ImageNet mean/std; "
-                                       f"{RECIPES_DIR / FOLDER_RECIPE}.yaml); --config NAME picks another")
-    return DEFAULT_RECIPE, (f"no --config: using the '{DEFAULT_RECIPE}' recipe (the embedded digits dataset, "
-                            "8 px images); give data.root=DIR to train on a folder of your own")
+                return FOLDER_RECIPE, (
+                    f"data.root is given and no --config: using the '{FOLDER_RECIPE}' recipe "
+                    "(ResNet-18 at 160 px, flips, ImageNet mean/std; "
+                    f"{RECIPES_DIR / FOLDER_RECIPE}.yaml); --config NAME picks another"
+                )
+    return DEFAULT_RECIPE, (
+        f"no --config: using the '{DEFAULT_RECIPE}' recipe (the embedded digits dataset, "
+        "8 px images); give data.root=DIR to train on a folder of your own"
+    )
 
 
 def resolve_recipe(path: str | Path) -> Path:
@@ -638,8 +759,11 @@ def resolve_recipe(path: str | Path) -> Path:
     return p
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                base: dict[str, Any] | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: dict[str, Any] | None = None,
+) -> Config:
     """Defaults < ``base`` (e.g. a checkpoint's config) or YAML file < overrides, validated.
     Raises ConfigError on any bad key or value."""
     data: dict[str, Any] = dict(base or {})
@@ -691,7 +815,9 @@ def resolve_storage_options(options: dict[str, Any], key: str) -> dict[str, Any]
         if isinstance(value, list):
             return [expand(v, f"{at}[{i}]") for i, v in enumerate(value)]
         if isinstance(value, str):
-            missing = [m.group(0)[2:-1] for m in _ENV_REF.finditer(value) if m.group(0)[2:-1] not in os.environ]
+            missing = [
+                m.group(0)[2:-1] for m in _ENV_REF.finditer(value) if m.group(0)[2:-1] not in os.environ
+            ]
             if missing:
                 raise ConfigError(at, value, f"environment variable(s) {', '.join(missing)} to be set")
             return _ENV_REF.sub(lambda m: os.environ[m.group(0)[2:-1]], value)
@@ -719,8 +845,12 @@ def _literal(text: str) -> bool:
 
 def _token_like(segment: str) -> bool:
     """A literal path segment that looks like an API token: long, mixing digits into a token alphabet."""
-    return (_literal(segment) and len(segment) >= 12 and re.search(r"\d", segment) is not None
-            and re.fullmatch(r"[\w:.~-]+", segment) is not None)
+    return (
+        _literal(segment)
+        and len(segment) >= 12
+        and re.search(r"\d", segment) is not None
+        and re.fullmatch(r"[\w:.~-]+", segment) is not None
+    )
 
 
 def redact_url(url: str, whole: bool = False) -> str:

@@ -71,8 +71,11 @@ def init_distributed(cfg: DistributedConfig) -> DistInfo:
         timeout = datetime.timedelta(seconds=cfg.init_timeout)
         store_kw = {}
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            store_kw = {"store": _fresh_agent_store_namespace(rank, world_size, timeout),
-                        "rank": rank, "world_size": world_size}
+            store_kw = {
+                "store": _fresh_agent_store_namespace(rank, world_size, timeout),
+                "rank": rank,
+                "world_size": world_size,
+            }
         dist.init_process_group(
             backend=backend,
             timeout=timeout,
@@ -101,8 +104,13 @@ def _fresh_agent_store_namespace(rank: int, world_size: int, timeout: datetime.t
     hands it to each rank through keys that cannot be stale: rank r bumps its own counter and waits
     for the token under that count, which only the live rank 0 can have written.
     """
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                          is_master=False, timeout=timeout)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=False,
+        timeout=timeout,
+    )
     if rank == 0:
         token = uuid.uuid4().hex
         acked: dict[int, int] = {}
@@ -118,8 +126,10 @@ def _fresh_agent_store_namespace(rank: int, world_size: int, timeout: datetime.t
                     store.set(f"imgtrain/ack/{r}/{count}", token)
                     acked[r] = count
             if pending and time.monotonic() > deadline:
-                raise RuntimeError(f"ranks {sorted(pending)} did not join the process group within "
-                                   f"{timeout.total_seconds():.0f}s (distributed.init_timeout)")
+                raise RuntimeError(
+                    f"ranks {sorted(pending)} did not join the process group within "
+                    f"{timeout.total_seconds():.0f}s (distributed.init_timeout)"
+                )
             if pending:
                 time.sleep(0.01)
     else:
@@ -150,8 +160,11 @@ def wrap_ddp(model: nn.Module, info: DistInfo, cfg: DistributedConfig) -> nn.Mod
     if cfg.sync_batchnorm and info.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif cfg.sync_batchnorm:
-        log.warning("distributed.sync_batchnorm: torch's SyncBatchNorm needs CUDA; on %s each process "
-                    "keeps its own BatchNorm statistics", info.device)
+        log.warning(
+            "distributed.sync_batchnorm: torch's SyncBatchNorm needs CUDA; on %s each process "
+            "keeps its own BatchNorm statistics",
+            info.device,
+        )
     return nn.parallel.DistributedDataParallel(
         model,
         device_ids=[info.local_rank] if info.device.type == "cuda" else None,

@@ -24,21 +24,29 @@ EXIT_SIGTERM = 143
 # code -> meaning, as the README's table states it (tests/unit/test_errors.py holds the two equal).
 EXIT_CODES: dict[int, str] = {
     EXIT_OK: "finished",
-    EXIT_FAILURE: ("any other error, with its traceback (a bug); `find-batch-size` when not even batch 1 fits; "
-                   "`profile-summary` without traces; `monitor` (without `--once`) when the run failed or diverged; "
-                   "`imgtrain launch` / `torchrun` when a worker failed (each worker's own code is in its log)"),
+    EXIT_FAILURE: (
+        "any other error, with its traceback (a bug); `find-batch-size` when not even batch 1 fits; "
+        "`profile-summary` without traces; `monitor` (without `--once`) when the run failed or diverged; "
+        "`imgtrain launch` / `torchrun` when a worker failed (each worker's own code is in its log)"
+    ),
     EXIT_CONFIG: "bad command line or config (the message names the key)",
-    EXIT_DATA: ("data error (missing root, no classes, a class without training or validation images, "
-                "class mismatch, too many unreadable files)"),
-    EXIT_CHECKPOINT: ("checkpoint error (corrupt, missing, or not matching the configured model or data: model, classes, "
-                      "training split size; `checkpoint.dir` locked by another writer or holding another run's "
-                      "checkpoints)"),
+    EXIT_DATA: (
+        "data error (missing root, no classes, a class without training or validation images, "
+        "class mismatch, too many unreadable files)"
+    ),
+    EXIT_CHECKPOINT: (
+        "checkpoint error (corrupt, missing, or not matching the configured model or data: model, classes, "
+        "training split size; `checkpoint.dir` locked by another writer or holding another run's "
+        "checkpoints)"
+    ),
     EXIT_DIVERGED: "training diverged (loss NaN or infinite)",
     EXIT_HANG: "hang watchdog fired (all stacks dumped; no checkpoint saved)",
     EXIT_SIGINT: "stopped by SIGINT (Ctrl-C), as for 143",
-    EXIT_SIGTERM: ("stopped by SIGTERM (each training process, and `imgtrain launch` itself): after saving a "
-                   "checkpoint, or without one when the step and the save "
-                   "outlast `fault_tolerance.grace_period` (non-zero so schedulers requeue)"),
+    EXIT_SIGTERM: (
+        "stopped by SIGTERM (each training process, and `imgtrain launch` itself): after saving a "
+        "checkpoint, or without one when the step and the save "
+        "outlast `fault_tolerance.grace_period` (non-zero so schedulers requeue)"
+    ),
 }
 
 
@@ -62,7 +70,11 @@ class ConfigError(ImgtrainError, ValueError):
 def expected_one_of(value: Any, choices: tuple[Any, ...]) -> str:
     """A ConfigError's ``expected`` for a value outside ``choices``: all of them, and the close matches."""
     close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=3)
-    return "one of " + ", ".join(repr(c) for c in choices) + (f" (did you mean {', '.join(close)}?)" if close else "")
+    return (
+        "one of "
+        + ", ".join(repr(c) for c in choices)
+        + (f" (did you mean {', '.join(close)}?)" if close else "")
+    )
 
 
 class DataError(ImgtrainError, RuntimeError):

@@ -29,18 +29,27 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, loader, normalize: nn.Module, info: D.DistInfo,
-                   amp_dtype: torch.dtype | None = None, on_batch: Callable[[], None] | None = None) -> EvalResult:
+def evaluate_model(
+    model: nn.Module,
+    loader,
+    normalize: nn.Module,
+    info: D.DistInfo,
+    amp_dtype: torch.dtype | None = None,
+    on_batch: Callable[[], None] | None = None,
+) -> EvalResult:
     """Each validation image is counted exactly once across ranks (the loader's sampler shards without
     padding) and the per-rank sums are added with one all-reduce."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64)  # top1 hits, top5 hits, loss sum, count, bad files
-    amp = (torch.autocast(info.device.type, dtype=amp_dtype) if amp_dtype is not None
-           else contextlib.nullcontext())
+    amp = (
+        torch.autocast(info.device.type, dtype=amp_dtype)
+        if amp_dtype is not None
+        else contextlib.nullcontext()
+    )
     first_bad: list[str] = []
     for images, labels, weights, bad_paths in loader:
-        first_bad += bad_paths[:5 - len(first_bad)]
+        first_bad += bad_paths[: 5 - len(first_bad)]
         images = images.to(info.device, non_blocking=True)
         labels = labels.to(info.device, non_blocking=True)
         weights = weights.to(info.device, non_blocking=True).double()
@@ -48,18 +57,28 @@ def evaluate_model(model: nn.Module, loader, normalize: nn.Module, info: D.DistI
             logits = model(normalize(images)).float()
         hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
         loss = nn.functional.cross_entropy(logits, labels, reduction="none").double()
-        sums += torch.stack([(hit[:, 0].double() * weights).sum(), (hit.any(1).double() * weights).sum(),
-                             (loss * weights).sum(), weights.sum(),
-                             torch.tensor(float(len(bad_paths)), device=weights.device, dtype=torch.float64)
-                             ]).cpu()
+        sums += torch.stack(
+            [
+                (hit[:, 0].double() * weights).sum(),
+                (hit.any(1).double() * weights).sum(),
+                (loss * weights).sum(),
+                weights.sum(),
+                torch.tensor(float(len(bad_paths)), device=weights.device, dtype=torch.float64),
+            ]
+        ).cpu()
         if on_batch is not None:
             on_batch()
     sums = D.all_reduce_sum(sums.to(D.comm_device(info)), info).cpu()
     model.train(was_training)
     cnt = max(sums[3].item(), 1.0)
-    return EvalResult(top1=100 * sums[0].item() / cnt, top5=100 * sums[1].item() / cnt,
-                      loss=sums[2].item() / cnt, count=int(sums[3].item()), bad=int(sums[4].item()),
-                      first_bad=first_bad)
+    return EvalResult(
+        top1=100 * sums[0].item() / cnt,
+        top5=100 * sums[1].item() / cnt,
+        loss=sums[2].item() / cnt,
+        count=int(sums[3].item()),
+        bad=int(sums[4].item()),
+        first_bad=first_bad,
+    )
 
 
 def load_any(path: str, storage_options: dict | None = None) -> dict:
@@ -111,38 +130,61 @@ def run_eval(checkpoint: str, config_path: str | None, overrides: list[str]) -> 
 
     # Validate what the user typed before touching the process group or data.
     user = load_config(config_path, overrides)
-    sd = load_any(checkpoint, resolve_storage_options(user.checkpoint.storage_options, "checkpoint.storage_options"))
+    sd = load_any(
+        checkpoint, resolve_storage_options(user.checkpoint.storage_options, "checkpoint.storage_options")
+    )
     if config_path is None:
         saved = sd.get("config") or {}
         cfg = load_config(None, overrides, base=eval_base(saved))
         if cfg.data.root is None and (saved.get("data") or {}).get("root") is not None:
-            raise ConfigError("data.root", None, "the evaluation data: data.root=PATH or --config (the "
-                              "checkpoint's own data location and credentials are not used)")
+            raise ConfigError(
+                "data.root",
+                None,
+                "the evaluation data: data.root=PATH or --config (the "
+                "checkpoint's own data location and credentials are not used)",
+            )
     else:
         cfg = user
     cfg.data.decode = "cpu"  # GPU decode is a training-time option: evaluation decodes on the CPU anyway
     info = D.init_distributed(cfg.distributed)
     configure_logging(info.rank, info.is_main)
     try:
-        data = build_data(cfg.data, cfg.training.batch_size, info.rank, info.world_size, cfg.training.seed,
-                          info.device)
+        data = build_data(
+            cfg.data, cfg.training.batch_size, info.rank, info.world_size, cfg.training.seed, info.device
+        )
         meta = sd.get("meta", {})
         if meta.get("num_classes") not in (None, data.num_classes):
-            raise CheckpointError(f"{checkpoint} was trained on {meta['num_classes']} classes, the data at "
-                                  f"{data.val_set.split_dir} has {data.num_classes}")
+            raise CheckpointError(
+                f"{checkpoint} was trained on {meta['num_classes']} classes, the data at "
+                f"{data.val_set.split_dir} has {data.num_classes}"
+            )
         if meta.get("classes") is not None and list(meta["classes"]) != list(data.classes):
-            raise CheckpointError(f"{checkpoint} was trained on classes {_brief(meta['classes'])}, the data at "
-                                  f"{data.val_set.split_dir} has {_brief(data.classes)}")
+            raise CheckpointError(
+                f"{checkpoint} was trained on classes {_brief(meta['classes'])}, the data at "
+                f"{data.val_set.split_dir} has {_brief(data.classes)}"
+            )
         model = create_model(cfg.model, data.num_classes, cfg.data.image_size).to(info.device)
         try:
             model.load_state_dict(sd["model"])
         except RuntimeError as e:
             raise CheckpointError(f"{checkpoint} does not fit model.name='{cfg.model.name}': {e}") from None
         normalize = DeviceNormalize(cfg.data.mean, cfg.data.std, info.device)
-        res = evaluate_model(model, data.val_loader, normalize, info, amp_dtype(cfg.optimization.mixed_precision))
+        res = evaluate_model(
+            model, data.val_loader, normalize, info, amp_dtype(cfg.optimization.mixed_precision)
+        )
         if info.is_main:
-            print(json.dumps({"checkpoint": checkpoint, "val_top1": res.top1, "val_top5": res.top5,
-                              "val_loss": res.loss, "val_images": res.count, "bad_images": res.bad}))
+            print(
+                json.dumps(
+                    {
+                        "checkpoint": checkpoint,
+                        "val_top1": res.top1,
+                        "val_top5": res.top5,
+                        "val_loss": res.loss,
+                        "val_images": res.count,
+                        "bad_images": res.bad,
+                    }
+                )
+            )
     finally:
         D.destroy_distributed(info)
     return 0

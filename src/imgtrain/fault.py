@@ -95,8 +95,11 @@ class PreemptionHandler:
                 # orphan is handed to as they exit, all within microseconds.
                 return
             # Second signal: the user (or the orchestrator) insists.
-            os.write(2, f"imgtrain: {signal.Signals(signum).name} again while stopping; exiting at once, "
-                        "without a final checkpoint\n".encode())
+            os.write(
+                2,
+                f"imgtrain: {signal.Signals(signum).name} again while stopping; exiting at once, "
+                "without a final checkpoint\n".encode(),
+            )
             os._exit(128 + signum)
         self.requested_at = now
         self.signal_name = signal.Signals(signum).name
@@ -110,8 +113,11 @@ class PreemptionHandler:
         os.write(2, f"imgtrain: received {self.signal_name}; stopping after this step\n".encode())
 
     def _grace_expired(self) -> None:
-        os.write(2, f"imgtrain: grace period of {self.grace_period}s after {self.signal_name} expired; "
-                    "exiting without a final checkpoint\n".encode())
+        os.write(
+            2,
+            f"imgtrain: grace period of {self.grace_period}s after {self.signal_name} expired; "
+            "exiting without a final checkpoint\n".encode(),
+        )
         os._exit(self.exit_code)
 
     @property
@@ -129,8 +135,9 @@ class Watchdog:
 
     SUSPEND_GAP = 2.0  # seconds this thread may wake up late before the process counts as suspended
 
-    def __init__(self, timeout: float | None, first_timeout: float | None = None, rank: int = 0,
-                 poll: float = 1.0):
+    def __init__(
+        self, timeout: float | None, first_timeout: float | None = None, rank: int = 0, poll: float = 1.0
+    ):
         self.timeout = timeout
         self.first_timeout = first_timeout if first_timeout is not None else timeout
         self.rank = rank
@@ -181,7 +188,8 @@ class Watchdog:
             if idle > self._limit():
                 sys.stderr.write(
                     f"\nimgtrain watchdog: rank {self.rank} completed no step for {idle:.0f}s "
-                    f"(limit {self._limit():.0f}s, fault_tolerance.hang_timeout); stacks of all threads:\n")
+                    f"(limit {self._limit():.0f}s, fault_tolerance.hang_timeout); stacks of all threads:\n"
+                )
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 sys.stderr.flush()
                 os._exit(WATCHDOG_EXIT_CODE)

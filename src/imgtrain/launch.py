@@ -53,7 +53,9 @@ WORKER_COMMANDS = ("train", "eval", "find-batch-size")
 MAX_WORLD_SIZE_ENV = "IMGTRAIN_MAX_WORLD_SIZE"
 
 log = logging.getLogger(__name__)
-_server_omp: tuple[str | None, str | None] | None = None  # (OMP_NUM_THREADS, MAX_WORLD_SIZE_ENV) of the running fork server
+_server_omp: tuple[str | None, str | None] | None = (
+    None  # (OMP_NUM_THREADS, MAX_WORLD_SIZE_ENV) of the running fork server
+)
 
 
 def build_parser():
@@ -105,8 +107,9 @@ def expected_start_method(argv: list[str], environ=os.environ, gpus_visible: boo
     if gpus_visible is None:
         gpus_visible = _nvidia_device_present()
     nproc = _option(argv, "--nproc-per-node", environ.get("PET_NPROC_PER_NODE", "1"))
-    return _option(argv, "--start-method",
-                   environ.get("PET_START_METHOD", default_start_method(nproc, gpus_visible)))
+    return _option(
+        argv, "--start-method", environ.get("PET_START_METHOD", default_start_method(nproc, gpus_visible))
+    )
 
 
 def imgtrain_argv(args) -> list[str] | None:
@@ -133,7 +136,9 @@ def resolve(argv: list[str]):
     worker_argv = imgtrain_argv(args)
     chosen_here = args.start_method is None
     if chosen_here:  # torchrun's default for any other program
-        args.start_method = "spawn" if worker_argv is None else default_start_method(str(args.nproc_per_node), False)
+        args.start_method = (
+            "spawn" if worker_argv is None else default_start_method(str(args.nproc_per_node), False)
+        )
     config, cmd, cmd_args = config_from_args(args)
     if worker_argv is None:
         return config, cmd, cmd_args
@@ -243,6 +248,7 @@ def preload_in_background(modules=PRELOAD) -> threading.Thread:
 
     The agent joins the rendezvous meanwhile. Every fork in this process first waits for the thread: a fork
     taken while another thread holds an import lock would leave the child a half-imported module."""
+
     def _import() -> None:
         for name in modules:
             try:

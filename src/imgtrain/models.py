@@ -39,9 +39,14 @@ def simple_cnn(cfg: ModelConfig, num_classes: int) -> nn.Module:
     on how a batch is split across ranks, used by the equivalence tests and tiny smoke runs."""
     w = cfg.width
     return nn.Sequential(
-        nn.Conv2d(3, w, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(), nn.Linear(2 * w, num_classes),
+        nn.Conv2d(3, w, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(w, 2 * w, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * w, num_classes),
     )
 
 
@@ -61,15 +66,23 @@ def model_entrypoint(name: str) -> Callable[..., nn.Module]:
     if name.startswith(TIMM_PREFIX):
         timm = import_timm()
         if timm is None:
-            raise ConfigError("model.name", name, "a model of an installed library: pip install 'imgtrain[timm]'")
-        arch = name[len(TIMM_PREFIX):].split(".", 1)[0]  # timm/<arch>.<pretrained tag>
+            raise ConfigError(
+                "model.name", name, "a model of an installed library: pip install 'imgtrain[timm]'"
+            )
+        arch = name[len(TIMM_PREFIX) :].split(".", 1)[0]  # timm/<arch>.<pretrained tag>
         if not timm.is_model(arch):
             raise ConfigError("model.name", name, "a timm model (timm.list_models())")
         return timm.models.model_entrypoint(arch)
     if name in torchvision_models():
         return torchvision.models.get_model_builder(name)
-    raise ConfigError("model.name", name, "a known model; known: " + ", ".join(
-        sorted(_SMALL_MODELS) + torchvision_models() + [f"{TIMM_PREFIX}<name> (timm.list_models())"]))
+    raise ConfigError(
+        "model.name",
+        name,
+        "a known model; known: "
+        + ", ".join(
+            sorted(_SMALL_MODELS) + torchvision_models() + [f"{TIMM_PREFIX}<name> (timm.list_models())"]
+        ),
+    )
 
 
 def _small_input_resnet(model: torchvision.models.ResNet) -> None:
@@ -136,21 +149,28 @@ def create_model(cfg: ModelConfig, num_classes: int, image_size: int) -> nn.Modu
         model = build(cfg, num_classes)
     elif name.startswith(TIMM_PREFIX):
         # timm loads published weights and replaces their head itself (its reset_classifier).
-        model = import_timm().create_model(name[len(TIMM_PREFIX):], pretrained=cfg.pretrained, num_classes=num_classes)
+        model = import_timm().create_model(
+            name[len(TIMM_PREFIX) :], pretrained=cfg.pretrained, num_classes=num_classes
+        )
     else:
         model = _torchvision_model(name, build, cfg.pretrained, num_classes, image_size)
         if cfg.small_input and isinstance(model, torchvision.models.ResNet):
             _small_input_resnet(model)
     if cfg.activation_checkpointing != "off" and not apply_activation_checkpointing(
-            model, cfg.activation_checkpointing):
-        log.warning("model.activation_checkpointing=%s: not supported for '%s' (torchvision ResNets and ViTs, "
-                    "and timm models with set_grad_checkpointing, are); training without it",
-                    cfg.activation_checkpointing, name)
+        model, cfg.activation_checkpointing
+    ):
+        log.warning(
+            "model.activation_checkpointing=%s: not supported for '%s' (torchvision ResNets and ViTs, "
+            "and timm models with set_grad_checkpointing, are); training without it",
+            cfg.activation_checkpointing,
+            name,
+        )
     return model
 
 
-def _torchvision_model(name: str, build: Callable[..., nn.Module], pretrained: bool, num_classes: int,
-                       image_size: int) -> nn.Module:
+def _torchvision_model(
+    name: str, build: Callable[..., nn.Module], pretrained: bool, num_classes: int, image_size: int
+) -> nn.Module:
     kwargs: dict = {}
     if name.startswith("vit_"):
         kwargs["image_size"] = image_size
@@ -163,8 +183,12 @@ def _torchvision_model(name: str, build: Callable[..., nn.Module], pretrained: b
     weights = torchvision.models.get_model_weights(name).DEFAULT
     if "image_size" in kwargs and kwargs["image_size"] != weights.meta["min_size"][0]:
         # A ViT's position embeddings are published for one image size.
-        raise ConfigError("data.image_size", image_size, f"{weights.meta['min_size'][0]} for a pretrained {name} "
-                          "(the size its published position embeddings were trained at)")
+        raise ConfigError(
+            "data.image_size",
+            image_size,
+            f"{weights.meta['min_size'][0]} for a pretrained {name} "
+            "(the size its published position embeddings were trained at)",
+        )
     # Published weights come with 1000 classes: load them as published, then replace the head.
     model = build(weights=weights, **kwargs)
     replace_head(model, num_classes)
@@ -189,8 +213,9 @@ def replace_head(model: nn.Module, num_classes: int) -> None:
         except AttributeError:
             continue
         if isinstance(head, nn.Sequential):
-            index = next((i for i in reversed(range(len(head))) if isinstance(head[i], nn.Linear | nn.Conv2d)),
-                         None)
+            index = next(
+                (i for i in reversed(range(len(head))) if isinstance(head[i], nn.Linear | nn.Conv2d)), None
+            )
             if index is None:
                 continue
             path, head = f"{path}.{index}", head[index]
@@ -203,5 +228,9 @@ def replace_head(model: nn.Module, num_classes: int) -> None:
         parent, _, attr = path.rpartition(".")
         setattr(model.get_submodule(parent), attr, new.to(head.weight.device))
         return
-    raise ConfigError("model.pretrained", True, f"false for {type(model).__name__} (no classifier layer at "
-                      f"{', '.join(_HEAD_PATHS)} to replace for a new class count)")
+    raise ConfigError(
+        "model.pretrained",
+        True,
+        f"false for {type(model).__name__} (no classifier layer at "
+        f"{', '.join(_HEAD_PATHS)} to replace for a new class count)",
+    )

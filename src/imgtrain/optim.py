@@ -105,8 +105,13 @@ def create_schedule(training: TrainingConfig) -> LRSchedule:
         # A recipe's warmup (5 epochs) in a short run (training.epochs=1) would never reach the peak LR:
         # warm up over the first half of the run instead, the schedule's decay over the second.
         warmup = training.epochs / 2
-        log.warning("training.warmup_epochs=%g is not shorter than the run (training.epochs=%d): warming up "
-                    "over the first %g epochs instead", training.warmup_epochs, training.epochs, warmup)
+        log.warning(
+            "training.warmup_epochs=%g is not shorter than the run (training.epochs=%d): warming up "
+            "over the first %g epochs instead",
+            training.warmup_epochs,
+            training.epochs,
+            warmup,
+        )
     return LRSchedule(
         epochs=float(training.epochs),
         warmup_epochs=warmup,

@@ -51,12 +51,16 @@ class Registry(Mapping[str, Callable[..., Any]]):
         return len(self.names)
 
 
-DECODERS = Registry("data.decoder", "imgtrain.data.decode", (
-    "libjpeg_roi", "simplejpeg_fast", "simplejpeg", "simplejpeg_pillow", "opencv", "torchvision", "pil"))
+DECODERS = Registry(
+    "data.decoder",
+    "imgtrain.data.decode",
+    ("libjpeg_roi", "simplejpeg_fast", "simplejpeg", "simplejpeg_pillow", "opencv", "torchvision", "pil"),
+)
 """CPU JPEG decoders (decode.py); their measured speed and when each is the one to use: docs/decode.md."""
 
-COMPRESSION = Registry("distributed.compression", "imgtrain.comm_hooks",
-                       ("none", "fp16", "bf16", "powersgd", "onebit"))
+COMPRESSION = Registry(
+    "distributed.compression", "imgtrain.comm_hooks", ("none", "fp16", "bf16", "powersgd", "onebit")
+)
 """Gradient compression as DDP communication hooks (comm_hooks.py, docs/compression.md)."""
 
 OPTIMIZERS = Registry("optimization.optimizer", "imgtrain.optim", ("sgd", "adamw"))

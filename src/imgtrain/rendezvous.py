@@ -41,12 +41,16 @@ def store_address(host: str | None, allow_wildcard: bool = False) -> str:
     """The address to listen on: ``host``, else the pod IP that Kubernetes' downward API puts in $POD_IP."""
     host = host or os.environ.get("POD_IP", "")
     if not host:
-        raise BindError("no address to listen on: give --host (an address of this machine that the agents "
-                        "reach; in Kubernetes set POD_IP from status.podIP)")
+        raise BindError(
+            "no address to listen on: give --host (an address of this machine that the agents "
+            "reach; in Kubernetes set POD_IP from status.podIP)"
+        )
     if is_wildcard(host) and not allow_wildcard:
-        raise BindError(f"--host {host} listens on every interface, and whoever reaches the store runs code "
-                        "in every agent: give one address, or --allow-wildcard-bind behind a firewall "
-                        "(docs/security.md)")
+        raise BindError(
+            f"--host {host} listens on every interface, and whoever reaches the store runs code "
+            "in every agent: give one address, or --allow-wildcard-bind behind a firewall "
+            "(docs/security.md)"
+        )
     return host
 
 
@@ -80,8 +84,14 @@ def serve_store(host: str, port: int, stop: threading.Event | None = None) -> No
     # The TCPStore owns the listening socket from here on and closes it.
     fd = sock.detach()
     # wait_for_workers=False: agents come and go; the store must not wait for a fixed count of them.
-    store = TCPStore(host.strip("[]"), bound_port, is_master=True, wait_for_workers=False,
-                     timeout=datetime.timedelta(seconds=60), master_listen_fd=fd)
+    store = TCPStore(
+        host.strip("[]"),
+        bound_port,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=60),
+        master_listen_fd=fd,
+    )
     print(f"imgtrain: rendezvous store listening on {bound}:{bound_port}", flush=True)
     stop.wait()
     del store

@@ -11,10 +11,20 @@ import torch
 def mt19937_to_plain(state: tuple) -> dict[str, Any]:
     """A legacy ``RandomState.get_state()`` tuple (MT19937) -> key tensor and numbers."""
     _, key, pos, has_gauss, gauss = state
-    return {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-            "gauss": float(gauss)}
+    return {
+        "key": torch.from_numpy(key.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
 
 
 def mt19937_from_plain(plain: dict[str, Any]) -> tuple:
     """Inverse of :func:`mt19937_to_plain`: the tuple ``RandomState.set_state`` takes."""
-    return ("MT19937", plain["key"].numpy().astype(np.uint32), plain["pos"], plain["has_gauss"], plain["gauss"])
+    return (
+        "MT19937",
+        plain["key"].numpy().astype(np.uint32),
+        plain["pos"],
+        plain["has_gauss"],
+        plain["gauss"],
+    )

@@ -134,8 +134,14 @@ class Trainer:
         self.timeline["process_group_ready"] = time.time()
         self.timeline["setup_start"] = t0
         self.run_id = resolve_run_id(cfg.monitoring.run_id, self.output_dir)
-        configure_logging(self.info.rank, self.info.is_main, self.run_id, self.output_dir,
-                          cfg.monitoring.log_format, step_fn=lambda: self.progress.step)
+        configure_logging(
+            self.info.rank,
+            self.info.is_main,
+            self.run_id,
+            self.output_dir,
+            cfg.monitoring.log_format,
+            step_fn=lambda: self.progress.step,
+        )
         self.notifier = Notifier(cfg.monitoring.notify, self.run_id, enabled=self.info.is_main)
         info = self.info
         self.control_group = D.new_control_group(info)
@@ -147,19 +153,24 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         seed_everything(cfg.training.seed)
         # Data first: a wrong data.root must not leave a half-made run directory behind.
-        self.data = build_data(cfg.data, cfg.training.batch_size, info.rank, info.world_size,
-                               cfg.training.seed, info.device)
+        self.data = build_data(
+            cfg.data, cfg.training.batch_size, info.rank, info.world_size, cfg.training.seed, info.device
+        )
         # The writer lock (and the refusal of another run's directory) before anything is written there.
         ckpt_dir = cfg.checkpoint.dir or str(self.output_dir / "checkpoints")
-        self.checkpointer = CheckpointManager(cfg.checkpoint, ckpt_dir, is_writer=info.is_main,
-                                              run_id=checkpoint_run_id(cfg))
+        self.checkpointer = CheckpointManager(
+            cfg.checkpoint, ckpt_dir, is_writer=info.is_main, run_id=checkpoint_run_id(cfg)
+        )
         if info.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.output_dir / "config.yaml")  # secrets redacted
             for key in literal_credentials(cfg):
-                log.warning("%s is a literal credential (or a notification URL without ${VAR}): imgtrain "
-                            "redacts it from everything it writes, but your config file or command line holds "
-                            "it; read it from the environment (${VAR}) or use a role", key)
+                log.warning(
+                    "%s is a literal credential (or a notification URL without ${VAR}): imgtrain "
+                    "redacts it from everything it writes, but your config file or command line holds "
+                    "it; read it from the environment (${VAR}) or use a role",
+                    key,
+                )
         self.model_without_ddp = create_model(cfg.model, self.data.num_classes, cfg.data.image_size)
         self.model_without_ddp.to(info.device)
         self.channels_last = cfg.model.channels_last and info.device.type == "cuda"
@@ -172,8 +183,9 @@ class Trainer:
         self.amp_dtype = amp_dtype(oc.mixed_precision)
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=oc.mixed_precision == "fp16")
         if oc.ema:
-            self.ema = AveragedModel(self.model_without_ddp, multi_avg_fn=get_ema_multi_avg_fn(oc.ema_decay),
-                                     use_buffers=True)
+            self.ema = AveragedModel(
+                self.model_without_ddp, multi_avg_fn=get_ema_multi_avg_fn(oc.ema_decay), use_buffers=True
+            )
         self.criterion = nn.CrossEntropyLoss(label_smoothing=oc.label_smoothing, reduction="none")
         self.schedule = create_schedule(cfg.training)
         self.timeline["built"] = time.time()
@@ -197,18 +209,39 @@ class Trainer:
             from .monitoring.metrics import PrometheusMetrics
 
             steps_per_epoch = math.ceil(self.data.train_sampler.steps_per_epoch() / self.accumulation)
-            self.metrics = PrometheusMetrics(cfg, info, self.model_without_ddp, steps_per_epoch=steps_per_epoch,
-                                             group=self.control_group, checkpointer=self.checkpointer)
+            self.metrics = PrometheusMetrics(
+                cfg,
+                info,
+                self.model_without_ddp,
+                steps_per_epoch=steps_per_epoch,
+                group=self.control_group,
+                checkpointer=self.checkpointer,
+            )
             self._sinks.append(self.metrics)
         self.bar = ProgressBar(info.is_main and cfg.training.progress_bar)
-        self.watchdog = Watchdog(cfg.fault_tolerance.hang_timeout, cfg.fault_tolerance.first_step_timeout,
-                                 rank=info.rank)
-        log.info("imgtrain: world size %d (%s), device %s, global batch %d = %d per process x %d "
-                 "processes x %d accumulation steps, peak LR %.4g",
-                 info.world_size, info.backend or "no process group", info.device, self.global_batch,
-                 cfg.training.batch_size, info.world_size, self.accumulation, self.peak_lr,
-                 extra={"fields": {"world_size": info.world_size, "device": str(info.device),
-                                   "global_batch": self.global_batch, "peak_lr": self.peak_lr}})
+        self.watchdog = Watchdog(
+            cfg.fault_tolerance.hang_timeout, cfg.fault_tolerance.first_step_timeout, rank=info.rank
+        )
+        log.info(
+            "imgtrain: world size %d (%s), device %s, global batch %d = %d per process x %d "
+            "processes x %d accumulation steps, peak LR %.4g",
+            info.world_size,
+            info.backend or "no process group",
+            info.device,
+            self.global_batch,
+            cfg.training.batch_size,
+            info.world_size,
+            self.accumulation,
+            self.peak_lr,
+            extra={
+                "fields": {
+                    "world_size": info.world_size,
+                    "device": str(info.device),
+                    "global_batch": self.global_batch,
+                    "peak_lr": self.peak_lr,
+                }
+            },
+        )
         self._log_fault_tolerance_settings()
         return self
 
@@ -218,22 +251,35 @@ class Trainer:
         saved = self._saved_compression
         if saved is not None and saved.get("method") == dc.compression and dc.compression != "none":
             if saved.get("world_size") != info.world_size:
-                log.warning("compression: the checkpoint's %s state is from %s ranks, the job has %d: reset "
-                            "(error feedback starts from zero)", dc.compression, saved.get("world_size"),
-                            info.world_size)
+                log.warning(
+                    "compression: the checkpoint's %s state is from %s ranks, the job has %d: reset "
+                    "(error feedback starts from zero)",
+                    dc.compression,
+                    saved.get("world_size"),
+                    info.world_size,
+                )
             else:
                 self.compression.load_state_dict(saved["ranks"][info.rank])
         elif saved is not None and saved.get("method") != dc.compression:
-            log.warning("compression: the checkpoint was saved with %s, the config asks for %s: %s starts "
-                        "fresh", saved.get("method"), dc.compression, dc.compression)
+            log.warning(
+                "compression: the checkpoint was saved with %s, the config asks for %s: %s starts fresh",
+                saved.get("method"),
+                dc.compression,
+                dc.compression,
+            )
         if not info.enabled:  # one process, no process group: no gradient is exchanged
             if dc.compression != "none":
                 log.info("gradient compression %s: unused, one process has no collectives", dc.compression)
             return
         fp32 = self.compression._fp32_bytes
         sent = self.compression.expected_bytes_per_step()
-        log.info("gradient compression %s; %s per step handed to collectives per rank instead of %s fp32 "
-                 "(1/%.1f)", self.compression.describe(), _fmt_bytes(sent), _fmt_bytes(fp32), fp32 / max(sent, 1))
+        log.info(
+            "gradient compression %s; %s per step handed to collectives per rank instead of %s fp32 (1/%.1f)",
+            self.compression.describe(),
+            _fmt_bytes(sent),
+            _fmt_bytes(fp32),
+            fp32 / max(sent, 1),
+        )
 
     def _compression_state(self) -> dict[str, Any] | None:
         """Every rank's compression state (rank-local) on rank 0. Collective: every rank must call it."""
@@ -275,12 +321,20 @@ class Trainer:
             target = tc.batch_size * ref * oc.accumulation_steps
             accum = max(1, math.ceil(target / (tc.batch_size * w)))
             if accum > 1 and dc.static_graph:  # DDP's static graph cannot no_sync
-                raise ConfigError("distributed.static_graph", True, "false or distributed.elastic_batch="
-                                  f"keep_per_process: keeping the global batch {target} at world size {w} "
-                                  f"needs {accum} accumulation steps")
+                raise ConfigError(
+                    "distributed.static_graph",
+                    True,
+                    "false or distributed.elastic_batch="
+                    f"keep_per_process: keeping the global batch {target} at world size {w} "
+                    f"needs {accum} accumulation steps",
+                )
             if accum * tc.batch_size * w != target:
-                log.warning("elastic: global batch %d cannot be kept exactly at world size %d; using %d",
-                            target, w, accum * tc.batch_size * w)
+                log.warning(
+                    "elastic: global batch %d cannot be kept exactly at world size %d; using %d",
+                    target,
+                    w,
+                    accum * tc.batch_size * w,
+                )
             self.accumulation = accum
         prev = self.previous_world_size
         if prev == w or (prev is None and ref == w):
@@ -291,11 +345,25 @@ class Trainer:
         else:
             change = f"world size changed {prev} -> {w}"
             rest = f"; the rest of epoch {self.progress.epoch + 1} is re-sharded over the new ranks"
-        log.warning("elastic: %s; policy %s: accumulation %d, global batch %d, peak LR %.4g%s", change,
-                    dc.elastic_batch, self.accumulation, self.global_batch, self.peak_lr, rest,
-                    extra={"fields": {"previous_world_size": prev, "world_size": w, "reference_world_size": ref,
-                                      "accumulation": self.accumulation, "global_batch": self.global_batch,
-                                      "peak_lr": self.peak_lr}})
+        log.warning(
+            "elastic: %s; policy %s: accumulation %d, global batch %d, peak LR %.4g%s",
+            change,
+            dc.elastic_batch,
+            self.accumulation,
+            self.global_batch,
+            self.peak_lr,
+            rest,
+            extra={
+                "fields": {
+                    "previous_world_size": prev,
+                    "world_size": w,
+                    "reference_world_size": ref,
+                    "accumulation": self.accumulation,
+                    "global_batch": self.global_batch,
+                    "peak_lr": self.peak_lr,
+                }
+            },
+        )
 
     # ------------------------------------------------------------------ state
 
@@ -320,26 +388,36 @@ class Trainer:
             "world_size": self.info.world_size,
             "reference_world_size": self.reference_world_size,
             "accumulation": self.accumulation,
-            "meta": {"model": self.cfg.model.name, "num_classes": self.data.num_classes,
-                     "classes": self.data.classes, "train_samples": len(self.data.train_set)},
+            "meta": {
+                "model": self.cfg.model.name,
+                "num_classes": self.data.num_classes,
+                "classes": self.data.classes,
+                "train_samples": len(self.data.train_set),
+            },
             "config": self.cfg.to_dict(),
         }
 
     def load_state_dict(self, sd: dict[str, Any], source: str) -> None:
         meta = sd.get("meta", {})
         if meta.get("model") != self.cfg.model.name:
-            raise CheckpointError(f"checkpoint {source} holds model '{meta.get('model')}', the config asks "
-                                  f"for model.name='{self.cfg.model.name}'")
+            raise CheckpointError(
+                f"checkpoint {source} holds model '{meta.get('model')}', the config asks "
+                f"for model.name='{self.cfg.model.name}'"
+            )
         if meta.get("num_classes") != self.data.num_classes:
-            raise CheckpointError(f"checkpoint {source} was trained on {meta.get('num_classes')} classes, "
-                                  f"the data at {self.data.train_set.split_dir} has {self.data.num_classes}")
+            raise CheckpointError(
+                f"checkpoint {source} was trained on {meta.get('num_classes')} classes, "
+                f"the data at {self.data.train_set.split_dir} has {self.data.num_classes}"
+            )
         saved_n, n = sd.get("sampler", {}).get("dataset_len"), len(self.data.train_set)
         if saved_n is not None and int(saved_n) != n:
             # The sample order and the position in the epoch are those of the old split: resuming would
             # skip or repeat images. A new split is a new run (another output_dir, or checkpoint.resume=never).
-            raise CheckpointError(f"checkpoint {source} was taken on a training split of {saved_n} samples, the "
-                                  f"data at {self.data.train_set.split_dir} now has {n}: train into another "
-                                  f"output_dir, or set checkpoint.resume=never to start over")
+            raise CheckpointError(
+                f"checkpoint {source} was taken on a training split of {saved_n} samples, the "
+                f"data at {self.data.train_set.split_dir} now has {n}: train into another "
+                f"output_dir, or set checkpoint.resume=never to start over"
+            )
         try:
             self.model_without_ddp.load_state_dict(sd["model"])
         except RuntimeError as e:
@@ -347,8 +425,10 @@ class Trainer:
         try:
             self.optimizer.load_state_dict(sd["optimizer"])
         except ValueError as e:  # torch's check of the parameter groups (optimization.* changed since)
-            raise CheckpointError(f"checkpoint {source}: its optimizer state does not fit the configured "
-                                  f"optimization settings: {e}") from None
+            raise CheckpointError(
+                f"checkpoint {source}: its optimizer state does not fit the configured "
+                f"optimization settings: {e}"
+            ) from None
         self.scaler.load_state_dict(sd["scaler"])
         if self.ema is not None and sd.get("ema") is not None:
             self.ema.load_state_dict(sd["ema"])
@@ -362,8 +442,11 @@ class Trainer:
             set_rng_state(rngs[self.info.rank])
         else:
             seed_everything(self.cfg.training.seed * 7919 + self.progress.step * 31 + self.info.rank)
-            log.warning("RNG streams re-seeded: the checkpoint has %d rank(s), the job now has %d",
-                        len(rngs), self.info.world_size)
+            log.warning(
+                "RNG streams re-seeded: the checkpoint has %d rank(s), the job now has %d",
+                len(rngs),
+                self.info.world_size,
+            )
 
     def _maybe_resume(self) -> None:
         mode = self.cfg.checkpoint.resume
@@ -385,10 +468,20 @@ class Trainer:
         self.load_state_dict(sd, path)
         self.progress.restarts += 1
         self.resumed_from = path
-        log.warning("resumed from %s: epoch %d, step %d, %d samples into the epoch",
-                    path, self.progress.epoch + 1, self.progress.step, self.data.train_sampler.state.consumed,
-                    extra={"fields": {"checkpoint": path, "epoch": self.progress.epoch + 1,
-                                      "restarts": self.progress.restarts}})
+        log.warning(
+            "resumed from %s: epoch %d, step %d, %d samples into the epoch",
+            path,
+            self.progress.epoch + 1,
+            self.progress.step,
+            self.data.train_sampler.state.consumed,
+            extra={
+                "fields": {
+                    "checkpoint": path,
+                    "epoch": self.progress.epoch + 1,
+                    "restarts": self.progress.restarts,
+                }
+            },
+        )
 
     def save_checkpoint(self, blocking: bool | None = None) -> float:
         """Collective. Returns the stall the training loop paid on this rank."""
@@ -405,9 +498,16 @@ class Trainer:
             D.set_collective_timeout(self.info, self._collective_timeout())
         stall = time.perf_counter() - t0
         self.last_checkpoint_stall = stall
-        self._emit({"event": "checkpoint", "step": self.progress.step, "epoch": self.progress.epoch + 1,
-                    "path": report.path, "stall_s": stall,
-                    "async": self.cfg.checkpoint.async_save if blocking is None else not blocking})
+        self._emit(
+            {
+                "event": "checkpoint",
+                "step": self.progress.step,
+                "epoch": self.progress.epoch + 1,
+                "path": report.path,
+                "stall_s": stall,
+                "async": self.cfg.checkpoint.async_save if blocking is None else not blocking,
+            }
+        )
         return stall
 
     def _collective_timeout(self) -> float:
@@ -415,15 +515,33 @@ class Trainer:
 
     def _log_fault_tolerance_settings(self) -> None:
         ft, dc = self.cfg.fault_tolerance, self.cfg.distributed
-        env = {k: os.environ[k] for k in ("TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
-                                           "TORCHELASTIC_RUN_ID", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE",
-                                           "TORCHELASTIC_USE_AGENT_STORE") if k in os.environ}
-        log.info("fault tolerance: collective timeout %.0fs (first step: %.0fs), hang watchdog %s (first step: "
-                 "%s), preemption grace %.0fs, checkpoints every %s steps / %s s (%s), keep %d, resume=%s; "
-                 "torchrun: %s", dc.timeout, dc.init_timeout, _secs(ft.hang_timeout),
-                 _secs(ft.first_step_timeout), ft.grace_period, self.cfg.checkpoint.save_every_steps,
-                 self.cfg.checkpoint.save_interval, "async" if self.cfg.checkpoint.async_save else "sync",
-                 self.cfg.checkpoint.keep_last_n, self.cfg.checkpoint.resume, env or "not under torchrun")
+        env = {
+            k: os.environ[k]
+            for k in (
+                "TORCHELASTIC_RESTART_COUNT",
+                "TORCHELASTIC_MAX_RESTARTS",
+                "TORCHELASTIC_RUN_ID",
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE",
+                "TORCHELASTIC_USE_AGENT_STORE",
+            )
+            if k in os.environ
+        }
+        log.info(
+            "fault tolerance: collective timeout %.0fs (first step: %.0fs), hang watchdog %s (first step: "
+            "%s), preemption grace %.0fs, checkpoints every %s steps / %s s (%s), keep %d, resume=%s; "
+            "torchrun: %s",
+            dc.timeout,
+            dc.init_timeout,
+            _secs(ft.hang_timeout),
+            _secs(ft.first_step_timeout),
+            ft.grace_period,
+            self.cfg.checkpoint.save_every_steps,
+            self.cfg.checkpoint.save_interval,
+            "async" if self.cfg.checkpoint.async_save else "sync",
+            self.cfg.checkpoint.keep_last_n,
+            self.cfg.checkpoint.resume,
+            env or "not under torchrun",
+        )
 
     # ------------------------------------------------------------------ training
 
@@ -433,9 +551,15 @@ class Trainer:
         self.watchdog.start()
         t_start = time.perf_counter()
         # When each phase of (re)starting ended, for recovery-time breakdowns (benchmarks/recovery.py).
-        self._log_event("start", resumed_from=self.resumed_from, timeline=self.timeline,
-                        restarts=self.progress.restarts, global_batch=self.global_batch,
-                        accumulation=self.accumulation, peak_lr=self.peak_lr)
+        self._log_event(
+            "start",
+            resumed_from=self.resumed_from,
+            timeline=self.timeline,
+            restarts=self.progress.restarts,
+            global_batch=self.global_batch,
+            accumulation=self.accumulation,
+            peak_lr=self.peak_lr,
+        )
         self._notify_start()
         self.profiler.start(self.info.rank)
         stopped_early = False
@@ -453,8 +577,12 @@ class Trainer:
                     self.evaluate_and_log(epoch)
                 if self.data.cache is not None:  # shards on an object store: how often the local copy served
                     counts = torch.tensor(self.data.cache.take_counts(), dtype=torch.float64)
-                    hits, misses, nbytes = D.all_reduce_sum(counts.to(D.comm_device(self.info)), self.info).tolist()
-                    self._emit(cache_record(epoch + 1, self.progress.step, int(hits), int(misses), int(nbytes)))
+                    hits, misses, nbytes = D.all_reduce_sum(
+                        counts.to(D.comm_device(self.info)), self.info
+                    ).tolist()
+                    self._emit(
+                        cache_record(epoch + 1, self.progress.step, int(hits), int(misses), int(nbytes))
+                    )
                 self.progress.epoch += 1
                 self.data.train_sampler.state.epoch = self.progress.epoch
                 self.data.train_sampler.state.consumed = 0
@@ -466,15 +594,21 @@ class Trainer:
             self.watchdog.stop()
         self.checkpointer.wait()
         if self.preemption.requested:
-            self._log_event("preempted", signal=self.preemption.signal_name, exit_code=self.preemption.exit_code)
+            self._log_event(
+                "preempted", signal=self.preemption.signal_name, exit_code=self.preemption.exit_code
+            )
             return {"preempted": True, "exit_code": self.preemption.exit_code}
         summary = self._summary(time.perf_counter() - t_start, stopped_early)
         if self.metrics is not None:
             self.metrics.mark_finished()
         if self.info.is_main:
             self._write_final(summary)
-            self.notifier.notify("finished", f"finished after {summary['steps']} steps, {summary['epochs']} "
-                                 f"epochs: val top-1 {summary['val_top1']}", self._notify_details())
+            self.notifier.notify(
+                "finished",
+                f"finished after {summary['steps']} steps, {summary['epochs']} "
+                f"epochs: val top-1 {summary['val_top1']}",
+                self._notify_details(),
+            )
         return summary
 
     def train_epoch(self) -> bool:
@@ -504,7 +638,7 @@ class Trainer:
         epoch_t0 = time.perf_counter()
         micro = 0
         while micro < len(sizes):
-            group = sizes[micro:micro + self.accumulation]
+            group = sizes[micro : micro + self.accumulation]
             lr = self.peak_lr * self.schedule(self.progress.epoch + sampler.state.consumed / n)
             set_lr(self.optimizer, lr)
             t0 = time.perf_counter()
@@ -530,15 +664,22 @@ class Trainer:
             stop = self._should_stop()
             # A save closes the window too: its loss is checked first, so a diverged state is never
             # published as the newest checkpoint (and auto-resumed from).
-            if (self.progress.step % cfg.training.log_interval == 0 or stop or self.save_due
-                    or micro >= len(sizes)):
+            if (
+                self.progress.step % cfg.training.log_interval == 0
+                or stop
+                or self.save_due
+                or micro >= len(sizes)
+            ):
                 self._log_window(window, lr, n)
                 window = _Window()
             if stop:
                 self.progress.train_seconds += time.perf_counter() - epoch_t0
                 if self.preemption.requested:
-                    log.warning("preemption (%s): saving a checkpoint at step %d before exiting",
-                                self.preemption.signal_name, self.progress.step)
+                    log.warning(
+                        "preemption (%s): saving a checkpoint at step %d before exiting",
+                        self.preemption.signal_name,
+                        self.progress.step,
+                    )
                     self.save_checkpoint(blocking=True)
                 else:  # training.max_steps reached: keep the position so that a longer run can go on
                     self.save_checkpoint()
@@ -553,9 +694,13 @@ class Trainer:
         """All ranks agree on stopping after this step, so that they also agree on the step saved; and on
         whether a save is due (save_interval runs out at slightly different moments on each rank's clock,
         and a save is collective: one rank saving alone would pair its gather with a peer's all-reduce)."""
-        flags = torch.tensor([1.0 if self.preemption.requested else 0.0,
-                              1.0 if self.checkpointer.due(self.progress.step) else 0.0],
-                             device="cpu" if self.control_group is not None else D.comm_device(self.info))
+        flags = torch.tensor(
+            [
+                1.0 if self.preemption.requested else 0.0,
+                1.0 if self.checkpointer.due(self.progress.step) else 0.0,
+            ],
+            device="cpu" if self.control_group is not None else D.comm_device(self.info),
+        )
         D.all_reduce_max(flags, self.info, group=self.control_group)
         flag = flags[0]
         self.save_due = bool(flags[1].item() > 0)
@@ -589,7 +734,7 @@ class Trainer:
         sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss, correct, count, bad files
         for i, (images, labels, weights, bad_paths) in enumerate(batches):
             sums[3] += len(bad_paths)
-            self.first_bad += bad_paths[:_NAMED_BAD_FILES - len(self.first_bad)]
+            self.first_bad += bad_paths[: _NAMED_BAD_FILES - len(self.first_bad)]
             images = images.to(info.device, non_blocking=True)
             labels = labels.to(info.device, non_blocking=True)
             weights = weights.to(info.device, non_blocking=True)
@@ -608,8 +753,13 @@ class Trainer:
             if timer is not None and last:
                 timer.backward_done()
             with torch.no_grad():
-                sums[:3] += torch.stack([(per_sample.detach() * weights).sum(), (logits.argmax(1) == labels).float()
-                                         .mul(weights).sum(), weights.sum()]).double()
+                sums[:3] += torch.stack(
+                    [
+                        (per_sample.detach() * weights).sum(),
+                        (logits.argmax(1) == labels).float().mul(weights).sum(),
+                        weights.sum(),
+                    ]
+                ).double()
         oc = self.cfg.optimization
         if oc.gradient_clip is not None:
             self.scaler.unscale_(self.optimizer)
@@ -627,8 +777,14 @@ class Trainer:
 
     def evaluate(self, model: nn.Module | None = None) -> EvalResult:
         model = model if model is not None else self.model_without_ddp
-        return evaluate_model(model, self.data.val_loader, self.normalize, self.info, self.amp_dtype,
-                              on_batch=self.watchdog.beat if self.metrics is None else self._beat)
+        return evaluate_model(
+            model,
+            self.data.val_loader,
+            self.normalize,
+            self.info,
+            self.amp_dtype,
+            on_batch=self.watchdog.beat if self.metrics is None else self._beat,
+        )
 
     def _beat(self) -> None:
         self.watchdog.beat()
@@ -639,19 +795,33 @@ class Trainer:
         self.last_eval = self.evaluate()
         n_val = len(self.data.val_set)
         if self.last_eval.bad > self.cfg.data.max_bad_fraction * n_val:
-            raise DataError(f"{self.last_eval.bad} of {n_val} validation images (all ranks) failed to decode, more "
-                            f"than data.max_bad_fraction={self.cfg.data.max_bad_fraction}"
-                            f"{_named(self.last_eval.first_bad, self.info.rank)}")
-        record = {"event": "eval", "epoch": epoch + 1, "step": self.progress.step,
-                  "val_top1": self.last_eval.top1, "val_top5": self.last_eval.top5,
-                  "val_loss": self.last_eval.loss, "val_images": self.last_eval.count}
+            raise DataError(
+                f"{self.last_eval.bad} of {n_val} validation images (all ranks) failed to decode, more "
+                f"than data.max_bad_fraction={self.cfg.data.max_bad_fraction}"
+                f"{_named(self.last_eval.first_bad, self.info.rank)}"
+            )
+        record = {
+            "event": "eval",
+            "epoch": epoch + 1,
+            "step": self.progress.step,
+            "val_top1": self.last_eval.top1,
+            "val_top5": self.last_eval.top5,
+            "val_loss": self.last_eval.loss,
+            "val_images": self.last_eval.count,
+        }
         if self.ema is not None:
             self.last_ema_eval = self.evaluate(self.ema.module)
             record.update(val_ema_top1=self.last_ema_eval.top1, val_ema_top5=self.last_ema_eval.top5)
         self._emit(record)
-        log.info("epoch %d/%d: val top-1 %.2f%%, top-5 %.2f%% on %d images%s", epoch + 1,
-                 self.cfg.training.epochs, self.last_eval.top1, self.last_eval.top5, self.last_eval.count,
-                 f" (EMA top-1 {self.last_ema_eval.top1:.2f}%)" if self.last_ema_eval else "")
+        log.info(
+            "epoch %d/%d: val top-1 %.2f%%, top-5 %.2f%% on %d images%s",
+            epoch + 1,
+            self.cfg.training.epochs,
+            self.last_eval.top1,
+            self.last_eval.top5,
+            self.last_eval.count,
+            f" (EMA top-1 {self.last_ema_eval.top1:.2f}%)" if self.last_ema_eval else "",
+        )
 
     # ------------------------------------------------------------------ reporting
 
@@ -667,43 +837,72 @@ class Trainer:
         if self.epoch_bad > limit:
             # Counted where the batches are trained; loader workers warn when they decode, which runs ahead
             # (workers x prefetch_factor batches): the warnings above may name more files than this count.
-            raise DataError(f"{self.epoch_bad} of the training images trained on so far this epoch (all ranks) "
-                            f"failed to decode, more than data.max_bad_fraction={self.cfg.data.max_bad_fraction} "
-                            f"of {n}{_named(self.first_bad, self.info.rank)}; the loader, decoding ahead, may "
-                            f"have warned about more above")
-        record = {"event": "train", "epoch": self.progress.epoch + 1, "step": self.progress.step,
-                  "loss": loss_sum / max(count, 1e-9), "train_top1": 100 * correct / max(count, 1e-9),
-                  "lr": lr, "images_per_s": w.images / max(w.seconds, 1e-9),
-                  "data_wait_s": w.data_wait / max(w.steps, 1), "step_s": w.seconds / max(w.steps, 1),
-                  "bad_images": int(bad)}
+            raise DataError(
+                f"{self.epoch_bad} of the training images trained on so far this epoch (all ranks) "
+                f"failed to decode, more than data.max_bad_fraction={self.cfg.data.max_bad_fraction} "
+                f"of {n}{_named(self.first_bad, self.info.rank)}; the loader, decoding ahead, may "
+                f"have warned about more above"
+            )
+        record = {
+            "event": "train",
+            "epoch": self.progress.epoch + 1,
+            "step": self.progress.step,
+            "loss": loss_sum / max(count, 1e-9),
+            "train_top1": 100 * correct / max(count, 1e-9),
+            "lr": lr,
+            "images_per_s": w.images / max(w.seconds, 1e-9),
+            "data_wait_s": w.data_wait / max(w.steps, 1),
+            "step_s": w.seconds / max(w.steps, 1),
+            "bad_images": int(bad),
+        }
         if self.compression is not None and self.info.enabled:
-            record["comm_bytes_per_step"], record["comm_wire_bytes_per_step"] = self.compression.take_bytes(w.steps)
+            record["comm_bytes_per_step"], record["comm_wire_bytes_per_step"] = self.compression.take_bytes(
+                w.steps
+            )
         self._emit(record)
         if not math.isfinite(record["loss"]):
             # The loss is all-reduced, so every rank stops here at the same step.
-            raise DivergenceError(f"training diverged: loss is {record['loss']} at step {self.progress.step} "
-                                  f"(epoch {self.progress.epoch + 1}); nothing was saved after it, the newest "
-                                  f"checkpoint is from before. Lower training.base_lr, set "
-                                  f"optimization.gradient_clip, or use bf16 instead of fp16")
+            raise DivergenceError(
+                f"training diverged: loss is {record['loss']} at step {self.progress.step} "
+                f"(epoch {self.progress.epoch + 1}); nothing was saved after it, the newest "
+                f"checkpoint is from before. Lower training.base_lr, set "
+                f"optimization.gradient_clip, or use bf16 instead of fp16"
+            )
 
     def _emit(self, record: dict[str, Any]) -> None:
         for s in self._sinks:
             s.log(record)
 
     def _log_event(self, event: str, **fields: Any) -> None:
-        self._emit({"event": event, "step": self.progress.step, "epoch": self.progress.epoch + 1,
-                    "world_size": self.info.world_size, **fields})
+        self._emit(
+            {
+                "event": event,
+                "step": self.progress.step,
+                "epoch": self.progress.epoch + 1,
+                "world_size": self.info.world_size,
+                **fields,
+            }
+        )
 
     def _notify_details(self) -> dict[str, Any]:
-        return {"step": self.progress.step, "epoch": self.progress.epoch + 1, "world size": self.info.world_size,
-                "restarts": self.progress.restarts, "run directory": str(self.output_dir.resolve())}
+        return {
+            "step": self.progress.step,
+            "epoch": self.progress.epoch + 1,
+            "world size": self.info.world_size,
+            "restarts": self.progress.restarts,
+            "run directory": str(self.output_dir.resolve()),
+        }
 
     def _notify_start(self) -> None:
         if self.resumed_from:
             self.notifier.notify("resumed", f"resumed from {self.resumed_from}", self._notify_details())
         else:
-            self.notifier.notify("started", f"started: {self.cfg.model.name}, {self.cfg.training.epochs} epochs, "
-                                 f"global batch {self.global_batch}", self._notify_details())
+            self.notifier.notify(
+                "started",
+                f"started: {self.cfg.model.name}, {self.cfg.training.epochs} epochs, "
+                f"global batch {self.global_batch}",
+                self._notify_details(),
+            )
 
     def report_failure(self, exc: BaseException, exit_code: int) -> None:
         """An exception is leaving the run: a 'failed' (or 'diverged') record and notification. Never raises."""
@@ -714,8 +913,11 @@ class Trainer:
             if hasattr(self, "info"):
                 self._log_event(event, exit_code=exit_code, error=f"{type(exc).__name__}: {exc}")
             if hasattr(self, "notifier"):
-                self.notifier.notify(event, f"{event} with exit code {exit_code}: {type(exc).__name__}: {exc}",
-                                     self._notify_details() if hasattr(self, "info") else None)
+                self.notifier.notify(
+                    event,
+                    f"{event} with exit code {exit_code}: {type(exc).__name__}: {exc}",
+                    self._notify_details() if hasattr(self, "info") else None,
+                )
         except Exception as e:  # the original error is the one to report
             log.warning("could not report the failure: %s: %s", type(e).__name__, e)
 
@@ -742,11 +944,19 @@ class Trainer:
 
     def _write_final(self, summary: dict[str, Any]) -> None:
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        torch.save({"model": self.model_without_ddp.state_dict(),
-                    "ema": self.ema.module.state_dict() if self.ema is not None else None,
-                    "meta": {"model": self.cfg.model.name, "num_classes": self.data.num_classes,
-                             "classes": self.data.classes},
-                    "config": self.cfg.to_dict()}, self.output_dir / "model.pt")
+        torch.save(
+            {
+                "model": self.model_without_ddp.state_dict(),
+                "ema": self.ema.module.state_dict() if self.ema is not None else None,
+                "meta": {
+                    "model": self.cfg.model.name,
+                    "num_classes": self.data.num_classes,
+                    "classes": self.data.classes,
+                },
+                "config": self.cfg.to_dict(),
+            },
+            self.output_dir / "model.pt",
+        )
         self._emit({"event": "finished", **summary})
 
     def close(self) -> None:
@@ -783,7 +993,9 @@ class _Window:
 
 
 def _fmt_bytes(n: float) -> str:
-    return next(f"{n / f:.3g} {u}" for f, u in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "B")) if n >= f or f == 1)
+    return next(
+        f"{n / f:.3g} {u}" for f, u in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "B")) if n >= f or f == 1
+    )
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -802,4 +1014,3 @@ def _process_start_time() -> float:
 
 def _secs(v: float | None) -> str:
     return "off" if v is None else f"{v:.0f}s"
-

@@ -19,16 +19,31 @@ import conftest
 from conftest import read_jsonl, subprocess_env
 
 # The rendezvous settings imgtrain documents (docs/fault_tolerance.md, "What we measured about torchrun's rendezvous").
-RDZV_CONF = ("last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3,read_timeout=15,"
-             "close_timeout=5,heartbeat_timeout=5")
+RDZV_CONF = (
+    "last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3,read_timeout=15,"
+    "close_timeout=5,heartbeat_timeout=5"
+)
 
 
 class Node:
-    def __init__(self, name: str, endpoint: str, args: list[str], log_dir: Path, nnodes: str = "1:2",
-                 netns: str | None = None, ifname: str | None = None, max_restarts: int = 10,
-                 is_host: bool | None = None, local_addr: str | None = None, backend: str = "c10d",
-                 tuned: bool = True, monitor_interval: float | None = 0.5, entry: list[str] | None = None,
-                 launcher: str = "torchrun"):
+    def __init__(
+        self,
+        name: str,
+        endpoint: str,
+        args: list[str],
+        log_dir: Path,
+        nnodes: str = "1:2",
+        netns: str | None = None,
+        ifname: str | None = None,
+        max_restarts: int = 10,
+        is_host: bool | None = None,
+        local_addr: str | None = None,
+        backend: str = "c10d",
+        tuned: bool = True,
+        monitor_interval: float | None = 0.5,
+        entry: list[str] | None = None,
+        launcher: str = "torchrun",
+    ):
         """``tuned=False``: torchrun's own rendezvous defaults (no RDZV_CONF, the shared worker store), as
         benchmarks/recovery.py compares them; ``monitor_interval=None``: torchrun's default (0.1 s);
         ``entry``: what torchrun starts (default ``-m imgtrain``; a script path for benchmarks/scaling.py);
@@ -40,21 +55,37 @@ class Node:
             env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
         if ifname:
             env["GLOO_SOCKET_IFNAME"] = ifname
-        agent = {"torchrun": ["torch.distributed.run"], "imgtrain": ["imgtrain", "launch"],
-                 "imgtrain-forkserver": ["imgtrain", "launch", "--start-method=forkserver"]}[launcher]
-        cmd = [sys.executable, "-m", *agent, f"--nnodes={nnodes}", "--nproc-per-node=1",
-               f"--rdzv-backend={backend}", f"--rdzv-endpoint={endpoint}", "--rdzv-id=imgtrain-test",
-               "--rdzv-conf=" + ",".join(([RDZV_CONF] if tuned else [])
-                                         + ([] if is_host is None else [f"is_host={str(is_host).lower()}"])),
-               f"--max-restarts={max_restarts}",
-               *([] if monitor_interval is None else [f"--monitor-interval={monitor_interval}"]),
-               *([f"--local-addr={local_addr}"] if local_addr else []),
-               *(entry or ["-m", "imgtrain"]), *args]
+        agent = {
+            "torchrun": ["torch.distributed.run"],
+            "imgtrain": ["imgtrain", "launch"],
+            "imgtrain-forkserver": ["imgtrain", "launch", "--start-method=forkserver"],
+        }[launcher]
+        cmd = [
+            sys.executable,
+            "-m",
+            *agent,
+            f"--nnodes={nnodes}",
+            "--nproc-per-node=1",
+            f"--rdzv-backend={backend}",
+            f"--rdzv-endpoint={endpoint}",
+            "--rdzv-id=imgtrain-test",
+            "--rdzv-conf="
+            + ",".join(
+                ([RDZV_CONF] if tuned else [])
+                + ([] if is_host is None else [f"is_host={str(is_host).lower()}"])
+            ),
+            f"--max-restarts={max_restarts}",
+            *([] if monitor_interval is None else [f"--monitor-interval={monitor_interval}"]),
+            *([f"--local-addr={local_addr}"] if local_addr else []),
+            *(entry or ["-m", "imgtrain"]),
+            *args,
+        ]
         if netns:
             cmd = ["ip", "netns", "exec", netns, *cmd]
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
 
     def tree(self) -> list[psutil.Process]:
         try:
@@ -66,7 +97,11 @@ class Node:
     def workers(self) -> list[psutil.Process]:
         """The training workers: the agent's imgtrain children (torchrun), or its fork server's children."""
         tree = self.tree()
-        servers = {p.pid for p in tree[1:] if _ppid(p) == self.proc.pid and "multiprocessing.forkserver" in _cmdline(p)}
+        servers = {
+            p.pid
+            for p in tree[1:]
+            if _ppid(p) == self.proc.pid and "multiprocessing.forkserver" in _cmdline(p)
+        }
         if servers:
             return [p for p in tree if _ppid(p) in servers]
         return [p for p in tree[1:] if "imgtrain" in _cmdline(p)]
@@ -108,8 +143,13 @@ def _cmdline(p: psutil.Process) -> str:
 
 def wait_for(predicate, timeout: float, what: str, nodes: list[Node] = (), poll: float = 0.5):
     """conftest.wait_for, failing with the nodes' logs."""
-    return conftest.wait_for(predicate, timeout, what, poll=poll, context=lambda: "\n\n".join(
-        f"--- {n.name} ---\n{n.output()[-5000:]}" for n in nodes))
+    return conftest.wait_for(
+        predicate,
+        timeout,
+        what,
+        poll=poll,
+        context=lambda: "\n\n".join(f"--- {n.name} ---\n{n.output()[-5000:]}" for n in nodes),
+    )
 
 
 def events(run_dir: Path, kind: str) -> list[dict]:
@@ -140,10 +180,23 @@ def train_args(data: Path, out: Path) -> list[str]:
     """A run slow enough (~0.1-0.3 s per step on 2 cores) that membership changes happen mid-run."""
     from conftest import TINY
 
-    return ["train", "--output-dir", str(out), f"data.root={data}", *TINY,
-            "model.name=resnet18", "model.small_input=true", "data.image_size=16", "data.val_resize=16",
-            "training.batch_size=4", "training.epochs=6", "checkpoint.save_every_steps=3",
-            "checkpoint.keep_last_n=2", "distributed.timeout=20", "fault_tolerance.hang_timeout=120"]
+    return [
+        "train",
+        "--output-dir",
+        str(out),
+        f"data.root={data}",
+        *TINY,
+        "model.name=resnet18",
+        "model.small_input=true",
+        "data.image_size=16",
+        "data.val_resize=16",
+        "training.batch_size=4",
+        "training.epochs=6",
+        "checkpoint.save_every_steps=3",
+        "checkpoint.keep_last_n=2",
+        "distributed.timeout=20",
+        "fault_tolerance.hang_timeout=120",
+    ]
 
 
 def lose_a_node_then_rejoin(out: Path, make_node, victim: str, kill_extra=None) -> list[Node]:
@@ -159,30 +212,50 @@ def lose_a_node_then_rejoin(out: Path, make_node, victim: str, kill_extra=None) 
     nodes = [first, second]
     dead, survivor = (first, second) if victim == "first" else (second, first)
     try:
-        group = wait_for(lambda: [e for e in events(out, "start") if e["world_size"] == 2], 120, "a 2-node group",
-                         nodes)[0]
+        group = wait_for(
+            lambda: [e for e in events(out, "start") if e["world_size"] == 2], 120, "a 2-node group", nodes
+        )[0]
         # Saved by the 2-node group: with --nnodes=1:2 the first node may have trained (and saved) alone
         # until the second joined, and the survivor must resume from a 2-node checkpoint. Published (its
         # manifest written): the event comes when an asynchronous save starts.
-        wait_for(lambda: [e for e in events(out, "checkpoint") if e["time"] > group["time"]
-                          and (Path(e["path"]) / "manifest.json").exists()], 120,
-                 "a checkpoint of the 2-node group", nodes)
+        wait_for(
+            lambda: [
+                e
+                for e in events(out, "checkpoint")
+                if e["time"] > group["time"] and (Path(e["path"]) / "manifest.json").exists()
+            ],
+            120,
+            "a checkpoint of the 2-node group",
+            nodes,
+        )
         starts = len(events(out, "start"))
         dead.kill()
         if kill_extra:
             kill_extra()
         killed_at = time.time()
-        alone = wait_for(lambda: [e for e in events(out, "start")[starts:] if e["world_size"] == 1], 120,
-                         f"the {survivor.name} node to continue alone", nodes)[0]
+        alone = wait_for(
+            lambda: [e for e in events(out, "start")[starts:] if e["world_size"] == 1],
+            120,
+            f"the {survivor.name} node to continue alone",
+            nodes,
+        )[0]
         assert alone["resumed_from"], "the survivor must continue from the last checkpoint"
-        step = wait_for(lambda: [e for e in events(out, "train") if e["time"] > alone["time"]], 120,
-                        "a step after the node loss", nodes)[0]
+        step = wait_for(
+            lambda: [e for e in events(out, "train") if e["time"] > alone["time"]],
+            120,
+            "a step after the node loss",
+            nodes,
+        )[0]
         assert step["time"] - killed_at < 60, f"recovery took {step['time'] - killed_at:.1f}s"
         starts = len(events(out, "start"))
         again = make_node(f"{victim}-again")
         nodes.append(again)
-        wait_for(lambda: [e for e in events(out, "start")[starts:] if e["world_size"] == 2], 120,
-                 "the restarted node to join (world size back to 2)", nodes)
+        wait_for(
+            lambda: [e for e in events(out, "start")[starts:] if e["world_size"] == 2],
+            120,
+            "the restarted node to join (world size back to 2)",
+            nodes,
+        )
         assert survivor.proc.wait(timeout=300) == 0, survivor.output()[-3000:]
         assert again.proc.wait(timeout=60) == 0, again.output()[-3000:]
     finally:

@@ -38,11 +38,19 @@ def _vm_data() -> int:
     its probes (not this test process's: under the whole suite it holds every test module's imports)."""
     if not Path("/proc/self/status").exists():
         pytest.skip("no /proc/self/status VmData (not Linux)")
-    code = ("import imgtrain.batch_finder, imgtrain.trainer\n"
-            "for line in open('/proc/self/status'):\n"
-            "    if line.startswith('VmData:'): print(int(line.split()[1]) * 1024)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env=subprocess_env(), check=True)
+    code = (
+        "import imgtrain.batch_finder, imgtrain.trainer\n"
+        "for line in open('/proc/self/status'):\n"
+        "    if line.startswith('VmData:'): print(int(line.split()[1]) * 1024)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=subprocess_env(),
+        check=True,
+    )
     return int(out.stdout.strip())
 
 

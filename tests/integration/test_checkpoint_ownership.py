@@ -23,8 +23,11 @@ WAIT = 240
 
 
 def train(data: Path, out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run_cli(["train", "--output-dir", str(out), f"data.root={data}", *TINY, "training.max_steps=3",
-                    *extra], check=check, timeout=WAIT)
+    return run_cli(
+        ["train", "--output-dir", str(out), f"data.root={data}", *TINY, "training.max_steps=3", *extra],
+        check=check,
+        timeout=WAIT,
+    )
 
 
 def no_traceback(text: str) -> None:
@@ -50,8 +53,10 @@ def test_another_run_is_refused_a_directory_and_may_still_start_from_its_checkpo
 
     shared = train(data, tmp_path / "b", f"checkpoint.dir={a_ckpts}", check=False)
     assert shared.returncode == EXIT_CHECKPOINT, shared.stderr[-3000:]
-    assert (f"checkpoint error: checkpoint.dir {a_ckpts} holds checkpoints of run 'a' "
-            f"({a_ckpts / before[-1]}), this is run 'b'") in shared.stderr
+    assert (
+        f"checkpoint error: checkpoint.dir {a_ckpts} holds checkpoints of run 'a' "
+        f"({a_ckpts / before[-1]}), this is run 'b'"
+    ) in shared.stderr
     no_traceback(shared.stderr)
     assert sorted(p.name for p in a_ckpts.glob("step_*")) == before  # nothing of run a touched
 
@@ -78,8 +83,12 @@ mgr.close()
 
 def test_a_second_writer_exits_4_naming_the_lock_holder(data, run_a, tmp_path):
     held, done = tmp_path / "held", tmp_path / "done"
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_a / "checkpoints"), str(held), str(done)],
-                              env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(run_a / "checkpoints"), str(held), str(done)],
+        env=subprocess_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + WAIT
         while not held.exists():
@@ -105,11 +114,20 @@ SECRET, PASSWORD = "s3cr3t-literal-value", "hunter2-literal"
 
 def test_secrets_stay_out_of_the_run_directory(data, tmp_path):
     out = tmp_path / "run"
-    proc = train(data, out, "training.epochs=1", "training.max_steps=null",
-                 f"checkpoint.storage_options={{key: AKIAEXAMPLE, secret: {SECRET}}}",
-                 f"monitoring.notify.urls=['json://ops:{PASSWORD}@127.0.0.1:9/hook']")
+    proc = train(
+        data,
+        out,
+        "training.epochs=1",
+        "training.max_steps=null",
+        f"checkpoint.storage_options={{key: AKIAEXAMPLE, secret: {SECRET}}}",
+        f"monitoring.notify.urls=['json://ops:{PASSWORD}@127.0.0.1:9/hook']",
+    )
     assert (out / "model.pt").exists() and list((out / "checkpoints").glob("step_*/state.pt"))
-    for key in ("checkpoint.storage_options.key", "checkpoint.storage_options.secret", "monitoring.notify.urls[0]"):
+    for key in (
+        "checkpoint.storage_options.key",
+        "checkpoint.storage_options.secret",
+        "monitoring.notify.urls[0]",
+    ):
         assert f"{key} is a literal credential" in proc.stderr
     for f in out.rglob("*"):
         if f.is_file():
@@ -132,8 +150,9 @@ def test_eval_takes_the_data_location_from_the_user_not_the_checkpoint(data, run
     for split in ("train", "val"):
         for i, d in enumerate(sorted((renamed / split).iterdir())):
             d.rename(d.with_name(f"kind_{i}"))
-    other = run_cli(["eval", "--checkpoint", str(run_a / "model.pt"), f"data.root={renamed}"], check=False,
-                    timeout=WAIT)
+    other = run_cli(
+        ["eval", "--checkpoint", str(run_a / "model.pt"), f"data.root={renamed}"], check=False, timeout=WAIT
+    )
     assert other.returncode == EXIT_CHECKPOINT, other.stderr[-3000:]
     assert "was trained on classes class_0, class_1, class_2" in other.stderr and "kind_0" in other.stderr
     no_traceback(other.stderr)

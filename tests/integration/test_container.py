@@ -139,8 +139,12 @@ def venv_over_this_python(env_dir: Path) -> Path:
     ``system_site_packages=True`` would reach past that venv to the base Python, which has no torch."""
     venv.EnvBuilder(with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     # addsitedir: appended after the venv's own directory, their .pth files processed (as site does for the
     # system site-packages).
     lines = [f"import site; site.addsitedir({d!r})" for d in site.getsitepackages()]
@@ -153,8 +157,9 @@ def test_venv_over_this_python_sees_its_packages_after_its_own(tmp_path):
     code = "import sys, torch; print(sys.prefix); print(torch.__file__)"
     env = subprocess_env()
     env.pop("PYTHONPATH", None)
-    prefix, torch_file = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True,
-                                        env=env).stdout.split()
+    prefix, torch_file = subprocess.run(
+        [str(python), "-c", code], capture_output=True, text=True, check=True, env=env
+    ).stdout.split()
     assert Path(prefix) == tmp_path / "venv"
     import torch
 
@@ -182,8 +187,13 @@ def test_dockerfile_pip_steps_and_entrypoint_in_a_clean_venv(tmp_path):
     ).stdout.strip()
     assert where.startswith(str(env_dir)), f"imgtrain imported from {where}, not the installed wheel"
     # The wheel carries the region decoder (data.decoder=libjpeg_roi), compiled in the build stage.
-    roi = subprocess.run([str(python), "-c", "import imgtrain.data._jpegroi as m; print(m.__file__)"], env=env,
-                         capture_output=True, text=True, cwd=workspace)
+    roi = subprocess.run(
+        [str(python), "-c", "import imgtrain.data._jpegroi as m; print(m.__file__)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=workspace,
+    )
     assert roi.returncode == 0 and roi.stdout.startswith(str(env_dir)), roi.stderr[-2000:]
 
     help_out = subprocess.run(entry, env=env, cwd=workspace, capture_output=True, text=True, timeout=120)

@@ -37,24 +37,44 @@ def test_torchrun_two_processes_trains_and_writes_summary(image_folder, tmp_path
 def test_two_processes_batch_b_match_one_process_batch_2b(image_folder, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     run_cli(["train", "--output-dir", str(one), f"data.root={image_folder}", *EQUIV, "training.batch_size=8"])
-    run_torchrun(2, ["train", "--output-dir", str(two), f"data.root={image_folder}", *EQUIV,
-                     "training.batch_size=4"])
+    run_torchrun(
+        2, ["train", "--output-dir", str(two), f"data.root={image_folder}", *EQUIV, "training.batch_size=4"]
+    )
     _assert_close(load_weights(one), load_weights(two))
 
 
 def test_gradient_accumulation_matches_larger_batch(image_folder, tmp_path):
     big, acc = tmp_path / "big", tmp_path / "acc"
     run_cli(["train", "--output-dir", str(big), f"data.root={image_folder}", *EQUIV, "training.batch_size=8"])
-    run_cli(["train", "--output-dir", str(acc), f"data.root={image_folder}", *EQUIV, "training.batch_size=4",
-             "optimization.accumulation_steps=2"])
+    run_cli(
+        [
+            "train",
+            "--output-dir",
+            str(acc),
+            f"data.root={image_folder}",
+            *EQUIV,
+            "training.batch_size=4",
+            "optimization.accumulation_steps=2",
+        ]
+    )
     _assert_close(load_weights(big), load_weights(acc))
 
 
 def test_accumulation_under_torchrun_matches_single_process(image_folder, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     run_cli(["train", "--output-dir", str(one), f"data.root={image_folder}", *EQUIV, "training.batch_size=8"])
-    run_torchrun(2, ["train", "--output-dir", str(two), f"data.root={image_folder}", *EQUIV,
-                     "training.batch_size=2", "optimization.accumulation_steps=2"])
+    run_torchrun(
+        2,
+        [
+            "train",
+            "--output-dir",
+            str(two),
+            f"data.root={image_folder}",
+            *EQUIV,
+            "training.batch_size=2",
+            "optimization.accumulation_steps=2",
+        ],
+    )
     _assert_close(load_weights(one), load_weights(two))
 
 
@@ -63,7 +83,9 @@ def test_eval_command_under_torchrun_counts_every_image_once(image_folder, tmp_p
     run_cli(["train", "--output-dir", str(out), f"data.root={image_folder}", *TINY])
     # The data location comes from the user, never from the checkpoint's embedded config.
     root = f"data.root={image_folder}"
-    single = json.loads(run_cli(["eval", "--checkpoint", str(out / "model.pt"), root]).stdout.strip().splitlines()[-1])
+    single = json.loads(
+        run_cli(["eval", "--checkpoint", str(out / "model.pt"), root]).stdout.strip().splitlines()[-1]
+    )
     multi = run_torchrun(2, ["eval", "--checkpoint", str(out / "checkpoints"), root])
     line = [ln for ln in multi.stdout.splitlines() if ln.startswith("{")][-1]
     multi = json.loads(line)
@@ -73,4 +95,6 @@ def test_eval_command_under_torchrun_counts_every_image_once(image_folder, tmp_p
     assert single["val_top1"] == pytest.approx(summary["val_top1"])
     # GPU decode is a training-time option: a run configured with it still evaluates on a CPU machine.
     cpu_eval = run_cli(["eval", "--checkpoint", str(out / "model.pt"), root, "data.decode=gpu"])
-    assert json.loads(cpu_eval.stdout.strip().splitlines()[-1])["val_top1"] == pytest.approx(single["val_top1"])
+    assert json.loads(cpu_eval.stdout.strip().splitlines()[-1])["val_top1"] == pytest.approx(
+        single["val_top1"]
+    )

@@ -33,8 +33,12 @@ def test_node_killed_and_readded(tmp_path):
     # together (the second retries until the first's store is up), so that the first group has both:
     # one second apart, the first can pass its 1 s last call alone and start at world size 1.
     nodes = lose_a_node_then_rejoin(
-        out, lambda name: Node(name, endpoint, train_args(data, out), tmp_path, launcher="imgtrain",
-                               is_host=name == "first"), victim="second")
+        out,
+        lambda name: Node(
+            name, endpoint, train_args(data, out), tmp_path, launcher="imgtrain", is_host=name == "first"
+        ),
+        victim="second",
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["completed"] and summary["world_size"] == 2 and summary["restarts"] >= 2
     # Every sample exactly once per epoch despite two membership changes and re-sharding.
@@ -57,12 +61,24 @@ def test_keep_global_holds_the_recipes_global_batch_as_the_world_grows_and_shrin
         return Node(name, endpoint, args, tmp_path, launcher="imgtrain", is_host=name == "first")
 
     def start_at(world: int, after: int) -> dict:
-        return wait_for(lambda: [e for e in events(out, "start")[after:] if e["world_size"] == world], 120,
-                        f"a start at world size {world}", nodes)[0]
+        return wait_for(
+            lambda: [e for e in events(out, "start")[after:] if e["world_size"] == world],
+            120,
+            f"a start at world size {world}",
+            nodes,
+        )[0]
 
     def saved_after(start: dict) -> None:  # published (manifest written) by the group that began at start
-        wait_for(lambda: [e for e in events(out, "checkpoint") if e["time"] > start["time"]
-                          and (Path(e["path"]) / "manifest.json").exists()], 120, "a checkpoint", nodes)
+        wait_for(
+            lambda: [
+                e
+                for e in events(out, "checkpoint")
+                if e["time"] > start["time"] and (Path(e["path"]) / "manifest.json").exists()
+            ],
+            120,
+            "a checkpoint",
+            nodes,
+        )
 
     def logged(line: str) -> None:
         wait_for(lambda: line in first.output(), 60, repr(line), nodes)
@@ -75,8 +91,10 @@ def test_keep_global_holds_the_recipes_global_batch_as_the_world_grows_and_shrin
         peak_lr = training["base_lr"] * 8 / training["lr_reference_batch"]  # the linear scaling rule at 8
         assert (alone["global_batch"], alone["accumulation"]) == (8, 2)
         assert alone["peak_lr"] == pytest.approx(peak_lr)
-        logged("elastic: world size 1 at the first start, 2 for the whole job (imgtrain launch's --nnodes "
-               "maximum); policy keep_global: accumulation 2, global batch 8")
+        logged(
+            "elastic: world size 1 at the first start, 2 for the whole job (imgtrain launch's --nnodes "
+            "maximum); policy keep_global: accumulation 2, global batch 8"
+        )
         saved_after(alone)
         nodes.append(node("second"))
         both = start_at(2, len(events(out, "start")))
@@ -116,20 +134,32 @@ def test_network_partition_is_detected_and_survivor_continues(tmp_path, two_name
     # guess which agent hosts the store, nor which address the workers should advertise: say both
     # explicitly, as on machines with several interfaces.
     host = Node("host", endpoint, args, tmp_path, netns=ns_a, ifname=veth_a, is_host=True, local_addr=addr_a)
-    other = Node("other", endpoint, args, tmp_path, netns=ns_b, ifname=veth_b, is_host=False,
-                 local_addr=addr_b)
+    other = Node(
+        "other", endpoint, args, tmp_path, netns=ns_b, ifname=veth_b, is_host=False, local_addr=addr_b
+    )
     nodes = [host, other]
     try:
-        wait_for(lambda: any(e["world_size"] == 2 for e in events(out, "start")), 120, "a 2-node group", nodes)
-        wait_for(lambda: list((out / "checkpoints").glob("step_*/manifest.json")), 120,
-                 "a first checkpoint", nodes)
+        wait_for(
+            lambda: any(e["world_size"] == 2 for e in events(out, "start")), 120, "a 2-node group", nodes
+        )
+        wait_for(
+            lambda: list((out / "checkpoints").glob("step_*/manifest.json")), 120, "a first checkpoint", nodes
+        )
         starts_before = len(events(out, "start"))
         ip("-n", ns_b, "link", "set", veth_b, "down")  # cut the other node off
         cut_at = time.time()
-        survivor = wait_for(lambda: [e for e in events(out, "start")[starts_before:] if e["world_size"] == 1],
-                            150, "the survivor to re-form the group alone after the partition", nodes)[0]
-        first_step = wait_for(lambda: [e for e in events(out, "train") if e["time"] > survivor["time"]],
-                              120, "a step after the partition", nodes)[0]
+        survivor = wait_for(
+            lambda: [e for e in events(out, "start")[starts_before:] if e["world_size"] == 1],
+            150,
+            "the survivor to re-form the group alone after the partition",
+            nodes,
+        )[0]
+        first_step = wait_for(
+            lambda: [e for e in events(out, "train") if e["time"] > survivor["time"]],
+            120,
+            "a step after the partition",
+            nodes,
+        )[0]
         assert first_step["time"] - cut_at < 90
         assert host.proc.wait(timeout=300) == 0, host.output()[-3000:]
     finally:

@@ -24,7 +24,7 @@ MANIFEST = REPO / "deploy" / "rendezvous" / "etcd-kubernetes.yaml"
 
 def _doc_cert_commands() -> str:
     text = DOC.read_text()
-    section = text[text.index("## etcd: certificates"):]
+    section = text[text.index("## etcd: certificates") :]
     return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
 
 
@@ -56,8 +56,14 @@ def test_etcd_refuses_clients_without_the_jobs_certificate(tmp_path):
     (bin_dir / "kubectl").write_text('#!/bin/sh\necho "$@" >> kubectl.log\n')
     (bin_dir / "kubectl").chmod(0o755)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
-    subprocess.run(["bash", "-euo", "pipefail", "-c", _doc_cert_commands()], cwd=tmp_path, env=env, check=True,
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", _doc_cert_commands()],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     secrets = (tmp_path / "kubectl.log").read_text()
     assert "imgtrain-etcd-tls --from-file=ca.crt --from-file=tls.crt --from-file=tls.key" in secrets
     assert "imgtrain-etcd-client-tls" in secrets and "tls.key=client.key" in secrets
@@ -72,9 +78,17 @@ def test_etcd_refuses_clients_without_the_jobs_certificate(tmp_path):
         from torch.distributed.elastic.rendezvous.etcd_rendezvous_backend import _create_etcd_client
 
         # The documented --rdzv-conf keys, pointing at the client certificate.
-        params = RendezvousParameters("etcd-v2", f"127.0.0.1:{client}", "job", 1, 1, protocol="https",
-                                      ca_cert=str(tmp_path / "ca.crt"), ssl_cert=str(tmp_path / "client.crt"),
-                                      ssl_cert_key=str(tmp_path / "client.key"))
+        params = RendezvousParameters(
+            "etcd-v2",
+            f"127.0.0.1:{client}",
+            "job",
+            1,
+            1,
+            protocol="https",
+            ca_cert=str(tmp_path / "ca.crt"),
+            ssl_cert=str(tmp_path / "client.crt"),
+            ssl_cert_key=str(tmp_path / "client.key"),
+        )
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -89,7 +103,9 @@ def test_etcd_refuses_clients_without_the_jobs_certificate(tmp_path):
         # The CA alone (no client certificate) is refused at the TLS handshake.
         ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
         with pytest.raises((ssl.SSLError, ConnectionError, urllib.error.URLError)):
-            urllib.request.urlopen(f"https://127.0.0.1:{client}/v2/keys/imgtrain-test", context=ctx, timeout=10)
+            urllib.request.urlopen(
+                f"https://127.0.0.1:{client}/v2/keys/imgtrain-test", context=ctx, timeout=10
+            )
         # Plain HTTP is not served at all.
         plain = etcd.Client(host="127.0.0.1", port=client, protocol="http")
         with pytest.raises(Exception):  # noqa: B017 - python-etcd wraps the failure in several types

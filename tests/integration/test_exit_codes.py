@@ -25,7 +25,9 @@ def test_resuming_on_another_training_split_exits_4_in_one_line_and_keeps_the_ch
     proc = run_cli(args, check=False)
     assert proc.returncode == 4, proc.stderr[-3000:]
     line = _one_error_line(proc.stderr, "imgtrain: checkpoint error")
-    assert "training split of 36 samples" in line and "now has 37" in line and "checkpoint.resume=never" in line
+    assert (
+        "training split of 36 samples" in line and "now has 37" in line and "checkpoint.resume=never" in line
+    )
     assert sorted((out / "checkpoints").iterdir()) == saved
 
 

@@ -53,8 +53,13 @@ EPOCHS = 3
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("ft") / "data", classes=CLASSES,
-                             train_per_class=TRAIN_PER_CLASS, val_per_class=2, size=64)
+    return make_image_folder(
+        tmp_path_factory.mktemp("ft") / "data",
+        classes=CLASSES,
+        train_per_class=TRAIN_PER_CLASS,
+        val_per_class=2,
+        size=64,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +75,21 @@ def shard_dir(data_dir, tmp_path_factory) -> Path:
 
 def slow_args(data: Path, out: Path, world: int, *extra: str) -> list[str]:
     """A deterministic 3-epoch run with a mid-epoch checkpoint every 6 steps."""
-    return ["train", "--output-dir", str(out), f"data.root={data}", *TINY, "data.image_size=64",
-            "data.val_resize=64", "model.width=32", f"training.epochs={EPOCHS}",
-            f"training.batch_size={8 // world}", "checkpoint.save_every_steps=6", "checkpoint.keep_last_n=3",
-            *extra]
+    return [
+        "train",
+        "--output-dir",
+        str(out),
+        f"data.root={data}",
+        *TINY,
+        "data.image_size=64",
+        "data.val_resize=64",
+        "model.width=32",
+        f"training.epochs={EPOCHS}",
+        f"training.batch_size={8 // world}",
+        "checkpoint.save_every_steps=6",
+        "checkpoint.keep_last_n=3",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +121,14 @@ def cli_cmd(args: list[str]) -> list[str]:
 def wait_until(cond, what: str, run: Run | None = None, timeout: float = WAIT, poll: float = 0.02):
     """Poll ``cond()`` until it returns something truthy; fail (with the run's output) if the run
     exits first or the timeout passes."""
-    return wait_for(cond, timeout, what, poll=poll,
-                    ended=None if run is None else lambda: run.proc.poll() is not None,
-                    context=None if run is None else lambda: run.output[-6000:])
+    return wait_for(
+        cond,
+        timeout,
+        what,
+        poll=poll,
+        ended=None if run is None else lambda: run.proc.poll() is not None,
+        context=None if run is None else lambda: run.output[-6000:],
+    )
 
 
 def metrics(out: Path) -> list[dict]:
@@ -152,6 +173,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
 def assert_same_rng_streams(a: Path, b: Path, step: int) -> None:
     """Every rank's RNG streams (Python, NumPy, torch) in both runs' checkpoints of ``step``: a resumed run
     goes on with the streams an uninterrupted one has, not only with its weights."""
+
     def streams(out: Path) -> list[dict]:
         state = out / "checkpoints" / f"step_{step:09d}" / STATE_FILE
         return torch.load(state, map_location="cpu", weights_only=True)["rng"]
@@ -184,16 +206,21 @@ def no_traceback(text: str) -> None:
 
 
 @pytest.mark.parametrize("data_format", ["folder", "shards"])
-def test_kill9_worker_under_torchrun_restarts_and_matches_uninterrupted(data_dir, tmp_path, runs, reference,
-                                                                        data_format, request):
+def test_kill9_worker_under_torchrun_restarts_and_matches_uninterrupted(
+    data_dir, tmp_path, runs, reference, data_format, request
+):
     out = tmp_path / "killed"
     data, extra = data_dir, []
     if data_format == "shards":  # the same images as prepared shards, read by a loader worker per rank
         data, extra = request.getfixturevalue("shard_dir"), ["data.format=shards", "data.workers=1"]
     # No epoch-end saves: every checkpoint from step 24 (4 steps into epoch 2) to step 54 is mid-epoch, so
     # the kill lands after a mid-epoch checkpoint however late this (starved) poller sees step 26.
-    run = runs(torchrun_cmd(2, slow_args(data, out, 2, *extra, "checkpoint.save_at_epoch_end=false"),
-                            ["--max-restarts=3"]), out)
+    run = runs(
+        torchrun_cmd(
+            2, slow_args(data, out, 2, *extra, "checkpoint.save_at_epoch_end=false"), ["--max-restarts=3"]
+        ),
+        out,
+    )
     wait_until(lambda: last_step(out) >= 26 and published(out, 24), "step 26 and checkpoint 24", run)
     run.worker_with_rank(1).kill()
     assert run.wait() == 0, run.output[-6000:]
@@ -223,8 +250,17 @@ def test_kill9_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, runs)
     data = make_image_folder(tmp_path / "data")  # 36 images: 5 steps per epoch
     out = tmp_path / "run"
     # resnet18 with its SGD momentum: ~90 MB per checkpoint, written (and fsynced) after every step.
-    args = ["train", "--output-dir", str(out), f"data.root={data}", *TINY, "model.name=resnet18",
-            "training.epochs=1", "checkpoint.save_every_steps=1", "checkpoint.keep_last_n=2"]
+    args = [
+        "train",
+        "--output-dir",
+        str(out),
+        f"data.root={data}",
+        *TINY,
+        "model.name=resnet18",
+        "training.epochs=1",
+        "checkpoint.save_every_steps=1",
+        "checkpoint.keep_last_n=2",
+    ]
     ckpts = out / "checkpoints"
 
     seen: set[str] = set()
@@ -294,8 +330,9 @@ def tiny_reference(small_data, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("corrupt", [_truncate, _flip_bit], ids=["truncated", "bit-flipped"])
-def test_corrupt_newest_checkpoint_is_skipped_and_rejected_when_named(small_data, tiny_reference, tmp_path,
-                                                                      corrupt):
+def test_corrupt_newest_checkpoint_is_skipped_and_rejected_when_named(
+    small_data, tiny_reference, tmp_path, corrupt
+):
     out = tmp_path / "run"
     args = ["train", "--output-dir", str(out), f"data.root={small_data}", *TINY, "training.epochs=3"]
     run_cli([*args, "training.max_steps=10"])  # checkpoints at steps 5 and 10 (epoch ends)
@@ -309,8 +346,9 @@ def test_corrupt_newest_checkpoint_is_skipped_and_rejected_when_named(small_data
     no_traceback(named.stderr)
 
     proc = run_cli(args)
-    assert re.search(rf"skipping checkpoint {re.escape(str(bad))}: {STATE_FILE} is (truncated|corrupt)",
-                     proc.stderr), proc.stderr[-3000:]
+    assert re.search(
+        rf"skipping checkpoint {re.escape(str(bad))}: {STATE_FILE} is (truncated|corrupt)", proc.stderr
+    ), proc.stderr[-3000:]
     assert f"resumed from {good}" in proc.stderr
     assert resumed_steps(out)[-1] == 5
     assert summary(out)["steps"] == 15 and summary(out)["images_seen"] == 3 * 36
@@ -319,21 +357,45 @@ def test_corrupt_newest_checkpoint_is_skipped_and_rejected_when_named(small_data
 
 def test_checkpoint_of_another_model_or_class_count_is_a_clear_error(small_data, tiny_reference, tmp_path):
     ckpt = tiny_reference / "checkpoints" / "step_000000015"  # simple_cnn, 3 classes
-    other_model = run_cli(["train", "--output-dir", str(tmp_path / "a"), f"data.root={small_data}", *TINY,
-                           "model.name=resnet18", "--resume", str(ckpt)], check=False)
+    other_model = run_cli(
+        [
+            "train",
+            "--output-dir",
+            str(tmp_path / "a"),
+            f"data.root={small_data}",
+            *TINY,
+            "model.name=resnet18",
+            "--resume",
+            str(ckpt),
+        ],
+        check=False,
+    )
     assert other_model.returncode == EXIT_CHECKPOINT, other_model.stderr[-3000:]
     assert f"checkpoint {ckpt} holds model 'simple_cnn'" in other_model.stderr
     assert "model.name='resnet18'" in other_model.stderr
 
     four = make_image_folder(tmp_path / "four", classes=4, train_per_class=3, val_per_class=1)
-    other_classes = run_cli(["train", "--output-dir", str(tmp_path / "b"), f"data.root={four}", *TINY,
-                             "--resume", str(ckpt)], check=False)
+    other_classes = run_cli(
+        ["train", "--output-dir", str(tmp_path / "b"), f"data.root={four}", *TINY, "--resume", str(ckpt)],
+        check=False,
+    )
     assert other_classes.returncode == EXIT_CHECKPOINT, other_classes.stderr[-3000:]
     assert f"checkpoint {ckpt} was trained on 3 classes" in other_classes.stderr
     assert "has 4" in other_classes.stderr
 
-    wider = run_cli(["train", "--output-dir", str(tmp_path / "c"), f"data.root={small_data}", *TINY,
-                     "model.width=16", "--resume", str(ckpt)], check=False)
+    wider = run_cli(
+        [
+            "train",
+            "--output-dir",
+            str(tmp_path / "c"),
+            f"data.root={small_data}",
+            *TINY,
+            "model.width=16",
+            "--resume",
+            str(ckpt),
+        ],
+        check=False,
+    )
     assert wider.returncode == EXIT_CHECKPOINT, wider.stderr[-3000:]
     assert f"checkpoint {ckpt} does not fit the configured model" in wider.stderr
     assert "size mismatch" in wider.stderr
@@ -391,7 +453,9 @@ def test_sigterm_single_process_saves_exits_and_resumes_bit_identical(data_dir, 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "imgtrain launch"])
-def test_sigterm_to_torchrun_saves_exits_and_resumes_bit_identical(data_dir, tmp_path, runs, reference, launcher):
+def test_sigterm_to_torchrun_saves_exits_and_resumes_bit_identical(
+    data_dir, tmp_path, runs, reference, launcher
+):
     """With a DataLoader worker per rank. Plain torchrun stops its workers with os.killpg: each rank's
     loader worker gets the SIGTERM too, and must outlive it until its rank has saved (issue 16)."""
     out = tmp_path / "run"
@@ -409,8 +473,10 @@ def test_sigterm_to_torchrun_saves_exits_and_resumes_bit_identical(data_dir, tmp
         assert not w.is_running()
     text = run.output
     for rank in (0, 1):
-        assert f"[rank {rank}] WARNING imgtrain.trainer: preemption (SIGTERM): saving a checkpoint at step " \
-               f"{stopped} before exiting" in text
+        assert (
+            f"[rank {rank}] WARNING imgtrain.trainer: preemption (SIGTERM): saving a checkpoint at step "
+            f"{stopped} before exiting" in text
+        )
     assert "DataLoader worker" not in text, text[-6000:]
     assert not re.search(r'File "[^"]*/imgtrain/', text), text[-6000:]
     assert "forcefully exiting via" not in text  # the workers exited by themselves, none was killed
@@ -434,8 +500,14 @@ def test_sigterm_to_torchrun_saves_exits_and_resumes_bit_identical(data_dir, tmp
 def test_time_based_saves_under_torchrun_are_taken_by_all_ranks_together(data_dir, tmp_path, reference):
     """save_interval runs out at slightly different moments on each rank; a save is collective."""
     out = tmp_path / "run"
-    args = slow_args(data_dir, out, 2, "checkpoint.save_interval=0.05", "fault_tolerance.hang_timeout=15",
-                     "distributed.timeout=60")
+    args = slow_args(
+        data_dir,
+        out,
+        2,
+        "checkpoint.save_interval=0.05",
+        "fault_tolerance.hang_timeout=15",
+        "distributed.timeout=60",
+    )
     run_torchrun(2, args, timeout=WAIT)
     saves = [r["step"] for r in metrics(out) if r["event"] == "checkpoint"]
     assert len(saves) > EPOCHS * STEPS_PER_EPOCH // 6 + EPOCHS  # more than the step-based ones alone
@@ -453,8 +525,9 @@ def test_wedged_rank_trips_the_watchdog(data_dir, tmp_path, runs):
     wedged = run.worker_with_rank(1)
     wedged.suspend()  # SIGSTOP
     try:
-        wait_until(lambda: "imgtrain watchdog: rank 0" in run.output, "the watchdog message", run,
-                   timeout=120)
+        wait_until(
+            lambda: "imgtrain watchdog: rank 0" in run.output, "the watchdog message", run, timeout=120
+        )
         seen = time.time()
         stuck_at = last_step(out)
     finally:
@@ -470,7 +543,7 @@ def test_wedged_rank_trips_the_watchdog(data_dir, tmp_path, runs):
     last = max(r["time"] for r in metrics(out) if r["event"] == "train")
     assert seen - last >= 3, f"the watchdog fired {seen - last:.1f}s after rank 0's last step (limit 5s)"
     assert last_step(out) == stuck_at  # no step completed between the message and the exit
-    dump = text[text.index("imgtrain watchdog: rank 0"):]
+    dump = text[text.index("imgtrain watchdog: rank 0") :]
     # Every thread's stack: the watchdog's own and the training loop's, stuck in a step.
     assert dump.count("(most recent call first)") >= 2 and "in train_step" in dump, dump[:4000]
     assert re.search(rf"\(exitcode: {WATCHDOG_EXIT_CODE}\) local_rank: 0", text), text[-4000:]
@@ -502,8 +575,17 @@ def test_suspended_and_resumed_run_is_not_taken_for_a_hang(data_dir, tmp_path, r
 
 def test_keep_last_n_leaves_only_the_newest_valid_checkpoints(small_data, tmp_path):
     out = tmp_path / "run"
-    run_cli(["train", "--output-dir", str(out), f"data.root={small_data}", *TINY,
-             "checkpoint.save_every_steps=1", "checkpoint.keep_last_n=3"])  # 10 saves
+    run_cli(
+        [
+            "train",
+            "--output-dir",
+            str(out),
+            f"data.root={small_data}",
+            *TINY,
+            "checkpoint.save_every_steps=1",
+            "checkpoint.keep_last_n=3",
+        ]
+    )  # 10 saves
     names = [p.name for p in step_dirs(out)]
     assert names == ["step_000000008", "step_000000009", "step_000000010"]
     for p in step_dirs(out):

@@ -124,9 +124,16 @@ def test_two_node_job_over_launch_monitor_and_cleanup(tmp_path, two_hosts):
     # (rank 0's training log on one of them) went to that host's log.
     host_log = {ns: (logs / f"{ns}.log").read_text() for ns in (ns_a, ns_b)}
     for ns, is_host in ((ns_a, "true"), (ns_b, "false")):
-        assert re.search(rf"launch_training.sh: mode=node nodes=2 .* endpoint={re.escape(addr_a)}:\d+ .*"
-                         rf"is_host={is_host}\b", host_log[ns]), host_log[ns][-3000:]
-    trained = [ns for ns, text in host_log.items() if "[rank 0] INFO imgtrain.trainer: imgtrain: world size 2" in text]
+        assert re.search(
+            rf"launch_training.sh: mode=node nodes=2 .* endpoint={re.escape(addr_a)}:\d+ .*"
+            rf"is_host={is_host}\b",
+            host_log[ns],
+        ), host_log[ns][-3000:]
+    trained = [
+        ns
+        for ns, text in host_log.items()
+        if "[rank 0] INFO imgtrain.trainer: imgtrain: world size 2" in text
+    ]
     assert len(trained) == 1, host_logs()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["completed"] and summary["world_size"] == 2 and summary["images_seen"] == 2 * 48

@@ -110,8 +110,11 @@ def test_killed_launcher_leaves_no_process_and_its_worker_saves(tmp_path, start_
     stopped = int(said.group(1))
     # That step's checkpoint is published and intact, it is the run's newest, and nothing was trained after it.
     verify(str(out / "checkpoints" / f"step_{stopped:09d}"))
-    assert wait_for(lambda: [e["step"] for e in events(out, "checkpoint")][-1:] == [stopped], 60,
-                    f"the checkpoint record of step {stopped} in metrics.jsonl")
+    assert wait_for(
+        lambda: [e["step"] for e in events(out, "checkpoint")][-1:] == [stopped],
+        60,
+        f"the checkpoint record of step {stopped} in metrics.jsonl",
+    )
     assert max(e["step"] for e in events(out, "train")) == stopped
 
 
@@ -121,14 +124,31 @@ def test_launcher_stopped_by_a_signal_exits_with_its_code_quietly(tmp_path, sig,
     exits as a process stopped by that signal (README's exit codes), without a traceback."""
     import signal
 
-    cmd = [sys.executable, "-m", "imgtrain", "launch", "--standalone", "--nproc-per-node=1",
-           f"--log-dir={tmp_path}", "--no-python", "sleep", "600"]
-    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env=subprocess_env(), start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "imgtrain",
+        "launch",
+        "--standalone",
+        "--nproc-per-node=1",
+        f"--log-dir={tmp_path}",
+        "--no-python",
+        "sleep",
+        "600",
+    ]
+    agent = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=subprocess_env(),
+        start_new_session=True,
+    )
     try:
         # Signal once the agent runs its worker: its handlers are installed by then.
-        (worker,) = wait_for(lambda: agent.poll() is None and psutil.Process(agent.pid).children(), 120,
-                             "the agent's worker")
+        (worker,) = wait_for(
+            lambda: agent.poll() is None and psutil.Process(agent.pid).children(), 120, "the agent's worker"
+        )
         agent.send_signal(getattr(signal, sig))
         rc = agent.wait(timeout=60)
     finally:
@@ -136,6 +156,8 @@ def test_launcher_stopped_by_a_signal_exits_with_its_code_quietly(tmp_path, sig,
             agent.kill()
     output = agent.stdout.read()
     assert rc == code, output[-3000:]
-    assert f"Received {int(getattr(signal, sig))} death signal, shutting down workers" in output, output[-3000:]
+    assert f"Received {int(getattr(signal, sig))} death signal, shutting down workers" in output, output[
+        -3000:
+    ]
     assert "Traceback" not in output, output[-3000:]
     assert not _alive(worker)

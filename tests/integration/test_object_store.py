@@ -14,8 +14,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def test_checkpoints_round_trip_through_s3(image_folder, tmp_path, s3_server):
     endpoint, s3 = s3_server
     opts = "{client_kwargs: {endpoint_url: '" + endpoint + "', region_name: eu-west-1}}"
-    args = ["train", f"data.root={image_folder}", *TINY, "checkpoint.dir=s3://ckpts/run1",
-            f"checkpoint.storage_options={opts}", "checkpoint.keep_last_n=2"]
+    args = [
+        "train",
+        f"data.root={image_folder}",
+        *TINY,
+        "checkpoint.dir=s3://ckpts/run1",
+        f"checkpoint.storage_options={opts}",
+        "checkpoint.keep_last_n=2",
+    ]
     out = tmp_path / "run"
     run_cli([*args, "--output-dir", str(out), "training.max_steps=5"], env=s3_env(endpoint))
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="ckpts", Prefix="run1/")["Contents"])
@@ -34,6 +40,8 @@ def test_checkpoints_round_trip_through_s3(image_folder, tmp_path, s3_server):
     # A corrupted object is detected by its checksum and the older checkpoint is used instead.
     newest = max(steps)
     s3.put_object(Bucket="ckpts", Key=f"run1/{newest}/state.pt", Body=b"not a checkpoint")
-    ev = run_cli(["eval", "--checkpoint", "s3://ckpts/run1", f"data.root={image_folder}"], env=s3_env(endpoint))
+    ev = run_cli(
+        ["eval", "--checkpoint", "s3://ckpts/run1", f"data.root={image_folder}"], env=s3_env(endpoint)
+    )
     assert f"skipping checkpoint s3://ckpts/run1/{newest}" in ev.stderr
     assert json.loads(ev.stdout.strip().splitlines()[-1])["val_images"] == 12

@@ -23,8 +23,18 @@ QUICKSTART_EPOCHS = 5
 
 def test_quickstart_on_prepared_shards_reaches_97_percent_and_counts_a_corrupt_member(tmp_path):
     shards = tmp_path / "shards"
-    run_cli(["prepare", str(ensure_digits()), str(shards), "--samples-per-shard", "500", "--workers", "2",
-             "--no-progress"])
+    run_cli(
+        [
+            "prepare",
+            str(ensure_digits()),
+            str(shards),
+            "--samples-per-shard",
+            "500",
+            "--workers",
+            "2",
+            "--no-progress",
+        ]
+    )
     index = json.loads((shards / "index.json").read_text())
     assert index["splits"]["train"]["samples"] == 1437 and index["splits"]["val"]["samples"] == 360
     assert len(index["splits"]["train"]["shards"]) == 3 and index["classes"] == [str(i) for i in range(10)]
@@ -37,15 +47,28 @@ def test_quickstart_on_prepared_shards_reaches_97_percent_and_counts_a_corrupt_m
         f.write(b"\xff" * member.size)
 
     out = tmp_path / "run"
-    proc = run_cli(["train", "--config", "quickstart", "--output-dir", str(out), f"data.root={shards}",
-                    "data.format=shards", "training.progress_bar=false"], timeout=600)
+    proc = run_cli(
+        [
+            "train",
+            "--config",
+            "quickstart",
+            "--output-dir",
+            str(out),
+            f"data.root={shards}",
+            "data.format=shards",
+            "training.progress_bar=false",
+        ],
+        timeout=600,
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["val_top1"] >= 97.0, summary
     assert summary["val_images"] == 360 and summary["epochs"] == QUICKSTART_EPOCHS
     # The garbled member: named, weight 0, counted once per epoch (1 of 1437 is within max_bad_fraction).
     assert f"skipping unreadable sample {shard}:{member.name}" in proc.stderr
     records = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "train"]
-    per_epoch = [sum(r["bad_images"] for r in records if r["epoch"] == e) for e in range(1, QUICKSTART_EPOCHS + 1)]
+    per_epoch = [
+        sum(r["bad_images"] for r in records if r["epoch"] == e) for e in range(1, QUICKSTART_EPOCHS + 1)
+    ]
     assert per_epoch == [1] * QUICKSTART_EPOCHS
 
 
@@ -53,8 +76,18 @@ def test_shards_round_trip_through_s3_with_a_local_cache(image_folder, tmp_path,
     endpoint, s3 = s3_server
     s3.create_bucket(Bucket="data", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
     opts = "{client_kwargs: {endpoint_url: '" + endpoint + "', region_name: eu-west-1}}"
-    prep = ["prepare", str(image_folder), "s3://data/tiny", "--samples-per-shard", "10", "--workers", "2",
-            "--storage-options", opts, "--no-progress"]
+    prep = [
+        "prepare",
+        str(image_folder),
+        "s3://data/tiny",
+        "--samples-per-shard",
+        "10",
+        "--workers",
+        "2",
+        "--storage-options",
+        opts,
+        "--no-progress",
+    ]
     run_cli(prep, env=s3_env(endpoint))
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="data", Prefix="tiny/")["Contents"])
     shards = [k for k in keys if k.endswith(".tar")]
@@ -66,17 +99,35 @@ def test_shards_round_trip_through_s3_with_a_local_cache(image_folder, tmp_path,
     assert "5 shards kept from an earlier run, 1 written" in rerun.stderr
 
     out, cache = tmp_path / "run", tmp_path / "cache"
-    proc = run_cli(["train", "--output-dir", str(out), *TINY, "data.workers=1", "data.root=s3://data/tiny",
-                    "data.format=shards", f"data.storage_options={opts}", f"data.cache_dir={cache}"],
-                   env=s3_env(endpoint))
+    proc = run_cli(
+        [
+            "train",
+            "--output-dir",
+            str(out),
+            *TINY,
+            "data.workers=1",
+            "data.root=s3://data/tiny",
+            "data.format=shards",
+            f"data.storage_options={opts}",
+            f"data.cache_dir={cache}",
+        ],
+        env=s3_env(endpoint),
+    )
     assert json.loads((out / "summary.json").read_text())["val_images"] == 12
     reports = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "shard_cache"]
     assert [r["epoch"] for r in reports] == [1, 2]
     # Epoch 1 downloads each shard once (train and val); epoch 2 reads everything from the local disk.
     assert reports[0]["cache_misses"] == 6 and reports[0]["cache_hits"] == 48 - 6
     assert reports[0]["downloaded_bytes"] > 0
-    assert reports[1]["cache_misses"] == 0 and reports[1]["cache_hits"] == 48 and reports[1]["cache_hit_rate"] == 1.0
-    assert "shard cache, epoch 2: 48 sample reads, 48 from the local cache, 0 from the object store" in proc.stderr
+    assert (
+        reports[1]["cache_misses"] == 0
+        and reports[1]["cache_hits"] == 48
+        and reports[1]["cache_hit_rate"] == 1.0
+    )
+    assert (
+        "shard cache, epoch 2: 48 sample reads, 48 from the local cache, 0 from the object store"
+        in proc.stderr
+    )
     assert len(list(cache.glob("*/*.tar"))) == 6
 
     # A cache with room for one shard: that one is cached, the others are read by byte range from the

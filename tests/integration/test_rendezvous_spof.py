@@ -27,13 +27,18 @@ def test_standalone_store_survives_loss_of_first_node(tmp_path):
     data = make_image_folder(tmp_path / "data", classes=3, train_per_class=16, val_per_class=2, size=16)
     out = tmp_path / "run"
     port = free_port()
-    store = subprocess.Popen([sys.executable, "-m", "imgtrain", "rendezvous-store", "--host", "127.0.0.1",
-                              "--port", str(port)], stdout=subprocess.PIPE, text=True, env=subprocess_env())
+    store = subprocess.Popen(
+        [sys.executable, "-m", "imgtrain", "rendezvous-store", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
     try:
         assert "listening" in store.stdout.readline()
         args = train_args(data, out)
-        lose_a_node_then_rejoin(out, lambda name: Node(name, f"127.0.0.1:{port}", args, tmp_path, is_host=False),
-                                victim="first")
+        lose_a_node_then_rejoin(
+            out, lambda name: Node(name, f"127.0.0.1:{port}", args, tmp_path, is_host=False), victim="first"
+        )
         _assert_finished(out)
     finally:
         store.terminate()
@@ -52,12 +57,34 @@ def etcd_cluster(tmp_path):
     procs = []
     for n, c, p in zip(names, client, peer, strict=True):
         log = open(tmp_path / f"etcd-{n}.log", "w")
-        procs.append(subprocess.Popen(
-            ["etcd", "--name", n, "--data-dir", str(tmp_path / f"etcd-{n}"), "--enable-v2=true",
-             "--listen-client-urls", f"http://127.0.0.1:{c}", "--advertise-client-urls", f"http://127.0.0.1:{c}",
-             "--listen-peer-urls", f"http://127.0.0.1:{p}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{p}",
-             "--initial-cluster", cluster, "--initial-cluster-state", "new", "--initial-cluster-token", tmp_path.name],
-            stdout=log, stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [
+                    "etcd",
+                    "--name",
+                    n,
+                    "--data-dir",
+                    str(tmp_path / f"etcd-{n}"),
+                    "--enable-v2=true",
+                    "--listen-client-urls",
+                    f"http://127.0.0.1:{c}",
+                    "--advertise-client-urls",
+                    f"http://127.0.0.1:{c}",
+                    "--listen-peer-urls",
+                    f"http://127.0.0.1:{p}",
+                    "--initial-advertise-peer-urls",
+                    f"http://127.0.0.1:{p}",
+                    "--initial-cluster",
+                    cluster,
+                    "--initial-cluster-state",
+                    "new",
+                    "--initial-cluster-token",
+                    tmp_path.name,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
     import etcd
 
     def leader():
@@ -86,6 +113,9 @@ def test_etcd_rendezvous_survives_loss_of_first_node_and_an_etcd_member(tmp_path
     victim, *others = [i for i in range(3) if i != leader] + [leader]
     endpoints = {"first": client[victim], "second": client[others[0]], "first-again": client[others[1]]}
     lose_a_node_then_rejoin(
-        out, lambda name: Node(name, f"127.0.0.1:{endpoints[name]}", args, tmp_path, backend="etcd-v2"),
-        victim="first", kill_extra=lambda: (members[victim].kill(), members[victim].wait()))
+        out,
+        lambda name: Node(name, f"127.0.0.1:{endpoints[name]}", args, tmp_path, backend="etcd-v2"),
+        victim="first",
+        kill_extra=lambda: (members[victim].kill(), members[victim].wait()),
+    )
     _assert_finished(out)

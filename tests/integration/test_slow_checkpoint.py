@@ -25,7 +25,8 @@ DELAY_S = 2 * TIMEOUT_S + 10
 
 
 def _install_slowfs(root):
-    (root / "slowfs.py").write_text(textwrap.dedent(f"""
+    (root / "slowfs.py").write_text(
+        textwrap.dedent(f"""
         import os
         import time
         from fsspec.implementations.local import LocalFileSystem
@@ -45,7 +46,8 @@ def _install_slowfs(root):
                     time.sleep({DELAY_S})
                     open(first, "w").close()
                 return super()._open(path, mode, **kwargs)
-    """))
+    """)
+    )
     info = root / "slowfs-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: slowfs\nVersion: 0.1\n")
@@ -58,12 +60,27 @@ def test_synchronous_save_slower_than_collective_timeout(tmp_path, monkeypatch):
     plugin.mkdir()
     _install_slowfs(plugin)
     # In front of the tree under test (an editable install elsewhere must not take its place).
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(plugin), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(plugin), os.environ.get("PYTHONPATH")]))
+    )
     out = tmp_path / "run"
-    run_torchrun(2, ["train", "--output-dir", str(out), f"data.root={data}", *TINY,
-                     f"checkpoint.dir=slowfile://{tmp_path / 'ckpt'}", "checkpoint.async_save=false",
-                     "checkpoint.save_every_steps=2", "checkpoint.save_at_epoch_end=false",
-                     "training.max_steps=3", f"distributed.timeout={TIMEOUT_S}"], timeout=240)
+    run_torchrun(
+        2,
+        [
+            "train",
+            "--output-dir",
+            str(out),
+            f"data.root={data}",
+            *TINY,
+            f"checkpoint.dir=slowfile://{tmp_path / 'ckpt'}",
+            "checkpoint.async_save=false",
+            "checkpoint.save_every_steps=2",
+            "checkpoint.save_at_epoch_end=false",
+            "training.max_steps=3",
+            f"distributed.timeout={TIMEOUT_S}",
+        ],
+        timeout=240,
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3
     manifests = sorted(p.parent.name for p in (tmp_path / "ckpt").glob("step_*/manifest.json"))

@@ -13,18 +13,39 @@ from conftest import TINY, load_weights, read_jsonl, run_cli
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-@pytest.mark.parametrize("extra", [
-    # torchvision's ViT recipe in miniature: AdamW, warmup, label smoothing, mixup/cutmix, RandAugment,
-    # random erasing, clipping, EMA, bf16 autocast (also on CPU).
-    ["optimization.optimizer=adamw", "training.base_lr=0.01", "training.warmup_epochs=1",
-     "optimization.label_smoothing=0.11", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0",
-     "data.auto_augment=randaugment", "data.random_erase=0.25", "optimization.gradient_clip=1.0",
-     "optimization.ema=true", "optimization.ema_decay=0.9", "optimization.mixed_precision=bf16",
-     "optimization.weight_decay=0.05", "optimization.no_weight_decay_on_norm_bias=true"],
-    # SGD with Nesterov, step decay, TrivialAugment, fp16 with dynamic loss scaling, accumulation.
-    ["optimization.nesterov=true", "training.lr_schedule=step", "training.lr_step_epochs=[1]",
-     "data.auto_augment=trivialaugment", "optimization.mixed_precision=fp16", "optimization.accumulation_steps=2"],
-], ids=["vit-like", "sgd-step-fp16"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        # torchvision's ViT recipe in miniature: AdamW, warmup, label smoothing, mixup/cutmix, RandAugment,
+        # random erasing, clipping, EMA, bf16 autocast (also on CPU).
+        [
+            "optimization.optimizer=adamw",
+            "training.base_lr=0.01",
+            "training.warmup_epochs=1",
+            "optimization.label_smoothing=0.11",
+            "data.mixup_alpha=0.2",
+            "data.cutmix_alpha=1.0",
+            "data.auto_augment=randaugment",
+            "data.random_erase=0.25",
+            "optimization.gradient_clip=1.0",
+            "optimization.ema=true",
+            "optimization.ema_decay=0.9",
+            "optimization.mixed_precision=bf16",
+            "optimization.weight_decay=0.05",
+            "optimization.no_weight_decay_on_norm_bias=true",
+        ],
+        # SGD with Nesterov, step decay, TrivialAugment, fp16 with dynamic loss scaling, accumulation.
+        [
+            "optimization.nesterov=true",
+            "training.lr_schedule=step",
+            "training.lr_step_epochs=[1]",
+            "data.auto_augment=trivialaugment",
+            "optimization.mixed_precision=fp16",
+            "optimization.accumulation_steps=2",
+        ],
+    ],
+    ids=["vit-like", "sgd-step-fp16"],
+)
 def test_recipe_features_train_and_evaluate(image_folder, tmp_path, extra):
     out = tmp_path / "run"
     run_cli(["train", "--output-dir", str(out), f"data.root={image_folder}", *TINY, *extra])
@@ -44,8 +65,17 @@ def test_recipe_features_train_and_evaluate(image_folder, tmp_path, extra):
 def test_same_seed_gives_bit_identical_weights_and_other_seed_does_not(image_folder, tmp_path):
     runs = {}
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
-        run_cli(["train", "--output-dir", str(tmp_path / name), f"data.root={image_folder}", *TINY,
-                 f"training.seed={seed}", "data.workers=2"])
+        run_cli(
+            [
+                "train",
+                "--output-dir",
+                str(tmp_path / name),
+                f"data.root={image_folder}",
+                *TINY,
+                f"training.seed={seed}",
+                "data.workers=2",
+            ]
+        )
         runs[name] = load_weights(tmp_path / name)
     assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
     assert not all(torch.equal(runs["a"][k], runs["c"][k]) for k in runs["a"])

@@ -18,8 +18,12 @@ RESULTS = REPO / "benchmarks" / "results"
 
 def test_record_writes_latest_and_appends_one_history_line_per_run(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_common, "RESULTS_DIR", tmp_path)
-    run = {"settings": {"batch": 4}, "fast": bench_common.stats([1.0, 2.0, 3.0]),
-           "slow": bench_common.stats([4.0, 6.0]), "ratio_fast_over_slow": 0.4}
+    run = {
+        "settings": {"batch": 4},
+        "fast": bench_common.stats([1.0, 2.0, 3.0]),
+        "slow": bench_common.stats([4.0, 6.0]),
+        "ratio_fast_over_slow": 0.4,
+    }
     bench_common.record("demo", run)
     bench_common.record("demo", {**run, "ratio_fast_over_slow": 0.5})
     latest = json.loads((tmp_path / "demo" / "latest.json").read_text())
@@ -69,5 +73,6 @@ def test_benchmarks_doc_is_the_current_record_and_names_only_existing_results():
         for ref in re.findall(r"results/[\w./-]+", doc.read_text()):
             ref = ref.rstrip(".")
             path = REPO / "benchmarks" / ref
-            assert path.exists() or (REPO / "benchmarks" / "results" / ref.split("/", 1)[-1]).exists(), \
+            assert path.exists() or (REPO / "benchmarks" / "results" / ref.split("/", 1)[-1]).exists(), (
                 f"{doc.name} names {ref}, which does not exist"
+            )

@@ -19,9 +19,14 @@ def run_script(name: str, args: list[str], tmp_path: Path) -> dict:
     out = tmp_path / f"{name}.json"
     env = subprocess_env()
     env["TMPDIR"] = str(tmp_path)  # the generated images and checkpoints go under tmp_path too
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *args, "--threads", "1",
-                           "--out", str(out)], capture_output=True, text=True, timeout=180, cwd=tmp_path,
-                          env=env)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *args, "--threads", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+        env=env,
+    )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
     assert "median" in proc.stdout
     result = json.loads(out.read_text())
@@ -39,9 +44,32 @@ def assert_stats(s: dict, n: int) -> None:
 
 
 def test_throughput_benchmark(tmp_path):
-    r = run_script("throughput", ["--model", "simple_cnn", "--width", "4", "--batch", "4", "--image-size", "16",
-                                  "--steps", "2", "--warmup", "1", "--rounds", "1", "--workers", "1",
-                                  "--images", "8", "--source-size", "20"], tmp_path)
+    r = run_script(
+        "throughput",
+        [
+            "--model",
+            "simple_cnn",
+            "--width",
+            "4",
+            "--batch",
+            "4",
+            "--image-size",
+            "16",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--rounds",
+            "1",
+            "--workers",
+            "1",
+            "--images",
+            "8",
+            "--source-size",
+            "20",
+        ],
+        tmp_path,
+    )
     for variant in ("synthetic", "real", "loader_only", "ratio_real_over_synthetic"):
         assert_stats(r[variant], 1)
     assert r["unit"] == "images/s"
@@ -53,9 +81,32 @@ def test_throughput_benchmark(tmp_path):
 
 
 def test_checkpoint_benchmark(tmp_path):
-    r = run_script("checkpoint", ["--model", "simple_cnn", "--width", "4", "--image-size", "16", "--batch", "2",
-                                  "--saves", "1", "--save-every", "1", "--window-saves", "1", "--rounds", "1",
-                                  "--warmup", "0", "--classes", "2"], tmp_path)
+    r = run_script(
+        "checkpoint",
+        [
+            "--model",
+            "simple_cnn",
+            "--width",
+            "4",
+            "--image-size",
+            "16",
+            "--batch",
+            "2",
+            "--saves",
+            "1",
+            "--save-every",
+            "1",
+            "--window-saves",
+            "1",
+            "--rounds",
+            "1",
+            "--warmup",
+            "0",
+            "--classes",
+            "2",
+        ],
+        tmp_path,
+    )
     for mode in ("async", "sync", "async_background_write"):
         assert_stats(r["stall_s"][mode], 1)
     assert r["state"]["model_bytes"] > 0 and r["state"]["optimizer_bytes"] > 0  # SGD momentum is saved
@@ -72,20 +123,30 @@ def test_checkpoint_benchmark(tmp_path):
 def test_recovery_benchmark_cli(tmp_path):
     """Only the command line: a real run starts torchrun agents for minutes (see docs/BENCHMARKS.md)."""
     script = [sys.executable, str(REPO / "benchmarks" / "recovery.py")]
-    proc = subprocess.run([*script, "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                          env=subprocess_env())
+    proc = subprocess.run(
+        [*script, "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=subprocess_env()
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for word in ("--faults", "--settings", "--cap", "partition", "sigterm"):
         assert word in proc.stdout
-    proc = subprocess.run([*script, "--faults", "worker,meteor", "--out", str(tmp_path / "r.json")],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=subprocess_env())
+    proc = subprocess.run(
+        [*script, "--faults", "worker,meteor", "--out", str(tmp_path / "r.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=subprocess_env(),
+    )
     assert proc.returncode == 2 and "meteor" in proc.stderr
     assert not (tmp_path / "r.json").exists()
 
 
 def test_compression_benchmark(tmp_path):
-    r = run_script("compression", ["--model", "resnet18", "--num-classes", "10", "--reps", "1",
-                                   "--powersgd-ranks", "1"], tmp_path)
+    r = run_script(
+        "compression",
+        ["--model", "resnet18", "--num-classes", "10", "--reps", "1", "--powersgd-ranks", "1"],
+        tmp_path,
+    )
     v = r["variants"]
     assert set(v) == {"fp16", "bf16", "powersgd rank 1", "onebit"}
     assert v["fp16"]["bytes_per_step"] * 2 == r["fp32_bytes"]
@@ -97,9 +158,31 @@ def test_compression_benchmark(tmp_path):
 
 def test_input_pipeline_benchmark(tmp_path, monkeypatch):
     monkeypatch.setenv("IMGTRAIN_DATA_HOME", str(tmp_path / "home"))  # the generated set and shards go there
-    r = run_script("input_pipeline", ["--generate", "8", "--images", "4", "--batch", "2", "--rounds", "1",
-                                      "--workers", "1", "--size", "32", "--decoders", "pil", "simplejpeg",
-                                      "--max-sides", "64", "--shard-decoders", "simplejpeg_pillow"], tmp_path)
+    r = run_script(
+        "input_pipeline",
+        [
+            "--generate",
+            "8",
+            "--images",
+            "4",
+            "--batch",
+            "2",
+            "--rounds",
+            "1",
+            "--workers",
+            "1",
+            "--size",
+            "32",
+            "--decoders",
+            "pil",
+            "simplejpeg",
+            "--max-sides",
+            "64",
+            "--shard-decoders",
+            "simplejpeg_pillow",
+        ],
+        tmp_path,
+    )
     table = r["workers"]["1"]
     assert set(table) == {"reference", "folder-pil", "folder-simplejpeg", "shards64-simplejpeg_pillow"}
     for row in table.values():
@@ -117,10 +200,35 @@ def test_gpu_training_benchmark_runs_its_variants_on_cpu(tmp_path):
     out = tmp_path / "gpu_training.json"
     env = subprocess_env()
     env["TMPDIR"] = str(tmp_path)
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_training.py"), "compute",
-                           "--models", "simple_cnn", "--precisions", "fp32", "--ckpt", "--no-channels-last",
-                           "simple_cnn", "--batch", "4", "--image-size", "16", "--warmup", "1", "--steps", "2",
-                           "--out", str(out)], capture_output=True, text=True, timeout=180, cwd=tmp_path, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "gpu_training.py"),
+            "compute",
+            "--models",
+            "simple_cnn",
+            "--precisions",
+            "fp32",
+            "--ckpt",
+            "--no-channels-last",
+            "simple_cnn",
+            "--batch",
+            "4",
+            "--image-size",
+            "16",
+            "--warmup",
+            "1",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [(r["model"], r["channels_last"]) for r in rows] == [("simple_cnn", True), ("simple_cnn", False)]
@@ -128,12 +236,35 @@ def test_gpu_training_benchmark_runs_its_variants_on_cpu(tmp_path):
 
 
 def test_reference_step_benchmark(tmp_path):
-    r = run_script("reference_step", ["--model", "resnet18", "--batch", "2", "--sizes", "32", "48", "--steps", "1",
-                                      "--warmup", "0", "--rounds", "2"], tmp_path)
+    r = run_script(
+        "reference_step",
+        [
+            "--model",
+            "resnet18",
+            "--batch",
+            "2",
+            "--sizes",
+            "32",
+            "48",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--rounds",
+            "2",
+        ],
+        tmp_path,
+    )
     assert r["unit"] == "seconds per step" and sorted(r["sizes"]) == ["32", "48"]
     for size in r["sizes"].values():
-        for key in ("imgtrain", "reference", "imgtrain_cpu", "reference_cpu", "ratio_imgtrain_over_reference",
-                    "ratio_cpu"):
+        for key in (
+            "imgtrain",
+            "reference",
+            "imgtrain_cpu",
+            "reference_cpu",
+            "ratio_imgtrain_over_reference",
+            "ratio_cpu",
+        ):
             assert_stats(size[key], 2)
     assert r["load_average"] and r["date"]
     for size in ("32", "48"):

@@ -61,8 +61,13 @@ def _wait_for(cond, what: str, proc: subprocess.Popen | None = None, timeout: fl
 
 
 def _helper(code: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 # A writer in another process whose save of step 5 stops after writing state.pt into its temporary
@@ -217,8 +222,11 @@ def test_retention_never_removes_another_runs_checkpoint(tmp_path):
     mgr.save(3, {"w": torch.zeros(4)})
     mgr.save(4, {"w": torch.zeros(4)})
     mgr.close()
-    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000000000", "step_000000003",
-                                                                "step_000000004"]
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == [
+        "step_000000000",
+        "step_000000003",
+        "step_000000004",
+    ]
 
 
 # ------------------------------------------------------------------------------- object-store lease
@@ -267,12 +275,23 @@ def test_an_expired_lease_is_taken_over_and_its_old_holder_stops_saving(memdir, 
 
 
 def test_a_lease_left_by_a_dead_process_of_this_host_is_taken_at_once(memdir):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     fs = fsspec.filesystem("memory")
     fs.makedirs(memdir, exist_ok=True)
-    fs.pipe(f"{memdir}/{ckpt.LOCK_FILE}", json.dumps(
-        {"run_id": "run-a", "host": socket.gethostname(), "pid": int(dead.stdout), "token": "x",
-         "expires_unix": time.time() + 3600}).encode())
+    fs.pipe(
+        f"{memdir}/{ckpt.LOCK_FILE}",
+        json.dumps(
+            {
+                "run_id": "run-a",
+                "host": socket.gethostname(),
+                "pid": int(dead.stdout),
+                "token": "x",
+                "expires_unix": time.time() + 3600,
+            }
+        ).encode(),
+    )
     CheckpointManager(_cfg(lock_timeout=0), memdir, run_id="run-a").close()
 
 

@@ -85,7 +85,9 @@ def test_cross_field_check_names_both_keys():
 def test_precedence_defaults_then_recipe_then_overrides(tmp_path):
     defaults = Config()
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("training:\n  epochs: 7\n  batch_size: 16\n  warmup_epochs: 1\nmodel:\n  name: resnet18\n")
+    recipe.write_text(
+        "training:\n  epochs: 7\n  batch_size: 16\n  warmup_epochs: 1\nmodel:\n  name: resnet18\n"
+    )
     from_recipe = load_config(recipe)
     assert (from_recipe.training.epochs, from_recipe.training.batch_size) == (7, 16)
     assert from_recipe.training.base_lr == defaults.training.base_lr  # untouched keys keep defaults
@@ -133,6 +135,7 @@ def test_every_shipped_recipe_loads_and_validates(recipe):
     cfg = load_config(recipe)
     by_name = load_config(recipe.stem)  # a shipped recipe is also reachable by its bare name
     assert cfg == by_name
+
     # What the recipe says is what the config holds (nothing silently dropped), nested sections included
     # (e.g. distributed.powersgd.rank).
     def check(node, values: dict, path: str) -> None:
@@ -141,8 +144,9 @@ def test_every_shipped_recipe_loads_and_validates(recipe):
             if isinstance(value, dict) and not isinstance(got, dict):
                 check(got, value, f"{path}.{key}")
             else:
-                assert got == pytest.approx(value) if isinstance(value, float) else got == value, \
+                assert got == pytest.approx(value) if isinstance(value, float) else got == value, (
                     f"{recipe.name}: {path}.{key}"
+                )
 
     for section, values in raw.items():
         if not isinstance(values, dict):
@@ -152,9 +156,17 @@ def test_every_shipped_recipe_loads_and_validates(recipe):
 
 
 def test_dump_config_round_trips(tmp_path):
-    cfg = load_config("quickstart", ["optimization.weight_decay=1e-5", "optimization.gradient_clip=1.0",
-                                     "checkpoint.storage_options={anon: true}", "training.max_steps=7",
-                                     "data.root=/some/where", "output_dir='runs/x #1'"])
+    cfg = load_config(
+        "quickstart",
+        [
+            "optimization.weight_decay=1e-5",
+            "optimization.gradient_clip=1.0",
+            "checkpoint.storage_options={anon: true}",
+            "training.max_steps=7",
+            "data.root=/some/where",
+            "output_dir='runs/x #1'",
+        ],
+    )
     path = tmp_path / "config.yaml"
     dump_config(cfg, path)
     again = load_config(path)
@@ -185,10 +197,13 @@ def test_cli_reports_a_config_error_before_importing_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from imgtrain.cli import main; rc = main(['train', 'training.epochz=3']); "
-            "print(rc, 'torch' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          env=subprocess_env())
+    code = (
+        "import sys; from imgtrain.cli import main; rc = main(['train', 'training.epochz=3']); "
+        "print(rc, 'torch' in sys.modules)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=subprocess_env()
+    )
     assert proc.stdout.split() == ["2", "False"], proc.stderr
     assert "training.epochz" in proc.stderr
 
@@ -196,8 +211,9 @@ def test_cli_reports_a_config_error_before_importing_torch():
 @pytest.mark.integration
 @pytest.mark.slow
 def test_cli_missing_config_file_exits_2(tmp_path):
-    proc = run_cli(["train", "--config", str(tmp_path / "nope.yaml"), "--output-dir", str(tmp_path / "o")],
-                   check=False)
+    proc = run_cli(
+        ["train", "--config", str(tmp_path / "nope.yaml"), "--output-dir", str(tmp_path / "o")], check=False
+    )
     assert proc.returncode == 2
     assert "--config" in proc.stderr and "nope.yaml" in proc.stderr
     assert not (tmp_path / "o").exists()
@@ -234,6 +250,7 @@ def test_python_m_help_and_console_script():
     proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr
     assert "usage: imgtrain" in proc.stdout
-    proc = subprocess.run([exe, "train", "training.epochz=3"], capture_output=True, text=True, timeout=60,
-                          env=subprocess_env())
+    proc = subprocess.run(
+        [exe, "train", "training.epochz=3"], capture_output=True, text=True, timeout=60, env=subprocess_env()
+    )
     assert proc.returncode == 2 and "training.epochz" in proc.stderr

@@ -181,8 +181,10 @@ def test_cli_run_survives_one_corrupt_file(tmp_path):
 def test_cli_stops_when_bad_files_exceed_max_bad_fraction(tmp_path):
     root, bad = _folder_with_one_corrupt_file(tmp_path)
     out = tmp_path / "run"
-    proc = run_cli(["train", "--output-dir", str(out), f"data.root={root}", *TINY,
-                    "data.max_bad_fraction=0.0"], check=False)
+    proc = run_cli(
+        ["train", "--output-dir", str(out), f"data.root={root}", *TINY, "data.max_bad_fraction=0.0"],
+        check=False,
+    )
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "data.max_bad_fraction" in proc.stderr
     # The error itself names the file, not only the loader's warnings above it.
@@ -261,11 +263,15 @@ def test_device_normalize_makes_one_float_batch_with_the_normalized_values(chann
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         y = norm(x)
     expected = (x.double() / 255 - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)) / torch.tensor(
-        std, dtype=torch.float64).view(1, 3, 1, 1)
+        std, dtype=torch.float64
+    ).view(1, 3, 1, 1)
     assert y.dtype == torch.float32 and torch.allclose(y.double(), expected, atol=1e-5)
     assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    allocated = sum(e.self_cpu_memory_usage for e in prof.key_averages()
-                    if e.key != "[memory]" and e.self_cpu_memory_usage > 0)
+    allocated = sum(
+        e.self_cpu_memory_usage
+        for e in prof.key_averages()
+        if e.key != "[memory]" and e.self_cpu_memory_usage > 0
+    )
     assert allocated == y.numel() * 4, f"{allocated} bytes allocated for a {y.numel() * 4}-byte batch"
     floats = x.float()
     before = floats.clone()

@@ -160,15 +160,20 @@ def test_dct_scaled_decode_only_when_the_crop_is_twice_the_output(jpegs, monkeyp
 
 
 def _train_sample(root, decoder: str, epoch: int) -> torch.Tensor:
-    cfg = DataConfig(root=str(root), image_size=24, decoder=decoder, auto_augment="trivialaugment", random_erase=0.5)
-    ds = ImageFolderDataset(root / "train", scan_classes(root / "train"), TrainTransform(cfg), seed=7, image_size=24)
+    cfg = DataConfig(
+        root=str(root), image_size=24, decoder=decoder, auto_augment="trivialaugment", random_erase=0.5
+    )
+    ds = ImageFolderDataset(
+        root / "train", scan_classes(root / "train"), TrainTransform(cfg), seed=7, image_size=24
+    )
     return ds[SampleRef(1, 1.0, epoch)][0]
 
 
 @pytest.fixture(scope="module")
 def one_class(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("decode") / "data", classes=1, train_per_class=3,
-                             val_per_class=1, size=48)
+    return make_image_folder(
+        tmp_path_factory.mktemp("decode") / "data", classes=1, train_per_class=3, val_per_class=1, size=48
+    )
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
@@ -273,8 +278,10 @@ def test_batched_resized_crop_equals_torchvision_resized_crop_per_image():
     antialiased resized_crop (+ flip) of its own image, for images of different sizes, downscales, an
     upscale and crops touching the image's right and bottom edges (where the zero padding starts)."""
     g = torch.Generator().manual_seed(0)
-    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
-              for h, w in [(75, 100), (100, 67), (24, 18), (60, 60)]]
+    images = [
+        torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+        for h, w in [(75, 100), (100, 67), (24, 18), (60, 60)]
+    ]
     params = torch.tensor([[2, 4, 60, 80, 0], [10, 0, 90, 67, 1], [1, 1, 12, 10, 0], [0, 0, 60, 60, 1]])
     # The default budget pads all crops together; a tiny one forces a group per crop (what keeps one large
     # photo from inflating the whole batch's padded tensor).
@@ -308,8 +315,9 @@ def test_background_prefetcher_keeps_order_raises_loader_errors_and_stops_on_clo
     """GPU decode's prefetcher runs the transform in a thread: batches still come in the loader's order,
     a loader error reaches the caller, and close() stops the thread even mid-way through an endless
     loader (the next epoch reuses the same loader)."""
-    pf = device_batches([(torch.full((2,), i), [f"p{i}"]) for i in range(5)], CPU,
-                        batch_transform=lambda b: (b[0] * 10, b[1]))
+    pf = device_batches(
+        [(torch.full((2,), i), [f"p{i}"]) for i in range(5)], CPU, batch_transform=lambda b: (b[0] * 10, b[1])
+    )
     assert isinstance(pf, BackgroundPrefetcher)
     assert [b[0].tolist() for b in pf] == [[i * 10] * 2 for i in range(5)]
     with pytest.raises(StopIteration):

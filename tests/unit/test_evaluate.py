@@ -65,11 +65,23 @@ def _evaluate(root: str, info: DistInfo) -> dict:
 
 def _worker(rank: int, world: int, init_file: str, root: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
     try:
-        info = DistInfo(rank=rank, local_rank=rank, world_size=world, device=CPU, backend="gloo",
-                        node="test", restart_count=0)
+        info = DistInfo(
+            rank=rank,
+            local_rank=rank,
+            world_size=world,
+            device=CPU,
+            backend="gloo",
+            node="test",
+            restart_count=0,
+        )
         (Path(out_dir) / f"{rank}.json").write_text(json.dumps(_evaluate(root, info)))
     finally:
         dist.destroy_process_group()
@@ -90,8 +102,9 @@ def single(val_root) -> dict:
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        info = DistInfo(rank=0, local_rank=0, world_size=1, device=CPU, backend=None, node="test",
-                        restart_count=0)
+        info = DistInfo(
+            rank=0, local_rank=0, world_size=1, device=CPU, backend=None, node="test", restart_count=0
+        )
         return _evaluate(str(val_root), info)
     finally:
         torch.set_num_threads(n)
@@ -110,7 +123,9 @@ def test_single_process_eval_is_exact(single):
 def test_eval_restores_train_mode(val_root):
     model = ConstantModel().train()
     info = DistInfo(0, 0, 1, CPU, None, "test", 0)
-    data = build_data(DataConfig(root=str(val_root), image_size=16, val_resize=16, workers=0), 4, 0, 1, 0, CPU)
+    data = build_data(
+        DataConfig(root=str(val_root), image_size=16, val_resize=16, workers=0), 4, 0, 1, 0, CPU
+    )
     evaluate_model(model, data.val_loader, DeviceNormalize([0.5] * 3, [0.5] * 3, CPU), info)
     assert model.training
 
@@ -130,8 +145,13 @@ def test_three_process_eval_matches_single_process(val_root, single, tmp_path):
     out_dir.mkdir()
     # A fork server that has imported torch once starts the 3 ranks faster than 3 fresh interpreters.
     multiprocessing.set_forkserver_preload(["torch", "torchvision", "imgtrain.data", "imgtrain.evaluate"])
-    mp.start_processes(_worker, args=(WORLD, str(tmp_path / "pg_init"), str(val_root), str(out_dir)),
-                       nprocs=WORLD, join=True, start_method="forkserver")
+    mp.start_processes(
+        _worker,
+        args=(WORLD, str(tmp_path / "pg_init"), str(val_root), str(out_dir)),
+        nprocs=WORLD,
+        join=True,
+        start_method="forkserver",
+    )
     results = [json.loads((out_dir / f"{r}.json").read_text()) for r in range(WORLD)]
     for res in results:
         for name in ("const", "cnn"):

@@ -79,7 +79,9 @@ def test_a_declared_65500x65500_jpeg_is_refused_from_its_header_by_every_decoder
     bomb = _declare_size(_jpeg(progressive=True), 65500, 65500)
     dec = D.create_decoder(decoder)
     # (Pillow's own check, above ~179 MP, answers first where Pillow reads the header: same error class)
-    with pytest.raises(D.ImageLimitError, match="65500x65500.*data.max_image_pixels=100000000|4290250000 pix"):
+    with pytest.raises(
+        D.ImageLimitError, match="65500x65500.*data.max_image_pixels=100000000|4290250000 pix"
+    ):
         D.decode_train(bomb, dec, 16, (0.08, 1.0))
     with pytest.raises(D.ImageLimitError):
         D.decode_eval(bomb, dec, 18, 16)
@@ -257,7 +259,9 @@ def test_eviction_deletes_only_shards_in_imgtrains_own_cache_folders(tmp_path):
         src.local_path(name)
     assert (other / "shard-0.tar").read_bytes() == b"x" * 5000
     assert sorted(p.name for p in src.cache_dir.glob("*.tar")) == ["s1.tar", "s2.tar"]
-    assert (src.cache_dir / shard_cache.CACHE_MARKER).read_text() == "imgtrain shard cache of memory://evicttest\n"
+    assert (
+        src.cache_dir / shard_cache.CACHE_MARKER
+    ).read_text() == "imgtrain shard cache of memory://evicttest\n"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,7 +282,11 @@ def test_scan_skips_links_outside_the_root_fifos_and_loops_and_follows_links_ins
         samples = scan_samples(train, scan_classes(train))
     names = sorted(os.path.relpath(p, train) for p, _ in samples)
     assert names == [
-        "class_0/000.jpeg", "class_0/001.jpeg", "class_1/000.jpeg", "class_1/001.jpeg", "class_1/alias.jpg",
+        "class_0/000.jpeg",
+        "class_0/001.jpeg",
+        "class_1/000.jpeg",
+        "class_1/001.jpeg",
+        "class_1/alias.jpg",
     ]
     assert "skipping 2 entries" in caplog.text and "link outside it" in caplog.text
     assert "skipping 1 entries" in caplog.text and "not regular files" in caplog.text
@@ -309,7 +317,9 @@ def test_prepare_does_not_publish_a_file_linked_from_outside_the_source(tmp_path
     outside = tmp_path / "private.png"
     Image.new("RGB", (8, 8), (1, 2, 3)).save(outside)
     (src / "train" / "class_0" / "zz.png").symlink_to(outside)
-    index = prepare(src, str(tmp_path / "out"), PrepareSettings(samples_per_shard=10), workers=1, progress=False)
+    index = prepare(
+        src, str(tmp_path / "out"), PrepareSettings(samples_per_shard=10), workers=1, progress=False
+    )
     assert index["splits"]["train"]["shards"][0]["count"] == 4
     with tarfile.open(tmp_path / "out" / "train-000000.tar") as tf:
         assert not any("zz" in m.name for m in tf)

@@ -30,7 +30,9 @@ def _modules(root: Path) -> dict[str, tuple[Path, bool]]:
 def import_graph(root: Path) -> dict[str, dict[str, int]]:
     """module -> {imported module: line of the first import} over every import statement of every module."""
     mods = _modules(root)
-    return {name: _imports_of(name, path, is_package, mods, root) for name, (path, is_package) in mods.items()}
+    return {
+        name: _imports_of(name, path, is_package, mods, root) for name, (path, is_package) in mods.items()
+    }
 
 
 def _imports_of(name: str, path: Path, is_package: bool, mods: dict, root: Path) -> dict[str, int]:
@@ -77,7 +79,7 @@ def find_cycle(graph: dict[str, dict[str, int]]) -> list[str] | None:
         path.append(m)
         for dep in sorted(graph.get(m, {})):
             if state.get(dep) == 1:
-                return path[path.index(dep):] + [dep]
+                return path[path.index(dep) :] + [dep]
             if dep not in state and (cycle := visit(dep)):
                 return cycle
         path.pop()
@@ -113,7 +115,6 @@ def test_a_cycle_through_a_function_level_import_is_found_and_named(tmp_path):
     graph = import_graph(pkg)
     assert graph["pkg.a"] == {"pkg.sub": 1, "pkg.sub.b": 1}
     cycle = find_cycle(graph)
-    assert cycle is not None and _describe(cycle, graph) == (
-        "pkg.a:1 -> pkg.sub.b:2 -> pkg.c:5 -> pkg.a")
+    assert cycle is not None and _describe(cycle, graph) == ("pkg.a:1 -> pkg.sub.b:2 -> pkg.c:5 -> pkg.a")
     (pkg / "c.py").write_text("def g():\n    import pkg.sub\n")  # no longer back to a
     assert find_cycle(import_graph(pkg)) is None

@@ -14,8 +14,10 @@ def _canary(module, call):
     try:
         return call()
     except (AttributeError, TypeError, IndexError) as e:
-        pytest.fail(f"private symbol changed: {module.PRIVATE_SYMBOL} ({type(e).__name__}: {e}); "
-                    f"update {module.__name__}")
+        pytest.fail(
+            f"private symbol changed: {module.PRIVATE_SYMBOL} ({type(e).__name__}: {e}); "
+            f"update {module.__name__}"
+        )
 
 
 def test_powersgd_should_compress_matches_torchs_rule():

@@ -123,9 +123,11 @@ def test_a_fork_of_the_agent_takes_signals_as_python_does():
         pid = os.fork()
         if pid == 0:  # the worker
             launch._drop_inherited_agent_state()
-            ok = (signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-                  and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
-                  and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+            ok = (
+                signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+                and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            )
             os._exit(0 if ok else 2)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0

@@ -49,6 +49,7 @@ def test_a_single_process_command_logs_info_without_a_rank_and_writes_no_file(tm
 
 def test_every_command_of_the_command_line_gets_the_setup(capsys, monkeypatch):
     """A warning of any command (here `imgtrain status`) reaches the console as a formatted line, once."""
+
     def status(args, parser):
         logging.getLogger("imgtrain.run_ops").warning("endpoint slow")
         return 0

@@ -15,16 +15,50 @@ from imgtrain.models import create_model, list_models, model_entrypoint, replace
 NUM_CLASSES = 7
 
 # One or two models per family, each at the smallest input it accepts (inception_v3: 75 px).
-FAST = {"simple_cnn": 8, "resnet18": 32, "mobilenet_v3_small": 32, "efficientnet_b0": 32, "regnet_x_400mf": 32,
-        "shufflenet_v2_x0_5": 32, "mnasnet0_5": 32, "squeezenet1_1": 32, "timm/resnet10t": 32,
-        "timm/test_vit": 32}
-SLOW = {"densenet121": 32, "googlenet": 32, "convnext_tiny": 32, "swin_t": 32, "vit_b_32": 32,
-        "inception_v3": 75, "timm/test_efficientnet": 32}
+FAST = {
+    "simple_cnn": 8,
+    "resnet18": 32,
+    "mobilenet_v3_small": 32,
+    "efficientnet_b0": 32,
+    "regnet_x_400mf": 32,
+    "shufflenet_v2_x0_5": 32,
+    "mnasnet0_5": 32,
+    "squeezenet1_1": 32,
+    "timm/resnet10t": 32,
+    "timm/test_vit": 32,
+}
+SLOW = {
+    "densenet121": 32,
+    "googlenet": 32,
+    "convnext_tiny": 32,
+    "swin_t": 32,
+    "vit_b_32": 32,
+    "inception_v3": 75,
+    "timm/test_efficientnet": 32,
+}
 # Heads only (built on the meta device: no memory, no initialization), one per torchvision family that
 # is too big to train a step of here.
-FAMILIES = ("alexnet", "vgg11", "maxvit_t", "wide_resnet50_2", "resnext50_32x4d", "mobilenet_v2", "swin_v2_t",
-            "efficientnet_v2_s", "convnext_tiny", "swin_t", "vit_b_16", "densenet121", "googlenet",
-            "inception_v3", "shufflenet_v2_x0_5", "mnasnet0_5", "squeezenet1_0", "resnet18", "efficientnet_b0")
+FAMILIES = (
+    "alexnet",
+    "vgg11",
+    "maxvit_t",
+    "wide_resnet50_2",
+    "resnext50_32x4d",
+    "mobilenet_v2",
+    "swin_v2_t",
+    "efficientnet_v2_s",
+    "convnext_tiny",
+    "swin_t",
+    "vit_b_16",
+    "densenet121",
+    "googlenet",
+    "inception_v3",
+    "shufflenet_v2_x0_5",
+    "mnasnet0_5",
+    "squeezenet1_0",
+    "resnet18",
+    "efficientnet_b0",
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -40,7 +74,9 @@ def _contract(name: str, size: int) -> None:
     out = model(x)
     assert out.shape == (2, NUM_CLASSES)
     torch.nn.functional.cross_entropy(out, torch.tensor([0, NUM_CLASSES - 1])).backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    assert all(
+        p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad
+    )
 
     # A fresh model of the same name loads the state_dict and then computes the same outputs.
     torch.manual_seed(1)
@@ -90,8 +126,18 @@ def test_head_of_a_timm_model_is_replaced_by_timm():
     assert model(torch.randn(1, 3, 160, 160)).shape == (1, NUM_CLASSES)
 
 
-PRETRAINED = ("resnet18", "efficientnet_b0", "convnext_tiny", "swin_t", "vit_b_16", "mobilenet_v3_small",
-              "densenet121", "squeezenet1_1", "googlenet", "maxvit_t")
+PRETRAINED = (
+    "resnet18",
+    "efficientnet_b0",
+    "convnext_tiny",
+    "swin_t",
+    "vit_b_16",
+    "mobilenet_v3_small",
+    "densenet121",
+    "squeezenet1_1",
+    "googlenet",
+    "maxvit_t",
+)
 
 
 @pytest.fixture

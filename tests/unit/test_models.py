@@ -64,7 +64,9 @@ def test_activation_checkpointing_wraps_blocks_and_keeps_state_dict_keys(name, s
     assert len(wrapped) == blocks  # resnet18: 4 stages x 2 blocks; vit_b_16: 12 encoder blocks
     assert not [m for m in plain.modules() if type(m).__name__ == "CheckpointWrapper"]
     assert list(plain.state_dict()) == list(ckpt.state_dict())
-    assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in ckpt.state_dict().items()}
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {
+        k: v.shape for k, v in ckpt.state_dict().items()
+    }
     if name.startswith("vit"):
         assert plain.heads.head.out_features == NUM_CLASSES
 
@@ -126,13 +128,24 @@ def test_activation_checkpointing_modes_give_the_same_gradients(arch, mode):
         if arch == "resnet":
             return create_model(ModelConfig(name="resnet18", small_input=True), NUM_CLASSES, 16)
         # A tiny torchvision ViT (the same classes as vit_b_16): 6 encoder blocks.
-        return torchvision.models.VisionTransformer(image_size=16, patch_size=4, num_layers=6, num_heads=2,
-                                                    hidden_dim=16, mlp_dim=32, num_classes=NUM_CLASSES)
+        return torchvision.models.VisionTransformer(
+            image_size=16,
+            patch_size=4,
+            num_layers=6,
+            num_heads=2,
+            hidden_dim=16,
+            mlp_dim=32,
+            num_classes=NUM_CLASSES,
+        )
 
     plain, ckpt = build(), build()
     segments = apply_activation_checkpointing(ckpt, mode)
-    assert segments == {("resnet", "block"): 8, ("resnet", "stage"): 4, ("vit", "block"): 6,
-                        ("vit", "stage"): 4}[(arch, mode)]
+    assert (
+        segments
+        == {("resnet", "block"): 8, ("resnet", "stage"): 4, ("vit", "block"): 6, ("vit", "stage"): 4}[
+            (arch, mode)
+        ]
+    )
     assert list(plain.state_dict()) == list(ckpt.state_dict())
     x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     # BatchNorm/dropout behave the same in both: same batch, no dropout in the tiny ViT.
@@ -141,8 +154,12 @@ def test_activation_checkpointing_modes_give_the_same_gradients(arch, mode):
 
 
 def test_activation_checkpointing_config_accepts_modes_and_old_booleans():
-    assert load_config(None, ["model.activation_checkpointing=stage"]).model.activation_checkpointing == "stage"
-    assert load_config(None, ["model.activation_checkpointing=true"]).model.activation_checkpointing == "block"
+    assert (
+        load_config(None, ["model.activation_checkpointing=stage"]).model.activation_checkpointing == "stage"
+    )
+    assert (
+        load_config(None, ["model.activation_checkpointing=true"]).model.activation_checkpointing == "block"
+    )
     assert load_config(None, ["model.activation_checkpointing=off"]).model.activation_checkpointing == "off"
     with pytest.raises(ValueError, match="model.activation_checkpointing"):
         load_config(None, ["model.activation_checkpointing=layer"])

@@ -141,7 +141,9 @@ def test_compose_services_listen_on_loopback_and_grafana_has_no_default_password
     could silence the alerts (Alertmanager) or log in to Grafana as admin/admin."""
     services = _compose()["services"]
     for name in ("prometheus", "alertmanager", "node-exporter"):
-        listen = [a.split("=", 1)[1] for a in services[name]["command"] if a.startswith("--web.listen-address=")]
+        listen = [
+            a.split("=", 1)[1] for a in services[name]["command"] if a.startswith("--web.listen-address=")
+        ]
         assert listen and listen[0].startswith("127.0.0.1:"), (name, listen)
     env = services["grafana"]["environment"]
     assert env["GF_SERVER_HTTP_ADDR"] == "127.0.0.1"

@@ -62,8 +62,9 @@ def test_step_decay_at_milestones():
 
 
 def test_step_decay_with_warmup():
-    s = LRSchedule(epochs=20, warmup_epochs=2, kind="step", milestones=(10,), gamma=0.5,
-                   warmup_start_factor=0.0)
+    s = LRSchedule(
+        epochs=20, warmup_epochs=2, kind="step", milestones=(10,), gamma=0.5, warmup_start_factor=0.0
+    )
     assert s(1.0) == approx(0.5)
     assert s(2.0) == approx(1.0)
     assert s(10.0) == approx(0.5)
@@ -76,9 +77,17 @@ def test_constant_after_warmup():
 
 
 def test_create_schedule_maps_the_training_config():
-    cfg = load_config(None, ["training.epochs=20", "training.warmup_epochs=2",
-                             "training.warmup_start_factor=0.25", "training.lr_schedule=step",
-                             "training.lr_step_epochs=[5,15]", "training.lr_step_gamma=0.2"])
+    cfg = load_config(
+        None,
+        [
+            "training.epochs=20",
+            "training.warmup_epochs=2",
+            "training.warmup_start_factor=0.25",
+            "training.lr_schedule=step",
+            "training.lr_step_epochs=[5,15]",
+            "training.lr_step_gamma=0.2",
+        ],
+    )
     s = create_schedule(cfg.training)
     assert s(1.0) == approx(0.625)
     assert s(4.0) == approx(1.0)
@@ -157,13 +166,19 @@ def test_resnet_batchnorm_params_are_not_decayed():
 
 def test_create_optimizer_applies_groups_and_settings():
     m = _Net()
-    sgd = create_optimizer(m, OptimizationConfig(optimizer="sgd", momentum=0.8, nesterov=True,
-                                                 weight_decay=0.01, no_weight_decay_on_norm_bias=True), lr=0.3)
+    sgd = create_optimizer(
+        m,
+        OptimizationConfig(
+            optimizer="sgd", momentum=0.8, nesterov=True, weight_decay=0.01, no_weight_decay_on_norm_bias=True
+        ),
+        lr=0.3,
+    )
     assert isinstance(sgd, torch.optim.SGD)
     assert [g["weight_decay"] for g in sgd.param_groups] == [0.01, 0.0]
     assert all(g["momentum"] == 0.8 and g["nesterov"] and g["lr"] == 0.3 for g in sgd.param_groups)
-    adamw = create_optimizer(m, OptimizationConfig(optimizer="adamw", betas=[0.8, 0.95], weight_decay=0.05),
-                             lr=1e-3)
+    adamw = create_optimizer(
+        m, OptimizationConfig(optimizer="adamw", betas=[0.8, 0.95], weight_decay=0.05), lr=1e-3
+    )
     assert isinstance(adamw, torch.optim.AdamW)
     assert adamw.param_groups[0]["betas"] == (0.8, 0.95) and adamw.param_groups[0]["weight_decay"] == 0.05
     set_lr(sgd, 0.123)
@@ -173,8 +188,13 @@ def test_create_optimizer_applies_groups_and_settings():
 def test_zero_weight_decay_group_really_is_not_decayed():
     # One SGD step with a zero gradient: decayed weights shrink, the no-decay group does not move.
     m = _Net()
-    opt = create_optimizer(m, OptimizationConfig(optimizer="sgd", momentum=0.0, weight_decay=0.5,
-                                                 no_weight_decay_on_norm_bias=True), lr=0.1)
+    opt = create_optimizer(
+        m,
+        OptimizationConfig(
+            optimizer="sgd", momentum=0.0, weight_decay=0.5, no_weight_decay_on_norm_bias=True
+        ),
+        lr=0.1,
+    )
     with torch.no_grad():
         for p in m.parameters():
             p.fill_(1.0)
@@ -194,7 +214,9 @@ def test_optimizer_implementation_is_chosen_by_config(impl):
     for name in ("sgd", "adamw"):
         model = torch.nn.Linear(4, 2)
         opt = create_optimizer(model, OptimizationConfig(optimizer=name, optimizer_impl=impl), lr=0.1)
-        assert opt.defaults["foreach"] is (impl == "foreach") or (impl != "foreach" and not opt.defaults["foreach"])
+        assert opt.defaults["foreach"] is (impl == "foreach") or (
+            impl != "foreach" and not opt.defaults["foreach"]
+        )
         assert bool(opt.defaults.get("fused")) is (impl == "fused")
         model(torch.ones(3, 4)).sum().backward()
         before = model.weight.detach().clone()

@@ -28,8 +28,9 @@ print("still running", flush=True)
 
 
 def test_a_burst_of_one_signal_is_one_request_and_a_later_one_exits_at_once():
-    proc = subprocess.run([sys.executable, "-c", PROCESS], capture_output=True, text=True, timeout=120,
-                          env=subprocess_env())
+    proc = subprocess.run(
+        [sys.executable, "-c", PROCESS], capture_output=True, text=True, timeout=120, env=subprocess_env()
+    )
     assert proc.stdout.split() == ["stopping"], proc.stderr[-2000:]
     assert proc.returncode == 128 + signal.SIGINT
     assert proc.stderr.count("received SIGINT; stopping after this step") == 1

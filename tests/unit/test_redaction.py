@@ -21,33 +21,41 @@ SECRETS = ["AKIAEXAMPLE", "s3cr3t-value", "hunter2", "xoxb-slack-token", "sess-t
 OVERRIDES = [
     "checkpoint.storage_options={key: AKIAEXAMPLE, secret: s3cr3t-value, "
     "client_kwargs: {endpoint_url: 'https://minio:hunter2@minio.local:9000', region_name: eu-west-1}}",
-    "data.storage_options={anon: false, token: '${GCS_TOKEN}', "
-    "client_kwargs: {aws_session_token: sess-tok}}",
+    "data.storage_options={anon: false, token: '${GCS_TOKEN}', client_kwargs: {aws_session_token: sess-tok}}",
     "monitoring.notify.urls=['mailtos://bob:hunter2@smtp.example.com?to=ops@example.com', "
     "'slack://xoxb-slack-token/B0/C0', 'json://hooks.local/x?token=${HOOK_TOKEN}', '${WEBHOOK}']",
 ]
 
 
-@pytest.mark.parametrize(("url", "expected"), [
-    ("https://user:pass@host:9000/path", f"https://{REDACTED}@host:9000/path"),
-    ("https://TOKEN@github.com/o/r", f"https://{REDACTED}@github.com/o/r"),
-    ("https://${USER}:${PASS}@host/p", "https://${USER}:${PASS}@host/p"),
-    ("https://host/p?api_key=abc&region=eu", f"https://host/p?api_key={REDACTED}&region=eu"),
-    ("https://host/p?token=${T}", "https://host/p?token=${T}"),
-    ("s3://bucket/prefix", "s3://bucket/prefix"),
-    ("/data/imagenet", "/data/imagenet"),
-])
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://user:pass@host:9000/path", f"https://{REDACTED}@host:9000/path"),
+        ("https://TOKEN@github.com/o/r", f"https://{REDACTED}@github.com/o/r"),
+        ("https://${USER}:${PASS}@host/p", "https://${USER}:${PASS}@host/p"),
+        ("https://host/p?api_key=abc&region=eu", f"https://host/p?api_key={REDACTED}&region=eu"),
+        ("https://host/p?token=${T}", "https://host/p?token=${T}"),
+        ("s3://bucket/prefix", "s3://bucket/prefix"),
+        ("/data/imagenet", "/data/imagenet"),
+    ],
+)
 def test_redact_url(url, expected):
     assert redact_url(url) == expected
 
 
-@pytest.mark.parametrize(("url", "expected"), [
-    ("slack://xoxb-literal/B0/C0", f"slack://{REDACTED}"),
-    # partly templated: the literal token in the path still goes
-    ("tgram://${BOT}/123456789:AAHliteraltoken/", f"tgram://${{BOT}}/{REDACTED}/"),
-    ("slack://${A}/${B}/${C}", "slack://${A}/${B}/${C}"),
-    ("mailtos://${U}:${P}@smtp.example.com?to=ops@example.com", "mailtos://${U}:${P}@smtp.example.com?to=ops@example.com"),
-])
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("slack://xoxb-literal/B0/C0", f"slack://{REDACTED}"),
+        # partly templated: the literal token in the path still goes
+        ("tgram://${BOT}/123456789:AAHliteraltoken/", f"tgram://${{BOT}}/{REDACTED}/"),
+        ("slack://${A}/${B}/${C}", "slack://${A}/${B}/${C}"),
+        (
+            "mailtos://${U}:${P}@smtp.example.com?to=ops@example.com",
+            "mailtos://${U}:${P}@smtp.example.com?to=ops@example.com",
+        ),
+    ],
+)
 def test_notification_urls_keep_no_literal_token(url, expected):
     assert redact_url(url, whole=True) == expected
 
@@ -57,8 +65,11 @@ def test_storage_options_read_var_references_from_the_environment(monkeypatch):
     monkeypatch.setenv("AWS_KEY", "AKIAFROMENV")
     monkeypatch.setenv("HOST", "minio.local")
     resolved = resolve_storage_options(options, "checkpoint.storage_options")
-    assert resolved == {"key": "AKIAFROMENV", "anon": False,
-                        "client_kwargs": {"endpoint_url": "https://minio.local:9000"}}
+    assert resolved == {
+        "key": "AKIAFROMENV",
+        "anon": False,
+        "client_kwargs": {"endpoint_url": "https://minio.local:9000"},
+    }
     assert options["key"] == "${AWS_KEY}"  # the config keeps the reference: that is what is written down
     monkeypatch.delenv("HOST")
     with pytest.raises(ConfigError, match=r"checkpoint\.storage_options\.client_kwargs\.endpoint_url.*HOST"):
@@ -75,11 +86,21 @@ def test_persisted_config_holds_no_secret_and_the_live_one_keeps_them(tmp_path):
     saved = yaml.safe_load(text)
     so = saved["checkpoint"]["storage_options"]
     assert so["key"] == so["secret"] == REDACTED
-    assert so["client_kwargs"] == {"endpoint_url": f"https://{REDACTED}@minio.local:9000", "region_name": "eu-west-1"}
-    assert saved["data"]["storage_options"] == {"anon": False, "token": "${GCS_TOKEN}",
-                                                "client_kwargs": {"aws_session_token": REDACTED}}
-    assert saved["monitoring"]["notify"]["urls"] == [f"mailtos://{REDACTED}", f"slack://{REDACTED}",
-                                                     "json://hooks.local/x?token=${HOOK_TOKEN}", "${WEBHOOK}"]
+    assert so["client_kwargs"] == {
+        "endpoint_url": f"https://{REDACTED}@minio.local:9000",
+        "region_name": "eu-west-1",
+    }
+    assert saved["data"]["storage_options"] == {
+        "anon": False,
+        "token": "${GCS_TOKEN}",
+        "client_kwargs": {"aws_session_token": REDACTED},
+    }
+    assert saved["monitoring"]["notify"]["urls"] == [
+        f"mailtos://{REDACTED}",
+        f"slack://{REDACTED}",
+        "json://hooks.local/x?token=${HOOK_TOKEN}",
+        "${WEBHOOK}",
+    ]
     # Whatever else the config says survives, and the redacted file still loads.
     again = load_config(path)
     assert again.model == cfg.model and again.training == cfg.training
@@ -103,15 +124,27 @@ def test_literal_credentials_are_named_for_the_start_warning():
 
 
 def test_eval_takes_only_model_and_transform_fields_from_a_checkpoint():
-    saved = load_config("quickstart", [*OVERRIDES, "data.root=/their/data", "data.image_size=24",
-                                       "data.val_resize=28", "model.width=16", "data.format=shards",
-                                       "data.cache_dir=/their/cache", "output_dir=/their/run"]).to_dict(redact=False)
+    saved = load_config(
+        "quickstart",
+        [
+            *OVERRIDES,
+            "data.root=/their/data",
+            "data.image_size=24",
+            "data.val_resize=28",
+            "model.width=16",
+            "data.format=shards",
+            "data.cache_dir=/their/cache",
+            "output_dir=/their/run",
+        ],
+    ).to_dict(redact=False)
     base = eval_base(saved)
     assert base["model"] == saved["model"]
     transform = ("image_size", "val_resize", "val_crop_fraction", "mean", "std", "decoder")
     assert base["data"] == {k: saved["data"][k] for k in transform}
     assert set(base) == {"model", "data"}
     cfg = load_config(None, ["data.root=/mine"], base=base)
-    assert cfg.data.root == "/mine" and cfg.data.storage_options == {} and cfg.checkpoint.storage_options == {}
+    assert (
+        cfg.data.root == "/mine" and cfg.data.storage_options == {} and cfg.checkpoint.storage_options == {}
+    )
     assert cfg.data.format == "folder" and cfg.data.cache_dir is None and cfg.monitoring.notify.urls == []
     assert cfg.data.image_size == 24 and cfg.model.width == 16

@@ -14,8 +14,11 @@ from imgtrain.rendezvous import serve_store, store_address
 from conftest import free_port
 
 
-@pytest.mark.parametrize("argv", [[], ["--host", "0.0.0.0"], ["--host", "::"], ["--host", "[::]"]],
-                         ids=["no-host", "ipv4-any", "ipv6-any", "ipv6-any-brackets"])
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["--host", "0.0.0.0"], ["--host", "::"], ["--host", "[::]"]],
+    ids=["no-host", "ipv4-any", "ipv6-any", "ipv6-any-brackets"],
+)
 def test_store_refuses_to_start_without_an_address_or_on_a_wildcard(argv, monkeypatch, capsys):
     monkeypatch.delenv("POD_IP", raising=False)
     assert main(["rendezvous-store", *argv, "--port", str(free_port())]) == EXIT_CONFIG

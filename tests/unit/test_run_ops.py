@@ -37,7 +37,10 @@ def test_prune_keeps_the_newest_good_ones_and_anything_newer(tmp_path, capsys):
     report = prune_checkpoints(str(tmp_path), keep=1)
     assert report.newest_valid == p[2] and report.removed == [p[1], p[0]]
     # The writer's lock file stays (a POSIX lock file is never deleted: see checkpoint._FileLock).
-    assert sorted(x.name for x in tmp_path.iterdir() if x.name != LOCK_FILE) == ["step_000000030", "step_000000040"]
+    assert sorted(x.name for x in tmp_path.iterdir() if x.name != LOCK_FILE) == [
+        "step_000000030",
+        "step_000000040",
+    ]
     assert main(["checkpoints", "list", str(tmp_path)]) == 0
     listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["step"], r["state"][:3]) for r in listed] == [(40, "bad"), (30, "ok")]

@@ -159,7 +159,7 @@ def test_cleanup_signals_only_this_hosts_launcher(tmp_path):
 
     run_dir = tmp_path / "run"
     launcher = _fake_launcher(run_dir)
-    other = subprocess.Popen(["sleep", "300"])   # the pid reused by an unrelated process
+    other = subprocess.Popen(["sleep", "300"])  # the pid reused by an unrelated process
     pid_file = run_dir / "logs" / "launcher.pid"
     try:
         pid_file.write_text(f"{launcher.pid}\nanother-node\n")
@@ -185,8 +185,9 @@ def test_ssh_mode_passes_host_names_as_words_and_rejects_shell_syntax(tmp_path):
         assert bad.returncode == 2 and "--hosts" in bad.stderr, (hosts, bad.stderr)
     assert not (tmp_path / "PWNED").exists()
     # The template's own quoting holds; the host and the remote command arrive as one word each.
-    ok = _run(*args, "--hosts", "gpu-1.example,gpu2=10.0.0.2", "--", "--output-dir", str(out),
-              "training.epochs=1")
+    ok = _run(
+        *args, "--hosts", "gpu-1.example,gpu2=10.0.0.2", "--", "--output-dir", str(out), "training.epochs=1"
+    )
     assert ok.returncode == 0, ok.stderr
     first = json.loads((out / "logs" / "gpu-1.example.log").read_text())
     assert first[0] == "gpu-1.example" and len(first) == 2
@@ -204,7 +205,9 @@ def test_optional_efa_patch_renders_a_valid_job(tmp_path):
         pytest.skip("kubectl is not installed")
     tree = tmp_path / "kubernetes"
     shutil.copytree(REPO / "deploy" / "kubernetes", tree)
-    shutil.copytree(REPO / "deploy" / "monitoring", tmp_path / "monitoring")  # the dashboard ConfigMap's source
+    shutil.copytree(
+        REPO / "deploy" / "monitoring", tmp_path / "monitoring"
+    )  # the dashboard ConfigMap's source
     k = tree / "overlays" / "aws" / "kustomization.yaml"
     k.write_text(
         k.read_text().replace(

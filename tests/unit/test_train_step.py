@@ -26,8 +26,16 @@ def trainer(tmp_path, image_folder):
     made: list[Trainer] = []
 
     def make(*overrides: str) -> Trainer:
-        cfg = load_config(None, [f"output_dir={tmp_path / f'run{len(made)}'}", f"data.root={image_folder}", *TINY,
-                                 f"training.batch_size={BATCH}", *overrides])
+        cfg = load_config(
+            None,
+            [
+                f"output_dir={tmp_path / f'run{len(made)}'}",
+                f"data.root={image_folder}",
+                *TINY,
+                f"training.batch_size={BATCH}",
+                *overrides,
+            ],
+        )
         t = Trainer(cfg)
         made.append(t)
         return t.setup()
@@ -60,7 +68,9 @@ def step(t: Trainer, b=None) -> dict:
         return optimizer_step(*args, **kwargs)
 
     t.criterion, t.optimizer.step = recording_criterion, recording_step
-    hook = t.model_without_ddp.register_forward_pre_hook(lambda m, args: seen["inputs"].append(args[0].clone()))
+    hook = t.model_without_ddp.register_forward_pre_hook(
+        lambda m, args: seen["inputs"].append(args[0].clone())
+    )
     try:
         sums = t.train_step([b or batch()], [BATCH])
     finally:
@@ -91,7 +101,9 @@ def test_randaugment_changes_the_training_samples(trainer):
     ref = SampleRef(1, 1.0, 3)
     plain = trainer().data.train_set[ref][0]
     assert torch.equal(plain, trainer().data.train_set[ref][0])  # same seed, epoch, index: same sample
-    augmented = trainer("data.auto_augment=randaugment", "data.randaugment_magnitude=15").data.train_set[ref][0]
+    augmented = trainer("data.auto_augment=randaugment", "data.randaugment_magnitude=15").data.train_set[ref][
+        0
+    ]
     assert augmented.shape == plain.shape and not torch.equal(augmented, plain)
 
 

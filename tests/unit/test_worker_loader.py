@@ -36,8 +36,9 @@ print("all batches", flush=True)
 
 
 def test_loader_workers_drop_a_job_wide_sigterm_and_exit_with_their_process():
-    proc = subprocess.run([sys.executable, "-c", PROCESS], capture_output=True, text=True, timeout=180,
-                          env=subprocess_env())
+    proc = subprocess.run(
+        [sys.executable, "-c", PROCESS], capture_output=True, text=True, timeout=180, env=subprocess_env()
+    )
     # Without the fix: "DataLoader worker (pid N) is killed by signal: Terminated."
     assert proc.returncode == 0, proc.stderr[-3000:]
     pid, said = proc.stdout.split()[0], proc.stdout.split("\n", 1)[1]

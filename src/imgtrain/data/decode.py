@@ -406,19 +406,25 @@ def _jpegroi():
         ) from None
     if not all(hasattr(_jpegroi, a) for a in ("LIBJPEG_PATH", "LimitError", "LIBJPEG_TURBO_VERSION_NUMBER")):
         # An editable install does not rebuild the extension when its source changes.
-        raise ImportError("imgtrain's C extension _jpegroi is older than its source: rebuild it with "
-                          "`pip install -e .` (or `python setup.py build_ext --inplace`)")
+        raise ImportError(
+            "imgtrain's C extension _jpegroi is older than its source: rebuild it with "
+            "`pip install -e .` (or `python setup.py build_ext --inplace`)"
+        )
     if _jpegroi.LIBJPEG_TURBO_VERSION_NUMBER < LIBJPEG_TURBO_MIN:
-        raise ImportError(f"imgtrain's _jpegroi is built against libjpeg-turbo "
-                          f"{_jpegroi.LIBJPEG_TURBO_VERSION_NUMBER}, older than {LIBJPEG_TURBO_MIN}, the oldest "
-                          f"release its crop-window decode was tested with")
+        raise ImportError(
+            f"imgtrain's _jpegroi is built against libjpeg-turbo "
+            f"{_jpegroi.LIBJPEG_TURBO_VERSION_NUMBER}, older than {LIBJPEG_TURBO_MIN}, the oldest "
+            f"release its crop-window decode was tested with"
+        )
     # The headers say what it was built with; the library loaded now may be another one (LD_LIBRARY_PATH,
     # a wheel built elsewhere, a container's older libjpeg).
     runtime = libjpeg_turbo_version(_jpegroi.LIBJPEG_PATH)
     if runtime is None or runtime < LIBJPEG_TURBO_MIN:
         found = "no libjpeg-turbo version string" if runtime is None else f"libjpeg-turbo {runtime}"
-        raise ImportError(f"the libjpeg loaded by imgtrain's _jpegroi ({_jpegroi.LIBJPEG_PATH or 'unknown'}) "
-                          f"has {found}, older than {LIBJPEG_TURBO_MIN} or unknown")
+        raise ImportError(
+            f"the libjpeg loaded by imgtrain's _jpegroi ({_jpegroi.LIBJPEG_PATH or 'unknown'}) "
+            f"has {found}, older than {LIBJPEG_TURBO_MIN} or unknown"
+        )
     return _jpegroi
 
 
@@ -455,7 +461,14 @@ class LibjpegRoiDecoder(SimplejpegFastDecoder):
             lim = self.limits
             try:
                 buf, x0, width = _jpegroi().decode_crop(
-                    data, box.top, box.left, box.height, box.width, True, lim.max_pixels, lim.max_scans,
+                    data,
+                    box.top,
+                    box.left,
+                    box.height,
+                    box.width,
+                    True,
+                    lim.max_pixels,
+                    lim.max_scans,
                     lim.max_memory,
                 )
             except _jpegroi().LimitError as e:  # the C side's own check of the same limits
@@ -580,7 +593,9 @@ class TorchvisionDecoder(BaseDecoder):
 
         if data[:2] == JPEG_MAGIC:
             try:
-                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+                return decode_jpeg(
+                    torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB
+                )
             except RuntimeError:
                 pass
         return super().to_tensor(super().decode(data))

@@ -75,7 +75,9 @@ def scan_samples(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
         ("are not regular files (FIFOs, sockets, devices)", skipped["special"]),
     ):
         if paths:
-            log.warning("skipping %d entries under %s that %s, e.g. %s", len(paths), split_dir, what, paths[0])
+            log.warning(
+                "skipping %d entries under %s that %s, e.g. %s", len(paths), split_dir, what, paths[0]
+            )
     if not samples:
         raise DataError(f"no image files under {split_dir} (extensions: {', '.join(IMG_EXTENSIONS)})")
     return samples
@@ -156,8 +158,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     the worker, the rank, the world size or a resume: that is what makes resume bit-exact.
     """
 
-    def __init__(self, split_dir: Path, classes: list[str], transform: Callable | None,
-                 seed: int = 0, image_size: int = 224):
+    def __init__(
+        self,
+        split_dir: Path,
+        classes: list[str],
+        transform: Callable | None,
+        seed: int = 0,
+        image_size: int = 224,
+    ):
         self.split_dir = split_dir
         self.classes = classes
         self.samples = scan_samples(split_dir, classes)

@@ -78,8 +78,11 @@ class WorkerLoader(DataLoader):
 
 
 def _loader_kwargs(cfg: DataConfig, device: torch.device) -> dict:
-    kw: dict = {"num_workers": cfg.workers, "collate_fn": collate,
-                "pin_memory": cfg.pin_memory and device.type == "cuda"}
+    kw: dict = {
+        "num_workers": cfg.workers,
+        "collate_fn": collate,
+        "pin_memory": cfg.pin_memory and device.type == "cuda",
+    }
     if cfg.workers > 0:
         kw["prefetch_factor"] = cfg.prefetch_factor
         kw["persistent_workers"] = cfg.persistent_workers
@@ -97,8 +100,15 @@ class _RefList(torch.utils.data.Sampler):
         return len(self.indices)
 
 
-def build_data(cfg: DataConfig, batch_size: int, rank: int, world_size: int, seed: int,
-               device: torch.device, eval_batch_size: int | None = None) -> DataBundle:
+def build_data(
+    cfg: DataConfig,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    device: torch.device,
+    eval_batch_size: int | None = None,
+) -> DataBundle:
     check_gpu_decode(cfg, device)
     gpu = cfg.decode != "cpu"  # gpu or dali
     # GPU decode: the workers only read the bytes and draw the crops; the batch is decoded on the device.
@@ -107,8 +117,18 @@ def build_data(cfg: DataConfig, batch_size: int, rank: int, world_size: int, see
         from .shards import build_shard_sets
 
         train_set, val_set, cache = build_shard_sets(cfg, train_tf, eval_transform(cfg), seed)
-        return _bundle(cfg, train_set, val_set, batch_size, rank, world_size, seed, device, eval_batch_size,
-                       cache if cache.remote else None)
+        return _bundle(
+            cfg,
+            train_set,
+            val_set,
+            batch_size,
+            rank,
+            world_size,
+            seed,
+            device,
+            eval_batch_size,
+            cache if cache.remote else None,
+        )
     root = resolve_data_root(cfg)
     train_classes = scan_classes(root / "train")
     val_classes = scan_classes(root / "val")
@@ -116,15 +136,18 @@ def build_data(cfg: DataConfig, batch_size: int, rank: int, world_size: int, see
     if train_classes != val_classes:
         only_train = sorted(set(train_classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(train_classes))
-        msg = (f"class folders differ between {root / 'train'} and {root / 'val'}: "
-               f"only in train: {only_train[:10]}, only in val: {only_val[:10]}")
+        msg = (
+            f"class folders differ between {root / 'train'} and {root / 'val'}: "
+            f"only in train: {only_train[:10]}, only in val: {only_val[:10]}"
+        )
         if not cfg.allow_empty_classes:
             raise DataError(f"{msg} (data.allow_empty_classes=true takes the union)")
         log.warning("%s: data.allow_empty_classes=true, training on the union of both", msg)
         classes = sorted(set(train_classes) | set(val_classes))
     train_set = ImageFolderDataset(root / "train", classes, train_tf, seed=seed, image_size=cfg.image_size)
-    val_set = ImageFolderDataset(root / "val", classes, eval_transform(cfg), seed=seed,
-                                 image_size=cfg.image_size)
+    val_set = ImageFolderDataset(
+        root / "val", classes, eval_transform(cfg), seed=seed, image_size=cfg.image_size
+    )
     check_class_counts(classes, [train_set, val_set], cfg.allow_empty_classes)
     return _bundle(cfg, train_set, val_set, batch_size, rank, world_size, seed, device, eval_batch_size)
 
@@ -137,27 +160,56 @@ def check_class_counts(classes: list[str], splits: list[ImageFolderDataset], all
         empty = [c for i, c in enumerate(classes) if counts[i] == 0]
         if not empty:
             continue
-        msg = (f"{len(empty)} of {len(classes)} classes have no images in {ds.split_dir}: "
-               f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}")
+        msg = (
+            f"{len(empty)} of {len(classes)} classes have no images in {ds.split_dir}: "
+            f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}"
+        )
         if not allow_empty:
             raise DataError(f"{msg} (data.allow_empty_classes=true goes on without them)")
         log.warning("%s (data.allow_empty_classes=true)", msg)
 
 
-def _bundle(cfg: DataConfig, train_set, val_set, batch_size: int, rank: int, world_size: int, seed: int,
-            device: torch.device, eval_batch_size: int | None, cache=None) -> DataBundle:
+def _bundle(
+    cfg: DataConfig,
+    train_set,
+    val_set,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    device: torch.device,
+    eval_batch_size: int | None,
+    cache=None,
+) -> DataBundle:
     gpu = cfg.decode != "cpu"  # gpu or dali
     sampler = ShardedBatchSampler(len(train_set), batch_size, rank, world_size, seed)
     check_shared_memory(cfg, batch_size)
     kw = _loader_kwargs(cfg, device)
     train_kw = kw | {"collate_fn": gpu_collate} if gpu else kw
     train_loader = WorkerLoader(train_set, batch_sampler=sampler, **train_kw)
-    val_loader = WorkerLoader(val_set, batch_size=eval_batch_size or batch_size,
-                              sampler=_RefList(eval_shard(len(val_set), rank, world_size)), **kw)
-    log.info("data: %s, %d classes, %d train / %d val images", train_set.split_dir, len(train_set.classes),
-             len(train_set), len(val_set))
-    return DataBundle(train_set.classes, train_set, val_set, sampler, train_loader, val_loader,
-                      _batch_decoder(cfg, device, batch_size) if gpu else None, cache)
+    val_loader = WorkerLoader(
+        val_set,
+        batch_size=eval_batch_size or batch_size,
+        sampler=_RefList(eval_shard(len(val_set), rank, world_size)),
+        **kw,
+    )
+    log.info(
+        "data: %s, %d classes, %d train / %d val images",
+        train_set.split_dir,
+        len(train_set.classes),
+        len(train_set),
+        len(val_set),
+    )
+    return DataBundle(
+        train_set.classes,
+        train_set,
+        val_set,
+        sampler,
+        train_loader,
+        val_loader,
+        _batch_decoder(cfg, device, batch_size) if gpu else None,
+        cache,
+    )
 
 
 def _batch_decoder(cfg: DataConfig, device: torch.device, batch_size: int) -> GpuBatchDecoder:

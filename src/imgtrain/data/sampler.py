@@ -42,7 +42,7 @@ def split_evenly(items: list[int], parts: int) -> list[list[int]]:
     out, start = [], 0
     for p in range(parts):
         size = q + (1 if p < r else 0)
-        out.append(items[start:start + size])
+        out.append(items[start : start + size])
         start += size
     return out
 
@@ -54,8 +54,9 @@ class ShardedBatchSampler:
     as it trains, so a checkpoint taken at any step boundary records the exact position.
     """
 
-    def __init__(self, dataset_len: int, batch_size: int, rank: int, world_size: int, seed: int,
-                 shuffle: bool = True):
+    def __init__(
+        self, dataset_len: int, batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool = True
+    ):
         if dataset_len <= 0:
             raise ValueError("cannot sample from an empty dataset")
         self.n = dataset_len
@@ -73,16 +74,16 @@ class ShardedBatchSampler:
     def global_batches(self) -> list[list[int]]:
         """The remaining global micro-batches of the current epoch (identical on every rank)."""
         perm = epoch_permutation(self.n, self.seed, self.state.epoch, self.shuffle)
-        rest = perm[self.state.consumed:]
+        rest = perm[self.state.consumed :]
         gb = self.global_batch
-        return [rest[i:i + gb] for i in range(0, len(rest), gb)]
+        return [rest[i : i + gb] for i in range(0, len(rest), gb)]
 
     def plan(self) -> list[tuple[list[SampleRef], int]]:
         """This rank's micro-batches with the real (non-padding) size of each global micro-batch."""
         out = []
         for gbatch in self.global_batches():
             if len(gbatch) == self.global_batch:
-                mine = gbatch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+                mine = gbatch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
             else:
                 mine = split_evenly(gbatch, self.world_size)[self.rank]
             ep = self.state.epoch
@@ -108,13 +109,19 @@ class ShardedBatchSampler:
         return (self.n + self.global_batch - 1) // self.global_batch
 
     def state_dict(self) -> dict:
-        return {"epoch": self.state.epoch, "consumed": self.state.consumed, "seed": self.seed,
-                "dataset_len": self.n}
+        return {
+            "epoch": self.state.epoch,
+            "consumed": self.state.consumed,
+            "seed": self.seed,
+            "dataset_len": self.n,
+        }
 
     def load_state_dict(self, sd: dict) -> None:
         if int(sd["dataset_len"]) != self.n:
-            raise CheckpointError(f"the checkpoint was taken on a training split of {sd['dataset_len']} samples, "
-                                  f"the data now has {self.n}")
+            raise CheckpointError(
+                f"the checkpoint was taken on a training split of {sd['dataset_len']} samples, "
+                f"the data now has {self.n}"
+            )
         self.state = SamplerState(epoch=int(sd["epoch"]), consumed=int(sd["consumed"]))
 
 

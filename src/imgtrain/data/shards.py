@@ -248,7 +248,9 @@ class ShardDataset(torch.utils.data.Dataset):
         except ValueError:
             raise ValueError(f"label {bytes(raw[:20])!r} is not a class index") from None
         if not 0 <= label < len(self.classes):
-            raise ValueError(f"label {label} is not a class index (the index lists {len(self.classes)} classes)")
+            raise ValueError(
+                f"label {label} is not a class index (the index lists {len(self.classes)} classes)"
+            )
         return label
 
     def __getitem__(self, ref: SampleRef | int):

@@ -63,7 +63,9 @@ def train_transform(cfg: DataConfig) -> TrainTransform:
 
 
 def eval_resize(cfg: DataConfig) -> int:
-    return cfg.val_resize if cfg.val_resize is not None else int(round(cfg.image_size / cfg.val_crop_fraction))
+    return (
+        cfg.val_resize if cfg.val_resize is not None else int(round(cfg.image_size / cfg.val_crop_fraction))
+    )
 
 
 def eval_transform(cfg: DataConfig) -> EvalTransform:
@@ -74,8 +76,9 @@ class DeviceNormalize(torch.nn.Module):
     """uint8 NCHW on the device -> float normalized. Done here, not in the workers, so that workers
     ship 4x fewer bytes and the arithmetic runs on the accelerator."""
 
-    def __init__(self, mean: list[float], std: list[float], device: torch.device,
-                 channels_last: bool = False):
+    def __init__(
+        self, mean: list[float], std: list[float], device: torch.device, channels_last: bool = False
+    ):
         super().__init__()
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
         self.inv_std = 1.0 / (torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0)

@@ -55,9 +55,16 @@ class ProgressBar:
             return
         self.close()
         interactive = sys.stderr.isatty()
-        self.bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{epochs}", unit="step",
-                        dynamic_ncols=True, leave=True, file=sys.stderr,
-                        mininterval=0.2 if interactive else 10.0)
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            desc=f"epoch {epoch + 1}/{epochs}",
+            unit="step",
+            dynamic_ncols=True,
+            leave=True,
+            file=sys.stderr,
+            mininterval=0.2 if interactive else 10.0,
+        )
 
     def update(self, n: int, **fields: Any) -> None:
         if self.bar is None:
