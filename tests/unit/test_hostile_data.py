@@ -12,6 +12,7 @@ import os
 import stat
 import tarfile
 import threading
+import tracemalloc
 from pathlib import Path
 
 import fsspec
@@ -310,6 +311,21 @@ def test_a_fifo_or_an_oversized_file_is_a_bad_sample_not_a_hang(tmp_path):
     assert len(F.read_regular_file(str(big), 2002)) == 2002
     with pytest.raises(OSError, match="larger than 2001 bytes"):
         F.read_regular_file(str(big), 2001)
+
+
+def test_reading_an_image_allocates_its_size_not_the_limit(tmp_path):
+    # read(limit + 1) would allocate the 1 GiB limit for every image: slow, and a MemoryError (every image
+    # "unreadable") under the batch finder's memory cap.
+    small = tmp_path / "small.png"
+    small.write_bytes(b"\x89PNG" + b"\0" * 5000)
+    tracemalloc.start()
+    try:
+        data = F.read_regular_file(str(small))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(data) == 5004
+    assert peak < 1 << 20, f"reading a 5 kB file peaked at {peak} bytes"
 
 
 def test_prepare_does_not_publish_a_file_linked_from_outside_the_source(tmp_path):

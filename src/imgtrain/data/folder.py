@@ -136,11 +136,16 @@ def read_regular_file(path: str, limit: int = MAX_FILE_BYTES) -> bytes:
     file: the scan's view may be stale). Opened non-blocking, so that a FIFO fails instead of waiting."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise OSError(f"{path} is not a regular file")
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise OSError(f"{path} is larger than {limit} bytes")
+        if st.st_size > limit:
+            raise OSError(f"{path} is larger than {limit} bytes")
+        # read(n) allocates n bytes up front: ask for the file's size (+1 to see a file that grew since),
+        # never for the limit, which would cost a 1 GiB allocation per image (and fail under a memory cap).
+        data = f.read(st.st_size + 1)
+    if len(data) > st.st_size:
+        raise OSError(f"{path} changed while it was read")
     return data
 
 
