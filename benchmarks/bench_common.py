@@ -26,7 +26,7 @@ from PIL import Image
 
 from imgtrain.config import load_config
 from imgtrain.internals.dataloader import shutdown_workers
-from imgtrain.trainer import Trainer
+from imgtrain.train.trainer import Trainer
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

@@ -2,7 +2,7 @@
 training loop loses with a save every N steps. Both in the same run, through imgtrain's own code.
 
 The model, optimizer (SGD with momentum, so the state holds the weights and one momentum buffer per
-parameter), checkpoint manager and the state itself are those of an ``imgtrain.trainer.Trainer`` built
+parameter), checkpoint manager and the state itself are those of an ``imgtrain.train.trainer.Trainer`` built
 by ``setup()`` from a config; a save is ``Trainer.save_checkpoint(blocking=...)``: ``state_dict()`` and
 ``CheckpointManager.save`` (snapshot to CPU memory; then serialize, sha256, write, fsync and publish by
 rename, in the caller for a synchronous save, in the manager's background thread for an async one).

@@ -1,6 +1,6 @@
 """Gradient compression cost: the compute each method's DDP hook adds per step, and the bytes it sends.
 
-The hooks are imgtrain's (``imgtrain.comm_hooks``), called as DDP calls them on a model's gradients
+The hooks are imgtrain's (``imgtrain.distributed.comm_hooks``), called as DDP calls them on a model's gradients
 split into DDP-sized buckets (default 25 MB), in a one-process Gloo group: the collectives then move
 nothing, so the time measured is the hook's own work (casts, residuals, sign packing, PowerSGD's
 matrix products and orthogonalization, decoding) on one thread. For 1-bit, encoding (residual, scales,
@@ -22,13 +22,13 @@ import torch.distributed as dist
 import torchvision
 from bench_common import command_line, machine_info, print_table, record, stats
 
-from imgtrain.comm_hooks import (
+from imgtrain.config import DistributedConfig, OneBitConfig, PowerSGDConfig
+from imgtrain.distributed.comm_hooks import (
     _cast_hook,
     _onebit_hook,
     _powersgd_hook,
     create_compression,
 )
-from imgtrain.config import DistributedConfig, OneBitConfig, PowerSGDConfig
 
 
 class FakeBucket:

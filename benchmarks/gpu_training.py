@@ -305,8 +305,8 @@ def run_decode(args) -> list[dict]:
     from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms.v2 import functional as TF
 
-    from imgtrain.data.decode import sample_crop
-    from imgtrain.data.gpu_decode import batched_resized_crop
+    from imgtrain.data.decode.cpu import sample_crop
+    from imgtrain.data.decode.gpu import batched_resized_crop
 
     root = ensure_jpegs(Path(args.data_dir), args.images, args.classes, args.gen_procs)
     files = sorted((root / "train").rglob("*.jpg"))[: args.batch or 256]

@@ -49,10 +49,10 @@ from PIL import Image
 
 from imgtrain.config import DataConfig
 from imgtrain.data import build_data
-from imgtrain.data.decode import DECODERS, create_decoder, reduced_size, sample_crop
+from imgtrain.data.decode.cpu import DECODERS, create_decoder, reduced_size, sample_crop
 from imgtrain.data.embedded import default_data_home
 from imgtrain.data.folder import collate
-from imgtrain.data.prepare import PrepareSettings, prepare
+from imgtrain.data.shards.prepare import PrepareSettings, prepare
 
 BENCH_VERSION = "bench-jpegs-v1"
 SIMD = "+simd"  # variant suffix: run with --pillow-simd's Pillow

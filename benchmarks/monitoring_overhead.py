@@ -42,7 +42,7 @@ from bench_common import (
     synthetic_batches,
 )
 
-from imgtrain.trainer import _Window
+from imgtrain.train.trainer import _Window
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

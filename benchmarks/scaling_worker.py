@@ -34,7 +34,7 @@ from bench_common import synthetic_batches
 from netem import tbf_args
 
 from imgtrain.config import DistributedConfig, load_config
-from imgtrain.trainer import Trainer
+from imgtrain.train.trainer import Trainer
 
 # Per method: the config that turns it on, with compression active from the third step (PowerSGD needs
 # two uncompressed steps while DDP rebuilds its buckets) so that the timed steps are compressed.

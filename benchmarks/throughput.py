@@ -1,6 +1,6 @@
 """Training images/s: synthetic in-memory batches against imgtrain's real file pipeline, side by side.
 
-Both variants go through the same ``imgtrain.trainer.Trainer`` (built by ``setup()`` from a config, as
+Both variants go through the same ``imgtrain.train.trainer.Trainer`` (built by ``setup()`` from a config, as
 ``imgtrain train`` builds it) and the same ``Trainer.train_step``: same model, optimizer, on-device
 normalization and loss. They differ only in where the uint8 batches come from:
 

@@ -43,8 +43,8 @@ from typing import Any
 import fsspec
 import torch
 
-from .config import CheckpointConfig, resolve_storage_options
-from .errors import CheckpointError
+from imgtrain.config import CheckpointConfig, resolve_storage_options
+from imgtrain.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 

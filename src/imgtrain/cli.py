@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import commands
-from .errors import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA, EXIT_DIVERGED, ImgtrainError
-from .monitoring.logs import configure_logging
+from imgtrain import commands
+from imgtrain.errors import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA, EXIT_DIVERGED, ImgtrainError
+from imgtrain.monitoring.logs import configure_logging
 
 __all__ = ["COMMANDS", "EXIT_CHECKPOINT", "EXIT_CONFIG", "EXIT_DATA", "EXIT_DIVERGED", "build_parser", "main"]
 

@@ -14,8 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from .config import Config, default_recipe, load_config
-from .errors import EXIT_CONFIG, exit_code_of
+from imgtrain.config import Config, default_recipe, load_config
+from imgtrain.errors import EXIT_CONFIG, exit_code_of
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -49,7 +49,7 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def run_training(cfg: Config) -> int:
     """Train to the end (or to a preemption: its exit code); rank 0 prints the result as one JSON line."""
-    from .trainer import Trainer
+    from imgtrain.train.trainer import Trainer
 
     trainer = Trainer(cfg)
     try:
@@ -82,15 +82,15 @@ def run_training(cfg: Config) -> int:
 
 
 def evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .evaluate import run_eval
+    from imgtrain.train.evaluate import run_eval
 
     return run_eval(args.checkpoint, args.config, _overrides(args))
 
 
 def find_batch_size(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     cfg = _config(args)
-    from . import batch_finder
-    from .units import parse_size
+    from imgtrain.tools import find_batch_size as batch_finder
+    from imgtrain.units import parse_size
 
     try:
         limit = parse_size(args.memory_limit, "memory size") if args.memory_limit else None
@@ -127,8 +127,8 @@ def find_batch_size(args: argparse.Namespace, parser: argparse.ArgumentParser) -
 def prepare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import yaml
 
-    from .data import prepare as shards
-    from .units import parse_size
+    from imgtrain.data.shards import prepare as shards
+    from imgtrain.units import parse_size
 
     try:
         settings = shards.PrepareSettings(
@@ -167,7 +167,7 @@ def prepare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def rendezvous_store(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .rendezvous import BindError, serve_store, store_address
+    from imgtrain.distributed.rendezvous import BindError, serve_store, store_address
 
     try:
         serve_store(store_address(args.host, args.allow_wildcard_bind), args.port)
@@ -181,26 +181,26 @@ def observe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """report / monitor / profile-summary: read a run directory; no torch import, no process group."""
     run_dir = Path(args.run_dir)
     if args.command == "monitor":  # may be started before the run has created its directory
-        from .monitoring.dashboard import monitor
+        from imgtrain.tools.monitor import monitor
 
         return monitor(run_dir, once=args.once, interval=args.interval)
     if not run_dir.is_dir():
         print(f"imgtrain: error: run directory {run_dir} does not exist", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "report":
-        from .monitoring.report import write_report
+        from imgtrain.tools.report import write_report
 
         out = write_report(run_dir, Path(args.output) if args.output else None)
         print(out)
         return 0
-    from .monitoring.profile_summary import print_summary
+    from imgtrain.tools.profile_summary import print_summary
 
     return print_summary(run_dir, top=args.top)
 
 
 def status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     # Polled by scripts/monitor.sh: it must not pay for importing torch.
-    from . import run_ops
+    from imgtrain.tools import run_ops
 
     if bool(args.run_dir) == bool(args.metrics_url):
         print("imgtrain: error: status takes a run directory or --metrics-url", file=sys.stderr)
@@ -216,11 +216,11 @@ def status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def checkpoints(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from . import run_ops
+    from imgtrain.tools import run_ops
 
     if args.action == "list":
-        from .checkpoint import CheckpointError, CheckpointManager, verify
-        from .config import CheckpointConfig
+        from imgtrain.checkpoint import CheckpointError, CheckpointManager, verify
+        from imgtrain.config import CheckpointConfig
 
         mgr = CheckpointManager(CheckpointConfig(), args.directory, is_writer=False)
         for step, name in mgr.list_checkpoints():
@@ -251,6 +251,6 @@ def checkpoints(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
 def launch(argv: list[str]) -> int:
     """`imgtrain launch ...`: torchrun's own parser takes every argument after ``launch``."""
-    from .launch import main
+    from imgtrain.distributed.launch import main
 
     return main(argv)

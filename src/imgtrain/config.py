@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
-from . import model_names, registry
-from .errors import ConfigError, expected_one_of
+from imgtrain import model_names, registry
+from imgtrain.errors import ConfigError, expected_one_of
 
 
 def _check(cond: bool, key: str, value: Any, expected: str) -> None:

@@ -13,9 +13,9 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 from torch.utils.checkpoint import checkpoint_sequential
 
-from .config import ModelConfig
-from .errors import ConfigError
-from .model_names import IMGTRAIN_MODELS, TIMM_PREFIX, import_timm, torchvision_models
+from imgtrain.config import ModelConfig
+from imgtrain.errors import ConfigError
+from imgtrain.model_names import IMGTRAIN_MODELS, TIMM_PREFIX, import_timm, torchvision_models
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import OptimizationConfig, TrainingConfig
-from .registry import LR_SCHEDULES, OPTIMIZERS
+from imgtrain.config import OptimizationConfig, TrainingConfig
+from imgtrain.registry import LR_SCHEDULES, OPTIMIZERS
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import importlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from .errors import ConfigError, expected_one_of
+from imgtrain.errors import ConfigError, expected_one_of
 
 
 class Registry(Mapping[str, Callable[..., Any]]):
@@ -53,13 +53,15 @@ class Registry(Mapping[str, Callable[..., Any]]):
 
 DECODERS = Registry(
     "data.decoder",
-    "imgtrain.data.decode",
+    "imgtrain.data.decode.cpu",
     ("libjpeg_roi", "simplejpeg_fast", "simplejpeg", "simplejpeg_pillow", "opencv", "torchvision", "pil"),
 )
 """CPU JPEG decoders (decode.py); their measured speed and when each is the one to use: docs/decode.md."""
 
 COMPRESSION = Registry(
-    "distributed.compression", "imgtrain.comm_hooks", ("none", "fp16", "bf16", "powersgd", "onebit")
+    "distributed.compression",
+    "imgtrain.distributed.comm_hooks",
+    ("none", "fp16", "bf16", "powersgd", "onebit"),
 )
 """Gradient compression as DDP communication hooks (comm_hooks.py, docs/compression.md)."""
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from imgtrain.batch_finder import limit_data
+from imgtrain.tools.find_batch_size import limit_data
 
 from conftest import run_cli, subprocess_env
 
@@ -39,7 +39,7 @@ def _vm_data() -> int:
     if not Path("/proc/self/status").exists():
         pytest.skip("no /proc/self/status VmData (not Linux)")
     code = (
-        "import imgtrain.batch_finder, imgtrain.trainer\n"
+        "import imgtrain.tools.find_batch_size, imgtrain.train.trainer\n"
         "for line in open('/proc/self/status'):\n"
         "    if line.startswith('VmData:'): print(int(line.split()[1]) * 1024)"
     )

@@ -66,7 +66,7 @@ def data_dir(tmp_path_factory) -> Path:
 def shard_dir(data_dir, tmp_path_factory) -> Path:
     """data_dir through `imgtrain prepare`: its small JPEGs are stored byte for byte, so a run on the shards
     must match the ImageFolder reference run bit for bit."""
-    from imgtrain.data.prepare import PrepareSettings, prepare
+    from imgtrain.data.shards.prepare import PrepareSettings, prepare
 
     dst = tmp_path_factory.mktemp("ft") / "shards"
     prepare(data_dir, str(dst), PrepareSettings(samples_per_shard=50), workers=2, progress=False)
@@ -474,7 +474,7 @@ def test_sigterm_to_torchrun_saves_exits_and_resumes_bit_identical(
     text = run.output
     for rank in (0, 1):
         assert (
-            f"[rank {rank}] WARNING imgtrain.trainer: preemption (SIGTERM): saving a checkpoint at step "
+            f"[rank {rank}] WARNING imgtrain.train.trainer: preemption (SIGTERM): saving a checkpoint at step "
             f"{stopped} before exiting" in text
         )
     assert "DataLoader worker" not in text, text[-6000:]

@@ -132,7 +132,7 @@ def test_two_node_job_over_launch_monitor_and_cleanup(tmp_path, two_hosts):
     trained = [
         ns
         for ns, text in host_log.items()
-        if "[rank 0] INFO imgtrain.trainer: imgtrain: world size 2" in text
+        if "[rank 0] INFO imgtrain.train.trainer: imgtrain: world size 2" in text
     ]
     assert len(trained) == 1, host_logs()
     summary = json.loads((out / "summary.json").read_text())

@@ -152,11 +152,12 @@ def test_observability_end_to_end(tmp_path, receivers, capsys):
         assert all({"loss", "lr", "step_s", "data_wait_s"} <= x["fields"].keys() for x in train)
         # The trainer's own log calls carry structured fields too (on every rank, not only rank 0's console).
         assert any(
-            x["logger"] == "imgtrain.trainer" and x.get("fields", {}).get("world_size") == 2 for x in lines
+            x["logger"] == "imgtrain.train.trainer" and x.get("fields", {}).get("world_size") == 2
+            for x in lines
         )
     # monitoring.log_format=json: rank 0's console lines are the same JSON objects.
     console = [json.loads(x) for x in proc.stderr.splitlines() if x.startswith('{"time"')]
-    assert any(x["logger"] == "imgtrain.trainer" and x["rank"] == 0 for x in console)
+    assert any(x["logger"] == "imgtrain.train.trainer" and x["rank"] == 0 for x in console)
     # The shipper configuration's path pattern matches the files the trainer wrote.
     filebeat = yaml.safe_load((REPO / "deploy/monitoring/filebeat.yml").read_text())
     pattern = filebeat["filebeat.inputs"][0]["paths"][0]  # the runs directory mounted at /runs

@@ -9,8 +9,8 @@ import tarfile
 import pytest
 
 from imgtrain.data.embedded import ensure_digits
-from imgtrain.data.shard_cache import ShardSource
-from imgtrain.data.shards import ShardDataset, load_index
+from imgtrain.data.shards.cache import ShardSource
+from imgtrain.data.shards.dataset import ShardDataset, load_index
 
 from conftest import TINY, read_jsonl, run_cli, s3_env
 

@@ -1,10 +1,10 @@
-"""imgtrain.batch_finder.search: grow by doubling, then bisect; halve down when the start does not fit."""
+"""imgtrain.tools.find_batch_size.search: grow by doubling, then bisect; halve down when the start does not fit."""
 
 from __future__ import annotations
 
 import pytest
 
-from imgtrain.batch_finder import ProbeResult, search
+from imgtrain.tools.find_batch_size import ProbeResult, search
 from imgtrain.units import parse_size
 
 

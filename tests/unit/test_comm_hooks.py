@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from imgtrain.comm_hooks import (
+from imgtrain.config import ConfigError, DistributedConfig, OneBitConfig, load_config
+from imgtrain.distributed.comm_hooks import (
     OneBitCompression,
     create_compression,
     onebit_decode,
@@ -17,7 +18,6 @@ from imgtrain.comm_hooks import (
     pack_signs,
     unpack_signs,
 )
-from imgtrain.config import ConfigError, DistributedConfig, OneBitConfig, load_config
 
 from conftest import free_port
 

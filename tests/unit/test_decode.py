@@ -18,9 +18,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from imgtrain.config import ConfigError, DataConfig, load_config
 from imgtrain.data import ImageFolderDataset, SampleRef, build_data
-from imgtrain.data import decode as D
+from imgtrain.data.decode import cpu as D
+from imgtrain.data.decode.gpu import GpuBatchDecoder, GpuTrainPlan, batched_resized_crop, gpu_collate
 from imgtrain.data.folder import scan_classes
-from imgtrain.data.gpu_decode import GpuBatchDecoder, GpuTrainPlan, batched_resized_crop, gpu_collate
 from imgtrain.data.prefetch import BackgroundPrefetcher, DevicePrefetcher, device_batches
 from imgtrain.data.transforms import TrainTransform
 
@@ -231,7 +231,7 @@ def test_gpu_decode_without_cuda_is_a_config_error_naming_the_key(tmp_path):
 
 
 def test_dali_missing_is_a_config_error_naming_the_key(monkeypatch):
-    from imgtrain.data.dali_decode import import_dali
+    from imgtrain.data.decode.dali import import_dali
 
     monkeypatch.setitem(sys.modules, "nvidia", None)  # import nvidia.dali -> ImportError
     with pytest.raises(ConfigError) as ei:
@@ -243,7 +243,7 @@ def _batch_decoder(backend: str):
     if backend == "torchvision":
         return GpuBatchDecoder(64, CPU)
     pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (optional: the 'dali' extra)")
-    from imgtrain.data.dali_decode import DaliBatchDecoder
+    from imgtrain.data.decode.dali import DaliBatchDecoder
 
     return DaliBatchDecoder(64, CPU, max_batch=8)
 
@@ -357,7 +357,7 @@ def _roi_extension():
     from pathlib import Path
 
     try:
-        from imgtrain.data import _jpegroi
+        from imgtrain.data.decode import _jpegroi
     except ImportError:
         if shutil.which("gcc") and Path("/usr/include/jpeglib.h").exists():
             pytest.fail("the _jpegroi extension is not built: run `pip install -e .` (or scripts/install.sh)")
@@ -417,7 +417,7 @@ def test_region_decode_gives_exactly_the_full_decodes_crop_and_falls_back_where_
 
 
 def test_a_sample_that_does_not_fit_its_batch_slot_is_an_error_not_a_broadcast():
-    from imgtrain.data.decode import into_slot
+    from imgtrain.data.decode.cpu import into_slot
 
     slot = torch.zeros(3, 4, 4, dtype=torch.uint8)
     assert into_slot(torch.ones(3, 4, 4, dtype=torch.uint8), slot) is slot and slot.sum() == 48

@@ -16,7 +16,7 @@ import yaml
 from test_deploy_scans import TERRAFORM, _hcl
 
 from imgtrain.cli import EXIT_CONFIG, main
-from imgtrain.rendezvous import is_wildcard
+from imgtrain.distributed.rendezvous import is_wildcard
 
 REPO = Path(__file__).resolve().parents[2]
 K8S_DIR = REPO / "deploy" / "kubernetes"

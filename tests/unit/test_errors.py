@@ -50,7 +50,7 @@ def test_the_old_homes_of_the_errors_are_the_same_classes():
     from imgtrain.checkpoint import CheckpointError
     from imgtrain.data import DataError
     from imgtrain.fault import WATCHDOG_EXIT_CODE
-    from imgtrain.trainer import DivergenceError
+    from imgtrain.train.trainer import DivergenceError
 
     assert (ConfigError, DataError, CheckpointError, DivergenceError) == (
         errors.ConfigError,
@@ -63,8 +63,9 @@ def test_the_old_homes_of_the_errors_are_the_same_classes():
 
 def test_config_choices_are_the_registries():
     """The config checks these names at load time against the registries; each name is one the code builds."""
-    from imgtrain import comm_hooks, optim, registry  # noqa: F401  (importing them registers the factories)
-    from imgtrain.data import decode  # noqa: F401
+    from imgtrain import optim, registry  # noqa: F401  (importing them registers the factories)
+    from imgtrain.data.decode import cpu  # noqa: F401
+    from imgtrain.distributed import comm_hooks  # noqa: F401
 
     regs = (registry.DECODERS, registry.COMPRESSION, registry.OPTIMIZERS, registry.LR_SCHEDULES)
     for reg in regs:

@@ -18,9 +18,9 @@ from imgtrain.config import DataConfig, ModelConfig
 from imgtrain.data import build_data
 from imgtrain.data.sampler import eval_shard
 from imgtrain.data.transforms import DeviceNormalize
-from imgtrain.distributed import DistInfo
-from imgtrain.evaluate import evaluate_model
+from imgtrain.distributed.process_group import DistInfo
 from imgtrain.models import create_model
+from imgtrain.train.evaluate import evaluate_model
 
 from conftest import make_image_folder
 
@@ -144,7 +144,9 @@ def test_three_process_eval_matches_single_process(val_root, single, tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     # A fork server that has imported torch once starts the 3 ranks faster than 3 fresh interpreters.
-    multiprocessing.set_forkserver_preload(["torch", "torchvision", "imgtrain.data", "imgtrain.evaluate"])
+    multiprocessing.set_forkserver_preload(
+        ["torch", "torchvision", "imgtrain.data", "imgtrain.train.evaluate"]
+    )
     mp.start_processes(
         _worker,
         args=(WORLD, str(tmp_path / "pg_init"), str(val_root), str(out_dir)),

@@ -22,13 +22,13 @@ import torch
 from PIL import Image
 
 from imgtrain.config import DataConfig
-from imgtrain.data import decode as D
 from imgtrain.data import folder as F
-from imgtrain.data import shard_cache
+from imgtrain.data.decode import cpu as D
 from imgtrain.data.folder import DataError, ImageFolderDataset, SampleRef, scan_classes, scan_samples
-from imgtrain.data.prepare import PrepareSettings, prepare
-from imgtrain.data.shard_cache import ShardSource
-from imgtrain.data.shards import build_shard_sets, load_index
+from imgtrain.data.shards import cache as shard_cache
+from imgtrain.data.shards.cache import ShardSource
+from imgtrain.data.shards.dataset import build_shard_sets, load_index
+from imgtrain.data.shards.prepare import PrepareSettings, prepare
 from imgtrain.data.transforms import eval_transform, train_transform
 
 from conftest import make_image_folder

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 from torch.distributed.run import config_from_args, parse_args
 
-from imgtrain import launch
+from imgtrain.distributed import launch
 
 
 def _torchrun_line(tmp_path) -> list[str]:

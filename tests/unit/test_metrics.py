@@ -15,7 +15,7 @@ pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from imgtrain.config import ConfigError, load_config  # noqa: E402
-from imgtrain.distributed import DistInfo  # noqa: E402
+from imgtrain.distributed.process_group import DistInfo  # noqa: E402
 from imgtrain.monitoring.metrics import PrometheusMetrics  # noqa: E402
 from imgtrain.monitoring.step_timer import StepPhaseTimer  # noqa: E402
 from imgtrain.monitoring.stragglers import StragglerDetector  # noqa: E402
@@ -158,7 +158,7 @@ def test_straggler_is_named_after_patience_and_cleared(caplog):
 
 
 def test_metrics_off_builds_nothing(tmp_path, image_folder):
-    from imgtrain.trainer import Trainer
+    from imgtrain.train.trainer import Trainer
 
     cfg = load_config(
         None,

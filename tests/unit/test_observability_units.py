@@ -9,9 +9,9 @@ import json
 import pytest
 
 from imgtrain.config import ConfigError, load_config
-from imgtrain.monitoring.dashboard import stragglers
-from imgtrain.monitoring.profile_summary import load_profiles, print_summary
-from imgtrain.monitoring.rundata import RunData
+from imgtrain.tools.monitor import stragglers
+from imgtrain.tools.profile_summary import load_profiles, print_summary
+from imgtrain.tools.rundata import RunData
 
 
 def _op(name, ts, dur, cat="cpu_op", tid=1):

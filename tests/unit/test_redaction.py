@@ -14,7 +14,7 @@ from imgtrain.config import (
     redact_url,
     resolve_storage_options,
 )
-from imgtrain.evaluate import eval_base
+from imgtrain.train.evaluate import eval_base
 
 SECRETS = ["AKIAEXAMPLE", "s3cr3t-value", "hunter2", "xoxb-slack-token", "sess-tok"]
 

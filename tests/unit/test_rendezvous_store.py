@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from imgtrain.cli import EXIT_CONFIG, main
-from imgtrain.rendezvous import serve_store, store_address
+from imgtrain.distributed.rendezvous import serve_store, store_address
 
 from conftest import free_port
 

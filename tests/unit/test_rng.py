@@ -6,7 +6,7 @@ import io
 import numpy as np
 import torch
 
-from imgtrain.rng import mt19937_from_plain, mt19937_to_plain
+from imgtrain.train.state import mt19937_from_plain, mt19937_to_plain
 
 
 def test_a_random_state_continues_after_a_weights_only_round_trip():

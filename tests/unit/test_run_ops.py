@@ -11,7 +11,7 @@ import torch
 from imgtrain.checkpoint import LOCK_FILE, CheckpointManager
 from imgtrain.cli import main
 from imgtrain.config import CheckpointConfig
-from imgtrain.run_ops import prune_checkpoints, run_status
+from imgtrain.tools.run_ops import prune_checkpoints, run_status
 
 
 def _checkpoints(directory, steps) -> list[str]:

@@ -18,10 +18,10 @@ from torch.utils.data import DataLoader
 
 from imgtrain.config import ConfigError, DataConfig, load_config
 from imgtrain.data.folder import DataError, ImageFolderDataset, SampleRef, collate, scan_classes
-from imgtrain.data.prepare import PrepareSettings, prepare
 from imgtrain.data.sampler import ShardedBatchSampler
-from imgtrain.data.shard_cache import ShardSource
-from imgtrain.data.shards import ShardDataset, build_shard_sets, load_index
+from imgtrain.data.shards.cache import ShardSource
+from imgtrain.data.shards.dataset import ShardDataset, build_shard_sets, load_index
+from imgtrain.data.shards.prepare import PrepareSettings, prepare
 from imgtrain.data.transforms import eval_transform, train_transform
 from imgtrain.units import parse_size
 

@@ -8,9 +8,9 @@ import logging
 import pytest
 
 from imgtrain.config import load_config
-from imgtrain.launch import MAX_WORLD_SIZE_ENV
+from imgtrain.distributed.launch import MAX_WORLD_SIZE_ENV
 from imgtrain.optim import scaled_lr
-from imgtrain.trainer import Trainer
+from imgtrain.train.trainer import Trainer
 
 from conftest import TINY
 
@@ -73,7 +73,7 @@ def test_every_change_of_world_size_is_logged_with_the_decision(previous, world,
     trainer = Trainer(load_config(None, ["training.batch_size=4"]))
     trainer.info = SimpleNamespace(world_size=world)
     trainer.reference_world_size, trainer.previous_world_size = 2, previous
-    with caplog.at_level(logging.WARNING, logger="imgtrain.trainer"):
+    with caplog.at_level(logging.WARNING, logger="imgtrain.train.trainer"):
         trainer._apply_elastic_policy()
     assert (trainer.accumulation, trainer.global_batch) == (accumulation, 8)
     assert (
@@ -97,7 +97,7 @@ def test_every_change_of_world_size_is_logged_with_the_decision(previous, world,
     ],
 )
 def test_launcher_tells_workers_the_jobs_largest_world_size(argv, env, expected):
-    from imgtrain.launch import expected_max_world_size, max_world_size_from_launcher
+    from imgtrain.distributed.launch import expected_max_world_size, max_world_size_from_launcher
 
     assert expected_max_world_size(argv, env) == expected
     told = {} if expected is None else {MAX_WORLD_SIZE_ENV: str(expected)}

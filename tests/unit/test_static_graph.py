@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from imgtrain.config import ConfigError, load_config
-from imgtrain.trainer import Trainer
+from imgtrain.train.trainer import Trainer
 
 from conftest import TINY, free_port
 

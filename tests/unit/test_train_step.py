@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from imgtrain.config import load_config
 from imgtrain.data import SampleRef
-from imgtrain.trainer import Trainer
+from imgtrain.train.trainer import Trainer
 
 from conftest import TINY
 

@@ -1,8 +1,8 @@
 """Datasets, transforms and resumable sharded loading."""
 
-from .folder import DataError, ImageFolderDataset, SampleRef
-from .loader import DataBundle, build_data, resolve_data_root
-from .sampler import ShardedBatchSampler
+from imgtrain.data.folder import DataError, ImageFolderDataset, SampleRef
+from imgtrain.data.loader import DataBundle, build_data, resolve_data_root
+from imgtrain.data.sampler import ShardedBatchSampler
 
 __all__ = [
     "DataBundle",

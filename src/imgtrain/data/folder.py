@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import get_worker_info
 
-from ..errors import DataError
-from .decode import create_decoder, decode_full
+from imgtrain.data.decode.cpu import create_decoder, decode_full
+from imgtrain.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def read_regular_file(path: str, limit: int = MAX_FILE_BYTES) -> bytes:
 class ImageFolderDataset(torch.utils.data.Dataset):
     """``root/<class>/<file>`` -> (uint8 CHW tensor, label, weight, bad path or "").
 
-    ``transform`` takes the file's encoded bytes (see :mod:`imgtrain.data.decode`), so that the decode can
+    ``transform`` takes the file's encoded bytes (see :mod:`imgtrain.data.decode.cpu`), so that the decode can
     be fused with the crop; without one the image is decoded at full size.
 
     Decoding and augmentation stay in uint8 (cheap to move between processes); normalization happens on

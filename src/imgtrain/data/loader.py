@@ -12,17 +12,17 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import DataConfig
-from ..fault import ignore_stop_signals, stop_signals_blocked
-from .embedded import ensure_digits
-from .folder import DataError, ImageFolderDataset, SampleRef, collate, scan_classes
-from .gpu_decode import GpuBatchDecoder, GpuTrainPlan, check_gpu_decode, gpu_collate
-from .sampler import ShardedBatchSampler, eval_shard
-from .shm import check_shared_memory
-from .transforms import eval_transform, train_transform
+from imgtrain.config import DataConfig
+from imgtrain.data.decode.gpu import GpuBatchDecoder, GpuTrainPlan, check_gpu_decode, gpu_collate
+from imgtrain.data.embedded import ensure_digits
+from imgtrain.data.folder import DataError, ImageFolderDataset, SampleRef, collate, scan_classes
+from imgtrain.data.sampler import ShardedBatchSampler, eval_shard
+from imgtrain.data.shm import check_shared_memory
+from imgtrain.data.transforms import eval_transform, train_transform
+from imgtrain.fault import ignore_stop_signals, stop_signals_blocked
 
 if TYPE_CHECKING:
-    from .shard_cache import ShardSource
+    from imgtrain.data.shards.cache import ShardSource
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def build_data(
     # GPU decode: the workers only read the bytes and draw the crops; the batch is decoded on the device.
     train_tf = GpuTrainPlan(cfg) if gpu else train_transform(cfg)
     if cfg.format == "shards":
-        from .shards import build_shard_sets
+        from imgtrain.data.shards.dataset import build_shard_sets
 
         train_set, val_set, cache = build_shard_sets(cfg, train_tf, eval_transform(cfg), seed)
         return _bundle(
@@ -214,7 +214,7 @@ def _bundle(
 
 def _batch_decoder(cfg: DataConfig, device: torch.device, batch_size: int) -> GpuBatchDecoder:
     if cfg.decode == "dali":
-        from .dali_decode import DaliBatchDecoder
+        from imgtrain.data.decode.dali import DaliBatchDecoder
 
         return DaliBatchDecoder(cfg.image_size, device, batch_size)
     return GpuBatchDecoder(cfg.image_size, device)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import CheckpointError
-from .folder import SampleRef
+from imgtrain.data.folder import SampleRef
+from imgtrain.errors import CheckpointError
 
 
 @dataclass

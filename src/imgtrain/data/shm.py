@@ -10,8 +10,8 @@ import logging
 import os
 import shutil
 
-from ..config import DataConfig
-from .folder import DataError
+from imgtrain.config import DataConfig
+from imgtrain.data.folder import DataError
 
 log = logging.getLogger(__name__)
 

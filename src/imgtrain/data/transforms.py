@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-from ..config import DataConfig
-from .decode import create_decoder, decode_eval, decode_limits, decode_train, into_slot
+from imgtrain.config import DataConfig
+from imgtrain.data.decode.cpu import create_decoder, decode_eval, decode_limits, decode_train, into_slot
 
 
 def augment_tail(cfg: DataConfig) -> v2.Compose | None:

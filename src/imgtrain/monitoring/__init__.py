@@ -1,5 +1,5 @@
 """Metrics sinks (JSON lines, progress bar) behind one interface."""
 
-from .sinks import JsonlSink, MetricsSink, ProgressBar
+from imgtrain.monitoring.sinks import JsonlSink, MetricsSink, ProgressBar
 
 __all__ = ["JsonlSink", "MetricsSink", "ProgressBar"]

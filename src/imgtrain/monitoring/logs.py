@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .sinks import MetricsSink
+from imgtrain.monitoring.sinks import MetricsSink
 
 METRICS_LOGGER = "imgtrain.metrics"
 

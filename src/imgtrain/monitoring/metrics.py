@@ -20,12 +20,12 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from torch import nn
 
-from ..config import Config, ConfigError
-from .logs import resolve_run_id
-from .sinks import MetricsSink
-from .step_timer import PHASES, StepPhaseTimer
-from .stragglers import StragglerDetector, gather_step_times
-from .system import SystemCollector
+from imgtrain.config import Config, ConfigError
+from imgtrain.monitoring.logs import resolve_run_id
+from imgtrain.monitoring.sinks import MetricsSink
+from imgtrain.monitoring.step_timer import PHASES, StepPhaseTimer
+from imgtrain.monitoring.stragglers import StragglerDetector, gather_step_times
+from imgtrain.monitoring.system import SystemCollector
 
 log = logging.getLogger(__name__)
 

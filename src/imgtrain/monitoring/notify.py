@@ -10,7 +10,7 @@ import re
 import socket
 from typing import Any
 
-from ..config import NotifyConfig
+from imgtrain.config import NotifyConfig
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
-from ..config import ProfilerConfig
+from imgtrain.config import ProfilerConfig
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .sinks import MetricsSink
+from imgtrain.monitoring.sinks import MetricsSink
 
 # Record fields that are positions or bookkeeping, not measurements.
 _SKIP = {"step", "epoch", "time", "world_size", "bad_images"}

@@ -24,12 +24,12 @@ import fsspec
 import numpy as np
 import torch
 
-from ..config import DataConfig, resolve_storage_options
-from .decode import create_decoder, decode_full
-from .embedded import default_data_home
-from .folder import DataError, SampleRef, blank, load_batch, sample_rng_scope
-from .prepare import INDEX_FORMAT, INDEX_NAME
-from .shard_cache import ShardSource
+from imgtrain.config import DataConfig, resolve_storage_options
+from imgtrain.data.decode.cpu import create_decoder, decode_full
+from imgtrain.data.embedded import default_data_home
+from imgtrain.data.folder import DataError, SampleRef, blank, load_batch, sample_rng_scope
+from imgtrain.data.shards.cache import ShardSource
+from imgtrain.data.shards.prepare import INDEX_FORMAT, INDEX_NAME
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .logs import METRICS_LOGGER
+from imgtrain.monitoring.logs import METRICS_LOGGER
 
 TERMINAL_EVENTS = ("finished", "failed", "diverged", "preempted")
 LIFECYCLE_EVENTS = ("start", *TERMINAL_EVENTS)

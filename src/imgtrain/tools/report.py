@@ -14,8 +14,8 @@ from typing import Any
 
 import pygal
 
-from .profile_summary import print_summary
-from .rundata import RunData, time_fields
+from imgtrain.tools.profile_summary import print_summary
+from imgtrain.tools.rundata import RunData, time_fields
 
 _MAX_POINTS = 1500  # per series: keeps a week-long run's page small; plots stay faithful at this width
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import CheckpointConfig
+from imgtrain.config import CheckpointConfig
 
 # A running job appends to metrics.jsonl at least every training.log_interval steps; this long without a
 # record means it is stopped, hung or between restarts.
@@ -32,7 +32,11 @@ def prune_checkpoints(
     """Keep the ``keep`` newest checkpoints that verify (sha256 against their manifests) and everything
     newer than them (a save may be in progress); remove the older ones, corrupt or not. With no checkpoint
     that verifies, nothing is removed."""
-    from .checkpoint import CheckpointError, CheckpointManager, verify  # torch: not needed for run_status
+    from imgtrain.checkpoint import (  # torch: not needed for run_status
+        CheckpointError,
+        CheckpointManager,
+        verify,
+    )
 
     if keep < 1:
         raise ValueError("keep must be >= 1: the newest good checkpoint is never removed")

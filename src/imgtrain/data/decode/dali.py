@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .gpu_decode import GpuBatchDecoder, import_dali
+from imgtrain.data.decode.gpu import GpuBatchDecoder, import_dali
 
 
 class DaliBatchDecoder(GpuBatchDecoder):

@@ -32,7 +32,7 @@ from typing import Any
 
 import fsspec
 
-from .folder import DataError, read_regular_file, scan_classes, scan_samples
+from imgtrain.data.folder import DataError, read_regular_file, scan_classes, scan_samples
 
 log = logging.getLogger(__name__)
 

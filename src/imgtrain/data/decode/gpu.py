@@ -18,8 +18,8 @@ from typing import NamedTuple
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from ..config import ConfigError, DataConfig
-from .decode import JPEG_MAGIC, create_decoder, crop_resize, decode_limits, sample_crop
+from imgtrain.config import ConfigError, DataConfig
+from imgtrain.data.decode.cpu import JPEG_MAGIC, create_decoder, crop_resize, decode_limits, sample_crop
 
 log = logging.getLogger(__name__)
 

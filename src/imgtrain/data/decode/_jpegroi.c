@@ -191,7 +191,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_jpegroi",
 PyMODINIT_FUNC PyInit__jpegroi(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
-    LimitError = PyErr_NewException("imgtrain.data._jpegroi.LimitError", NULL, NULL);
+    LimitError = PyErr_NewException("imgtrain.data.decode._jpegroi.LimitError", NULL, NULL);
     if (LimitError == NULL || PyModule_AddObjectRef(m, "LimitError", LimitError) < 0 ||
         PyModule_AddIntConstant(m, "LIBJPEG_TURBO_VERSION_NUMBER", LIBJPEG_TURBO_VERSION_NUMBER) < 0) {
         Py_DECREF(m);

@@ -28,11 +28,11 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
 
-from .config import DistributedConfig
-from .internals.powersgd import should_compress
-from .precision import amp_dtype
-from .registry import COMPRESSION
-from .rng import mt19937_from_plain, mt19937_to_plain
+from imgtrain.config import DistributedConfig
+from imgtrain.internals.powersgd import should_compress
+from imgtrain.precision import amp_dtype
+from imgtrain.registry import COMPRESSION
+from imgtrain.train.state import mt19937_from_plain, mt19937_to_plain
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ import traceback
 # program it starts, rather than imported: the command line dispatches `imgtrain launch` to this module, so
 # an import of it here would close a cycle (tests/unit/test_import_cycles.py).
 COMMAND_LINE = "imgtrain.cli"
-PRELOAD = ("torch", "torchvision", "psutil", "cv2", COMMAND_LINE, "imgtrain.trainer")
+PRELOAD = ("torch", "torchvision", "psutil", "cv2", COMMAND_LINE, "imgtrain.train.trainer")
 # `imgtrain launch [torchrun options] train ...` is short for `... -m imgtrain train ...`.
 WORKER_COMMANDS = ("train", "eval", "find-batch-size")
 

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import DistributedConfig
-from .errors import ConfigError
+from imgtrain.config import DistributedConfig
+from imgtrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

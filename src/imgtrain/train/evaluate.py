@@ -12,8 +12,8 @@ import fsspec
 import torch
 from torch import nn
 
-from . import distributed as D
-from .checkpoint import MANIFEST, CheckpointError, CheckpointManager, load_checkpoint, load_plain
+from imgtrain.checkpoint import MANIFEST, CheckpointError, CheckpointManager, load_checkpoint, load_plain
+from imgtrain.distributed import process_group as D
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def evaluate_model(
 def load_any(path: str, storage_options: dict | None = None) -> dict:
     """A checkpoint directory (verified), a checkpoints/ folder or '<folder>/latest' (its newest good
     checkpoint) or a model.pt file, as plain data."""
-    from .config import CheckpointConfig
+    from imgtrain.config import CheckpointConfig
 
     fs, root = fsspec.core.url_to_fs(path.rstrip("/"), **(storage_options or {}))
     if fs.isfile(root):  # model.pt
@@ -121,12 +121,12 @@ def eval_base(saved: dict | None) -> dict:
 
 
 def run_eval(checkpoint: str, config_path: str | None, overrides: list[str]) -> int:
-    from .config import ConfigError, load_config, resolve_storage_options
-    from .data import build_data
-    from .data.transforms import DeviceNormalize
-    from .models import create_model
-    from .monitoring.logs import configure_logging
-    from .precision import amp_dtype
+    from imgtrain.config import ConfigError, load_config, resolve_storage_options
+    from imgtrain.data import build_data
+    from imgtrain.data.transforms import DeviceNormalize
+    from imgtrain.models import create_model
+    from imgtrain.monitoring.logs import configure_logging
+    from imgtrain.precision import amp_dtype
 
     # Validate what the user typed before touching the process group or data.
     user = load_config(config_path, overrides)

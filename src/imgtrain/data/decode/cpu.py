@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from ..config import DataConfig
-from ..registry import DECODERS
+from imgtrain.config import DataConfig
+from imgtrain.registry import DECODERS
 
 log = logging.getLogger(__name__)
 
@@ -398,7 +398,7 @@ LIBJPEG_TURBO_MIN = 2001005
 @functools.cache
 def _jpegroi():
     try:
-        from . import _jpegroi  # the optional C extension (setup.py)
+        from imgtrain.data.decode import _jpegroi  # the optional C extension (setup.py)
     except ImportError as e:
         raise ImportError(
             f"imgtrain's C extension _jpegroi is not built ({e}); `pip install -e .` builds it where a C "

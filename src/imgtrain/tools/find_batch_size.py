@@ -41,11 +41,11 @@ import torch
 import yaml
 from torch import nn
 
-from .config import Config
-from .data.transforms import DeviceNormalize
-from .models import create_model
-from .optim import create_optimizer, scaled_lr
-from .precision import amp_dtype
+from imgtrain.config import Config
+from imgtrain.data.transforms import DeviceNormalize
+from imgtrain.models import create_model
+from imgtrain.optim import create_optimizer, scaled_lr
+from imgtrain.precision import amp_dtype
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +98,11 @@ def _is_oom(e: BaseException) -> bool:
 
 def num_classes_of(cfg: Config) -> int:
     """Classes of the configured dataset (the head's size), without building the loaders."""
-    from .data import resolve_data_root
+    from imgtrain.data import resolve_data_root
 
     train = resolve_data_root(cfg.data) / "train"
     if not train.is_dir():
-        from .data import DataError
+        from imgtrain.data import DataError
 
         raise DataError(f"{train} is not a directory (data.root needs train/ and val/)")
     return sum(1 for d in train.iterdir() if d.is_dir())

@@ -7,54 +7,40 @@ import json
 import logging
 import math
 import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from . import distributed as D
-from .checkpoint import CheckpointManager, load_checkpoint
-from .comm_hooks import Compression, create_compression
-from .config import Config, dump_config, literal_credentials
-from .data import DataBundle, build_data
-from .data.prefetch import device_batches
-from .data.shard_cache import cache_record
-from .data.transforms import DeviceNormalize, batch_mix
-from .errors import CheckpointError, ConfigError, DataError, DivergenceError
-from .evaluate import EvalResult, evaluate_model
-from .fault import PreemptionHandler, Watchdog
-from .launch import max_world_size_from_launcher
-from .models import create_model
-from .monitoring import JsonlSink, ProgressBar
-from .monitoring.logs import LogSink, configure_logging, resolve_run_id
-from .monitoring.notify import Notifier
-from .monitoring.profiler import StepProfiler
-from .optim import create_optimizer, create_schedule, scaled_lr, set_lr
-from .precision import amp_dtype
-from .rng import mt19937_from_plain, mt19937_to_plain
+from imgtrain.checkpoint import CheckpointManager, load_checkpoint
+from imgtrain.config import Config, dump_config, literal_credentials
+from imgtrain.data import DataBundle, build_data
+from imgtrain.data.prefetch import device_batches
+from imgtrain.data.shards.cache import cache_record
+from imgtrain.data.transforms import DeviceNormalize, batch_mix
+from imgtrain.distributed import process_group as D
+from imgtrain.distributed.comm_hooks import Compression, create_compression
+from imgtrain.distributed.launch import max_world_size_from_launcher
+from imgtrain.errors import CheckpointError, ConfigError, DataError, DivergenceError
+from imgtrain.fault import PreemptionHandler, Watchdog
+from imgtrain.models import create_model
+from imgtrain.monitoring import JsonlSink, ProgressBar
+from imgtrain.monitoring.logs import LogSink, configure_logging, resolve_run_id
+from imgtrain.monitoring.notify import Notifier
+from imgtrain.monitoring.profiler import StepProfiler
+from imgtrain.optim import create_optimizer, create_schedule, scaled_lr, set_lr
+from imgtrain.precision import amp_dtype
+from imgtrain.train.evaluate import EvalResult, evaluate_model
+from imgtrain.train.state import Progress, rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
-
-
-@dataclass
-class Progress:
-    """Counters that only the trainer advances; saved in every checkpoint."""
-
-    epoch: int = 0
-    step: int = 0  # optimizer steps since the start of the run
-    images_seen: int = 0  # training samples trained on (no padding, no unreadable file), all ranks
-    bad_images: int = 0  # unreadable training files skipped, all ranks, every epoch and restart
-    train_seconds: float = 0.0  # wall time spent in training epochs, summed over restarts
-    restarts: int = 0
 
 
 def checkpoint_run_id(cfg: Config) -> str:
@@ -62,33 +48,6 @@ def checkpoint_run_id(cfg: Config) -> str:
     directory's name. Not torchrun's --rdzv-id: the launch scripts set it to the scheduler's job id, which
     a resubmitted run that should continue from its checkpoints does not keep."""
     return cfg.monitoring.run_id or Path(cfg.output_dir).resolve().name
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's RNG streams as plain data (loadable with weights_only=True)."""
-    state = {
-        "python": random.getstate(),
-        "numpy": mt19937_to_plain(np.random.get_state()),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    np.random.set_state(mt19937_from_plain(state["numpy"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 class Trainer:
@@ -202,11 +161,11 @@ class Trainer:
             self._sinks.append(JsonlSink(self.output_dir / "metrics.jsonl"))
         self._sinks.append(LogSink(info.rank))
         if info.is_main and cfg.monitoring.tensorboard:
-            from .monitoring.tensorboard import TensorBoardSink
+            from imgtrain.monitoring.tensorboard import TensorBoardSink
 
             self._sinks.append(TensorBoardSink(self.output_dir / "tensorboard"))
         if cfg.monitoring.prometheus.enabled:
-            from .monitoring.metrics import PrometheusMetrics
+            from imgtrain.monitoring.metrics import PrometheusMetrics
 
             steps_per_epoch = math.ceil(self.data.train_sampler.steps_per_epoch() / self.accumulation)
             self.metrics = PrometheusMetrics(

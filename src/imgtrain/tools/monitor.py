@@ -17,7 +17,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from .rundata import RunData, time_fields
+from imgtrain.tools.rundata import RunData, time_fields
 
 STRAGGLER_FRACTION = 0.2
 """A rank whose latest step time is this fraction above the median of all ranks is shown as straggling."""
