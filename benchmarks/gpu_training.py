@@ -11,7 +11,7 @@ steps (the figure nvidia-smi and the DCGM exporter show).
 
 ``pipeline``: ImageNet-like JPEGs (about 400x350, quality 90, cut from scikit-learn's two sample photos,
 written once in parallel) read by imgtrain's real loader (``data.workers`` processes, pinned memory, the
-side-stream prefetcher), decoded on the CPU (``data.decode=cpu``) or by nvJPEG (``data.decode=gpu``); the
+side-stream prefetcher), decoded on the CPU (``data.decode.device=cpu``) or by nvJPEG (``data.decode.device=gpu``); the
 same trainer then runs synthetic batches, so real / synthetic is the share of the model's speed the input
 pipeline delivers.
 
@@ -245,7 +245,7 @@ def run_pipeline(args) -> list[dict]:
         over = _base_overrides(args, args.model, args.batch or DEFAULT_BATCH.get(args.model, 64), "bf16") + [
             f"data.root={root}",
             f"data.workers={args.workers}",
-            f"data.decode={decode}",
+            f"data.decode.device={decode}",
             f"data.prefetch_factor={args.prefetch}",
             "model.channels_last=true",
         ]

@@ -13,7 +13,7 @@ Variants, all producing the 224 px training sample (RandomResizedCrop + horizont
   reference's train preset (RandomResizedCrop, flip, PILToTensor, float, Normalize in the worker), on the
   original files;
 * ``folder-<decoder>``: imgtrain's ``data.format: folder`` loader (``build_data``: its dataset, sampler,
-  collate) on the same files, with each ``data.decoder`` (uint8 out);
+  collate) on the same files, with each ``data.decode.decoder`` (uint8 out);
 * ``shardsM-<decoder>``: imgtrain's ``data.format: shards`` loader (``build_data``) on the prepared shards.
 
 Each variant is a DataLoader over ``--images`` images drawn at random from the whole set, run with 1 and
@@ -47,7 +47,7 @@ import torch
 from bench_common import command_line, machine_info, record, stats
 from PIL import Image
 
-from imgtrain.config import DataConfig
+from imgtrain.config import DataConfig, DecodeConfig
 from imgtrain.data import build_data
 from imgtrain.data.decode.cpu import DECODERS, create_decoder, reduced_size, sample_crop
 from imgtrain.data.embedded import default_data_home
@@ -155,7 +155,7 @@ def make_loader(variant: str, roots: dict[str, Path], args, workers: int, epoch:
         root=str(roots["original" if kind == "folder" else kind]),
         format="folder" if kind == "folder" else "shards",
         image_size=args.size,
-        decoder=decoder,
+        decode=DecodeConfig(decoder=decoder),
         workers=workers,
         prefetch_factor=4,
         pin_memory=False,
@@ -300,7 +300,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=["libjpeg_roi", "simplejpeg_fast", "simplejpeg_pillow"],
         choices=list(DECODERS),
-        help="data.decoder values for the folder rows",
+        help="data.decode.decoder values for the folder rows",
     )
     p.add_argument(
         "--max-sides", type=int, nargs="*", default=[320, 256], help="imgtrain prepare --max-side values"
@@ -310,7 +310,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=["libjpeg_roi", "simplejpeg_fast", "simplejpeg_pillow"],
         choices=list(DECODERS),
-        help="data.decoder values for the shard rows",
+        help="data.decode.decoder values for the shard rows",
     )
     p.add_argument(
         "--pillow-simd",
@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         result["train_ratio"] = {}
         for dec in ("pil", args.decoders[0]):
-            print(f"\ndata-efficiency ratio, data.decoder={dec}:", flush=True)
+            print(f"\ndata-efficiency ratio, data.decode.decoder={dec}:", flush=True)
             with tempfile.TemporaryDirectory() as tmp:
                 r = throughput.main(
                     [
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> dict:
                         str(roots["original"]),
                         "--no-loader-only",
                         "--override",
-                        f"data.decoder={dec}",
+                        f"data.decode.decoder={dec}",
                         "--out",
                         f"{tmp}/t.json",
                     ]

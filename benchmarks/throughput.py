@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra imgtrain config override, e.g. data.decoder=pil (repeatable)",
+        help="extra imgtrain config override, e.g. data.decode.decoder=pil (repeatable)",
     )
     p.add_argument(
         "--out",

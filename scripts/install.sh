@@ -7,7 +7,7 @@
 #     the deployment linters: kubectl for kustomize, hadolint, python-hcl2);
 #   - checkov in a virtual environment of its own (.tools/checkov: its pins clash with the dev extras);
 #   - a C compiler and libjpeg-turbo's headers, so that the editable install builds the optional
-#     extension behind data.decoder=libjpeg_roi (setup.py; without them it falls back to simplejpeg_fast).
+#     extension behind data.decode.decoder=libjpeg_roi (setup.py; without them it falls back to simplejpeg_fast).
 # Safe to run again. Without root (or apt-get) the system packages are skipped and the tests that
 # need them are skipped with a reason.
 set -euo pipefail

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Optional: builds pillow-simd (Pillow with SIMD resize kernels) into a folder of its own, for
-# data.decoder=simplejpeg_pillow (docs/decode.md). The environment's Pillow stays installed, so pip's view
+# data.decode.decoder=simplejpeg_pillow (docs/decode.md). The environment's Pillow stays installed, so pip's view
 # of torchvision's "pillow" requirement does not change; training picks pillow-simd up only where this
 # folder is first on PYTHONPATH:
 #
 #   scripts/install_pillow_simd.sh [DIR]        # default DIR: ~/.local/lib/imgtrain-pillow-simd
 #   export PYTHONPATH=DIR${PYTHONPATH:+:$PYTHONPATH}
-#   imgtrain train ... data.decoder=simplejpeg_pillow
+#   imgtrain train ... data.decode.decoder=simplejpeg_pillow
 #
 # It builds from source (several minutes on 2 cores) with AVX2 unless CC is set (CC="cc -msse4" for
 # CPUs without AVX2). Needs a C compiler and libjpeg / zlib headers: installed with apt-get when run as

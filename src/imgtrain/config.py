@@ -8,11 +8,13 @@ expected (the CLI turns it into exit code 2).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import re
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -57,24 +59,11 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
-    root: str | None = None
-    """ImageFolder root with train/ and val/. None: the embedded default (scikit-learn's digits)."""
-    image_size: int = 224
-    """Training crop size (pixels)."""
-    val_resize: int | None = None
-    """Eval resize of the shorter side before the center crop; None: derived from image_size and
-    val_crop_fraction, so that it follows image_size."""
-    val_crop_fraction: float = 0.875
-    """When val_resize is null: the center crop's share of the resized shorter side (0.875: 224 of 256,
-    the standard ImageNet eval; 1.0: resize to image_size, nothing cropped)."""
-    workers: int = 8
-    """DataLoader worker processes per training process."""
-    prefetch_factor: int = 4
-    """Batches loaded ahead by each worker."""
-    pin_memory: bool = True
-    persistent_workers: bool = True
+class AugmentConfig:
+    """Training-time augmentation (``data.augment``); evaluation images are never augmented."""
+
     random_resized_crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    """[min, max] share of the image's area a training crop covers (torchvision's RandomResizedCrop scale)."""
     hflip: float = 0.5
     """Probability of a horizontal flip."""
     auto_augment: Literal["none", "randaugment", "trivialaugment"] = "none"
@@ -83,16 +72,37 @@ class DataConfig:
     """Probability of random erasing."""
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    max_bad_fraction: float = 0.001
-    """Stop with an error once more than this fraction of a split's files failed to decode."""
-    allow_empty_classes: bool = False
-    """Train with a class that has no training or no validation images (or whose folder is in only one of
-    train/ and val/). Off: such a class is a data error, since it is most often a copy gone wrong."""
-    max_image_pixels: int = 100_000_000
-    """Largest image decoded (width x height, from the header, before any pixel is decoded); a larger one is
-    a bad sample. Bounds a loader worker's memory per image (docs/decode.md, "Hostile files")."""
+
+    def validate(self, p: str) -> None:
+        s = self.random_resized_crop_scale
+        _check(
+            len(s) == 2 and 0 < s[0] <= s[1] <= 1,
+            f"{p}.random_resized_crop_scale",
+            s,
+            "[min, max] with 0 < min <= max <= 1",
+        )
+        for k in ("hflip", "random_erase"):
+            v = getattr(self, k)
+            _check(0.0 <= v <= 1.0, f"{p}.{k}", v, "a number in [0, 1]")
+        for k in ("mixup_alpha", "cutmix_alpha"):
+            v = getattr(self, k)
+            _check(v >= 0.0, f"{p}.{k}", v, "a number >= 0")
+        _check(
+            0 <= self.randaugment_magnitude <= 30,
+            f"{p}.randaugment_magnitude",
+            self.randaugment_magnitude,
+            "an integer in [0, 30]",
+        )
+
+
+@dataclass
+class DecodeConfig:
+    """How and where images are decoded (``data.decode``); docs/decode.md."""
+
+    device: Literal["cpu", "gpu", "dali"] = "cpu"
+    """Where training images are decoded: cpu (loader workers), or gpu (CUDA only: workers read the bytes,
+    nvJPEG decodes the batch, crops/flips/resizes run on the GPU; see docs/decode.md), or dali (as gpu, with
+    NVIDIA DALI doing the decode, crop, resize and flip; needs nvidia-dali, not run on a GPU yet)."""
     decoder: str = "libjpeg_roi"
     """JPEG decoder of the CPU path (measurements in docs/decode.md): libjpeg_roi (simplejpeg_fast's output,
     but only the crop window is decoded; needs imgtrain's small C extension, built by ``pip install -e .``
@@ -102,22 +112,69 @@ class DataConfig:
     torchvision, or pil (the reference); the names of registry.DECODERS, and when each is the one to use in
     docs/decode.md. Files that are not JPEGs decode with PIL; a decoder whose library is missing falls back to
     the next fastest."""
-    decode: Literal["cpu", "gpu", "dali"] = "cpu"
-    """Where training images are decoded: cpu (loader workers), or gpu (CUDA only: workers read the bytes,
-    nvJPEG decodes the batch, crops/flips/resizes run on the GPU; see docs/decode.md), or dali (as gpu, with
-    NVIDIA DALI doing the decode, crop, resize and flip; needs nvidia-dali, not run on a GPU yet)."""
+    max_image_pixels: int = 100_000_000
+    """Largest image decoded (width x height, from the header, before any pixel is decoded); a larger one is
+    a bad sample. Bounds a loader worker's memory per image (docs/decode.md, "Hostile files")."""
+
+    def validate(self, p: str) -> None:
+        registry.DECODERS.check(self.decoder, f"{p}.decoder")
+        _check(self.max_image_pixels >= 1, f"{p}.max_image_pixels", self.max_image_pixels, "an integer >= 1")
+
+
+@dataclass
+class CacheConfig:
+    """Node-local cache of shards read from an object store (``data.cache``; docs/input_pipeline.md)."""
+
+    dir: str | None = None
+    """Cache folder; None: $IMGTRAIN_DATA_HOME/shard-cache."""
+    size_gb: float = 200.0
+    """Size limit of that cache (least recently used shards are evicted above it)."""
+
+    def validate(self, p: str) -> None:
+        _check(self.size_gb > 0, f"{p}.size_gb", self.size_gb, "a number of GB > 0")
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how the loader feeds them; augmentation, decoding and the shard cache are
+    nested sections (``data.augment``, ``data.decode``, ``data.cache``)."""
+
+    root: str | None = None
+    """ImageFolder root with train/ and val/. None: the embedded default (scikit-learn's digits)."""
     format: Literal["folder", "shards"] = "folder"
     """folder: an ImageFolder tree; shards: the output of ``imgtrain prepare`` (a folder or s3://, gs:// URL)."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """Passed to fsspec for a data.root URL (e.g. {client_kwargs: {endpoint_url: ...}}); ``${VAR}`` in a
     value is read from the environment when the store is opened (and written down as the reference)."""
-    cache_dir: str | None = None
-    """Node-local cache of shards read from an object store; None: $IMGTRAIN_DATA_HOME/shard-cache."""
-    cache_size_gb: float = 200.0
-    """Size limit of that cache (least recently used shards are evicted above it)."""
+    image_size: int = 224
+    """Training crop size (pixels)."""
+    val_resize: int | None = None
+    """Eval resize of the shorter side before the center crop; None: derived from image_size and
+    val_crop_fraction, so that it follows image_size."""
+    val_crop_fraction: float = 0.875
+    """When val_resize is null: the center crop's share of the resized shorter side (0.875: 224 of 256,
+    the standard ImageNet eval; 1.0: resize to image_size, nothing cropped)."""
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    workers: int = 8
+    """DataLoader worker processes per training process."""
+    prefetch_factor: int = 4
+    """Batches loaded ahead by each worker."""
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    max_bad_fraction: float = 0.001
+    """Stop with an error once more than this fraction of a split's files failed to decode."""
+    allow_empty_classes: bool = False
+    """Train with a class that has no training or no validation images (or whose folder is in only one of
+    train/ and val/). Off: such a class is a data error, since it is most often a copy gone wrong."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     def validate(self, p: str) -> None:
-        registry.DECODERS.check(self.decoder, f"{p}.decoder")
+        self.augment.validate(f"{p}.augment")
+        self.decode.validate(f"{p}.decode")
+        self.cache.validate(f"{p}.cache")
         _check(self.image_size >= 8, f"{p}.image_size", self.image_size, "an integer >= 8")
         _check(
             self.val_resize is None or self.val_resize >= self.image_size,
@@ -133,24 +190,11 @@ class DataConfig:
         )
         _check(self.workers >= 0, f"{p}.workers", self.workers, "an integer >= 0")
         _check(self.prefetch_factor >= 1, f"{p}.prefetch_factor", self.prefetch_factor, "an integer >= 1")
-        s = self.random_resized_crop_scale
         _check(
-            len(s) == 2 and 0 < s[0] <= s[1] <= 1,
-            f"{p}.random_resized_crop_scale",
-            s,
-            "[min, max] with 0 < min <= max <= 1",
-        )
-        for k in ("hflip", "random_erase", "max_bad_fraction"):
-            v = getattr(self, k)
-            _check(0.0 <= v <= 1.0, f"{p}.{k}", v, "a number in [0, 1]")
-        for k in ("mixup_alpha", "cutmix_alpha"):
-            v = getattr(self, k)
-            _check(v >= 0.0, f"{p}.{k}", v, "a number >= 0")
-        _check(
-            0 <= self.randaugment_magnitude <= 30,
-            f"{p}.randaugment_magnitude",
-            self.randaugment_magnitude,
-            "an integer in [0, 30]",
+            0.0 <= self.max_bad_fraction <= 1.0,
+            f"{p}.max_bad_fraction",
+            self.max_bad_fraction,
+            "a number in [0, 1]",
         )
         for k in ("mean", "std"):
             v = getattr(self, k)
@@ -168,8 +212,6 @@ class DataConfig:
             self.root,
             "the output of `imgtrain prepare` when data.format=shards",
         )
-        _check(self.max_image_pixels >= 1, f"{p}.max_image_pixels", self.max_image_pixels, "an integer >= 1")
-        _check(self.cache_size_gb > 0, f"{p}.cache_size_gb", self.cache_size_gb, "a number of GB > 0")
 
 
 @dataclass
@@ -691,12 +733,16 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
+        if prefix in MOVED_KEYS:  # data.decode: the device, before it became a section
+            raise MovedKeyError(prefix, MOVED_KEYS[prefix], data)
         raise ConfigError(prefix or "<root>", data, "a mapping of keys to values")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in data.items():
         path = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names and path in MOVED_KEYS:
+            raise MovedKeyError(path, MOVED_KEYS[path], v)
         if k not in names:
             raise ConfigError(path, v, "a known key; valid keys here: " + ", ".join(sorted(names)))
         kwargs[k] = _coerce(v, hints[k], path)
@@ -726,6 +772,65 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except yaml.YAMLError as e:
         raise ConfigError(key, raw, f"a YAML value ({e.__class__.__name__})") from None
     return key.split("."), value
+
+
+# The flat data section before it was split into data.augment, data.decode and data.cache: old key -> new
+# key. A recipe or command line still using an old key is told where it went (ConfigError, exit 2); the
+# config embedded in a checkpoint saved before the split is moved by upgrade_saved_config.
+MOVED_KEYS: dict[str, str] = {
+    **{f"data.{f.name}": f"data.augment.{f.name}" for f in dataclasses.fields(AugmentConfig)},
+    "data.decode": "data.decode.device",
+    "data.decoder": "data.decode.decoder",
+    "data.max_image_pixels": "data.decode.max_image_pixels",
+    "data.cache_dir": "data.cache.dir",
+    "data.cache_size_gb": "data.cache.size_gb",
+}
+
+
+class MovedKeyError(ConfigError):
+    """A key of the flat data section, used where its new nested key belongs."""
+
+    def __init__(self, old: str, new: str, value: Any):
+        super().__init__(old, value, f"the key {new}")
+        self.new_key = new
+        self.args = (f"config key '{old}' moved to '{new}' (got {value!r})",)
+
+
+_MISSING = object()
+
+
+def _old_keys(data: dict[str, Any]) -> Iterator[tuple[str, str, Any]]:
+    """(old, new, value) for each moved key that ``data`` (plain config data) still holds. ``data.decode``
+    is both an old key (the device) and the new section: only a value that is not a mapping is the old one."""
+    for old, new in MOVED_KEYS.items():
+        cur: Any = data
+        for part in old.split("."):
+            cur = cur.get(part, _MISSING) if isinstance(cur, dict) else _MISSING
+        if cur is not _MISSING and not (new.startswith(old + ".") and isinstance(cur, dict)):
+            yield old, new, cur
+
+
+def reject_moved_keys(data: dict[str, Any]) -> None:
+    """MovedKeyError for the first old flat data key in ``data`` (a recipe, or one override)."""
+    for old, new, value in _old_keys(data):
+        raise MovedKeyError(old, new, value)
+
+
+def upgrade_saved_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A config saved before the data section was split, with its old keys moved to their sections (a copy;
+    a config saved after it comes back unchanged), so that `imgtrain eval` still reads an old checkpoint."""
+    out = copy.deepcopy(data)
+    moved = list(_old_keys(out))
+    for old, _, _ in moved:  # all removed first: data.decode (the old device) makes room for the section
+        section, name = old.split(".")
+        del out[section][name]
+    for _, new, value in moved:
+        *parents, name = new.split(".")
+        cur = out
+        for part in parents:
+            cur = cur.setdefault(part, {})
+        cur[name] = value
+    return out
 
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -778,6 +883,7 @@ def load_config(
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError("--config", str(path), "a YAML mapping of sections")
         data = loaded or {}
+        reject_moved_keys(data)
     for ov in overrides:
         keys, value = parse_override(ov)
         nested: dict[str, Any] = {}
@@ -786,6 +892,8 @@ def load_config(
             cur[k] = {}
             cur = cur[k]
         cur[keys[-1]] = value
+        # Each source on its own: merged, an old key's value could be replaced by its new section's.
+        reject_moved_keys(nested)
         data = _merge(data, nested)
     cfg = _build(Config, data, "")
     cfg.validate()

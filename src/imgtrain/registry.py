@@ -16,7 +16,7 @@ from imgtrain.errors import ConfigError, expected_one_of
 
 
 class Registry(Mapping[str, Callable[..., Any]]):
-    """name -> factory for one config key (``data.decoder``, ...)."""
+    """name -> factory for one config key (``data.decode.decoder``, ...)."""
 
     def __init__(self, key: str, module: str, names: tuple[str, ...]):
         self.key, self.module, self.names = key, module, names
@@ -52,7 +52,7 @@ class Registry(Mapping[str, Callable[..., Any]]):
 
 
 DECODERS = Registry(
-    "data.decoder",
+    "data.decode.decoder",
     "imgtrain.data.decode.cpu",
     ("libjpeg_roi", "simplejpeg_fast", "simplejpeg", "simplejpeg_pillow", "opencv", "torchvision", "pil"),
 )

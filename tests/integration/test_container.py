@@ -186,7 +186,7 @@ def test_dockerfile_pip_steps_and_entrypoint_in_a_clean_venv(tmp_path):
         cwd=workspace,
     ).stdout.strip()
     assert where.startswith(str(env_dir)), f"imgtrain imported from {where}, not the installed wheel"
-    # The wheel carries the region decoder (data.decoder=libjpeg_roi), compiled in the build stage.
+    # The wheel carries the region decoder (data.decode.decoder=libjpeg_roi), compiled in the build stage.
     roi = subprocess.run(
         [str(python), "-c", "import imgtrain.data.decode._jpegroi as m; print(m.__file__)"],
         env=env,

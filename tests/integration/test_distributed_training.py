@@ -94,7 +94,7 @@ def test_eval_command_under_torchrun_counts_every_image_once(image_folder, tmp_p
     summary = json.loads((out / "summary.json").read_text())
     assert single["val_top1"] == pytest.approx(summary["val_top1"])
     # GPU decode is a training-time option: a run configured with it still evaluates on a CPU machine.
-    cpu_eval = run_cli(["eval", "--checkpoint", str(out / "model.pt"), root, "data.decode=gpu"])
+    cpu_eval = run_cli(["eval", "--checkpoint", str(out / "model.pt"), root, "data.decode.device=gpu"])
     assert json.loads(cpu_eval.stdout.strip().splitlines()[-1])["val_top1"] == pytest.approx(
         single["val_top1"]
     )

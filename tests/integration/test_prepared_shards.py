@@ -109,7 +109,7 @@ def test_shards_round_trip_through_s3_with_a_local_cache(image_folder, tmp_path,
             "data.root=s3://data/tiny",
             "data.format=shards",
             f"data.storage_options={opts}",
-            f"data.cache_dir={cache}",
+            f"data.cache.dir={cache}",
         ],
         env=s3_env(endpoint),
     )

@@ -8,7 +8,18 @@ import pytest
 import yaml
 
 from imgtrain import cli, commands
-from imgtrain.config import RECIPES_DIR, Config, ConfigError, dump_config, load_config
+from imgtrain.config import (
+    MOVED_KEYS,
+    RECIPES_DIR,
+    Config,
+    ConfigError,
+    config_from_dict,
+    dump_config,
+    load_config,
+    upgrade_saved_config,
+)
+from imgtrain.errors import EXIT_CONFIG
+from imgtrain.train.evaluate import eval_base
 
 from conftest import run_cli, subprocess_env
 
@@ -18,11 +29,12 @@ BAD_OVERRIDES = [
     ("training.epochs=abc", "training.epochs", "'abc'", "an integer"),
     ("training.batch_size=0", "training.batch_size", "0", ">= 1"),
     ("optimization.mixed_precision=fp8", "optimization.mixed_precision", "'fp8'", "'bf16'"),
-    ("data.hflip=1.5", "data.hflip", "1.5", "[0, 1]"),
+    ("data.augment.hflip=1.5", "data.augment.hflip", "1.5", "[0, 1]"),
+    ("data.cache.size_gb=0", "data.cache.size_gb", "0.0", "GB > 0"),
     # names are checked against their registries when the config loads, with the close matches
     ("model.name=resnet5O", "model.name", "'resnet5O'", "did you mean resnet50"),
     ("model.name=timm/resnet5", "model.name", "'timm/resnet5'", "did you mean timm/resnet50"),
-    ("data.decoder=libjpeg_ro", "data.decoder", "'libjpeg_ro'", "did you mean libjpeg_roi"),
+    ("data.decode.decoder=libjpeg_ro", "data.decode.decoder", "'libjpeg_ro'", "did you mean libjpeg_roi"),
     ("optimization.optimizer=adamW", "optimization.optimizer", "'adamW'", "did you mean adamw"),
     ("distributed.compression=powersdg", "distributed.compression", "'powersdg'", "did you mean powersgd"),
 ]
@@ -153,6 +165,158 @@ def test_every_shipped_recipe_loads_and_validates(recipe):
             assert getattr(cfg, section) == values
             continue
         check(getattr(cfg, section), values, section)
+
+
+def test_data_sections_from_yaml_and_command_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "data:\n  image_size: 32\n  augment:\n    hflip: 0.0\n    mixup_alpha: 0.2\n"
+        "  decode:\n    decoder: pil\n  cache:\n    dir: /nvme/cache\n"
+    )
+    cfg = load_config(
+        recipe, ["data.decode.max_image_pixels=1000", "data.cache.size_gb=5", "data.augment.hflip=0.25"]
+    )
+    assert cfg.data.image_size == 32
+    assert (cfg.data.augment.hflip, cfg.data.augment.mixup_alpha) == (0.25, 0.2)  # override beats the recipe
+    assert (cfg.data.decode.decoder, cfg.data.decode.max_image_pixels, cfg.data.decode.device) == (
+        "pil",
+        1000,
+        "cpu",
+    )
+    assert (cfg.data.cache.dir, cfg.data.cache.size_gb) == ("/nvme/cache", 5.0)
+    with pytest.raises(ConfigError) as ei:
+        load_config(None, ["data.decode.devise=gpu"])
+    assert ei.value.key == "data.decode.devise" and "device" in ei.value.expected
+
+
+@pytest.mark.parametrize(("old", "new"), sorted(MOVED_KEYS.items()))
+def test_an_old_flat_data_key_says_where_it_moved(old, new, tmp_path):
+    value = Config().to_dict()
+    for part in new.split("."):
+        value = value[part]  # the default: a value the new key accepts
+    for overrides in ([f"{old}={value}"], []):
+        recipe = None
+        if not overrides:  # the same key in a recipe
+            recipe = tmp_path / "old.yaml"
+            recipe.write_text(yaml.safe_dump({"data": {old.split(".")[1]: value}}))
+        with pytest.raises(ConfigError) as ei:
+            load_config(recipe, overrides)
+        assert ei.value.key == old and ei.value.exit_code == EXIT_CONFIG
+        assert f"config key '{old}' moved to '{new}'" in str(ei.value)
+
+
+def test_an_old_key_in_a_recipe_is_not_hidden_by_a_new_override(tmp_path):
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("data:\n  decode: gpu\n")  # the device, before data.decode became a section
+    with pytest.raises(ConfigError, match="'data.decode' moved to 'data.decode.device'"):
+        load_config(recipe, ["data.decode.decoder=pil"])
+    for overrides in (
+        ["data.decode.decoder=pil", "data.decode=gpu"],
+        ["data.decode=gpu", "data.decode.decoder=pil"],
+    ):
+        with pytest.raises(ConfigError, match="'data.decode' moved to 'data.decode.device'"):
+            load_config(None, overrides)
+
+
+def test_cli_names_the_moved_key_in_one_line_and_exits_2(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--output-dir", str(out), "data.decoder=pil"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        "imgtrain: error: config key 'data.decoder' moved to 'data.decode.decoder' (got 'pil')"
+    )
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+# The data section of a config written before it was split (an old checkpoint's "config", config.yaml).
+OLD_FLAT_DATA = """
+root: /their/data
+image_size: 24
+val_resize: 28
+val_crop_fraction: 0.875
+workers: 1
+prefetch_factor: 4
+pin_memory: true
+persistent_workers: true
+random_resized_crop_scale: [0.85, 1.0]
+hflip: 0.0
+auto_augment: randaugment
+randaugment_magnitude: 7
+random_erase: 0.1
+mixup_alpha: 0.2
+cutmix_alpha: 0.5
+mean: [0.5, 0.5, 0.5]
+std: [0.5, 0.5, 0.5]
+max_bad_fraction: 0.001
+allow_empty_classes: false
+max_image_pixels: 1000000
+decoder: pil
+decode: cpu
+format: folder
+storage_options: {}
+cache_dir: /their/cache
+cache_size_gb: 50.0
+"""
+
+
+def _old_saved_config() -> dict:
+    saved = Config().to_dict()
+    saved["data"] = yaml.safe_load(OLD_FLAT_DATA)
+    return saved
+
+
+def test_a_config_saved_before_the_data_split_still_loads():
+    saved = _old_saved_config()
+    with pytest.raises(ConfigError, match="moved to"):  # as written, the new schema refuses it
+        config_from_dict(saved)
+    cfg = config_from_dict(upgrade_saved_config(saved))
+    assert saved["data"]["decoder"] == "pil"  # the caller's data is left as it was
+    d = cfg.data
+    assert (d.root, d.image_size, d.val_resize, d.workers, d.mean) == ("/their/data", 24, 28, 1, [0.5] * 3)
+    assert d.augment.random_resized_crop_scale == [0.85, 1.0] and d.augment.hflip == 0.0
+    assert (d.augment.auto_augment, d.augment.randaugment_magnitude, d.augment.random_erase) == (
+        "randaugment",
+        7,
+        0.1,
+    )
+    assert (d.augment.mixup_alpha, d.augment.cutmix_alpha) == (0.2, 0.5)
+    assert (d.decode.device, d.decode.decoder, d.decode.max_image_pixels) == ("cpu", "pil", 1_000_000)
+    assert (d.cache.dir, d.cache.size_gb) == ("/their/cache", 50.0)
+    # A config saved after the split is already in shape.
+    assert upgrade_saved_config(cfg.to_dict()) == cfg.to_dict()
+
+
+def test_eval_of_an_old_checkpoint_keeps_its_decoder_and_transform():
+    cfg = load_config(None, ["data.root=/mine"], base=eval_base(_old_saved_config()))
+    assert cfg.data.decode.decoder == "pil"
+    assert (cfg.data.image_size, cfg.data.val_resize, cfg.data.mean) == (24, 28, [0.5] * 3)
+    assert (
+        cfg.data.root == "/mine" and cfg.data.cache.dir is None
+    )  # the checkpoint's data location is not used
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_imgtrain_eval_reads_a_checkpoint_saved_before_the_data_split(tmp_path):
+    import torch
+
+    from imgtrain.config import ModelConfig
+    from imgtrain.models import create_model
+
+    from conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", classes=2, train_per_class=1, val_per_class=3, size=16)
+    saved = _old_saved_config()
+    saved["model"] = {**saved["model"], "name": "simple_cnn", "width": 4}
+    saved["data"].update(image_size=16, val_resize=16, workers=0)
+    model = create_model(ModelConfig(name="simple_cnn", width=4), 2, 16)
+    ckpt = tmp_path / "model.pt"
+    torch.save(
+        {"model": model.state_dict(), "config": saved, "meta": {"classes": ["class_0", "class_1"]}}, ckpt
+    )
+    proc = run_cli(["eval", "--checkpoint", str(ckpt), f"data.root={data}"], timeout=240)
+    assert '"val_images": 6' in proc.stdout, proc.stderr
 
 
 def test_dump_config_round_trips(tmp_path):

@@ -16,7 +16,7 @@ from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
-from imgtrain.config import ConfigError, DataConfig, load_config
+from imgtrain.config import AugmentConfig, ConfigError, DataConfig, DecodeConfig, load_config
 from imgtrain.data import ImageFolderDataset, SampleRef, build_data
 from imgtrain.data.decode import cpu as D
 from imgtrain.data.decode.gpu import GpuBatchDecoder, GpuTrainPlan, batched_resized_crop, gpu_collate
@@ -53,8 +53,10 @@ def require_decoder(name: str) -> None:
     if reason is None:
         return
     if os.environ.get("CI"):
-        pytest.fail(f"data.decoder={name} is unavailable in CI, where the install provides it: {reason}")
-    pytest.skip(f"data.decoder={name}: its library is not installed ({reason})")
+        pytest.fail(
+            f"data.decode.decoder={name} is unavailable in CI, where the install provides it: {reason}"
+        )
+    pytest.skip(f"data.decode.decoder={name}: its library is not installed ({reason})")
 
 
 DECODERS = list(D.DECODERS)
@@ -161,7 +163,10 @@ def test_dct_scaled_decode_only_when_the_crop_is_twice_the_output(jpegs, monkeyp
 
 def _train_sample(root, decoder: str, epoch: int) -> torch.Tensor:
     cfg = DataConfig(
-        root=str(root), image_size=24, decoder=decoder, auto_augment="trivialaugment", random_erase=0.5
+        root=str(root),
+        image_size=24,
+        decode=DecodeConfig(decoder=decoder),
+        augment=AugmentConfig(auto_augment="trivialaugment", random_erase=0.5),
     )
     ds = ImageFolderDataset(
         root / "train", scan_classes(root / "train"), TrainTransform(cfg), seed=7, image_size=24
@@ -208,7 +213,7 @@ def test_missing_library_falls_back_with_a_warning(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING):
         dec = D.create_decoder("simplejpeg")
     assert dec.name == "opencv"
-    assert any("data.decoder=simplejpeg" in r.getMessage() for r in caplog.records)
+    assert any("data.decode.decoder=simplejpeg" in r.getMessage() for r in caplog.records)
     monkeypatch.setitem(sys.modules, "cv2", None)  # simplejpeg's path resizes with OpenCV too
     D._simplejpeg.cache_clear()
     D._cv2.cache_clear()
@@ -216,8 +221,8 @@ def test_missing_library_falls_back_with_a_warning(monkeypatch, caplog):
 
 
 def test_decoder_and_decode_are_validated():
-    assert load_config(None, ["data.decoder=opencv"]).data.decoder == "opencv"
-    for key, bad in (("data.decoder", "libjpeg"), ("data.decode", "tpu")):
+    assert load_config(None, ["data.decode.decoder=opencv"]).data.decode.decoder == "opencv"
+    for key, bad in (("data.decode.decoder", "libjpeg"), ("data.decode.device", "tpu")):
         with pytest.raises(ConfigError) as ei:
             load_config(None, [f"{key}={bad}"])
         assert ei.value.key == key
@@ -226,8 +231,8 @@ def test_decoder_and_decode_are_validated():
 def test_gpu_decode_without_cuda_is_a_config_error_naming_the_key(tmp_path):
     root = make_image_folder(tmp_path / "data", classes=2, train_per_class=1, val_per_class=1)
     with pytest.raises(ConfigError) as ei:
-        build_data(DataConfig(root=str(root), decode="gpu", workers=0), 4, 0, 1, 0, CPU)
-    assert ei.value.key == "data.decode" and "CUDA" in str(ei.value)
+        build_data(DataConfig(root=str(root), decode=DecodeConfig(device="gpu"), workers=0), 4, 0, 1, 0, CPU)
+    assert ei.value.key == "data.decode.device" and "CUDA" in str(ei.value)
 
 
 def test_dali_missing_is_a_config_error_naming_the_key(monkeypatch):
@@ -236,7 +241,7 @@ def test_dali_missing_is_a_config_error_naming_the_key(monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia", None)  # import nvidia.dali -> ImportError
     with pytest.raises(ConfigError) as ei:
         import_dali()
-    assert ei.value.key == "data.decode" and "nvidia-dali" in str(ei.value)
+    assert ei.value.key == "data.decode.device" and "nvidia-dali" in str(ei.value)
 
 
 def _batch_decoder(backend: str):
@@ -250,7 +255,7 @@ def _batch_decoder(backend: str):
 
 @pytest.mark.parametrize("backend", ["torchvision", "dali"])
 def test_gpu_decode_logic_on_cpu_matches_the_cpu_path(jpegs, tmp_path, backend):
-    """GpuTrainPlan + gpu_collate + GpuBatchDecoder (data.decode=gpu) or DaliBatchDecoder (data.decode=dali),
+    """GpuTrainPlan + gpu_collate + GpuBatchDecoder (data.decode.device=gpu) or DaliBatchDecoder (data.decode.device=dali),
     run with device=cpu: the same crop and flip as the CPU path draws for the same seed, and one corrupt
     JPEG becomes a weight-0 sample."""
     cfg = DataConfig(image_size=64)
@@ -361,12 +366,12 @@ def _roi_extension():
     except ImportError:
         if shutil.which("gcc") and Path("/usr/include/jpeglib.h").exists():
             pytest.fail("the _jpegroi extension is not built: run `pip install -e .` (or scripts/install.sh)")
-        pytest.skip("no C compiler or libjpeg-turbo headers: data.decoder=libjpeg_roi falls back")
+        pytest.skip("no C compiler or libjpeg-turbo headers: data.decode.decoder=libjpeg_roi falls back")
     return _jpegroi
 
 
 def test_region_decode_gives_exactly_the_full_decodes_crop_and_falls_back_where_libjpeg_refuses(jpegs):
-    """data.decoder=libjpeg_roi decodes only the crop window (plus the columns up to the iMCU grid): its
+    """data.decode.decoder=libjpeg_roi decodes only the crop window (plus the columns up to the iMCU grid): its
     window must hold the same pixels as simplejpeg_fast's full decode (both libjpeg-turbo, fast IDCT and
     upsampling), for random and edge windows, colour and grayscale; CMYK and corrupt data, which libjpeg
     refuses, go through the fallback like simplejpeg_fast's."""

@@ -19,7 +19,7 @@ def test_a_folder_of_ones_own_gets_the_general_recipe_and_the_run_says_why(tmp_p
     cfg = seen["cfg"]
     assert cfg.data.root == "/my/photos"
     assert (cfg.model.name, cfg.model.small_input) == ("resnet18", False)
-    assert cfg.data.image_size >= 128 and cfg.data.hflip == 0.5
+    assert cfg.data.image_size >= 128 and cfg.data.augment.hflip == 0.5
     assert cfg.data.mean == [0.485, 0.456, 0.406] and cfg.data.std == [0.229, 0.224, 0.225]
     err = capsys.readouterr().err
     assert "data.root is given and no --config: using the 'folder' recipe" in err

@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from imgtrain.config import DataConfig
+from imgtrain.config import DataConfig, DecodeConfig
 from imgtrain.data import folder as F
 from imgtrain.data.decode import cpu as D
 from imgtrain.data.folder import DataError, ImageFolderDataset, SampleRef, scan_classes, scan_samples
@@ -81,7 +81,7 @@ def test_a_declared_65500x65500_jpeg_is_refused_from_its_header_by_every_decoder
     dec = D.create_decoder(decoder)
     # (Pillow's own check, above ~179 MP, answers first where Pillow reads the header: same error class)
     with pytest.raises(
-        D.ImageLimitError, match="65500x65500.*data.max_image_pixels=100000000|4290250000 pix"
+        D.ImageLimitError, match="65500x65500.*data.decode.max_image_pixels=100000000|4290250000 pix"
     ):
         D.decode_train(bomb, dec, 16, (0.08, 1.0))
     with pytest.raises(D.ImageLimitError):
@@ -100,7 +100,7 @@ def test_the_pixel_limit_is_configurable_and_applies_to_png_too(decoder):
     for data in (_jpeg(), _png()):
         with pytest.raises(D.ImageLimitError, match="32x24"):
             D.decode_train(data, small, 16, (0.08, 1.0))
-    assert D.decode_limits(DataConfig(max_image_pixels=123)).max_pixels == 123
+    assert D.decode_limits(DataConfig(decode=DecodeConfig(max_image_pixels=123))).max_pixels == 123
 
 
 @pytest.mark.parametrize("decoder", AVAILABLE)
@@ -246,7 +246,7 @@ def test_published_shards_and_index_follow_the_umask(tmp_path):
 
 def test_eviction_deletes_only_shards_in_imgtrains_own_cache_folders(tmp_path):
     cache = tmp_path / "cache"
-    other = cache / "someone-elses-dataset"  # e.g. data.cache_dir set to a shared scratch folder
+    other = cache / "someone-elses-dataset"  # e.g. data.cache.dir set to a shared scratch folder
     other.mkdir(parents=True)
     (other / "shard-0.tar").write_bytes(b"x" * 5000)
     os.utime(other / "shard-0.tar", (1, 1))  # the least recently used file there

@@ -133,18 +133,20 @@ def test_eval_takes_only_model_and_transform_fields_from_a_checkpoint():
             "data.val_resize=28",
             "model.width=16",
             "data.format=shards",
-            "data.cache_dir=/their/cache",
+            "data.cache.dir=/their/cache",
             "output_dir=/their/run",
         ],
     ).to_dict(redact=False)
     base = eval_base(saved)
     assert base["model"] == saved["model"]
-    transform = ("image_size", "val_resize", "val_crop_fraction", "mean", "std", "decoder")
-    assert base["data"] == {k: saved["data"][k] for k in transform}
+    transform = ("image_size", "val_resize", "val_crop_fraction", "mean", "std")
+    assert base["data"] == {k: saved["data"][k] for k in transform} | {
+        "decode": {"decoder": saved["data"]["decode"]["decoder"]}
+    }
     assert set(base) == {"model", "data"}
     cfg = load_config(None, ["data.root=/mine"], base=base)
     assert (
         cfg.data.root == "/mine" and cfg.data.storage_options == {} and cfg.checkpoint.storage_options == {}
     )
-    assert cfg.data.format == "folder" and cfg.data.cache_dir is None and cfg.monitoring.notify.urls == []
+    assert cfg.data.format == "folder" and cfg.data.cache.dir is None and cfg.monitoring.notify.urls == []
     assert cfg.data.image_size == 24 and cfg.model.width == 16

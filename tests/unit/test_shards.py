@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from imgtrain.config import ConfigError, DataConfig, load_config
+from imgtrain.config import AugmentConfig, ConfigError, DataConfig, load_config
 from imgtrain.data.folder import DataError, ImageFolderDataset, SampleRef, collate, scan_classes
 from imgtrain.data.sampler import ShardedBatchSampler
 from imgtrain.data.shards.cache import ShardSource
@@ -91,7 +91,7 @@ def test_prepare_writes_webdataset_shards_and_lists_unreadable_files(tmp_path):
 def test_shard_samples_equal_the_folder_samples(prepared):
     """Same index, same epoch -> the same decoded and augmented tensor as the ImageFolder path."""
     src, dst = prepared
-    cfg = DataConfig(image_size=12, random_resized_crop_scale=[0.3, 1.0])
+    cfg = DataConfig(image_size=12, augment=AugmentConfig(random_resized_crop_scale=[0.3, 1.0]))
     train, _ = _sets(dst, train_transform(cfg))
     folder = ImageFolderDataset(
         src / "train", scan_classes(src / "train"), train_transform(cfg), image_size=16
@@ -106,7 +106,7 @@ def test_a_workers_batch_decoded_into_shared_slots_equals_the_samples(prepared):
     """In a loader worker the shard dataset decodes each image straight into its slot of the batch
     (``__getitems__``): the batches equal the samples indexed one by one, labels and weights included."""
     _, dst = prepared
-    cfg = DataConfig(image_size=12, random_resized_crop_scale=[0.3, 1.0])
+    cfg = DataConfig(image_size=12, augment=AugmentConfig(random_resized_crop_scale=[0.3, 1.0]))
     train, _ = _sets(dst, train_transform(cfg))
     train.image_size = 12
     sampler = ShardedBatchSampler(len(train), 8, 0, 1, seed=5)

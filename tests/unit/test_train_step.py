@@ -86,7 +86,7 @@ def test_mixup_and_cutmix_mix_the_batch_and_its_labels(trainer):
     plain = step(t, b)
     assert torch.equal(plain["targets"][0], labels)
     assert torch.equal(plain["inputs"][0], t.normalize(images))
-    for mix in ("data.mixup_alpha=0.2", "data.cutmix_alpha=1.0"):
+    for mix in ("data.augment.mixup_alpha=0.2", "data.augment.cutmix_alpha=1.0"):
         t = trainer(mix)
         seen = step(t, b)
         targets = seen["targets"][0]
@@ -101,9 +101,9 @@ def test_randaugment_changes_the_training_samples(trainer):
     ref = SampleRef(1, 1.0, 3)
     plain = trainer().data.train_set[ref][0]
     assert torch.equal(plain, trainer().data.train_set[ref][0])  # same seed, epoch, index: same sample
-    augmented = trainer("data.auto_augment=randaugment", "data.randaugment_magnitude=15").data.train_set[ref][
-        0
-    ]
+    augmented = trainer(
+        "data.augment.auto_augment=randaugment", "data.augment.randaugment_magnitude=15"
+    ).data.train_set[ref][0]
     assert augmented.shape == plain.shape and not torch.equal(augmented, plain)
 
 

@@ -126,7 +126,7 @@ def _walk_regular(top: str, root: str, skipped: dict[str, list[str]]):
         yield d, files
 
 
-# Largest file read as one sample: above what an image within data.max_image_pixels's default can need
+# Largest file read as one sample: above what an image within data.decode.max_image_pixels's default can need
 # (100 MP at 8 bytes per pixel, 16-bit RGBA uncompressed, is 800 MB). A bigger file is a bad sample.
 MAX_FILE_BYTES = 1 << 30
 

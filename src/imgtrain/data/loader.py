@@ -110,7 +110,7 @@ def build_data(
     eval_batch_size: int | None = None,
 ) -> DataBundle:
     check_gpu_decode(cfg, device)
-    gpu = cfg.decode != "cpu"  # gpu or dali
+    gpu = cfg.decode.device != "cpu"  # gpu or dali
     # GPU decode: the workers only read the bytes and draw the crops; the batch is decoded on the device.
     train_tf = GpuTrainPlan(cfg) if gpu else train_transform(cfg)
     if cfg.format == "shards":
@@ -181,7 +181,7 @@ def _bundle(
     eval_batch_size: int | None,
     cache=None,
 ) -> DataBundle:
-    gpu = cfg.decode != "cpu"  # gpu or dali
+    gpu = cfg.decode.device != "cpu"  # gpu or dali
     sampler = ShardedBatchSampler(len(train_set), batch_size, rank, world_size, seed)
     check_shared_memory(cfg, batch_size)
     kw = _loader_kwargs(cfg, device)
@@ -213,7 +213,7 @@ def _bundle(
 
 
 def _batch_decoder(cfg: DataConfig, device: torch.device, batch_size: int) -> GpuBatchDecoder:
-    if cfg.decode == "dali":
+    if cfg.decode.device == "dali":
         from imgtrain.data.decode.dali import DaliBatchDecoder
 
         return DaliBatchDecoder(cfg.image_size, device, batch_size)

@@ -12,13 +12,13 @@ from imgtrain.data.decode.cpu import create_decoder, decode_eval, decode_limits,
 def augment_tail(cfg: DataConfig) -> v2.Compose | None:
     """The augmentations that run on the uint8 crop after the fused decode + crop + flip."""
     t: list = []
-    if cfg.auto_augment == "randaugment":
-        t.append(v2.RandAugment(magnitude=cfg.randaugment_magnitude))
-    elif cfg.auto_augment == "trivialaugment":
+    if cfg.augment.auto_augment == "randaugment":
+        t.append(v2.RandAugment(magnitude=cfg.augment.randaugment_magnitude))
+    elif cfg.augment.auto_augment == "trivialaugment":
         t.append(v2.TrivialAugmentWide())
-    if cfg.random_erase > 0:
+    if cfg.augment.random_erase > 0:
         # On uint8 the erased patch is zeros: the black that normalization later maps to -mean/std.
-        t.append(v2.RandomErasing(p=cfg.random_erase, value=0))
+        t.append(v2.RandomErasing(p=cfg.augment.random_erase, value=0))
     return v2.Compose(t) if t else None
 
 
@@ -30,10 +30,10 @@ class TrainTransform:
     batch_slots = True  # can write a sample into its slot of a batch (folder.load_batch)
 
     def __init__(self, cfg: DataConfig):
-        self.decoder = create_decoder(cfg.decoder, decode_limits(cfg))
+        self.decoder = create_decoder(cfg.decode.decoder, decode_limits(cfg))
         self.size = cfg.image_size
-        self.scale = (cfg.random_resized_crop_scale[0], cfg.random_resized_crop_scale[1])
-        self.hflip = cfg.hflip
+        self.scale = (cfg.augment.random_resized_crop_scale[0], cfg.augment.random_resized_crop_scale[1])
+        self.hflip = cfg.augment.hflip
         self.tail = augment_tail(cfg)
 
     def __call__(self, data: bytes, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -50,7 +50,7 @@ class EvalTransform:
     batch_slots = True
 
     def __init__(self, cfg: DataConfig):
-        self.decoder = create_decoder(cfg.decoder, decode_limits(cfg))
+        self.decoder = create_decoder(cfg.decode.decoder, decode_limits(cfg))
         self.resize = eval_resize(cfg)
         self.size = cfg.image_size
 
@@ -97,10 +97,10 @@ class DeviceNormalize(torch.nn.Module):
 def batch_mix(cfg: DataConfig, num_classes: int) -> v2.Transform | None:
     """MixUp and/or CutMix on a device batch (soft labels); one of them chosen per batch when both."""
     mixes = []
-    if cfg.mixup_alpha > 0:
-        mixes.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes))
-    if cfg.cutmix_alpha > 0:
-        mixes.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=num_classes))
+    if cfg.augment.mixup_alpha > 0:
+        mixes.append(v2.MixUp(alpha=cfg.augment.mixup_alpha, num_classes=num_classes))
+    if cfg.augment.cutmix_alpha > 0:
+        mixes.append(v2.CutMix(alpha=cfg.augment.cutmix_alpha, num_classes=num_classes))
     if not mixes:
         return None
     return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from imgtrain.checkpoint import MANIFEST, CheckpointError, CheckpointManager, load_checkpoint, load_plain
+from imgtrain.config import upgrade_saved_config
 from imgtrain.distributed import process_group as D
 
 log = logging.getLogger(__name__)
@@ -110,14 +111,18 @@ def load_any(path: str, storage_options: dict | None = None) -> dict:
 # What a checkpoint's own config may decide for `imgtrain eval`: the model and how an evaluation image is
 # made. Where the data is and how to reach it (data.root, storage options, endpoints, credentials) comes
 # from the user: a shared checkpoint must not point the evaluation at its author's data or secrets.
-EVAL_DATA_KEYS = ("image_size", "val_resize", "val_crop_fraction", "mean", "std", "decoder")
+EVAL_DATA_KEYS = ("image_size", "val_resize", "val_crop_fraction", "mean", "std")
 
 
 def eval_base(saved: dict | None) -> dict:
-    """The model fields and the eval-transform fields of a checkpoint's embedded config."""
-    saved = saved or {}
+    """The model fields and the eval-transform fields of a checkpoint's embedded config (one saved before
+    the data section was split into nested sections included)."""
+    saved = upgrade_saved_config(saved or {})
     data = saved.get("data") or {}
-    return {"model": saved.get("model") or {}, "data": {k: data[k] for k in EVAL_DATA_KEYS if k in data}}
+    base = {k: data[k] for k in EVAL_DATA_KEYS if k in data}
+    if "decoder" in (data.get("decode") or {}):
+        base["decode"] = {"decoder": data["decode"]["decoder"]}
+    return {"model": saved.get("model") or {}, "data": base}
 
 
 def run_eval(checkpoint: str, config_path: str | None, overrides: list[str]) -> int:
@@ -145,7 +150,8 @@ def run_eval(checkpoint: str, config_path: str | None, overrides: list[str]) -> 
             )
     else:
         cfg = user
-    cfg.data.decode = "cpu"  # GPU decode is a training-time option: evaluation decodes on the CPU anyway
+    # GPU decode is a training-time option: evaluation decodes on the CPU anyway.
+    cfg.data.decode.device = "cpu"
     info = D.init_distributed(cfg.distributed)
     configure_logging(info.rank, info.is_main)
     try:

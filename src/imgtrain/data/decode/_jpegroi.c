@@ -1,4 +1,4 @@
-/* Region-of-interest JPEG decode with libjpeg-turbo (data.decoder=libjpeg_roi, docs/decode.md).
+/* Region-of-interest JPEG decode with libjpeg-turbo (data.decode.decoder=libjpeg_roi, docs/decode.md).
  *
  * The training crop (RandomResizedCrop) covers about half of the image on average. libjpeg-turbo can
  * skip the inverse DCT, upsampling and colour conversion outside a window: jpeg_crop_scanline() limits

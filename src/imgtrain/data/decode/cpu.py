@@ -7,7 +7,7 @@ library -- at a DCT-reduced size when the crop is at least twice the output -- a
 resized, by an antialiased resize (OpenCV INTER_AREA to shrink, INTER_LINEAR to enlarge). The result is
 a uint8 tensor: float conversion and normalization happen on the device (``DeviceNormalize``).
 
-Decoders (``data.decoder``): ``pil`` (the reference, also the fallback for anything that is not a JPEG),
+Decoders (``data.decode.decoder``): ``pil`` (the reference, also the fallback for anything that is not a JPEG),
 ``simplejpeg`` (libjpeg-turbo), ``opencv`` (``cv2.imdecode``), ``torchvision`` (``torchvision.io``). Their
 measured speed and their distance from the reference are in docs/decode.md.
 """
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from imgtrain.config import DataConfig
+from imgtrain.config import DataConfig, DecodeConfig
 from imgtrain.registry import DECODERS
 
 log = logging.getLogger(__name__)
@@ -41,11 +41,11 @@ FALLBACK_ORDER: tuple[str, ...] = (
 )
 DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 JPEG_MAGIC = b"\xff\xd8"
-# Default of data.max_image_pixels (docs/decode.md, "Hostile files"): 100 megapixels, above every image of
+# Default of data.decode.max_image_pixels (docs/decode.md, "Hostile files"): 100 megapixels, above every image of
 # the usual datasets and of 50 MP cameras, close to Pillow's own decompression-bomb warning
 # (Image.MAX_IMAGE_PIXELS, ~89 MP). One such image costs a worker ~300 MB of RGB plus, when progressive, up
 # to ~600 MB of DCT coefficients held until the last scan.
-MAX_IMAGE_PIXELS = DataConfig.max_image_pixels
+MAX_IMAGE_PIXELS = DecodeConfig.max_image_pixels
 # Scans per JPEG: libjpeg's own progressive scripts use at most 10 (mozjpeg's a few more); every scan of a
 # progressive file is a pass over all of its coefficients, so thousands of tiny scans burn CPU for minutes
 # (libjpeg-turbo's djpeg -maxscans and its fuzzers cap them in the same way).
@@ -67,7 +67,7 @@ class DecodeLimits:
     def check(self, data: bytes, height: int, width: int) -> None:
         if height * width > self.max_pixels:
             raise ImageLimitError(
-                f"{width}x{height} image ({height * width / 1e6:.1f} MP) is above data.max_image_pixels="
+                f"{width}x{height} image ({height * width / 1e6:.1f} MP) is above data.decode.max_image_pixels="
                 f"{self.max_pixels}"
             )
         if data[:2] == JPEG_MAGIC and (n := jpeg_scan_count(data)) > self.max_scans:
@@ -81,8 +81,8 @@ class DecodeLimits:
 
 
 def decode_limits(cfg: DataConfig) -> DecodeLimits:
-    """The configured limits (``data.max_image_pixels``; the scan cap is fixed)."""
-    return DecodeLimits(max_pixels=cfg.max_image_pixels)
+    """The configured limits (``data.decode.max_image_pixels``; the scan cap is fixed)."""
+    return DecodeLimits(max_pixels=cfg.decode.max_image_pixels)
 
 
 _SOS = b"\xff\xda"
@@ -628,7 +628,9 @@ def create_decoder(name: str, limits: DecodeLimits | None = None) -> BaseDecoder
                 dec = DECODERS[other](limits)
             except ImportError:
                 continue
-            log.warning("data.decoder=%s is not available (%s); decoding with %s instead", name, e, other)
+            log.warning(
+                "data.decode.decoder=%s is not available (%s); decoding with %s instead", name, e, other
+            )
             return dec
         raise  # unreachable: PIL is a core dependency
 

@@ -1,10 +1,10 @@
-"""``data.decode: dali``: the GPU-decode path of :mod:`gpu_decode` with NVIDIA DALI in place of torchvision.
+"""``data.decode.device: dali``: the GPU-decode path of :mod:`gpu_decode` with NVIDIA DALI in place of torchvision.
 
 Only the main-process side changes: loader workers, sampler, crop/flip draws and the batch layout are
-``data.decode: gpu``'s (so exactly-once sampling and exact resume hold unchanged); the batch of encoded JPEGs
+``data.decode.device: gpu``'s (so exactly-once sampling and exact resume hold unchanged); the batch of encoded JPEGs
 is decoded by DALI (nvJPEG / hardware decoder on the GPU, ROI decode of the crop window only), resized
 (antialiased) and flipped in one DALI pipeline fed by ``external_source``. Optional: ``pip install
-nvidia-dali-cuda130`` (or ``-cuda120``; the ``dali`` extra), with a ConfigError naming ``data.decode`` when it
+nvidia-dali-cuda130`` (or ``-cuda120``; the ``dali`` extra), with a ConfigError naming ``data.decode.device`` when it
 is missing. Checked on the CPU (DALI's CPU operators, ``device=None``); not run or measured on a GPU.
 """
 

@@ -1,4 +1,4 @@
-"""``data.decode: gpu``: loader workers only read bytes and draw the crop; nvJPEG decodes the batch.
+"""``data.decode.device: gpu``: loader workers only read bytes and draw the crop; nvJPEG decodes the batch.
 
 Worker side (:class:`GpuTrainPlan`): for a JPEG, the encoded bytes plus the sample's crop window and flip,
 drawn exactly as the CPU path draws them (same seeded RNG, same order), so a sample's augmentation does not
@@ -25,34 +25,34 @@ log = logging.getLogger(__name__)
 
 
 def check_gpu_decode(cfg: DataConfig, device: torch.device) -> None:
-    """ConfigError naming ``data.decode`` when GPU decode cannot run as configured."""
-    if cfg.decode == "cpu":
+    """ConfigError naming ``data.decode.device`` when GPU decode cannot run as configured."""
+    if cfg.decode.device == "cpu":
         return
     if device.type != "cuda":
         raise ConfigError(
-            "data.decode",
-            cfg.decode,
+            "data.decode.device",
+            cfg.decode.device,
             f"'cpu' on this machine: GPU decode needs CUDA, this process runs on {device.type}",
         )
-    if cfg.auto_augment != "none" or cfg.random_erase > 0:
+    if cfg.augment.auto_augment != "none" or cfg.augment.random_erase > 0:
         raise ConfigError(
-            "data.decode",
-            cfg.decode,
-            "'cpu' with data.auto_augment or data.random_erase (GPU decode "
+            "data.decode.device",
+            cfg.decode.device,
+            "'cpu' with data.augment.auto_augment or data.augment.random_erase (GPU decode "
             "does RandomResizedCrop and flip only)",
         )
-    if cfg.decode == "dali":
+    if cfg.decode.device == "dali":
         import_dali()
 
 
 def import_dali():
-    """DALI's modules, or a ConfigError naming ``data.decode`` when DALI is not installed."""
+    """DALI's modules, or a ConfigError naming ``data.decode.device`` when DALI is not installed."""
     try:
         from nvidia import dali
         from nvidia.dali import fn, types
     except ImportError as e:
         raise ConfigError(
-            "data.decode",
+            "data.decode.device",
             "dali",
             "'gpu' (torchvision's nvJPEG), or install NVIDIA DALI: pip install nvidia-dali-cuda130 "
             f"(or -cuda120; the 'dali' extra) [{e}]",
@@ -65,10 +65,10 @@ class GpuTrainPlan:
     JPEG, or the finished uint8 CHW crop for any other format (decoded on the CPU)."""
 
     def __init__(self, cfg: DataConfig):
-        self.decoder = create_decoder(cfg.decoder, decode_limits(cfg))
+        self.decoder = create_decoder(cfg.decode.decoder, decode_limits(cfg))
         self.size = cfg.image_size
-        self.scale = (cfg.random_resized_crop_scale[0], cfg.random_resized_crop_scale[1])
-        self.hflip = cfg.hflip
+        self.scale = (cfg.augment.random_resized_crop_scale[0], cfg.augment.random_resized_crop_scale[1])
+        self.hflip = cfg.augment.hflip
 
     def __call__(self, data: bytes):
         full = self.decoder.size(data)

@@ -80,7 +80,7 @@ class ShardSource:
                 self.pinned.add(name)
                 total += size
             log.warning(
-                "shard cache: the dataset (%.2f GB) is larger than data.cache_size_gb=%.2f: caching its first "
+                "shard cache: the dataset (%.2f GB) is larger than data.cache.size_gb=%.2f: caching its first "
                 "%d of %d shards, reading the others from %s sample by sample",
                 sum(sizes.values()) / 1e9,
                 cache_size / 1e9,
@@ -194,7 +194,7 @@ class ShardSource:
             self._evict(keep=path)
 
     def _evict(self, keep: Path) -> None:
-        """Delete least-recently-used shards (of all datasets cached in ``data.cache_dir``, and nothing else
+        """Delete least-recently-used shards (of all datasets cached in ``data.cache.dir``, and nothing else
         there: :func:`cached_shards`) until the cache fits its limit."""
         # This dataset's pinned shards stay: evicting one would only download it again.
         pinned = {self.cache_dir / n for n in self.pinned or ()}
@@ -213,11 +213,11 @@ class ShardSource:
             total -= sizes[p]
             log.info("shard cache: evicted %s (cache above its %.1f GB limit)", p, self.cache_size / 1e9)
         if total > self.cache_size:
-            log.warning("shard cache: %s alone exceeds data.cache_size_gb=%.3f", keep, self.cache_size / 1e9)
+            log.warning("shard cache: %s alone exceeds data.cache.size_gb=%.3f", keep, self.cache_size / 1e9)
 
 
 # In each dataset folder of the cache, written when imgtrain creates (or first uses) it: eviction deletes
-# files only in folders that carry it, so whatever else lives in data.cache_dir is never touched.
+# files only in folders that carry it, so whatever else lives in data.cache.dir is never touched.
 CACHE_MARKER = ".imgtrain-shard-cache"
 
 

@@ -300,8 +300,8 @@ def build_shard_sets(
     shards = [s for sp in index["splits"].values() for s in sp["shards"]]
     sha = {s["name"]: s["sha256"] for s in shards}
     sizes = {s["name"]: int(s["bytes"]) for s in shards}
-    cache_dir = cfg.cache_dir or default_data_home() / "shard-cache"
-    source = ShardSource(root, options, cache_dir, int(cfg.cache_size_gb * 1e9), sha, sizes)
+    cache_dir = cfg.cache.dir or default_data_home() / "shard-cache"
+    source = ShardSource(root, options, cache_dir, int(cfg.cache.size_gb * 1e9), sha, sizes)
     train = ShardDataset(source, index, "train", train_transform, seed, cfg.image_size)
     val = ShardDataset(source, index, "val", eval_transform, seed, cfg.image_size)
     return train, val, source
