@@ -8,6 +8,7 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 
+import psutil
 import pytest
 import torch
 import torch.distributed.run
@@ -35,12 +36,13 @@ def test_powersgd_should_compress_matches_torchs_rule():
 
 def test_dataloader_workers_stop_on_request():
     loader = DataLoader(TensorDataset(torch.arange(8)), batch_size=2, num_workers=1, persistent_workers=True)
-    next(iter(loader))
-    workers = list(loader._iterator._workers)
-    assert all(w.is_alive() for w in workers)
+    it = iter(loader)
+    next(it)
+    pids = _canary(dataloader, lambda: dataloader.worker_pids(it))
+    assert len(pids) == 1 and psutil.Process(pids[0]).ppid() == os.getpid()
     _canary(dataloader, lambda: dataloader.shutdown_workers(loader))
     assert loader._iterator is None
-    assert not any(w.is_alive() for w in workers)
+    assert not psutil.pid_exists(pids[0])
 
 
 # Run in a process the fork server starts. The target is a builtin (pickled by name), so the child imports
