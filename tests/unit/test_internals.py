@@ -14,7 +14,7 @@ import torch
 import torch.distributed.run
 from torch.utils.data import DataLoader, TensorDataset
 
-from imgtrain.internals import dataloader, forkserver, powersgd, torchrun
+from imgtrain.internals import checkpoint_wrapper, dataloader, forkserver, powersgd, torchrun
 
 
 def _changed(module, what: str) -> str:
@@ -114,3 +114,19 @@ def test_torchrun_arguments_are_rewritten_as_torchs_run_does(line, tmp_path, mon
         k: (theirs.get(k), ours.get(k)) for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k)
     }
     assert not differ, _changed(torchrun, f"torch's run() / ours differ: {differ}")
+
+
+def test_checkpointed_block_keeps_its_state_dict_keys_and_gradients():
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    plain_keys = list(block.state_dict())
+    x = torch.randn(3, 4)
+    block(x).sum().backward()
+    expected = [p.grad.clone() for p in block.parameters()]
+    block.zero_grad()
+    wrapped = _canary(checkpoint_wrapper, lambda: checkpoint_wrapper.checkpointed(block))
+    assert list(wrapped.state_dict()) == plain_keys, _changed(
+        checkpoint_wrapper, "state_dict keys carry a prefix"
+    )
+    wrapped(x).sum().backward()
+    assert all(torch.equal(p.grad, g) for p, g in zip(block.parameters(), expected, strict=True))
