@@ -14,7 +14,7 @@ import torch
 import torch.distributed.run
 from torch.utils.data import DataLoader, TensorDataset
 
-from imgtrain.internals import checkpoint_wrapper, dataloader, forkserver, powersgd, torchrun
+from imgtrain.internals import checkpoint_wrapper, dataloader, forkserver, powersgd, shared_memory, torchrun
 
 
 def _changed(module, what: str) -> str:
@@ -130,3 +130,11 @@ def test_checkpointed_block_keeps_its_state_dict_keys_and_gradients():
     )
     wrapped(x).sum().backward()
     assert all(torch.equal(p.grad, g) for p, g in zip(block.parameters(), expected, strict=True))
+
+
+def test_shared_bytes_are_shared_memory_of_that_size():
+    flat = _canary(shared_memory, lambda: shared_memory.shared_bytes(24))
+    assert flat.dtype == torch.uint8 and flat.numel() == 24
+    assert flat.is_shared(), _changed(shared_memory, "the storage is not in shared memory")
+    flat[8:16].view(torch.long)[0] = 7  # the 8-byte views a batch takes of it
+    assert flat[8:16].view(torch.long).item() == 7
