@@ -23,12 +23,10 @@ import torchvision
 from bench_common import command_line, machine_info, print_table, record, stats
 
 from imgtrain.config import DistributedConfig, OneBitConfig, PowerSGDConfig
-from imgtrain.distributed.comm_hooks import (
-    _cast_hook,
-    _onebit_hook,
-    _powersgd_hook,
-    create_compression,
-)
+from imgtrain.distributed.comm_hooks import create_compression
+from imgtrain.distributed.comm_hooks.fp16 import _cast_hook
+from imgtrain.distributed.comm_hooks.onebit import _onebit_hook
+from imgtrain.distributed.comm_hooks.powersgd import _powersgd_hook
 
 
 class FakeBucket:

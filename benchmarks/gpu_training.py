@@ -101,8 +101,7 @@ def _release(trainer) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    if hasattr(torch, "_dynamo"):
-        torch._dynamo.reset()
+    torch.compiler.reset()  # the compiled graphs of the model just released
 
 
 def _base_overrides(args, model: str, batch: int, precision: str) -> list[str]:

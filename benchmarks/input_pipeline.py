@@ -53,6 +53,7 @@ from imgtrain.data.decode.cpu import DECODERS, create_decoder, reduced_size, sam
 from imgtrain.data.embedded import default_data_home
 from imgtrain.data.folder import collate
 from imgtrain.data.shards.prepare import PrepareSettings, prepare
+from imgtrain.internals.dataloader import worker_pids
 
 BENCH_VERSION = "bench-jpegs-v1"
 SIMD = "+simd"  # variant suffix: run with --pillow-simd's Pillow
@@ -186,12 +187,11 @@ def measure(variant: str, roots: dict[str, Path], args, workers: int, epoch: int
 
 
 def _workers_cpu_s(it) -> float:
-    """CPU seconds used so far by the iterator's worker processes (Linux /proc; the DataLoader iterator
-    keeps its worker processes in ``_workers``)."""
+    """CPU seconds used so far by the iterator's worker processes (Linux /proc)."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0
-    for w in it._workers:
-        fields = Path(f"/proc/{w.pid}/stat").read_text().rpartition(")")[2].split()
+    for pid in worker_pids(it):
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
         total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / tick
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from imgtrain import commands
 from imgtrain.errors import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA, EXIT_DIVERGED, ImgtrainError
@@ -122,6 +124,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _checked(
+    kind: type, low: float, high: float | None = None, low_open: bool = False
+) -> Callable[[str], Any]:
+    """An argparse ``type``: ``kind`` (int or float) from ``low`` (excluded if ``low_open``) to ``high``
+    (excluded), so that a bad value is refused with the option's name before any work starts."""
+    expected = f"{'an integer' if kind is int else 'a number'} {'>' if low_open else '>='} {low}"
+    if high is not None:
+        expected += f" and < {high}"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}") from None
+        # Written as what passes, so that nan (which compares false to everything) does not.
+        if not ((value > low if low_open else value >= low) and (high is None or value < high)):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}")
+        return value
+
+    return parse
+
+
 def _add_find_batch_size(sub) -> None:
     f = sub.add_parser("find-batch-size", help="largest and fastest per-process batch that fits (real steps)")
     _add_common(f)
@@ -133,17 +157,19 @@ def _add_find_batch_size(sub) -> None:
     f.add_argument("--nnodes", type=int, default=1, help="nodes of the run to size (for the global batch/LR)")
     f.add_argument("--nproc-per-node", type=int, default=1, help="processes per node of that run")
     f.add_argument("--start", type=int, help="first batch probed (default: training.batch_size)")
-    f.add_argument("--max-batch", type=int, default=4096, help="stop growing here")
+    f.add_argument("--max-batch", type=_checked(int, 1), default=4096, help="stop growing here")
     f.add_argument(
         "--tolerance",
-        type=float,
+        type=_checked(float, 0, low_open=True),
         default=0.1,
         help="bisect until the gap to the first failing batch is at most this fraction",
     )
-    f.add_argument("--steps", type=int, default=3, help="training steps per probe (the first is not timed)")
+    f.add_argument(
+        "--steps", type=_checked(int, 1), default=3, help="training steps per probe (the first is not timed)"
+    )
     f.add_argument(
         "--headroom",
-        type=float,
+        type=_checked(float, 0, 1),
         default=0.1,
         help="fraction of the budget left free for the loader, evaluation and checkpoints",
     )

@@ -95,8 +95,6 @@ def find_batch_size(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     try:
         limit = parse_size(args.memory_limit, "memory size") if args.memory_limit else None
         world = batch_finder.world_size_of(args.nnodes, args.nproc_per_node)
-        if not 0 <= args.headroom < 1 or args.tolerance <= 0 or args.steps < 1 or args.max_batch < 1:
-            raise ValueError("need 0 <= --headroom < 1, --tolerance > 0, --steps >= 1, --max-batch >= 1")
         result = batch_finder.find_batch_size(
             cfg,
             limit,

@@ -10,11 +10,11 @@ from collections.abc import Callable
 import torch
 import torchvision
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 from torch.utils.checkpoint import checkpoint_sequential
 
 from imgtrain.config import ModelConfig
 from imgtrain.errors import ConfigError
+from imgtrain.internals.checkpoint_wrapper import checkpointed
 from imgtrain.model_names import IMGTRAIN_MODELS, TIMM_PREFIX, import_timm, torchvision_models
 
 log = logging.getLogger(__name__)
@@ -91,12 +91,6 @@ def _small_input_resnet(model: torchvision.models.ResNet) -> None:
     model.maxpool = nn.Identity()
 
 
-def _checkpointed(block: nn.Module) -> nn.Module:
-    # torch's wrapper (as torchtitan uses it) also strips its prefix from state_dict keys, so
-    # checkpoints load the same with activation checkpointing on or off.
-    return checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
-
-
 class _SegmentCheckpointedSequential(nn.Sequential):
     """A Sequential run as ``segments`` checkpointed segments (torch's checkpoint_sequential); its
     children and so its state_dict keys are those of the Sequential it replaces."""
@@ -121,11 +115,11 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "block") -> int
         for name in ("layer1", "layer2", "layer3", "layer4"):
             stage = getattr(model, name)
             if mode == "stage":
-                setattr(model, name, _checkpointed(stage))
+                setattr(model, name, checkpointed(stage))
                 count += 1
                 continue
             for i in range(len(stage)):
-                stage[i] = _checkpointed(stage[i])
+                stage[i] = checkpointed(stage[i])
                 count += 1
     elif isinstance(model, torchvision.models.VisionTransformer):
         layers = model.encoder.layers
@@ -134,7 +128,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "block") -> int
             model.encoder.layers = _SegmentCheckpointedSequential(layers, count)
         else:
             for i in range(len(layers)):
-                layers[i] = _checkpointed(layers[i])
+                layers[i] = checkpointed(layers[i])
                 count += 1
     elif hasattr(model, "set_grad_checkpointing"):  # timm models
         model.set_grad_checkpointing(True)

@@ -63,7 +63,7 @@ COMPRESSION = Registry(
     "imgtrain.distributed.comm_hooks",
     ("none", "fp16", "bf16", "powersgd", "onebit"),
 )
-"""Gradient compression as DDP communication hooks (comm_hooks.py, docs/compression.md)."""
+"""Gradient compression as DDP communication hooks (distributed/comm_hooks/, docs/compression.md)."""
 
 OPTIMIZERS = Registry("optimization.optimizer", "imgtrain.optim", ("sgd", "adamw"))
 """torch optimizers built from OptimizationConfig (optim.py)."""

@@ -128,3 +128,24 @@ def test_models_registry_builds_what_the_config_accepts():
 
     assert set(_SMALL_MODELS) == set(IMGTRAIN_MODELS)
     assert set(torchvision_models()) <= set(list_models())
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--headroom", "1"),
+        ("--headroom", "nan"),
+        ("--tolerance", "0"),
+        ("--steps", "0"),
+        ("--max-batch", "x"),
+    ],
+)
+def test_find_batch_size_names_the_option_out_of_range_before_loading_anything(option, value, capsys):
+    from imgtrain.cli import main
+
+    with pytest.raises(SystemExit) as e:  # argparse's refusal: no config loaded, no model built
+        main(["find-batch-size", "--config", "quickstart", "--memory-limit", "1GiB", option, value])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == errors.EXIT_CONFIG
+    assert f"argument {option}: {value!r}: expected" in err
+    assert all(o not in err for o in ("--headroom", "--tolerance", "--steps", "--max-batch") if o != option)

@@ -1,23 +1,31 @@
-"""Canaries for the private torch symbols imgtrain uses (src/imgtrain/internals/): when an upgrade
-changes one, the failure names it, instead of surfacing as a wrong byte count or a hung worker later."""
+"""Canaries for the private torch and Python symbols imgtrain uses (src/imgtrain/internals/): when an
+upgrade changes one, the failure names it, instead of surfacing as a wrong byte count or a hung worker
+later."""
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.forkserver
+import os
+
+import psutil
 import pytest
 import torch
+import torch.distributed.run
 from torch.utils.data import DataLoader, TensorDataset
 
-from imgtrain.internals import dataloader, powersgd
+from imgtrain.internals import checkpoint_wrapper, dataloader, forkserver, powersgd, shared_memory, torchrun
+
+
+def _changed(module, what: str) -> str:
+    return f"private symbol changed: {module.PRIVATE_SYMBOL} ({what}); update {module.__name__}"
 
 
 def _canary(module, call):
     try:
         return call()
     except (AttributeError, TypeError, IndexError) as e:
-        pytest.fail(
-            f"private symbol changed: {module.PRIVATE_SYMBOL} ({type(e).__name__}: {e}); "
-            f"update {module.__name__}"
-        )
+        pytest.fail(_changed(module, f"{type(e).__name__}: {e}"))
 
 
 def test_powersgd_should_compress_matches_torchs_rule():
@@ -28,9 +36,105 @@ def test_powersgd_should_compress_matches_torchs_rule():
 
 def test_dataloader_workers_stop_on_request():
     loader = DataLoader(TensorDataset(torch.arange(8)), batch_size=2, num_workers=1, persistent_workers=True)
-    next(iter(loader))
-    workers = list(loader._iterator._workers)
-    assert all(w.is_alive() for w in workers)
+    it = iter(loader)
+    next(it)
+    pids = _canary(dataloader, lambda: dataloader.worker_pids(it))
+    assert len(pids) == 1 and psutil.Process(pids[0]).ppid() == os.getpid()
     _canary(dataloader, lambda: dataloader.shutdown_workers(loader))
     assert loader._iterator is None
-    assert not any(w.is_alive() for w in workers)
+    assert not psutil.pid_exists(pids[0])
+
+
+# Run in a process the fork server starts. The target is a builtin (pickled by name), so the child imports
+# only imgtrain.internals.forkserver, not this module (and torch).
+_CLOSE_IN_CHILD = (
+    "import sys\n"
+    "from imgtrain.internals import forkserver\n"
+    "sys.exit(0 if forkserver.close_inherited_alive_fd() else 3)\n"
+)
+
+
+def test_fork_server_is_seen_stopped_and_its_children_let_go_of_it():
+    assert not _canary(forkserver, forkserver.running)  # this process started none yet
+    multiprocessing.set_forkserver_preload([])
+    multiprocessing.forkserver.ensure_running()
+    try:
+        assert _canary(forkserver, forkserver.running), _changed(
+            forkserver, "running() misses a started server"
+        )
+        pid = multiprocessing.forkserver._forkserver._forkserver_pid
+        child = multiprocessing.get_context("forkserver").Process(target=exec, args=(_CLOSE_IN_CHILD, {}))
+        child.start()
+        child.join(timeout=120)
+        # 1: an exception (a renamed attribute); 3: a child of the server found no alive pipe to close.
+        assert child.exitcode == 0, _changed(
+            forkserver, f"close_inherited_alive_fd() in a child: exit {child.exitcode}"
+        )
+        assert not forkserver.close_inherited_alive_fd()  # the process that started the server keeps its end
+    finally:
+        _canary(forkserver, forkserver.kill)
+    assert not forkserver.running()
+    with pytest.raises(ProcessLookupError):  # killed and reaped, not left behind
+        os.kill(pid, 0)
+
+
+class _Launched(Exception):
+    """Raised where torch's run() would build the launch config: the arguments it rewrote, nothing launched."""
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        ["--standalone", "--nproc-per-node=2"],
+        ["--nnodes=1"],  # static, one node, no endpoint: a local c10d rendezvous
+        ["--nnodes=2", "--node-rank=1", "--master-addr=head"],  # static across nodes: kept
+        ["--nnodes=1", "--master-port=29999"],
+        ["--nnodes=1:4", "--rdzv-backend=c10d", "--rdzv-endpoint=head:29400", "--rdzv-id=job7"],
+    ],
+)
+def test_torchrun_arguments_are_rewritten_as_torchs_run_does(line, tmp_path, monkeypatch):
+    argv = [f"--log-dir={tmp_path}", *line, "-m", "not_a_module_imgtrain_runs"]
+
+    def stop(args):
+        raise _Launched(vars(args))
+
+    monkeypatch.setattr(torch.distributed.run, "config_from_args", stop)
+    monkeypatch.setattr(torch.distributed.run, "elastic_launch", stop)  # never launch, whatever run() does
+    monkeypatch.setattr(torch.multiprocessing, "_set_thread_name", lambda name: None, raising=False)
+    with pytest.raises(_Launched) as seen:
+        torch.distributed.run.run(torch.distributed.run.parse_args(argv))
+    theirs = seen.value.args[0]
+    ours = torch.distributed.run.parse_args(argv)
+    _canary(torchrun, lambda: torchrun.rewrite_as_run_does(ours))
+    ours = vars(ours)
+    if line[0] == "--standalone" or line == ["--nnodes=1"]:  # a fresh uuid4 on each side
+        assert len(theirs["rdzv_id"]) == len(ours["rdzv_id"]) == 36
+        theirs["rdzv_id"] = ours["rdzv_id"]
+    differ = {
+        k: (theirs.get(k), ours.get(k)) for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k)
+    }
+    assert not differ, _changed(torchrun, f"torch's run() / ours differ: {differ}")
+
+
+def test_checkpointed_block_keeps_its_state_dict_keys_and_gradients():
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    plain_keys = list(block.state_dict())
+    x = torch.randn(3, 4)
+    block(x).sum().backward()
+    expected = [p.grad.clone() for p in block.parameters()]
+    block.zero_grad()
+    wrapped = _canary(checkpoint_wrapper, lambda: checkpoint_wrapper.checkpointed(block))
+    assert list(wrapped.state_dict()) == plain_keys, _changed(
+        checkpoint_wrapper, "state_dict keys carry a prefix"
+    )
+    wrapped(x).sum().backward()
+    assert all(torch.equal(p.grad, g) for p, g in zip(block.parameters(), expected, strict=True))
+
+
+def test_shared_bytes_are_shared_memory_of_that_size():
+    flat = _canary(shared_memory, lambda: shared_memory.shared_bytes(24))
+    assert flat.dtype == torch.uint8 and flat.numel() == 24
+    assert flat.is_shared(), _changed(shared_memory, "the storage is not in shared memory")
+    flat[8:16].view(torch.long)[0] = 7  # the 8-byte views a batch takes of it
+    assert flat[8:16].view(torch.long).item() == 7

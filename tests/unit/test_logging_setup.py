@@ -58,3 +58,13 @@ def test_every_command_of_the_command_line_gets_the_setup(capsys, monkeypatch):
     assert cli.main(["status", "somewhere"]) == 0
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].endswith(" WARNING imgtrain.tools.run_ops: endpoint slow"), lines
+
+
+def test_the_rank_file_and_its_run_directory_appear_with_the_first_line(tmp_path):
+    run = tmp_path / "run"
+    configure_logging(0, is_main=True, output_dir=run)
+    logging.getLogger("imgtrain.test").debug("below the file's level")
+    assert not run.exists()  # a command that fails before logging leaves no half-made run directory
+    logging.getLogger("imgtrain.test").info("first line")
+    lines = (run / "logs" / "rank0.jsonl").read_text().splitlines()
+    assert [json.loads(line)["message"] for line in lines] == ["first line"]

@@ -16,6 +16,7 @@ from torch.utils.data import get_worker_info
 
 from imgtrain.data.decode.cpu import create_decoder, decode_full
 from imgtrain.errors import DataError
+from imgtrain.internals.shared_memory import shared_bytes
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +271,7 @@ def shared_batch_buffers(
     """
     img_bytes = n * math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
     lab_at = -(-img_bytes // 8) * 8  # int64 views need an 8-byte aligned offset
-    flat = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(lab_at + 12 * n))
+    flat = shared_bytes(lab_at + 12 * n)
     images = flat[:img_bytes].view(dtype).view(n, *shape)
     labels = flat[lab_at : lab_at + 8 * n].view(torch.long)
     weights = flat[lab_at + 8 * n : lab_at + 12 * n].view(torch.float32)

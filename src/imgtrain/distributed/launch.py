@@ -39,6 +39,8 @@ import sys
 import threading
 import traceback
 
+from imgtrain.internals import forkserver
+
 # What a worker imports before its first step; what it imports later is small (python -X importtime).
 # The module `python -m imgtrain` runs (its main() is what a worker runs). Named, as torchrun names the
 # program it starts, rather than imported: the command line dispatches `imgtrain launch` to this module, so
@@ -129,17 +131,16 @@ def imgtrain_argv(args) -> list[str] | None:
 def resolve(argv: list[str]):
     """(LaunchConfig, entrypoint, entrypoint args) for a torchrun command line, built by torchrun's own code,
     with imgtrain's command replaced by :func:`run_worker`."""
-    from torch.distributed.run import config_from_args
+    from imgtrain.internals import torchrun  # imports torch: not before main() has started a fork server
 
     args = build_parser().parse_args(argv)
-    _as_torchrun_run(args)
     worker_argv = imgtrain_argv(args)
     chosen_here = args.start_method is None
     if chosen_here:  # torchrun's default for any other program
         args.start_method = (
             "spawn" if worker_argv is None else default_start_method(str(args.nproc_per_node), False)
         )
-    config, cmd, cmd_args = config_from_args(args)
+    config, cmd, cmd_args = torchrun.launch_config(args)
     if worker_argv is None:
         return config, cmd, cmd_args
     if chosen_here and config.start_method == "fork" and _gpus_visible():
@@ -153,21 +154,6 @@ def _gpus_visible() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _as_torchrun_run(args) -> None:
-    """What torch.distributed.run.run() does to the parsed arguments before config_from_args."""
-    import uuid
-
-    from torch.distributed.run import parse_min_max_nnodes
-
-    if args.standalone:
-        args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
-    elif args.rdzv_backend == "static" and not args.rdzv_endpoint and args.master_port is None:
-        if parse_min_max_nnodes(args.nnodes)[1] == 1:
-            args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
-    if args.master_port is None:
-        args.master_port = 29500
 
 
 def expected_omp_threads(argv: list[str], environ=os.environ) -> tuple[bool, str | None]:
@@ -206,24 +192,14 @@ def start_forkserver(omp_threads: str | None, modules=PRELOAD) -> None:
     with another value, or with another MAX_WORLD_SIZE_ENV (its workers inherit the server's environment,
     not the agent's). Returns at once: the imports run in the server while the agent goes on."""
     global _server_omp
-    server = multiprocessing.forkserver._forkserver
     wanted = (omp_threads, os.environ.get(MAX_WORLD_SIZE_ENV))
-    if server._forkserver_pid is not None and _server_omp == wanted:
+    if forkserver.running() and _server_omp == wanted:
         return
-    stop_forkserver()
+    forkserver.kill()
     multiprocessing.set_forkserver_preload(list(modules))
     with _environ("OMP_NUM_THREADS", omp_threads):
         multiprocessing.forkserver.ensure_running()
     _server_omp = wanted
-
-
-def stop_forkserver() -> None:
-    """Stop the fork server now, even in the middle of its imports (it checks for its agent only after)."""
-    server = multiprocessing.forkserver._forkserver
-    if server._forkserver_pid is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(server._forkserver_pid, signal.SIGKILL)
-        server._stop()
 
 
 @contextlib.contextmanager
@@ -264,7 +240,11 @@ def preload_in_background(modules=PRELOAD) -> threading.Thread:
 
 def run_worker(*argv: str) -> None:
     """A worker: `imgtrain ARGV` in this (forked) process, ending with the exit code python would give it."""
-    _drop_inherited_forkserver_fd()
+    # Each fork of the fork server inherits a copy of the agent's "alive" pipe. The server exits when that
+    # pipe closes, i.e. when the agent dies, but not while a worker holds a copy: closed here, a killed
+    # agent takes the fork server with it, and the fork server's death signals the workers. (A worker
+    # that starts processes by forkserver itself starts a server of its own; it never uses this one.)
+    forkserver.close_inherited_alive_fd()
     _drop_inherited_agent_state()
     # multiprocessing makes "forkserver" the default start method of a process it started that way; a
     # fresh interpreter has the platform's default (fork on Linux before Python 3.14), which the
@@ -309,18 +289,6 @@ def _drop_inherited_agent_state() -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def _drop_inherited_forkserver_fd() -> None:
-    # Each fork of the fork server inherits a copy of the agent's "alive" pipe. The server exits when that
-    # pipe closes, i.e. when the agent dies, but not while a worker holds a copy: closed here, a killed
-    # agent takes the fork server with it, and the fork server's death signals the workers. (A worker
-    # that starts processes by forkserver itself starts a server of its own; it never uses this one.)
-    server = multiprocessing.forkserver._forkserver
-    fd = getattr(server, "_forkserver_alive_fd", None)
-    if fd is not None and server._forkserver_pid is None:
-        os.close(fd)
-        server._forkserver_alive_fd = None
 
 
 class _TracebackAsText(logging.Filter):
@@ -371,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             # A no-op unless torchrun changed OMP_NUM_THREADS or the world size was not known before resolve().
             start_forkserver(os.environ.get("OMP_NUM_THREADS"))
         else:
-            stop_forkserver()
+            forkserver.kill()
         if callable(entrypoint) and config.start_method == "fork":
             preload_in_background()
         try:
@@ -386,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return launch()
     finally:
-        stop_forkserver()
+        forkserver.kill()
 
 
 if __name__ == "__main__":

@@ -92,9 +92,10 @@ class _RankFileHandler(logging.FileHandler):
     def __init__(self, path: Path):
         super().__init__(path, mode="a", encoding="utf-8", delay=True)
 
-    def _open(self):
-        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
-        return super()._open()
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is None:  # not opened yet (delay=True): FileHandler.emit opens it now
+            Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        super().emit(record)
 
 
 def rank_log_path(output_dir: str | Path, rank: int) -> Path:
