@@ -222,6 +222,25 @@ def make_jpeg_folder(
     return root
 
 
+def trainer_overrides(args, root: Path, output_dir: Path) -> list[str]:
+    """The overrides every single-process training benchmark starts from: the model options of
+    ``add_model_args``, the generated data (no loader workers), no LR warm-up and a fixed base LR, so
+    that variants differ only in what each script appends (later overrides win)."""
+    return [
+        f"model.name={args.model}",
+        f"model.small_input={str(args.small_input).lower()}",
+        f"model.width={args.width}",
+        f"data.root={root}",
+        f"data.image_size={args.image_size}",
+        "data.workers=0",
+        f"training.batch_size={args.batch}",
+        "training.warmup_epochs=0",
+        "training.epochs=1000",
+        "training.base_lr=0.01",
+        f"output_dir={output_dir}",
+    ]
+
+
 def make_trainer(overrides: list[str], verbose: bool = False) -> Trainer:
     """An imgtrain Trainer, set up as `imgtrain train` would set it up, for a single process."""
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK"):

@@ -7,13 +7,15 @@ by ``setup()`` from a config; a save is ``Trainer.save_checkpoint(blocking=...)`
 ``CheckpointManager.save`` (snapshot to CPU memory; then serialize, sha256, write, fsync and publish by
 rename, in the caller for a synchronous save, in the manager's background thread for an async one).
 
-1. Stall per save: saves with an idle loop, async and sync alternating. The stall is the ``stall_s``
+1. Stall per save: saves with one training step between them (each save a new step, as in a run),
+   async and sync alternating. The stall is the ``stall_s``
    that the trainer writes to metrics.jsonl for every save ({"event": "checkpoint", ...}); for async
    saves, the time the background write then takes is reported too.
 2. Throughput at a save interval: windows of ``--windows-saves`` x (save, ``--save-every`` training
    steps) ending with ``CheckpointManager.wait()`` (the wait the next save would pay in a longer run),
-   against the same steps with no save. Training steps are ``Trainer.train_step`` on in-memory uint8
-   batches, so data loading does not blur the comparison. The variants rotate order every round.
+   against the same steps with no save. Training steps are ``Trainer.run_steps`` (the loop's own step:
+   ``train_step``, counters, metrics) on in-memory uint8 batches, so data loading does not blur the
+   comparison. The variants rotate order every round.
 
     python benchmarks/checkpoint.py --model resnet50 --image-size 32 --batch 8 --save-every 10
 """
@@ -21,10 +23,12 @@ rename, in the caller for a synchronous save, in the manager's background thread
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -39,6 +43,7 @@ from bench_common import (
     record,
     stats,
     synthetic_batches,
+    trainer_overrides,
 )
 
 
@@ -110,27 +115,19 @@ def state_size(trainer) -> dict:
     return out
 
 
-def train_steps(trainer, batches, n: int, counter: list[int]) -> None:
-    for _ in range(n):
-        batch = batches[counter[0] % len(batches)]
-        trainer.train_step([batch], [len(batch[1])])
-        trainer.progress.step += 1
-        counter[0] += 1
-
-
 def checkpoint_records(trainer) -> list[dict]:
     path = trainer.output_dir / "metrics.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in records if r.get("event") == "checkpoint"]
 
 
-def part_stall(args, trainer) -> dict:
-    """Saves with an idle loop; async and sync alternate, the order flipping every pair."""
+def part_stall(args, trainer, batches: Iterator) -> dict:
+    """Saves with one training step between them; async and sync alternate, the order flipping every pair."""
     async_write: list[float] = []
     n_before = len(checkpoint_records(trainer))
     for i in range(args.saves):
         for mode in ("async", "sync") if i % 2 == 0 else ("sync", "async"):
-            trainer.progress.step += 1  # a new checkpoint directory per save, as in a run
+            trainer.run_steps(batches, 1)  # a new step, so a new checkpoint directory per save, as in a run
             trainer.save_checkpoint(blocking=mode == "sync")
             if mode == "async":
                 with Clock() as c:
@@ -146,10 +143,9 @@ def part_stall(args, trainer) -> dict:
     }
 
 
-def part_interval(args, trainer, batches) -> dict:
+def part_interval(args, trainer, batches: Iterator) -> dict:
     n, k = args.save_every, args.window_saves
-    counter = [0]
-    train_steps(trainer, batches, args.warmup, counter)
+    trainer.run_steps(batches, args.warmup)
     variants = ["none", "async", "sync"]
     rounds = []
     for r in range(args.rounds):
@@ -160,7 +156,7 @@ def part_interval(args, trainer, batches) -> dict:
                 for _ in range(k):
                     if v != "none":
                         trainer.save_checkpoint(blocking=v == "sync")
-                    train_steps(trainer, batches, n, counter)
+                    trainer.run_steps(batches, n)
                 trainer.checkpointer.wait()
             row[v] = {"steps_per_s": k * n / c.seconds, "seconds": c.seconds}
         for v in ("async", "sync"):
@@ -201,21 +197,12 @@ def main(argv: list[str] | None = None) -> dict:
             val_per_class=1,
         )
         overrides = [
-            f"model.name={args.model}",
-            f"model.small_input={str(args.small_input).lower()}",
-            f"model.width={args.width}",
-            f"data.root={root}",
-            f"data.image_size={args.image_size}",
-            "data.workers=0",
-            f"training.batch_size={args.batch}",
-            "training.warmup_epochs=0",
-            "training.base_lr=0.01",
+            *trainer_overrides(args, root, tmp_path / "run"),
             "optimization.optimizer=sgd",
             "optimization.momentum=0.9",
             "checkpoint.keep_last_n=2",
             "checkpoint.save_at_epoch_end=false",
             f"checkpoint.dir={tmp_path / 'checkpoints'}",
-            f"output_dir={tmp_path / 'run'}",
         ]
         trainer = make_trainer(overrides, args.verbose)
         try:
@@ -227,9 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def benchmark(args, trainer, overrides, tmp_path: Path) -> dict:
-    batches = synthetic_batches(4, args.batch, args.image_size, trainer.data.num_classes)
-    counter = [0]
-    train_steps(trainer, batches, 1, counter)  # creates the momentum buffers that a checkpoint holds
+    batches = itertools.cycle(synthetic_batches(4, args.batch, args.image_size, trainer.data.num_classes))
+    trainer.run_steps(batches, 1)  # creates the momentum buffers that a checkpoint holds
     fs = filesystem_of(tmp_path)
     print(
         f"imgtrain checkpoint: {args.model}, {args.image_size} px, batch {args.batch}, checkpoints on "
@@ -238,7 +224,7 @@ def benchmark(args, trainer, overrides, tmp_path: Path) -> dict:
         flush=True,
     )
 
-    stall = part_stall(args, trainer)
+    stall = part_stall(args, trainer, batches)
     size = state_size(trainer)
     mb = size.get("state_file_bytes", size["model_bytes"] + size["optimizer_bytes"]) / 1e6
     a, s = stall["async"]["median"], stall["sync"]["median"]

@@ -1,14 +1,14 @@
 """The cost of watching: training images/s with monitoring off and with Prometheus metrics on, side by side.
 
 Each variant is an imgtrain ``Trainer`` built by ``setup()`` from the same config except
-``monitoring.prometheus.enabled`` and stepped the way ``Trainer.train_epoch`` steps it: batch, then
-``train_step`` (with the metrics variant's step-phase marks and gradient hooks), then the per-step
-metrics call (``on_step``: gauges, and every ``--straggler-interval`` steps the straggler check), and
-every ``--log-interval`` steps ``_log_window`` (the all-reduce of the window's sums, the metrics.jsonl
-record and, with metrics on, the Prometheus record). Batches are synthetic uint8 tensors held in memory,
-so that loader noise does not drown a sub-percent difference. With metrics on, a thread scrapes the
-endpoint every ``--scrape-interval`` seconds (default 1 s, 15x Prometheus's default rate) so that the
-cost of serving, including the psutil readings, is in the number.
+``monitoring.prometheus.enabled`` and stepped by ``Trainer.run_steps``, the training loop's own per-step
+path: ``train_step`` (with the metrics variant's step-phase marks and gradient hooks), the step counter,
+the metrics processor's per-step call (with metrics on: gauges, and every ``--straggler-interval`` steps
+the straggler check) and every ``--log-interval`` steps the window's record (the all-reduce of its sums,
+the metrics.jsonl record and, with metrics on, the Prometheus record). Batches are synthetic uint8
+tensors held in memory, so that loader noise does not drown a sub-percent difference. With metrics on, a
+thread scrapes the endpoint every ``--scrape-interval`` seconds (default 1 s, 15x Prometheus's default
+rate) so that the cost of serving, including the psutil readings, is in the number.
 
 Variants alternate in rounds (the order flips every round); the result is the ratio of medians and the
 median of per-round ratios. ``--profiler`` adds a variant with torch.profiler on (metrics off), stepped
@@ -22,6 +22,7 @@ profiled or warming up and the Chrome traces are written to disk as in a real pr
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 import threading
 import time
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 from bench_common import (
+    Clock,
     add_model_args,
     command_line,
     machine_info,
@@ -40,9 +42,8 @@ from bench_common import (
     shutdown_loader_workers,
     stats,
     synthetic_batches,
+    trainer_overrides,
 )
-
-from imgtrain.train.trainer import _Window
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,32 +86,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_steps(trainer, batches, warmup: int, steps: int) -> dict:
-    """``steps`` timed optimizer steps (after ``warmup``), through the trainer's own per-step path."""
-    log_every = trainer.cfg.training.log_interval
-    n = len(trainer.data.train_set)
-    window = _Window()
-    images = seconds = 0.0
+def run_steps(trainer, batches: list, warmup: int, steps: int) -> dict:
+    """``steps`` timed optimizer steps (after ``warmup``) through the trainer's own per-step path."""
+    it = itertools.cycle(batches)
     trainer.profiler.start(trainer.info.rank)  # no-op unless profiler.enabled
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        batch = batches[i % len(batches)]
-        t_data = time.perf_counter() - t0
-        sums = trainer.train_step([batch], [len(batch[1])])
-        trainer.progress.step += 1
-        trainer.profiler.step()
-        if trainer.metrics is not None:
-            trainer.metrics.on_step(trainer.progress.step, t_data)
-        t_step = time.perf_counter() - t0
-        window.add(sums, t_data, t_step, len(batch[1]))
-        if trainer.progress.step % log_every == 0:
-            trainer._log_window(window, 0.01, n)
-            window = _Window()
-        if i >= warmup:
-            seconds += time.perf_counter() - t0
-            images += len(batch[1])
+    trainer.run_steps(it, warmup)
+    with Clock() as clock:
+        trainer.run_steps(it, steps)
     trainer.profiler.stop()
-    return {"images_per_s": images / seconds, "seconds": seconds}
+    return {"images_per_s": steps * trainer.global_batch / clock.seconds, "seconds": clock.seconds}
 
 
 def metrics_seconds_per_step(trainer, reps: int = 2000) -> float:
@@ -163,24 +147,12 @@ def main(argv: list[str] | None = None) -> dict:
         tmp_path = Path(tmp)
         # A tiny real ImageFolder only so that setup() finds classes; the timed steps use in-memory batches.
         root = make_jpeg_folder(tmp_path / "data", 16, size=args.image_size)
-        common = [
-            f"model.name={args.model}",
-            f"model.small_input={str(args.small_input).lower()}",
-            f"model.width={args.width}",
-            f"data.root={root}",
-            f"data.image_size={args.image_size}",
-            "data.workers=0",
-            f"training.batch_size={args.batch}",
-            "training.warmup_epochs=0",
-            "training.epochs=1000",
-            "training.base_lr=0.01",
-            f"training.log_interval={args.log_interval}",
-        ]
+        common = [f"training.log_interval={args.log_interval}"]
         variants = {
-            "off": [*common, f"output_dir={tmp_path / 'off'}"],
+            "off": [*trainer_overrides(args, root, tmp_path / "off"), *common],
             "metrics": [
+                *trainer_overrides(args, root, tmp_path / "metrics"),
                 *common,
-                f"output_dir={tmp_path / 'metrics'}",
                 "monitoring.prometheus.enabled=true",
                 "monitoring.prometheus.port=0",
                 "monitoring.prometheus.linger_s=0",
@@ -188,11 +160,11 @@ def main(argv: list[str] | None = None) -> dict:
             ],
         }
         if args.control:  # a second, identical trainer with monitoring off: the A/A noise floor
-            variants["off_again"] = [*common, f"output_dir={tmp_path / 'off_again'}"]
+            variants["off_again"] = [*trainer_overrides(args, root, tmp_path / "off_again"), *common]
         if args.profiler:
             variants["profiler"] = [
+                *trainer_overrides(args, root, tmp_path / "profiler"),
                 *common,
-                f"output_dir={tmp_path / 'profiler'}",
                 "profiler.enabled=true",
                 "profiler.wait=0",
                 "profiler.warmup=1",

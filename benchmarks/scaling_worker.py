@@ -190,8 +190,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
             trainer.preemption.uninstall()
             trainer.checkpointer.close()
-            for s in trainer._sinks:
-                s.close()
+            trainer.metrics_processor.close()
             del trainer
         results.append(per_link)
     if rank == 0:

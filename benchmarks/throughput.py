@@ -38,6 +38,7 @@ from bench_common import (
     shutdown_loader_workers,
     stats,
     synthetic_batches,
+    trainer_overrides,
 )
 
 
@@ -150,18 +151,9 @@ def main(argv: list[str] | None = None) -> dict:
                 "seconds_to_write": round(time.perf_counter() - t0, 2),
             }
         overrides = [
-            f"model.name={args.model}",
-            f"model.small_input={str(args.small_input).lower()}",
-            f"model.width={args.width}",
-            f"data.root={root}",
-            f"data.image_size={args.image_size}",
+            *trainer_overrides(args, root, tmp_path / "run"),
             f"data.workers={args.workers}",
             f"data.prefetch_factor={args.prefetch}",
-            f"training.batch_size={args.batch}",
-            "training.warmup_epochs=0",
-            "training.epochs=1000",
-            "training.base_lr=0.01",
-            f"output_dir={tmp_path / 'run'}",
             *args.override,
         ]
         trainer = make_trainer(overrides, args.verbose)

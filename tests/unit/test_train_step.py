@@ -1,10 +1,13 @@
 """Each training option changes what it should inside the trainer's own step, not only "it still trains":
 mixup/cutmix mix the batch the model sees and its labels, RandAugment changes the training samples,
 clipping bounds the gradient the optimizer steps with, label smoothing changes the loss, and the fp16
-loss scaler scales the loss and skips a step whose gradients overflow."""
+loss scaler scales the loss and skips a step whose gradients overflow. The batch-size finder's probes and
+the benchmarks' steps are that same step, and only the trainer advances the step counter."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 
 import pytest
@@ -13,6 +16,7 @@ import torch.nn.functional as F
 
 from imgtrain.config import load_config
 from imgtrain.data import SampleRef
+from imgtrain.tools.find_batch_size import _Step
 from imgtrain.train.trainer import Trainer
 
 from conftest import TINY
@@ -151,3 +155,44 @@ def test_fp16_loss_scaler_skips_an_overflowing_step_and_halves_its_scale(trainer
     assert t.scaler.get_scale() == scale / 2
     params = dict(t.model_without_ddp.named_parameters())
     assert all(torch.equal(after[k], p.detach()) for k, p in params.items())
+
+
+def test_batch_finder_probes_with_the_trainers_own_step(trainer):
+    """Same start, same batch: the finder's probe leaves the weights and the EMA exactly where the trainer's
+    step leaves them, with gradient clipping, label smoothing and EMA on (a probe that skipped any of them
+    would measure another step, and another memory footprint)."""
+    t = trainer(
+        "optimization.gradient_clip=0.01",
+        "optimization.label_smoothing=0.2",
+        "optimization.ema=true",
+        "optimization.ema_interval=1",
+    )
+    probe = _Step(t.cfg, t.data.num_classes, torch.device("cpu"))
+    probe.trainer.model_without_ddp.load_state_dict(t.model_without_ddp.state_dict())
+    probe.trainer.ema.load_state_dict(t.ema.state_dict())
+    start = {k: v.clone() for k, v in t.model_without_ddp.state_dict().items()}
+    probe.run(BATCH, 2)
+    g = torch.Generator().manual_seed(0)  # the probe's synthetic batch
+    images = torch.randint(0, 256, (BATCH, 3, 16, 16), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, t.data.num_classes, (BATCH,), generator=g)
+    for _ in range(2):
+        t.train_step([(images, labels, torch.ones(BATCH), [])], [BATCH])
+    for name, module in (("model", "model_without_ddp"), ("EMA", "ema")):
+        got = getattr(probe.trainer, module).state_dict()
+        want = getattr(t, module).state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want), name
+    trained = t.model_without_ddp.state_dict()
+    assert any(not torch.equal(start[k], trained[k]) for k in start if start[k].is_floating_point())
+
+
+def test_run_steps_advances_the_step_and_logs_but_leaves_the_epoch_position(trainer, tmp_path):
+    t = trainer("training.log_interval=2")
+    consumed = t.data.train_sampler.state.consumed
+    t.run_steps(itertools.cycle([batch(0), batch(1)]), 5)
+    assert t.progress.step == 5 and t.progress.epoch == 0
+    assert t.data.train_sampler.state.consumed == consumed
+    lines = (t.output_dir / "metrics.jsonl").read_text().splitlines()
+    train = [r for r in map(json.loads, lines) if r["event"] == "train"]
+    assert [r["step"] for r in train] == [2, 4]  # every log_interval steps; step 5's window stays open
+    assert t.progress.images_seen == 4 * BATCH  # counted when a window closes
+    assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in train)

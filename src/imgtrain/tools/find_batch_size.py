@@ -1,9 +1,10 @@
 """Batch-size finder: the largest per-process batch that fits in memory, and the fastest one.
 
-Each probe runs real training steps at one batch size (forward, backward, optimizer step, AMP, model,
-image size, channels_last and activation checkpointing exactly as configured, on synthetic uint8
-images normalized on the device as the trainer does). The search doubles the batch until a probe
-fails, then bisects between the last batch that fitted and the first that did not.
+Each probe runs training steps at one batch size through the trainer's own ``Trainer.train_step``
+(normalize and mix on the device, forward under AMP, loss, backward, clipping, optimizer step, EMA;
+model, image size, channels_last and activation checkpointing exactly as configured) on synthetic uint8
+images. The search doubles the batch until a probe fails, then bisects between the last batch that
+fitted and the first that did not.
 
 Where the limit comes from:
 
@@ -39,13 +40,10 @@ from typing import Any
 
 import torch
 import yaml
-from torch import nn
 
 from imgtrain.config import Config
-from imgtrain.data.transforms import DeviceNormalize
-from imgtrain.models import create_model
-from imgtrain.optim import create_optimizer, scaled_lr
-from imgtrain.precision import amp_dtype
+from imgtrain.optim import scaled_lr
+from imgtrain.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -109,21 +107,11 @@ def num_classes_of(cfg: Config) -> int:
 
 
 class _Step:
-    """One configured training step on synthetic data, as Trainer.train_step does it."""
+    """Configured training steps on synthetic data: the trainer's own ``train_step``."""
 
     def __init__(self, cfg: Config, num_classes: int, device: torch.device):
         self.device = device
-        model = create_model(cfg.model, num_classes, cfg.data.image_size).to(device)
-        self.channels_last = cfg.model.channels_last and device.type == "cuda"
-        if self.channels_last:
-            model.to(memory_format=torch.channels_last)
-        self.model = model.train()
-        oc = cfg.optimization
-        self.optimizer = create_optimizer(model, oc, lr=cfg.training.base_lr)
-        self.amp_dtype = amp_dtype(oc.mixed_precision)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=oc.mixed_precision == "fp16")
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=oc.label_smoothing)
-        self.normalize = DeviceNormalize(cfg.data.mean, cfg.data.std, device, self.channels_last)
+        self.trainer = Trainer(cfg).setup_step(num_classes, device)
         self.image_size = cfg.data.image_size
         self.num_classes = num_classes
 
@@ -134,28 +122,21 @@ class _Step:
             0, 256, (batch, 3, self.image_size, self.image_size), dtype=torch.uint8, generator=g
         ).to(self.device)
         labels = torch.randint(0, self.num_classes, (batch,), generator=g).to(self.device)
+        # As the loader yields a batch: uint8 images, labels, per-sample weights, unreadable paths.
+        micro_batch = (images, labels, torch.ones(batch, device=self.device), [])
         t0 = time.perf_counter()
         for i in range(steps):
             if i == 1:
                 self._sync()
                 t0 = time.perf_counter()
-            with torch.autocast(
-                self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
-            ):
-                logits = self.model(self.normalize(images))
-                loss = self.criterion(logits.float(), labels)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            del logits, loss
+            self.trainer.train_step([micro_batch], [batch])
         self._sync()
         timed = max(1, steps - 1)
         return batch * timed / max(time.perf_counter() - t0, 1e-9)
 
     def reset(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.optimizer.state.clear()
+        self.trainer.optimizer.zero_grad(set_to_none=True)
+        self.trainer.optimizer.state.clear()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -7,10 +7,11 @@ import json
 import logging
 import math
 import os
+import platform
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -29,14 +30,18 @@ from imgtrain.distributed.launch import max_world_size_from_launcher
 from imgtrain.errors import CheckpointError, ConfigError, DataError, DivergenceError
 from imgtrain.fault import PreemptionHandler, Watchdog
 from imgtrain.models import create_model
-from imgtrain.monitoring import JsonlSink, ProgressBar
+from imgtrain.monitoring import JsonlSink, MetricsSink, ProgressBar
 from imgtrain.monitoring.logs import LogSink, configure_logging, resolve_run_id
 from imgtrain.monitoring.notify import Notifier
+from imgtrain.monitoring.processor import MetricsProcessor
 from imgtrain.monitoring.profiler import StepProfiler
 from imgtrain.optim import create_optimizer, create_schedule, scaled_lr, set_lr
 from imgtrain.precision import amp_dtype
 from imgtrain.train.evaluate import EvalResult, evaluate_model
 from imgtrain.train.state import Progress, rng_state, seed_everything, set_rng_state
+
+if TYPE_CHECKING:
+    from imgtrain.monitoring.metrics import PrometheusMetrics
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +60,31 @@ class Trainer:
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
         self.progress = Progress()
-        self.info: D.DistInfo
-        self.data: DataBundle
-        self.model: nn.Module
-        self.model_without_ddp: nn.Module
+        # Components, built by setup() (or, for the batch-size finder's probes, by setup_step()); None
+        # until then, so that report_failure() and close() work whenever setup() stopped.
+        self.info: D.DistInfo | None = None
+        self.run_id: str | None = None
+        self.notifier: Notifier | None = None
+        self.control_group: Any = None  # a Gloo group beside NCCL for the per-step agreements, else None
+        self.data: DataBundle | None = None
+        self.checkpointer: CheckpointManager | None = None
+        self.model_without_ddp: nn.Module | None = None
+        self.model: nn.Module | None = None  # model_without_ddp wrapped in DDP (and compiled), as trained
+        self.channels_last = False
+        self.normalize: DeviceNormalize | None = None
+        self.mix: Callable | None = None  # mixup/cutmix of a normalized batch and its labels, if configured
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.amp_dtype: torch.dtype | None = None
+        self.scaler: torch.amp.GradScaler | None = None
         self.ema: AveragedModel | None = None
-        self.optimizer: torch.optim.Optimizer
-        self.scaler: torch.amp.GradScaler
-        self.checkpointer: CheckpointManager
+        self.criterion: nn.Module | None = None
+        self.schedule: Callable[[float], float] | None = None
+        self.compression: Compression | None = None
+        self.metrics: PrometheusMetrics | None = None  # monitoring.prometheus.enabled; None costs nothing
+        self.metrics_processor: MetricsProcessor | None = None
+        self.watchdog: Watchdog | None = None
         self.preemption = PreemptionHandler(cfg.fault_tolerance.grace_period)
-        self.watchdog: Watchdog
+        self.profiler = StepProfiler(cfg.profiler, self.output_dir)
         self.accumulation = cfg.optimization.accumulation_steps
         self.reference_world_size: int | None = None  # the job's full world size (see _apply_elastic_policy)
         self.previous_world_size: int | None = None  # of the checkpoint resumed from
@@ -74,14 +94,9 @@ class Trainer:
         self.epoch_bad = 0  # unreadable training files in the steps trained this epoch, all ranks
         self.first_bad: list[str] = []  # the first of them on this rank, named by the ceiling's error
         self.last_checkpoint_stall = 0.0
-        self._last_loss = float("nan")  # of the last logged window, for the progress bar
         self.save_due = False  # agreed by all ranks after each step (see _should_stop)
         self.timeline: dict[str, float] = {"process_start": _process_start_time()}
         self._steps_this_run = 0  # steps since this process started (the first one gets init_timeout)
-        self._sinks: list = []
-        self.profiler = StepProfiler(cfg.profiler, self.output_dir)
-        self.metrics = None  # Prometheus sink (monitoring.prometheus.enabled); None costs nothing
-        self.compression: Compression | None = None
         self._saved_compression: dict[str, Any] | None = None  # from the checkpoint, applied after DDP wrap
 
     # ------------------------------------------------------------------ setup
@@ -130,23 +145,7 @@ class Trainer:
                     "it; read it from the environment (${VAR}) or use a role",
                     key,
                 )
-        self.model_without_ddp = create_model(cfg.model, self.data.num_classes, cfg.data.image_size)
-        self.model_without_ddp.to(info.device)
-        self.channels_last = cfg.model.channels_last and info.device.type == "cuda"
-        if self.channels_last:
-            self.model_without_ddp.to(memory_format=torch.channels_last)
-        self.normalize = DeviceNormalize(cfg.data.mean, cfg.data.std, info.device, self.channels_last)
-        self.mix = batch_mix(cfg.data, self.data.num_classes)
-        oc = cfg.optimization
-        self.optimizer = create_optimizer(self.model_without_ddp, oc, lr=cfg.training.base_lr)
-        self.amp_dtype = amp_dtype(oc.mixed_precision)
-        self.scaler = torch.amp.GradScaler(info.device.type, enabled=oc.mixed_precision == "fp16")
-        if oc.ema:
-            self.ema = AveragedModel(
-                self.model_without_ddp, multi_avg_fn=get_ema_multi_avg_fn(oc.ema_decay), use_buffers=True
-            )
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=oc.label_smoothing, reduction="none")
-        self.schedule = create_schedule(cfg.training)
+        self._build_step_parts(self.data.num_classes)
         self.timeline["built"] = time.time()
         self._maybe_resume()
         self.timeline["checkpoint_loaded"] = time.time()
@@ -157,13 +156,14 @@ class Trainer:
             # Compiling the DDP module lets DDP's optimizer split graphs at bucket boundaries (overlap kept).
             self.model = torch.compile(self.model)
         self._apply_elastic_policy()
+        sinks: list[MetricsSink] = []
         if info.is_main:
-            self._sinks.append(JsonlSink(self.output_dir / "metrics.jsonl"))
-        self._sinks.append(LogSink(info.rank))
+            sinks.append(JsonlSink(self.output_dir / "metrics.jsonl"))
+        sinks.append(LogSink(info.rank))
         if info.is_main and cfg.monitoring.tensorboard:
             from imgtrain.monitoring.tensorboard import TensorBoardSink
 
-            self._sinks.append(TensorBoardSink(self.output_dir / "tensorboard"))
+            sinks.append(TensorBoardSink(self.output_dir / "tensorboard"))
         if cfg.monitoring.prometheus.enabled:
             from imgtrain.monitoring.metrics import PrometheusMetrics
 
@@ -176,8 +176,15 @@ class Trainer:
                 group=self.control_group,
                 checkpointer=self.checkpointer,
             )
-            self._sinks.append(self.metrics)
-        self.bar = ProgressBar(info.is_main and cfg.training.progress_bar)
+            sinks.append(self.metrics)
+        self.metrics_processor = MetricsProcessor(
+            info,
+            cfg.training.log_interval,
+            sinks,
+            bar=ProgressBar(info.is_main and cfg.training.progress_bar),
+            prometheus=self.metrics,
+            compression=self.compression,
+        )
         self.watchdog = Watchdog(
             cfg.fault_tolerance.hang_timeout, cfg.fault_tolerance.first_step_timeout, rank=info.rank
         )
@@ -203,6 +210,44 @@ class Trainer:
         )
         self._log_fault_tolerance_settings()
         return self
+
+    def setup_step(self, num_classes: int, device: torch.device) -> Trainer:
+        """Only what train_step() needs, in one process on ``device``: no process group, data, run
+        directory or checkpoint. The batch-size finder's probes step through this, so that a probe costs
+        what a training step costs (model, optimizer state, EMA, AMP, loss as configured)."""
+        self.info = D.DistInfo(
+            rank=0,
+            local_rank=0,
+            world_size=1,
+            device=device,
+            backend=None,
+            node=platform.node(),
+            restart_count=0,
+        )
+        seed_everything(self.cfg.training.seed)
+        self._build_step_parts(num_classes)
+        self.model = self.model_without_ddp.train()
+        return self
+
+    def _build_step_parts(self, num_classes: int) -> None:
+        cfg, device = self.cfg, self.info.device
+        self.model_without_ddp = create_model(cfg.model, num_classes, cfg.data.image_size)
+        self.model_without_ddp.to(device)
+        self.channels_last = cfg.model.channels_last and device.type == "cuda"
+        if self.channels_last:
+            self.model_without_ddp.to(memory_format=torch.channels_last)
+        self.normalize = DeviceNormalize(cfg.data.mean, cfg.data.std, device, self.channels_last)
+        self.mix = batch_mix(cfg.data, num_classes)
+        oc = cfg.optimization
+        self.optimizer = create_optimizer(self.model_without_ddp, oc, lr=cfg.training.base_lr)
+        self.amp_dtype = amp_dtype(oc.mixed_precision)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=oc.mixed_precision == "fp16")
+        if oc.ema:
+            self.ema = AveragedModel(
+                self.model_without_ddp, multi_avg_fn=get_ema_multi_avg_fn(oc.ema_decay), use_buffers=True
+            )
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=oc.label_smoothing, reduction="none")
+        self.schedule = create_schedule(cfg.training)
 
     def _setup_compression(self) -> None:
         info, dc = self.info, self.cfg.distributed
@@ -549,7 +594,7 @@ class Trainer:
                     self.save_checkpoint()
         finally:
             self.profiler.stop()
-            self.bar.close()
+            self.metrics_processor.end_epoch()
             self.watchdog.stop()
         self.checkpointer.wait()
         if self.preemption.requested:
@@ -582,15 +627,14 @@ class Trainer:
                 close()
 
     def _train_epoch(self, it) -> bool:
-        cfg, info = self.cfg, self.info
+        cfg = self.cfg
         sampler = self.data.train_sampler
         n = len(self.data.train_set)
         self.model.train()
         sizes = sampler.global_sizes()
         total_steps = math.ceil(sampler.steps_per_epoch() / self.accumulation)
         done_steps = math.ceil(sampler.state.consumed / (sampler.global_batch * self.accumulation))
-        self.bar.start_epoch(self.progress.epoch, cfg.training.epochs, total_steps, done_steps)
-        window = _Window()
+        self.metrics_processor.start_epoch(self.progress.epoch, cfg.training.epochs, total_steps, done_steps)
         if sampler.state.consumed == 0:
             self.epoch_bad = 0
             self.first_bad = []
@@ -598,39 +642,24 @@ class Trainer:
         micro = 0
         while micro < len(sizes):
             group = sizes[micro : micro + self.accumulation]
-            lr = self.peak_lr * self.schedule(self.progress.epoch + sampler.state.consumed / n)
-            set_lr(self.optimizer, lr)
+            lr = self._scheduled_lr()
             t0 = time.perf_counter()
-            batches = []
-            for _ in group:
-                batches.append(next(it))
+            batches = [next(it) for _ in group]
             t_data = time.perf_counter() - t0
-            stats = self.train_step(batches, group)
+            stats = self.train_step(batches, group, lr)
             micro += len(group)
             sampler.state.consumed += sum(group)
-            self.progress.step += 1
-            t_step = time.perf_counter() - t0
-            self.watchdog.beat()
-            self.profiler.step()
-            if self._steps_this_run == 0:
-                D.set_collective_timeout(info, cfg.distributed.timeout)
-            self._steps_this_run += 1
-            if self.metrics is not None:
-                self.metrics.on_step(self.progress.step, t_data)
-            window.add(stats, t_data, t_step, sum(group))
-            shown = {"loss": f"{self._last_loss:.4f}"} if self._last_loss == self._last_loss else {}
-            self.bar.update(1, **shown, lr=f"{lr:.3g}", img_s=f"{sum(group) / max(t_step, 1e-9):.0f}")
+            self._end_step(stats, lr, t_data, time.perf_counter() - t0, sum(group))
             stop = self._should_stop()
             # A save closes the window too: its loss is checked first, so a diverged state is never
             # published as the newest checkpoint (and auto-resumed from).
             if (
-                self.progress.step % cfg.training.log_interval == 0
+                self.metrics_processor.should_log(self.progress.step)
                 or stop
                 or self.save_due
                 or micro >= len(sizes)
             ):
-                self._log_window(window, lr, n)
-                window = _Window()
+                self._log_window(lr, n)
             if stop:
                 self.progress.train_seconds += time.perf_counter() - epoch_t0
                 if self.preemption.requested:
@@ -648,6 +677,40 @@ class Trainer:
         del it
         self.progress.train_seconds += time.perf_counter() - epoch_t0
         return True
+
+    def run_steps(self, batches: Iterator, steps: int) -> None:
+        """``steps`` optimizer steps on batches the caller holds (each ``next(batches)`` one micro-batch as
+        the loader yields it), through the loop's own per-step path: train_step at the scheduled LR, the
+        step counter, watchdog, profiler and the metrics processor (a train record every log_interval
+        steps). The sampler's position, the epoch and the checkpoints do not move: benchmarks use this to
+        time training on in-memory batches."""
+        n = len(self.data.train_set)
+        lr = self._scheduled_lr()
+        self.model.train()
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            group = [next(batches) for _ in range(self.accumulation)]
+            t_data = time.perf_counter() - t0
+            sizes = [len(b[1]) * self.info.world_size for b in group]
+            stats = self.train_step(group, sizes, lr)
+            self._end_step(stats, lr, t_data, time.perf_counter() - t0, sum(sizes))
+            if self.metrics_processor.should_log(self.progress.step):
+                self._log_window(lr, n)
+
+    def _scheduled_lr(self) -> float:
+        """The LR at the current position: the schedule runs on fractional epochs."""
+        consumed = self.data.train_sampler.state.consumed
+        return self.peak_lr * self.schedule(self.progress.epoch + consumed / len(self.data.train_set))
+
+    def _end_step(self, stats: torch.Tensor, lr: float, t_data: float, t_step: float, images: int) -> None:
+        """After every optimizer step: the only place the step counter advances."""
+        self.progress.step += 1
+        self.watchdog.beat()
+        self.profiler.step()
+        if self._steps_this_run == 0:
+            D.set_collective_timeout(self.info, self.cfg.distributed.timeout)
+        self._steps_this_run += 1
+        self.metrics_processor.on_step(self.progress.step, stats, t_data, t_step, images, lr)
 
     def _should_stop(self) -> bool:
         """All ranks agree on stopping after this step, so that they also agree on the step saved; and on
@@ -675,20 +738,22 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.info.device.type, dtype=self.amp_dtype)
 
-    def train_step(self, batches: list, global_sizes: list[int]) -> torch.Tensor:
-        """One optimizer step over ``len(batches)`` micro-batches (gradient accumulation).
+    def train_step(self, batches: list, global_sizes: list[int], lr: float | None = None) -> torch.Tensor:
+        """One optimizer step over ``len(batches)`` micro-batches (gradient accumulation), each as the
+        loader yields it: (uint8 images, labels, weights, unreadable paths); ``global_sizes`` are their
+        real samples summed over all ranks. ``lr``: set before the optimizer step (None keeps the LR).
 
         Returns the step's (loss sum, correct, sample count, unreadable files) as a device tensor.
         Each sample's loss is divided by the number of real samples in the whole step across all ranks
         (times the world size, which DDP's averaging divides out again): the step's gradient is the
         exact mean over its samples however they are split across ranks, micro-batches or a short
-        last batch.
+        last batch. The step counter is not advanced here (see _end_step).
         """
         info = self.info
         timer = self.metrics.timer if self.metrics is not None else None
         if timer is not None:
             timer.begin()
-        denom = float(sum(global_sizes))
+        loss_scale = info.world_size / float(sum(global_sizes))
         # Running sums stay on the device: reading them here would wait for the GPU every step.
         sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss, correct, count, bad files
         for i, (images, labels, weights, bad_paths) in enumerate(batches):
@@ -697,40 +762,59 @@ class Trainer:
             images = images.to(info.device, non_blocking=True)
             labels = labels.to(info.device, non_blocking=True)
             weights = weights.to(info.device, non_blocking=True)
-            x = self.normalize(images)
-            targets = labels
-            if self.mix is not None:
-                x, targets = self.mix(x, labels)
+            # DDP all-reduces the gradients only in the last micro-batch's backward.
             last = i == len(batches) - 1
             sync = contextlib.nullcontext() if last or not info.enabled else self.model.no_sync()
             with sync:
-                with self._autocast():
-                    logits = self.model(x)
-                    per_sample = self.criterion(logits.float(), targets)
-                loss = (per_sample * weights).sum() * (info.world_size / denom)
-                self.scaler.scale(loss).backward()
-            if timer is not None and last:
-                timer.backward_done()
-            with torch.no_grad():
-                sums[:3] += torch.stack(
-                    [
-                        (per_sample.detach() * weights).sum(),
-                        (logits.argmax(1) == labels).float().mul(weights).sum(),
-                        weights.sum(),
-                    ]
-                ).double()
+                sums[:3] += self.forward_backward_step(images, labels, weights, loss_scale)
+        if timer is not None:
+            timer.backward_done()
+        self.optimizer_step(lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        if timer is not None:
+            timer.end()
+        return sums
+
+    def forward_backward_step(
+        self, images: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, loss_scale: float
+    ) -> torch.Tensor:
+        """One micro-batch on the device: normalize (and mix) the uint8 images, forward under autocast,
+        the per-sample loss weighted by ``weights`` (0 for padding and unreadable files) times
+        ``loss_scale``, backward through the loss scaler. Gradients accumulate; DDP's ``no_sync`` is the
+        caller's. Returns the micro-batch's (weighted loss sum, weighted correct, weight sum), detached,
+        as a float64 device tensor."""
+        x = self.normalize(images)
+        targets = labels
+        if self.mix is not None:
+            x, targets = self.mix(x, labels)
+        with self._autocast():
+            logits = self.model(x)
+            per_sample = self.criterion(logits.float(), targets)
+        loss = (per_sample * weights).sum() * loss_scale
+        self.scaler.scale(loss).backward()
+        with torch.no_grad():
+            return torch.stack(
+                [
+                    (per_sample.detach() * weights).sum(),
+                    (logits.argmax(1) == labels).float().mul(weights).sum(),
+                    weights.sum(),
+                ]
+            ).double()
+
+    def optimizer_step(self, lr: float | None = None) -> None:
+        """Unscale and clip the accumulated gradients, set ``lr``, step the optimizer and the loss scaler,
+        update the EMA. Gradients are cleared by the caller either way, so that a step the replicas did
+        not commit to (torchft's commit gate: one ``if`` around this call) is dropped whole."""
         oc = self.cfg.optimization
         if oc.gradient_clip is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model_without_ddp.parameters(), oc.gradient_clip)
+        if lr is not None:
+            set_lr(self.optimizer, lr)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None and self.progress.step % oc.ema_interval == 0:
             self.ema.update_parameters(self.model_without_ddp)
-        if timer is not None:
-            timer.end()
-        return sums
 
     # ------------------------------------------------------------------ evaluation
 
@@ -750,7 +834,7 @@ class Trainer:
         self.metrics.heartbeat()
 
     def evaluate_and_log(self, epoch: int) -> None:
-        self.bar.close()
+        self.metrics_processor.end_epoch()
         self.last_eval = self.evaluate()
         n_val = len(self.data.val_set)
         if self.last_eval.bad > self.cfg.data.max_bad_fraction * n_val:
@@ -784,14 +868,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ reporting
 
-    def _log_window(self, w: _Window, lr: float, n: int) -> None:
-        t = w.sums.to(D.comm_device(self.info))
-        D.all_reduce_sum(t, self.info)
-        loss_sum, correct, count, bad = t.cpu().tolist()
-        self._last_loss = loss_sum / max(count, 1e-9)
-        self.epoch_bad += int(bad)
-        self.progress.bad_images += int(bad)
-        self.progress.images_seen += round(count)  # weight 1 per real sample, 0 for padding and bad files
+    def _log_window(self, lr: float, n: int) -> None:
+        """Closes the metrics window (collective): counts its samples and unreadable files, enforces
+        data.max_bad_fraction of the ``n`` training images, publishes the train record, stops on a
+        non-finite loss."""
+        totals = self.metrics_processor.reduce_window()
+        self.epoch_bad += totals.bad
+        self.progress.bad_images += totals.bad
+        self.progress.images_seen += round(totals.count)  # padding and unreadable files weigh 0
         limit = self.cfg.data.max_bad_fraction * n
         if self.epoch_bad > limit:
             # Counted where the batches are trained; loader workers warn when they decode, which runs ahead
@@ -802,23 +886,7 @@ class Trainer:
                 f"of {n}{_named(self.first_bad, self.info.rank)}; the loader, decoding ahead, may "
                 f"have warned about more above"
             )
-        record = {
-            "event": "train",
-            "epoch": self.progress.epoch + 1,
-            "step": self.progress.step,
-            "loss": loss_sum / max(count, 1e-9),
-            "train_top1": 100 * correct / max(count, 1e-9),
-            "lr": lr,
-            "images_per_s": w.images / max(w.seconds, 1e-9),
-            "data_wait_s": w.data_wait / max(w.steps, 1),
-            "step_s": w.seconds / max(w.steps, 1),
-            "bad_images": int(bad),
-        }
-        if self.compression is not None and self.info.enabled:
-            record["comm_bytes_per_step"], record["comm_wire_bytes_per_step"] = self.compression.take_bytes(
-                w.steps
-            )
-        self._emit(record)
+        record = self.metrics_processor.log_window(totals, self.progress.step, self.progress.epoch, lr)
         if not math.isfinite(record["loss"]):
             # The loss is all-reduced, so every rank stops here at the same step.
             raise DivergenceError(
@@ -829,8 +897,8 @@ class Trainer:
             )
 
     def _emit(self, record: dict[str, Any]) -> None:
-        for s in self._sinks:
-            s.log(record)
+        if self.metrics_processor is not None:  # None until setup() built the sinks: nothing to write to
+            self.metrics_processor.log(record)
 
     def _log_event(self, event: str, **fields: Any) -> None:
         self._emit(
@@ -866,16 +934,16 @@ class Trainer:
     def report_failure(self, exc: BaseException, exit_code: int) -> None:
         """An exception is leaving the run: a 'failed' (or 'diverged') record and notification. Never raises."""
         event = "diverged" if isinstance(exc, DivergenceError) else "failed"
-        if event == "diverged" and getattr(self, "metrics", None) is not None:
+        if event == "diverged" and self.metrics is not None:
             self.metrics.mark_finished()  # serve the non-finite loss for linger_s: ImgtrainLossNaN fires
         try:
-            if hasattr(self, "info"):
+            if self.info is not None:
                 self._log_event(event, exit_code=exit_code, error=f"{type(exc).__name__}: {exc}")
-            if hasattr(self, "notifier"):
+            if self.notifier is not None:
                 self.notifier.notify(
                     event,
                     f"{event} with exit code {exit_code}: {type(exc).__name__}: {exc}",
-                    self._notify_details() if hasattr(self, "info") else None,
+                    self._notify_details(),
                 )
         except Exception as e:  # the original error is the one to report
             log.warning("could not report the failure: %s: %s", type(e).__name__, e)
@@ -920,11 +988,11 @@ class Trainer:
 
     def close(self) -> None:
         self.preemption.uninstall()
-        if hasattr(self, "checkpointer"):
+        if self.checkpointer is not None:
             self.checkpointer.close()
-        for s in self._sinks:
-            s.close()
-        if hasattr(self, "info"):
+        if self.metrics_processor is not None:
+            self.metrics_processor.close()
+        if self.info is not None:
             D.destroy_distributed(self.info)
 
 
@@ -933,22 +1001,6 @@ _NAMED_BAD_FILES = 5  # unreadable files named in the error that stops a run
 
 def _named(paths: list[str], rank: int) -> str:
     return f"; the first on rank {rank}: {', '.join(paths)}" if paths else ""
-
-
-@dataclass
-class _Window:
-    sums: torch.Tensor | float = 0.0  # device tensor: loss sum, correct, count, unreadable files
-    images: int = 0
-    seconds: float = 0.0
-    data_wait: float = 0.0
-    steps: int = 0
-
-    def add(self, sums: torch.Tensor, t_data: float, t_step: float, images: int) -> None:
-        self.sums = self.sums + sums
-        self.images += images
-        self.seconds += t_step
-        self.data_wait += t_data
-        self.steps += 1
 
 
 def _fmt_bytes(n: float) -> str:
