@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -198,7 +199,20 @@ def result_head(name: str, args: argparse.Namespace) -> dict:
 
 
 def logs_tail(nodes: list[Node], chars: int = 1500) -> str:
-    return "\n".join(f"--- {n.name} ---\n{n.output()[-chars:]}" for n in nodes)
+    """Each node's last error lines (imgtrain's one-line errors, exceptions), else the end of its log:
+    torchrun's own failure summary comes last and names no cause."""
+    out = []
+    for n in nodes:
+        text = n.output()
+        errors = [
+            line
+            for line in text.splitlines()
+            if line.startswith("imgtrain:")
+            and "using the" not in line
+            or re.match(r"^\w*(Error|Exception)\b", line)
+        ]
+        out.append(f"--- {n.name} ---\n" + ("\n".join(errors[-5:]) if errors else text[-chars:]))
+    return "\n".join(out)
 
 
 class Groups:
