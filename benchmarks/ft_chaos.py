@@ -39,9 +39,11 @@ from ft_common import (
     Groups,
     add_run_args,
     comma_list,
+    next_commit,
     records,
     result_head,
     resume,
+    starts_after,
     suspend,
     train_records,
     work_dir,
@@ -103,7 +105,8 @@ class Chaos:
         self.args, self.mode, self.work = args, mode, work
         self.pending: list[tuple[float, str, int, object]] = []  # (when, "rejoin" | "resume", node, what)
         self.log: list[dict] = []
-        self.down: set[int] = set()
+        self.down: set[int] = set()  # killed or stopped, and not yet training again: never a victim
+        self.returning: dict[int, float] = {}  # relaunched or resumed at (unix time), not yet training
         if mode == "replicated":
             self.groups = Groups(work, args.nodes, lambda i: train(args, data, work / "run" / f"rg{i}"), 120)
             self.runs = self.groups.runs
@@ -181,8 +184,21 @@ class Chaos:
                 self.relaunch(i)
             else:
                 resume(stopped)
-            self.down.discard(i)
+            self.returning[i] = now
             self.log.append({"at_s": round(now - t0, 2), "kind": what, "node": i})
+        for i, since in list(self.returning.items()):
+            if self.trains_again(i, since):
+                del self.returning[i]
+                self.down.discard(i)
+                self.log.append({"at_s": round(time.time() - t0, 2), "kind": "back", "node": i})
+
+    def trains_again(self, i: int, since: float) -> bool:
+        """Node ``i``, relaunched or resumed at ``since``, takes part in training again: its replica group
+        committed a step, or (restart) the job restarted with every node that is not down."""
+        if self.groups is not None:
+            return next_commit(self.runs[i], since) is not None
+        expected = self.args.nodes - len(self.down - {i})
+        return any(s["world_size"] >= expected for s in starts_after(self.runs[0], since))
 
     def cleanup(self) -> list[str]:
         for _, what, _, stopped in self.pending:
@@ -198,10 +214,23 @@ def outcome(chaos: Chaos, t0: float, t_end: float) -> dict:
     step_s = statistics.median(r["step_s"] for r in recs) if recs else float("nan")
     wall = t_end - t0
     starts = [s for run in chaos.runs for s in records(run, "start") if s.get("time", 0) > t0]
-    redone = 0
-    for s in starts:  # a restart resumes at its checkpoint's step: what was done past it is done again
-        before = max((r["step"] for r in recs if r["time"] <= s["time"]), default=0)
-        redone += max(0, before - s.get("step", before))
+    # Steps done again: whenever the model's step (the highest any run logged) is trained again from a lower
+    # one (a restart from a checkpoint, or every replica group lost at once); a group that heals jumps to
+    # its peers' step and redoes nothing. Records of the same step from several groups are not redos.
+    frontier, pos, redone = 0, None, 0
+    for r in sorted(recs, key=lambda r: r["time"]):
+        step = r["step"]
+        if step > frontier:
+            frontier, pos = step, None
+        elif pos is None:
+            if step < frontier:
+                redone += frontier - step + 1
+                pos = step
+        elif step < pos:  # rolled back again while redoing
+            redone += pos - step + 1
+            pos = step
+        else:
+            pos = max(pos, step)
     evals = sorted(
         (e for run in chaos.runs for e in records(run, "eval") if e["time"] <= t_end), key=lambda e: e["time"]
     )
