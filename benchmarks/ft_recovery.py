@@ -154,8 +154,12 @@ def _restart_fault(trial: Trial, scenario: str, correction: float) -> dict:
     if "rejoin" in trial.args.faults and res["node"]["outcome"] == "recovered":
         t = time.time()
         again = trial.node("second-again", endpoint, train=train, is_host=False)
-        res["rejoin"] = measure(trial, t, 2, cap, [first, again], correction)
-        res["rejoin"]["measured_from"] = "relaunch of the killed node's imgtrain launch"
+        r = measure(trial, t, 2, cap, [first, again], correction)
+        r["measured_from"] = "relaunch of the killed node's imgtrain launch"
+        if r["outcome"] == "recovered":  # the survivor trained alone until the restart at world 2
+            wait(lambda: next_commit(trial.out, t + r["total_s"] + 2), 60)
+            r["survivor_stall_s"] = job_stall(trial.out, t, t + r["total_s"] + 2)
+        res["rejoin"] = r
     return res
 
 
@@ -234,10 +238,15 @@ def _replicated_fault(g: Groups, scenario: str, args: argparse.Namespace, correc
 
 
 def survivor_stall(g: Groups, t: float, healed_at: float) -> float | None:
-    """What a group's return costs the survivor: its longest gap between two steps from the relaunch to
-    2 s after the returning group's first step (the quorum change and the heal), less its median step."""
+    """What a group's return costs the survivor (the quorum change and the heal)."""
     wait(lambda: next_commit(g.runs[0], healed_at + 2), 60)
-    recs = [r for r in train_records(g.runs[0]) if t <= r["time"] <= healed_at + 2]
+    return job_stall(g.runs[0], t, healed_at + 2)
+
+
+def job_stall(run: Path, t_from: float, t_to: float) -> float | None:
+    """The longest gap between two of the run's steps in [t_from, t_to], less its median step: how long
+    training stood still around a membership change."""
+    recs = [r for r in train_records(run) if t_from <= r["time"] <= t_to]
     if len(recs) < 2:
         return None
     gaps = [b["time"] - a["time"] for a, b in zip(recs, recs[1:], strict=False)]
@@ -266,21 +275,21 @@ def project(
     costs and the Llama 3 failure rate (every interruption taken as a node loss followed by its return).
 
     Seconds the whole job loses per fault: restart = node crash -> next step + half a checkpoint interval
-    redone (on average) + the restart when the node returns; replicated = node crash -> survivors' next
-    step + the survivors' stall when it returns (nothing redone). Both modes run one node short while it is
-    away (the same in both: left out)."""
+    redone (on average; twice if the restart at the node's return rolled back too) + the job's stall when
+    the node returns; replicated = node crash -> survivors' next step + the survivors' stall when it
+    returns (nothing redone). Both modes run one node short while it is away (the same in both: left
+    out)."""
     per_fault: dict[str, float | None] = {}
-    need = {
-        "restart": [_median(trials.get(f, {}).get("restart", []), "total_s") for f in ("node", "rejoin")],
-        "replicated": [
-            _median(trials.get("node", {}).get("replicated", []), "total_s"),
-            _median(trials.get("rejoin", {}).get("replicated", []), "survivor_stall_s"),
-        ],
-    }
-    for mode, (crash, back) in need.items():
+    for mode in ("restart", "replicated"):
+        crash = _median(trials.get("node", {}).get(mode, []), "total_s")
+        back = _median(trials.get("rejoin", {}).get(mode, []), "survivor_stall_s")
         per_fault[mode] = None if crash is None or back is None else crash + back
     if per_fault["restart"] is not None:
-        per_fault["restart"] += checkpoint_interval_s / 2
+        # The crash rolls back to the last checkpoint; so does the restart at the node's return unless it
+        # saved first (SIGTERM to the workers: then it redid nothing).
+        redone_at_return = _median(trials.get("rejoin", {}).get("restart", []), "steps_redone") or 0
+        rollbacks = 2 if redone_at_return > 0 else 1
+        per_fault["restart"] += rollbacks * checkpoint_interval_s / 2
     faults_per_day = gpus * LLAMA3_INTERRUPTIONS / (LLAMA3_DAYS * LLAMA3_GPUS)
     rows = []
     for m in rate_multipliers:

@@ -184,7 +184,10 @@ def test_ft_benchmarks_cli_schedule_and_projection(tmp_path, monkeypatch):
     ok = {"outcome": "recovered"}
     trials = {
         "node": {"restart": [{**ok, "total_s": 5.0}], "replicated": [{**ok, "total_s": 1.0}]},
-        "rejoin": {"restart": [{**ok, "total_s": 8.0}], "replicated": [{**ok, "survivor_stall_s": 0.5}]},
+        "rejoin": {
+            "restart": [{**ok, "total_s": 20.0, "survivor_stall_s": 8.0, "steps_redone": 0}],
+            "replicated": [{**ok, "total_s": 20.0, "survivor_stall_s": 0.5}],
+        },
     }
     p = ft_recovery.project(trials, gpus=64, checkpoint_interval_s=600)
     assert p["lost_seconds_per_fault"] == {"restart": 5.0 + 300 + 8.0, "replicated": 1.5}
@@ -193,6 +196,9 @@ def test_ft_benchmarks_cli_schedule_and_projection(tmp_path, monkeypatch):
     assert row["faults_per_day"] == round(per_day, 4)
     assert row["restart_goodput"] == round(1 - per_day * 313 / 86400, 6)
     assert row["replicated_goodput"] == round(1 - per_day * 1.5 / 86400, 6)
+    # A restart at the node's return that rolled back too costs a second half interval.
+    trials["rejoin"]["restart"][0]["steps_redone"] = 2
+    assert ft_recovery.project(trials)["lost_seconds_per_fault"]["restart"] == 5.0 + 600 + 8.0
     # A mode without measurements is left blank, not guessed.
     del trials["rejoin"]["replicated"]
     assert ft_recovery.project(trials)["rows"][0]["replicated_goodput"] is None
