@@ -124,6 +124,19 @@ def boot_time_correction() -> float:
     return (time.time() - uptime) - psutil.boot_time()
 
 
+def wait_until(predicate, timeout: float, watch: list[Node] | None = None, poll: float = 0.05):
+    """predicate() until truthy; None after ``timeout`` or once every node in ``watch`` has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if watch and all(n.proc.poll() is not None for n in watch):
+            return None
+        time.sleep(poll)
+    return None
+
+
 class Trial:
     """One (fault, settings) repetition: its directory, data, nodes, and everything to clean up."""
 
@@ -168,16 +181,7 @@ class Trial:
         return n
 
     def wait(self, predicate, timeout: float, what: str, watch: list[Node] | None = None, poll: float = 0.05):
-        """predicate() until truthy; None after ``timeout`` or once every node in ``watch`` has exited."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            if watch and all(n.proc.poll() is not None for n in watch):
-                return None
-            time.sleep(poll)
-        return None
+        return wait_until(predicate, timeout, watch, poll)
 
     def require(self, predicate, timeout: float, what: str):
         value = self.wait(predicate, timeout, what, watch=self.nodes)
@@ -364,27 +368,24 @@ def trial_node(trial: Trial, correction: float, rejoin: bool) -> dict:
     return res
 
 
+def start_store(trial: Trial) -> str:
+    """A standalone ``imgtrain rendezvous-store`` on loopback for the trial (its cleanup stops it); the
+    endpoint agents with is_host=false dial."""
+    port = free_port()
+    trial.store = subprocess.Popen(
+        [sys.executable, "-m", "imgtrain", "rendezvous-store", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    if "listening" not in trial.store.stdout.readline():
+        raise RuntimeError("imgtrain rendezvous-store did not start")
+    return f"127.0.0.1:{port}"
+
+
 def trial_host(trial: Trial, correction: float) -> dict:
     if trial.tuned:  # the store runs outside the training nodes
-        port = free_port()
-        trial.store = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "imgtrain",
-                "rendezvous-store",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-            env=subprocess_env(),
-        )
-        if "listening" not in trial.store.stdout.readline():
-            raise RuntimeError("imgtrain rendezvous-store did not start")
-        first, second = two_nodes(trial, f"127.0.0.1:{port}", is_host=False)
+        first, second = two_nodes(trial, start_store(trial), is_host=False)
     else:  # plain c10d: the first agent hosts the store
         first, second = two_nodes(trial, f"127.0.0.1:{free_port()}")
     trial.ready_for_fault()

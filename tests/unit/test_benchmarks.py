@@ -141,6 +141,69 @@ def test_recovery_benchmark_cli(tmp_path):
     assert not (tmp_path / "r.json").exists()
 
 
+def test_ft_benchmarks_cli_schedule_and_projection(tmp_path, monkeypatch):
+    """ft_recovery.py / ft_chaos.py (issue 19): their command lines, the chaos schedule both modes share,
+    and the 64-GPU projection's arithmetic. A real run starts replica groups for minutes."""
+    for name, words in (
+        ("ft_recovery", ("--faults", "--modes", "rejoin", "hang", "partition", "replicated")),
+        ("ft_chaos", ("--minutes", "--fault-every", "--seed", "--nodes", "--kinds")),
+    ):
+        script = [sys.executable, str(REPO / "benchmarks" / f"{name}.py")]
+        proc = subprocess.run(
+            [*script, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+            env=subprocess_env(),
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert all(w in proc.stdout for w in words), name
+        bad = "--faults" if name == "ft_recovery" else "--kinds"
+        proc = subprocess.run(
+            [*script, bad, "worker,meteor", "--out", str(tmp_path / "r.json")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+            env=subprocess_env(),
+        )
+        assert proc.returncode == 2 and "meteor" in proc.stderr
+        assert not (tmp_path / "r.json").exists()
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import ft_chaos
+    import ft_recovery
+
+    args = ft_chaos.parse_args(["--minutes", "10", "--fault-every", "60", "--seed", "3"])
+    plan = ft_chaos.schedule(args)
+    assert plan == ft_chaos.schedule(args) and len(plan) == 10  # seeded: the same faults for both modes
+    assert [t for t, _, _ in plan] == [60.0 * k for k in range(1, 11)]
+    assert {k for _, k, _ in plan} <= set(ft_chaos.KINDS) and len({k for _, k, _ in plan}) > 1
+
+    ok = {"outcome": "recovered"}
+    trials = {
+        "node": {"restart": [{**ok, "total_s": 5.0}], "replicated": [{**ok, "total_s": 1.0}]},
+        "rejoin": {
+            "restart": [{**ok, "total_s": 20.0, "survivor_stall_s": 8.0, "steps_redone": 0}],
+            "replicated": [{**ok, "total_s": 20.0, "survivor_stall_s": 0.5}],
+        },
+    }
+    p = ft_recovery.project(trials, gpus=64, checkpoint_interval_s=600)
+    assert p["lost_seconds_per_fault"] == {"restart": 5.0 + 300 + 8.0, "replicated": 1.5}
+    per_day = 64 * 419 / (54 * 16384)  # Llama 3: 419 unexpected interruptions, 54 days, 16,384 GPUs
+    (row, *_) = p["rows"]
+    assert row["faults_per_day"] == round(per_day, 4)
+    assert row["restart_goodput"] == round(1 - per_day * 313 / 86400, 6)
+    assert row["replicated_goodput"] == round(1 - per_day * 1.5 / 86400, 6)
+    # A restart at the node's return that rolled back too costs a second half interval.
+    trials["rejoin"]["restart"][0]["steps_redone"] = 2
+    assert ft_recovery.project(trials)["lost_seconds_per_fault"]["restart"] == 5.0 + 600 + 8.0
+    # A mode without measurements is left blank, not guessed.
+    del trials["rejoin"]["replicated"]
+    assert ft_recovery.project(trials)["rows"][0]["replicated_goodput"] is None
+
+
 def test_compression_benchmark(tmp_path):
     r = run_script(
         "compression",

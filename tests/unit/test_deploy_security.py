@@ -4,6 +4,7 @@ manifests are rendered with `kubectl kustomize` and scanned with checkov; nothin
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -11,6 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from test_deploy_scans import TERRAFORM, _hcl
@@ -21,8 +23,9 @@ from imgtrain.distributed.rendezvous import is_wildcard
 REPO = Path(__file__).resolve().parents[2]
 K8S_DIR = REPO / "deploy" / "kubernetes"
 RDZV = REPO / "deploy" / "rendezvous"
+LIGHTHOUSE = REPO / "deploy" / "lighthouse"
 OVERLAYS = sorted(p.parent.name for p in (K8S_DIR / "overlays").glob("*/kustomization.yaml"))
-STORE_PORT, METRICS_PORTS = 29400, range(9450, 9458)
+STORE_PORT, METRICS_PORTS, LIGHTHOUSE_PORT = 29400, range(9450, 9458), 29510
 # checkov's Kubernetes checks for what every pod must (not) do: privileged, host PID/IPC/network, privilege
 # escalation, root, NET_RAW, seccomp, capabilities not dropped, service-account token, SYS_ADMIN.
 POD_CHECKS = [
@@ -73,15 +76,21 @@ def _pod_templates(docs: list[dict]) -> list[tuple[str, dict]]:
     return out
 
 
+def _standalone_manifests() -> list[Path]:
+    """Plain manifests beside the kustomize tree: rendezvous stores, etcd, the torchft lighthouse."""
+    return sorted([*RDZV.glob("*kubernetes.yaml"), *LIGHTHOUSE.glob("*kubernetes.yaml")])
+
+
 def _standalone() -> list[dict]:
-    return [d for p in sorted(RDZV.glob("*kubernetes.yaml")) for d in _load(p)]
+    return [d for p in _standalone_manifests() for d in _load(p)]
 
 
 def test_every_pod_runs_unprivileged_without_an_api_token(rendered):
     templates = [t for docs in rendered.values() for t in _pod_templates(docs)] + _pod_templates(
         _standalone()
     )
-    assert len(templates) >= 6
+    assert "Deployment/imgtrain-lighthouse" in {where for where, _ in templates}
+    assert len(templates) >= 7
     for where, tmpl in templates:
         pod = tmpl["spec"]
         assert pod.get("automountServiceAccountToken") is False, where
@@ -123,7 +132,7 @@ def test_checkov_finds_no_privileged_pod(rendered, tmp_path):
             for r, s in d["spec"]["pytorchReplicaSpecs"].items()
         ]
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump_all([*docs, *pods]))
-    for p in RDZV.glob("*kubernetes.yaml"):
+    for p in _standalone_manifests():
         shutil.copy(p, tmp_path / p.name)
     env = {**os.environ, "BC_SKIP_MAPPING": "TRUE"}
     proc = subprocess.run(
@@ -146,8 +155,8 @@ def test_checkov_finds_no_privileged_pod(rendered, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     passed = int(re.search(r"Passed checks: (\d+)", proc.stdout).group(1))
-    # Every workload (4 overlays, the store, etcd) passes every check.
-    assert passed >= len(POD_CHECKS) * 6, proc.stdout
+    # Every workload (4 overlays, the store, etcd, the lighthouse) passes every check.
+    assert passed >= len(POD_CHECKS) * 7, proc.stdout
 
 
 def _admits(policy: dict, labels: dict, namespace_labels: dict | None, port: int) -> bool:
@@ -328,6 +337,203 @@ def test_systemd_and_slurm_stores_never_bind_every_interface(tmp_path, monkeypat
         assert not is_wildcard(bound) and not bound.startswith("127."), bound
     else:  # no routable address for this host: says so instead of binding everywhere
         assert out.returncode == 2 and "IMGTRAIN_RDZV_HOST" in out.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# The torchft lighthouse of replicated mode (deploy/lighthouse/): no authentication, and its HTTP page can
+# kill a replica group, so the same exposure rules as the rendezvous store.
+
+
+def _lighthouse_argv() -> tuple[dict, list[str]]:
+    doc, c = _container("Deployment", "imgtrain-lighthouse")
+    return doc, [*c["command"], *c.get("args", [])]
+
+
+def test_kubernetes_lighthouse_admits_only_the_job_and_binds_the_pod_ip():
+    docs = _standalone()
+    trainer = {"app.kubernetes.io/name": "imgtrain", "app.kubernetes.io/instance": "imgtrain-r50"}
+    policy = _policy_for(docs, {"app.kubernetes.io/name": "imgtrain-lighthouse"})
+    assert _admits(policy, trainer, None, LIGHTHOUSE_PORT)
+    for stranger, ns in (({"app": "web"}, None), (trainer, {"x": "y"})):
+        assert not _admits(policy, stranger, ns, LIGHTHOUSE_PORT), stranger
+    doc, argv = _lighthouse_argv()
+    assert doc["spec"]["replicas"] == 1 and doc["spec"]["strategy"]["type"] == "Recreate"
+    # torchft_lighthouse binds [::]:29510 (every interface) unless told otherwise.
+    bind = argv[argv.index("--bind") + 1]
+    assert bind == f"$(POD_IP):{LIGHTHOUSE_PORT}", bind
+    (c,) = doc["spec"]["template"]["spec"]["containers"]
+    assert {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in c["env"]
+    (svc,) = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "imgtrain-lighthouse"]
+    assert svc["spec"]["selector"] == doc["spec"]["template"]["metadata"]["labels"]
+    assert [p["targetPort"] for p in svc["spec"]["ports"]] == [LIGHTHOUSE_PORT]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert ports[c[probe]["httpGet"]["port"]] == LIGHTHOUSE_PORT, probe
+
+
+def _fake_bin(tmp_path: Path, **scripts: str) -> Path:
+    """A directory of stand-in executables (name -> sh body) to put first on PATH."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        (fake / name).write_text("#!/bin/sh\n" + body)
+        (fake / name).chmod(0o755)
+    return fake
+
+
+@pytest.mark.slow
+def test_kubernetes_lighthouse_command_serves_its_probes(tmp_path):
+    """The manifest's own command line, with the kubelet's $(POD_IP) expansion, starts a lighthouse that
+    listens on that address only and answers every probe the manifest declares."""
+    if shutil.which("torchft_lighthouse") is None:
+        pytest.skip("torchft is not installed (pip install 'imgtrain[ft]')")
+    import urllib.request
+
+    from conftest import free_port
+
+    doc, argv = _lighthouse_argv()
+    port = free_port()
+    argv = [a.replace("$(POD_IP)", "127.0.0.1").replace(str(LIGHTHOUSE_PORT), str(port)) for a in argv]
+    (c,) = doc["spec"]["template"]["spec"]["containers"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert "listening on" in proc.stdout.readline()
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            url = f"http://127.0.0.1:{port}{c[probe]['httpGet']['path']}"
+            with urllib.request.urlopen(url, timeout=10) as r:
+                assert r.status == 200, (probe, url)
+        # Bound to the address given, not to every interface.
+        listening = [
+            conn.laddr
+            for conn in psutil.Process(proc.pid).net_connections("tcp")
+            if conn.status == psutil.CONN_LISTEN
+        ]
+        assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _unit_exec_start(unit: str) -> list[str]:
+    """ExecStart as systemd splits it: continuation lines joined, '$$' -> '$'."""
+    joined = re.sub(r"\\\n", " ", unit)
+    line = re.search(r"^ExecStart=(.+)$", joined, re.M).group(1)
+    return [w.replace("$$", "$") for w in shlex.split(line)]
+
+
+def test_systemd_lighthouse_refuses_no_or_a_wildcard_address(tmp_path):
+    unit = (LIGHTHOUSE / "imgtrain-lighthouse.service").read_text()
+    if shutil.which("systemd-analyze"):
+        copy = tmp_path / "imgtrain-lighthouse.service"
+        copy.write_text(unit)
+        verify = subprocess.run(
+            ["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60
+        )
+        assert "Unknown" not in verify.stderr and "ignoring" not in verify.stderr, verify.stderr
+    argv = _unit_exec_start(unit)
+    assert argv[:2] == ["/bin/sh", "-c"]
+    defaults = dict(re.findall(r"^Environment=(IMGTRAIN_LIGHTHOUSE_\w+)=(.*)$", unit, re.M))
+    assert defaults["IMGTRAIN_LIGHTHOUSE_HOST"] == ""  # shipped unset: the operator must choose
+    assert re.search(r"^RestartPreventExitStatus=.*\b2\b", unit, re.M)
+    fake = _fake_bin(tmp_path, torchft_lighthouse='echo "$@"\n')
+    for host, bind in (("10.0.0.5", "10.0.0.5:29510"), ("fd00::5", "[fd00::5]:29510")):
+        env = {
+            **os.environ,
+            **defaults,
+            "PATH": f"{fake}:{os.environ['PATH']}",
+            "IMGTRAIN_LIGHTHOUSE_HOST": host,
+        }
+        out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=30)
+        assert out.returncode == 0, out.stderr
+        words = out.stdout.split()
+        assert words[words.index("--bind") + 1] == bind
+        assert words[words.index("--heartbeat_timeout_ms") + 1] == "1000"
+    for host in ("", "0.0.0.0", "::", "[::]"):
+        assert host == "" or is_wildcard(host.strip("[]"))
+        env = {
+            **os.environ,
+            **defaults,
+            "PATH": f"{fake}:{os.environ['PATH']}",
+            "IMGTRAIN_LIGHTHOUSE_HOST": host,
+        }
+        out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=30)
+        assert out.returncode == 2 and out.stdout == "", (host, out.stdout)
+        assert "IMGTRAIN_LIGHTHOUSE_HOST" in out.stderr and len(out.stderr.splitlines()) == 1
+
+
+def _run_sbatch(tmp_path: Path, nodes: list[str], *args: str, **env_vars: str):
+    """deploy/lighthouse/replicated.sbatch under a fake Slurm: every srun (several run at once) writes its
+    arguments and the variables a replica group reads to a JSON file of its own, and returns at once."""
+    log = tmp_path / "srun"
+    shutil.rmtree(log, ignore_errors=True)
+    log.mkdir()
+    fake = _fake_bin(
+        tmp_path,
+        scontrol='[ "$1 $2" = "show hostnames" ] && printf "%s\\n" ' + " ".join(nodes) + "\n",
+        srun=(
+            f'python3 -c \'import json, os, sys; print(json.dumps({{"argv": sys.argv[1:], '
+            f'"group": os.environ.get("REPLICA_GROUP_ID"), "lighthouse": os.environ.get("TORCHFT_LIGHTHOUSE")}}))\' '
+            f'"$@" > {log}/$$.json\n'
+        ),
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{fake}:{os.environ['PATH']}",
+        "SLURM_JOB_NODELIST": "n[1-3]",
+        "SLURM_JOB_ID": "7",
+        "SLURM_GPUS_ON_NODE": "8",
+        **env_vars,
+    }
+    out = subprocess.run(
+        ["bash", str(LIGHTHOUSE / "replicated.sbatch"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    return out, [json.loads(p.read_text()) for p in sorted(log.glob("*.json"))]
+
+
+def test_slurm_lighthouse_runs_on_the_first_node_and_one_group_per_node(tmp_path):
+    nodes = ["n1", "n2", "n3"]
+    out, calls = _run_sbatch(
+        tmp_path, nodes, "--config", "c.yaml", "data.root=/d", IMGTRAIN_LIGHTHOUSE_HOST="10.1.2.3"
+    )
+    assert out.returncode == 0, out.stderr
+    lighthouse = [c for c in calls if "torchft_lighthouse" in c["argv"]]
+    groups = [c for c in calls if "imgtrain" in c["argv"]]
+    (lh,) = lighthouse
+    argv = lh["argv"]
+    assert "--nodelist=n1" in argv and "--overlap" in argv
+    assert argv[argv.index("--bind") + 1] == "10.1.2.3:29510"
+    assert sorted(g["group"] for g in groups) == ["0", "1", "2"]
+    for g in groups:
+        argv = g["argv"]
+        assert f"--nodelist={nodes[int(g['group'])]}" in argv
+        assert g["lighthouse"] == "http://10.1.2.3:29510"
+        tail = argv[argv.index("train") + 1 :]
+        assert tail[:2] == ["fault_tolerance.mode=replicated", "fault_tolerance.replicated.num_groups=3"]
+        assert tail[2:] == ["--config", "c.yaml", "data.root=/d"]
+        assert "--standalone" in argv and "--max-restarts=10" in argv
+    # A lighthouse outside the allocation: no lighthouse step, every group pointed at it.
+    out, calls = _run_sbatch(tmp_path, nodes, IMGTRAIN_LIGHTHOUSE="http://10.9.9.9:29510")
+    assert out.returncode == 0, out.stderr
+    assert not [c for c in calls if "torchft_lighthouse" in c["argv"]]
+    assert {c["lighthouse"] for c in calls} == {"http://10.9.9.9:29510"} and len(calls) == 3
+    # A wildcard address is refused before anything starts.
+    out, calls = _run_sbatch(tmp_path, nodes, IMGTRAIN_LIGHTHOUSE_HOST="0.0.0.0")
+    assert out.returncode == 2 and calls == [] and "IMGTRAIN_LIGHTHOUSE_HOST" in out.stderr
+
+
+def test_slurm_replicated_overrides_are_valid_config():
+    from imgtrain.config import FaultToleranceConfig, load_config
+
+    if "mode" not in FaultToleranceConfig.__dataclass_fields__:
+        pytest.skip("fault_tolerance.mode (replicated mode, issue 19) is not in this tree yet")
+    text = (LIGHTHOUSE / "replicated.sbatch").read_text()
+    overrides = re.findall(r"(fault_tolerance\.[\w.]+=[^\"\s]+)", text)
+    assert overrides
+    load_config(None, [o.replace("${#nodes[@]}", "3") for o in overrides])
 
 
 # ---------------------------------------------------------------------------------------------------

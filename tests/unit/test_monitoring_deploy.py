@@ -21,6 +21,16 @@ RULES = MON / "prometheus" / "rules" / "imgtrain.rules.yml"
 ALERTMANAGER_YML = MON / "alertmanager" / "alertmanager.yml"
 DASHBOARD = MON / "grafana" / "dashboards" / "imgtrain.json"
 COMPOSE = MON / "docker-compose.yml"
+# What fault_tolerance.mode=replicated exports, label replica_group (docs/monitoring.md).
+REPLICATED_METRICS = {
+    "imgtrain_quorum_size",
+    "imgtrain_quorum_id",
+    "imgtrain_heals_total",
+    "imgtrain_heal_seconds",
+    "imgtrain_heal_bytes_total",
+    "imgtrain_steps_dropped_total",
+    "imgtrain_replica_groups_expected",
+}
 
 
 def _tool(name: str) -> str:
@@ -106,6 +116,7 @@ def test_dashboard_has_the_rows_and_prometheus_targets_it_promises():
         "Per-rank comparison",
         "Hardware",
         "Checkpoints",
+        "Fault tolerance (replicated mode)",
         "Alerts",
     ]
     for p in dash["panels"]:
@@ -174,7 +185,7 @@ def test_compose_prometheus_config_passes_promtool_and_scrapes_the_trainer_ports
     cfg_flag = next(a for a in prom["command"] if a.startswith("--config.file="))
     cfg = etc / Path(cfg_flag.split("=", 1)[1]).relative_to("/etc/prometheus")
     out = _run([_tool("promtool"), "check", "config", str(cfg)]).stdout
-    assert "1 rule files found" in out and "SUCCESS: 8 rules found" in out
+    assert "1 rule files found" in out and f"SUCCESS: {len(_alerts())} rules found" in out
     scrape = yaml.safe_load(cfg.read_text())["scrape_configs"]
     targets = [
         t for j in scrape if j["job_name"] == "imgtrain" for sc in j["static_configs"] for t in sc["targets"]
@@ -183,6 +194,18 @@ def test_compose_prometheus_config_passes_promtool_and_scrapes_the_trainer_ports
 
     base = PrometheusConfig().port
     assert targets == [f"localhost:{base + i}" for i in range(8)]  # default port + local rank 0..7
+
+
+def test_replicated_mode_metrics_have_an_alert_and_panels():
+    """Issue 19's metrics (exported per replica group by fault_tolerance.mode=replicated) are on the
+    dashboard, and the quorum alert compares the quorum with the full size the run exports."""
+    exprs = [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p.get("targets", [])]
+    used = {m for e in exprs for m in re.findall(r"imgtrain_\w+", e)}
+    assert REPLICATED_METRICS <= used, REPLICATED_METRICS - used
+    (quorum,) = [a for a in _alerts() if a["alert"] == "ImgtrainQuorumBelowFull"]
+    assert {"imgtrain_quorum_size", "imgtrain_replica_groups_expected"} <= set(
+        re.findall(r"imgtrain_\w+", quorum["expr"])
+    )
 
 
 def test_readme_and_docs_name_the_committed_files():
