@@ -2,13 +2,15 @@
 training loop loses with a save every N steps. Both in the same run, through imgtrain's own code.
 
 The model, optimizer (SGD with momentum, so the state holds the weights and one momentum buffer per
-parameter), checkpoint manager and the state itself are those of an ``imgtrain.train.trainer.Trainer`` built
-by ``setup()`` from a config; a save is ``Trainer.save_checkpoint(blocking=...)``: ``state_dict()`` and
-``CheckpointManager.save`` (snapshot to CPU memory; then serialize, sha256, write, fsync and publish by
-rename, in the caller for a synchronous save, in the manager's background thread for an async one).
+parameter), checkpoint manager and the components registered with it are those of an
+``imgtrain.train.trainer.Trainer`` built by ``setup()`` from a config; a save is the manager's public
+``CheckpointManager.save(step, blocking=...)`` (snapshot of every registered component to CPU memory;
+then serialize, sha256, write, fsync and publish by rename, in the caller for a synchronous save, in the
+manager's background thread for an async one). Saves are numbered by a counter of their own: only the
+trainer advances its step.
 
 1. Stall per save: saves with an idle loop, async and sync alternating. The stall is the ``stall_s``
-   that the trainer writes to metrics.jsonl for every save ({"event": "checkpoint", ...}); for async
+   that ``CheckpointManager.save`` reports (the trainer writes the same to metrics.jsonl); for async
    saves, the time the background write then takes is reported too.
 2. Throughput at a save interval: windows of ``--windows-saves`` x (save, ``--save-every`` training
    steps) ending with ``CheckpointManager.wait()`` (the wait the next save would pay in a longer run),
@@ -21,6 +23,7 @@ rename, in the caller for a synchronous save, in the manager's background thread
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -93,8 +96,8 @@ def filesystem_of(path: Path) -> str:
 
 
 def state_size(trainer) -> dict:
-    """Bytes of the tensors in Trainer.state_dict(), and of the newest checkpoint file on disk."""
-    sd = trainer.state_dict()
+    """Bytes of the model's and optimizer's tensors, and of the newest checkpoint's files on disk."""
+    sd = trainer.checkpointer.state_dict()
     model = sum(t.numel() * t.element_size() for t in sd["model"].values() if torch.is_tensor(t))
     opt = sum(
         t.numel() * t.element_size()
@@ -103,10 +106,10 @@ def state_size(trainer) -> dict:
         if torch.is_tensor(t)
     )
     out = {"model_bytes": model, "optimizer_bytes": opt}
-    ckpts = trainer.checkpointer.list_checkpoints()
-    if ckpts:
-        manifest = Path(trainer.checkpointer.url(ckpts[0][1])) / "manifest.json"
-        out["state_file_bytes"] = json.loads(manifest.read_text())["files"]["state.pt"]["bytes"]
+    ckpts = trainer.checkpointer.list()
+    if ckpts:  # state.pt and the rank's own file (RNG streams)
+        files = json.loads((Path(ckpts[0].path) / "manifest.json").read_text())["files"]
+        out["state_file_bytes"] = sum(f["bytes"] for f in files.values())
     return out
 
 
@@ -118,35 +121,28 @@ def train_steps(trainer, batches, n: int, counter: list[int]) -> None:
         counter[0] += 1
 
 
-def checkpoint_records(trainer) -> list[dict]:
-    path = trainer.output_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r.get("event") == "checkpoint"]
-
-
-def part_stall(args, trainer) -> dict:
+def part_stall(args, trainer, names) -> dict:
     """Saves with an idle loop; async and sync alternate, the order flipping every pair."""
     async_write: list[float] = []
-    n_before = len(checkpoint_records(trainer))
+    stall: dict[str, list[float]] = {"async": [], "sync": []}
     for i in range(args.saves):
         for mode in ("async", "sync") if i % 2 == 0 else ("sync", "async"):
-            trainer.progress.step += 1  # a new checkpoint directory per save, as in a run
-            trainer.save_checkpoint(blocking=mode == "sync")
+            # A new checkpoint directory per save, as in a run.
+            report = trainer.checkpointer.save(next(names), blocking=mode == "sync")
+            stall[mode].append(report.stall_s)
             if mode == "async":
                 with Clock() as c:
                     trainer.checkpointer.wait()
                 async_write.append(c.seconds)
-    records = checkpoint_records(trainer)[n_before:]
-    stall = {m: [r["stall_s"] for r in records if r["async"] == (m == "async")] for m in ("async", "sync")}
     return {
         "async": stats(stall["async"]),
         "sync": stats(stall["sync"]),
         "async_background_write": stats(async_write),
-        "source": "stall_s of metrics.jsonl records",
+        "source": "SaveReport.stall_s of CheckpointManager.save",
     }
 
 
-def part_interval(args, trainer, batches) -> dict:
+def part_interval(args, trainer, batches, names) -> dict:
     n, k = args.save_every, args.window_saves
     counter = [0]
     train_steps(trainer, batches, args.warmup, counter)
@@ -159,7 +155,7 @@ def part_interval(args, trainer, batches) -> dict:
             with Clock() as c:
                 for _ in range(k):
                     if v != "none":
-                        trainer.save_checkpoint(blocking=v == "sync")
+                        trainer.checkpointer.save(next(names), blocking=v == "sync")
                     train_steps(trainer, batches, n, counter)
                 trainer.checkpointer.wait()
             row[v] = {"steps_per_s": k * n / c.seconds, "seconds": c.seconds}
@@ -238,7 +234,8 @@ def benchmark(args, trainer, overrides, tmp_path: Path) -> dict:
         flush=True,
     )
 
-    stall = part_stall(args, trainer)
+    names = itertools.count(trainer.progress.step + 1)  # save numbers, increasing like a run's steps
+    stall = part_stall(args, trainer, names)
     size = state_size(trainer)
     mb = size.get("state_file_bytes", size["model_bytes"] + size["optimizer_bytes"]) / 1e6
     a, s = stall["async"]["median"], stall["sync"]["median"]
@@ -258,7 +255,7 @@ def benchmark(args, trainer, overrides, tmp_path: Path) -> dict:
         flush=True,
     )
 
-    interval = part_interval(args, trainer, batches)
+    interval = part_interval(args, trainer, batches, names)
     per = interval["steps_per_s"]
     ra, rs = interval["async_over_none"]["median"], interval["sync_over_none"]["median"]
     print_table(
