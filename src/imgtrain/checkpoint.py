@@ -567,6 +567,8 @@ class CheckpointManager:
         entries: dict[str, dict] = {}
         waiting = set(range(self.world_size))
         while waiting:
+            if not self.local:  # the notes come from other processes: never answer from a cached listing
+                self.fs.invalidate_cache(staging)
             for r in sorted(waiting):
                 try:
                     with self.fs.open(f"{staging}/{_rank_note(r)}", "rb") as f:

@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import fsspec
 import pytest
 import torch
 from torch import nn
@@ -195,7 +196,9 @@ class Bus:
         return agree
 
 
-def _ranks(directory: Path, world_size: int, **kw) -> tuple[list[CheckpointManager], list[Box], list[Box]]:
+def _ranks(
+    directory: str | Path, world_size: int, **kw
+) -> tuple[list[CheckpointManager], list[Box], list[Box]]:
     bus = Bus(world_size)
     mgrs, shared, mine = [], [], []
     for r in range(world_size):
@@ -299,3 +302,29 @@ def test_a_rank_whose_write_fails_fails_the_save_and_nothing_is_published(tmp_pa
     assert [m.failures for m in mgrs] == [1, 1]
     assert "rank 1 could not write its rank_1.pt: OSError" in caplog.text
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(("step_", ".tmp"))] == ["step_000000001"]
+
+
+def test_rank_files_on_an_object_store(tmp_path):
+    """No rename there: each rank writes into the step directory and rank 0's manifest, written last once
+    both rank files are in, publishes it."""
+    url = f"memory://ckpt-{tmp_path.name}"
+    mgrs, _, mine = _ranks(url, 2)
+    try:
+        _on_every_rank(mgrs, lambda r, m: m.save(3))
+        fs = fsspec.filesystem("memory")
+        files = json.loads(fs.cat(f"{url}/step_000000003/{MANIFEST}"))["files"]
+        assert sorted(files) == ["rank_0.pt", "rank_1.pt", STATE_FILE]
+        assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{url}/step_000000003", detail=False)) == [
+            MANIFEST,
+            "rank_0.pt",
+            "rank_1.pt",
+            STATE_FILE,
+        ]
+        verify(f"{url}/step_000000003")
+        for b in mine:
+            b.value = None
+        _on_every_rank(mgrs, lambda r, m: m.load())
+        assert [int(b.value[0]) for b in mine] == [0, 1]
+    finally:
+        _on_every_rank(mgrs, lambda r, m: m.close())
+        fsspec.filesystem("memory").rm(url, recursive=True)
