@@ -325,7 +325,7 @@ class Trainer:
         c = self.checkpointer
         c.register("meta", Component(self._meta))
         c.register("model", self.model_without_ddp)
-        c.register("optimizer", self.optimizer)
+        c.register("optimizer", Component(self.optimizer.state_dict, self._load_optimizer_state))
         c.register("scaler", self.scaler)
         if self.ema is not None:
             c.register("ema", self.ema, optional=True)
@@ -349,6 +349,14 @@ class Trainer:
         self._check_checkpoint(sd, source)
         loaded = self.checkpointer.load_state_dict(sd, source)
         self._rederive_missing(loaded.missing, world_size=sd.get("run", {}).get("world_size"))
+
+    def _load_optimizer_state(self, sd: dict[str, Any]) -> None:
+        try:
+            self.optimizer.load_state_dict(sd)
+        except ValueError as e:  # torch's check of the parameter groups (optimization.* changed since)
+            raise CheckpointError(
+                f"its optimizer state does not fit the configured optimization settings: {e}"
+            ) from None
 
     def _meta(self) -> dict[str, Any]:
         return {
