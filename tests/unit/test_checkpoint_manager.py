@@ -328,3 +328,27 @@ def test_rank_files_on_an_object_store(tmp_path):
     finally:
         _on_every_rank(mgrs, lambda r, m: m.close())
         fsspec.filesystem("memory").rm(url, recursive=True)
+
+
+def test_a_format1_checkpoint_gives_each_rank_its_own_part():
+    """Before rank files, state.pt held every rank's RNG streams and compression state: each rank takes its
+    own at the same world size, none at another (re-derived, as for a checkpoint of today's format)."""
+    from imgtrain.train.trainer import _upgrade_format1
+
+    def old():
+        return {
+            "format": 1,
+            "world_size": 2,
+            "reference_world_size": 4,
+            "rng": [{"torch": torch.zeros(1)}, {"torch": torch.ones(1)}],
+            "compression": {"method": "onebit", "world_size": 2, "ranks": [{"step": 0}, {"step": 1}]},
+        }
+
+    sd = old()
+    _upgrade_format1(sd, rank=1, world_size=2)
+    assert sd["run"] == {"world_size": 2, "reference_world_size": 4, "compression": "onebit"}
+    assert torch.equal(sd["rng"]["torch"], torch.ones(1))
+    assert sd["compression"] == {"method": "onebit", "state": {"step": 1}}
+    sd = old()
+    _upgrade_format1(sd, rank=0, world_size=1)
+    assert "rng" not in sd and "compression" not in sd and sd["run"]["world_size"] == 2
