@@ -2,10 +2,12 @@
 training loop loses with a save every N steps. Both in the same run, through imgtrain's own code.
 
 The model, optimizer (SGD with momentum, so the state holds the weights and one momentum buffer per
-parameter), checkpoint manager and the state itself are those of an ``imgtrain.train.trainer.Trainer`` built
-by ``setup()`` from a config; a save is ``Trainer.save_checkpoint(blocking=...)``: ``state_dict()`` and
-``CheckpointManager.save`` (snapshot to CPU memory; then serialize, sha256, write, fsync and publish by
-rename, in the caller for a synchronous save, in the manager's background thread for an async one).
+parameter), checkpoint manager and the components registered with it are those of an
+``imgtrain.train.trainer.Trainer`` built by ``setup()`` from a config; a save is the trainer's
+``save_checkpoint(blocking=...)``, which calls the manager's ``CheckpointManager.save(step, ...)``
+(snapshot of every registered component to CPU memory; then serialize, sha256, write, fsync and publish
+by rename, in the caller for a synchronous save, in the manager's background thread for an async one).
+The steps between saves are real ones (``Trainer.run_steps``): only the trainer advances its step.
 
 1. Stall per save: saves with one training step between them (each save a new step, as in a run),
    async and sync alternating. The stall is the ``stall_s``
@@ -98,8 +100,8 @@ def filesystem_of(path: Path) -> str:
 
 
 def state_size(trainer) -> dict:
-    """Bytes of the tensors in Trainer.state_dict(), and of the newest checkpoint file on disk."""
-    sd = trainer.state_dict()
+    """Bytes of the model's and optimizer's tensors, and of the newest checkpoint's files on disk."""
+    sd = trainer.checkpointer.state_dict()
     model = sum(t.numel() * t.element_size() for t in sd["model"].values() if torch.is_tensor(t))
     opt = sum(
         t.numel() * t.element_size()
@@ -108,10 +110,10 @@ def state_size(trainer) -> dict:
         if torch.is_tensor(t)
     )
     out = {"model_bytes": model, "optimizer_bytes": opt}
-    ckpts = trainer.checkpointer.list_checkpoints()
-    if ckpts:
-        manifest = Path(trainer.checkpointer.url(ckpts[0][1])) / "manifest.json"
-        out["state_file_bytes"] = json.loads(manifest.read_text())["files"]["state.pt"]["bytes"]
+    ckpts = trainer.checkpointer.list()
+    if ckpts:  # state.pt and the rank's own file (RNG streams)
+        files = json.loads((Path(ckpts[0].path) / "manifest.json").read_text())["files"]
+        out["state_file_bytes"] = sum(f["bytes"] for f in files.values())
     return out
 
 
@@ -124,7 +126,7 @@ def checkpoint_records(trainer) -> list[dict]:
 def part_stall(args, trainer, batches: Iterator) -> dict:
     """Saves with one training step between them; async and sync alternate, the order flipping every pair."""
     async_write: list[float] = []
-    n_before = len(checkpoint_records(trainer))
+    stall: dict[str, list[float]] = {"async": [], "sync": []}
     for i in range(args.saves):
         for mode in ("async", "sync") if i % 2 == 0 else ("sync", "async"):
             trainer.run_steps(batches, 1)  # a new step, so a new checkpoint directory per save, as in a run
@@ -133,13 +135,11 @@ def part_stall(args, trainer, batches: Iterator) -> dict:
                 with Clock() as c:
                     trainer.checkpointer.wait()
                 async_write.append(c.seconds)
-    records = checkpoint_records(trainer)[n_before:]
-    stall = {m: [r["stall_s"] for r in records if r["async"] == (m == "async")] for m in ("async", "sync")}
     return {
         "async": stats(stall["async"]),
         "sync": stats(stall["sync"]),
         "async_background_write": stats(async_write),
-        "source": "stall_s of metrics.jsonl records",
+        "source": "SaveReport.stall_s of CheckpointManager.save",
     }
 
 

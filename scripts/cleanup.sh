@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Stop a training job, remove its cluster resources, and prune its old checkpoints by the retention rule:
-# keep the --keep newest checkpoints that verify (sha256 against their manifests) and anything newer;
-# never the newest good one. --dry-run shows what would go and changes nothing.
+# Stop a training job, remove its cluster resources, and prune its old checkpoints with
+# `imgtrain checkpoints prune`: the retention rule training applies too (checkpoint.keep_last_n; see
+# docs/fault_tolerance.md): keep the --keep newest checkpoints that verify (sha256 against their
+# manifests) and anything newer; never the newest good one. --dry-run shows what would go and changes nothing.
 #
 #   scripts/cleanup.sh --dry-run --run-dir runs/r50 --keep 1
 #   scripts/cleanup.sh --run-dir runs/r50 --keep 2                 # stop the launcher, prune

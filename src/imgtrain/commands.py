@@ -217,17 +217,13 @@ def checkpoints(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     from imgtrain.tools import run_ops
 
     if args.action == "list":
-        from imgtrain.checkpoint import CheckpointError, CheckpointManager, verify
+        from imgtrain.checkpoint import CheckpointManager
         from imgtrain.config import CheckpointConfig
 
         mgr = CheckpointManager(CheckpointConfig(), args.directory, is_writer=False)
-        for step, name in mgr.list_checkpoints():
-            try:
-                verify(mgr.url(name))
-                state = "ok"
-            except CheckpointError as e:
-                state = f"bad: {e}"
-            print(json.dumps({"step": step, "path": mgr.url(name), "state": state}))
+        for c in mgr.list(verify=True):
+            state = "ok" if c.problem is None else f"bad: {c.problem}"
+            print(json.dumps({"step": c.step, "path": c.path, "state": state}))
         mgr.close()
         return 0
     if args.keep < 1:

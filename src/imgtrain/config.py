@@ -441,6 +441,8 @@ class CheckpointConfig:
     """Optimizer steps between saves; null disables them."""
     save_at_epoch_end: bool = True
     keep_last_n: int = 3
+    """Checkpoints kept: the N newest of this run that verify (sha256) and any newer; older ones are removed
+    after each save. The same rule as `imgtrain checkpoints prune --keep N`; the newest good one always stays."""
     async_save: bool = True
     """Serialize and write in a background thread; the loop only pays for the copy off the device."""
     resume: str = "auto"

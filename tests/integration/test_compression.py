@@ -117,7 +117,7 @@ def test_kill9_and_resume_with_compression_is_bit_identical(uninterrupted, metho
     if method != "onebit":  # the reset path is the trainer's, the same for both methods: checked once
         return
     # The same checkpoint in a job of another size: the rank-local state cannot apply; it is reset, loudly.
-    latest = manager(out).find_latest_valid()
+    latest = manager(out).resolve("latest")
     single = run_cli(
         [
             "train",

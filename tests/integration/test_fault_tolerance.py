@@ -175,8 +175,11 @@ def assert_same_rng_streams(a: Path, b: Path, step: int) -> None:
     goes on with the streams an uninterrupted one has, not only with its weights."""
 
     def streams(out: Path) -> list[dict]:
-        state = out / "checkpoints" / f"step_{step:09d}" / STATE_FILE
-        return torch.load(state, map_location="cpu", weights_only=True)["rng"]
+        # Each rank saved its own streams beside the shared state: step_X/rank_R.pt.
+        step_dir = out / "checkpoints" / f"step_{step:09d}"
+        ranks = sorted(step_dir.glob("rank_*.pt"), key=lambda p: int(p.stem[5:]))
+        assert ranks, f"no rank files in {step_dir}"
+        return [torch.load(r, map_location="cpu", weights_only=True)["rng"] for r in ranks]
 
     def same(x, y) -> bool:
         if isinstance(x, torch.Tensor):
@@ -292,7 +295,7 @@ def test_kill9_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, runs)
     shutil.copytree(leftovers[0], half)
     for p in complete:
         verify(str(p))
-    assert manager(out).find_latest_valid() == str(newest)
+    assert manager(out).resolve("latest") == str(newest)
 
     proc = run_cli(args, timeout=WAIT)
     assert f"skipping checkpoint {half}: no {MANIFEST}" in proc.stderr
@@ -423,7 +426,7 @@ def _sigterm_and_check(run: Run, out: Path, target: psutil.Process | subprocess.
     assert 8 <= stopped < EPOCHS * STEPS_PER_EPOCH
     assert f"preemption (SIGTERM): saving a checkpoint at step {stopped} before exiting" in text
     assert step_dirs(out)[-1].name == f"step_{stopped:09d}"
-    assert manager(out).find_latest_valid() == str(out / "checkpoints" / f"step_{stopped:09d}")
+    assert manager(out).resolve("latest") == str(out / "checkpoints" / f"step_{stopped:09d}")
     assert not (out / "model.pt").exists()
     # metrics.jsonl ends with the preemption (not "failed"), and each rank's own log says it exits 143.
     ends = [r for r in metrics(out) if r["event"] in ("start", "finished", "failed", "preempted")]
@@ -591,4 +594,4 @@ def test_keep_last_n_leaves_only_the_newest_valid_checkpoints(small_data, tmp_pa
     for p in step_dirs(out):
         verify(str(p))
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
-    assert manager(out).find_latest_valid() == str(out / "checkpoints" / "step_000000010")
+    assert manager(out).resolve("latest") == str(out / "checkpoints" / "step_000000010")

@@ -28,7 +28,8 @@ from imgtrain.checkpoint import (
     STATE_FILE,
     CheckpointError,
     CheckpointManager,
-    load_checkpoint,
+    Component,
+    read_checkpoint,
     verify,
 )
 from imgtrain.config import CheckpointConfig
@@ -42,10 +43,29 @@ def _cfg(**kw) -> CheckpointConfig:
     return CheckpointConfig(async_save=False, **kw)
 
 
+def _box(mgr: CheckpointManager) -> dict:
+    """The value saved as the checkpoint's "w" component (registered on first use)."""
+    if not hasattr(mgr, "box"):
+        mgr.box = {"w": None}
+        mgr.register("w", Component(lambda: mgr.box["w"], lambda value: mgr.box.update(w=value)))
+    return mgr.box
+
+
+def _put(mgr: CheckpointManager, step: int, value: torch.Tensor) -> None:
+    _box(mgr)["w"] = value
+    mgr.save(step)
+
+
+def _load_latest(mgr: CheckpointManager) -> tuple[str, torch.Tensor]:
+    """(path, "w") of the newest good checkpoint, restored through the manager."""
+    box = _box(mgr)
+    return mgr.load().path, box["w"]
+
+
 def _save(directory, steps, run_id="run-a", value=None, **kw) -> CheckpointManager:
     mgr = CheckpointManager(_cfg(**kw), str(directory), run_id=run_id)
     for s in steps:
-        mgr.save(s, {"w": torch.full((4,), float(s if value is None else value))})
+        _put(mgr, s, torch.full((4,), float(s if value is None else value)))
     return mgr
 
 
@@ -94,7 +114,8 @@ SLOW_WRITER = """
 
     checkpoint._write_fsync = slow_write
     mgr = checkpoint.CheckpointManager(CheckpointConfig(async_save=False), directory, run_id="run-a")
-    mgr.save(5, {"w": torch.ones(4)})
+    mgr.register("w", checkpoint.Component(lambda: torch.ones(4)))
+    mgr.save(5)
     (ctl / "saved").touch()
     wait("release")
     mgr.close()
@@ -138,8 +159,8 @@ def test_second_writer_is_refused_naming_the_holder_and_leaves_its_save_alone(tm
         t.join(WAIT)
         assert "mgr" in got and got["at"] > released
         assert proc.wait(WAIT) == 0, proc.stderr.read()
-        path, sd = got["mgr"].load_latest()
-        assert path == str(directory / "step_000000005") and torch.equal(sd["w"], torch.ones(4))
+        path, w = _load_latest(got["mgr"])
+        assert path == str(directory / "step_000000005") and torch.equal(w, torch.ones(4))
         got["mgr"].close()
     finally:
         for name in ("go", "release"):
@@ -152,11 +173,13 @@ def test_second_writer_is_refused_naming_the_holder_and_leaves_its_save_alone(tm
 CRASH_BETWEEN_RENAMES = """
     import os, sys
     import torch
-    from imgtrain.checkpoint import CheckpointManager
+    from imgtrain.checkpoint import CheckpointManager, Component
     from imgtrain.config import CheckpointConfig
 
     mgr = CheckpointManager(CheckpointConfig(async_save=False), sys.argv[1], run_id="run-a")
-    mgr.save(5, {"w": torch.ones(4)})
+    w = {"value": torch.ones(4)}
+    mgr.register("w", Component(lambda: w["value"]))
+    mgr.save(5)
     real_rename, calls = os.rename, []
 
     def rename(src, dst):
@@ -166,7 +189,8 @@ CRASH_BETWEEN_RENAMES = """
         real_rename(src, dst)
 
     os.rename = rename
-    mgr.save(5, {"w": torch.full((4,), 2.0)})
+    w["value"] = torch.full((4,), 2.0)
+    mgr.save(5)
 """
 
 
@@ -181,8 +205,8 @@ def test_crash_between_the_renames_of_a_same_step_resave_restores_the_published_
     mgr = CheckpointManager(_cfg(), str(directory), run_id="run-a")
     assert "restored" in caplog.text and "interrupted between its two renames" in caplog.text
     assert sorted(p.name for p in directory.iterdir()) == ["step_000000005", ckpt.LOCK_FILE]
-    path, sd = mgr.load_latest()
-    assert path == str(directory / "step_000000005") and torch.equal(sd["w"], torch.ones(4))
+    path, w = _load_latest(mgr)
+    assert path == str(directory / "step_000000005") and torch.equal(w, torch.ones(4))
     mgr.close()
 
 
@@ -201,14 +225,14 @@ def test_manifest_records_the_run_id_and_another_run_is_refused(tmp_path):
     verify(str(tmp_path / "step_000000002"))
     # The same run (a restart) goes on; so does a reader of any run.
     _save(tmp_path, [3], run_id="run-a").close()
-    assert CheckpointManager(_cfg(), str(tmp_path), is_writer=False).find_latest_valid().endswith("3")
+    assert CheckpointManager(_cfg(), str(tmp_path), is_writer=False).resolve("latest").endswith("3")
 
 
 def test_checkpoints_without_a_run_id_are_resumed(tmp_path):
     _save(tmp_path, [1], run_id=None).close()
     assert "run_id" not in json.loads((tmp_path / "step_000000001" / MANIFEST).read_text())
     mgr = _save(tmp_path, [2], run_id="run-a", keep_last_n=1)
-    assert [n for _, n in mgr.list_checkpoints()] == ["step_000000002"]  # and pruned as our own
+    assert [c.step for c in mgr.list()] == [2]  # and pruned as our own
     mgr.close()
 
 
@@ -219,8 +243,8 @@ def test_retention_never_removes_another_runs_checkpoint(tmp_path):
     shutil.copytree(tmp_path / "step_000000001", foreign)
     manifest = json.loads((foreign / MANIFEST).read_text())
     (foreign / MANIFEST).write_text(json.dumps({**manifest, "run_id": "run-a"}))
-    mgr.save(3, {"w": torch.zeros(4)})
-    mgr.save(4, {"w": torch.zeros(4)})
+    _put(mgr, 3, torch.zeros(4))
+    _put(mgr, 4, torch.zeros(4))
     mgr.close()
     assert sorted(p.name for p in tmp_path.glob("step_*")) == [
         "step_000000000",
@@ -250,7 +274,7 @@ def test_lease_refuses_a_second_writer_until_released(memdir):
     first.close()
     assert not fsspec.filesystem("memory").exists(f"{memdir}/{ckpt.LOCK_FILE}")
     second = CheckpointManager(_cfg(lock_timeout=0.3), memdir, run_id="run-a")
-    assert second.load_latest()[0] == f"{memdir}/step_000000001"
+    assert second.resolve("latest") == f"{memdir}/step_000000001"
     second.close()
 
 
@@ -265,11 +289,11 @@ def test_an_expired_lease_is_taken_over_and_its_old_holder_stops_saving(memdir, 
     taker = CheckpointManager(_cfg(lock_timeout=WAIT), memdir, run_id="run-a")
     caplog.set_level(logging.ERROR, logger="imgtrain.checkpoint")
     _wait_for(lambda: stalled._lock.lost is not None, "the old holder to notice the takeover")
-    stalled.save(2, {"w": torch.zeros(4)})
+    _put(stalled, 2, torch.zeros(4))
     assert stalled.failures == 1 and "taken over by run 'run-a'" in caplog.text
-    assert [n for _, n in taker.list_checkpoints()] == ["step_000000001"]
-    taker.save(2, {"w": torch.zeros(4)})
-    assert taker.failures == 0 and [n for _, n in taker.list_checkpoints()][0] == "step_000000002"
+    assert [c.step for c in taker.list()] == [1]
+    _put(taker, 2, torch.zeros(4))
+    assert taker.failures == 0 and [c.step for c in taker.list()][0] == 2
     taker.close()
     stalled.close()
 
@@ -312,15 +336,15 @@ def _mapped_file(t: torch.Tensor) -> str | None:
 def test_load_memory_maps_a_local_checkpoint(tmp_path):
     _save(tmp_path, [1]).close()
     state = str(tmp_path / "step_000000001" / STATE_FILE)
-    sd = load_checkpoint(str(tmp_path / "step_000000001"))
+    sd = read_checkpoint(str(tmp_path / "step_000000001"))
     assert _mapped_file(sd["w"]) == state
     mgr = CheckpointManager(_cfg(), str(tmp_path), is_writer=False)
-    assert _mapped_file(mgr.load_latest()[1]["w"]) == state
+    assert _mapped_file(_load_latest(mgr)[1]) == state
 
 
 def test_verification_streams_the_file(tmp_path):
     mgr = CheckpointManager(_cfg(), str(tmp_path), run_id="run-a")
-    mgr.save(1, {"w": torch.zeros(12 << 20, dtype=torch.uint8)})  # 12 MiB + the pickle
+    _put(mgr, 1, torch.zeros(12 << 20, dtype=torch.uint8))  # 12 MiB + the pickle
     mgr.close()
     tracemalloc.start()
     try:
@@ -345,7 +369,7 @@ def test_the_newest_checkpoint_is_read_once_to_verify_and_load(tmp_path, monkeyp
     real_load = torch.load
     loads: list = []
     monkeypatch.setattr(torch, "load", lambda f, *a, **k: loads.append(f) or real_load(f, *a, **k))
-    path, sd = CheckpointManager(_cfg(), str(tmp_path), is_writer=False).load_latest()
-    assert path == str(tmp_path / "step_000000002") and torch.equal(sd["w"], torch.full((4,), 2.0))
+    path, w = _load_latest(CheckpointManager(_cfg(), str(tmp_path), is_writer=False))
+    assert path == str(tmp_path / "step_000000002") and torch.equal(w, torch.full((4,), 2.0))
     reads = [p for p in opened if p.endswith(STATE_FILE)] + [f for f in loads if not isinstance(f, str)]
     assert reads == [str(tmp_path / "step_000000002" / STATE_FILE)]  # hashed once, then mmapped by name

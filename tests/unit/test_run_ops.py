@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from imgtrain.checkpoint import LOCK_FILE, CheckpointManager
+from imgtrain.checkpoint import LOCK_FILE, CheckpointManager, Component
 from imgtrain.cli import main
 from imgtrain.config import CheckpointConfig
 from imgtrain.tools.run_ops import prune_checkpoints, run_status
@@ -16,7 +16,9 @@ from imgtrain.tools.run_ops import prune_checkpoints, run_status
 
 def _checkpoints(directory, steps) -> list[str]:
     mgr = CheckpointManager(CheckpointConfig(keep_last_n=100, async_save=False), str(directory))
-    paths = [mgr.save(s, {"w": torch.full((4,), float(s))}).path for s in steps]
+    step = Component(lambda: torch.full((4,), float(mgr.last_save_time)))
+    mgr.register("w", step)
+    paths = [mgr.save(s).path for s in steps]
     mgr.close()
     return paths
 

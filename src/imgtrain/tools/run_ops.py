@@ -1,69 +1,38 @@
 """Operations on a run from outside it, for scripts/monitor.sh and scripts/cleanup.sh: its status from the
 run directory (metrics.jsonl, summary.json, checkpoints) or a Prometheus endpoint, and pruning old
-checkpoints by the retention rule without ever touching the newest one that verifies."""
+checkpoints by the checkpoint manager's retention rule (never the newest one that verifies)."""
 
 from __future__ import annotations
 
 import json
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imgtrain.config import CheckpointConfig
+
+if TYPE_CHECKING:
+    from imgtrain.checkpoint import PruneReport
 
 # A running job appends to metrics.jsonl at least every training.log_interval steps; this long without a
 # record means it is stopped, hung or between restarts.
 STALE_AFTER_S = 300.0
 
 
-@dataclass
-class PruneReport:
-    kept: list[str]
-    removed: list[str]
-    newest_valid: str | None
-    dry_run: bool
-
-
 def prune_checkpoints(
     directory: str, keep: int, dry_run: bool = False, storage_options: dict | None = None
 ) -> PruneReport:
-    """Keep the ``keep`` newest checkpoints that verify (sha256 against their manifests) and everything
-    newer than them (a save may be in progress); remove the older ones, corrupt or not. With no checkpoint
-    that verifies, nothing is removed."""
-    from imgtrain.checkpoint import (  # torch: not needed for run_status
-        CheckpointError,
-        CheckpointManager,
-        verify,
-    )
+    """The checkpoint manager's retention rule (``CheckpointManager.prune``) applied to ``directory`` from
+    outside the run: the ``keep`` newest checkpoints that verify and anything newer stay."""
+    from imgtrain.checkpoint import CheckpointManager  # torch: not needed for run_status
 
-    if keep < 1:
-        raise ValueError("keep must be >= 1: the newest good checkpoint is never removed")
     mgr = CheckpointManager(
         CheckpointConfig(storage_options=storage_options or {}), directory, is_writer=False
     )
     try:
-        found = mgr.list_checkpoints()  # newest first
-        valid: list[int] = []
-        for step, name in found:
-            if len(valid) == keep:
-                break
-            try:
-                verify(mgr.url(name), storage_options)
-                valid.append(step)
-            except CheckpointError:
-                continue
-        newest = mgr.url(next(n for s, n in found if s == valid[0])) if valid else None
-        if len(valid) < keep:
-            return PruneReport([mgr.url(n) for _, n in found], [], newest, dry_run)
-        oldest_kept = valid[-1]
-        kept = [mgr.url(n) for s, n in found if s >= oldest_kept]
-        doomed = [(s, n) for s, n in found if s < oldest_kept]
-        if not dry_run:
-            for _, name in doomed:
-                mgr.fs.rm(f"{mgr.root}/{name}", recursive=True)
-        return PruneReport(kept, [mgr.url(n) for _, n in doomed], newest, dry_run)
+        return mgr.prune(keep, dry_run=dry_run)
     finally:
         mgr.close()
 

@@ -8,11 +8,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import fsspec
 import torch
 from torch import nn
 
-from imgtrain.checkpoint import MANIFEST, CheckpointError, CheckpointManager, load_checkpoint, load_plain
+from imgtrain.checkpoint import CheckpointError, read_checkpoint
 from imgtrain.config import upgrade_saved_config
 from imgtrain.distributed import process_group as D
 
@@ -82,32 +81,6 @@ def evaluate_model(
     )
 
 
-def load_any(path: str, storage_options: dict | None = None) -> dict:
-    """A checkpoint directory (verified), a checkpoints/ folder or '<folder>/latest' (its newest good
-    checkpoint) or a model.pt file, as plain data."""
-    from imgtrain.config import CheckpointConfig
-
-    fs, root = fsspec.core.url_to_fs(path.rstrip("/"), **(storage_options or {}))
-    if fs.isfile(root):  # model.pt
-        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-            return load_plain(root, path)
-        with fs.open(root, "rb") as f:
-            return load_plain(f, path)
-    if fs.exists(f"{root}/{MANIFEST}"):
-        return load_checkpoint(path, storage_options)
-    folder = path.rstrip("/")
-    if folder.endswith("/latest") and not fs.exists(root):
-        folder = folder[: -len("/latest")]
-    mgr = CheckpointManager(CheckpointConfig(storage_options=storage_options or {}), folder, is_writer=False)
-    try:
-        found = mgr.load_latest()
-    finally:
-        mgr.close()
-    if found is None:
-        raise CheckpointError(f"no valid checkpoint at {path}")
-    return found[1]
-
-
 # What a checkpoint's own config may decide for `imgtrain eval`: the model and how an evaluation image is
 # made. Where the data is and how to reach it (data.root, storage options, endpoints, credentials) comes
 # from the user: a shared checkpoint must not point the evaluation at its author's data or secrets.
@@ -135,7 +108,9 @@ def run_eval(checkpoint: str, config_path: str | None, overrides: list[str]) -> 
 
     # Validate what the user typed before touching the process group or data.
     user = load_config(config_path, overrides)
-    sd = load_any(
+    # A step directory, a checkpoints directory or its 'latest', a run directory, or a model.pt: the
+    # checkpoint manager's one rule (its newest checkpoint that verifies, for the folders).
+    sd = read_checkpoint(
         checkpoint, resolve_storage_options(user.checkpoint.storage_options, "checkpoint.storage_options")
     )
     if config_path is None:

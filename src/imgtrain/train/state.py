@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,12 @@ class Progress:
     bad_images: int = 0  # unreadable training files skipped, all ranks, every epoch and restart
     train_seconds: float = 0.0  # wall time spent in training epochs, summed over restarts
     restarts: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        vars(self).update(asdict(Progress(**sd)))  # in place: the checkpoint manager holds this object
 
 
 def seed_everything(seed: int) -> None:

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from imgtrain.checkpoint import CheckpointManager, load_checkpoint
+from imgtrain.checkpoint import CheckpointManager, Component
 from imgtrain.config import Config, dump_config, literal_credentials
 from imgtrain.data import DataBundle, build_data
 from imgtrain.data.prefetch import device_batches
@@ -44,8 +43,6 @@ if TYPE_CHECKING:
     from imgtrain.monitoring.metrics import PrometheusMetrics
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = 1
 
 
 def checkpoint_run_id(cfg: Config) -> str:
@@ -133,7 +130,14 @@ class Trainer:
         # The writer lock (and the refusal of another run's directory) before anything is written there.
         ckpt_dir = cfg.checkpoint.dir or str(self.output_dir / "checkpoints")
         self.checkpointer = CheckpointManager(
-            cfg.checkpoint, ckpt_dir, is_writer=info.is_main, run_id=checkpoint_run_id(cfg)
+            cfg.checkpoint,
+            ckpt_dir,
+            is_writer=info.is_main,
+            run_id=checkpoint_run_id(cfg),
+            rank=info.rank,
+            world_size=info.world_size,
+            agree=lambda text: D.broadcast_string(text, info),
+            rank_timeout=cfg.distributed.init_timeout,
         )
         if info.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -147,6 +151,7 @@ class Trainer:
                 )
         self._build_step_parts(self.data.num_classes)
         self.timeline["built"] = time.time()
+        self._register_state()
         self._maybe_resume()
         self.timeline["checkpoint_loaded"] = time.time()
         # DDP broadcasts rank 0's parameters at construction: build it after loading the checkpoint.
@@ -252,22 +257,22 @@ class Trainer:
     def _setup_compression(self) -> None:
         info, dc = self.info, self.cfg.distributed
         self.compression = create_compression(self.model, dc, info.world_size, info.backend)
-        saved = self._saved_compression
-        if saved is not None and saved.get("method") == dc.compression and dc.compression != "none":
-            if saved.get("world_size") != info.world_size:
+        saved = self._saved_compression  # {method, world_size, state} of the checkpoint resumed from
+        if saved is not None and saved["method"] == dc.compression and dc.compression != "none":
+            if saved["state"] is None:  # a checkpoint of another world size: no rank file of ours
                 log.warning(
                     "compression: the checkpoint's %s state is from %s ranks, the job has %d: reset "
                     "(error feedback starts from zero)",
                     dc.compression,
-                    saved.get("world_size"),
+                    saved["world_size"],
                     info.world_size,
                 )
             else:
-                self.compression.load_state_dict(saved["ranks"][info.rank])
-        elif saved is not None and saved.get("method") != dc.compression:
+                self.compression.load_state_dict(saved["state"])
+        elif saved is not None and saved["method"] not in ("none", dc.compression):
             log.warning(
                 "compression: the checkpoint was saved with %s, the config asks for %s: %s starts fresh",
-                saved.get("method"),
+                saved["method"],
                 dc.compression,
                 dc.compression,
             )
@@ -284,18 +289,6 @@ class Trainer:
             _fmt_bytes(fp32),
             fp32 / max(sent, 1),
         )
-
-    def _compression_state(self) -> dict[str, Any] | None:
-        """Every rank's compression state (rank-local) on rank 0. Collective: every rank must call it."""
-        if self.compression is None or self.compression.method == "none":
-            return None
-        own = {k: _to_cpu(v) for k, v in self.compression.state_dict().items()}
-        ranks = [own]
-        if self.info.enabled:
-            ranks = [None] * self.info.world_size if self.info.is_main else None
-            # Live ranks of this job send their state; nothing read from disk is unpickled.
-            dist.gather_object(own, ranks, dst=0)
-        return {"method": self.compression.method, "world_size": self.info.world_size, "ranks": ranks}
 
     @property
     def global_batch(self) -> int:
@@ -371,38 +364,86 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
 
+    def _register_state(self) -> None:
+        """Everything needed to continue exactly, registered with the checkpoint manager, which saves and
+        restores it in this order. The RNG streams and the compression state are each rank's own."""
+        c = self.checkpointer
+        c.register("meta", Component(self._meta))
+        c.register("model", self.model_without_ddp)
+        c.register("optimizer", Component(self.optimizer.state_dict, self._load_optimizer_state))
+        c.register("scaler", self.scaler)
+        if self.ema is not None:
+            c.register("ema", self.ema, optional=True)
+        c.register("progress", self.progress)
+        c.register("sampler", self.data.train_sampler)
+        c.register("run", Component(self._run_state, self._load_run_state))
+        c.register("config", Component(self.cfg.to_dict))
+        c.register("rng", Component(rng_state, set_rng_state), rank_local=True)
+        c.register(
+            "compression", Component(self._compression_state, self._load_compression_state), rank_local=True
+        )
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly. Collective: every rank must call it."""
-        rngs = [rng_state()]
-        if self.info.enabled:
-            gathered: list = [None] * self.info.world_size
-            # Live ranks of this very job exchange their RNG streams; nothing read from disk is unpickled.
-            dist.all_gather_object(gathered, rngs[0])
-            rngs = gathered
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "model": self.model_without_ddp.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "progress": vars(self.progress).copy(),
-            "sampler": self.data.train_sampler.state_dict(),
-            "rng": rngs,
-            "compression": self._compression_state(),
-            "world_size": self.info.world_size,
-            "reference_world_size": self.reference_world_size,
-            "accumulation": self.accumulation,
-            "meta": {
-                "model": self.cfg.model.name,
-                "num_classes": self.data.num_classes,
-                "classes": self.data.classes,
-                "train_samples": len(self.data.train_set),
-            },
-            "config": self.cfg.to_dict(),
-        }
+        """Everything needed to continue exactly: every registered component, by name, as live tensors
+        (the shared state and this rank's own RNG streams and compression state). Not collective."""
+        return self.checkpointer.state_dict()
 
     def load_state_dict(self, sd: dict[str, Any], source: str) -> None:
-        meta = sd.get("meta", {})
+        """Restore what :meth:`state_dict` returned (after the checks a checkpoint gets; ``source`` names it in
+        errors). Without RNG streams of this rank (another world size), they are re-derived."""
+        self._check_checkpoint(sd, source)
+        loaded = self.checkpointer.load_state_dict(sd, source)
+        self._rederive_missing(loaded.missing, world_size=sd.get("run", {}).get("world_size"))
+
+    def _load_optimizer_state(self, sd: dict[str, Any]) -> None:
+        try:
+            self.optimizer.load_state_dict(sd)
+        except ValueError as e:  # torch's check of the parameter groups (optimization.* changed since)
+            raise CheckpointError(
+                f"its optimizer state does not fit the configured optimization settings: {e}"
+            ) from None
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "model": self.cfg.model.name,
+            "num_classes": self.data.num_classes,
+            "classes": self.data.classes,
+            "train_samples": len(self.data.train_set),
+        }
+
+    def _run_state(self) -> dict[str, Any]:
+        return {
+            "world_size": self.info.world_size,
+            "reference_world_size": self.reference_world_size,
+            "accumulation": self.accumulation,  # informative: recomputed at every start
+            "compression": self.compression.method if self.compression is not None else "none",
+        }
+
+    def _load_run_state(self, sd: dict[str, Any]) -> None:
+        self.reference_world_size = sd.get("reference_world_size")
+        self.previous_world_size = sd.get("world_size")
+        self._saved_compression = {
+            "method": sd.get("compression", "none"),
+            "world_size": sd.get("world_size"),
+            "state": None,
+        }
+
+    def _compression_state(self) -> dict[str, Any] | None:
+        if self.compression is None or self.compression.method == "none":
+            return None
+        return {"method": self.compression.method, "state": self.compression.state_dict()}
+
+    def _load_compression_state(self, sd: dict[str, Any]) -> None:
+        # The hooks are built after DDP wraps the model, after loading: _setup_compression applies it.
+        if self._saved_compression is not None and sd.get("method") == self._saved_compression["method"]:
+            self._saved_compression["state"] = sd["state"]
+
+    def _check_checkpoint(self, sd: dict[str, Any], source: str) -> None:
+        """Refuse a checkpoint of another model, class count or training split before restoring anything;
+        bring a format-1 checkpoint (every rank's state in state.pt) to the current layout."""
+        if sd.get("format") == 1:
+            _upgrade_format1(sd, self.info.rank, self.info.world_size)
+        meta = sd.get("meta") or {}
         if meta.get("model") != self.cfg.model.name:
             raise CheckpointError(
                 f"checkpoint {source} holds model '{meta.get('model')}', the config asks "
@@ -413,7 +454,7 @@ class Trainer:
                 f"checkpoint {source} was trained on {meta.get('num_classes')} classes, "
                 f"the data at {self.data.train_set.split_dir} has {self.data.num_classes}"
             )
-        saved_n, n = sd.get("sampler", {}).get("dataset_len"), len(self.data.train_set)
+        saved_n, n = (sd.get("sampler") or {}).get("dataset_len"), len(self.data.train_set)
         if saved_n is not None and int(saved_n) != n:
             # The sample order and the position in the epoch are those of the old split: resuming would
             # skip or repeat images. A new split is a new run (another output_dir, or checkpoint.resume=never).
@@ -422,33 +463,13 @@ class Trainer:
                 f"data at {self.data.train_set.split_dir} now has {n}: train into another "
                 f"output_dir, or set checkpoint.resume=never to start over"
             )
-        try:
-            self.model_without_ddp.load_state_dict(sd["model"])
-        except RuntimeError as e:
-            raise CheckpointError(f"checkpoint {source} does not fit the configured model: {e}") from None
-        try:
-            self.optimizer.load_state_dict(sd["optimizer"])
-        except ValueError as e:  # torch's check of the parameter groups (optimization.* changed since)
-            raise CheckpointError(
-                f"checkpoint {source}: its optimizer state does not fit the configured "
-                f"optimization settings: {e}"
-            ) from None
-        self.scaler.load_state_dict(sd["scaler"])
-        if self.ema is not None and sd.get("ema") is not None:
-            self.ema.load_state_dict(sd["ema"])
-        self.progress = Progress(**sd["progress"])
-        self.data.train_sampler.load_state_dict(sd["sampler"])
-        self.reference_world_size = sd.get("reference_world_size")
-        self.previous_world_size = sd.get("world_size")
-        self._saved_compression = sd.get("compression")
-        rngs = sd.get("rng") or []
-        if sd.get("world_size") == self.info.world_size and self.info.rank < len(rngs):
-            set_rng_state(rngs[self.info.rank])
-        else:
+
+    def _rederive_missing(self, missing: list[str], world_size: int | None) -> None:
+        if "rng" in missing:
             seed_everything(self.cfg.training.seed * 7919 + self.progress.step * 31 + self.info.rank)
             log.warning(
-                "RNG streams re-seeded: the checkpoint has %d rank(s), the job now has %d",
-                len(rngs),
+                "RNG streams re-seeded: the checkpoint has %s rank(s), the job now has %d",
+                world_size,
                 self.info.world_size,
             )
 
@@ -456,20 +477,14 @@ class Trainer:
         mode = self.cfg.checkpoint.resume
         if mode == "never":
             return
-        path: str | None = None
-        sd: dict[str, Any] | None = None
-        if self.info.is_main:
-            if mode == "auto":  # verified and loaded in one read of the file
-                path, sd = self.checkpointer.load_latest() or (None, None)
-            else:
-                path = mode
-        path = D.broadcast_string(path, self.info)
-        if path is None:
+        loaded = self.checkpointer.load(
+            "latest" if mode == "auto" else mode, before_restore=self._check_checkpoint
+        )
+        if loaded is None:
             log.info("no checkpoint to resume from in %s: starting fresh", self.checkpointer.directory)
             return
-        if sd is None:
-            sd = load_checkpoint(path, self.checkpointer.storage_options)
-        self.load_state_dict(sd, path)
+        self._rederive_missing(loaded.missing, self.previous_world_size)
+        path = loaded.path
         self.progress.restarts += 1
         self.resumed_from = path
         log.warning(
@@ -490,13 +505,12 @@ class Trainer:
     def save_checkpoint(self, blocking: bool | None = None) -> float:
         """Collective. Returns the stall the training loop paid on this rank."""
         t0 = time.perf_counter()
-        state = self.state_dict()
         blocking_write = (not self.cfg.checkpoint.async_save) if blocking is None else blocking
         if blocking_write and self.info.enabled:
             # The other ranks wait in their next collective while rank 0 writes: a slow disk must not
             # look like a dead peer, so every rank widens the collective timeout until the write is done.
             D.set_collective_timeout(self.info, self.cfg.distributed.init_timeout)
-        report = self.checkpointer.save(self.progress.step, state, blocking=blocking)
+        report = self.checkpointer.save(self.progress.step, blocking=blocking)
         if blocking_write and self.info.enabled:
             D.barrier(self.info)
             D.set_collective_timeout(self.info, self._collective_timeout())
@@ -1009,12 +1023,19 @@ def _fmt_bytes(n: float) -> str:
     )
 
 
-def _to_cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    return obj
+def _upgrade_format1(sd: dict[str, Any], rank: int, world_size: int) -> None:
+    """A format-1 checkpoint held every rank's RNG streams and compression state in state.pt: keep this
+    rank's at the same world size, none at another (as with a checkpoint of today's format)."""
+    saved, rngs, comp = sd.get("world_size"), sd.pop("rng", None) or [], sd.pop("compression", None)
+    sd["run"] = {
+        "world_size": saved,
+        "reference_world_size": sd.get("reference_world_size"),
+        "compression": comp["method"] if comp else "none",
+    }
+    if saved == world_size and rank < len(rngs):
+        sd["rng"] = rngs[rank]
+    if comp is not None and comp.get("world_size") == world_size:
+        sd["compression"] = {"method": comp["method"], "state": comp["ranks"][rank]}
 
 
 def _process_start_time() -> float:
