@@ -54,6 +54,9 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
+        if cfg.fault_tolerance.mode == "replicated":  # each replica group writes its own run files
+            self.output_dir = self.output_dir / f"group-{cfg.fault_tolerance.replicated.resolved()[1]}"
+        self.replicas = None  # replicated mode: distributed.replicas.Replicas
         self.progress = Progress()
         self.info: D.DistInfo
         self.data: DataBundle
@@ -151,7 +154,15 @@ class Trainer:
         self._maybe_resume()
         self.timeline["checkpoint_loaded"] = time.time()
         # DDP broadcasts rank 0's parameters at construction: build it after loading the checkpoint.
-        self.model = D.wrap_ddp(self.model_without_ddp, info, cfg.distributed)
+        if cfg.fault_tolerance.mode == "replicated":
+            from imgtrain.distributed.replicas import Replicas
+
+            self.replicas = Replicas(cfg, info, self.state_dict, self._load_peer_state, self._emit)
+            self.replicas.attach(self.data.train_sampler)
+            self.replicas.resume_at(self.progress.step)
+            self.model = self.replicas.wrap(self.model_without_ddp)
+        else:
+            self.model = D.wrap_ddp(self.model_without_ddp, info, cfg.distributed)
         self._setup_compression()
         if cfg.training.compile:
             # Compiling the DDP module lets DDP's optimizer split graphs at bucket boundaries (overlap kept).
@@ -254,7 +265,7 @@ class Trainer:
 
     @property
     def global_batch(self) -> int:
-        return self.cfg.training.batch_size * self.info.world_size * self.accumulation
+        return self.data.train_sampler.global_batch * self.accumulation
 
     @property
     def peak_lr(self) -> float:
@@ -407,6 +418,10 @@ class Trainer:
                 self.info.world_size,
             )
 
+    def _load_peer_state(self, sd: dict[str, Any]) -> None:
+        """Replicated mode: a live peer's state, fetched by torchft when this group heals."""
+        self.load_state_dict(sd, "a live replica group")
+
     def _maybe_resume(self) -> None:
         mode = self.cfg.checkpoint.resume
         if mode == "never":
@@ -526,6 +541,8 @@ class Trainer:
             D.set_collective_timeout(self.info, cfg.distributed.init_timeout)
             while self.progress.epoch < cfg.training.epochs:
                 finished = self.train_epoch()
+                if finished is None:  # replicated: healed, or a step is redone; go on from the position held
+                    continue
                 if not finished:
                     stopped_early = True
                     if not self.preemption.requested:  # max_steps: still say how good the model is
@@ -570,8 +587,11 @@ class Trainer:
             )
         return summary
 
-    def train_epoch(self) -> bool:
-        """Runs the rest of the current epoch. Returns False if stopped early (preemption, max_steps)."""
+    def train_epoch(self) -> bool | None:
+        """Runs the rest of the current epoch. Returns False if stopped early (preemption, max_steps), None
+        when the batches planned are void (replicated mode: a heal, a step to redo, other replicas)."""
+        if self.replicas is not None:
+            self.replicas.start_plan()
         self.data.train_sampler.state.epoch = self.progress.epoch
         it = device_batches(self.data.train_loader, self.info.device, self.data.train_batch_transform)
         try:
@@ -581,7 +601,7 @@ class Trainer:
             if close is not None:  # a background prefetcher must stop before the loader is reused
                 close()
 
-    def _train_epoch(self, it) -> bool:
+    def _train_epoch(self, it) -> bool | None:
         cfg, info = self.cfg, self.info
         sampler = self.data.train_sampler
         n = len(self.data.train_set)
@@ -597,6 +617,8 @@ class Trainer:
         epoch_t0 = time.perf_counter()
         micro = 0
         while micro < len(sizes):
+            if self.replicas is not None and not self.replicas.plan_holds():
+                return None
             group = sizes[micro : micro + self.accumulation]
             lr = self.peak_lr * self.schedule(self.progress.epoch + sampler.state.consumed / n)
             set_lr(self.optimizer, lr)
@@ -605,7 +627,13 @@ class Trainer:
             for _ in group:
                 batches.append(next(it))
             t_data = time.perf_counter() - t0
-            stats = self.train_step(batches, group)
+            stats = self.train_step(
+                batches, group if self.replicas is None else self.replicas.trained_sizes(group)
+            )
+            if self.replicas is not None:
+                if not self.replicas.committed:
+                    return None
+                self.replicas.count_dropped(group)
             micro += len(group)
             sampler.state.consumed += sum(group)
             self.progress.step += 1
@@ -702,12 +730,14 @@ class Trainer:
             if self.mix is not None:
                 x, targets = self.mix(x, labels)
             last = i == len(batches) - 1
-            sync = contextlib.nullcontext() if last or not info.enabled else self.model.no_sync()
+            syncs = info.enabled or self.replicas is not None
+            sync = contextlib.nullcontext() if last or not syncs else self.model.no_sync()
             with sync:
                 with self._autocast():
                     logits = self.model(x)
                     per_sample = self.criterion(logits.float(), targets)
-                loss = (per_sample * weights).sum() * (info.world_size / denom)
+                averaged_over = info.world_size if self.replicas is None else self.replicas.participants
+                loss = (per_sample * weights).sum() * (averaged_over / denom)
                 self.scaler.scale(loss).backward()
             if timer is not None and last:
                 timer.backward_done()
@@ -723,10 +753,12 @@ class Trainer:
         if oc.gradient_clip is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model_without_ddp.parameters(), oc.gradient_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        commit = self.replicas is None or self.replicas.should_commit()  # replicated: no peer failed
+        if commit:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None and self.progress.step % oc.ema_interval == 0:
+        if commit and self.ema is not None and self.progress.step % oc.ema_interval == 0:
             self.ema.update_parameters(self.model_without_ddp)
         if timer is not None:
             timer.end()
@@ -920,6 +952,8 @@ class Trainer:
 
     def close(self) -> None:
         self.preemption.uninstall()
+        if self.replicas is not None:
+            self.replicas.close()
         if hasattr(self, "checkpointer"):
             self.checkpointer.close()
         for s in self._sinks:
