@@ -455,6 +455,9 @@ class ReplicatedConfig:
     """Seconds for the commit vote and for fetching a live peer's state when healing."""
     connect_timeout: float = 10.0
     """Seconds to connect to the lighthouse and to the group's manager."""
+    quorum_retries: int = 20
+    """Times a failed quorum request is retried (a new connection each time): a lighthouse restarted
+    within them is rejoined without losing a step; after them the group exits with code 6."""
     heartbeat_interval: float = 0.1
     """Seconds between heartbeats to the lighthouse (its --heartbeat_timeout_ms declares a group dead)."""
 

@@ -15,6 +15,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -129,12 +130,12 @@ def last_step(tmp_path: Path, group: int) -> int:
     return max((r["step"] for r in records(tmp_path, group, "train")), default=0)
 
 
-def wait_both_in_quorum(tmp_path: Path, runs: list[Run], since: int = 0) -> None:
-    """Both groups in one quorum (a quorum record of size 2 after step ``since``) and training in it."""
+def wait_both_in_quorum(tmp_path: Path, runs: list[Run]) -> None:
+    """Group 0's newest quorum holds both groups, and it has trained a few steps in it."""
 
     def together():
-        q = [r for r in records(tmp_path, 0, "quorum") if r["quorum_size"] == 2 and r["step"] >= since]
-        return q and last_step(tmp_path, 0) > q[-1]["step"] + 2
+        q = records(tmp_path, 0, "quorum")
+        return q and q[-1]["quorum_size"] == 2 and last_step(tmp_path, 0) > q[-1]["step"] + 2
 
     wait_for(
         together,
@@ -219,3 +220,118 @@ def test_kill9_outside_the_allreduce_survivor_goes_on_and_restarted_group_heals_
     assert_no_restart(g0, pid0)
     assert_same_weights_after(tmp_path, [g0, g1b], heal["step"])
     assert_steps_never_go_back(tmp_path, 0)
+
+
+def _stalled_in_allreduce(tmp_path: Path, quorums_before: int, seconds: float = 2.5) -> bool:
+    """Group 0, with group 1 frozen, makes no step for ``seconds`` (more than the 1 s heartbeat timeout,
+    less than the 5 s collective timeout) and forms no quorum without group 1: it waits inside the
+    gradient all-reduce (a wait in the quorum would end after the heartbeat timeout with a new quorum)."""
+    step = last_step(tmp_path, 0)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if last_step(tmp_path, 0) != step or len(records(tmp_path, 0, "quorum")) != quorums_before:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_kill9_inside_the_allreduce_survivor_drops_the_step_and_goes_on(tmp_path, groups):
+    g0, g1 = groups(0), groups(1)
+    pid0 = g0.proc.pid
+    for _attempt in range(10):
+        wait_both_in_quorum(tmp_path, [g0, g1])
+        quorums = len(records(tmp_path, 0, "quorum"))
+        g1.proc.send_signal(signal.SIGSTOP)
+        if _stalled_in_allreduce(tmp_path, quorums):
+            break
+        g1.proc.send_signal(signal.SIGCONT)  # frozen outside the all-reduce: let it heal and try again
+    else:
+        pytest.fail("group 0 was never caught waiting inside the all-reduce")
+    stalled_at = last_step(tmp_path, 0)
+    dropped = len(records(tmp_path, 0, "step_dropped"))
+    g1.proc.kill()  # its sockets close under group 0's pending all-reduce
+    g1.proc.wait(timeout=30)
+    wait_for(
+        lambda: last_step(tmp_path, 0) >= stalled_at + 10,
+        WAIT,
+        "group 0 to train on after its peer died inside the all-reduce",
+        poll=0.05,
+        ended=lambda: g0.proc.poll() is not None,
+        context=lambda: g0.output[-4000:],
+    )
+    assert_no_restart(g0, pid0)
+    assert "Traceback" not in g0.output
+    # The broken step was voted down and redone: its number was committed once, after the failure.
+    assert len(records(tmp_path, 0, "step_dropped")) > dropped
+    assert_steps_never_go_back(tmp_path, 0)
+    assert stalled_at + 1 in [r["step"] for r in records(tmp_path, 0, "train")]
+
+
+def test_sigstop_the_other_goes_on_after_the_timeout_and_sigcont_heals(tmp_path, groups):
+    g0, g1 = groups(0), groups(1)
+    pid0, pid1 = g0.proc.pid, g1.proc.pid
+    wait_both_in_quorum(tmp_path, [g0, g1])
+    g1.proc.send_signal(signal.SIGSTOP)
+    frozen_at = last_step(tmp_path, 0)
+    wait_for(
+        lambda: (
+            last_step(tmp_path, 0) >= frozen_at + 20
+            and any(r["quorum_size"] == 1 for r in records(tmp_path, 0, "quorum"))
+        ),
+        WAIT,
+        "group 0 to go on without the frozen group",
+        poll=0.05,
+        context=lambda: g0.output[-4000:],
+    )
+    heals = len(records(tmp_path, 1, "heal"))
+    g1.proc.send_signal(signal.SIGCONT)
+    wait_for(
+        lambda: len(records(tmp_path, 1, "heal")) > heals,
+        WAIT,
+        "the thawed group to heal from its peer",
+        ended=lambda: g1.proc.poll() is not None,
+        context=lambda: g1.output[-4000:],
+    )
+    heal = records(tmp_path, 1, "heal")[-1]
+    assert heal["step"] > frozen_at + 20  # it caught up with the survivor instead of rolling it back
+    assert_no_restart(g0, pid0)
+    assert_no_restart(g1, pid1)
+    assert_same_weights_after(tmp_path, [g0, g1], heal["step"])
+    assert_steps_never_go_back(tmp_path, 0)
+
+
+def test_lighthouse_killed_and_restarted_replicas_reconnect_and_go_on(tmp_path, groups, lighthouse):
+    g0, g1 = groups(0), groups(1)
+    pid0, pid1 = g0.proc.pid, g1.proc.pid
+    wait_both_in_quorum(tmp_path, [g0, g1])
+    quorums = len(records(tmp_path, 0, "quorum"))
+    lighthouse.kill()
+    lost_at = last_step(tmp_path, 0)
+    lighthouse.start()  # same address
+    wait_for(
+        lambda: len(records(tmp_path, 0, "quorum")) > quorums and last_step(tmp_path, 0) >= lost_at + 20,
+        WAIT,
+        "both groups to form a quorum with the restarted lighthouse and train on",
+        poll=0.05,
+        ended=lambda: g0.proc.poll() is not None or g1.proc.poll() is not None,
+        context=lambda: g0.output[-3000:] + g1.output[-3000:],
+    )
+    assert records(tmp_path, 0, "quorum")[-1]["quorum_size"] == 2
+    assert_no_restart(g0, pid0)
+    assert_no_restart(g1, pid1)
+    assert_steps_never_go_back(tmp_path, 0)
+    assert_same_weights_after(tmp_path, [g0, g1], lost_at)
+
+
+def test_lighthouse_gone_for_good_exits_with_code_6_naming_it(tmp_path, groups, lighthouse):
+    g0 = groups(
+        0, "fault_tolerance.replicated.quorum_retries=1", "fault_tolerance.replicated.quorum_timeout=3"
+    )
+    wait_for(lambda: last_step(tmp_path, 0) >= 5, WAIT, "group 0 to train", poll=0.05)
+    saved = published_steps(tmp_path, 0)
+    lighthouse.kill()
+    assert g0.wait(WAIT) == 6, g0.output[-4000:]
+    out = g0.output
+    assert f"no quorum from the lighthouse {lighthouse.address}" in out
+    assert "Traceback" not in out
+    assert saved <= published_steps(tmp_path, 0)  # nothing already saved is lost

@@ -32,6 +32,7 @@ from torchft import Manager
 from imgtrain.config import Config, ConfigError
 from imgtrain.data.sampler import ShardedBatchSampler, split_evenly
 from imgtrain.distributed.process_group import DistInfo
+from imgtrain.errors import QuorumError
 from imgtrain.internals.torchft import FaultTolerantDDP, MembersGloo, WeightsOnlyHTTPTransport
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,12 @@ def _detached_copy(obj: Any) -> Any:
     return obj
 
 
+def _without_traceback(record: logging.LogRecord) -> bool:
+    """A log filter: the record's message stays, its traceback goes (a traceback means a bug here)."""
+    record.exc_info, record.exc_text = None, None
+    return True
+
+
 class Replicas:
     """The torchft side of one replica group, composed by the Trainer through narrow hooks:
     :meth:`wrap` (instead of DDP), :meth:`attach` (the sampler's share), :meth:`plan_holds` (before each
@@ -95,6 +102,7 @@ class Replicas:
     ):
         rc = cfg.fault_tolerance.replicated
         lighthouse, self.group_id = rc.resolved()
+        self.lighthouse, self.quorum_retries = lighthouse, rc.quorum_retries
         if info.world_size != 1:
             raise ConfigError(
                 "fault_tolerance.mode",
@@ -112,6 +120,9 @@ class Replicas:
         # torchft logs every quorum and every commit at INFO, in Python and in Rust: a line per step.
         for name in ("torchft", "torchft_quorums", "torchft_commits"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # ... and a peer's failure, which it handles (the step is voted down), with a full traceback.
+        for name in ("torchft.manager", "torchft.process_group", "torchft.checkpointing.http_transport"):
+            logging.getLogger(name).addFilter(_without_traceback)
         os.environ.setdefault("RUST_LOG", "warn")
         self.pg = MembersGloo(timeout=timedelta(seconds=rc.collective_timeout))
         self.manager = Manager(
@@ -125,6 +136,7 @@ class Replicas:
             timeout=timedelta(seconds=rc.timeout),
             quorum_timeout=timedelta(seconds=rc.quorum_timeout),
             connect_timeout=timedelta(seconds=rc.connect_timeout),
+            quorum_retries=rc.quorum_retries,
             rank=0,
             world_size=1,
             lighthouse_addr=lighthouse,
@@ -243,7 +255,14 @@ class Replicas:
             return
         t0 = time.perf_counter()
         self._healed_bytes = None
-        self.manager.start_quorum()
+        try:
+            self.manager.start_quorum()
+        except Exception as e:  # the Rust client's errors are plain exceptions
+            raise QuorumError(
+                f"replica group {self.group_id}: no quorum from the lighthouse {self.lighthouse} after "
+                f"{self.quorum_retries} retries ({type(e).__name__}: {e}); the last checkpoint of this group "
+                "is where its restart resumes (or heals from a live peer)"
+            ) from None
         healed = self._healed_bytes is not None
         members = self.pg.members or (self.group_id,)
         self._joined = True
