@@ -147,6 +147,18 @@ def wait_both_in_quorum(tmp_path: Path, runs: list[Run]) -> None:
     )
 
 
+def wait_for_heal(tmp_path: Path, run: Run, heals_before: int) -> dict:
+    """Group 1's next heal record (``run`` is its process): it fetched the live state from group 0."""
+    wait_for(
+        lambda: len(records(tmp_path, 1, "heal")) > heals_before,
+        WAIT,
+        "group 1 to heal from its peer",
+        ended=lambda: run.proc.poll() is not None,
+        context=lambda: run.output[-4000:],
+    )
+    return records(tmp_path, 1, "heal")[-1]
+
+
 def assert_steps_never_go_back(tmp_path: Path, group: int) -> None:
     steps = [r["step"] for r in records(tmp_path, group, "train")]
     assert steps == sorted(steps) and len(steps) == len(set(steps)), steps
@@ -208,18 +220,41 @@ def test_kill9_outside_the_allreduce_survivor_goes_on_and_restarted_group_heals_
     # Restart group 1: it resumes from its own checkpoint, is behind, heals from group 0 and trains with it.
     heals = len(records(tmp_path, 1, "heal"))  # the first process healed too, at its start
     g1b = groups(1, name="group1-restarted")
-    wait_for(
-        lambda: len(records(tmp_path, 1, "heal")) > heals,
-        WAIT,
-        "the restarted group to heal from its peer",
-        ended=lambda: g1b.proc.poll() is not None,
-        context=lambda: g1b.output[-4000:],
-    )
-    heal = records(tmp_path, 1, "heal")[-1]
+    heal = wait_for_heal(tmp_path, g1b, heals)
     assert heal["heal_bytes"] > 0 and heal["step"] > before
     assert_no_restart(g0, pid0)
     assert_same_weights_after(tmp_path, [g0, g1b], heal["step"])
     assert_steps_never_go_back(tmp_path, 0)
+    assert records(tmp_path, 0, "samples_dropped") == []  # redistribute: group 1's share was trained
+
+
+def test_drop_policy_skips_and_counts_the_missing_groups_share(tmp_path, groups):
+    drop = "fault_tolerance.replicated.missing_group_policy=drop"
+    g0, g1 = groups(0, drop), groups(1, drop)
+    wait_both_in_quorum(tmp_path, [g0, g1])
+    together_from = records(tmp_path, 0, "quorum")[-1]["step"]
+    g1.proc.kill()
+    killed_at = last_step(tmp_path, 0)
+
+    def dropped_after_kill():
+        return [r for r in records(tmp_path, 0, "samples_dropped") if r["step"] > killed_at]
+
+    wait_for(
+        lambda: len(dropped_after_kill()) >= 10,
+        WAIT,
+        "group 0 to count group 1's dropped shares",
+        poll=0.05,
+        ended=lambda: g0.proc.poll() is not None,
+        context=lambda: g0.output[-4000:],
+    )
+    everything = records(tmp_path, 0, "samples_dropped")
+    # nothing dropped while both groups trained together
+    assert not [r for r in everything if together_from < r["step"] <= killed_at - 1]
+    assert {r["samples"] for r in dropped_after_kill()} == {8}  # group 1's slice of each global batch of 16
+    assert everything[-1]["samples_dropped"] == 8 * len(everything)  # the running count
+    steps = [r["step"] for r in everything]
+    assert steps == sorted(set(steps))  # counted once per committed step
+    assert "their shares of each step are dropped" in g0.output
 
 
 def _stalled_in_allreduce(tmp_path: Path, quorums_before: int, seconds: float = 2.5) -> bool:
@@ -285,14 +320,7 @@ def test_sigstop_the_other_goes_on_after_the_timeout_and_sigcont_heals(tmp_path,
     )
     heals = len(records(tmp_path, 1, "heal"))
     g1.proc.send_signal(signal.SIGCONT)
-    wait_for(
-        lambda: len(records(tmp_path, 1, "heal")) > heals,
-        WAIT,
-        "the thawed group to heal from its peer",
-        ended=lambda: g1.proc.poll() is not None,
-        context=lambda: g1.output[-4000:],
-    )
-    heal = records(tmp_path, 1, "heal")[-1]
+    heal = wait_for_heal(tmp_path, g1, heals)
     assert heal["step"] > frozen_at + 20  # it caught up with the survivor instead of rolling it back
     assert_no_restart(g0, pid0)
     assert_no_restart(g1, pid1)
@@ -335,3 +363,46 @@ def test_lighthouse_gone_for_good_exits_with_code_6_naming_it(tmp_path, groups, 
     assert f"no quorum from the lighthouse {lighthouse.address}" in out
     assert "Traceback" not in out
     assert saved <= published_steps(tmp_path, 0)  # nothing already saved is lost
+
+
+def test_quickstart_replicated_with_kills_still_reaches_97_percent(tmp_path, lighthouse, runs):
+    """The README's quickstart as two replica groups (global batch 32 as in the recipe); group 1 is killed
+    after epoch 2 and restarted, group 0 after epoch 4 and restarted. Both end at >= 97% val top-1."""
+    out = tmp_path / "qs"
+
+    def start(group: int, name: str) -> Run:
+        cmd = [
+            sys.executable,
+            "-m",
+            "imgtrain",
+            "train",
+            f"output_dir={out}",
+            "training.batch_size=16",
+            "training.progress_bar=false",
+            "fault_tolerance.mode=replicated",
+            f"fault_tolerance.replicated.lighthouse={lighthouse.address}",
+            f"fault_tolerance.replicated.group_id={group}",
+        ]
+        return runs(cmd, out, name)
+
+    def evals(group: int) -> list[int]:
+        path = out / f"group-{group}" / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [json.loads(ln)["epoch"] for ln in lines if ln.endswith("}") and '"event": "eval"' in ln]
+
+    g = {0: start(0, "group0"), 1: start(1, "group1")}
+    for victim, after_epoch in ((1, 2), (0, 4)):
+        wait_for(
+            lambda v=victim, e=after_epoch: max(evals(v), default=0) >= e or g[v].proc.poll() is not None,
+            600,
+            f"group {victim} to finish epoch {after_epoch}",
+            poll=0.1,
+        )
+        if g[victim].proc.poll() is None:
+            g[victim].proc.kill()
+            g[victim].proc.wait(timeout=30)
+            g[victim] = start(victim, f"group{victim}-restarted")
+    for group, run in g.items():
+        assert run.wait(900) == 0, run.output[-4000:]
+        summary = json.loads((out / f"group-{group}" / "summary.json").read_text())
+        assert summary["val_top1"] >= 97.0, (group, summary)

@@ -121,3 +121,28 @@ def test_drop_skips_and_counts_the_missing_groups_share():
     assert replicas.trained_count(12, "drop", 3, (0, 2)) == 8
     # a short last batch: 11 samples split 4/4/3, group 1 missing drops 4
     assert replicas.trained_count(11, "drop", 3, (0, 2)) == 7
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", ""])
+def test_lighthouse_refuses_every_interface_unless_asked(host, capsys, monkeypatch):
+    import os
+
+    from imgtrain import cli
+
+    monkeypatch.setattr(os, "execv", lambda *a: pytest.fail(f"the lighthouse was started: {a}"))
+    assert cli.main(["lighthouse", "--host", host]) == 2
+    err = capsys.readouterr().err
+    assert "listens on every interface" in err and "--allow-wildcard-bind" in err
+
+
+def test_lighthouse_runs_torchfts_binary_on_loopback_by_default():
+    from imgtrain import cli
+    from imgtrain.distributed.rendezvous import lighthouse_command
+
+    args = cli.build_parser().parse_args(["lighthouse"])
+    cmd = lighthouse_command(
+        args.host, args.port, args.min_replicas, args.heartbeat_timeout_ms, args.join_timeout_ms
+    )
+    assert cmd[0].endswith("torchft_lighthouse")
+    assert cmd[cmd.index("--bind") + 1] == "127.0.0.1:29510"
+    assert lighthouse_command("::1", 29510, 1, 1000, 100)[2] == "[::1]:29510"
