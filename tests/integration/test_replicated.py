@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -66,7 +67,14 @@ class Lighthouse:
             stdout=self._out,
             stderr=subprocess.STDOUT,
         )
-        wait_for(lambda: "listening" in self.log.read_text(), WAIT, "the lighthouse to listen")
+        wait_for(self._accepts, WAIT, "the lighthouse to listen", poll=0.05)
+
+    def _accepts(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

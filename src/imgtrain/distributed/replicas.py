@@ -27,13 +27,19 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchft import Manager
 
 from imgtrain.config import Config, ConfigError
 from imgtrain.data.sampler import ShardedBatchSampler, split_evenly
 from imgtrain.distributed.process_group import DistInfo
 from imgtrain.errors import QuorumError
-from imgtrain.internals.torchft import FaultTolerantDDP, MembersGloo, WeightsOnlyHTTPTransport
+
+# torchft's Rust half reads RUST_LOG once, when torchft is first imported, and by default logs every
+# quorum and every commit (a line per step and group). A RUST_LOG the user sets wins.
+os.environ.setdefault("RUST_LOG", "warn")
+
+from torchft import Manager  # noqa: E402
+
+from imgtrain.internals.torchft import FaultTolerantDDP, MembersGloo, WeightsOnlyHTTPTransport  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +129,6 @@ class Replicas:
         # ... and a peer's failure, which it handles (the step is voted down), with a full traceback.
         for name in ("torchft.manager", "torchft.process_group", "torchft.checkpointing.http_transport"):
             logging.getLogger(name).addFilter(_without_traceback)
-        os.environ.setdefault("RUST_LOG", "warn")
         self.pg = MembersGloo(timeout=timedelta(seconds=rc.collective_timeout))
         self.manager = Manager(
             pg=self.pg,
