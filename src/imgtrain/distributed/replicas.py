@@ -31,7 +31,7 @@ from torch import nn
 from imgtrain.config import Config, ConfigError
 from imgtrain.data.sampler import ShardedBatchSampler, split_evenly
 from imgtrain.distributed.process_group import DistInfo
-from imgtrain.errors import QuorumError
+from imgtrain.errors import ImgtrainError, QuorumError
 
 # torchft's Rust half reads RUST_LOG once, when torchft is first imported, and by default logs every
 # quorum and every commit (a line per step and group). A RUST_LOG the user sets wins.
@@ -262,6 +262,8 @@ class Replicas:
         self._healed_bytes = None
         try:
             self.manager.start_quorum()
+        except ImgtrainError:  # a peer's state that does not fit this group (another model, other data)
+            raise
         except Exception as e:  # the Rust client's errors are plain exceptions
             raise QuorumError(
                 f"replica group {self.group_id}: no quorum from the lighthouse {self.lighthouse} after "
