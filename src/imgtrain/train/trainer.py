@@ -265,7 +265,8 @@ class Trainer:
 
     @property
     def global_batch(self) -> int:
-        return self.data.train_sampler.global_batch * self.accumulation
+        groups = 1 if self.replicas is None else self.replicas.num_groups  # replicated: all groups' shares
+        return self.cfg.training.batch_size * self.info.world_size * groups * self.accumulation
 
     @property
     def peak_lr(self) -> float:
