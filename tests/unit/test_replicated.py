@@ -146,3 +146,10 @@ def test_lighthouse_runs_torchfts_binary_on_loopback_by_default():
     assert cmd[0].endswith("torchft_lighthouse")
     assert cmd[cmd.index("--bind") + 1] == "127.0.0.1:29510"
     assert lighthouse_command("::1", 29510, 1, 1000, 100)[2] == "[::1]:29510"
+
+
+def test_a_loopback_store_address_is_replaced_by_one_peers_reach():
+    for host in ("localhost", "127.0.0.1", "::1", "[::1]"):
+        assert replicas._is_loopback(host)
+    for host in ("10.0.0.5", "node-3", "fe80::1"):
+        assert not replicas._is_loopback(host)

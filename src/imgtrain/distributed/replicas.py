@@ -18,8 +18,10 @@ docs/fault_tolerance.md ("Replicated mode") states the guarantees.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -87,6 +89,16 @@ def _detached_copy(obj: Any) -> Any:
     return obj
 
 
+def _is_loopback(host: str) -> bool:
+    """``torchrun --standalone`` gives its workers MASTER_ADDR=localhost, which no peer can reach."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _without_traceback(record: logging.LogRecord) -> bool:
     """A log filter: the record's message stays, its traceback goes (a traceback means a bug here)."""
     record.exc_info, record.exc_text = None, None
@@ -119,10 +131,18 @@ class Replicas:
         self.policy = rc.missing_group_policy
         self.num_groups = rc.num_groups
         self._state_dict, self._load_state_dict, self._emit = state_dict, load_state_dict, emit
-        store_kw: dict[str, Any] = {}
-        if "MASTER_ADDR" not in os.environ:  # not under torchrun: this group's own store, on loopback
-            self._store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-            store_kw = {"store_addr": "127.0.0.1", "store_port": self._store.port}
+        # The quorum hands this group's store address to its peers (they build the gradient process group
+        # on it): it must be one they reach. torchft advertises its own servers under the host name too.
+        host = socket.gethostname()
+        if "MASTER_ADDR" in os.environ:  # under torchrun: the agent's store (listening on every interface)
+            addr = os.environ["MASTER_ADDR"]
+            store_kw = {
+                "store_addr": host if _is_loopback(addr) else addr,
+                "store_port": int(os.environ["MASTER_PORT"]),
+            }
+        else:  # a plain process: a store of its own
+            self._store = torch.distributed.TCPStore(host, 0, is_master=True, wait_for_workers=False)
+            store_kw = {"store_addr": host, "store_port": self._store.port}
         # torchft logs every quorum and every commit at INFO, in Python and in Rust: a line per step.
         for name in ("torchft", "torchft_quorums", "torchft_commits"):
             logging.getLogger(name).setLevel(logging.WARNING)
