@@ -21,6 +21,7 @@ COMMANDS = {
     "find-batch-size": (commands.find_batch_size, True),
     "prepare": (commands.prepare, False),
     "rendezvous-store": (commands.rendezvous_store, False),
+    "lighthouse": (commands.lighthouse, False),
     "report": (commands.observe, False),
     "monitor": (commands.observe, False),
     "profile-summary": (commands.observe, False),
@@ -89,6 +90,30 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="accept 0.0.0.0 or :: (every interface): only behind a firewall that admits the job's "
         "nodes alone (docs/security.md)",
+    )
+    lh = sub.add_parser(
+        "lighthouse",
+        help="serve torchft's lighthouse, the quorum service of fault_tolerance.mode=replicated",
+    )
+    lh.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    lh.add_argument("--port", type=int, default=29510)
+    lh.add_argument("--min-replicas", type=int, default=1, help="fewest replica groups a quorum may have")
+    lh.add_argument(
+        "--heartbeat-timeout-ms",
+        type=int,
+        default=5000,
+        help="a replica group silent this long is dead: the survivors' next step waits about this long",
+    )
+    lh.add_argument(
+        "--join-timeout-ms",
+        type=int,
+        default=60000,
+        help="how long a quorum waits for heartbeating stragglers",
+    )
+    lh.add_argument(
+        "--allow-wildcard-bind",
+        action="store_true",
+        help="accept 0.0.0.0 or :: (every interface): only behind a firewall that admits the job's nodes alone",
     )
     r = sub.add_parser("report", help="write a self-contained HTML report (plots inlined) of a run directory")
     r.add_argument("run_dir", help="the run directory (output_dir) of a finished or running run")

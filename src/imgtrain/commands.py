@@ -175,6 +175,32 @@ def rendezvous_store(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     return 0
 
 
+def lighthouse(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from imgtrain.distributed.rendezvous import BindError, is_wildcard, lighthouse_command
+
+    if is_wildcard(args.host) and not args.allow_wildcard_bind:
+        print(
+            f"imgtrain: lighthouse: --host {args.host!r} listens on every interface, and whoever reaches the "
+            "lighthouse can join or stall the quorum: give one address, or --allow-wildcard-bind behind a "
+            "firewall (docs/security.md)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    try:
+        cmd = lighthouse_command(
+            args.host,
+            args.port,
+            args.min_replicas,
+            args.heartbeat_timeout_ms,
+            args.join_timeout_ms,
+        )
+    except BindError as e:
+        print(f"imgtrain: lighthouse: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"imgtrain: lighthouse on {cmd[2]}: replicas set TORCHFT_LIGHTHOUSE=http://{cmd[2]}", flush=True)
+    os.execv(cmd[0], cmd)  # the lighthouse is this process from here: signals reach it directly
+
+
 def observe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """report / monitor / profile-summary: read a run directory; no torch import, no process group."""
     run_dir = Path(args.run_dir)

@@ -473,7 +473,103 @@ class CheckpointConfig:
 
 
 @dataclass
+class ReplicatedConfig:
+    """``fault_tolerance.mode: replicated``: each replica group (one ``imgtrain launch``/torchrun, e.g. one
+    node) is a torchft replica; a lighthouse forms a quorum of the live groups every step, a dead group's
+    peers go on without it and a returning one heals from a live peer (docs/fault_tolerance.md)."""
+
+    lighthouse: str | None = None
+    """The lighthouse's address, http://host:port; null: the environment variable TORCHFT_LIGHTHOUSE."""
+    group_id: int | None = None
+    """This replica group's id, 0 .. num_groups - 1; null: the environment variable REPLICA_GROUP_ID."""
+    num_groups: int = 2
+    """Replica groups of the full job: each step's global batch is num_groups x training.batch_size
+    (x accumulation), shared between the groups present."""
+    min_replicas: int = 1
+    """Fewest replica groups that may commit a step; with fewer the step is not committed and retried."""
+    missing_group_policy: Literal["redistribute", "drop"] = "redistribute"
+    """A group missing from a step: redistribute (the present groups train its share too, the global
+    batch is kept; each present group's batch grows by num_groups / present) or drop (its share of the
+    step is skipped and counted as dropped samples)."""
+    collective_timeout: float = 10.0
+    """Seconds a gradient all-reduce waits for a peer: what catches a frozen (not dead) replica group."""
+    quorum_timeout: float = 60.0
+    """Seconds a step waits for the lighthouse to form a quorum."""
+    timeout: float = 30.0
+    """Seconds for the commit vote and for fetching a live peer's state when healing."""
+    connect_timeout: float = 10.0
+    """Seconds to connect to the lighthouse and to the group's manager."""
+    quorum_retries: int = 20
+    """Times a failed quorum request is retried (a new connection each time): a lighthouse restarted
+    within them is rejoined without losing a step; after them the group exits with code 6."""
+    heartbeat_interval: float = 0.1
+    """Seconds between heartbeats to the lighthouse (its --heartbeat_timeout_ms declares a group dead)."""
+
+    def validate(self, p: str) -> None:
+        _check(self.num_groups >= 1, f"{p}.num_groups", self.num_groups, "an integer >= 1")
+        _check(
+            1 <= self.min_replicas <= self.num_groups,
+            f"{p}.min_replicas",
+            self.min_replicas,
+            f"an integer in [1, num_groups={self.num_groups}]",
+        )
+        for key in (
+            "collective_timeout",
+            "quorum_timeout",
+            "timeout",
+            "connect_timeout",
+            "heartbeat_interval",
+        ):
+            value = getattr(self, key)
+            _check(value > 0, f"{p}.{key}", value, "seconds > 0")
+        if self.group_id is not None:
+            _check(
+                0 <= self.group_id < self.num_groups,
+                f"{p}.group_id",
+                self.group_id,
+                f"an integer in [0, num_groups={self.num_groups})",
+            )
+        if self.lighthouse is not None:
+            _check(
+                re.fullmatch(r"https?://[^/\s]+:\d+/?", self.lighthouse) is not None,
+                f"{p}.lighthouse",
+                self.lighthouse,
+                "an address http://host:port",
+            )
+
+    def resolved(self, p: str = "fault_tolerance.replicated") -> tuple[str, int]:
+        """(lighthouse address, group id), from the config or else the environment; a ConfigError names
+        the key (and the variable) when neither has a usable value."""
+        lighthouse = self.lighthouse or os.environ.get("TORCHFT_LIGHTHOUSE")
+        if not lighthouse:
+            raise ConfigError(
+                f"{p}.lighthouse", None, "an address http://host:port, or TORCHFT_LIGHTHOUSE set"
+            )
+        group = self.group_id
+        if group is None:
+            raw = os.environ.get("REPLICA_GROUP_ID")
+            if raw is None or not raw.strip().isdigit():
+                raise ConfigError(
+                    f"{p}.group_id",
+                    raw,
+                    f"an integer in [0, {self.num_groups}), or REPLICA_GROUP_ID set to one",
+                )
+            group = int(raw)
+        _check(
+            0 <= group < self.num_groups,
+            f"{p}.group_id",
+            group,
+            f"an integer in [0, num_groups={self.num_groups}) (from REPLICA_GROUP_ID if unset)",
+        )
+        return lighthouse, group
+
+
+@dataclass
 class FaultToleranceConfig:
+    mode: Literal["restart", "replicated"] = "restart"
+    """restart: a fault restarts every worker from the last checkpoint (TorchElastic); replicated: replica
+    groups under torchft, the survivors of a fault go on and a returning group heals from a live peer."""
+    replicated: ReplicatedConfig = field(default_factory=ReplicatedConfig)
     grace_period: float = 30.0
     """Seconds a SIGTERM/SIGINT leaves to finish the step, save and exit."""
     hang_timeout: float | None = 1800.0
@@ -482,6 +578,7 @@ class FaultToleranceConfig:
     """Watchdog limit for the first step (loader start-up, compilation); null: hang_timeout."""
 
     def validate(self, p: str) -> None:
+        self.replicated.validate(f"{p}.replicated")
         _check(self.grace_period > 0, f"{p}.grace_period", self.grace_period, "seconds > 0")
         _check(
             self.hang_timeout is None or self.hang_timeout > 0,
@@ -646,6 +743,37 @@ class Config:
             "distributed.static_graph",
             self.distributed.static_graph,
             "false with optimization.accumulation_steps > 1 (DDP's static graph does not support no_sync)",
+        )
+        if self.fault_tolerance.mode == "replicated":
+            self._validate_replicated()
+
+    def _validate_replicated(self) -> None:
+        """What torchft's replicated mode cannot run with, rejected before anything starts."""
+        why = "with fault_tolerance.mode=replicated"
+        _check(
+            self.distributed.compression == "none",
+            "distributed.compression",
+            self.distributed.compression,
+            f"'none' {why}: gradients are averaged by torchft's fault-tolerant all-reduce, which takes no "
+            "DDP communication hook (docs/fault_tolerance.md)",
+        )
+        _check(
+            self.optimization.mixed_precision != "fp16",
+            "optimization.mixed_precision",
+            self.optimization.mixed_precision,
+            f"'bf16' or 'none' {why}: fp16's loss scaler would have to skip a step the commit vote also skips",
+        )
+        _check(
+            not self.training.compile,
+            "training.compile",
+            self.training.compile,
+            f"false {why}: torchft's DDP wrapper is not compiled",
+        )
+        _check(
+            not self.distributed.static_graph,
+            "distributed.static_graph",
+            self.distributed.static_graph,
+            f"false {why}: torchft's DDP wrapper finds unused parameters every step",
         )
 
     def to_dict(self, redact: bool = True) -> dict[str, Any]:

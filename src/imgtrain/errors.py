@@ -17,6 +17,7 @@ EXIT_CONFIG = 2
 EXIT_DATA = 3
 EXIT_CHECKPOINT = 4
 EXIT_DIVERGED = 5
+EXIT_NO_QUORUM = 6
 EXIT_HANG = 75  # distinct, non-zero: torchrun restarts the group, the logs say why
 EXIT_SIGINT = 130  # 128 + the signal's number, as a shell reports it
 EXIT_SIGTERM = 143
@@ -40,6 +41,10 @@ EXIT_CODES: dict[int, str] = {
         "checkpoints)"
     ),
     EXIT_DIVERGED: "training diverged (loss NaN or infinite)",
+    EXIT_NO_QUORUM: (
+        "replicated mode: no quorum (the lighthouse unreachable through `fault_tolerance.replicated."
+        "quorum_retries`); the launcher restarts the group from its newest checkpoint"
+    ),
     EXIT_HANG: "hang watchdog fired (all stacks dumped; no checkpoint saved)",
     EXIT_SIGINT: "stopped by SIGINT (Ctrl-C), as for 143",
     EXIT_SIGTERM: (
@@ -96,6 +101,13 @@ class DivergenceError(ImgtrainError, RuntimeError):
 
     exit_code = EXIT_DIVERGED
     prefix = ""  # the message starts with "training diverged"
+
+
+class QuorumError(ImgtrainError, RuntimeError):
+    """Replicated mode: the lighthouse gave no quorum within its retries (it is down, or unreachable)."""
+
+    exit_code = EXIT_NO_QUORUM
+    prefix = "replicated mode"
 
 
 def exit_code_of(e: BaseException) -> int:

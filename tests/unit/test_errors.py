@@ -40,6 +40,7 @@ def test_every_expected_error_has_a_code_of_the_table():
         (errors.DataError, 3),
         (errors.CheckpointError, 4),
         (errors.DivergenceError, 5),
+        (errors.QuorumError, 6),
     ):
         assert cls.exit_code == code and code in errors.EXIT_CODES
     assert errors.exit_code_of(errors.DataError("x")) == 3

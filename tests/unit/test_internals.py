@@ -138,3 +138,53 @@ def test_shared_bytes_are_shared_memory_of_that_size():
     assert flat.is_shared(), _changed(shared_memory, "the storage is not in shared memory")
     flat[8:16].view(torch.long)[0] = 7  # the 8-byte views a batch takes of it
     assert flat[8:16].view(torch.long).item() == 7
+
+
+def test_torchft_hook_survives_a_peer_dying_inside_the_allreduce():
+    """torchft 0.2.0's own hook asserts on a future that a failed all-reduce never sets (the survivor
+    died with the dead peer); ours completes the bucket and leaves the discarding to the commit vote."""
+    torchft_internals = pytest.importorskip("imgtrain.internals.torchft", reason="torchft not installed")
+    import torchft.ddp
+
+    # The override replaces torchft's hook only while torchft registers it under this name.
+    assert (
+        _canary(torchft_internals, lambda: vars(torchft.ddp.DistributedDataParallel)["_comm_hook"])
+        is not None
+    )
+    assert "self._comm_hook" in __import__("inspect").getsource(torchft.ddp.DistributedDataParallel.__init__)
+
+    import weakref
+
+    from torchft.manager import _ManagedFuture
+
+    class FailedWork:  # what Manager.allreduce hands back after the peer's socket closed mid all-reduce
+        def wait(self):
+            return False
+
+        def get_future(self):  # its future was never set up: torchft's hook asserts on fut._fut
+            return _ManagedFuture(weakref.ref(self))
+
+    class Manager:
+        def allreduce(self, tensor):
+            return FailedWork()
+
+    model = torch.nn.Linear(3, 2)
+    ddp = torchft_internals.FaultTolerantDDP(Manager(), model)
+    ddp(torch.ones(4, 3)).sum().backward()  # torchft's own hook: AssertionError out of backward()
+    assert model.weight.grad is not None
+
+
+def test_torchft_private_symbols_the_adapter_reads():
+    torchft_internals = pytest.importorskip("imgtrain.internals.torchft", reason="torchft not installed")
+    import weakref
+
+    from torchft import manager
+
+    holder = type("Holder", (), {})()
+    assert hasattr(_canary(torchft_internals, lambda: manager._ManagedFuture(weakref.ref(holder))), "_fut")
+    # MembersGloo reads replica group ids from the quorum's global ranks: replica id "imgtrain_g<id>".
+    assert _canary(torchft_internals, lambda: manager.extract_trailing_digits("imgtrain_g12")) == 12
+    http = __import__("torchft.checkpointing.http_transport", fromlist=["HTTPTransport"])
+    assert isinstance(
+        _canary(torchft_internals, lambda: vars(http.HTTPTransport)["_load_from_address"]), classmethod
+    )

@@ -182,3 +182,49 @@ def test_metrics_off_builds_nothing(tmp_path, image_folder):
         assert not any(p._post_accumulate_grad_hooks for p in trainer.model_without_ddp.parameters())
     finally:
         trainer.close()
+
+
+def test_replicated_mode_exports_quorum_heals_and_dropped_work_per_replica_group(tmp_path):
+    base = free_port_pair()
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            "monitoring.prometheus.enabled=true",
+            f"monitoring.prometheus.port={base}",
+            "monitoring.prometheus.linger_s=0",
+            "fault_tolerance.mode=replicated",
+            "fault_tolerance.replicated.lighthouse=http://127.0.0.1:29510",
+            "fault_tolerance.replicated.group_id=1",
+        ],
+    )
+    m = PrometheusMetrics(cfg, _info(), nn.Linear(4, 2), steps_per_epoch=10)
+    try:
+        # the records distributed/replicas.py writes to metrics.jsonl
+        m.log({"event": "quorum", "step": 3, "quorum_id": 7, "quorum_size": 2, "members": [0, 1]})
+        m.log({"event": "heal", "step": 3, "heal_seconds": 0.25, "heal_bytes": 1000})
+        m.log({"event": "heal", "step": 9, "heal_seconds": 0.5, "heal_bytes": 24})
+        m.log({"event": "step_dropped", "step": 12})
+        m.log({"event": "samples_dropped", "step": 13, "samples": 8})
+        m.log({"event": "samples_dropped", "step": 14, "samples": 8})
+        got = _scrape(m.port)
+
+        def value(family: str, sample: str | None = None) -> float:
+            (s,) = [s for s in got[family] if s.name == (sample or family)]
+            assert s.labels["replica_group"] == "1" and s.labels["rank"] == "5"
+            return s.value
+
+        assert value("imgtrain_quorum_size") == 2
+        assert value("imgtrain_quorum_id") == 7
+        assert value("imgtrain_heals", "imgtrain_heals_total") == 2
+        assert value("imgtrain_heal_seconds") == 0.5
+        assert value("imgtrain_heal_bytes", "imgtrain_heal_bytes_total") == 1024
+        assert value("imgtrain_steps_dropped", "imgtrain_steps_dropped_total") == 1
+        assert value("imgtrain_samples_dropped", "imgtrain_samples_dropped_total") == 16
+    finally:
+        m.close()
+
+
+def test_restart_mode_exports_no_replica_metrics(exporter):
+    m, _ = exporter
+    assert not any(name.startswith("imgtrain_quorum") for name in _scrape(m.port))

@@ -14,6 +14,7 @@ number of steps (DDP needs that) without any sample counting twice.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,9 @@ class ShardedBatchSampler:
         self.seed = seed
         self.shuffle = shuffle
         self.state = SamplerState()
+        self.share: Callable[[list[int]], list[int]] | None = None
+        """Picks this process's samples of a global micro-batch instead of the rank's slice: set by
+        replicated mode, where the share depends on which replica groups are present (distributed.replicas)."""
 
     @property
     def global_batch(self) -> int:
@@ -82,7 +86,9 @@ class ShardedBatchSampler:
         """This rank's micro-batches with the real (non-padding) size of each global micro-batch."""
         out = []
         for gbatch in self.global_batches():
-            if len(gbatch) == self.global_batch:
+            if self.share is not None:
+                mine = self.share(gbatch)
+            elif len(gbatch) == self.global_batch:
                 mine = gbatch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
             else:
                 mine = split_evenly(gbatch, self.world_size)[self.rank]

@@ -18,8 +18,10 @@ import datetime
 import ipaddress
 import logging
 import os
+import shutil
 import signal
 import socket
+import sys
 import threading
 
 log = logging.getLogger(__name__)
@@ -95,3 +97,30 @@ def serve_store(host: str, port: int, stop: threading.Event | None = None) -> No
     print(f"imgtrain: rendezvous store listening on {bound}:{bound_port}", flush=True)
     stop.wait()
     del store
+
+
+def lighthouse_command(
+    host: str, port: int, min_replicas: int, heartbeat_timeout_ms: int, join_timeout_ms: int
+) -> list[str]:
+    """The command line of torchft's lighthouse (the quorum service of replicated mode) on host:port.
+
+    The Rust binary ships in torchft's wheel and starts in milliseconds (importing torch for the Python
+    wrapper takes seconds): a restarted lighthouse is back before the replicas' heartbeats give up."""
+    exe = shutil.which(
+        "torchft_lighthouse",
+        path=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
+    )
+    if exe is None:
+        raise BindError("torchft_lighthouse is not installed: pip install 'imgtrain[ft]' (torchft)")
+    bind = f"[{host.strip('[]')}]:{port}" if ":" in host.strip("[]") else f"{host}:{port}"
+    return [
+        exe,
+        "--bind",
+        bind,
+        "--min_replicas",
+        str(min_replicas),
+        "--heartbeat_timeout_ms",
+        str(heartbeat_timeout_ms),
+        "--join_timeout_ms",
+        str(join_timeout_ms),
+    ]

@@ -140,6 +140,7 @@ class PrometheusMetrics(MetricsSink):
         self.straggler_rank = g("straggler_rank", "Rank named as straggler, or -1 when there is none")
         self.straggler_rank.set(-1)
         self.registry.register(SystemCollector(self.labels, info.device))
+        self.replicas = _ReplicaMetrics(self) if cfg.fault_tolerance.mode == "replicated" else None
         self._serve()
 
     # ---------------------------------------------------------------- construction helpers
@@ -148,8 +149,9 @@ class PrometheusMetrics(MetricsSink):
         gauge = Gauge(f"imgtrain_{name}", doc, [*LABELS, *extra], registry=self.registry)
         return gauge.labels(**self.labels, **extra)
 
-    def _counter(self, name: str, doc: str):
-        return Counter(f"imgtrain_{name}", doc, LABELS, registry=self.registry).labels(**self.labels)
+    def _counter(self, name: str, doc: str, **extra: str):
+        counter = Counter(f"imgtrain_{name}", doc, [*LABELS, *extra], registry=self.registry)
+        return counter.labels(**self.labels, **extra)
 
     def _serve(self) -> None:
         port = self.pc.port + self.info.local_rank if self.pc.port else 0
@@ -237,6 +239,8 @@ class PrometheusMetrics(MetricsSink):
             self.ckpt_count.inc()
             self._last_checkpoint = time.time()
             self._push_phases()
+        elif self.replicas is not None and event in _ReplicaMetrics.EVENTS:
+            self.replicas.log(record)
         elif event == "start":
             self.world_size.set(record["world_size"])
             self.restarts.set(record.get("restarts", 0))
@@ -261,3 +265,53 @@ class PrometheusMetrics(MetricsSink):
             time.sleep(self.pc.linger_s)
         self.server.shutdown()
         self.server.server_close()
+
+
+class _ReplicaMetrics:
+    """Replicated mode (distributed/replicas.py): the quorum, heals and dropped work of this replica group,
+    labelled ``replica_group``, from the records the group writes to metrics.jsonl."""
+
+    EVENTS = ("quorum", "heal", "step_dropped", "samples_dropped")
+
+    def __init__(self, m: PrometheusMetrics):
+        group = str(m.cfg.fault_tolerance.replicated.resolved()[1])
+        g, c = m._gauge, m._counter
+        self.quorum_size = g(
+            "quorum_size", "Replica groups in this group's current quorum", replica_group=group
+        )
+        self.quorum_id = g(
+            "quorum_id", "Id of this group's current quorum (changes with membership)", replica_group=group
+        )
+        self.heals = c("heals", "Times this group healed from a live peer", replica_group=group)
+        self.heal_seconds = g(
+            "heal_seconds",
+            "Duration of this group's last heal (quorum and state transfer)",
+            replica_group=group,
+        )
+        self.heal_bytes = c(
+            "heal_bytes", "Bytes of state this group received when healing", replica_group=group
+        )
+        self.steps_dropped = c(
+            "steps_dropped",
+            "Steps this group computed but did not commit (a peer failed inside them): redone",
+            replica_group=group,
+        )
+        self.samples_dropped = c(
+            "samples_dropped",
+            "Samples of missing groups skipped under missing_group_policy=drop",
+            replica_group=group,
+        )
+
+    def log(self, record: dict[str, Any]) -> None:
+        event = record["event"]
+        if event == "quorum":
+            self.quorum_size.set(record["quorum_size"])
+            self.quorum_id.set(record["quorum_id"])
+        elif event == "heal":
+            self.heals.inc()
+            self.heal_seconds.set(record["heal_seconds"])
+            self.heal_bytes.inc(record["heal_bytes"])
+        elif event == "step_dropped":
+            self.steps_dropped.inc()
+        else:
+            self.samples_dropped.inc(record["samples"])

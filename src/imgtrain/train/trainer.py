@@ -56,6 +56,9 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
+        if cfg.fault_tolerance.mode == "replicated":  # each replica group writes its own run files
+            self.output_dir = self.output_dir / f"group-{cfg.fault_tolerance.replicated.resolved()[1]}"
+        self.replicas = None  # replicated mode: distributed.replicas.Replicas
         self.progress = Progress()
         # Components, built by setup() (or, for the batch-size finder's probes, by setup_step()); None
         # until then, so that report_failure() and close() work whenever setup() stopped.
@@ -155,7 +158,15 @@ class Trainer:
         self._maybe_resume()
         self.timeline["checkpoint_loaded"] = time.time()
         # DDP broadcasts rank 0's parameters at construction: build it after loading the checkpoint.
-        self.model = D.wrap_ddp(self.model_without_ddp, info, cfg.distributed)
+        if cfg.fault_tolerance.mode == "replicated":
+            from imgtrain.distributed.replicas import Replicas
+
+            self.replicas = Replicas(cfg, info, self.state_dict, self._load_peer_state, self._emit)
+            self.replicas.attach(self.data.train_sampler)
+            self.replicas.resume_at(self.progress.step)
+            self.model = self.replicas.wrap(self.model_without_ddp)
+        else:
+            self.model = D.wrap_ddp(self.model_without_ddp, info, cfg.distributed)
         self._setup_compression()
         if cfg.training.compile:
             # Compiling the DDP module lets DDP's optimizer split graphs at bucket boundaries (overlap kept).
@@ -292,7 +303,8 @@ class Trainer:
 
     @property
     def global_batch(self) -> int:
-        return self.cfg.training.batch_size * self.info.world_size * self.accumulation
+        groups = 1 if self.replicas is None else self.replicas.num_groups  # replicated: all groups' shares
+        return self.cfg.training.batch_size * self.info.world_size * groups * self.accumulation
 
     @property
     def peak_lr(self) -> float:
@@ -473,6 +485,10 @@ class Trainer:
                 self.info.world_size,
             )
 
+    def _load_peer_state(self, sd: dict[str, Any]) -> None:
+        """Replicated mode: a live peer's state, fetched by torchft when this group heals."""
+        self.load_state_dict(sd, "a live replica group")
+
     def _maybe_resume(self) -> None:
         mode = self.cfg.checkpoint.resume
         if mode == "never":
@@ -585,6 +601,8 @@ class Trainer:
             D.set_collective_timeout(self.info, cfg.distributed.init_timeout)
             while self.progress.epoch < cfg.training.epochs:
                 finished = self.train_epoch()
+                if finished is None:  # replicated: healed, or a step is redone; go on from the position held
+                    continue
                 if not finished:
                     stopped_early = True
                     if not self.preemption.requested:  # max_steps: still say how good the model is
@@ -629,8 +647,11 @@ class Trainer:
             )
         return summary
 
-    def train_epoch(self) -> bool:
-        """Runs the rest of the current epoch. Returns False if stopped early (preemption, max_steps)."""
+    def train_epoch(self) -> bool | None:
+        """Runs the rest of the current epoch. Returns False if stopped early (preemption, max_steps), None
+        when the batches planned are void (replicated mode: a heal, a step to redo, other replicas)."""
+        if self.replicas is not None:
+            self.replicas.start_plan()
         self.data.train_sampler.state.epoch = self.progress.epoch
         it = device_batches(self.data.train_loader, self.info.device, self.data.train_batch_transform)
         try:
@@ -640,7 +661,7 @@ class Trainer:
             if close is not None:  # a background prefetcher must stop before the loader is reused
                 close()
 
-    def _train_epoch(self, it) -> bool:
+    def _train_epoch(self, it) -> bool | None:
         cfg = self.cfg
         sampler = self.data.train_sampler
         n = len(self.data.train_set)
@@ -655,12 +676,20 @@ class Trainer:
         epoch_t0 = time.perf_counter()
         micro = 0
         while micro < len(sizes):
+            if self.replicas is not None and not self.replicas.plan_holds():
+                return None
             group = sizes[micro : micro + self.accumulation]
             lr = self._scheduled_lr()
             t0 = time.perf_counter()
             batches = [next(it) for _ in group]
             t_data = time.perf_counter() - t0
-            stats = self.train_step(batches, group, lr)
+            stats = self.train_step(
+                batches, group if self.replicas is None else self.replicas.trained_sizes(group), lr
+            )
+            if self.replicas is not None:
+                if not self.replicas.committed:
+                    return None
+                self.replicas.count_dropped(group)
             micro += len(group)
             sampler.state.consumed += sum(group)
             self._end_step(stats, lr, t_data, time.perf_counter() - t0, sum(group))
@@ -767,7 +796,9 @@ class Trainer:
         timer = self.metrics.timer if self.metrics is not None else None
         if timer is not None:
             timer.begin()
-        loss_scale = info.world_size / float(sum(global_sizes))
+        # Replicated mode: torchft averages over the replica groups in this step's quorum.
+        averaged_over = info.world_size if self.replicas is None else self.replicas.participants
+        loss_scale = averaged_over / float(sum(global_sizes))
         # Running sums stay on the device: reading them here would wait for the GPU every step.
         sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss, correct, count, bad files
         for i, (images, labels, weights, bad_paths) in enumerate(batches):
@@ -778,12 +809,14 @@ class Trainer:
             weights = weights.to(info.device, non_blocking=True)
             # DDP all-reduces the gradients only in the last micro-batch's backward.
             last = i == len(batches) - 1
-            sync = contextlib.nullcontext() if last or not info.enabled else self.model.no_sync()
+            syncs = info.enabled or self.replicas is not None
+            sync = contextlib.nullcontext() if last or not syncs else self.model.no_sync()
             with sync:
                 sums[:3] += self.forward_backward_step(images, labels, weights, loss_scale)
         if timer is not None:
             timer.backward_done()
-        self.optimizer_step(lr)
+        if self.replicas is None or self.replicas.should_commit():  # replicated: no peer failed this step
+            self.optimizer_step(lr)
         self.optimizer.zero_grad(set_to_none=True)
         if timer is not None:
             timer.end()
@@ -1002,6 +1035,8 @@ class Trainer:
 
     def close(self) -> None:
         self.preemption.uninstall()
+        if self.replicas is not None:
+            self.replicas.close()
         if self.checkpointer is not None:
             self.checkpointer.close()
         if self.metrics_processor is not None:

@@ -1,0 +1,79 @@
+"""torchft 0.2.0 internals imgtrain's replicated mode depends on, each behind one small override.
+
+The DDP wrapper's gradient hook:
+
+torchft's ``DistributedDataParallel._comm_hook`` waits on the fault-tolerant all-reduce and then asserts
+that the work's future (private ``_ManagedFuture._fut``) exists. When a peer dies *during* the all-reduce,
+``work.wait()`` reports the error to the Manager and returns False before that future is ever set, so the
+assertion escapes ``backward()`` and kills the survivor as well (3 of 3 tries, ../shared/notes/torchft.md).
+The Manager has already recorded the error, so its commit vote will discard the step; all the hook has to
+do is return a completed future. torchft's nightly has the same fix.
+
+Also here: the quorum's members (for the drop policy) and a weights-only checkpoint transport. This module
+is the one place that touches torchft's private symbols; tests/unit/test_internals.py names each one
+when an upgrade changes it.
+"""
+
+# No `from __future__ import annotations`: DDP's register_comm_hook checks the hook's evaluated annotations.
+import urllib.request
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torchft import DistributedDataParallel, ProcessGroupGloo
+from torchft.checkpointing._serialization import _streaming_load
+from torchft.checkpointing.http_transport import HTTPTransport
+
+PRIVATE_SYMBOL = (
+    "torchft.ddp.DistributedDataParallel._comm_hook, torchft.manager._ManagedFuture._fut, "
+    "torchft.manager.extract_trailing_digits (global_ranks of ProcessGroup.configure), "
+    "torchft.checkpointing.http_transport.HTTPTransport._load_from_address, "
+    "torchft.checkpointing._serialization._streaming_load"
+)
+
+
+class FaultTolerantDDP(DistributedDataParallel):
+    """torchft's DDP (gradients all-reduced over the live replica groups through the Manager) whose
+    hook survives a peer dying inside the all-reduce."""
+
+    @staticmethod
+    def _comm_hook(state, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        work = state.allreduce(bucket.buffer())
+        if not work.wait():  # a peer died: the Manager holds the error and should_commit() says no
+            done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+            done.set_result(bucket.buffer())
+            return done
+        fut = work.get_future()
+        # The Manager's future wraps torch's; DDP's reducer needs torch's own (else backward hangs).
+        # After an earlier error in the step the Manager hands out a plain completed future instead.
+        return fut._fut if hasattr(fut, "_fut") else fut
+
+
+class MembersGloo(ProcessGroupGloo):
+    """torchft's reconfigurable Gloo group that also keeps the members and id of the current quorum.
+
+    The Manager passes them as ``global_ranks`` (each replica id's trailing digits x the group's world
+    size + rank; imgtrain names replica ``g`` ``imgtrain_g<g>`` with one process per group, so they are
+    the replica group ids): the ``drop`` policy needs to know whose share of a step is missing."""
+
+    members: tuple[int, ...] = ()
+    quorum_id: int = -1
+
+    def configure(self, store_addr, replica_id, rank, world_size, quorum_id=None, group_rank=None,
+                  group_world_size=None, global_ranks=None) -> None:  # fmt: skip
+        self.members = tuple(sorted(global_ranks)) if global_ranks is not None else ()
+        self.quorum_id = -1 if quorum_id is None else quorum_id
+        super().configure(
+            store_addr, replica_id, rank, world_size, quorum_id, group_rank, group_world_size, global_ranks
+        )
+
+
+class WeightsOnlyHTTPTransport(HTTPTransport):
+    """torchft's HTTP checkpoint transport (a recovering replica fetches a live peer's state) that loads
+    what it receives with ``weights_only=True``: imgtrain's state is tensors and plain data, and a peer's
+    bytes are never unpickled (torchft 0.2.0 loads with weights_only=False)."""
+
+    @classmethod
+    def _load_from_address(cls, address: str, timeout: timedelta) -> object:
+        with urllib.request.urlopen(address, timeout=timeout.total_seconds()) as f:
+            return _streaming_load(f, weights_only=True)

@@ -1,0 +1,416 @@
+"""Replicated mode (torchft) with real processes on loopback: two replica groups and a lighthouse.
+
+Each group is one `imgtrain train` process (fault_tolerance.mode=replicated, its own group id); the
+lighthouse runs with a 1 s heartbeat timeout. Faults are real signals. What a user sees is checked: the
+survivor's process never restarts and its step never goes back; the returning group heals from the
+survivor (a "heal" record) and from then on holds the same weights bit for bit; a step that a fault broke
+is dropped (a "step_dropped" record) and redone, never half-applied.
+
+The tests wait on events (records in each group's metrics.jsonl); timeouts are generous bounds only.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from imgtrain.checkpoint import MANIFEST, STATE_FILE
+
+from conftest import TINY, Run, free_port, make_image_folder, wait_for
+
+pytest.importorskip("torchft", reason="replicated mode needs torchft (the ft extra)")
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+WAIT = 240  # generous upper bound for anything to happen on a loaded 2-core machine
+HEARTBEAT_MS = 1000
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    # 4 classes x 40 images: 10 steps per epoch at a global batch of 16 (2 groups x 8)
+    return make_image_folder(tmp_path_factory.mktemp("replicated") / "data", classes=4, train_per_class=40)
+
+
+class Lighthouse:
+    def __init__(self, port: int, log: Path):
+        self.port, self.log = port, log
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self._out = open(self.log, "a")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "imgtrain",
+                "lighthouse",
+                "--port",
+                str(self.port),
+                "--heartbeat-timeout-ms",
+                str(HEARTBEAT_MS),
+                "--join-timeout-ms",
+                "2000",
+            ],
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(self._accepts, WAIT, "the lighthouse to listen", poll=0.05)
+
+    def _accepts(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self._out.close()
+
+
+@pytest.fixture
+def lighthouse(tmp_path):
+    lh = Lighthouse(free_port(), tmp_path / "lighthouse.log")
+    lh.start()
+    yield lh
+    lh.kill()
+
+
+@pytest.fixture
+def groups(tmp_path, data_dir, lighthouse):
+    """``groups(g, *extra)`` starts replica group g (an `imgtrain train` process); all are killed at the end."""
+    started: list[Run] = []
+
+    def start(group: int, *extra: str, name: str | None = None) -> Run:
+        cmd = [
+            sys.executable,
+            "-m",
+            "imgtrain",
+            "train",
+            *TINY,
+            f"data.root={data_dir}",
+            f"output_dir={tmp_path / 'run'}",
+            "training.epochs=100000",  # the tests stop them once they have seen what they need
+            "fault_tolerance.mode=replicated",
+            f"fault_tolerance.replicated.lighthouse={lighthouse.address}",
+            f"fault_tolerance.replicated.group_id={group}",
+            "fault_tolerance.replicated.collective_timeout=5",
+            "fault_tolerance.replicated.timeout=20",
+            "checkpoint.save_at_epoch_end=false",
+            "checkpoint.save_every_steps=10",
+            "checkpoint.keep_last_n=6",
+            *extra,
+        ]
+        run = Run(cmd, tmp_path / "run", name or f"group{group}")
+        started.append(run)
+        return run
+
+    yield start
+    for r in started:
+        r.cleanup()
+
+
+def records(tmp_path: Path, group: int, event: str | None = None) -> list[dict]:
+    path = tmp_path / "run" / f"group-{group}" / "metrics.jsonl"
+    if not path.exists():
+        return []
+    lines = [ln for ln in path.read_text().splitlines() if ln.endswith("}")]
+    out = [json.loads(ln) for ln in lines]
+    return [r for r in out if event is None or r.get("event") == event]
+
+
+def last_step(tmp_path: Path, group: int) -> int:
+    return max((r["step"] for r in records(tmp_path, group, "train")), default=0)
+
+
+def wait_both_in_quorum(tmp_path: Path, runs: list[Run]) -> None:
+    """Group 0's newest quorum holds both groups, and it has trained a few steps in it."""
+
+    def together():
+        q = records(tmp_path, 0, "quorum")
+        return q and q[-1]["quorum_size"] == 2 and last_step(tmp_path, 0) > q[-1]["step"] + 2
+
+    wait_for(
+        together,
+        WAIT,
+        "both replica groups to train in one quorum",
+        poll=0.05,
+        ended=lambda: any(r.proc.poll() is not None for r in runs),
+        context=lambda: "\n".join(r.output[-3000:] for r in runs),
+    )
+
+
+def wait_for_heal(tmp_path: Path, run: Run, heals_before: int) -> dict:
+    """Group 1's next heal record (``run`` is its process): it fetched the live state from group 0."""
+    wait_for(
+        lambda: len(records(tmp_path, 1, "heal")) > heals_before,
+        WAIT,
+        "group 1 to heal from its peer",
+        ended=lambda: run.proc.poll() is not None,
+        context=lambda: run.output[-4000:],
+    )
+    return records(tmp_path, 1, "heal")[-1]
+
+
+def assert_steps_never_go_back(tmp_path: Path, group: int) -> None:
+    steps = [r["step"] for r in records(tmp_path, group, "train")]
+    assert steps == sorted(steps) and len(steps) == len(set(steps)), steps
+
+
+def assert_no_restart(run: Run, pid: int) -> None:
+    assert run.proc.pid == pid and run.proc.poll() is None, run.output[-3000:]
+    assert run.output.count("imgtrain: world size") == 1  # set up once: the process never started over
+
+
+def published_steps(tmp_path: Path, group: int) -> set[int]:
+    d = tmp_path / "run" / f"group-{group}" / "checkpoints"
+    return {int(p.name[5:]) for p in d.glob("step_*") if (p / MANIFEST).exists()} if d.exists() else set()
+
+
+def checkpoint_weights(tmp_path: Path, group: int, step: int) -> dict:
+    path = tmp_path / "run" / f"group-{group}" / "checkpoints" / f"step_{step:09d}"
+    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)["model"]
+
+
+def assert_same_weights_after(tmp_path: Path, runs: list[Run], step: int) -> None:
+    """Both groups publish a checkpoint of the same step after ``step``; stop them; the weights of every
+    such step are equal, bit for bit (the groups are stopped first: retention prunes as they save)."""
+
+    def common():
+        return {s for s in published_steps(tmp_path, 0) & published_steps(tmp_path, 1) if s > step}
+
+    wait_for(common, WAIT, f"both groups to save a checkpoint after step {step}", poll=0.05)
+    for r in runs:
+        r.proc.kill()
+        r.proc.wait(timeout=30)
+    steps = sorted(common())
+    assert steps
+    for s in steps:
+        a, b = checkpoint_weights(tmp_path, 0, s), checkpoint_weights(tmp_path, 1, s)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"step {s}: {k} differs between the groups"
+
+
+def test_kill9_outside_the_allreduce_survivor_goes_on_and_restarted_group_heals_bit_exact(tmp_path, groups):
+    g0, g1 = groups(0), groups(1)
+    pid0 = g0.proc.pid
+    wait_both_in_quorum(tmp_path, [g0, g1])
+    # Freeze group 1, and kill it only once group 0 has formed a quorum without it: group 1 is then
+    # certainly not inside an all-reduce with group 0 (that case is the next test).
+    g1.proc.send_signal(signal.SIGSTOP)
+    wait_for(
+        lambda: any(r["quorum_size"] == 1 for r in records(tmp_path, 0, "quorum")),
+        WAIT,
+        "group 0 to go on without group 1",
+        poll=0.05,
+    )
+    g1.proc.kill()
+    g1.proc.wait(timeout=30)
+    before = last_step(tmp_path, 0)
+    wait_for(lambda: last_step(tmp_path, 0) >= before + 20, WAIT, "group 0 to train on alone", poll=0.05)
+    assert_no_restart(g0, pid0)
+    # Restart group 1: it resumes from its own checkpoint, is behind, heals from group 0 and trains with it.
+    heals = len(records(tmp_path, 1, "heal"))  # the first process healed too, at its start
+    g1b = groups(1, name="group1-restarted")
+    heal = wait_for_heal(tmp_path, g1b, heals)
+    assert heal["heal_bytes"] > 0 and heal["step"] > before
+    assert_no_restart(g0, pid0)
+    assert_same_weights_after(tmp_path, [g0, g1b], heal["step"])
+    assert_steps_never_go_back(tmp_path, 0)
+    assert records(tmp_path, 0, "samples_dropped") == []  # redistribute: group 1's share was trained
+
+
+def test_drop_policy_skips_and_counts_the_missing_groups_share(tmp_path, groups):
+    drop = "fault_tolerance.replicated.missing_group_policy=drop"
+    g0, g1 = groups(0, drop), groups(1, drop)
+    wait_both_in_quorum(tmp_path, [g0, g1])
+    together_from = records(tmp_path, 0, "quorum")[-1]["step"]
+    g1.proc.kill()
+    killed_at = last_step(tmp_path, 0)
+
+    def dropped_after_kill():
+        return [r for r in records(tmp_path, 0, "samples_dropped") if r["step"] > killed_at]
+
+    wait_for(
+        lambda: len(dropped_after_kill()) >= 10,
+        WAIT,
+        "group 0 to count group 1's dropped shares",
+        poll=0.05,
+        ended=lambda: g0.proc.poll() is not None,
+        context=lambda: g0.output[-4000:],
+    )
+    everything = records(tmp_path, 0, "samples_dropped")
+    # nothing dropped while both groups trained together
+    assert not [r for r in everything if together_from < r["step"] <= killed_at - 1]
+    assert {r["samples"] for r in dropped_after_kill()} == {8}  # group 1's slice of each global batch of 16
+    assert everything[-1]["samples_dropped"] == 8 * len(everything)  # the running count
+    steps = [r["step"] for r in everything]
+    assert steps == sorted(set(steps))  # counted once per committed step
+    assert "their shares of each step are dropped" in g0.output
+
+
+def _stalled_in_allreduce(tmp_path: Path, quorums_before: int, seconds: float = 2.5) -> bool:
+    """Group 0, with group 1 frozen, makes no step for ``seconds`` (more than the 1 s heartbeat timeout,
+    less than the 5 s collective timeout) and forms no quorum without group 1: it waits inside the
+    gradient all-reduce (a wait in the quorum would end after the heartbeat timeout with a new quorum)."""
+    step = last_step(tmp_path, 0)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if last_step(tmp_path, 0) != step or len(records(tmp_path, 0, "quorum")) != quorums_before:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_kill9_inside_the_allreduce_survivor_drops_the_step_and_goes_on(tmp_path, groups):
+    g0, g1 = groups(0), groups(1)
+    pid0 = g0.proc.pid
+    for _attempt in range(10):
+        wait_both_in_quorum(tmp_path, [g0, g1])
+        quorums = len(records(tmp_path, 0, "quorum"))
+        g1.proc.send_signal(signal.SIGSTOP)
+        if _stalled_in_allreduce(tmp_path, quorums):
+            break
+        g1.proc.send_signal(signal.SIGCONT)  # frozen outside the all-reduce: let it heal and try again
+    else:
+        pytest.fail("group 0 was never caught waiting inside the all-reduce")
+    stalled_at = last_step(tmp_path, 0)
+    dropped = len(records(tmp_path, 0, "step_dropped"))
+    g1.proc.kill()  # its sockets close under group 0's pending all-reduce
+    g1.proc.wait(timeout=30)
+    wait_for(
+        lambda: last_step(tmp_path, 0) >= stalled_at + 10,
+        WAIT,
+        "group 0 to train on after its peer died inside the all-reduce",
+        poll=0.05,
+        ended=lambda: g0.proc.poll() is not None,
+        context=lambda: g0.output[-4000:],
+    )
+    assert_no_restart(g0, pid0)
+    assert "Traceback" not in g0.output
+    # The broken step was voted down and redone: its number was committed once, after the failure.
+    assert len(records(tmp_path, 0, "step_dropped")) > dropped
+    assert_steps_never_go_back(tmp_path, 0)
+    assert stalled_at + 1 in [r["step"] for r in records(tmp_path, 0, "train")]
+
+
+def test_sigstop_the_other_goes_on_after_the_timeout_and_sigcont_heals(tmp_path, groups):
+    g0, g1 = groups(0), groups(1)
+    pid0, pid1 = g0.proc.pid, g1.proc.pid
+    wait_both_in_quorum(tmp_path, [g0, g1])
+    g1.proc.send_signal(signal.SIGSTOP)
+    frozen_at = last_step(tmp_path, 0)
+    wait_for(
+        lambda: (
+            last_step(tmp_path, 0) >= frozen_at + 20
+            and any(r["quorum_size"] == 1 for r in records(tmp_path, 0, "quorum"))
+        ),
+        WAIT,
+        "group 0 to go on without the frozen group",
+        poll=0.05,
+        context=lambda: g0.output[-4000:],
+    )
+    heals = len(records(tmp_path, 1, "heal"))
+    g1.proc.send_signal(signal.SIGCONT)
+    heal = wait_for_heal(tmp_path, g1, heals)
+    assert heal["step"] > frozen_at + 20  # it caught up with the survivor instead of rolling it back
+    assert_no_restart(g0, pid0)
+    assert_no_restart(g1, pid1)
+    assert_same_weights_after(tmp_path, [g0, g1], heal["step"])
+    assert_steps_never_go_back(tmp_path, 0)
+
+
+def test_lighthouse_killed_and_restarted_replicas_reconnect_and_go_on(tmp_path, groups, lighthouse):
+    g0, g1 = groups(0), groups(1)
+    pid0, pid1 = g0.proc.pid, g1.proc.pid
+    wait_both_in_quorum(tmp_path, [g0, g1])
+    quorums = len(records(tmp_path, 0, "quorum"))
+    lighthouse.kill()
+    lost_at = last_step(tmp_path, 0)
+    lighthouse.start()  # same address
+    wait_for(
+        lambda: len(records(tmp_path, 0, "quorum")) > quorums and last_step(tmp_path, 0) >= lost_at + 20,
+        WAIT,
+        "both groups to form a quorum with the restarted lighthouse and train on",
+        poll=0.05,
+        ended=lambda: g0.proc.poll() is not None or g1.proc.poll() is not None,
+        context=lambda: g0.output[-3000:] + g1.output[-3000:],
+    )
+    assert records(tmp_path, 0, "quorum")[-1]["quorum_size"] == 2
+    assert_no_restart(g0, pid0)
+    assert_no_restart(g1, pid1)
+    assert_steps_never_go_back(tmp_path, 0)
+    assert_same_weights_after(tmp_path, [g0, g1], lost_at)
+
+
+def test_lighthouse_gone_for_good_exits_with_code_6_naming_it(tmp_path, groups, lighthouse):
+    g0 = groups(
+        0, "fault_tolerance.replicated.quorum_retries=1", "fault_tolerance.replicated.quorum_timeout=3"
+    )
+    wait_for(lambda: last_step(tmp_path, 0) >= 5, WAIT, "group 0 to train", poll=0.05)
+    saved = published_steps(tmp_path, 0)
+    lighthouse.kill()
+    assert g0.wait(WAIT) == 6, g0.output[-4000:]
+    out = g0.output
+    assert f"no quorum from the lighthouse {lighthouse.address}" in out
+    assert "Traceback" not in out
+    assert saved <= published_steps(tmp_path, 0)  # nothing already saved is lost
+
+
+def test_quickstart_replicated_with_kills_still_reaches_97_percent(tmp_path, lighthouse, runs):
+    """The README's quickstart as two replica groups (global batch 32 as in the recipe); group 1 is killed
+    after epoch 2 and restarted, group 0 after epoch 4 and restarted. Both end at >= 97% val top-1."""
+    out = tmp_path / "qs"
+
+    def start(group: int, name: str) -> Run:
+        cmd = [
+            sys.executable,
+            "-m",
+            "imgtrain",
+            "train",
+            f"output_dir={out}",
+            "training.batch_size=16",
+            "training.progress_bar=false",
+            "fault_tolerance.mode=replicated",
+            f"fault_tolerance.replicated.lighthouse={lighthouse.address}",
+            f"fault_tolerance.replicated.group_id={group}",
+        ]
+        return runs(cmd, out, name)
+
+    def evals(group: int) -> list[int]:
+        path = out / f"group-{group}" / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [json.loads(ln)["epoch"] for ln in lines if ln.endswith("}") and '"event": "eval"' in ln]
+
+    g = {0: start(0, "group0"), 1: start(1, "group1")}
+    for victim, after_epoch in ((1, 2), (0, 4)):
+        wait_for(
+            lambda v=victim, e=after_epoch: max(evals(v), default=0) >= e or g[v].proc.poll() is not None,
+            600,
+            f"group {victim} to finish epoch {after_epoch}",
+            poll=0.1,
+        )
+        if g[victim].proc.poll() is None:
+            g[victim].proc.kill()
+            g[victim].proc.wait(timeout=30)
+            g[victim] = start(victim, f"group{victim}-restarted")
+    for group, run in g.items():
+        assert run.wait(900) == 0, run.output[-4000:]
+        summary = json.loads((out / f"group-{group}" / "summary.json").read_text())
+        assert summary["val_top1"] >= 97.0, (group, summary)

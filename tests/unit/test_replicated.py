@@ -1,0 +1,155 @@
+"""Replicated mode without processes: its config section, what it rejects, and the data share of a step."""
+
+from __future__ import annotations
+
+import pytest
+
+from imgtrain.config import ConfigError, load_config
+from imgtrain.data.sampler import ShardedBatchSampler
+
+replicas = pytest.importorskip("imgtrain.distributed.replicas", reason="torchft (the ft extra) not installed")
+
+REPLICATED = ["fault_tolerance.mode=replicated"]
+
+
+def test_restart_stays_the_default_mode():
+    assert load_config(None, []).fault_tolerance.mode == "restart"
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "expected"),
+    [
+        (
+            "distributed.compression=powersgd",
+            "distributed.compression",
+            "'none' with fault_tolerance.mode=replicated",
+        ),
+        ("optimization.mixed_precision=fp16", "optimization.mixed_precision", "'bf16' or 'none'"),
+        ("training.compile=true", "training.compile", "false with fault_tolerance.mode=replicated"),
+        ("distributed.static_graph=true", "distributed.static_graph", "false with"),
+        ("fault_tolerance.replicated.group_id=2", "fault_tolerance.replicated.group_id", "[0, num_groups=2)"),
+        (
+            "fault_tolerance.replicated.min_replicas=3",
+            "fault_tolerance.replicated.min_replicas",
+            "[1, num_groups=2]",
+        ),
+        (
+            "fault_tolerance.replicated.missing_group_policy=keep",
+            "fault_tolerance.replicated.missing_group_policy",
+            "'drop'",
+        ),
+        (
+            "fault_tolerance.replicated.lighthouse=lh:29510",
+            "fault_tolerance.replicated.lighthouse",
+            "http://host:port",
+        ),
+        (
+            "fault_tolerance.replicated.collective_timeout=0",
+            "fault_tolerance.replicated.collective_timeout",
+            "> 0",
+        ),
+    ],
+)
+def test_replicated_rejects_what_it_cannot_run_naming_the_key(override, key, expected):
+    with pytest.raises(ConfigError) as ei:
+        load_config(None, [*REPLICATED, override])
+    assert ei.value.key == key
+    assert expected in str(ei.value)
+
+
+def test_compression_and_fp16_stay_allowed_in_restart_mode():
+    cfg = load_config(None, ["distributed.compression=powersgd", "optimization.mixed_precision=fp16"])
+    assert cfg.fault_tolerance.mode == "restart"
+
+
+def test_lighthouse_and_group_come_from_the_environment_when_unset(monkeypatch):
+    rc = load_config(None, REPLICATED).fault_tolerance.replicated
+    monkeypatch.delenv("TORCHFT_LIGHTHOUSE", raising=False)
+    monkeypatch.delenv("REPLICA_GROUP_ID", raising=False)
+    with pytest.raises(ConfigError) as ei:
+        rc.resolved()
+    assert ei.value.key == "fault_tolerance.replicated.lighthouse" and "TORCHFT_LIGHTHOUSE" in str(ei.value)
+    monkeypatch.setenv("TORCHFT_LIGHTHOUSE", "http://10.0.0.5:29510")
+    with pytest.raises(ConfigError) as ei:
+        rc.resolved()
+    assert ei.value.key == "fault_tolerance.replicated.group_id" and "REPLICA_GROUP_ID" in str(ei.value)
+    monkeypatch.setenv("REPLICA_GROUP_ID", "5")
+    with pytest.raises(ConfigError, match="got 5"):
+        rc.resolved()
+    monkeypatch.setenv("REPLICA_GROUP_ID", "1")
+    assert rc.resolved() == ("http://10.0.0.5:29510", 1)
+    rc = load_config(None, [*REPLICATED, "fault_tolerance.replicated.group_id=0"]).fault_tolerance.replicated
+    assert rc.resolved() == ("http://10.0.0.5:29510", 0)  # the config wins over the environment
+
+
+def _shares(policy: str, groups: int, members: tuple[int, ...], gbatch: list[int]) -> dict[int, list[int]]:
+    return {g: replicas.step_share(gbatch, policy, groups, g, members, members.index(g)) for g in members}
+
+
+@pytest.mark.parametrize("size", [12, 11, 7])  # a full global micro-batch of 3 x 4 and two short last ones
+def test_all_present_both_policies_train_every_sample_once(size):
+    gbatch = list(range(100, 100 + size))
+    for policy in ("redistribute", "drop"):
+        shares = _shares(policy, 3, (0, 1, 2), gbatch)
+        assert sorted(i for s in shares.values() for i in s) == gbatch
+        assert replicas.trained_count(size, policy, 3, (0, 1, 2)) == size
+
+
+def test_all_present_share_is_the_samplers_own_rank_slice():
+    """With every group present a step trains exactly what restart mode's sampler gives rank g."""
+    for g in range(3):
+        plain = ShardedBatchSampler(30, 4, rank=g, world_size=3, seed=1)
+        shared = ShardedBatchSampler(30, 4, rank=g, world_size=3, seed=1)
+        shared.share = lambda gb, g=g: replicas.step_share(gb, "drop", 3, g, (0, 1, 2), g)
+        assert [[r.index for r in refs] for refs, _ in plain.plan()] == [
+            [r.index for r in refs] for refs, _ in shared.plan()
+        ]
+
+
+def test_redistribute_keeps_the_global_batch_when_a_group_is_missing():
+    gbatch = list(range(12))
+    shares = _shares("redistribute", 3, (0, 2), gbatch)
+    assert sorted(shares[0] + shares[2]) == gbatch  # group 1's samples are trained by the others
+    assert len(shares[0]) == len(shares[2]) == 6
+    assert replicas.trained_count(12, "redistribute", 3, (0, 2)) == 12
+
+
+def test_drop_skips_and_counts_the_missing_groups_share():
+    gbatch = list(range(12))
+    shares = _shares("drop", 3, (0, 2), gbatch)
+    assert shares == {0: [0, 1, 2, 3], 2: [8, 9, 10, 11]}  # group 1's 4 samples are not trained
+    assert replicas.trained_count(12, "drop", 3, (0, 2)) == 8
+    # a short last batch: 11 samples split 4/4/3, group 1 missing drops 4
+    assert replicas.trained_count(11, "drop", 3, (0, 2)) == 7
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", ""])
+def test_lighthouse_refuses_every_interface_unless_asked(host, capsys, monkeypatch):
+    import os
+
+    from imgtrain import cli
+
+    monkeypatch.setattr(os, "execv", lambda *a: pytest.fail(f"the lighthouse was started: {a}"))
+    assert cli.main(["lighthouse", "--host", host]) == 2
+    err = capsys.readouterr().err
+    assert "listens on every interface" in err and "--allow-wildcard-bind" in err
+
+
+def test_lighthouse_runs_torchfts_binary_on_loopback_by_default():
+    from imgtrain import cli
+    from imgtrain.distributed.rendezvous import lighthouse_command
+
+    args = cli.build_parser().parse_args(["lighthouse"])
+    cmd = lighthouse_command(
+        args.host, args.port, args.min_replicas, args.heartbeat_timeout_ms, args.join_timeout_ms
+    )
+    assert cmd[0].endswith("torchft_lighthouse")
+    assert cmd[cmd.index("--bind") + 1] == "127.0.0.1:29510"
+    assert lighthouse_command("::1", 29510, 1, 1000, 100)[2] == "[::1]:29510"
+
+
+def test_a_loopback_store_address_is_replaced_by_one_peers_reach():
+    for host in ("localhost", "127.0.0.1", "::1", "[::1]"):
+        assert replicas._is_loopback(host)
+    for host in ("10.0.0.5", "node-3", "fe80::1"):
+        assert not replicas._is_loopback(host)
