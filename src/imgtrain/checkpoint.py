@@ -147,17 +147,18 @@ class PruneReport:
     dry_run: bool
 
 
-def snapshot(obj: Any) -> Any:
-    """Deep copy with every tensor detached and copied to CPU memory, so training may go on mutating
-    the originals while the copy is serialized in the background."""
+def snapshot(obj: Any, device: str | torch.device | None = "cpu") -> Any:
+    """Deep copy with every tensor detached and copied (to ``device``; None: where it is), so training
+    may go on mutating the originals while the copy is serialized in the background or fetched by a
+    healing peer."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return obj.detach().to(device or obj.device, copy=True)
     if isinstance(obj, dict):
-        return type(obj)((k, snapshot(v)) for k, v in obj.items())
+        return type(obj)((k, snapshot(v, device)) for k, v in obj.items())
     if isinstance(obj, list):
-        return [snapshot(v) for v in obj]
+        return [snapshot(v, device) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(snapshot(v) for v in obj)
+        return tuple(snapshot(v, device) for v in obj)
     return obj
 
 

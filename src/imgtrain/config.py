@@ -30,6 +30,24 @@ def _check(cond: bool, key: str, value: Any, expected: str) -> None:
         raise ConfigError(key, value, expected)
 
 
+def _at_least(section: Any, p: str, name: str, low: int, optional: bool = False) -> None:
+    v = getattr(section, name)
+    ok = v >= low if v is not None else optional
+    _check(ok, f"{p}.{name}", v, f"{'null or ' if optional else ''}an integer >= {low}")
+
+
+def _within(section: Any, p: str, name: str, low: float, high: float, low_open: bool = False) -> None:
+    v = getattr(section, name)
+    ok = low < v <= high if low_open else low <= v <= high
+    _check(ok, f"{p}.{name}", v, f"a number in {'(' if low_open else '['}{low}, {high}]")
+
+
+def _above_zero(section: Any, p: str, name: str, what: str = "a number", optional: bool = False) -> None:
+    v = getattr(section, name)
+    ok = v > 0 if v is not None else optional
+    _check(ok, f"{p}.{name}", v, f"{'null or ' if optional else ''}{what} > 0")
+
+
 @dataclass
 class ModelConfig:
     name: str = "resnet50"
@@ -55,7 +73,7 @@ class ModelConfig:
         _check(bool(self.name), f"{p}.name", self.name, "a model name")
         if not model_names.is_known(self.name):
             raise ConfigError(f"{p}.name", self.name, model_names.unknown_model_hint(self.name))
-        _check(self.width >= 1, f"{p}.width", self.width, "an integer >= 1")
+        _at_least(self, p, "width", 1)
 
 
 @dataclass
@@ -118,7 +136,7 @@ class DecodeConfig:
 
     def validate(self, p: str) -> None:
         registry.DECODERS.check(self.decoder, f"{p}.decoder")
-        _check(self.max_image_pixels >= 1, f"{p}.max_image_pixels", self.max_image_pixels, "an integer >= 1")
+        _at_least(self, p, "max_image_pixels", 1)
 
 
 @dataclass
@@ -175,27 +193,17 @@ class DataConfig:
         self.augment.validate(f"{p}.augment")
         self.decode.validate(f"{p}.decode")
         self.cache.validate(f"{p}.cache")
-        _check(self.image_size >= 8, f"{p}.image_size", self.image_size, "an integer >= 8")
+        _at_least(self, p, "image_size", 8)
         _check(
             self.val_resize is None or self.val_resize >= self.image_size,
             f"{p}.val_resize",
             self.val_resize,
             f"null or an integer >= data.image_size ({self.image_size})",
         )
-        _check(
-            0 < self.val_crop_fraction <= 1,
-            f"{p}.val_crop_fraction",
-            self.val_crop_fraction,
-            "a number in (0, 1]",
-        )
-        _check(self.workers >= 0, f"{p}.workers", self.workers, "an integer >= 0")
-        _check(self.prefetch_factor >= 1, f"{p}.prefetch_factor", self.prefetch_factor, "an integer >= 1")
-        _check(
-            0.0 <= self.max_bad_fraction <= 1.0,
-            f"{p}.max_bad_fraction",
-            self.max_bad_fraction,
-            "a number in [0, 1]",
-        )
+        _within(self, p, "val_crop_fraction", 0, 1, low_open=True)
+        _at_least(self, p, "workers", 0)
+        _at_least(self, p, "prefetch_factor", 1)
+        _within(self, p, "max_bad_fraction", 0, 1)
         for k in ("mean", "std"):
             v = getattr(self, k)
             _check(len(v) == 3, f"{p}.{k}", v, "a list of 3 numbers (RGB)")
@@ -246,39 +254,24 @@ class TrainingConfig:
 
     def validate(self, p: str) -> None:
         registry.LR_SCHEDULES.check(self.lr_schedule, f"{p}.lr_schedule")
-        _check(self.epochs >= 1, f"{p}.epochs", self.epochs, "an integer >= 1")
-        _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "an integer >= 1")
-        _check(self.base_lr > 0, f"{p}.base_lr", self.base_lr, "a number > 0")
-        _check(
-            self.lr_reference_batch >= 1,
-            f"{p}.lr_reference_batch",
-            self.lr_reference_batch,
-            "an integer >= 1",
-        )
+        _at_least(self, p, "epochs", 1)
+        _at_least(self, p, "batch_size", 1)
+        _above_zero(self, p, "base_lr")
+        _at_least(self, p, "lr_reference_batch", 1)
         # Longer than the run is allowed: the trainer shortens it and says so (optim.create_schedule).
         _check(self.warmup_epochs >= 0, f"{p}.warmup_epochs", self.warmup_epochs, "a number >= 0")
-        _check(
-            0 <= self.warmup_start_factor <= 1,
-            f"{p}.warmup_start_factor",
-            self.warmup_start_factor,
-            "a number in [0, 1]",
-        )
-        _check(0 < self.lr_step_gamma <= 1, f"{p}.lr_step_gamma", self.lr_step_gamma, "a number in (0, 1]")
-        _check(0 <= self.min_lr_factor <= 1, f"{p}.min_lr_factor", self.min_lr_factor, "a number in [0, 1]")
+        _within(self, p, "warmup_start_factor", 0, 1)
+        _within(self, p, "lr_step_gamma", 0, 1, low_open=True)
+        _within(self, p, "min_lr_factor", 0, 1)
         _check(
             self.lr_step_epochs == sorted(self.lr_step_epochs),
             f"{p}.lr_step_epochs",
             self.lr_step_epochs,
             "epochs in increasing order",
         )
-        _check(self.log_interval >= 1, f"{p}.log_interval", self.log_interval, "an integer >= 1")
-        _check(self.eval_interval >= 1, f"{p}.eval_interval", self.eval_interval, "an integer >= 1")
-        _check(
-            self.max_steps is None or self.max_steps >= 1,
-            f"{p}.max_steps",
-            self.max_steps,
-            "null or an integer >= 1",
-        )
+        _at_least(self, p, "log_interval", 1)
+        _at_least(self, p, "eval_interval", 1)
+        _at_least(self, p, "max_steps", 1, optional=True)
 
 
 @dataclass
@@ -315,23 +308,13 @@ class OptimizationConfig:
             "two numbers in [0, 1)",
         )
         _check(self.weight_decay >= 0, f"{p}.weight_decay", self.weight_decay, "a number >= 0")
-        _check(
-            self.gradient_clip is None or self.gradient_clip > 0,
-            f"{p}.gradient_clip",
-            self.gradient_clip,
-            "null or a number > 0",
-        )
-        _check(
-            self.accumulation_steps >= 1,
-            f"{p}.accumulation_steps",
-            self.accumulation_steps,
-            "an integer >= 1",
-        )
+        _above_zero(self, p, "gradient_clip", optional=True)
+        _at_least(self, p, "accumulation_steps", 1)
         _check(
             0 <= self.label_smoothing < 1, f"{p}.label_smoothing", self.label_smoothing, "a number in [0, 1)"
         )
         _check(0 < self.ema_decay < 1, f"{p}.ema_decay", self.ema_decay, "a number in (0, 1)")
-        _check(self.ema_interval >= 1, f"{p}.ema_interval", self.ema_interval, "an integer >= 1")
+        _at_least(self, p, "ema_interval", 1)
         _check(
             not (self.nesterov and self.momentum == 0),
             f"{p}.nesterov",
@@ -357,8 +340,8 @@ class PowerSGDConfig:
     """Compress a tensor only if (n x m) / ((n + m) x rank) is at least this; others go uncompressed."""
 
     def validate(self, p: str) -> None:
-        _check(self.rank >= 1, f"{p}.rank", self.rank, "an integer >= 1")
-        _check(self.start_iter >= 0, f"{p}.start_iter", self.start_iter, "an integer >= 0")
+        _at_least(self, p, "rank", 1)
+        _at_least(self, p, "start_iter", 0)
         _check(
             self.start_iter >= 2 or not (self.error_feedback or self.warm_start),
             f"{p}.start_iter",
@@ -383,7 +366,7 @@ class OneBitConfig:
     """Elements per scale: each chunk of a gradient tensor is sent as its signs and one fp32 mean |g|."""
 
     def validate(self, p: str) -> None:
-        _check(self.warmup_steps >= 0, f"{p}.warmup_steps", self.warmup_steps, "an integer >= 0")
+        _at_least(self, p, "warmup_steps", 0)
         # 32: the packed signs of a chunk are then whole 4-byte words, so the scales after them stay aligned.
         _check(
             self.chunk_size >= 32 and self.chunk_size % 32 == 0,
@@ -421,7 +404,7 @@ class DistributedConfig:
         registry.COMPRESSION.check(self.compression, f"{p}.compression")
         self.powersgd.validate(f"{p}.powersgd")
         self.onebit.validate(f"{p}.onebit")
-        _check(self.bucket_cap_mb > 0, f"{p}.bucket_cap_mb", self.bucket_cap_mb, "a number > 0")
+        _above_zero(self, p, "bucket_cap_mb")
         _check(self.timeout > 0, f"{p}.timeout", self.timeout, "a number of seconds > 0")
         _check(
             self.init_timeout >= self.timeout,
@@ -456,19 +439,9 @@ class CheckpointConfig:
 
     def validate(self, p: str) -> None:
         _check(self.lock_timeout >= 0, f"{p}.lock_timeout", self.lock_timeout, "seconds >= 0")
-        _check(
-            self.save_interval is None or self.save_interval > 0,
-            f"{p}.save_interval",
-            self.save_interval,
-            "null or seconds > 0",
-        )
-        _check(
-            self.save_every_steps is None or self.save_every_steps >= 1,
-            f"{p}.save_every_steps",
-            self.save_every_steps,
-            "null or an integer >= 1",
-        )
-        _check(self.keep_last_n >= 1, f"{p}.keep_last_n", self.keep_last_n, "an integer >= 1")
+        _above_zero(self, p, "save_interval", "seconds", optional=True)
+        _at_least(self, p, "save_every_steps", 1, optional=True)
+        _at_least(self, p, "keep_last_n", 1)
         _check(bool(self.resume), f"{p}.resume", self.resume, "'auto', 'never' or a checkpoint path")
 
 
@@ -506,7 +479,7 @@ class ReplicatedConfig:
     """Seconds between heartbeats to the lighthouse (its --heartbeat_timeout_ms declares a group dead)."""
 
     def validate(self, p: str) -> None:
-        _check(self.num_groups >= 1, f"{p}.num_groups", self.num_groups, "an integer >= 1")
+        _at_least(self, p, "num_groups", 1)
         _check(
             1 <= self.min_replicas <= self.num_groups,
             f"{p}.min_replicas",
@@ -579,19 +552,9 @@ class FaultToleranceConfig:
 
     def validate(self, p: str) -> None:
         self.replicated.validate(f"{p}.replicated")
-        _check(self.grace_period > 0, f"{p}.grace_period", self.grace_period, "seconds > 0")
-        _check(
-            self.hang_timeout is None or self.hang_timeout > 0,
-            f"{p}.hang_timeout",
-            self.hang_timeout,
-            "null or seconds > 0",
-        )
-        _check(
-            self.first_step_timeout is None or self.first_step_timeout > 0,
-            f"{p}.first_step_timeout",
-            self.first_step_timeout,
-            "null or seconds > 0",
-        )
+        _above_zero(self, p, "grace_period", "seconds")
+        _above_zero(self, p, "hang_timeout", "seconds", optional=True)
+        _above_zero(self, p, "first_step_timeout", "seconds", optional=True)
 
 
 NOTIFY_EVENTS = ("started", "finished", "failed", "resumed", "diverged")
@@ -644,25 +607,15 @@ class PrometheusConfig:
             bool(self.bind_address), f"{p}.bind_address", self.bind_address, "an address such as 127.0.0.1"
         )
         _check(self.linger_s >= 0, f"{p}.linger_s", self.linger_s, "seconds >= 0")
-        _check(self.stall_after_s > 0, f"{p}.stall_after_s", self.stall_after_s, "seconds > 0")
-        _check(
-            self.straggler_interval >= 1,
-            f"{p}.straggler_interval",
-            self.straggler_interval,
-            "an integer >= 1",
-        )
+        _above_zero(self, p, "stall_after_s", "seconds")
+        _at_least(self, p, "straggler_interval", 1)
         _check(
             self.straggler_threshold > 0,
             f"{p}.straggler_threshold",
             self.straggler_threshold,
             "a fraction > 0 (0.2: 20% slower than the median)",
         )
-        _check(
-            self.straggler_patience >= 1,
-            f"{p}.straggler_patience",
-            self.straggler_patience,
-            "an integer >= 1",
-        )
+        _at_least(self, p, "straggler_patience", 1)
 
 
 @dataclass
@@ -707,7 +660,7 @@ class ProfilerConfig:
         for k in ("skip_first", "wait", "warmup", "repeat"):
             v = getattr(self, k)
             _check(v >= 0, f"{p}.{k}", v, "an integer >= 0")
-        _check(self.active >= 1, f"{p}.active", self.active, "an integer >= 1")
+        _at_least(self, p, "active", 1)
         _check(
             self.ranks is None or all(r >= 0 for r in self.ranks),
             f"{p}.ranks",

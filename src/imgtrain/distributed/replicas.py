@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from imgtrain.checkpoint import snapshot
 from imgtrain.config import Config, ConfigError
 from imgtrain.data.sampler import ShardedBatchSampler, split_evenly
 from imgtrain.distributed.process_group import DistInfo
@@ -73,20 +74,6 @@ def _nbytes(obj: Any) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(_nbytes(v) for v in obj)
     return 0
-
-
-def _detached_copy(obj: Any) -> Any:
-    """A copy a peer can fetch while this group trains on: forward passes update BatchNorm buffers in
-    place, and the healed group must get the state of the step boundary it is told about."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _detached_copy(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_detached_copy(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_detached_copy(v) for v in obj)
-    return obj
 
 
 def _is_loopback(host: str) -> bool:
@@ -355,7 +342,10 @@ class Replicas:
             )
 
     def _serve_state(self) -> dict[str, Any]:
-        return _detached_copy(self._state_dict())
+        # A copy on the same device that a peer can fetch while this group trains on: forward passes update
+        # BatchNorm buffers in place, and the healed group must get the state of the step boundary it is told
+        # about.
+        return snapshot(self._state_dict(), device=None)
 
     def _heal(self, state: dict[str, Any]) -> None:
         self._load_state_dict(state)
