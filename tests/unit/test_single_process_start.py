@@ -73,7 +73,7 @@ def test_every_change_of_world_size_is_logged_with_the_decision(previous, world,
     trainer = Trainer(load_config(None, ["training.batch_size=4"]))
     trainer.info = SimpleNamespace(world_size=world)
     trainer.reference_world_size, trainer.previous_world_size = 2, previous
-    with caplog.at_level(logging.WARNING, logger="imgtrain.train.trainer"):
+    with caplog.at_level(logging.WARNING, logger="imgtrain.train.elastic"):
         trainer._apply_elastic_policy()
     assert (trainer.accumulation, trainer.global_batch) == (accumulation, 8)
     assert (

@@ -26,7 +26,7 @@ from imgtrain.data.transforms import DeviceNormalize, batch_mix
 from imgtrain.distributed import process_group as D
 from imgtrain.distributed.comm_hooks import Compression, create_compression
 from imgtrain.distributed.launch import max_world_size_from_launcher
-from imgtrain.errors import CheckpointError, ConfigError, DataError, DivergenceError
+from imgtrain.errors import CheckpointError, DataError, DivergenceError
 from imgtrain.fault import PreemptionHandler, Watchdog
 from imgtrain.models import create_model
 from imgtrain.monitoring import JsonlSink, MetricsSink, ProgressBar
@@ -36,6 +36,7 @@ from imgtrain.monitoring.processor import MetricsProcessor
 from imgtrain.monitoring.profiler import StepProfiler
 from imgtrain.optim import create_optimizer, create_schedule, scaled_lr, set_lr
 from imgtrain.precision import amp_dtype
+from imgtrain.train.elastic import accumulation_for, log_world_size_change
 from imgtrain.train.evaluate import EvalResult, evaluate_model
 from imgtrain.train.state import Progress, rng_state, seed_everything, set_rng_state
 
@@ -311,67 +312,20 @@ class Trainer:
         return scaled_lr(self.cfg.training, self.global_batch)
 
     def _apply_elastic_policy(self) -> None:
-        """Sets the gradient accumulation for this start's world size and logs the decision.
-
-        ``keep_global``: the global batch (and so the peak LR) is the recipe's at the job's full world size,
-        the reference: ``imgtrain launch`` tells it (``--nnodes`` maximum x ``--nproc-per-node``), else it is
-        the world size of the run's first start. It is fixed then and saved in every checkpoint, so a run
-        that first started small keeps the same global batch as one that started full; fewer processes
-        accumulate more. ``keep_per_process``: the per-process batch stays and the LR follows the global
-        batch (linear scaling rule). Every start at another world size than the last checkpoint's (or, at
-        the first start, than the reference) is logged with the policy's decision."""
+        """Sets the gradient accumulation for this start's world size (train/elastic.py) and logs it."""
         w = self.info.world_size
         if self.reference_world_size is None:
             self.reference_world_size = max(w, max_world_size_from_launcher() or w)
-        ref = self.reference_world_size
-        oc, tc, dc = self.cfg.optimization, self.cfg.training, self.cfg.distributed
-        self.accumulation = oc.accumulation_steps
-        if dc.elastic_batch == "keep_global":
-            target = tc.batch_size * ref * oc.accumulation_steps
-            accum = max(1, math.ceil(target / (tc.batch_size * w)))
-            if accum > 1 and dc.static_graph:  # DDP's static graph cannot no_sync
-                raise ConfigError(
-                    "distributed.static_graph",
-                    True,
-                    "false or distributed.elastic_batch="
-                    f"keep_per_process: keeping the global batch {target} at world size {w} "
-                    f"needs {accum} accumulation steps",
-                )
-            if accum * tc.batch_size * w != target:
-                log.warning(
-                    "elastic: global batch %d cannot be kept exactly at world size %d; using %d",
-                    target,
-                    w,
-                    accum * tc.batch_size * w,
-                )
-            self.accumulation = accum
-        prev = self.previous_world_size
-        if prev == w or (prev is None and ref == w):
-            return
-        if prev is None:
-            change = f"world size {w} at the first start, {ref} for the whole job (imgtrain launch's --nnodes maximum)"
-            rest = ""
-        else:
-            change = f"world size changed {prev} -> {w}"
-            rest = f"; the rest of epoch {self.progress.epoch + 1} is re-sharded over the new ranks"
-        log.warning(
-            "elastic: %s; policy %s: accumulation %d, global batch %d, peak LR %.4g%s",
-            change,
-            dc.elastic_batch,
-            self.accumulation,
-            self.global_batch,
-            self.peak_lr,
-            rest,
-            extra={
-                "fields": {
-                    "previous_world_size": prev,
-                    "world_size": w,
-                    "reference_world_size": ref,
-                    "accumulation": self.accumulation,
-                    "global_batch": self.global_batch,
-                    "peak_lr": self.peak_lr,
-                }
-            },
+        self.accumulation = accumulation_for(self.cfg, w, self.reference_world_size)
+        log_world_size_change(
+            self.cfg,
+            previous=self.previous_world_size,
+            world_size=w,
+            reference=self.reference_world_size,
+            accumulation=self.accumulation,
+            global_batch=self.global_batch,
+            peak_lr=self.peak_lr,
+            epoch=self.progress.epoch,
         )
 
     # ------------------------------------------------------------------ state
