@@ -106,3 +106,40 @@ def test_no_test_module_imports_another():
 def test_test_module_names_are_unique_across_folders():
     counts = Counter(p.name for p in _modules(TESTS) if p.name.startswith("test_"))
     assert not [n for n, c in counts.items() if c > 1], "pytest imports test modules by base name"
+
+
+def test_the_default_run_collects_every_test_folder():
+    """`python -m pytest` (CI's command) runs pyproject's testpaths: a new folder of tests outside them would
+    never run."""
+    import tomllib
+
+    testpaths = tomllib.loads((TESTS.parent / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"][
+        "testpaths"
+    ]
+    folders = {str(p.parent.relative_to(TESTS.parent)) for p in TESTS.rglob("test_*.py")}
+    assert folders <= set(testpaths), (
+        f"test folders outside pyproject's testpaths: {folders - set(testpaths)}"
+    )
+
+
+def test_every_test_path_the_docs_name_exists():
+    """README, docs/, deploy/, scripts/, benchmarks/ and src/ name tests as proof: `tests/x/test_y.py` and
+    `tests/x/test_y.py::test_z` must still be there after tests move."""
+    import re
+
+    repo = TESTS.parent
+    named = re.compile(r"tests/(?:unit|checks|integration)/[\w/]+\.py(?:::\w+)?")
+    sources = [repo / "README.md", *(repo / "docs").rglob("*.md")]
+    for folder in ("deploy", "scripts", "benchmarks", "src"):
+        sources += [
+            p for p in (repo / folder).rglob("*") if p.suffix in {".py", ".sh", ".yaml", ".yml", ".md"}
+        ]
+    missing = []
+    for source in sources:
+        for ref in set(named.findall(source.read_text(errors="replace"))):
+            path, _, test = ref.partition("::")
+            if not (repo / path).is_file() or (
+                test and not re.search(rf"^\s*def {test}\(", (repo / path).read_text(), re.M)
+            ):
+                missing.append(f"{source.relative_to(repo)}: {ref}")
+    assert not missing, f"named tests that do not exist: {missing}"
