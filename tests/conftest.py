@@ -79,6 +79,17 @@ def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "data")
 
 
+@pytest.fixture(scope="session")
+def two_step_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(data root, run directory) of `imgtrain train` with TINY and training.max_steps=2 on
+    make_image_folder's default tree, trained once per session: copy both before changing either."""
+    base = tmp_path_factory.mktemp("two_step_run")
+    root = make_image_folder(base / "data")
+    out = base / "run"
+    run_cli(["train", "--output-dir", str(out), f"data.root={root}", *TINY, "training.max_steps=2"])
+    return root, out
+
+
 def corrupt_image(path: Path) -> Path:
     """Overwrite ``path`` with 700 random bytes: no decoder reads it (a bad sample)."""
     path.write_bytes(np.random.default_rng(1).bytes(700))
