@@ -282,13 +282,30 @@ def tiny_reference(small_data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def ten_of_fifteen_steps(small_data, tmp_path_factory) -> Path:
+    """tiny_reference's run stopped at step 10: checkpoints at steps 5 and 10 (epoch ends). Copy it to use it."""
+    out = tmp_path_factory.mktemp("ten_of_fifteen_steps") / "run"
+    run_cli(
+        [
+            "train",
+            "--output-dir",
+            str(out),
+            f"data.root={small_data}",
+            *TINY,
+            "training.epochs=3",
+            "training.max_steps=10",
+        ]
+    )
+    return out
+
+
 @pytest.mark.parametrize("corrupt", [_truncate, _flip_bit], ids=["truncated", "bit-flipped"])
 def test_corrupt_newest_checkpoint_is_skipped_and_rejected_when_named(
-    small_data, tiny_reference, tmp_path, corrupt
+    small_data, tiny_reference, ten_of_fifteen_steps, tmp_path, corrupt
 ):
-    out = tmp_path / "run"
+    out = shutil.copytree(ten_of_fifteen_steps, tmp_path / "run")
     args = ["train", "--output-dir", str(out), f"data.root={small_data}", *TINY, "training.epochs=3"]
-    run_cli([*args, "training.max_steps=10"])  # checkpoints at steps 5 and 10 (epoch ends)
     bad, good = out / "checkpoints" / "step_000000010", out / "checkpoints" / "step_000000005"
     assert (bad / MANIFEST).exists() and (good / MANIFEST).exists()
     corrupt(bad / STATE_FILE)
