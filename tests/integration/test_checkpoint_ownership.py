@@ -17,7 +17,7 @@ from imgtrain.cli import EXIT_CHECKPOINT, EXIT_CONFIG
 
 from conftest import TINY, make_image_folder, run_cli, subprocess_env
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 WAIT = 240
 
