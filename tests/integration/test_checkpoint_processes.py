@@ -20,9 +20,7 @@ from imgtrain import checkpoint as ckpt
 from imgtrain.checkpoint import CheckpointError, CheckpointManager, verify
 from imgtrain.config import CheckpointConfig
 
-from conftest import subprocess_env, wait_for
-
-WAIT = 240  # generous: the machine running the tests may be slow and busy
+from conftest import WAIT, subprocess_env, wait_for
 
 
 def _cfg(**kw) -> CheckpointConfig:
@@ -41,13 +39,19 @@ def _helper(code: str, *args: str) -> subprocess.Popen:
 
 def _wait_for(cond, what: str, proc: subprocess.Popen | None = None):
     """conftest.wait_for, failing at once with the helper's stderr if it exits first."""
+
+    def helper_output() -> str:
+        if proc.poll() is None:  # reading its pipe would wait for it to exit
+            return "the helper is still running"
+        return f"helper exited ({proc.returncode}): {proc.stderr.read()}"
+
     return wait_for(
         cond,
         WAIT,
         what,
         poll=0.02,
         ended=None if proc is None else lambda: proc.poll() is not None,
-        context=None if proc is None else lambda: f"helper exited ({proc.returncode}): {proc.stderr.read()}",
+        context=None if proc is None else helper_output,
     )
 
 
