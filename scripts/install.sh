@@ -34,7 +34,7 @@ fi
 
 python -m pip install -q -e ".[dev]"
 
-# checkov scans deploy/docker and deploy/terraform (tests/unit/test_deploy_scans.py). Its own venv: its
+# checkov scans deploy/docker and deploy/terraform (tests/checks/test_deploy_scans.py). Its own venv: its
 # dependency pins clash with moto/s3fs in the main environment.
 if [ -x .tools/checkov/bin/checkov ] || [ -x /opt/checkov-venv/bin/checkov ]; then
   :

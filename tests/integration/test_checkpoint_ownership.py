@@ -7,7 +7,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,9 @@ import pytest
 from imgtrain.checkpoint import MANIFEST
 from imgtrain.cli import EXIT_CHECKPOINT, EXIT_CONFIG
 
-from conftest import TINY, make_image_folder, run_cli, subprocess_env
+from conftest import TINY, make_image_folder, run_cli, subprocess_env, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 WAIT = 240
 
@@ -90,10 +89,16 @@ def test_a_second_writer_exits_4_naming_the_lock_holder(data, run_a, tmp_path):
         text=True,
     )
     try:
-        deadline = time.monotonic() + WAIT
-        while not held.exists():
-            assert holder.poll() is None and time.monotonic() < deadline, holder.stderr.read()
-            time.sleep(0.05)
+        wait_for(
+            held.exists,
+            WAIT,
+            "the holder to take the lock",
+            poll=0.05,
+            ended=lambda: holder.poll() is not None,
+            context=lambda: (
+                holder.stderr.read() if holder.poll() is not None else "the holder is still running"
+            ),
+        )
         before = sorted(p.name for p in (run_a / "checkpoints").iterdir())
         config_before = (run_a / "config.yaml").read_text()
         second = train(data, run_a, "checkpoint.lock_timeout=1", check=False)

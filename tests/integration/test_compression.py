@@ -11,7 +11,8 @@ evaluation at the end (docs/compression.md has the numbers).
 """
 
 import pytest
-from test_fault_tolerance import (
+
+from conftest import (
     WAIT,
     assert_same_weights,
     last_step,
@@ -19,11 +20,12 @@ from test_fault_tolerance import (
     metrics,
     published,
     resumed_steps,
+    run_cli,
+    run_torchrun,
     summary,
+    torchrun_cmd,
     wait_until,
 )
-
-from conftest import run_cli, run_torchrun, torchrun_cmd
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

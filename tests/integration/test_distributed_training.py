@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY, load_weights, read_jsonl, run_cli, run_torchrun
+from conftest import TINY, load_weights, make_image_folder, read_jsonl, run_cli, run_torchrun
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -19,6 +20,19 @@ def _assert_close(a: dict, b: dict, atol: float = 1e-5) -> None:
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.fixture(scope="module")
+def equiv_data(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("equiv") / "data")
+
+
+@pytest.fixture(scope="module")
+def one_process_batch_8(equiv_data, tmp_path_factory) -> dict:
+    """The weights every layout below must reproduce: one process, batch 8 (trained once for the module)."""
+    out = tmp_path_factory.mktemp("one_process_batch_8") / "run"
+    run_cli(["train", "--output-dir", str(out), f"data.root={equiv_data}", *EQUIV, "training.batch_size=8"])
+    return load_weights(out)
 
 
 def test_torchrun_two_processes_trains_and_writes_summary(image_folder, tmp_path):
@@ -34,48 +48,45 @@ def test_torchrun_two_processes_trains_and_writes_summary(image_folder, tmp_path
     assert [r["epoch"] for r in evals] == [1, 2]
 
 
-def test_two_processes_batch_b_match_one_process_batch_2b(image_folder, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    run_cli(["train", "--output-dir", str(one), f"data.root={image_folder}", *EQUIV, "training.batch_size=8"])
+def test_two_processes_batch_b_match_one_process_batch_2b(equiv_data, one_process_batch_8, tmp_path):
+    two = tmp_path / "two"
     run_torchrun(
-        2, ["train", "--output-dir", str(two), f"data.root={image_folder}", *EQUIV, "training.batch_size=4"]
+        2, ["train", "--output-dir", str(two), f"data.root={equiv_data}", *EQUIV, "training.batch_size=4"]
     )
-    _assert_close(load_weights(one), load_weights(two))
+    _assert_close(one_process_batch_8, load_weights(two))
 
 
-def test_gradient_accumulation_matches_larger_batch(image_folder, tmp_path):
-    big, acc = tmp_path / "big", tmp_path / "acc"
-    run_cli(["train", "--output-dir", str(big), f"data.root={image_folder}", *EQUIV, "training.batch_size=8"])
+def test_gradient_accumulation_matches_larger_batch(equiv_data, one_process_batch_8, tmp_path):
+    acc = tmp_path / "acc"
     run_cli(
         [
             "train",
             "--output-dir",
             str(acc),
-            f"data.root={image_folder}",
+            f"data.root={equiv_data}",
             *EQUIV,
             "training.batch_size=4",
             "optimization.accumulation_steps=2",
         ]
     )
-    _assert_close(load_weights(big), load_weights(acc))
+    _assert_close(one_process_batch_8, load_weights(acc))
 
 
-def test_accumulation_under_torchrun_matches_single_process(image_folder, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    run_cli(["train", "--output-dir", str(one), f"data.root={image_folder}", *EQUIV, "training.batch_size=8"])
+def test_accumulation_under_torchrun_matches_single_process(equiv_data, one_process_batch_8, tmp_path):
+    two = tmp_path / "two"
     run_torchrun(
         2,
         [
             "train",
             "--output-dir",
             str(two),
-            f"data.root={image_folder}",
+            f"data.root={equiv_data}",
             *EQUIV,
             "training.batch_size=2",
             "optimization.accumulation_steps=2",
         ],
     )
-    _assert_close(load_weights(one), load_weights(two))
+    _assert_close(one_process_batch_8, load_weights(two))
 
 
 def test_eval_command_under_torchrun_counts_every_image_once(image_folder, tmp_path):

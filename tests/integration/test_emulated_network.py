@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, subprocess_env
+from conftest import REPO, subprocess_env, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -86,7 +86,6 @@ def test_two_node_job_over_a_shaped_link_and_nothing_left_behind(tmp_path):
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and qdiscs need root")
 def test_network_removed_on_sigterm_and_leftovers_of_dead_runs_deleted(tmp_path):
     import signal
-    import time
 
     # A leftover of a run killed with SIGKILL (its pid is not running) and one of a live run (ours).
     dead_pid = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1  # never a running process
@@ -113,10 +112,13 @@ def test_network_removed_on_sigterm_and_leftovers_of_dead_runs_deleted(tmp_path)
         assert live in _namespaces(), "a live run's namespace must be left alone"
         holder.send_signal(signal.SIGTERM)
         assert holder.wait(timeout=30) == 128 + signal.SIGTERM
-        deadline = time.monotonic() + 10
-        while any(n.startswith(prefix) for n in _namespaces()) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(n.startswith(prefix) for n in _namespaces())
+        wait_for(
+            lambda: not any(n.startswith(prefix) for n in _namespaces()),
+            10,
+            f"the {prefix}* namespaces to be deleted",
+            poll=0.1,
+            context=lambda: str(sorted(_namespaces())),
+        )
     finally:
         if holder is not None and holder.poll() is None:
             holder.kill()

@@ -8,14 +8,13 @@ import re
 import shutil
 import ssl
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 DOC = REPO / "docs" / "security.md"
@@ -89,16 +88,22 @@ def test_etcd_refuses_clients_without_the_jobs_certificate(tmp_path):
             ssl_cert=str(tmp_path / "client.crt"),
             ssl_cert_key=str(tmp_path / "client.key"),
         )
-        deadline = time.monotonic() + 60
-        while True:
+
+        def written():
             try:
                 c = _create_etcd_client(params)
                 c.write("/imgtrain-test", "ok")
-                break
+                return c
             except Exception:  # noqa: BLE001 - not up yet
-                assert proc.poll() is None, (tmp_path / "etcd.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, (tmp_path / "etcd.log").read_text()[-3000:]
-                time.sleep(0.5)
+                return None
+
+        c = wait_for(
+            written,
+            60,
+            "etcd to take a write over TLS",
+            ended=lambda: proc.poll() is not None,
+            context=lambda: (tmp_path / "etcd.log").read_text()[-3000:],
+        )
         assert c.read("/imgtrain-test").value == "ok"
         # The CA alone (no client certificate) is refused at the TLS handshake.
         ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
+
+import pytest
 
 from conftest import TINY, make_image_folder, run_cli
+
+pytestmark = pytest.mark.slow
 
 
 def _one_error_line(stderr: str, prefix: str) -> str:
@@ -14,11 +19,16 @@ def _one_error_line(stderr: str, prefix: str) -> str:
     return lines[0]
 
 
-def test_resuming_on_another_training_split_exits_4_in_one_line_and_keeps_the_checkpoint(tmp_path):
-    root = make_image_folder(tmp_path / "data")  # 36 training images
-    out = tmp_path / "run"
+def _copy(run: tuple[Path, Path], to: Path) -> tuple[Path, Path]:
+    """The shared two-step run's data and run directory, copied: a test changes its own."""
+    return tuple(shutil.copytree(p, to / p.name) for p in run)
+
+
+def test_resuming_on_another_training_split_exits_4_in_one_line_and_keeps_the_checkpoint(
+    two_step_run, tmp_path
+):
+    root, out = _copy(two_step_run, tmp_path)  # 36 training images
     args = ["train", "--output-dir", str(out), f"data.root={root}", *TINY]
-    run_cli([*args, "training.max_steps=2"])
     saved = sorted((out / "checkpoints").iterdir())
     assert saved
     shutil.copy(root / "train" / "class_0" / "000.jpeg", root / "train" / "class_0" / "new.jpeg")
@@ -31,11 +41,9 @@ def test_resuming_on_another_training_split_exits_4_in_one_line_and_keeps_the_ch
     assert sorted((out / "checkpoints").iterdir()) == saved
 
 
-def test_resuming_with_other_parameter_groups_exits_4_in_one_line(tmp_path):
-    root = make_image_folder(tmp_path / "data")
-    out = tmp_path / "run"
+def test_resuming_with_other_parameter_groups_exits_4_in_one_line(two_step_run, tmp_path):
+    root, out = _copy(two_step_run, tmp_path)
     args = ["train", "--output-dir", str(out), f"data.root={root}", *TINY]
-    run_cli([*args, "training.max_steps=2"])
     # Biases without weight decay: two parameter groups where the checkpoint's optimizer has one.
     proc = run_cli([*args, "optimization.no_weight_decay_on_norm_bias=true"], check=False)
     assert proc.returncode == 4, proc.stderr[-3000:]

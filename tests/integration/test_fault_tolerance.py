@@ -23,25 +23,29 @@ import psutil
 import pytest
 import torch
 
-from imgtrain.checkpoint import MANIFEST, STATE_FILE, CheckpointManager, verify
+from imgtrain.checkpoint import MANIFEST, STATE_FILE, verify
 from imgtrain.cli import EXIT_CHECKPOINT
-from imgtrain.config import CheckpointConfig
 from imgtrain.fault import WATCHDOG_EXIT_CODE
 
 from conftest import (
     TINY,
+    WAIT,
     Run,
-    load_weights,
+    assert_same_weights,
+    last_step,
     make_image_folder,
+    manager,
+    metrics,
+    published,
+    resumed_steps,
     run_cli,
     run_torchrun,
+    summary,
     torchrun_cmd,
-    wait_for,
+    wait_until,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-WAIT = 240  # generous upper bound for anything to happen on a loaded 2-core machine
 
 # 4 classes x 40 = 160 training images of 64 px: 20 steps per epoch at a global batch of 8 (2 x 4 or
 # 1 x 8), about 0.1 s each on 2 busy CPU cores: time to act while the run is in the middle of an epoch.
@@ -118,56 +122,9 @@ def cli_cmd(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "imgtrain", *args]
 
 
-def wait_until(cond, what: str, run: Run | None = None, timeout: float = WAIT, poll: float = 0.02):
-    """Poll ``cond()`` until it returns something truthy; fail (with the run's output) if the run
-    exits first or the timeout passes."""
-    return wait_for(
-        cond,
-        timeout,
-        what,
-        poll=poll,
-        ended=None if run is None else lambda: run.proc.poll() is not None,
-        context=None if run is None else lambda: run.output[-6000:],
-    )
-
-
-def metrics(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    return [json.loads(ln) for ln in lines if ln.strip() and ln.endswith("}")]
-
-
-def last_step(out: Path) -> int:
-    steps = [r["step"] for r in metrics(out) if r.get("event") == "train"]
-    return max(steps, default=0)
-
-
 def step_dirs(out: Path) -> list[Path]:
     d = out / "checkpoints"
     return sorted(p for p in d.glob("step_*")) if d.is_dir() else []
-
-
-def published(out: Path, step: int) -> bool:
-    return (out / "checkpoints" / f"step_{step:09d}" / MANIFEST).exists()
-
-
-def manager(out: Path) -> CheckpointManager:
-    return CheckpointManager(CheckpointConfig(), str(out / "checkpoints"), is_writer=False)
-
-
-def resumed_steps(out: Path) -> list[int]:
-    """Steps the run (re)started from, from the 'start' events of metrics.jsonl."""
-    starts = [r for r in metrics(out) if r.get("event") == "start"]
-    return [r["step"] for r in starts]
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = load_weights(a), load_weights(b)
-    assert wa.keys() == wb.keys()
-    differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
-    assert not differ, f"weights differ from the uninterrupted run in {differ}"
 
 
 def assert_same_rng_streams(a: Path, b: Path, step: int) -> None:
@@ -195,10 +152,6 @@ def assert_same_rng_streams(a: Path, b: Path, step: int) -> None:
     for rank, (x, y) in enumerate(zip(ra, rb, strict=True)):
         differ = [k for k in x if not same(x[k], y.get(k))]
         assert not differ, f"rank {rank}: the {differ} RNG streams differ from the uninterrupted run"
-
-
-def summary(out: Path) -> dict:
-    return json.loads((out / "summary.json").read_text())
 
 
 def no_traceback(text: str) -> None:
@@ -332,13 +285,30 @@ def tiny_reference(small_data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def ten_of_fifteen_steps(small_data, tmp_path_factory) -> Path:
+    """tiny_reference's run stopped at step 10: checkpoints at steps 5 and 10 (epoch ends). Copy it to use it."""
+    out = tmp_path_factory.mktemp("ten_of_fifteen_steps") / "run"
+    run_cli(
+        [
+            "train",
+            "--output-dir",
+            str(out),
+            f"data.root={small_data}",
+            *TINY,
+            "training.epochs=3",
+            "training.max_steps=10",
+        ]
+    )
+    return out
+
+
 @pytest.mark.parametrize("corrupt", [_truncate, _flip_bit], ids=["truncated", "bit-flipped"])
 def test_corrupt_newest_checkpoint_is_skipped_and_rejected_when_named(
-    small_data, tiny_reference, tmp_path, corrupt
+    small_data, tiny_reference, ten_of_fifteen_steps, tmp_path, corrupt
 ):
-    out = tmp_path / "run"
+    out = shutil.copytree(ten_of_fifteen_steps, tmp_path / "run")
     args = ["train", "--output-dir", str(out), f"data.root={small_data}", *TINY, "training.epochs=3"]
-    run_cli([*args, "training.max_steps=10"])  # checkpoints at steps 5 and 10 (epoch ends)
     bad, good = out / "checkpoints" / "step_000000010", out / "checkpoints" / "step_000000005"
     assert (bad / MANIFEST).exists() and (good / MANIFEST).exists()
     corrupt(bad / STATE_FILE)

@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -97,14 +96,15 @@ def test_two_node_job_over_launch_monitor_and_cleanup(tmp_path, two_hosts):
             raise AssertionError(f"{e}\n{host_logs()}") from None
         assert launcher.poll() is None, f"the launcher exited {launcher.returncode}\n{host_logs()}"
         # While it runs: monitor.sh sees it running, with a step and a throughput.
-        seen = None
-        while launcher.poll() is None and seen is None:
+
+        def running():
             mon = _script("monitor.sh", str(out))
-            if mon.stdout.startswith(f"{out}: running") and " images/s" in mon.stdout:
-                seen = mon
-            else:
-                time.sleep(0.5)
-        assert seen is not None, "the job finished before monitor.sh saw it running"
+            return mon if mon.stdout.startswith(f"{out}: running") and " images/s" in mon.stdout else None
+
+        seen = wait_for(
+            lambda: running() or launcher.poll() is not None, 180, "monitor.sh to see the job running"
+        )
+        assert seen is not True, "the job finished before monitor.sh saw it running"
         assert seen.returncode == 0 and re.search(
             r"\| step \d+ epoch \d world 2 \| [\d.]+ images/s", seen.stdout
         )

@@ -11,7 +11,6 @@ import math
 import re
 import subprocess
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -26,6 +25,7 @@ from conftest import (
     run_cli,
     subprocess_env,
     torchrun_cmd,
+    wait_for,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -44,14 +44,13 @@ class Receivers:
             return [m["title"] for m in self.http] if kind == "http" else [s for s, _ in self.mail]
 
     def wait_for(self, word: str, timeout: float = 30.0) -> None:
-        """Until a message whose title names ``word`` arrived at both receivers (deadline, polling)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if all(any(t.endswith(f" {word}") for t in self.titles(k)) for k in ("http", "mail")):
-                return
-            time.sleep(0.1)
-        raise AssertionError(
-            f"'{word}' not received: webhook {self.titles('http')}, mail {self.titles('mail')}"
+        """Until a message whose title names ``word`` arrived at both receivers."""
+        wait_for(
+            lambda: all(any(t.endswith(f" {word}") for t in self.titles(k)) for k in ("http", "mail")),
+            timeout,
+            f"'{word}' at both receivers",
+            poll=0.1,
+            context=lambda: f"webhook {self.titles('http')}, mail {self.titles('mail')}",
         )
 
 

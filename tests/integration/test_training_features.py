@@ -81,8 +81,7 @@ def test_same_seed_gives_bit_identical_weights_and_other_seed_does_not(image_fol
     assert not all(torch.equal(runs["a"][k], runs["c"][k]) for k in runs["a"])
 
 
-def test_max_steps_stops_early_and_still_evaluates(image_folder, tmp_path):
-    out = tmp_path / "run"
-    run_cli(["train", "--output-dir", str(out), f"data.root={image_folder}", *TINY, "training.max_steps=2"])
+def test_max_steps_stops_early_and_still_evaluates(two_step_run):
+    _, out = two_step_run  # TINY with training.max_steps=2
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and not summary["completed"] and summary["val_images"] == 12

@@ -21,7 +21,7 @@ from imgtrain.config import (
 from imgtrain.errors import EXIT_CONFIG
 from imgtrain.train.evaluate import eval_base
 
-from conftest import run_cli, subprocess_env
+from conftest import old_saved_config
 
 # (override, key path, value as the message shows it, words of the expectation)
 BAD_OVERRIDES = [
@@ -230,44 +230,8 @@ def test_cli_names_the_moved_key_in_one_line_and_exits_2(tmp_path, capsys):
 
 
 # The data section of a config written before it was split (an old checkpoint's "config", config.yaml).
-OLD_FLAT_DATA = """
-root: /their/data
-image_size: 24
-val_resize: 28
-val_crop_fraction: 0.875
-workers: 1
-prefetch_factor: 4
-pin_memory: true
-persistent_workers: true
-random_resized_crop_scale: [0.85, 1.0]
-hflip: 0.0
-auto_augment: randaugment
-randaugment_magnitude: 7
-random_erase: 0.1
-mixup_alpha: 0.2
-cutmix_alpha: 0.5
-mean: [0.5, 0.5, 0.5]
-std: [0.5, 0.5, 0.5]
-max_bad_fraction: 0.001
-allow_empty_classes: false
-max_image_pixels: 1000000
-decoder: pil
-decode: cpu
-format: folder
-storage_options: {}
-cache_dir: /their/cache
-cache_size_gb: 50.0
-"""
-
-
-def _old_saved_config() -> dict:
-    saved = Config().to_dict()
-    saved["data"] = yaml.safe_load(OLD_FLAT_DATA)
-    return saved
-
-
 def test_a_config_saved_before_the_data_split_still_loads():
-    saved = _old_saved_config()
+    saved = old_saved_config()
     with pytest.raises(ConfigError, match="moved to"):  # as written, the new schema refuses it
         config_from_dict(saved)
     cfg = config_from_dict(upgrade_saved_config(saved))
@@ -288,35 +252,12 @@ def test_a_config_saved_before_the_data_split_still_loads():
 
 
 def test_eval_of_an_old_checkpoint_keeps_its_decoder_and_transform():
-    cfg = load_config(None, ["data.root=/mine"], base=eval_base(_old_saved_config()))
+    cfg = load_config(None, ["data.root=/mine"], base=eval_base(old_saved_config()))
     assert cfg.data.decode.decoder == "pil"
     assert (cfg.data.image_size, cfg.data.val_resize, cfg.data.mean) == (24, 28, [0.5] * 3)
     assert (
         cfg.data.root == "/mine" and cfg.data.cache.dir is None
     )  # the checkpoint's data location is not used
-
-
-@pytest.mark.integration
-@pytest.mark.slow
-def test_imgtrain_eval_reads_a_checkpoint_saved_before_the_data_split(tmp_path):
-    import torch
-
-    from imgtrain.config import ModelConfig
-    from imgtrain.models import create_model
-
-    from conftest import make_image_folder
-
-    data = make_image_folder(tmp_path / "data", classes=2, train_per_class=1, val_per_class=3, size=16)
-    saved = _old_saved_config()
-    saved["model"] = {**saved["model"], "name": "simple_cnn", "width": 4}
-    saved["data"].update(image_size=16, val_resize=16, workers=0)
-    model = create_model(ModelConfig(name="simple_cnn", width=4), 2, 16)
-    ckpt = tmp_path / "model.pt"
-    torch.save(
-        {"model": model.state_dict(), "config": saved, "meta": {"classes": ["class_0", "class_1"]}}, ckpt
-    )
-    proc = run_cli(["eval", "--checkpoint", str(ckpt), f"data.root={data}"], timeout=240)
-    assert '"val_images": 6' in proc.stdout, proc.stderr
 
 
 def test_dump_config_round_trips(tmp_path):
@@ -339,48 +280,22 @@ def test_dump_config_round_trips(tmp_path):
     assert again.output_dir == "runs/x #1"
 
 
-@pytest.mark.integration
-@pytest.mark.slow
 @pytest.mark.parametrize(("override", "key", "shown", "expected"), BAD_OVERRIDES)
-def test_cli_exits_2_naming_the_key_before_creating_anything(override, key, shown, expected, tmp_path):
+def test_cli_exits_2_naming_the_key_before_creating_anything(
+    override, key, shown, expected, tmp_path, monkeypatch, capsys
+):
+    # In this process: `python -m imgtrain` exits with main()'s code (tests/integration/test_cli_process.py).
     out = tmp_path / "run"
-    env = subprocess_env()
-    env["IMGTRAIN_DATA_HOME"] = str(tmp_path / "data_home")  # where the default dataset would go
-    proc = run_cli(["train", "--output-dir", str(out), override], check=False, cwd=tmp_path, env=env)
-    assert proc.returncode == 2, proc.stderr
-    assert key in proc.stderr and expected in proc.stderr
-    assert "Traceback" not in proc.stderr
+    monkeypatch.chdir(tmp_path)
+    # Where the default dataset would go.
+    monkeypatch.setenv("IMGTRAIN_DATA_HOME", str(tmp_path / "data_home"))
+    assert cli.main(["train", "--output-dir", str(out), override]) == 2
+    stderr = capsys.readouterr().err
+    assert key in stderr and expected in stderr
+    assert "Traceback" not in stderr
     assert not out.exists()
     assert not (tmp_path / "data_home").exists()
     assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.integration
-@pytest.mark.slow
-def test_cli_reports_a_config_error_before_importing_torch():
-    import subprocess
-    import sys
-
-    code = (
-        "import sys; from imgtrain.cli import main; rc = main(['train', 'training.epochz=3']); "
-        "print(rc, 'torch' in sys.modules)"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=subprocess_env()
-    )
-    assert proc.stdout.split() == ["2", "False"], proc.stderr
-    assert "training.epochz" in proc.stderr
-
-
-@pytest.mark.integration
-@pytest.mark.slow
-def test_cli_missing_config_file_exits_2(tmp_path):
-    proc = run_cli(
-        ["train", "--config", str(tmp_path / "nope.yaml"), "--output-dir", str(tmp_path / "o")], check=False
-    )
-    assert proc.returncode == 2
-    assert "--config" in proc.stderr and "nope.yaml" in proc.stderr
-    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("out", ["runs/x #1", "2024", "yes", "a: b"])
@@ -396,25 +311,3 @@ def test_cli_output_dir_and_resume_are_taken_literally(out, monkeypatch):
     assert seen["cfg"].output_dir == out
     assert seen["cfg"].checkpoint.resume == f"{out}/ckpt"
     assert seen["cfg"].training.epochs == 3
-
-
-@pytest.mark.integration
-@pytest.mark.slow
-def test_python_m_help_and_console_script():
-    import shutil
-    import subprocess
-    import sys
-
-    proc = run_cli(["--help"])
-    assert "train" in proc.stdout and "eval" in proc.stdout
-    assert "section.key=value" in run_cli(["train", "--help"]).stdout
-    script = Path(sys.executable).parent / "imgtrain"
-    exe = str(script) if script.exists() else shutil.which("imgtrain")
-    assert exe, "the imgtrain console script is not installed"
-    proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60, env=subprocess_env())
-    assert proc.returncode == 0, proc.stderr
-    assert "usage: imgtrain" in proc.stdout
-    proc = subprocess.run(
-        [exe, "train", "training.epochz=3"], capture_output=True, text=True, timeout=60, env=subprocess_env()
-    )
-    assert proc.returncode == 2 and "training.epochz" in proc.stderr

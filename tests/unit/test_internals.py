@@ -4,8 +4,6 @@ later."""
 
 from __future__ import annotations
 
-import multiprocessing
-import multiprocessing.forkserver
 import os
 
 import psutil
@@ -14,68 +12,26 @@ import torch
 import torch.distributed.run
 from torch.utils.data import DataLoader, TensorDataset
 
-from imgtrain.internals import checkpoint_wrapper, dataloader, forkserver, powersgd, shared_memory, torchrun
+from imgtrain.internals import checkpoint_wrapper, dataloader, powersgd, shared_memory, torchrun
 
-
-def _changed(module, what: str) -> str:
-    return f"private symbol changed: {module.PRIVATE_SYMBOL} ({what}); update {module.__name__}"
-
-
-def _canary(module, call):
-    try:
-        return call()
-    except (AttributeError, TypeError, IndexError) as e:
-        pytest.fail(_changed(module, f"{type(e).__name__}: {e}"))
+from conftest import canary, private_symbol_changed
 
 
 def test_powersgd_should_compress_matches_torchs_rule():
     # torch compresses when (rows + cols) * rank * min_rate < rows * cols
-    assert _canary(powersgd, lambda: powersgd.should_compress(512, 512, 1, 2.0)) is True
-    assert _canary(powersgd, lambda: powersgd.should_compress(2, 2, 2, 2.0)) is False
+    assert canary(powersgd, lambda: powersgd.should_compress(512, 512, 1, 2.0)) is True
+    assert canary(powersgd, lambda: powersgd.should_compress(2, 2, 2, 2.0)) is False
 
 
 def test_dataloader_workers_stop_on_request():
     loader = DataLoader(TensorDataset(torch.arange(8)), batch_size=2, num_workers=1, persistent_workers=True)
     it = iter(loader)
     next(it)
-    pids = _canary(dataloader, lambda: dataloader.worker_pids(it))
+    pids = canary(dataloader, lambda: dataloader.worker_pids(it))
     assert len(pids) == 1 and psutil.Process(pids[0]).ppid() == os.getpid()
-    _canary(dataloader, lambda: dataloader.shutdown_workers(loader))
+    canary(dataloader, lambda: dataloader.shutdown_workers(loader))
     assert loader._iterator is None
     assert not psutil.pid_exists(pids[0])
-
-
-# Run in a process the fork server starts. The target is a builtin (pickled by name), so the child imports
-# only imgtrain.internals.forkserver, not this module (and torch).
-_CLOSE_IN_CHILD = (
-    "import sys\n"
-    "from imgtrain.internals import forkserver\n"
-    "sys.exit(0 if forkserver.close_inherited_alive_fd() else 3)\n"
-)
-
-
-def test_fork_server_is_seen_stopped_and_its_children_let_go_of_it():
-    assert not _canary(forkserver, forkserver.running)  # this process started none yet
-    multiprocessing.set_forkserver_preload([])
-    multiprocessing.forkserver.ensure_running()
-    try:
-        assert _canary(forkserver, forkserver.running), _changed(
-            forkserver, "running() misses a started server"
-        )
-        pid = multiprocessing.forkserver._forkserver._forkserver_pid
-        child = multiprocessing.get_context("forkserver").Process(target=exec, args=(_CLOSE_IN_CHILD, {}))
-        child.start()
-        child.join(timeout=120)
-        # 1: an exception (a renamed attribute); 3: a child of the server found no alive pipe to close.
-        assert child.exitcode == 0, _changed(
-            forkserver, f"close_inherited_alive_fd() in a child: exit {child.exitcode}"
-        )
-        assert not forkserver.close_inherited_alive_fd()  # the process that started the server keeps its end
-    finally:
-        _canary(forkserver, forkserver.kill)
-    assert not forkserver.running()
-    with pytest.raises(ProcessLookupError):  # killed and reaped, not left behind
-        os.kill(pid, 0)
 
 
 class _Launched(Exception):
@@ -105,7 +61,7 @@ def test_torchrun_arguments_are_rewritten_as_torchs_run_does(line, tmp_path, mon
         torch.distributed.run.run(torch.distributed.run.parse_args(argv))
     theirs = seen.value.args[0]
     ours = torch.distributed.run.parse_args(argv)
-    _canary(torchrun, lambda: torchrun.rewrite_as_run_does(ours))
+    canary(torchrun, lambda: torchrun.rewrite_as_run_does(ours))
     ours = vars(ours)
     if line[0] == "--standalone" or line == ["--nnodes=1"]:  # a fresh uuid4 on each side
         assert len(theirs["rdzv_id"]) == len(ours["rdzv_id"]) == 36
@@ -113,7 +69,7 @@ def test_torchrun_arguments_are_rewritten_as_torchs_run_does(line, tmp_path, mon
     differ = {
         k: (theirs.get(k), ours.get(k)) for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k)
     }
-    assert not differ, _changed(torchrun, f"torch's run() / ours differ: {differ}")
+    assert not differ, private_symbol_changed(torchrun, f"torch's run() / ours differ: {differ}")
 
 
 def test_checkpointed_block_keeps_its_state_dict_keys_and_gradients():
@@ -124,8 +80,8 @@ def test_checkpointed_block_keeps_its_state_dict_keys_and_gradients():
     block(x).sum().backward()
     expected = [p.grad.clone() for p in block.parameters()]
     block.zero_grad()
-    wrapped = _canary(checkpoint_wrapper, lambda: checkpoint_wrapper.checkpointed(block))
-    assert list(wrapped.state_dict()) == plain_keys, _changed(
+    wrapped = canary(checkpoint_wrapper, lambda: checkpoint_wrapper.checkpointed(block))
+    assert list(wrapped.state_dict()) == plain_keys, private_symbol_changed(
         checkpoint_wrapper, "state_dict keys carry a prefix"
     )
     wrapped(x).sum().backward()
@@ -133,9 +89,9 @@ def test_checkpointed_block_keeps_its_state_dict_keys_and_gradients():
 
 
 def test_shared_bytes_are_shared_memory_of_that_size():
-    flat = _canary(shared_memory, lambda: shared_memory.shared_bytes(24))
+    flat = canary(shared_memory, lambda: shared_memory.shared_bytes(24))
     assert flat.dtype == torch.uint8 and flat.numel() == 24
-    assert flat.is_shared(), _changed(shared_memory, "the storage is not in shared memory")
+    assert flat.is_shared(), private_symbol_changed(shared_memory, "the storage is not in shared memory")
     flat[8:16].view(torch.long)[0] = 7  # the 8-byte views a batch takes of it
     assert flat[8:16].view(torch.long).item() == 7
 
@@ -148,8 +104,7 @@ def test_torchft_hook_survives_a_peer_dying_inside_the_allreduce():
 
     # The override replaces torchft's hook only while torchft registers it under this name.
     assert (
-        _canary(torchft_internals, lambda: vars(torchft.ddp.DistributedDataParallel)["_comm_hook"])
-        is not None
+        canary(torchft_internals, lambda: vars(torchft.ddp.DistributedDataParallel)["_comm_hook"]) is not None
     )
     assert "self._comm_hook" in __import__("inspect").getsource(torchft.ddp.DistributedDataParallel.__init__)
 
@@ -181,10 +136,10 @@ def test_torchft_private_symbols_the_adapter_reads():
     from torchft import manager
 
     holder = type("Holder", (), {})()
-    assert hasattr(_canary(torchft_internals, lambda: manager._ManagedFuture(weakref.ref(holder))), "_fut")
+    assert hasattr(canary(torchft_internals, lambda: manager._ManagedFuture(weakref.ref(holder))), "_fut")
     # MembersGloo reads replica group ids from the quorum's global ranks: replica id "imgtrain_g<id>".
-    assert _canary(torchft_internals, lambda: manager.extract_trailing_digits("imgtrain_g12")) == 12
+    assert canary(torchft_internals, lambda: manager.extract_trailing_digits("imgtrain_g12")) == 12
     http = __import__("torchft.checkpointing.http_transport", fromlist=["HTTPTransport"])
     assert isinstance(
-        _canary(torchft_internals, lambda: vars(http.HTTPTransport)["_load_from_address"]), classmethod
+        canary(torchft_internals, lambda: vars(http.HTTPTransport)["_load_from_address"]), classmethod
     )

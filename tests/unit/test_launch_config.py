@@ -111,31 +111,6 @@ def test_gpu_nodes_fork_workers_from_a_fork_server(tmp_path, monkeypatch):
     assert launch.resolve([*base, "-m", "mypackage.train"])[0].start_method == "spawn"
 
 
-def test_a_fork_of_the_agent_takes_signals_as_python_does():
-    import os
-    import signal
-
-    def agent_handler(signum, frame):  # as torchrun's agent installs them
-        raise RuntimeError("agent handler")
-
-    old = {sig: signal.signal(sig, agent_handler) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    try:
-        pid = os.fork()
-        if pid == 0:  # the worker
-            launch._drop_inherited_agent_state()
-            ok = (
-                signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-                and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-            )
-            os._exit(0 if ok else 2)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-
-
 # torchrun's rule: OMP_NUM_THREADS=1 for more than one worker per node, unless set; the command's own
 # options do not count; only torch can count GPUs.
 @pytest.mark.parametrize(

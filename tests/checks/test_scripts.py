@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, subprocess_env
+from conftest import REPO, render, subprocess_env
 
 pytestmark = [pytest.mark.slow]
 
@@ -198,11 +198,7 @@ def test_ssh_mode_passes_host_names_as_words_and_rejects_shell_syntax(tmp_path):
 def test_optional_efa_patch_renders_a_valid_job(tmp_path):
     import shutil
 
-    import yaml
-
     kv = pytest.importorskip("kubernetes_validate")
-    if shutil.which("kubectl") is None:
-        pytest.skip("kubectl is not installed")
     tree = tmp_path / "kubernetes"
     shutil.copytree(REPO / "deploy" / "kubernetes", tree)
     shutil.copytree(
@@ -215,10 +211,7 @@ def test_optional_efa_patch_renders_a_valid_job(tmp_path):
             "  - path: efa-patch.yaml\n    target: {kind: PyTorchJob}",
         )
     )
-    rendered = subprocess.run(
-        ["kubectl", "kustomize", str(k.parent)], capture_output=True, text=True, check=True
-    )
-    job = next(d for d in yaml.safe_load_all(rendered.stdout) if d and d["kind"] == "PyTorchJob")
+    job = next(d for d in render(k.parent) if d["kind"] == "PyTorchJob")
     template = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]
     container = template["spec"]["containers"][0]
     assert container["resources"]["limits"]["vpc.amazonaws.com/efa"] == 4

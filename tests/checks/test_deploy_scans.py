@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO, TERRAFORM, checkov, hcl
+
 pytestmark = [pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
 DOCKERFILES = [REPO / "deploy" / "docker" / "Dockerfile", REPO / "deploy" / "docker" / "Dockerfile.cpu"]
-TERRAFORM = {"aws": REPO / "deploy" / "terraform" / "aws", "gcp": REPO / "deploy" / "terraform" / "gcp"}
 # What scripts/launch_training.sh and docs/deployment.md read from `terraform output`.
 OUTPUTS_USED = {
     "cloud",
@@ -28,13 +28,6 @@ OUTPUTS_USED = {
     "gpus_per_node",
     "gpu_node_max",
 }
-
-
-def _checkov() -> str | None:
-    for candidate in (REPO / ".tools" / "checkov" / "bin" / "checkov", Path("/opt/checkov-venv/bin/checkov")):
-        if candidate.exists():
-            return str(candidate)
-    return shutil.which("checkov")
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
@@ -99,7 +92,7 @@ def test_torch_floor_has_the_weights_only_fixes_everywhere(tmp_path):
 @pytest.fixture(scope="module")
 def checkov_reports() -> dict[str, dict]:
     """One checkov run over both frameworks (it takes ~10 s to start): {check_type: report}."""
-    exe = _checkov()
+    exe = checkov()
     if exe is None:
         pytest.skip("checkov is not installed (scripts/install.sh puts it in .tools/checkov)")
     cmd = [
@@ -146,16 +139,6 @@ def test_checkov_passes_with_only_justified_skips(checkov_reports, framework):
         assert any("aws" in f for f in files) and any("gcp" in f for f in files), files
 
 
-def _hcl(module: Path) -> dict[str, list]:
-    hcl2 = pytest.importorskip("hcl2")
-    merged: dict[str, list] = {}
-    for tf in sorted(module.glob("*.tf")):
-        with tf.open() as f:
-            for key, blocks in hcl2.load(f).items():
-                merged.setdefault(key, []).extend(blocks)
-    return merged
-
-
 def _unquote(s):
     return s[1:-1] if isinstance(s, str) and len(s) >= 2 and s[0] == s[-1] == '"' else s
 
@@ -166,7 +149,7 @@ def _named(blocks: list[dict]) -> dict[str, dict]:
 
 @pytest.mark.parametrize("cloud", sorted(TERRAFORM))
 def test_terraform_variables_are_validated_and_outputs_cover_the_scripts(cloud):
-    tf = _hcl(TERRAFORM[cloud])
+    tf = hcl(TERRAFORM[cloud])
     variables, outputs = _named(tf["variable"]), _named(tf["output"])
     for name, body in variables.items():
         assert _unquote(body.get("description", "")), f"variable {name} has no description"
@@ -203,7 +186,7 @@ def test_terraform_variables_are_validated_and_outputs_cover_the_scripts(cloud):
 
 @pytest.mark.parametrize("cloud", sorted(TERRAFORM))
 def test_terraform_holds_no_credentials(cloud):
-    tf = _hcl(TERRAFORM[cloud])
+    tf = hcl(TERRAFORM[cloud])
     for provider in _named(tf["provider"]).values():
         assert not {"access_key", "secret_key", "token", "credentials", "access_token"} & set(provider)
     text = "\n".join(p.read_text() for p in TERRAFORM[cloud].glob("*.tf"))
