@@ -363,15 +363,24 @@ def test_kubernetes_lighthouse_command_serves_its_probes(tmp_path):
         pytest.skip("torchft is not installed (pip install 'imgtrain[ft]')")
     import urllib.request
 
-    from conftest import free_port
+    from conftest import free_port, wait_for
 
     doc, argv = _lighthouse_argv()
     port = free_port()
     argv = [a.replace("$(POD_IP)", "127.0.0.1").replace(str(LIGHTHOUSE_PORT), str(port)) for a in argv]
     (c,) = doc["spec"]["template"]["spec"]["containers"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "lighthouse.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, text=True)
     try:
-        assert "listening on" in proc.stdout.readline()
+        # Its first lines may be warnings (a loaded machine, RUST_LOG): wait for the one that says it listens.
+        wait_for(
+            lambda: "listening on" in log.read_text(),
+            60,
+            "the lighthouse to listen",
+            ended=lambda: proc.poll() is not None,
+            context=log.read_text,
+        )
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             url = f"http://127.0.0.1:{port}{c[probe]['httpGet']['path']}"
             with urllib.request.urlopen(url, timeout=10) as r:
