@@ -345,7 +345,7 @@ def test_every_group_down_a_returning_group_resumes_from_the_newest_checkpoint_o
     g1.proc.send_signal(signal.SIGSTOP)  # group 1 saves no more; group 0 trains on and saves later steps
     own = max(published_steps(tmp_path, 1))
     wait_for(
-        lambda: max(published_steps(tmp_path, 0)) >= own + 20,
+        lambda: max(published_steps(tmp_path, 0), default=0) >= own + 20,
         WAIT,
         "group 0 to save checkpoints beyond group 1's",
         poll=0.05,
