@@ -443,9 +443,19 @@ class CheckpointManager:
     def _newest_good(self, fetch: bool) -> tuple[str, str | io.BytesIO | None] | None:
         """The newest checkpoint whose state.pt verifies and whose rank files are all there, its state.pt
         hashed while it is read (object stores) or streamed before a memory-mapped load (local files): one
-        read. Each rank checks the hash of its own rank file as it loads it. Bad ones are logged and skipped."""
+        read. Each rank checks the hash of its own rank file as it loads it. Bad ones, and another run's (when
+        this manager has a run id), are logged and skipped."""
         for _, name in self._step_dirs():
             path = self.url(name)
+            manifest = _read_manifest(self.fs, self._fs_path(name))
+            if manifest is not None and not self._owns(manifest):
+                log.warning(
+                    "skipping checkpoint %s: of run '%s', this is run '%s'",
+                    path,
+                    manifest["run_id"],
+                    self.run_id,
+                )
+                continue
             try:
                 source = _fetch_verified(path, self.storage_options, keep=fetch)
             except CheckpointError as e:

@@ -51,6 +51,33 @@ def test_dockerfiles_label_the_package_version_and_run_as_non_root():
         assert "--shm-size" in text
 
 
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_images_install_torchft_and_its_lighthouse(path):
+    """fault_tolerance.mode=replicated needs torchft (the ft extra) in the image, and the lighthouse
+    manifests (deploy/lighthouse) run the image's torchft_lighthouse: the requirements the Dockerfile
+    generates, run as it writes them, pin torchft as the extra does, and the build runs the binary."""
+    import sys
+
+    import tomllib
+
+    (ft,) = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["ft"]
+    text = path.read_text()
+    args = re.search(
+        r"python deploy/docker/requirements\.py (pyproject\.toml [^>\n]*)> requirements\.txt", text
+    )
+    assert args, f"{path.name}: no requirements.txt step"
+    proc = subprocess.run(
+        [sys.executable, "deploy/docker/requirements.py", *args.group(1).split()],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert ft in proc.stdout.splitlines(), f"{path.name}: requirements.txt lacks {ft}:\n{proc.stdout}"
+    assert "torchft_lighthouse --help" in text
+
+
 def test_torch_floor_has_the_weights_only_fixes_everywhere(tmp_path):
     """Checkpoints are loaded with weights_only=True, which older torch releases let a crafted file bypass
     (CVE-2025-32434 up to 2.5.1; GHSA-63cw-57p8-fm3p up to 2.9.1): neither pyproject.toml nor the CUDA

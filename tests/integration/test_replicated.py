@@ -336,6 +336,43 @@ def test_sigstop_the_other_goes_on_after_the_timeout_and_sigcont_heals(tmp_path,
     assert_steps_never_go_back(tmp_path, 0)
 
 
+def test_every_group_down_a_returning_group_resumes_from_the_newest_checkpoint_of_any_group(tmp_path, groups):
+    """Both groups die; group 0 had saved later steps than group 1. Group 1, restarted alone (no live
+    peer to heal from), resumes from group 0's newest checkpoint, not its own older one: nothing is redone."""
+    g0, g1 = groups(0), groups(1)
+    wait_both_in_quorum(tmp_path, [g0, g1])
+    wait_for(lambda: published_steps(tmp_path, 1), WAIT, "group 1 to save a checkpoint", poll=0.05)
+    g1.proc.send_signal(signal.SIGSTOP)  # group 1 saves no more; group 0 trains on and saves later steps
+    own = max(published_steps(tmp_path, 1))
+    wait_for(
+        lambda: max(published_steps(tmp_path, 0), default=0) >= own + 20,
+        WAIT,
+        "group 0 to save checkpoints beyond group 1's",
+        poll=0.05,
+        ended=lambda: g0.proc.poll() is not None,
+        context=lambda: g0.output[-4000:],
+    )
+    for r in (g0, g1):
+        r.proc.kill()
+        r.proc.wait(timeout=30)
+    newest = max(published_steps(tmp_path, 0))
+    assert max(published_steps(tmp_path, 1)) == own < newest
+    trained_before = last_step(tmp_path, 1)
+    g1b = groups(1, name="group1-alone")
+    wait_for(
+        lambda: last_step(tmp_path, 1) > newest,
+        WAIT,
+        "the restarted group 1 to train past group 0's newest checkpoint",
+        poll=0.05,
+        ended=lambda: g1b.proc.poll() is not None,
+        context=lambda: g1b.output[-4000:],
+    )
+    resumed = tmp_path / "run" / "group-0" / "checkpoints" / f"step_{newest:09d}"
+    assert f"resumed from {resumed}: " in g1b.output, g1b.output[-4000:]
+    after = [r["step"] for r in records(tmp_path, 1, "train") if r["step"] > trained_before]
+    assert min(after) == newest + 1  # the steps between the two groups' checkpoints are not redone
+
+
 def test_lighthouse_killed_and_restarted_replicas_reconnect_and_go_on(tmp_path, groups, lighthouse):
     g0, g1 = groups(0), groups(1)
     pid0, pid1 = g0.proc.pid, g1.proc.pid

@@ -90,6 +90,20 @@ def test_checkpoints_without_a_run_id_are_resumed(tmp_path):
     mgr.close()
 
 
+def test_a_reader_with_a_run_id_skips_another_runs_newer_checkpoint(tmp_path):
+    # Replicated mode reads every group's directory this way: a newer checkpoint of another run (a group
+    # directory left from an earlier run) is not resumed from.
+    _save(tmp_path / "mine", [4], run_id="run-b").close()
+    _save(tmp_path / "other", [9], run_id="run-a").close()
+    for directory, expected in (("mine", "step_000000004"), ("other", None)):
+        reader = CheckpointManager(_cfg(), str(tmp_path / directory), is_writer=False, run_id="run-b")
+        found = reader.resolve("latest")
+        reader.close()
+        assert (found and found.rsplit("/", 1)[-1]) == expected
+    # Without a run id (`imgtrain checkpoints`, --resume PATH) a reader takes any run's.
+    assert CheckpointManager(_cfg(), str(tmp_path / "other"), is_writer=False).resolve("latest").endswith("9")
+
+
 def test_retention_never_removes_another_runs_checkpoint(tmp_path):
     mgr = _save(tmp_path, [1, 2], run_id="run-b", keep_last_n=2)
     # Another run's checkpoint appears beside ours (a file system without locks, a hand copy).

@@ -447,9 +447,10 @@ class Trainer:
         mode = self.cfg.checkpoint.resume
         if mode == "never":
             return
-        loaded = self.checkpointer.load(
-            "latest" if mode == "auto" else mode, before_restore=self._check_checkpoint
-        )
+        which = "latest" if mode == "auto" else mode
+        if mode == "auto" and self.cfg.fault_tolerance.mode == "replicated" and self.info.rank == 0:
+            which = self._newest_of_all_groups() or which
+        loaded = self.checkpointer.load(which, before_restore=self._check_checkpoint)
         if loaded is None:
             log.info("no checkpoint to resume from in %s: starting fresh", self.checkpointer.directory)
             return
@@ -471,6 +472,27 @@ class Trainer:
                 }
             },
         )
+
+    def _newest_of_all_groups(self) -> str | None:
+        """Replicated mode: the newest verified checkpoint of this run in any group's checkpoint directory.
+        When every group was down at once, a group's own newest may be far behind another's: resuming from
+        its own would redo the difference (and the groups would heal back to whoever came up first)."""
+        if self.cfg.checkpoint.dir:
+            return None  # one directory for every group: "latest" already sees all of them
+        best: tuple[int, str] | None = None
+        for group in range(self.cfg.fault_tolerance.replicated.num_groups):
+            directory = Path(self.cfg.output_dir) / f"group-{group}" / "checkpoints"
+            reader = CheckpointManager(
+                self.cfg.checkpoint, str(directory), is_writer=False, run_id=self.checkpointer.run_id
+            )
+            try:
+                path = reader.resolve("latest")
+                step = next((c.step for c in reader.list() if c.path == path), None)
+            finally:
+                reader.close()
+            if path is not None and step is not None and (best is None or step > best[0]):
+                best = (step, path)
+        return best[1] if best else None
 
     def save_checkpoint(self, blocking: bool | None = None) -> float:
         """Collective. Returns the stall the training loop paid on this rank."""
