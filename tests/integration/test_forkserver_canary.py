@@ -22,7 +22,10 @@ _CLOSE_IN_CHILD = (
 
 
 def test_fork_server_is_seen_stopped_and_its_children_let_go_of_it():
-    assert not canary(forkserver, forkserver.running)  # this process started none yet
+    # An earlier test of this pytest process may have started one (a loader, the launcher): stop it first,
+    # so that running() is seen to go from False to True to False here.
+    canary(forkserver, forkserver.kill)
+    assert not canary(forkserver, forkserver.running)
     multiprocessing.set_forkserver_preload([])
     multiprocessing.forkserver.ensure_running()
     try:
