@@ -371,8 +371,7 @@ def test_kubernetes_lighthouse_command_serves_its_probes(tmp_path):
     (c,) = doc["spec"]["template"]["spec"]["containers"]
     log = tmp_path / "lighthouse.log"
     with log.open("w") as out:
-        # RUST_LOG=info: its "listening on" line is an info log, and importing imgtrain's replicated mode
-        # earlier in this pytest process set RUST_LOG=warn for torchft (inherited by children).
+        # RUST_LOG=info: its "listening on" line is an info log, whatever RUST_LOG the environment carries.
         env = {**os.environ, "RUST_LOG": "info"}
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
     try:
