@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 
 import pytest
@@ -160,7 +161,7 @@ def test_a_loopback_store_address_is_replaced_by_one_peers_reach():
 
 def test_bind_defaults_to_the_address_of_the_host_name_peers_are_told(monkeypatch):
     monkeypatch.setattr(replicas.socket, "gethostname", lambda: "localhost")
-    assert replicas.bind_address(None, "http://127.0.0.1:29510") == "127.0.0.1"
+    assert ipaddress.ip_address(replicas.bind_address(None, "http://127.0.0.1:29510")).is_loopback
     assert replicas.bind_address("127.0.0.1", "http://192.0.2.9:29510") == "127.0.0.1"  # what was asked
     assert replicas.bind_address("::1", "http://192.0.2.9:29510") == "::1"
 
@@ -172,7 +173,7 @@ def test_bind_default_refuses_loopback_when_the_lighthouse_is_elsewhere(monkeypa
     with pytest.raises(ConfigError) as ei:
         replicas.bind_address(None, "http://192.0.2.9:29510")
     assert ei.value.key == "fault_tolerance.replicated.bind"
-    assert "resolves to 127.0.0.1 (loopback)" in str(ei.value) and "http://192.0.2.9:29510" in str(ei.value)
+    assert "(loopback)" in str(ei.value) and "http://192.0.2.9:29510" in str(ei.value)
 
 
 def test_bind_that_does_not_resolve_names_the_key():
