@@ -191,6 +191,19 @@ def print_table(title: str, unit: str, rows: list[tuple[str, dict[str, Any], str
         )
 
 
+def add_run_args(p, name: str) -> None:
+    """The options every fault benchmark (recovery, ft_*) takes: worker threads, where the runs go, where
+    the result goes."""
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each worker")
+    p.add_argument("--dir", default=None, help="keep the runs and their logs here (default: a temp dir)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"write the result here instead of the record (results/{name}/latest.json + history.jsonl)",
+    )
+
+
 def add_model_args(p, model: str, batch: int, image_size: int) -> None:
     """The model/batch/threads options every training benchmark takes."""
     p.add_argument("--model", default=model, help="imgtrain model.name")

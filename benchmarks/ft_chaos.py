@@ -32,12 +32,11 @@ import statistics
 import time
 from pathlib import Path
 
-from bench_common import make_jpeg_folder, record
+from bench_common import add_run_args, make_jpeg_folder, record
 from ft_common import (
     COLLECTIVE_TIMEOUT,
     MODES,
     Groups,
-    add_run_args,
     comma_list,
     next_commit,
     records,

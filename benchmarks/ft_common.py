@@ -39,18 +39,6 @@ COLLECTIVE_TIMEOUT = 10
 HEARTBEAT_MS = 1000
 
 
-def add_run_args(p: argparse.ArgumentParser, name: str) -> None:
-    """The options every ft_* benchmark takes: worker threads, where the runs go, where the result goes."""
-    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each worker")
-    p.add_argument("--dir", default=None, help="keep the runs and their logs here (default: a temp dir)")
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help=f"write the result here instead of the record (results/{name}/latest.json + history.jsonl)",
-    )
-
-
 def comma_list(p: argparse.ArgumentParser, text: str, allowed: tuple[str, ...], option: str) -> list[str]:
     """``a,b`` -> [a, b], each one of ``allowed`` (else the usage error names the culprit, exit 2)."""
     items = [x.strip() for x in text.split(",") if x.strip()]

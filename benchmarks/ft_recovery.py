@@ -39,12 +39,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench_common import make_jpeg_folder, record
+from bench_common import add_run_args, make_jpeg_folder, record
 from ft_common import (
     COLLECTIVE_TIMEOUT,
     MODES,
     Groups,
-    add_run_args,
     comma_list,
     last_step,
     logs_tail,

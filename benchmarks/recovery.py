@@ -50,7 +50,7 @@ import psutil
 _TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path[:0] = [str(_TESTS / "integration"), str(_TESTS)]  # elastic_nodes and the conftest it imports
 
-from bench_common import command_line, machine_info, make_jpeg_folder, record, stats  # noqa: E402
+from bench_common import add_run_args, command_line, machine_info, make_jpeg_folder, record, stats  # noqa: E402
 
 from conftest import free_port, subprocess_env  # noqa: E402
 from elastic_nodes import (  # noqa: E402
@@ -95,14 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--steps-after-save", type=int, default=2, help="inject the fault this many steps after a save"
     )
     p.add_argument("--images", type=int, default=96, help="training images (3 classes); global batch 8")
-    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each worker")
-    p.add_argument("--dir", default=None, help="keep the runs and their logs here (default: a temp dir)")
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="write the result here instead of the record (results/recovery/latest.json + history.jsonl)",
-    )
+    add_run_args(p, "recovery")
     args = p.parse_args(argv)
     args.faults = [f.strip() for f in args.faults.split(",") if f.strip()]
     args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]

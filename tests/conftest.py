@@ -150,6 +150,23 @@ def run_cli(
     return proc
 
 
+def run_benchmark(
+    name: str, args: list[str], tmp_path: Path, timeout: float = 180
+) -> subprocess.CompletedProcess:
+    """`python benchmarks/NAME.py ARGS` as a subprocess in ``tmp_path``, with its temporary files (generated
+    images, checkpoints) under ``tmp_path`` too; returns the completed process (text output)."""
+    env = subprocess_env()
+    env["TMPDIR"] = str(tmp_path)
+    return subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tmp_path,
+        env=env,
+    )
+
+
 def torchrun_cmd(nproc: int, args: list[str], extra: list[str] | None = None) -> list[str]:
     return [
         sys.executable,
@@ -353,6 +370,26 @@ def manager(out: Path):
     from imgtrain.config import CheckpointConfig
 
     return CheckpointManager(CheckpointConfig(), str(out / "checkpoints"), is_writer=False)
+
+
+def sync_cfg(**kw):
+    """A CheckpointConfig (``kw`` its fields) whose saves are synchronous: a save's files exist when it returns."""
+    from imgtrain.config import CheckpointConfig
+
+    return CheckpointConfig(**{"async_save": False, **kw})
+
+
+class Box:
+    """A checkpoint component holding one value."""
+
+    def __init__(self, value=None):
+        self.value = value
+
+    def state_dict(self):
+        return self.value
+
+    def load_state_dict(self, value) -> None:
+        self.value = value
 
 
 def resumed_steps(out: Path) -> list[int]:

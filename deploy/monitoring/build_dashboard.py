@@ -70,7 +70,30 @@ def series(
     return p
 
 
-def single(title: str, unit: str, expr: str, legend: str = "{{run_id}}", span: int = 4) -> stat.Panel:
+def by_run(agg: str, metric: str, what: str = "", scale: str = "") -> prometheus.Dataquery:
+    """One line per selected run: ``agg by (run_id)`` of ``metric`` (times ``scale``), legend "<run> what"."""
+    return query(f"{scale}{agg} by (run_id) ({metric}{{{SEL}}})", " ".join(["{{run_id}}", what]).strip())
+
+
+def per_rank(metric: str, what: str = "", rate: bool = False, labels: str = "") -> prometheus.Dataquery:
+    """One line per selected rank: ``metric`` (its rate with ``rate``), ``labels`` added to the selector."""
+    expr = f"{metric}{{{RSEL}{labels}}}"
+    return query(f"rate({expr}[{RATE}])" if rate else expr, " ".join(["rank {{rank}}", what]).strip())
+
+
+def per_node(metric: str, what: str) -> prometheus.Dataquery:
+    """One line per node: the rate of a host counter (every rank of a node exports the same one)."""
+    return query(f"max by (node) (rate({metric}{{{SEL}}}[{RATE}]))", f"{{{{node}}}} {what}")
+
+
+def per_group(title: str, unit: str, metric: str, description: str = "") -> timeseries.Panel:
+    """A replica-group metric of replicated mode: one line per (run, replica group)."""
+    expr = f"max by (run_id, replica_group) ({metric}{{{SEL}}})"
+    return series(title, unit, query(expr, "{{run_id}} group {{replica_group}}"), description=description)
+
+
+def single(title: str, unit: str, metric: str, span: int = 4) -> stat.Panel:
+    """A big number per selected run: the largest value of ``metric`` among its ranks."""
     return (
         stat.Panel()
         .title(title)
@@ -80,7 +103,7 @@ def single(title: str, unit: str, expr: str, legend: str = "{{run_id}}", span: i
         .height(4)
         .graph_mode(BigValueGraphMode.AREA)
         .color_mode(BigValueColorMode.VALUE)
-        .with_target(query(expr, legend).ref_id("A"))
+        .with_target(by_run("max", metric).ref_id("A"))
     )
 
 
@@ -123,36 +146,34 @@ def build() -> dict:
 
     d = (
         d.with_row(Row("Progress"))
-        .with_panel(single("Global step", "none", f"max by (run_id) (imgtrain_global_step{{{SEL}}})"))
-        .with_panel(single("Epoch", "none", f"max by (run_id) (imgtrain_epoch{{{SEL}}})"))
-        .with_panel(single("World size", "none", f"max by (run_id) (imgtrain_world_size{{{SEL}}})"))
-        .with_panel(single("Restarts (resumes)", "none", f"max by (run_id) (imgtrain_restarts{{{SEL}}})"))
-        .with_panel(
-            single("Validation top-1", "percent", f"max by (run_id) (imgtrain_val_top1_percent{{{SEL}}})")
-        )
-        .with_panel(single("Training", "none", f"max by (run_id) (imgtrain_running{{{SEL}}})"))
+        .with_panel(single("Global step", "none", "imgtrain_global_step"))
+        .with_panel(single("Epoch", "none", "imgtrain_epoch"))
+        .with_panel(single("World size", "none", "imgtrain_world_size"))
+        .with_panel(single("Restarts (resumes)", "none", "imgtrain_restarts"))
+        .with_panel(single("Validation top-1", "percent", "imgtrain_val_top1_percent"))
+        .with_panel(single("Training", "none", "imgtrain_running"))
         .with_panel(
             series(
                 "Training loss",
                 "none",
-                query(f"avg by (run_id) (imgtrain_loss{{{SEL}}})", "{{run_id}} train"),
-                query(f"avg by (run_id) (imgtrain_val_loss{{{SEL}}})", "{{run_id}} val"),
+                by_run("avg", "imgtrain_loss", "train"),
+                by_run("avg", "imgtrain_val_loss", "val"),
             )
         )
         .with_panel(
             series(
                 "Accuracy",
                 "percent",
-                query(f"avg by (run_id) (imgtrain_val_top1_percent{{{SEL}}})", "{{run_id}} val top-1"),
-                query(f"avg by (run_id) (imgtrain_val_top5_percent{{{SEL}}})", "{{run_id}} val top-5"),
-                query(f"avg by (run_id) (imgtrain_train_top1_percent{{{SEL}}})", "{{run_id}} train top-1"),
+                by_run("avg", "imgtrain_val_top1_percent", "val top-1"),
+                by_run("avg", "imgtrain_val_top5_percent", "val top-5"),
+                by_run("avg", "imgtrain_train_top1_percent", "train top-1"),
             )
         )
         .with_panel(
             series(
                 "Learning rate",
                 "none",
-                query(f"avg by (run_id) (imgtrain_learning_rate{{{SEL}}})", "{{run_id}}"),
+                by_run("avg", "imgtrain_learning_rate"),
             )
         )
     )
@@ -163,7 +184,7 @@ def build() -> dict:
             series(
                 "Images/s (all ranks)",
                 "none",
-                query(f"avg by (run_id) (imgtrain_images_per_second{{{SEL}}})", "{{run_id}}"),
+                by_run("avg", "imgtrain_images_per_second"),
             )
         )
         .with_panel(
@@ -179,9 +200,7 @@ def build() -> dict:
                 "optimizer, checkpoint stall. The rest is evaluation and bookkeeping.",
             )
         )
-        .with_panel(
-            series("Step time", "s", query(f"avg by (run_id) (imgtrain_step_seconds{{{SEL}}})", "{{run_id}}"))
-        )
+        .with_panel(series("Step time", "s", by_run("avg", "imgtrain_step_seconds")))
     )
 
     d = (
@@ -203,9 +222,8 @@ def build() -> dict:
             series(
                 "Exposed all-reduce per rank",
                 "percentunit",
-                query(
-                    f'rate(imgtrain_step_phase_seconds_total{{{RSEL}, phase="allreduce_exposed"}}[{RATE}])',
-                    "rank {{rank}}",
+                per_rank(
+                    "imgtrain_step_phase_seconds_total", rate=True, labels=', phase="allreduce_exposed"'
                 ),
             )
         )
@@ -213,17 +231,14 @@ def build() -> dict:
             series(
                 "Data wait per rank",
                 "percentunit",
-                query(
-                    f'rate(imgtrain_step_phase_seconds_total{{{RSEL}, phase="data_wait"}}[{RATE}])',
-                    "rank {{rank}}",
-                ),
+                per_rank("imgtrain_step_phase_seconds_total", rate=True, labels=', phase="data_wait"'),
             )
         )
         .with_panel(
             series(
                 "Slowest / median rank",
                 "none",
-                query(f"max by (run_id) (imgtrain_step_time_max_over_median{{{SEL}}})", "{{run_id}}"),
+                by_run("max", "imgtrain_step_time_max_over_median"),
                 span=12,
             )
         )
@@ -231,7 +246,7 @@ def build() -> dict:
             single(
                 "Straggler rank (-1: none)",
                 "none",
-                f"max by (run_id) (imgtrain_straggler_rank{{{SEL}}})",
+                "imgtrain_straggler_rank",
                 span=12,
             )
         )
@@ -243,58 +258,46 @@ def build() -> dict:
             series(
                 "GPU utilization",
                 "percent",
-                query(f"imgtrain_gpu_utilization_percent{{{RSEL}}}", "rank {{rank}} gpu {{gpu}}"),
+                per_rank("imgtrain_gpu_utilization_percent", "gpu {{gpu}}"),
             )
         )
         .with_panel(
             series(
                 "GPU memory",
                 "bytes",
-                query(f"imgtrain_gpu_memory_used_bytes{{{RSEL}}}", "rank {{rank}} used"),
-                query(f"imgtrain_gpu_memory_reserved_bytes{{{RSEL}}}", "rank {{rank}} reserved by torch"),
+                per_rank("imgtrain_gpu_memory_used_bytes", "used"),
+                per_rank("imgtrain_gpu_memory_reserved_bytes", "reserved by torch"),
             )
         )
         .with_panel(
             series(
                 "GPU temperature",
                 "celsius",
-                query(f"imgtrain_gpu_temperature_celsius{{{RSEL}}}", "rank {{rank}} gpu {{gpu}}"),
+                per_rank("imgtrain_gpu_temperature_celsius", "gpu {{gpu}}"),
             )
         )
         .with_panel(
             series(
                 "Process CPU (cores)",
                 "none",
-                query(f"rate(imgtrain_process_cpu_seconds_total{{{RSEL}}}[{RATE}])", "rank {{rank}}"),
+                per_rank("imgtrain_process_cpu_seconds_total", rate=True),
             )
         )
         .with_panel(
             series(
                 "Process memory (RSS)",
                 "bytes",
-                query(f"imgtrain_process_resident_memory_bytes{{{RSEL}}}", "rank {{rank}}"),
+                per_rank("imgtrain_process_resident_memory_bytes"),
             )
         )
         .with_panel(
             series(
                 "Host network and disk",
                 "Bps",
-                query(
-                    f"max by (node) (rate(imgtrain_host_network_receive_bytes_total{{{SEL}}}[{RATE}]))",
-                    "{{node}} net in",
-                ),
-                query(
-                    f"max by (node) (rate(imgtrain_host_network_transmit_bytes_total{{{SEL}}}[{RATE}]))",
-                    "{{node}} net out",
-                ),
-                query(
-                    f"max by (node) (rate(imgtrain_host_disk_read_bytes_total{{{SEL}}}[{RATE}]))",
-                    "{{node}} disk read",
-                ),
-                query(
-                    f"max by (node) (rate(imgtrain_host_disk_written_bytes_total{{{SEL}}}[{RATE}]))",
-                    "{{node}} disk write",
-                ),
+                per_node("imgtrain_host_network_receive_bytes_total", "net in"),
+                per_node("imgtrain_host_network_transmit_bytes_total", "net out"),
+                per_node("imgtrain_host_disk_read_bytes_total", "disk read"),
+                per_node("imgtrain_host_disk_written_bytes_total", "disk write"),
             )
         )
     )
@@ -305,10 +308,12 @@ def build() -> dict:
             series(
                 "Checkpoint age",
                 "s",
-                query(f"max by (run_id) (imgtrain_checkpoint_age_seconds{{{SEL}}})", "{{run_id}} age"),
-                query(
-                    f"2 * max by (run_id) (imgtrain_checkpoint_interval_seconds{{{SEL}}})",
-                    "{{run_id}} alert threshold (2 x interval)",
+                by_run("max", "imgtrain_checkpoint_age_seconds", "age"),
+                by_run(
+                    "max",
+                    "imgtrain_checkpoint_interval_seconds",
+                    "alert threshold (2 x interval)",
+                    scale="2 * ",
                 ),
             )
         )
@@ -316,27 +321,16 @@ def build() -> dict:
             series(
                 "Checkpoint duration",
                 "s",
-                query(
-                    f"max by (run_id) (imgtrain_checkpoint_stall_seconds{{{SEL}}})",
-                    "{{run_id}} training loop held",
-                ),
-                query(
-                    f"max by (run_id) (imgtrain_checkpoint_write_seconds{{{SEL}}})",
-                    "{{run_id}} write (rank 0)",
-                ),
+                by_run("max", "imgtrain_checkpoint_stall_seconds", "training loop held"),
+                by_run("max", "imgtrain_checkpoint_write_seconds", "write (rank 0)"),
             )
         )
         .with_panel(
             series(
                 "Failures",
                 "none",
-                query(
-                    f"max by (run_id) (imgtrain_checkpoint_failures{{{SEL}}})",
-                    "{{run_id}} checkpoint write failures",
-                ),
-                query(
-                    f"max by (run_id) (imgtrain_bad_files_total{{{SEL}}})", "{{run_id}} undecodable images"
-                ),
+                by_run("max", "imgtrain_checkpoint_failures", "checkpoint write failures"),
+                by_run("max", "imgtrain_bad_files_total", "undecodable images"),
             )
         )
     )
@@ -348,8 +342,8 @@ def build() -> dict:
             series(
                 "Replica groups in the quorum",
                 "none",
-                query(f"min by (run_id) (imgtrain_quorum_size{{{SEL}}})", "{{run_id}} quorum"),
-                query(f"max by (run_id) (imgtrain_replica_groups_expected{{{SEL}}})", "{{run_id}} full size"),
+                by_run("min", "imgtrain_quorum_size", "quorum"),
+                by_run("max", "imgtrain_replica_groups_expected", "full size"),
                 description="Replica groups that take part in each step, against the job's full size "
                 "(fault_tolerance.replicated.num_groups). ImgtrainQuorumBelowFull fires when the quorum "
                 "stays below it for 10 minutes.",
@@ -359,55 +353,31 @@ def build() -> dict:
             series(
                 "Quorum changes",
                 "none",
-                query(f"max by (run_id) (imgtrain_quorum_id{{{SEL}}})", "{{run_id}} quorum id"),
+                by_run("max", "imgtrain_quorum_id", "quorum id"),
                 description="The lighthouse's quorum id: each step up is a membership change (a group "
                 "left or joined).",
             )
         )
         .with_panel(
-            series(
+            per_group(
                 "Steps dropped",
                 "none",
-                query(
-                    f"max by (run_id, replica_group) (imgtrain_steps_dropped_total{{{SEL}}})",
-                    "{{run_id}} group {{replica_group}}",
-                ),
+                "imgtrain_steps_dropped_total",
                 description="Steps not committed (the commit vote failed: a peer died mid-step) or whose "
                 "missing groups' share was dropped (missing_group_policy: drop).",
             )
         )
         .with_panel(
-            series(
+            per_group(
                 "Heals",
                 "none",
-                query(
-                    f"max by (run_id, replica_group) (imgtrain_heals_total{{{SEL}}})",
-                    "{{run_id}} group {{replica_group}}",
-                ),
+                "imgtrain_heals_total",
                 description="Times a replica group fetched the live state from a peer (after a restart "
                 "or after falling behind).",
             )
         )
-        .with_panel(
-            series(
-                "Heal duration (last heal)",
-                "s",
-                query(
-                    f"max by (run_id, replica_group) (imgtrain_heal_seconds{{{SEL}}})",
-                    "{{run_id}} group {{replica_group}}",
-                ),
-            )
-        )
-        .with_panel(
-            series(
-                "State transferred by heals",
-                "bytes",
-                query(
-                    f"max by (run_id, replica_group) (imgtrain_heal_bytes_total{{{SEL}}})",
-                    "{{run_id}} group {{replica_group}}",
-                ),
-            )
-        )
+        .with_panel(per_group("Heal duration (last heal)", "s", "imgtrain_heal_seconds"))
+        .with_panel(per_group("State transferred by heals", "bytes", "imgtrain_heal_bytes_total"))
     )
 
     d = (

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import ipaddress
 import os
 import re
 import types
@@ -28,6 +29,15 @@ from imgtrain.errors import ConfigError, expected_one_of
 def _check(cond: bool, key: str, value: Any, expected: str) -> None:
     if not cond:
         raise ConfigError(key, value, expected)
+
+
+def _is_host(value: str) -> bool:
+    """An IP address or a host name, without a port."""
+    try:
+        ipaddress.ip_address(value.strip("[]"))
+        return True
+    except ValueError:
+        return re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", value) is not None
 
 
 def _at_least(section: Any, p: str, name: str, low: int, optional: bool = False) -> None:
@@ -477,6 +487,11 @@ class ReplicatedConfig:
     within them is rejoined without losing a step; after them the group exits with code 6."""
     heartbeat_interval: float = 0.1
     """Seconds between heartbeats to the lighthouse (its --heartbeat_timeout_ms declares a group dead)."""
+    bind: str | None = None
+    """The one address of this machine that the group's own servers listen on: torchft's manager, the
+    checkpoint server a healing peer fetches from, and (outside torchrun) the group's store. null: the
+    address this machine's host name resolves to, the name torchft tells the other groups to connect to.
+    0.0.0.0 or :: (every interface) only when set so, behind a firewall (docs/security.md)."""
 
     def validate(self, p: str) -> None:
         _at_least(self, p, "num_groups", 1)
@@ -502,6 +517,12 @@ class ReplicatedConfig:
                 self.group_id,
                 f"an integer in [0, num_groups={self.num_groups})",
             )
+        _check(
+            self.bind is None or _is_host(self.bind),
+            f"{p}.bind",
+            self.bind,
+            "null or one address of this machine (an IP address or a host name, no port)",
+        )
         if self.lighthouse is not None:
             _check(
                 re.fullmatch(r"https?://[^/\s]+:\d+/?", self.lighthouse) is not None,

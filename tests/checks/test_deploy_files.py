@@ -265,6 +265,14 @@ def _container_env(container: dict, docs: list[dict]) -> dict[str, str]:
             (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == ref["name"]]
             env.update({src.get("prefix", "") + k: v for k, v in cm["data"].items()})
     env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    # The downward API's values, as the kubelet would fill them in (an example pod IP).
+    env.update(
+        {
+            e["name"]: "10.0.0.7"
+            for e in container.get("env", [])
+            if e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.podIP"
+        }
+    )
     return env
 
 
@@ -281,8 +289,8 @@ def _training_pod(docs: list[dict]) -> tuple[dict, dict, dict, list[str]]:
             container = pod["containers"][0]
             argv = _argv(container, _container_env(container, docs))
             confs = [a.split("=", 1)[1] for a in argv if a.startswith("--rdzv-conf=")]
-            assert len(confs) == 1, argv
-            rdzv = dict(kv.split("=", 1) for kv in confs[0].split(","))
+            assert len(confs) == (0 if "--standalone" in argv else 1), argv  # standalone: its own rendezvous
+            rdzv = dict(kv.split("=", 1) for kv in confs[0].split(",")) if confs else {}
             return pod, container, rdzv, argv
     raise AssertionError("no PyTorchJob or Job")
 
@@ -318,6 +326,9 @@ def test_training_manifests_carry_the_fault_tolerance_settings(rendered):
         pod, container, rdzv, argv = _training_pod(docs)
         env = _container_env(container, docs)
         assert env.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") == "1"
+        replicated = _override(argv, "fault_tolerance.mode") == "replicated"
+        # Replicated mode: each group is a single-node agent of its own (--standalone), whose rendezvous has
+        # no peers to wait for; the cross-group settings are checked in test_replicated_overlay_*.
         for key, value in {
             "keep_alive_interval": "1",
             "keep_alive_max_attempt": "3",
@@ -326,7 +337,7 @@ def test_training_manifests_carry_the_fault_tolerance_settings(rendered):
             "read_timeout": "15",
             "close_timeout": "5",
         }.items():
-            assert rdzv.get(key) == value, (name, key, rdzv)
+            assert replicated or rdzv.get(key) == value, (name, key, rdzv)
 
         # The SIGTERM checkpoint must fit: grace_period < torchrun's SIGKILL delay < the pod's grace.
         grace = _override(argv, "fault_tolerance.grace_period")
@@ -345,7 +356,10 @@ def test_training_manifests_carry_the_fault_tolerance_settings(rendered):
             if re.search(r"SECRET|KEY_ID|TOKEN|PASSWORD", e["name"]):
                 assert "value" not in e and "secretKeyRef" in e.get("valueFrom", {}), e["name"]
         assert _override(argv, "distributed.timeout") is not None
-        ckpt = _override(argv, "checkpoint.dir") or ""
+        # Replicated mode: each group's checkpoints are in output_dir/group-<id>/checkpoints.
+        ckpt = (
+            _override(argv, "checkpoint.dir") or (_override(argv, "output_dir") if replicated else "") or ""
+        )
         assert ckpt.startswith(("s3://", "gs://", "/")), (name, ckpt)
         if ckpt.startswith("/"):  # a path must be on a volume every pod shares
             assert _shared_claim(ckpt, pod, container, docs), (name, ckpt)
@@ -500,3 +514,82 @@ def test_grafana_dashboard_configmap_is_rendered_when_the_dashboard_exists(rende
         ]
         assert maps, f"overlays/{name}: enable ../../../monitoring/grafana in components/monitoring"
         assert json.loads(maps[0]["data"]["imgtrain.json"]) == json.loads(dashboard.read_text())
+
+
+def test_replicated_overlay_runs_one_replica_group_per_index_restarted_alone(rendered):
+    """fault_tolerance.mode=replicated on Kubernetes: one pod per replica group (REPLICA_GROUP_ID = its
+    completion index), each its own single-node agent; a failed group is retried on its own budget and
+    exit 2 fails only its index; peers reach it under its fully qualified host name."""
+    docs = rendered["replicated"]
+    settings = _settings(docs)
+    service = next(d for d in docs if d["kind"] == "Service")
+    (job,) = [d for d in docs if d["kind"] == "Job"]
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == int(settings["MAX_NODES"])
+    # A per-index budget and no job-wide one: one group failing again and again ends only that group.
+    assert spec["backoffLimitPerIndex"] >= 1 and "backoffLimit" not in spec
+    rules = spec["podFailurePolicy"]["rules"]
+    disruption = {"type": "DisruptionTarget", "status": "True"}
+    assert any(r["action"] == "Ignore" and disruption in r.get("onPodConditions", []) for r in rules)
+    assert not [r for r in rules if r["action"] == "FailJob"]
+    assert any(r["action"] == "FailIndex" and 2 in r["onExitCodes"]["values"] for r in rules)
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    # torchft advertises the host name: with the FQDN, the headless Service resolves it in every pod.
+    assert pod["setHostnameAsFQDN"] is True and pod["subdomain"] == service["metadata"]["name"]
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert set(service["spec"]["selector"].items()) <= set(spec["template"]["metadata"]["labels"].items())
+
+    _, container, _, argv = _training_pod(docs)
+    assert argv[: argv.index("-m")] == [
+        "imgtrain",
+        "launch",
+        "--standalone",
+        "--nnodes=1",
+        f"--nproc-per-node={container['resources']['limits']['nvidia.com/gpu']}",
+        "--max-restarts=10",
+    ]
+    assert _override(argv, "fault_tolerance.mode") == "replicated"
+    assert _override(argv, "fault_tolerance.replicated.num_groups") == str(spec["completions"])
+    assert _override(argv, "fault_tolerance.replicated.min_replicas") == settings["MIN_NODES"]
+    assert _override(argv, "checkpoint.dir") is None  # one directory per group, under output_dir
+    env = {e["name"]: e for e in container["env"]}
+    index = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert env["REPLICA_GROUP_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == index
+    # Every server of the group listens on the pod's IP, not on every interface.
+    assert "fault_tolerance.replicated.bind=$(POD_IP)" in _argv(container)
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    # The lighthouse: the Service of deploy/lighthouse, which the init container waits for.
+    lighthouse = [
+        d
+        for d in _load(REPO / "deploy" / "lighthouse" / "lighthouse-kubernetes.yaml")
+        if d["kind"] == "Service"
+    ]
+    (lh,) = lighthouse
+    address = f"{lh['metadata']['name']}:{lh['spec']['ports'][0]['port']}"
+    assert env["TORCHFT_LIGHTHOUSE"]["value"] == f"http://{address}"
+    wait = next(c for c in pod["initContainers"] if c["name"] == "wait-for-rendezvous")
+    assert {"name": "RDZV_ENDPOINT", "value": address} in wait["env"]
+
+
+def test_replicated_settings_set_the_groups_and_gpus_everywhere(tmp_path):
+    tree = tmp_path / "kubernetes"
+    shutil.copytree(K8S_DIR, tree)
+    shutil.copytree(REPO / "deploy" / "monitoring", tmp_path / "monitoring")
+    path = tree / "overlays" / "replicated" / "settings.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["data"].update({"IMAGE": "registry.example/imgtrain:9.9", "MIN_NODES": "2", "MAX_NODES": "6"})
+    doc["data"].update({"GPUS_PER_NODE": "4", "OUTPUT_DIR": "/checkpoints/run7"})
+    path.write_text(yaml.safe_dump(doc))
+    docs = render(tree / "overlays" / "replicated")
+    pod, container, _, argv = _training_pod(docs)
+    assert {c["image"] for c in [*pod["containers"], *pod["initContainers"]]} == {
+        "registry.example/imgtrain:9.9"
+    }
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 4 and "--nproc-per-node=4" in argv
+    (job,) = [d for d in docs if d["kind"] == "Job"]
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 6
+    assert _override(argv, "fault_tolerance.replicated.num_groups") == "6"
+    assert _override(argv, "fault_tolerance.replicated.min_replicas") == "2"
+    assert _override(argv, "output_dir") == "/checkpoints/run7"

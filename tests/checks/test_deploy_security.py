@@ -345,6 +345,29 @@ def test_kubernetes_lighthouse_admits_only_the_job_and_binds_the_pod_ip():
         assert ports[c[probe]["httpGet"]["port"]] == LIGHTHOUSE_PORT, probe
 
 
+def test_replica_groups_reach_each_other_and_the_lighthouse_and_nobody_else(rendered):
+    """The replicated overlay's groups: each admits the others on any port (store, torchft manager and
+    checkpoint server, Gloo: ports the system picks) and nobody else but Prometheus on the exporters;
+    the lighthouse's policy admits them, on its port only."""
+    docs = rendered["replicated"]
+    ((_, tmpl),) = _pod_templates(docs)
+    group = tmpl["metadata"]["labels"]
+    policy = _policy_for(docs, group)
+    ephemeral = (29400, 33117, 41234, 60999)
+    assert all(_admits(policy, group, None, port) for port in ephemeral)
+    for stranger, ns in (
+        ({"app": "web"}, None),
+        (group, {"x": "y"}),
+        ({"app.kubernetes.io/name": "imgtrain"}, None),
+    ):
+        assert not any(_admits(policy, stranger, ns, port) for port in ephemeral), stranger
+    lighthouse = _policy_for(_standalone(), {"app.kubernetes.io/name": "imgtrain-lighthouse"})
+    assert _admits(lighthouse, group, None, LIGHTHOUSE_PORT)
+    assert not _admits(lighthouse, group, None, 29511) and not _admits(
+        lighthouse, {"app": "web"}, None, LIGHTHOUSE_PORT
+    )
+
+
 def _fake_bin(tmp_path: Path, **scripts: str) -> Path:
     """A directory of stand-in executables (name -> sh body) to put first on PATH."""
     fake = tmp_path / "bin"
@@ -371,8 +394,7 @@ def test_kubernetes_lighthouse_command_serves_its_probes(tmp_path):
     (c,) = doc["spec"]["template"]["spec"]["containers"]
     log = tmp_path / "lighthouse.log"
     with log.open("w") as out:
-        # RUST_LOG=info: its "listening on" line is an info log, and importing imgtrain's replicated mode
-        # earlier in this pytest process set RUST_LOG=warn for torchft (inherited by children).
+        # RUST_LOG=info: its "listening on" line is an info log, whatever RUST_LOG the environment carries.
         env = {**os.environ, "RUST_LOG": "info"}
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
     try:

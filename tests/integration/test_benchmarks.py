@@ -4,29 +4,18 @@ result JSON with the documented keys and positive measurements. The numbers them
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, subprocess_env
+from conftest import REPO, run_benchmark
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def run_script(name: str, args: list[str], tmp_path: Path) -> dict:
     out = tmp_path / f"{name}.json"
-    env = subprocess_env()
-    env["TMPDIR"] = str(tmp_path)  # the generated images and checkpoints go under tmp_path too
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *args, "--threads", "1", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=tmp_path,
-        env=env,
-    )
+    proc = run_benchmark(name, [*args, "--threads", "1", "--out", str(out)], tmp_path)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
     assert "median" in proc.stdout
     result = json.loads(out.read_text())
@@ -122,20 +111,12 @@ def test_checkpoint_benchmark(tmp_path):
 
 def test_recovery_benchmark_cli(tmp_path):
     """Only the command line: a real run starts torchrun agents for minutes (see docs/BENCHMARKS.md)."""
-    script = [sys.executable, str(REPO / "benchmarks" / "recovery.py")]
-    proc = subprocess.run(
-        [*script, "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=subprocess_env()
-    )
+    proc = run_benchmark("recovery", ["--help"], tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for word in ("--faults", "--settings", "--cap", "partition", "sigterm"):
         assert word in proc.stdout
-    proc = subprocess.run(
-        [*script, "--faults", "worker,meteor", "--out", str(tmp_path / "r.json")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-        env=subprocess_env(),
+    proc = run_benchmark(
+        "recovery", ["--faults", "worker,meteor", "--out", str(tmp_path / "r.json")], tmp_path
     )
     assert proc.returncode == 2 and "meteor" in proc.stderr
     assert not (tmp_path / "r.json").exists()
@@ -148,26 +129,11 @@ def test_ft_benchmarks_cli_schedule_and_projection(tmp_path, monkeypatch):
         ("ft_recovery", ("--faults", "--modes", "rejoin", "hang", "partition", "replicated")),
         ("ft_chaos", ("--minutes", "--fault-every", "--seed", "--nodes", "--kinds")),
     ):
-        script = [sys.executable, str(REPO / "benchmarks" / f"{name}.py")]
-        proc = subprocess.run(
-            [*script, "--help"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=tmp_path,
-            env=subprocess_env(),
-        )
+        proc = run_benchmark(name, ["--help"], tmp_path, timeout=120)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert all(w in proc.stdout for w in words), name
         bad = "--faults" if name == "ft_recovery" else "--kinds"
-        proc = subprocess.run(
-            [*script, bad, "worker,meteor", "--out", str(tmp_path / "r.json")],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=tmp_path,
-            env=subprocess_env(),
-        )
+        proc = run_benchmark(name, [bad, "worker,meteor", "--out", str(tmp_path / "r.json")], tmp_path, 120)
         assert proc.returncode == 2 and "meteor" in proc.stderr
         assert not (tmp_path / "r.json").exists()
 
@@ -261,12 +227,9 @@ def test_gpu_training_benchmark_runs_its_variants_on_cpu(tmp_path):
     """The GPU benchmark's script (run for real only on a lent GPU) still works end to end: here on the
     CPU with a tiny model, one variant per switch it measures."""
     out = tmp_path / "gpu_training.json"
-    env = subprocess_env()
-    env["TMPDIR"] = str(tmp_path)
-    proc = subprocess.run(
+    proc = run_benchmark(
+        "gpu_training",
         [
-            sys.executable,
-            str(REPO / "benchmarks" / "gpu_training.py"),
             "compute",
             "--models",
             "simple_cnn",
@@ -286,11 +249,7 @@ def test_gpu_training_benchmark_runs_its_variants_on_cpu(tmp_path):
             "--out",
             str(out),
         ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=tmp_path,
-        env=env,
+        tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]

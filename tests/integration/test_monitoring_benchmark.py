@@ -4,24 +4,19 @@ the result JSON has the documented keys. The numbers themselves are not checked.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, subprocess_env
+from conftest import run_benchmark
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_monitoring_overhead_benchmark(tmp_path):
     out = tmp_path / "monitoring_overhead.json"
-    env = subprocess_env()
-    env["TMPDIR"] = str(tmp_path)
-    proc = subprocess.run(
+    proc = run_benchmark(
+        "monitoring_overhead",
         [
-            sys.executable,
-            str(REPO / "benchmarks" / "monitoring_overhead.py"),
             "--model",
             "simple_cnn",
             "--width",
@@ -48,11 +43,7 @@ def test_monitoring_overhead_benchmark(tmp_path):
             "--out",
             str(out),
         ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=tmp_path,
-        env=env,
+        tmp_path,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
     assert "metrics / off, median of per-round ratios" in proc.stdout

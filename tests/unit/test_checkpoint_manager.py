@@ -24,32 +24,16 @@ from imgtrain.checkpoint import (
     read_checkpoint,
     verify,
 )
-from imgtrain.config import CheckpointConfig
 from imgtrain.tools.run_ops import prune_checkpoints
 from imgtrain.train.state import Progress
+
+from conftest import Box, sync_cfg
 
 WAIT = 120  # generous: the machine running the tests may be slow and busy
 
 
-class Box:
-    """A component holding one value."""
-
-    def __init__(self, value=None):
-        self.value = value
-
-    def state_dict(self):
-        return self.value
-
-    def load_state_dict(self, value) -> None:
-        self.value = value
-
-
-def _cfg(**kw) -> CheckpointConfig:
-    return CheckpointConfig(**{"async_save": False, **kw})
-
-
 def _tiny(directory: Path, steps, keep: int = 100) -> None:
-    mgr = CheckpointManager(_cfg(keep_last_n=keep), str(directory))
+    mgr = CheckpointManager(sync_cfg(keep_last_n=keep), str(directory))
     box = Box()
     mgr.register("w", box)
     for s in steps:
@@ -71,7 +55,7 @@ def test_registered_components_round_trip(tmp_path):
     opt.step()
     progress = Progress(epoch=1, step=7, images_seen=28)
     mine = Box(torch.arange(3.0))
-    mgr = CheckpointManager(_cfg(async_save=True), str(tmp_path), run_id="r")
+    mgr = CheckpointManager(sync_cfg(async_save=True), str(tmp_path), run_id="r")
     mgr.register("model", model)
     mgr.register("optimizer", opt)
     mgr.register("progress", progress)
@@ -107,11 +91,11 @@ def test_registered_components_round_trip(tmp_path):
 
 
 def test_a_component_that_does_not_fit_is_an_error_naming_the_checkpoint_and_the_component(tmp_path):
-    mgr = CheckpointManager(_cfg(), str(tmp_path))
+    mgr = CheckpointManager(sync_cfg(), str(tmp_path))
     mgr.register("model", nn.Linear(3, 2))
     path = mgr.save(1).path
     mgr.close()
-    other = CheckpointManager(_cfg(), str(tmp_path))
+    other = CheckpointManager(sync_cfg(), str(tmp_path))
     other.register("model", nn.Linear(4, 2))
     with pytest.raises(CheckpointError, match=f"checkpoint {path} does not fit the configured model: .*size"):
         other.load()
@@ -122,7 +106,7 @@ def test_a_component_that_does_not_fit_is_an_error_naming_the_checkpoint_and_the
 
 
 def test_maybe_save_follows_the_due_rule(tmp_path):
-    mgr = CheckpointManager(_cfg(save_every_steps=3), str(tmp_path))
+    mgr = CheckpointManager(sync_cfg(save_every_steps=3), str(tmp_path))
     mgr.register("w", Box(torch.zeros(1)))
     saved = [s for s in range(1, 8) if mgr.maybe_save(s) is not None]
     assert saved == [3, 6]
@@ -137,7 +121,7 @@ def test_resolve_takes_every_form_a_user_names_a_checkpoint_by(tmp_path):
     _truncate(ckpts / "step_000000003")  # the newest is corrupt: the newest good one is step 2
     good = str(ckpts / "step_000000002")
     torch.save({"model": {"w": torch.ones(1)}}, run / "model.pt")
-    mgr = CheckpointManager(_cfg(), str(ckpts), is_writer=False)
+    mgr = CheckpointManager(sync_cfg(), str(ckpts), is_writer=False)
     assert mgr.resolve("latest") == good
     assert mgr.resolve(str(run)) == good  # a run directory
     assert mgr.resolve(str(ckpts)) == good  # a checkpoints directory
@@ -203,7 +187,7 @@ def _ranks(
     mgrs, shared, mine = [], [], []
     for r in range(world_size):
         m = CheckpointManager(
-            _cfg(**kw),
+            sync_cfg(**kw),
             str(directory),
             is_writer=r == 0,
             rank=r,
@@ -279,7 +263,7 @@ def test_each_rank_saves_its_own_state_and_the_step_is_published_once_all_are_in
     _on_every_rank(mgrs, lambda r, m: m.close())
 
     # At another world size the shared state loads; the rank-local state is reported missing (re-derived).
-    single = CheckpointManager(_cfg(), str(tmp_path), run_id=None)
+    single = CheckpointManager(sync_cfg(), str(tmp_path), run_id=None)
     model, feedback = Box(), Box("untouched")
     single.register("model", model)
     single.register("feedback", feedback, rank_local=True)

@@ -23,42 +23,36 @@ from imgtrain.checkpoint import (
     STATE_FILE,
     CheckpointError,
     CheckpointManager,
-    Component,
     read_checkpoint,
     verify,
 )
-from imgtrain.config import CheckpointConfig
 
-from conftest import wait_for
+from conftest import Box, sync_cfg, wait_for
 
 WAIT = 240  # generous: the machine running the tests may be slow and busy
 
 
-def _cfg(**kw) -> CheckpointConfig:
-    return CheckpointConfig(async_save=False, **kw)
-
-
-def _box(mgr: CheckpointManager) -> dict:
-    """The value saved as the checkpoint's "w" component (registered on first use)."""
+def _box(mgr: CheckpointManager) -> Box:
+    """The checkpoint's "w" component (registered on first use)."""
     if not hasattr(mgr, "box"):
-        mgr.box = {"w": None}
-        mgr.register("w", Component(lambda: mgr.box["w"], lambda value: mgr.box.update(w=value)))
+        mgr.box = Box()
+        mgr.register("w", mgr.box)
     return mgr.box
 
 
 def _put(mgr: CheckpointManager, step: int, value: torch.Tensor) -> None:
-    _box(mgr)["w"] = value
+    _box(mgr).value = value
     mgr.save(step)
 
 
 def _load_latest(mgr: CheckpointManager) -> tuple[str, torch.Tensor]:
     """(path, "w") of the newest good checkpoint, restored through the manager."""
     box = _box(mgr)
-    return mgr.load().path, box["w"]
+    return mgr.load().path, box.value
 
 
 def _save(directory, steps, run_id="run-a", value=None, **kw) -> CheckpointManager:
-    mgr = CheckpointManager(_cfg(**kw), str(directory), run_id=run_id)
+    mgr = CheckpointManager(sync_cfg(**kw), str(directory), run_id=run_id)
     for s in steps:
         _put(mgr, s, torch.full((4,), float(s if value is None else value)))
     return mgr
@@ -71,7 +65,7 @@ def test_manifest_records_the_run_id_and_another_run_is_refused(tmp_path):
     _save(tmp_path, [1, 2], run_id="run-a").close()
     assert json.loads((tmp_path / "step_000000002" / MANIFEST).read_text())["run_id"] == "run-a"
     with pytest.raises(CheckpointError) as err:
-        CheckpointManager(_cfg(), str(tmp_path), run_id="run-b")
+        CheckpointManager(sync_cfg(), str(tmp_path), run_id="run-b")
     msg = str(err.value)
     assert "holds checkpoints of run 'run-a'" in msg and "this is run 'run-b'" in msg
     assert "monitoring.run_id=run-a" in msg and "--resume PATH" in msg
@@ -79,7 +73,7 @@ def test_manifest_records_the_run_id_and_another_run_is_refused(tmp_path):
     verify(str(tmp_path / "step_000000002"))
     # The same run (a restart) goes on; so does a reader of any run.
     _save(tmp_path, [3], run_id="run-a").close()
-    assert CheckpointManager(_cfg(), str(tmp_path), is_writer=False).resolve("latest").endswith("3")
+    assert CheckpointManager(sync_cfg(), str(tmp_path), is_writer=False).resolve("latest").endswith("3")
 
 
 def test_checkpoints_without_a_run_id_are_resumed(tmp_path):
@@ -96,12 +90,16 @@ def test_a_reader_with_a_run_id_skips_another_runs_newer_checkpoint(tmp_path):
     _save(tmp_path / "mine", [4], run_id="run-b").close()
     _save(tmp_path / "other", [9], run_id="run-a").close()
     for directory, expected in (("mine", "step_000000004"), ("other", None)):
-        reader = CheckpointManager(_cfg(), str(tmp_path / directory), is_writer=False, run_id="run-b")
+        reader = CheckpointManager(sync_cfg(), str(tmp_path / directory), is_writer=False, run_id="run-b")
         found = reader.resolve("latest")
         reader.close()
         assert (found and found.rsplit("/", 1)[-1]) == expected
     # Without a run id (`imgtrain checkpoints`, --resume PATH) a reader takes any run's.
-    assert CheckpointManager(_cfg(), str(tmp_path / "other"), is_writer=False).resolve("latest").endswith("9")
+    assert (
+        CheckpointManager(sync_cfg(), str(tmp_path / "other"), is_writer=False)
+        .resolve("latest")
+        .endswith("9")
+    )
 
 
 def test_retention_never_removes_another_runs_checkpoint(tmp_path):
@@ -129,10 +127,10 @@ def test_lease_refuses_a_second_writer_until_released(memdir):
     lease = json.loads(fsspec.filesystem("memory").cat(f"{memdir}/{ckpt.LOCK_FILE}"))
     assert lease["run_id"] == "run-a" and lease["pid"] == os.getpid() and lease["expires_unix"] > time.time()
     with pytest.raises(CheckpointError, match=f"run 'run-a', host {socket.gethostname()}, pid {os.getpid()}"):
-        CheckpointManager(_cfg(lock_timeout=0.3), memdir, run_id="run-a")
+        CheckpointManager(sync_cfg(lock_timeout=0.3), memdir, run_id="run-a")
     first.close()
     assert not fsspec.filesystem("memory").exists(f"{memdir}/{ckpt.LOCK_FILE}")
-    second = CheckpointManager(_cfg(lock_timeout=0.3), memdir, run_id="run-a")
+    second = CheckpointManager(sync_cfg(lock_timeout=0.3), memdir, run_id="run-a")
     assert second.resolve("latest") == f"{memdir}/step_000000001"
     second.close()
 
@@ -145,7 +143,7 @@ def test_an_expired_lease_is_taken_over_and_its_old_holder_stops_saving(memdir, 
         raise OSError("store unreachable")
 
     stalled._lock._write = store_unreachable  # its renewals stop reaching the store: the lease lapses
-    taker = CheckpointManager(_cfg(lock_timeout=WAIT), memdir, run_id="run-a")
+    taker = CheckpointManager(sync_cfg(lock_timeout=WAIT), memdir, run_id="run-a")
     caplog.set_level(logging.ERROR, logger="imgtrain.checkpoint")
     wait_for(lambda: stalled._lock.lost is not None, WAIT, "the old holder to notice the takeover", poll=0.02)
     _put(stalled, 2, torch.zeros(4))
@@ -176,12 +174,12 @@ def test_load_memory_maps_a_local_checkpoint(tmp_path):
     state = str(tmp_path / "step_000000001" / STATE_FILE)
     sd = read_checkpoint(str(tmp_path / "step_000000001"))
     assert _mapped_file(sd["w"]) == state
-    mgr = CheckpointManager(_cfg(), str(tmp_path), is_writer=False)
+    mgr = CheckpointManager(sync_cfg(), str(tmp_path), is_writer=False)
     assert _mapped_file(_load_latest(mgr)[1]) == state
 
 
 def test_verification_streams_the_file(tmp_path):
-    mgr = CheckpointManager(_cfg(), str(tmp_path), run_id="run-a")
+    mgr = CheckpointManager(sync_cfg(), str(tmp_path), run_id="run-a")
     _put(mgr, 1, torch.zeros(12 << 20, dtype=torch.uint8))  # 12 MiB + the pickle
     mgr.close()
     tracemalloc.start()
@@ -207,7 +205,7 @@ def test_the_newest_checkpoint_is_read_once_to_verify_and_load(tmp_path, monkeyp
     real_load = torch.load
     loads: list = []
     monkeypatch.setattr(torch, "load", lambda f, *a, **k: loads.append(f) or real_load(f, *a, **k))
-    path, w = _load_latest(CheckpointManager(_cfg(), str(tmp_path), is_writer=False))
+    path, w = _load_latest(CheckpointManager(sync_cfg(), str(tmp_path), is_writer=False))
     assert path == str(tmp_path / "step_000000002") and torch.equal(w, torch.full((4,), 2.0))
     reads = [p for p in opened if p.endswith(STATE_FILE)] + [f for f in loads if not isinstance(f, str)]
     assert reads == [str(tmp_path / "step_000000002" / STATE_FILE)]  # hashed once, then mmapped by name

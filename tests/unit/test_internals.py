@@ -143,3 +143,52 @@ def test_torchft_private_symbols_the_adapter_reads():
     assert isinstance(
         canary(torchft_internals, lambda: vars(http.HTTPTransport)["_load_from_address"]), classmethod
     )
+
+
+def test_torchft_servers_listen_on_the_one_address_given():
+    """torchft 0.2.0 binds its manager and checkpoint servers to every interface; through the adapter both
+    listen on the address given (torchft looks the server classes up by name while it builds them)."""
+    torchft_internals = pytest.importorskip("imgtrain.internals.torchft", reason="torchft not installed")
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from torchft import ProcessGroupGloo
+    from torchft.coordination import LighthouseServer
+
+    def listening() -> set:
+        return {c.laddr for c in psutil.Process().net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+
+    lighthouse = LighthouseServer(bind="127.0.0.1:0", min_replicas=1)
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    before = listening()
+    transport = canary(
+        torchft_internals,
+        lambda: torchft_internals.WeightsOnlyHTTPTransport(timedelta(seconds=5), 0, host="127.0.0.1"),
+    )
+    manager = canary(
+        torchft_internals,
+        lambda: torchft_internals.manager_on(
+            "127.0.0.1",
+            pg=ProcessGroupGloo(),
+            load_state_dict=None,
+            state_dict=None,
+            min_replica_size=1,
+            rank=0,
+            world_size=1,
+            store_addr="127.0.0.1",
+            store_port=store.port,
+            lighthouse_addr=lighthouse.address(),
+            replica_id="canary_g0",
+            checkpoint_transport=transport,
+            connect_timeout=timedelta(seconds=10),
+        ),
+    )
+    try:
+        new = listening() - before
+        assert len(new) == 2, private_symbol_changed(torchft_internals, f"servers started: {new}")
+        assert {a.ip for a in new} == {"127.0.0.1"}, private_symbol_changed(
+            torchft_internals, f"a server does not listen on the address given: {new}"
+        )
+    finally:
+        manager.shutdown(wait=False)
+        lighthouse.shutdown()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
+import os
+
 import pytest
 
 from imgtrain.config import ConfigError, load_config
@@ -43,6 +46,7 @@ def test_restart_stays_the_default_mode():
             "fault_tolerance.replicated.lighthouse",
             "http://host:port",
         ),
+        ("fault_tolerance.replicated.bind=node-3:29500", "fault_tolerance.replicated.bind", "no port"),
         (
             "fault_tolerance.replicated.collective_timeout=0",
             "fault_tolerance.replicated.collective_timeout",
@@ -153,3 +157,40 @@ def test_a_loopback_store_address_is_replaced_by_one_peers_reach():
         assert replicas._is_loopback(host)
     for host in ("10.0.0.5", "node-3", "fe80::1"):
         assert not replicas._is_loopback(host)
+
+
+def test_bind_defaults_to_the_address_of_the_host_name_peers_are_told(monkeypatch):
+    monkeypatch.setattr(replicas.socket, "gethostname", lambda: "localhost")
+    assert ipaddress.ip_address(replicas.bind_address(None, "http://127.0.0.1:29510")).is_loopback
+    assert replicas.bind_address("127.0.0.1", "http://192.0.2.9:29510") == "127.0.0.1"  # what was asked
+    assert replicas.bind_address("::1", "http://192.0.2.9:29510") == "::1"
+
+
+def test_bind_default_refuses_loopback_when_the_lighthouse_is_elsewhere(monkeypatch):
+    """A multi-machine job whose host name resolves to loopback (Debian's 127.0.1.1): the other groups
+    could not reach this group's servers, so it stops at start naming the key instead of hanging later."""
+    monkeypatch.setattr(replicas.socket, "gethostname", lambda: "localhost")
+    with pytest.raises(ConfigError) as ei:
+        replicas.bind_address(None, "http://192.0.2.9:29510")
+    assert ei.value.key == "fault_tolerance.replicated.bind"
+    assert "(loopback)" in str(ei.value) and "http://192.0.2.9:29510" in str(ei.value)
+
+
+def test_bind_that_does_not_resolve_names_the_key():
+    with pytest.raises(ConfigError) as ei:
+        replicas.bind_address("no-such-host.invalid", "http://127.0.0.1:29510")
+    assert ei.value.key == "fault_tolerance.replicated.bind" and "no-such-host.invalid" in str(ei.value)
+
+
+def test_importing_replicated_mode_leaves_rust_log_alone(monkeypatch):
+    """RUST_LOG=warn is torchft's default only while torchft is imported for training: neither importing
+    imgtrain's replicated mode nor that import leaves it in the environment children inherit."""
+    import importlib
+
+    monkeypatch.delenv("RUST_LOG", raising=False)
+    importlib.reload(replicas)
+    replicas._import_torchft()
+    assert "RUST_LOG" not in os.environ
+    monkeypatch.setenv("RUST_LOG", "info")
+    replicas._import_torchft()
+    assert os.environ["RUST_LOG"] == "info"  # the user's own value stays

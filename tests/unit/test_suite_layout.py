@@ -19,7 +19,7 @@ PROCESS_MODULES = {
     "concurrent.futures.process",
 }
 OS_PROCESS_CALLS = ("system", "popen", "fork", "forkpty", "exec", "spawn", "posix_spawn")
-CONFTEST_PROCESS_HELPERS = {"run_cli", "run_torchrun", "torchrun_cmd", "Run", "runs"}
+CONFTEST_PROCESS_HELPERS = {"run_cli", "run_benchmark", "run_torchrun", "torchrun_cmd", "Run", "runs"}
 
 
 def _starts_processes(module: str) -> bool:

@@ -23,6 +23,10 @@ import signal
 import socket
 import sys
 import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch.distributed import TCPStore
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,14 @@ def store_address(host: str | None, allow_wildcard: bool = False) -> str:
     return host
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def host_port(host: str, port: int) -> str:
+    """host:port, with an IPv6 address in brackets."""
+    host = host.strip("[]")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def listen_on(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on host:port (that one address; port 0: any free port)."""
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
@@ -73,28 +84,33 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve_store(host: str, port: int, stop: threading.Event | None = None) -> None:
-    """Serve a TCPStore on host:port (that address only) until SIGTERM/SIGINT (or ``stop`` is set)."""
+def tcp_store_on(host: str, port: int, timeout: datetime.timedelta) -> tuple[TCPStore, str]:
+    """A TCPStore server listening on host:port only (torch's own listens on every interface), and the
+    address it listens on. wait_for_workers=False: clients come and go, it waits for no fixed count."""
     from torch.distributed import TCPStore
 
-    sock = _listen(host, port)
+    sock = listen_on(host, port)
     bound, bound_port = sock.getsockname()[:2]
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
     # The TCPStore owns the listening socket from here on and closes it.
-    fd = sock.detach()
-    # wait_for_workers=False: agents come and go; the store must not wait for a fixed count of them.
     store = TCPStore(
         host.strip("[]"),
         bound_port,
         is_master=True,
         wait_for_workers=False,
-        timeout=datetime.timedelta(seconds=60),
-        master_listen_fd=fd,
+        timeout=timeout,
+        master_listen_fd=sock.detach(),
     )
-    print(f"imgtrain: rendezvous store listening on {bound}:{bound_port}", flush=True)
+    return store, bound
+
+
+def serve_store(host: str, port: int, stop: threading.Event | None = None) -> None:
+    """Serve a TCPStore on host:port (that address only) until SIGTERM/SIGINT (or ``stop`` is set)."""
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    store, bound = tcp_store_on(host, port, timeout=datetime.timedelta(seconds=60))
+    print(f"imgtrain: rendezvous store listening on {bound}:{store.port}", flush=True)
     stop.wait()
     del store
 
@@ -112,7 +128,7 @@ def lighthouse_command(
     )
     if exe is None:
         raise BindError("torchft_lighthouse is not installed: pip install 'imgtrain[ft]' (torchft)")
-    bind = f"[{host.strip('[]')}]:{port}" if ":" in host.strip("[]") else f"{host}:{port}"
+    bind = host_port(host, port)
     return [
         exe,
         "--bind",

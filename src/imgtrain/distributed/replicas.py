@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 from torch import nn
@@ -34,15 +35,8 @@ from imgtrain.checkpoint import snapshot
 from imgtrain.config import Config, ConfigError
 from imgtrain.data.sampler import ShardedBatchSampler, split_evenly
 from imgtrain.distributed.process_group import DistInfo
+from imgtrain.distributed.rendezvous import is_wildcard, tcp_store_on
 from imgtrain.errors import ImgtrainError, QuorumError
-
-# torchft's Rust half reads RUST_LOG once, when torchft is first imported, and by default logs every
-# quorum and every commit (a line per step and group). A RUST_LOG the user sets wins.
-os.environ.setdefault("RUST_LOG", "warn")
-
-from torchft import Manager  # noqa: E402
-
-from imgtrain.internals.torchft import FaultTolerantDDP, MembersGloo, WeightsOnlyHTTPTransport  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +80,44 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def bind_address(bind: str | None, lighthouse: str, key: str = "fault_tolerance.replicated.bind") -> str:
+    """The IP address a group's own servers listen on: ``bind``, else the address this machine's host name
+    resolves to (torchft tells the other groups to connect to the host name)."""
+    name = bind or socket.gethostname()
+    try:
+        addr = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)[0][4][0]
+    except OSError as e:
+        raise ConfigError(key, bind, f"an address of this machine ({name} does not resolve: {e})") from None
+    if bind is None and _is_loopback(addr):
+        try:
+            lh = socket.getaddrinfo(urlsplit(lighthouse).hostname, None, type=socket.SOCK_STREAM)[0][4][0]
+        except OSError:  # left to the quorum request, whose error names the lighthouse
+            lh = addr
+        if not _is_loopback(lh):
+            raise ConfigError(
+                key,
+                None,
+                f"an address of this machine that the other replica groups reach: its name {name} "
+                f"resolves to {addr} (loopback) and the lighthouse {lighthouse} is on another machine",
+            )
+    return addr
+
+
+def _import_torchft() -> None:
+    """torchft's Rust half reads RUST_LOG once, when torchft is first imported, and by default logs every
+    quorum and every commit (a line per step and group): imported under RUST_LOG=warn unless the user set
+    one, which is then removed again, so that no child process inherits it."""
+    if "RUST_LOG" in os.environ:
+        import torchft  # noqa: F401
+
+        return
+    os.environ["RUST_LOG"] = "warn"
+    try:
+        import torchft  # noqa: F401
+    finally:
+        del os.environ["RUST_LOG"]
+
+
 def _without_traceback(record: logging.LogRecord) -> bool:
     """A log filter: the record's message stays, its traceback goes (a traceback means a bug here)."""
     record.exc_info, record.exc_text = None, None
@@ -107,6 +139,9 @@ class Replicas:
     ):
         rc = cfg.fault_tolerance.replicated
         lighthouse, self.group_id = rc.resolved()
+        _import_torchft()
+        from imgtrain.internals.torchft import MembersGloo, WeightsOnlyHTTPTransport, manager_on
+
         self.lighthouse, self.quorum_retries = lighthouse, rc.quorum_retries
         if info.world_size != 1:
             raise ConfigError(
@@ -121,6 +156,9 @@ class Replicas:
         # The quorum hands this group's store address to its peers (they build the gradient process group
         # on it): it must be one they reach. torchft advertises its own servers under the host name too.
         host = socket.gethostname()
+        self.bind = bind_address(rc.bind, lighthouse)
+        if is_wildcard(self.bind):
+            log.warning("replica group %d listens on every interface (%s)", self.group_id, rc.bind)
         if "MASTER_ADDR" in os.environ:  # under torchrun: the agent's store (listening on every interface)
             addr = os.environ["MASTER_ADDR"]
             store_kw = {
@@ -128,7 +166,7 @@ class Replicas:
                 "store_port": int(os.environ["MASTER_PORT"]),
             }
         else:  # a plain process: a store of its own
-            self._store = torch.distributed.TCPStore(host, 0, is_master=True, wait_for_workers=False)
+            self._store, _ = tcp_store_on(self.bind, 0, timeout=timedelta(seconds=rc.timeout))
             store_kw = {"store_addr": host, "store_port": self._store.port}
         # torchft logs every quorum and every commit at INFO, in Python and in Rust: a line per step.
         for name in ("torchft", "torchft_quorums", "torchft_commits"):
@@ -137,7 +175,8 @@ class Replicas:
         for name in ("torchft.manager", "torchft.process_group", "torchft.checkpointing.http_transport"):
             logging.getLogger(name).addFilter(_without_traceback)
         self.pg = MembersGloo(timeout=timedelta(seconds=rc.collective_timeout))
-        self.manager = Manager(
+        self.manager = manager_on(
+            self.bind,
             pg=self.pg,
             load_state_dict=self._heal,
             state_dict=self._serve_state,
@@ -155,7 +194,7 @@ class Replicas:
             replica_id=f"imgtrain_g{self.group_id}",  # the trailing digits are the group id (MembersGloo)
             heartbeat_interval=timedelta(seconds=rc.heartbeat_interval),
             checkpoint_transport=WeightsOnlyHTTPTransport(
-                timeout=timedelta(seconds=rc.timeout), num_chunks=0
+                timeout=timedelta(seconds=rc.timeout), num_chunks=0, host=self.bind
             ),
             **store_kw,
         )
@@ -181,6 +220,8 @@ class Replicas:
     # ------------------------------------------------------------------ composition hooks
 
     def wrap(self, model: nn.Module) -> nn.Module:
+        from imgtrain.internals.torchft import FaultTolerantDDP
+
         return FaultTolerantDDP(self.manager, model)
 
     def attach(self, sampler: ShardedBatchSampler) -> None:

@@ -9,26 +9,42 @@ assertion escapes ``backward()`` and kills the survivor as well (3 of 3 tries, .
 The Manager has already recorded the error, so its commit vote will discard the step; all the hook has to
 do is return a completed future. torchft's nightly has the same fix.
 
+Where torchft's servers listen:
+
+torchft 0.2.0 binds its two servers to every interface and takes no address: ``Manager.__init__`` builds its
+``ManagerServer`` with ``bind="[::]:<port>"``, and ``HTTPTransport.__init__`` its checkpoint server with
+``_IPv6HTTPServer(("", 0), ...)`` (dual stack). Both names are looked up in their module while the object is
+built, so :func:`manager_on` and :class:`WeightsOnlyHTTPTransport` substitute a factory bound to one
+address for exactly that call (the port torchft chose, ``TORCHFT_MANAGER_PORT`` included, is kept).
+
 Also here: the quorum's members (for the drop policy) and a weights-only checkpoint transport. This module
 is the one place that touches torchft's private symbols; tests/unit/test_internals.py names each one
 when an upgrade changes it.
 """
 
 # No `from __future__ import annotations`: DDP's register_comm_hook checks the hook's evaluated annotations.
+import socket
 import urllib.request
 from datetime import timedelta
+from unittest import mock
 
 import torch
 import torch.distributed as dist
-from torchft import DistributedDataParallel, ProcessGroupGloo
+import torchft.manager
+from torchft import DistributedDataParallel, Manager, ProcessGroupGloo
+from torchft.checkpointing import http_transport
 from torchft.checkpointing._serialization import _streaming_load
 from torchft.checkpointing.http_transport import HTTPTransport
+
+from imgtrain.distributed.rendezvous import host_port
 
 PRIVATE_SYMBOL = (
     "torchft.ddp.DistributedDataParallel._comm_hook, torchft.manager._ManagedFuture._fut, "
     "torchft.manager.extract_trailing_digits (global_ranks of ProcessGroup.configure), "
     "torchft.checkpointing.http_transport.HTTPTransport._load_from_address, "
-    "torchft.checkpointing._serialization._streaming_load"
+    "torchft.checkpointing._serialization._streaming_load, "
+    "torchft.manager.ManagerServer (looked up by Manager.__init__, bind=[::]:<port>), "
+    "torchft.checkpointing.http_transport._IPv6HTTPServer (looked up by HTTPTransport.__init__)"
 )
 
 
@@ -68,10 +84,35 @@ class MembersGloo(ProcessGroupGloo):
         )
 
 
+def manager_on(host: str, **kwargs) -> Manager:
+    """``torchft.Manager(**kwargs)`` whose ManagerServer listens on ``host`` (one IP address) instead of
+    every interface."""
+    server = torchft.manager.ManagerServer
+
+    def bound(*args, bind: str, **server_kwargs):
+        return server(*args, bind=host_port(host, int(bind.rsplit(":", 1)[1])), **server_kwargs)
+
+    with mock.patch.object(torchft.manager, "ManagerServer", bound):
+        return Manager(**kwargs)
+
+
 class WeightsOnlyHTTPTransport(HTTPTransport):
     """torchft's HTTP checkpoint transport (a recovering replica fetches a live peer's state) that loads
     what it receives with ``weights_only=True``: imgtrain's state is tensors and plain data, and a peer's
-    bytes are never unpickled (torchft 0.2.0 loads with weights_only=False)."""
+    bytes are never unpickled (torchft 0.2.0 loads with weights_only=False). Its server listens on
+    ``host`` (one IP address) only."""
+
+    def __init__(self, timeout: timedelta, num_chunks: int, host: str):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        class Server(http_transport._IPv6HTTPServer):
+            address_family = family
+
+        def bound(address: tuple[str, int], handler):
+            return Server((host, address[1]), handler)
+
+        with mock.patch.object(http_transport, "_IPv6HTTPServer", bound):
+            super().__init__(timeout=timeout, num_chunks=num_chunks)
 
     @classmethod
     def _load_from_address(cls, address: str, timeout: timedelta) -> object:
