@@ -209,7 +209,17 @@ def _add_find_batch_size(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _run(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:
+        # Ctrl-C before the command installed its own handling (training saves and exits 130; the launcher
+        # stops its workers first): torch's imports alone take seconds, and nothing was saved or started
+        # yet that could be lost. README's exit code, no traceback.
+        print("imgtrain: interrupted (SIGINT) while starting", file=sys.stderr)
+        return 130
+
+
+def _run(argv: list[str]) -> int:
     if argv[:1] == ["launch"]:
         return commands.launch(argv[1:])
     parser = build_parser()

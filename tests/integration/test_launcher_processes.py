@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -145,12 +146,21 @@ def test_launcher_stopped_by_a_signal_exits_with_its_code_quietly(tmp_path, sig,
         start_new_session=True,
     )
     try:
-        # Signal once the agent runs its worker: its handlers are installed by then.
+        # Signal once the agent runs its worker (its handlers are installed by then). Not any child: starting,
+        # the agent runs others (ldconfig, for the CUDA libraries' lookup) before it has handlers.
         (worker,) = wait_for(
-            lambda: agent.poll() is None and psutil.Process(agent.pid).children(), 120, "the agent's worker"
+            lambda: (
+                agent.poll() is None
+                and [c for c in psutil.Process(agent.pid).children() if _cmdline(c)[:1] == ["sleep"]]
+            ),
+            120,
+            "the agent's worker",
         )
         agent.send_signal(getattr(signal, sig))
-        rc = agent.wait(timeout=60)
+        try:
+            rc = agent.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            rc = "still running 60 s after the signal"
     finally:
         if agent.poll() is None:
             agent.kill()
@@ -161,3 +171,44 @@ def test_launcher_stopped_by_a_signal_exits_with_its_code_quietly(tmp_path, sig,
     ]
     assert "Traceback" not in output, output[-3000:]
     assert not _alive(worker)
+
+
+def test_ctrl_c_while_the_launcher_starts_exits_130_quietly(tmp_path):
+    """Ctrl-C while `imgtrain launch` is still importing torch (seconds, before any handler or worker exists)
+    ends it with README's 130 and one line, not a KeyboardInterrupt traceback."""
+    import signal
+
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "imgtrain",
+            "launch",
+            "--standalone",
+            "--nproc-per-node=1",
+            f"--log-dir={tmp_path}",
+            "--no-python",
+            "sleep",
+            "600",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=subprocess_env(),
+        start_new_session=True,
+    )
+    try:
+        # torch's shared library is mapped at the start of its import, a second or more before the agent
+        # could have a worker.
+        wait_for(
+            lambda: "libtorch" in Path(f"/proc/{agent.pid}/maps").read_text(), 60, "torch's import to start"
+        )
+        agent.send_signal(signal.SIGINT)
+        rc = agent.wait(timeout=60)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    output = agent.stdout.read()
+    assert rc == 130, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert "imgtrain: interrupted" in output or "death signal" in output, output[-3000:]
