@@ -477,6 +477,11 @@ class ReplicatedConfig:
     within them is rejoined without losing a step; after them the group exits with code 6."""
     heartbeat_interval: float = 0.1
     """Seconds between heartbeats to the lighthouse (its --heartbeat_timeout_ms declares a group dead)."""
+    advertise_address: str | None = None
+    """The address (or host name) at which the other replica groups reach this one: handed to them for
+    this group's store, torchft manager and checkpoint server, and the address its Gloo all-reduce uses
+    (the interface holding it, unless GLOO_SOCKET_IFNAME is set). null: this host's name, which must then
+    resolve to a reachable address on every other group's host."""
 
     def validate(self, p: str) -> None:
         _at_least(self, p, "num_groups", 1)
@@ -501,6 +506,13 @@ class ReplicatedConfig:
                 f"{p}.group_id",
                 self.group_id,
                 f"an integer in [0, num_groups={self.num_groups})",
+            )
+        if self.advertise_address is not None:
+            _check(
+                re.fullmatch(r"[\w.-]+|\[?[0-9A-Fa-f:.]+\]?", self.advertise_address) is not None,
+                f"{p}.advertise_address",
+                self.advertise_address,
+                "a host name or an IP address (no scheme, no port)",
             )
         if self.lighthouse is not None:
             _check(

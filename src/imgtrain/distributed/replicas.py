@@ -27,6 +27,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import psutil
 import torch
 from torch import nn
 
@@ -45,6 +46,7 @@ from torchft import Manager  # noqa: E402
 from imgtrain.internals.torchft import FaultTolerantDDP, MembersGloo, WeightsOnlyHTTPTransport  # noqa: E402
 
 log = logging.getLogger(__name__)
+_IP = (socket.AF_INET, socket.AF_INET6)
 
 
 def step_share(
@@ -86,6 +88,30 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _gloo_on(address: str) -> None:
+    """Gloo's all-reduce listens on, and hands its peers, the address of GLOO_SOCKET_IFNAME's interface, or
+    else whatever the host name resolves to (often 127.0.0.1): with an advertised address, the interface
+    that holds it. torchft's Gloo group takes no device, so the variable is the way in; one set wins."""
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return
+    key = "fault_tolerance.replicated.advertise_address"
+    try:
+        ips = {
+            ipaddress.ip_address(a[4][0].split("%")[0]) for a in socket.getaddrinfo(address.strip("[]"), None)
+        }
+    except socket.gaierror as e:
+        raise ConfigError(key, address, f"an address of this host (it does not resolve: {e})") from None
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(ipaddress.ip_address(a.address.split("%")[0]) in ips for a in addrs if a.family in _IP):
+            os.environ["GLOO_SOCKET_IFNAME"] = name
+            return
+    raise ConfigError(
+        key,
+        address,
+        "an address of one of this host's interfaces (or set GLOO_SOCKET_IFNAME to the one to use)",
+    )
+
+
 def _without_traceback(record: logging.LogRecord) -> bool:
     """A log filter: the record's message stays, its traceback goes (a traceback means a bug here)."""
     record.exc_info, record.exc_text = None, None
@@ -119,12 +145,14 @@ class Replicas:
         self.num_groups = rc.num_groups
         self._state_dict, self._load_state_dict, self._emit = state_dict, load_state_dict, emit
         # The quorum hands this group's store address to its peers (they build the gradient process group
-        # on it): it must be one they reach. torchft advertises its own servers under the host name too.
-        host = socket.gethostname()
+        # on it), and torchft its manager's and checkpoint server's: each must be one they reach.
+        host = rc.advertise_address or socket.gethostname()
+        if rc.advertise_address:
+            _gloo_on(rc.advertise_address)
         if "MASTER_ADDR" in os.environ:  # under torchrun: the agent's store (listening on every interface)
             addr = os.environ["MASTER_ADDR"]
             store_kw = {
-                "store_addr": host if _is_loopback(addr) else addr,
+                "store_addr": host if rc.advertise_address or _is_loopback(addr) else addr,
                 "store_port": int(os.environ["MASTER_PORT"]),
             }
         else:  # a plain process: a store of its own
@@ -154,8 +182,9 @@ class Replicas:
             lighthouse_addr=lighthouse,
             replica_id=f"imgtrain_g{self.group_id}",  # the trailing digits are the group id (MembersGloo)
             heartbeat_interval=timedelta(seconds=rc.heartbeat_interval),
+            hostname=host,
             checkpoint_transport=WeightsOnlyHTTPTransport(
-                timeout=timedelta(seconds=rc.timeout), num_chunks=0
+                timeout=timedelta(seconds=rc.timeout), num_chunks=0, advertise=host
             ),
             **store_kw,
         )

@@ -15,6 +15,7 @@ when an upgrade changes it.
 """
 
 # No `from __future__ import annotations`: DDP's register_comm_hook checks the hook's evaluated annotations.
+import urllib.parse
 import urllib.request
 from datetime import timedelta
 
@@ -71,7 +72,20 @@ class MembersGloo(ProcessGroupGloo):
 class WeightsOnlyHTTPTransport(HTTPTransport):
     """torchft's HTTP checkpoint transport (a recovering replica fetches a live peer's state) that loads
     what it receives with ``weights_only=True``: imgtrain's state is tensors and plain data, and a peer's
-    bytes are never unpickled (torchft 0.2.0 loads with weights_only=False)."""
+    bytes are never unpickled (torchft 0.2.0 loads with weights_only=False). ``advertise``: the host a
+    peer fetches from, in place of torchft's ``socket.gethostname()``."""
+
+    def __init__(self, *args, advertise: str | None = None, **kwargs) -> None:
+        self.advertise = advertise  # before the server starts: its start logs address()
+        super().__init__(*args, **kwargs)
+
+    def address(self) -> str:
+        url = urllib.parse.urlsplit(super().address())
+        if not self.advertise:
+            return url.geturl()
+        host = self.advertise.strip("[]")
+        host = f"[{host}]" if ":" in host else host
+        return url._replace(netloc=f"{host}:{url.port}").geturl()
 
     @classmethod
     def _load_from_address(cls, address: str, timeout: timedelta) -> object:
