@@ -41,37 +41,47 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 class Lighthouse:
-    def __init__(self, port: int, log: Path):
-        self.port, self.log = port, log
+    """``imgtrain lighthouse`` on ``host``:``port``; ``prefix`` runs it elsewhere (a network namespace:
+    elastic_nodes.Hosts.command), where the connection probe runs too."""
+
+    def __init__(self, port: int, log: Path, host: str = "127.0.0.1", prefix=lambda cmd: cmd):
+        self.port, self.log, self.host, self.prefix = port, log, host, prefix
         self.proc: subprocess.Popen | None = None
 
     @property
     def address(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> None:
         self._out = open(self.log, "a")
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "imgtrain",
-                "lighthouse",
-                "--port",
-                str(self.port),
-                "--heartbeat-timeout-ms",
-                str(HEARTBEAT_MS),
-                "--join-timeout-ms",
-                "2000",
-            ],
+            self.prefix(
+                [
+                    sys.executable,
+                    "-m",
+                    "imgtrain",
+                    "lighthouse",
+                    "--host",
+                    self.host,
+                    "--port",
+                    str(self.port),
+                    "--heartbeat-timeout-ms",
+                    str(HEARTBEAT_MS),
+                    "--join-timeout-ms",
+                    "2000",
+                ]
+            ),
             stdout=self._out,
             stderr=subprocess.STDOUT,
         )
         wait_for(self._accepts, WAIT, "the lighthouse to listen", poll=0.05)
 
     def _accepts(self) -> bool:
+        if self.prefix([]):  # elsewhere: bash's /dev/tcp connects from there
+            probe = self.prefix(["bash", "-c", f"exec 3<>/dev/tcp/{self.host}/{self.port}"])
+            return subprocess.run(probe, capture_output=True).returncode == 0
         try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            socket.create_connection((self.host, self.port), timeout=1).close()
             return True
         except OSError:
             return False
@@ -91,31 +101,36 @@ def lighthouse(tmp_path):
     lh.kill()
 
 
+def group_command(tmp_path: Path, data_dir: Path, lighthouse: str, group: int, *extra: str) -> list[str]:
+    """Replica group ``group`` as one `imgtrain train` process of the tests' run (``tmp_path/run``)."""
+    return [
+        sys.executable,
+        "-m",
+        "imgtrain",
+        "train",
+        *TINY,
+        f"data.root={data_dir}",
+        f"output_dir={tmp_path / 'run'}",
+        "training.epochs=100000",  # the tests stop them once they have seen what they need
+        "fault_tolerance.mode=replicated",
+        f"fault_tolerance.replicated.lighthouse={lighthouse}",
+        f"fault_tolerance.replicated.group_id={group}",
+        "fault_tolerance.replicated.collective_timeout=5",
+        "fault_tolerance.replicated.timeout=20",
+        "checkpoint.save_at_epoch_end=false",
+        "checkpoint.save_every_steps=10",
+        "checkpoint.keep_last_n=6",
+        *extra,
+    ]
+
+
 @pytest.fixture
 def groups(tmp_path, data_dir, lighthouse):
     """``groups(g, *extra)`` starts replica group g (an `imgtrain train` process); all are killed at the end."""
     started: list[Run] = []
 
     def start(group: int, *extra: str, name: str | None = None) -> Run:
-        cmd = [
-            sys.executable,
-            "-m",
-            "imgtrain",
-            "train",
-            *TINY,
-            f"data.root={data_dir}",
-            f"output_dir={tmp_path / 'run'}",
-            "training.epochs=100000",  # the tests stop them once they have seen what they need
-            "fault_tolerance.mode=replicated",
-            f"fault_tolerance.replicated.lighthouse={lighthouse.address}",
-            f"fault_tolerance.replicated.group_id={group}",
-            "fault_tolerance.replicated.collective_timeout=5",
-            "fault_tolerance.replicated.timeout=20",
-            "checkpoint.save_at_epoch_end=false",
-            "checkpoint.save_every_steps=10",
-            "checkpoint.keep_last_n=6",
-            *extra,
-        ]
+        cmd = group_command(tmp_path, data_dir, lighthouse.address, group, *extra)
         run = Run(cmd, tmp_path / "run", name or f"group{group}")
         started.append(run)
         return run
