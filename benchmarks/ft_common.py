@@ -32,7 +32,7 @@ from bench_common import command_line, machine_info  # noqa: E402
 from recovery import wait_until  # noqa: E402
 
 from conftest import free_port  # noqa: E402
-from elastic_nodes import Node, cleanup_pids, events  # noqa: E402
+from elastic_nodes import Hosts, Node, cleanup_pids, events  # noqa: E402
 
 MODES = ("restart", "replicated")
 COLLECTIVE_TIMEOUT = 10
@@ -55,8 +55,11 @@ def work_dir(args: argparse.Namespace, name: str):
     return tempfile.TemporaryDirectory(prefix=f"imgtrain-bench-{name}-")
 
 
-def start_lighthouse(log_dir: Path) -> tuple[subprocess.Popen, str]:
-    """torchft's lighthouse on a free loopback port, as deploy/lighthouse/ runs it; (process, its URL)."""
+def start_lighthouse(
+    log_dir: Path, host: str = "127.0.0.1", netns: list[str] = ()
+) -> tuple[subprocess.Popen, str]:
+    """torchft's lighthouse on a free port of ``host`` (loopback), as deploy/lighthouse/ runs it; ``netns``
+    prefixes its command (a network namespace: Hosts.command); (process, its URL)."""
     exe = shutil.which("torchft_lighthouse")
     if exe is None:
         raise RuntimeError("torchft_lighthouse is not on PATH (pip install 'imgtrain[ft]')")
@@ -64,9 +67,10 @@ def start_lighthouse(log_dir: Path) -> tuple[subprocess.Popen, str]:
     log = open(log_dir / "lighthouse.log", "w")  # noqa: SIM115 - closed with the process (stop_lighthouse)
     proc = subprocess.Popen(
         [
+            *netns,
             exe,
             "--bind",
-            f"127.0.0.1:{port}",
+            f"{host}:{port}",
             "--min_replicas",
             "1",
             "--heartbeat_timeout_ms",
@@ -84,7 +88,7 @@ def start_lighthouse(log_dir: Path) -> tuple[subprocess.Popen, str]:
                 f"the lighthouse did not start: {(log_dir / 'lighthouse.log').read_text()[-500:]}"
             )
         time.sleep(0.1)
-    return proc, f"http://127.0.0.1:{port}"
+    return proc, f"http://{host}:{port}"
 
 
 def stop_lighthouse(proc: subprocess.Popen | None) -> None:
@@ -96,9 +100,10 @@ def stop_lighthouse(proc: subprocess.Popen | None) -> None:
     proc.log.close()  # type: ignore[attr-defined]
 
 
-def replicated_overrides(group: int, groups: int, lighthouse: str) -> list[str]:
+def replicated_overrides(group: int, groups: int, lighthouse: str, advertise: str | None = None) -> list[str]:
     """The config keys of one replica group (docs/fault_tolerance.md, "Replicated mode")."""
     return [
+        *([f"fault_tolerance.replicated.advertise_address={advertise}"] if advertise else []),
         "fault_tolerance.mode=replicated",
         f"fault_tolerance.replicated.num_groups={groups}",
         f"fault_tolerance.replicated.group_id={group}",
@@ -108,18 +113,26 @@ def replicated_overrides(group: int, groups: int, lighthouse: str) -> list[str]:
 
 
 def replica_group(
-    name: str, group: int, groups: int, lighthouse: str, train: list[str], log_dir: Path
+    name: str,
+    group: int,
+    groups: int,
+    lighthouse: str,
+    train: list[str],
+    log_dir: Path,
+    hosts: Hosts | None = None,
 ) -> Node:
     """One replica group: its own single-node ``imgtrain launch`` (its own rendezvous on a free port, as
-    deploy/lighthouse/replicated.sbatch's --standalone), restarting a crashed worker in place."""
+    deploy/lighthouse/replicated.sbatch's --standalone), restarting a crashed worker in place. With
+    ``hosts``: on host ``group``, advertising its address."""
     return Node(
         name,
         f"127.0.0.1:{free_port()}",
-        [*train, *replicated_overrides(group, groups, lighthouse)],
+        [*train, *replicated_overrides(group, groups, lighthouse, hosts and hosts.addrs[group])],
         log_dir,
         nnodes="1",
         launcher="imgtrain",
         monitor_interval=None,
+        netns=hosts and hosts.namespaces[group],
     )
 
 
@@ -205,10 +218,13 @@ def logs_tail(nodes: list[Node], chars: int = 1500) -> str:
 
 class Groups:
     """``n`` replica groups and their lighthouse; group i's run directory is ``<work>/run/rg<i>`` and its
-    command line ``train(i)`` (without the replicated-mode keys, added here)."""
+    command line ``train(i)`` (without the replicated-mode keys, added here). With ``hosts`` (two network
+    namespaces) group i runs on host i and the lighthouse on host 0's address."""
 
-    def __init__(self, work: Path, n: int, train: Callable[[int], list[str]], cap: float):
-        self.dir, self.n, self.train, self.cap = work, n, train, cap
+    def __init__(
+        self, work: Path, n: int, train: Callable[[int], list[str]], cap: float, hosts: Hosts | None = None
+    ):
+        self.dir, self.n, self.train, self.cap, self.hosts = work, n, train, cap, hosts
         work.mkdir(parents=True, exist_ok=True)
         self.lighthouse: subprocess.Popen | None = None
         self.url = ""
@@ -217,11 +233,15 @@ class Groups:
         self.runs = [work / "run" / f"rg{i}" for i in range(n)]
 
     def launch(self) -> None:
-        self.lighthouse, self.url = start_lighthouse(self.dir)
+        if self.hosts is None:
+            self.lighthouse, self.url = start_lighthouse(self.dir)
+        else:
+            netns = self.hosts.command(0, [], own_name=False)
+            self.lighthouse, self.url = start_lighthouse(self.dir, self.hosts.addrs[0], netns)
         self.group = [self.start(i) for i in range(self.n)]
 
     def start(self, i: int, name: str | None = None) -> Node:
-        node = replica_group(name or f"rg{i}", i, self.n, self.url, self.train(i), self.dir)
+        node = replica_group(name or f"rg{i}", i, self.n, self.url, self.train(i), self.dir, self.hosts)
         self.nodes.append(node)
         return node
 

@@ -19,9 +19,9 @@ Faults (to the second node / replica group):
   rejoin     after "node": relaunch it; seconds until *it* commits a step again, and from its process start
   hang       SIGSTOP its worker (a frozen peer: given up after the collective timeout, 10 s in both modes),
              SIGCONT once the survivors went on (replicated: seconds until it is back in the quorum)
-  partition  restart: benchmarks/recovery.py's network-namespace partition; replicated: not run (torchft
-             advertises socket.gethostname() for its manager and checkpoint server, which namespaces sharing
-             the host's name cannot reach; it needs a UTS namespace per group)
+  partition  the second node's network-namespace link down (restart: benchmarks/recovery.py's trial;
+             replicated: each group on its own namespace "host", advertising its address, the lighthouse
+             on the first; the link comes back after the collective timeout + 1 s)
 
 "Steps redone" is the last step logged before the fault minus the step training resumed from: a restart
 rolls back to its checkpoint, a survivor in replicated mode should never go back (0). A trial that has not
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import time
@@ -67,7 +68,7 @@ from recovery import (
     trial_partition,
 )
 
-from elastic_nodes import train_args
+from elastic_nodes import Hosts, add_namespace_pair, delete_namespaces, train_args
 
 FAULTS = ("worker", "node", "rejoin", "hang", "partition")
 SCENARIOS = {
@@ -168,15 +169,6 @@ def _restart_fault(trial: Trial, scenario: str, correction: float) -> dict:
 def replicated_trial(
     scenario: str, args: argparse.Namespace, work: Path, correction: float, data: Path
 ) -> dict:
-    if scenario == "partition":
-        return {
-            "partition": {
-                "outcome": "not run",
-                "note": "torchft advertises socket.gethostname() (manager, checkpoint transport): network "
-                "namespaces that share the host's name cannot reach it; needs a UTS namespace per group",
-            }
-        }
-
     def train(i: int) -> list[str]:
         return [
             *train_args(data, work / "run" / f"rg{i}"),
@@ -186,8 +178,41 @@ def replicated_trial(
             "fault_tolerance.first_step_timeout=600",
         ]
 
+    if scenario == "partition":
+        return _replicated_partition(work, train, args)
     groups = Groups(work, 2, train, args.cap)
     return _with_cleanup(groups, lambda g: _replicated_fault(g, scenario, args, correction))
+
+
+def _replicated_partition(work: Path, train, args: argparse.Namespace) -> dict:
+    """The groups on two hosts (network namespaces, each group advertising its address; the lighthouse on
+    host 0): host 1's link goes down, as in restart mode's trial, for at least the collective timeout
+    plus a second; then it comes back. Survivor: until its next committed step; the cut-off group: from the
+    link's return until it commits again (healed), and whether it restarted on the way."""
+    if shutil.which("ip") is None:
+        return {"partition": {"outcome": "not run", "note": "iproute2 is not installed"}}
+    created: list[str] = []
+    try:
+        hosts = Hosts(*add_namespace_pair(created, "fp", "10.231.12"), names=("", ""))
+        return _with_cleanup(Groups(work, 2, train, args.cap, hosts), lambda g: _partition(g, hosts, args))
+    finally:
+        delete_namespaces(created)
+
+
+def _partition(g: Groups, hosts: Hosts, args: argparse.Namespace) -> dict:
+    g.launch()
+    g.ready(args.steps_after_save + 2)
+    t = time.time()
+    last = last_step(g.runs[0], t)
+    hosts.link(1, up=False)
+    r = g.survivor_recovery(t, last)
+    time.sleep(max(0.0, t + COLLECTIVE_TIMEOUT + 1 - time.time()))  # the cut outlasts the collective timeout
+    t_back = time.time()
+    hosts.link(1, up=True)
+    r["link_down_s"] = round(t_back - t, 3)
+    r["cut_off_back_after_link_up_s"] = g.back(1, t_back)
+    r["cut_off_restarted"] = bool(starts_after(g.runs[1], t))
+    return {"partition": r}
 
 
 def _replicated_fault(g: Groups, scenario: str, args: argparse.Namespace, correction: float) -> dict:

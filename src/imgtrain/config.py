@@ -492,6 +492,11 @@ class ReplicatedConfig:
     checkpoint server a healing peer fetches from, and (outside torchrun) the group's store. null: the
     address this machine's host name resolves to, the name torchft tells the other groups to connect to.
     0.0.0.0 or :: (every interface) only when set so, behind a firewall (docs/security.md)."""
+    advertise_address: str | None = None
+    """The address (or host name) at which the other replica groups reach this one: handed to them for
+    this group's store, torchft manager and checkpoint server, and the address its Gloo all-reduce uses
+    (the interface holding it, unless GLOO_SOCKET_IFNAME is set). null: this host's name, which must then
+    resolve to a reachable address on every other group's host."""
 
     def validate(self, p: str) -> None:
         _at_least(self, p, "num_groups", 1)
@@ -523,6 +528,13 @@ class ReplicatedConfig:
             self.bind,
             "null or one address of this machine (an IP address or a host name, no port)",
         )
+        if self.advertise_address is not None:
+            _check(
+                re.fullmatch(r"[\w.-]+|\[?[0-9A-Fa-f:.]+\]?", self.advertise_address) is not None,
+                f"{p}.advertise_address",
+                self.advertise_address,
+                "a host name or an IP address (no scheme, no port)",
+            )
         if self.lighthouse is not None:
             _check(
                 re.fullmatch(r"https?://[^/\s]+:\d+/?", self.lighthouse) is not None,

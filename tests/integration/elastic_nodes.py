@@ -4,6 +4,7 @@ session, optionally inside its own network namespace."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -312,3 +313,44 @@ def namespace_pair_for_test(prefix: str, subnet: str):
 def delete_namespaces(names: list[str]) -> None:
     for n in names:
         subprocess.run(["ip", "netns", "del", n], capture_output=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hosts:
+    """Two network namespaces as two hosts: each has its own address and host name, and each name resolves
+    to that address on both (``/etc/netns/<ns>/hosts``, which ``ip netns exec`` mounts over /etc/hosts)."""
+
+    namespaces: tuple[str, str]
+    veths: tuple[str, str]
+    addrs: tuple[str, str]
+    names: tuple[str, str]
+
+    def command(self, host: int, cmd: list[str], own_name: bool = True) -> list[str]:
+        """``cmd`` run on ``host``: in its network namespace and, with ``own_name``, in a UTS namespace of
+        its own named ``names[host]`` (what socket.gethostname() returns there). Each step execs the next:
+        the process started is ``cmd``'s."""
+        netns = ["ip", "netns", "exec", self.namespaces[host]]
+        if not own_name:
+            return [*netns, *cmd]
+        return [*netns, "unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', self.names[host], *cmd]
+
+    def link(self, host: int, up: bool) -> None:
+        """Cut (``up=False``) or restore ``host``'s only link: it can then reach nothing but itself."""
+        ip("-n", self.namespaces[host], "link", "set", self.veths[host], "up" if up else "down")
+
+
+@contextlib.contextmanager
+def hosts_for_test(prefix: str, subnet: str, names: tuple[str, str]):
+    """:func:`namespace_pair_for_test` (with its skips) as :class:`Hosts` named ``names``."""
+    with namespace_pair_for_test(prefix, subnet) as (ns, veth, addrs):
+        hosts = Hosts(ns, veth, addrs, names)
+        table = "127.0.0.1 localhost\n" + "".join(f"{a} {n}\n" for a, n in zip(addrs, names, strict=True))
+        dirs = [Path("/etc/netns") / n for n in ns]
+        try:
+            for d in dirs:
+                d.mkdir(parents=True, exist_ok=True)
+                (d / "hosts").write_text(table)
+            yield hosts
+        finally:
+            for d in dirs:
+                shutil.rmtree(d, ignore_errors=True)

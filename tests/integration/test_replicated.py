@@ -6,6 +6,11 @@ survivor's process never restarts and its step never goes back; the returning gr
 survivor (a "heal" record) and from then on holds the same weights bit for bit; a step that a fault broke
 is dropped (a "step_dropped" record) and redone, never half-applied.
 
+Across hosts (network namespaces): a group killed and restarted heals from its peer on the other host bit
+for bit; a network partition that cuts a group off for longer than the collective timeout leaves the group
+that still reaches the lighthouse training (no restart, its step never goes back), and once the link is
+back the cut-off group rejoins without a restart and heals.
+
 The tests wait on events (records in each group's metrics.jsonl); timeouts are generous bounds only.
 """
 
@@ -28,6 +33,7 @@ import torch
 from imgtrain.checkpoint import MANIFEST, STATE_FILE
 
 from conftest import TINY, Run, free_port, make_image_folder, wait_for
+from elastic_nodes import hosts_for_test
 
 pytest.importorskip("torchft", reason="replicated mode needs torchft (the ft extra)")
 
@@ -35,6 +41,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 WAIT = 240  # generous upper bound for anything to happen on a loaded 2-core machine
 HEARTBEAT_MS = 1000
+COLLECTIVE_TIMEOUT = 5  # fault_tolerance.replicated.collective_timeout of every group
 
 
 @pytest.fixture(scope="module")
@@ -44,37 +51,47 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 class Lighthouse:
-    def __init__(self, port: int, log: Path):
-        self.port, self.log = port, log
+    """``imgtrain lighthouse`` on ``host``:``port``; ``prefix`` runs it elsewhere (a network namespace:
+    elastic_nodes.Hosts.command), where the connection probe runs too."""
+
+    def __init__(self, port: int, log: Path, host: str = "127.0.0.1", prefix=lambda cmd: cmd):
+        self.port, self.log, self.host, self.prefix = port, log, host, prefix
         self.proc: subprocess.Popen | None = None
 
     @property
     def address(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> None:
         self._out = open(self.log, "a")
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "imgtrain",
-                "lighthouse",
-                "--port",
-                str(self.port),
-                "--heartbeat-timeout-ms",
-                str(HEARTBEAT_MS),
-                "--join-timeout-ms",
-                "2000",
-            ],
+            self.prefix(
+                [
+                    sys.executable,
+                    "-m",
+                    "imgtrain",
+                    "lighthouse",
+                    "--host",
+                    self.host,
+                    "--port",
+                    str(self.port),
+                    "--heartbeat-timeout-ms",
+                    str(HEARTBEAT_MS),
+                    "--join-timeout-ms",
+                    "2000",
+                ]
+            ),
             stdout=self._out,
             stderr=subprocess.STDOUT,
         )
         wait_for(self._accepts, WAIT, "the lighthouse to listen", poll=0.05)
 
     def _accepts(self) -> bool:
+        if self.prefix([]):  # elsewhere: bash's /dev/tcp connects from there
+            probe = self.prefix(["bash", "-c", f"exec 3<>/dev/tcp/{self.host}/{self.port}"])
+            return subprocess.run(probe, capture_output=True).returncode == 0
         try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            socket.create_connection((self.host, self.port), timeout=1).close()
             return True
         except OSError:
             return False
@@ -94,31 +111,36 @@ def lighthouse(tmp_path):
     lh.kill()
 
 
+def group_command(tmp_path: Path, data_dir: Path, lighthouse: str, group: int, *extra: str) -> list[str]:
+    """Replica group ``group`` as one `imgtrain train` process of the tests' run (``tmp_path/run``)."""
+    return [
+        sys.executable,
+        "-m",
+        "imgtrain",
+        "train",
+        *TINY,
+        f"data.root={data_dir}",
+        f"output_dir={tmp_path / 'run'}",
+        "training.epochs=100000",  # the tests stop them once they have seen what they need
+        "fault_tolerance.mode=replicated",
+        f"fault_tolerance.replicated.lighthouse={lighthouse}",
+        f"fault_tolerance.replicated.group_id={group}",
+        f"fault_tolerance.replicated.collective_timeout={COLLECTIVE_TIMEOUT}",
+        "fault_tolerance.replicated.timeout=20",
+        "checkpoint.save_at_epoch_end=false",
+        "checkpoint.save_every_steps=10",
+        "checkpoint.keep_last_n=6",
+        *extra,
+    ]
+
+
 @pytest.fixture
 def groups(tmp_path, data_dir, lighthouse):
     """``groups(g, *extra)`` starts replica group g (an `imgtrain train` process); all are killed at the end."""
     started: list[Run] = []
 
     def start(group: int, *extra: str, name: str | None = None) -> Run:
-        cmd = [
-            sys.executable,
-            "-m",
-            "imgtrain",
-            "train",
-            *TINY,
-            f"data.root={data_dir}",
-            f"output_dir={tmp_path / 'run'}",
-            "training.epochs=100000",  # the tests stop them once they have seen what they need
-            "fault_tolerance.mode=replicated",
-            f"fault_tolerance.replicated.lighthouse={lighthouse.address}",
-            f"fault_tolerance.replicated.group_id={group}",
-            "fault_tolerance.replicated.collective_timeout=5",
-            "fault_tolerance.replicated.timeout=20",
-            "checkpoint.save_at_epoch_end=false",
-            "checkpoint.save_every_steps=10",
-            "checkpoint.keep_last_n=6",
-            *extra,
-        ]
+        cmd = group_command(tmp_path, data_dir, lighthouse.address, group, *extra)
         run = Run(cmd, tmp_path / "run", name or f"group{group}")
         started.append(run)
         return run
@@ -480,3 +502,103 @@ def test_quickstart_replicated_with_kills_still_reaches_97_percent(tmp_path, lig
         assert run.wait(900) == 0, run.output[-4000:]
         summary = json.loads((out / f"group-{group}" / "summary.json").read_text())
         assert summary["val_top1"] >= 97.0, (group, summary)
+
+
+# ---------------------------------------------------------------------------------------- across hosts
+# Each replica group in a network namespace of its own (its own address, and in the first test its own
+# host name), the lighthouse bound to host 0's address: the groups find each other only through what they
+# advertise. Needs root and iproute2 (skipped otherwise).
+
+
+@pytest.fixture
+def network(tmp_path, data_dir):
+    """``(hosts, lighthouse, start)``: two hosts, the lighthouse on host 0's address, and
+    ``start(group, *extra, own_name=True)`` running replica group g on host g."""
+    with hosts_for_test("rn", "10.231.11", ("imgtrain-g0", "imgtrain-g1")) as hosts:
+        lighthouse = Lighthouse(
+            free_port(),
+            tmp_path / "lighthouse.log",
+            host=hosts.addrs[0],
+            prefix=lambda cmd: hosts.command(0, cmd, own_name=False),
+        )
+        started: list[Run] = []
+        try:
+            lighthouse.start()
+
+            def start(group: int, *extra: str, own_name: bool = True, name: str | None = None) -> Run:
+                cmd = group_command(tmp_path, data_dir, lighthouse.address, group, *extra)
+                run = Run(hosts.command(group, cmd, own_name), tmp_path / "run", name or f"group{group}")
+                started.append(run)
+                return run
+
+            yield hosts, lighthouse, start
+        finally:
+            for r in started:
+                r.cleanup()
+            lighthouse.kill()
+
+
+def test_groups_on_two_hosts_heal_across_them_bit_exact(tmp_path, network):
+    """Each group on its own host under its own host name, nothing configured but the lighthouse's address:
+    torchft and imgtrain advertise the host name, which resolves on the other host. Group 1 killed,
+    relaunched: it heals over the link from group 0, which never restarts."""
+    hosts, _, start = network
+    g0, g1 = start(0), start(1)
+    pid0 = g0.proc.pid
+    wait_both_in_quorum(tmp_path, [g0, g1])
+    g1.proc.kill()
+    g1.proc.wait(timeout=30)
+    wait_for(
+        lambda: any(r["quorum_size"] == 1 for r in records(tmp_path, 0, "quorum")),
+        WAIT,
+        "group 0 to go on without group 1",
+        poll=0.05,
+    )
+    before = last_step(tmp_path, 0)
+    heals = len(records(tmp_path, 1, "heal"))
+    g1b = start(1, name="group1-restarted")
+    heal = wait_for_heal(tmp_path, g1b, heals)
+    assert heal["heal_bytes"] > 0 and heal["step"] > before
+    assert_no_restart(g0, pid0)
+    assert_same_weights_after(tmp_path, [g0, g1b], heal["step"])
+    assert_steps_never_go_back(tmp_path, 0)
+
+
+def test_partition_the_group_with_the_lighthouse_goes_on_and_the_cut_off_group_rejoins_and_heals(
+    tmp_path, network
+):
+    """Both hosts keep the host's name (which resolves to nothing reachable): each group advertises its
+    address instead (fault_tolerance.replicated.advertise_address). Group 1's link goes down for longer
+    than the collective timeout, then comes back."""
+    hosts, _, start = network
+
+    def group(g: int) -> Run:
+        return start(g, f"fault_tolerance.replicated.advertise_address={hosts.addrs[g]}", own_name=False)
+
+    g0, g1 = group(0), group(1)
+    pid0, pid1 = g0.proc.pid, g1.proc.pid
+    wait_both_in_quorum(tmp_path, [g0, g1])
+    hosts.link(1, up=False)
+    cut, cut_at = time.monotonic(), last_step(tmp_path, 0)
+    wait_for(
+        lambda: (
+            any(r["quorum_size"] == 1 and r["step"] >= cut_at for r in records(tmp_path, 0, "quorum"))
+            and last_step(tmp_path, 0) >= cut_at + 10
+            and time.monotonic() - cut > COLLECTIVE_TIMEOUT + 1
+        ),
+        WAIT,
+        "group 0 to train on without the cut-off group",
+        poll=0.05,
+        ended=lambda: g0.proc.poll() is not None,
+        context=lambda: g0.output[-4000:],
+    )
+    alone_until = last_step(tmp_path, 0)
+    heals = len(records(tmp_path, 1, "heal"))
+    hosts.link(1, up=True)
+    heal = wait_for_heal(tmp_path, g1, heals)
+    assert heal["step"] >= alone_until  # it caught up with group 0 instead of rolling it back
+    assert_no_restart(g0, pid0)
+    assert_no_restart(g1, pid1)
+    assert "Traceback" not in g0.output
+    assert_same_weights_after(tmp_path, [g0, g1], heal["step"])
+    assert_steps_never_go_back(tmp_path, 0)

@@ -48,6 +48,11 @@ def test_restart_stays_the_default_mode():
         ),
         ("fault_tolerance.replicated.bind=node-3:29500", "fault_tolerance.replicated.bind", "no port"),
         (
+            "fault_tolerance.replicated.advertise_address=http://10.0.0.7:1234",
+            "fault_tolerance.replicated.advertise_address",
+            "no scheme, no port",
+        ),
+        (
             "fault_tolerance.replicated.collective_timeout=0",
             "fault_tolerance.replicated.collective_timeout",
             "> 0",
@@ -194,3 +199,40 @@ def test_importing_replicated_mode_leaves_rust_log_alone(monkeypatch):
     monkeypatch.setenv("RUST_LOG", "info")
     replicas._import_torchft()
     assert os.environ["RUST_LOG"] == "info"  # the user's own value stays
+
+
+def test_an_advertised_address_picks_the_interface_gloo_uses(monkeypatch):
+    """Gloo would otherwise use whatever the host name resolves to; one GLOO_SOCKET_IFNAME set wins; an
+    address that is not this host's is rejected naming the key."""
+    import psutil
+
+    loopback = next(
+        n for n, addrs in psutil.net_if_addrs().items() if any(a.address == "127.0.0.1" for a in addrs)
+    )
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    replicas._gloo_on("127.0.0.1")
+    assert replicas.os.environ["GLOO_SOCKET_IFNAME"] == loopback
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")
+    replicas._gloo_on("127.0.0.1")
+    assert replicas.os.environ["GLOO_SOCKET_IFNAME"] == "eth7"
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME")
+    with pytest.raises(ConfigError) as ei:
+        replicas._gloo_on("192.0.2.1")  # TEST-NET-1: no host has it
+    assert ei.value.key == "fault_tolerance.replicated.advertise_address" and "interfaces" in str(ei.value)
+
+
+def test_the_checkpoint_server_advertises_the_given_address():
+    from datetime import timedelta
+    from urllib.parse import urlsplit
+
+    from imgtrain.internals.torchft import WeightsOnlyHTTPTransport
+
+    for advertise, host in (("10.0.0.7", "10.0.0.7"), ("fd00::7", "[fd00::7]")):
+        t = WeightsOnlyHTTPTransport(
+            timeout=timedelta(seconds=5), num_chunks=0, host="127.0.0.1", advertise=advertise
+        )
+        try:
+            port = urlsplit(t.address()).port
+            assert port and t.address() == f"http://{host}:{port}/checkpoint/"
+        finally:
+            t.shutdown(wait=False)

@@ -28,6 +28,7 @@ from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
+import psutil
 import torch
 from torch import nn
 
@@ -39,6 +40,7 @@ from imgtrain.distributed.rendezvous import is_wildcard, tcp_store_on
 from imgtrain.errors import ImgtrainError, QuorumError
 
 log = logging.getLogger(__name__)
+_IP = (socket.AF_INET, socket.AF_INET6)
 
 
 def step_share(
@@ -80,10 +82,15 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def bind_address(bind: str | None, lighthouse: str, key: str = "fault_tolerance.replicated.bind") -> str:
-    """The IP address a group's own servers listen on: ``bind``, else the address this machine's host name
-    resolves to (torchft tells the other groups to connect to the host name)."""
-    name = bind or socket.gethostname()
+def bind_address(
+    bind: str | None,
+    lighthouse: str,
+    advertised: str | None = None,
+    key: str = "fault_tolerance.replicated.bind",
+) -> str:
+    """The IP address a group's own servers listen on: ``bind``, else the address that the name the group
+    advertises (``advertise_address``, by default the host name) resolves to: where the other groups connect."""
+    name = bind or advertised or socket.gethostname()
     try:
         addr = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)[0][4][0]
     except OSError as e:
@@ -116,6 +123,30 @@ def _import_torchft() -> None:
         import torchft  # noqa: F401
     finally:
         del os.environ["RUST_LOG"]
+
+
+def _gloo_on(address: str) -> None:
+    """Gloo's all-reduce listens on, and hands its peers, the address of GLOO_SOCKET_IFNAME's interface, or
+    else whatever the host name resolves to (often 127.0.0.1): with an advertised address, the interface
+    that holds it. torchft's Gloo group takes no device, so the variable is the way in; one set wins."""
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return
+    key = "fault_tolerance.replicated.advertise_address"
+    try:
+        ips = {
+            ipaddress.ip_address(a[4][0].split("%")[0]) for a in socket.getaddrinfo(address.strip("[]"), None)
+        }
+    except socket.gaierror as e:
+        raise ConfigError(key, address, f"an address of this host (it does not resolve: {e})") from None
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(ipaddress.ip_address(a.address.split("%")[0]) in ips for a in addrs if a.family in _IP):
+            os.environ["GLOO_SOCKET_IFNAME"] = name
+            return
+    raise ConfigError(
+        key,
+        address,
+        "an address of one of this host's interfaces (or set GLOO_SOCKET_IFNAME to the one to use)",
+    )
 
 
 def _without_traceback(record: logging.LogRecord) -> bool:
@@ -154,15 +185,17 @@ class Replicas:
         self.num_groups = rc.num_groups
         self._state_dict, self._load_state_dict, self._emit = state_dict, load_state_dict, emit
         # The quorum hands this group's store address to its peers (they build the gradient process group
-        # on it): it must be one they reach. torchft advertises its own servers under the host name too.
-        host = socket.gethostname()
-        self.bind = bind_address(rc.bind, lighthouse)
+        # on it), and torchft its manager's and checkpoint server's: each must be one they reach.
+        host = rc.advertise_address or socket.gethostname()
+        if rc.advertise_address:
+            _gloo_on(rc.advertise_address)
+        self.bind = bind_address(rc.bind, lighthouse, host)
         if is_wildcard(self.bind):
             log.warning("replica group %d listens on every interface (%s)", self.group_id, rc.bind)
         if "MASTER_ADDR" in os.environ:  # under torchrun: the agent's store (listening on every interface)
             addr = os.environ["MASTER_ADDR"]
             store_kw = {
-                "store_addr": host if _is_loopback(addr) else addr,
+                "store_addr": host if rc.advertise_address or _is_loopback(addr) else addr,
                 "store_port": int(os.environ["MASTER_PORT"]),
             }
         else:  # a plain process: a store of its own
@@ -193,8 +226,9 @@ class Replicas:
             lighthouse_addr=lighthouse,
             replica_id=f"imgtrain_g{self.group_id}",  # the trailing digits are the group id (MembersGloo)
             heartbeat_interval=timedelta(seconds=rc.heartbeat_interval),
+            hostname=host,
             checkpoint_transport=WeightsOnlyHTTPTransport(
-                timeout=timedelta(seconds=rc.timeout), num_chunks=0, host=self.bind
+                timeout=timedelta(seconds=rc.timeout), num_chunks=0, host=self.bind, advertise=host
             ),
             **store_kw,
         )

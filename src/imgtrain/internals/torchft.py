@@ -24,6 +24,7 @@ when an upgrade changes it.
 
 # No `from __future__ import annotations`: DDP's register_comm_hook checks the hook's evaluated annotations.
 import socket
+import urllib.parse
 import urllib.request
 from datetime import timedelta
 from unittest import mock
@@ -100,9 +101,11 @@ class WeightsOnlyHTTPTransport(HTTPTransport):
     """torchft's HTTP checkpoint transport (a recovering replica fetches a live peer's state) that loads
     what it receives with ``weights_only=True``: imgtrain's state is tensors and plain data, and a peer's
     bytes are never unpickled (torchft 0.2.0 loads with weights_only=False). Its server listens on
-    ``host`` (one IP address) only."""
+    ``host`` (one IP address) only. ``advertise``: the host a peer fetches from, in place of torchft's
+    ``socket.gethostname()``."""
 
-    def __init__(self, timeout: timedelta, num_chunks: int, host: str):
+    def __init__(self, timeout: timedelta, num_chunks: int, host: str, advertise: str | None = None):
+        self.advertise = advertise  # before the server starts: its start logs address()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
         class Server(http_transport._IPv6HTTPServer):
@@ -113,6 +116,14 @@ class WeightsOnlyHTTPTransport(HTTPTransport):
 
         with mock.patch.object(http_transport, "_IPv6HTTPServer", bound):
             super().__init__(timeout=timeout, num_chunks=num_chunks)
+
+    def address(self) -> str:
+        url = urllib.parse.urlsplit(super().address())
+        if not self.advertise:
+            return url.geturl()
+        host = self.advertise.strip("[]")
+        host = f"[{host}]" if ":" in host else host
+        return url._replace(netloc=f"{host}:{url.port}").geturl()
 
     @classmethod
     def _load_from_address(cls, address: str, timeout: timedelta) -> object:
