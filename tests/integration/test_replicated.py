@@ -1,7 +1,7 @@
 """Replicated mode (torchft) with real processes on loopback: two replica groups and a lighthouse.
 
-Each group is one `imgtrain train` process (fault_tolerance.mode=replicated, its own group id); the
-lighthouse runs with a 1 s heartbeat timeout. Faults are real signals. What a user sees is checked: the
+Each group is one `imgtrain train` process (fault_tolerance.mode=replicated, its own group id), or a
+torchrun of two; the lighthouse runs with a 1 s heartbeat timeout. Faults are real signals. What a user sees is checked: the
 survivor's process never restarts and its step never goes back; the returning group heals from the
 survivor (a "heal" record) and from then on holds the same weights bit for bit; a step that a fault broke
 is dropped (a "step_dropped" record) and redone, never half-applied.
@@ -24,7 +24,7 @@ import torch
 
 from imgtrain.checkpoint import MANIFEST, STATE_FILE
 
-from conftest import TINY, Run, free_port, make_image_folder, wait_for
+from conftest import TINY, Run, free_port, make_image_folder, run_cli, torchrun_cmd, wait_for
 
 pytest.importorskip("torchft", reason="replicated mode needs torchft (the ft extra)")
 
@@ -93,14 +93,14 @@ def lighthouse(tmp_path):
 
 @pytest.fixture
 def groups(tmp_path, data_dir, lighthouse):
-    """``groups(g, *extra)`` starts replica group g (an `imgtrain train` process); all are killed at the end."""
+    """``groups(g, *extra)`` starts replica group g: an `imgtrain train` process, or with ``processes`` > 1
+    a torchrun of that many (restarted up to ``max_restarts`` times); all are killed at the end."""
     started: list[Run] = []
 
-    def start(group: int, *extra: str, name: str | None = None) -> Run:
-        cmd = [
-            sys.executable,
-            "-m",
-            "imgtrain",
+    def start(
+        group: int, *extra: str, name: str | None = None, processes: int = 1, max_restarts: int = 0
+    ) -> Run:
+        args = [
             "train",
             *TINY,
             f"data.root={data_dir}",
@@ -116,6 +116,10 @@ def groups(tmp_path, data_dir, lighthouse):
             "checkpoint.keep_last_n=6",
             *extra,
         ]
+        if processes == 1:
+            cmd = [sys.executable, "-m", "imgtrain", *args]
+        else:
+            cmd = torchrun_cmd(processes, args, [f"--max-restarts={max_restarts}"])
         run = Run(cmd, tmp_path / "run", name or f"group{group}")
         started.append(run)
         return run
@@ -175,6 +179,14 @@ def assert_steps_never_go_back(tmp_path: Path, group: int) -> None:
 def assert_no_restart(run: Run, pid: int) -> None:
     assert run.proc.pid == pid and run.proc.poll() is None, run.output[-3000:]
     assert run.output.count("imgtrain: world size") == 1  # set up once: the process never started over
+
+
+def rank_records(tmp_path: Path, group: int, rank: int, event: str) -> list[dict]:
+    """The records of one process of a group (each process logs every record to its own rank log)."""
+    path = tmp_path / "run" / f"group-{group}" / "logs" / f"rank{rank}.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    fields = [json.loads(ln).get("fields", {}) for ln in lines if ln.endswith("}")]
+    return [f for f in fields if f.get("event") == event]
 
 
 def published_steps(tmp_path: Path, group: int) -> set[int]:
@@ -451,3 +463,64 @@ def test_quickstart_replicated_with_kills_still_reaches_97_percent(tmp_path, lig
         assert run.wait(900) == 0, run.output[-4000:]
         summary = json.loads((out / f"group-{group}" / "summary.json").read_text())
         assert summary["val_top1"] >= 97.0, (group, summary)
+
+
+def test_two_groups_of_two_processes_train_what_one_job_of_four_processes_trains(tmp_path, groups, data_dir):
+    """2 replica groups x 2 processes against restart mode's plain DDP over 4 processes, the same global
+    batch of 32: every process trains the same samples in every step, and the gradient is the mean over all
+    32, so the weights agree to float rounding (the sums run in another order). min_replicas=2: a step
+    commits only with both groups in it, as all four processes are in every step of the reference."""
+    steps = 8  # past the end of the first epoch (5 steps of 32 samples)
+    same = [f"data.root={data_dir}", "training.epochs=100000", f"training.max_steps={steps}"]
+    ref = tmp_path / "ref"
+    launch = ["launch", "--standalone", "--nproc-per-node=4", "-m", "imgtrain", "train"]
+    run_cli([*launch, *TINY, *same, f"output_dir={ref}"], timeout=WAIT)
+    both = [f"training.max_steps={steps}", "fault_tolerance.replicated.min_replicas=2"]
+    g0, g1 = groups(0, *both, processes=2), groups(1, *both, processes=2)
+    for g in (g0, g1):
+        assert g.wait(WAIT) == 0, g.output[-4000:]
+    assert "2 processes" in g0.output
+    weights = [torch.load(p / "model.pt", weights_only=True)["model"] for p in (ref, *_group_dirs(tmp_path))]
+    expected, group0, group1 = weights
+    assert group0.keys() == group1.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(group0[k], group1[k]), f"{k} differs between the groups"
+        assert torch.allclose(group0[k].float(), expected[k].float(), rtol=1e-4, atol=1e-6), (
+            k,
+            (group0[k].float() - expected[k].float()).abs().max(),
+        )
+    for group in (0, 1):
+        assert max(r["step"] for r in records(tmp_path, group, "train")) == steps
+
+
+def _group_dirs(tmp_path: Path) -> list[Path]:
+    return [tmp_path / "run" / f"group-{g}" for g in (0, 1)]
+
+
+def test_kill9_one_process_of_a_group_its_launcher_restarts_the_group_which_heals_rank_by_rank(
+    tmp_path, groups
+):
+    g0 = groups(0, processes=2)
+    # One restart: the restarted processes must form the group at their first try (a stale manager address
+    # left in torchrun's store by the killed ones would cost another).
+    g1 = groups(1, processes=2, max_restarts=1)
+    wait_both_in_quorum(tmp_path, [g0, g1])
+    workers0 = sorted(p.pid for p in g0.workers())
+    assert len(workers0) == 2
+    heals = len(records(tmp_path, 1, "heal"))  # group 1 may have healed at its start
+    killed_at = last_step(tmp_path, 0)
+    g1.worker_with_rank(1).kill()
+    heal = wait_for_heal(tmp_path, g1, heals)
+    assert heal["step"] > killed_at  # from group 0's live state, not group 1's older checkpoint
+    assert g1.output.count("imgtrain: world size") == 2  # torchrun restarted group 1's two processes
+    # Group 0 went on with the same processes, never set up again, and never went back a step.
+    assert sorted(p.pid for p in g0.workers()) == workers0
+    assert g0.output.count("imgtrain: world size") == 1
+    # Each process of group 1 got the state of the same rank of group 0 at the heal's step, bit for bit.
+    for rank in (0, 1):
+        healed = rank_records(tmp_path, 1, rank, "heal")[-1]
+        assert healed["step"] == heal["step"]
+        served = [r for r in rank_records(tmp_path, 0, rank, "heal_served") if r["step"] == heal["step"]]
+        assert served and served[-1]["state_digest"] == healed["state_digest"], (rank, healed, served)
+    assert_same_weights_after(tmp_path, [g0, g1], heal["step"])
+    assert_steps_never_go_back(tmp_path, 0)

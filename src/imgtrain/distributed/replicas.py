@@ -1,23 +1,28 @@
 """Replicated mode (``fault_tolerance.mode: replicated``): replica groups under torchft.
 
-Each replica group (one ``imgtrain launch``/torchrun, one process) runs a torchft ``Manager``. Before
-every step the Manager asks the lighthouse for a quorum of the live groups; the gradient all-reduce runs
-over a reconfigurable Gloo group of exactly those; after the backward pass the groups vote whether the
-step commits (no peer died or froze inside it). A dead group's peers go on without restarting; a group
+Each replica group (one ``imgtrain launch``/torchrun of one or more processes, e.g. a node's GPUs) runs a
+torchft ``Manager`` in each process (the group's rank 0 hosts its manager server). Before every step the
+Manager asks the lighthouse for a quorum of the live groups; each gradient bucket is summed over the
+group's own processes and then all-reduced over a reconfigurable Gloo group of exactly those groups (rank r
+with rank r of each); after the backward pass every process of every group votes whether the step commits
+(no peer died or froze inside it). A dead group's peers go on without restarting; a group
 that comes back (or was frozen and fell behind) fetches the live state from a peer before its first step:
 the Trainer's own ``state_dict()``, so model, optimizer, schedule, scaler, EMA, counters and the data
-position arrive together.
+position arrive together; each process fetches from the same rank of the peer, so rank-local state (RNG
+streams) heals per rank.
 
 Exact data: a step's global sample set is a function of (epoch, position) through imgtrain's resumable
-sampler (``num_groups x batch_size`` samples per global micro-batch). Which of them a group trains is
-decided after the quorum, by :func:`step_share`: under ``redistribute`` the groups present split the whole
-set (the global batch is kept), under ``drop`` each present group trains its own slice and the slices of
-the missing groups are skipped and counted. A step that does not commit is redone from the same samples.
+sampler (``num_groups x processes per group x batch_size`` samples per global micro-batch). Which of them a
+group trains is decided after the quorum, by :func:`step_share`: under ``redistribute`` the groups present
+split the whole set (the global batch is kept), under ``drop`` each present group trains its own slice and
+the slices of the missing groups are skipped and counted; :func:`process_share` splits a group's share over
+its processes. A step that does not commit is redone from the same samples.
 docs/fault_tolerance.md ("Replicated mode") states the guarantees.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 import os
@@ -31,9 +36,9 @@ import torch
 from torch import nn
 
 from imgtrain.checkpoint import snapshot
-from imgtrain.config import Config, ConfigError
+from imgtrain.config import Config
 from imgtrain.data.sampler import ShardedBatchSampler, split_evenly
-from imgtrain.distributed.process_group import DistInfo
+from imgtrain.distributed.process_group import DistInfo, barrier
 from imgtrain.errors import ImgtrainError, QuorumError
 
 # torchft's Rust half reads RUST_LOG once, when torchft is first imported, and by default logs every
@@ -42,7 +47,13 @@ os.environ.setdefault("RUST_LOG", "warn")
 
 from torchft import Manager  # noqa: E402
 
-from imgtrain.internals.torchft import FaultTolerantDDP, MembersGloo, WeightsOnlyHTTPTransport  # noqa: E402
+from imgtrain.internals.torchft import (  # noqa: E402
+    FaultTolerantDDP,
+    GroupFaultTolerantDDP,
+    MembersGloo,
+    WeightsOnlyHTTPTransport,
+    forget_manager_address,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +67,23 @@ def step_share(
     if policy == "redistribute":
         return split_evenly(gbatch, len(members))[rank]
     return split_evenly(gbatch, num_groups)[group_id]
+
+
+def process_share(
+    gbatch: list[int],
+    policy: str,
+    num_groups: int,
+    group_id: int,
+    members: tuple[int, ...],
+    rank: int,
+    process: int,
+    processes: int,
+) -> list[int]:
+    """This process's samples of one global micro-batch: its group's :func:`step_share`, split evenly
+    over the group's ``processes`` (``process`` is this one's rank in the group). With every group present
+    and a full batch, group g's process p trains exactly what rank g x processes + p would train in one job
+    of num_groups x processes ranks."""
+    return split_evenly(step_share(gbatch, policy, num_groups, group_id, members, rank), processes)[process]
 
 
 def trained_count(size: int, policy: str, num_groups: int, members: tuple[int, ...]) -> int:
@@ -74,6 +102,32 @@ def _nbytes(obj: Any) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(_nbytes(v) for v in obj)
     return 0
+
+
+def state_digest(obj: Any) -> str:
+    """A short hash of a state dict's contents (every tensor's dtype, shape and bytes, every other value's
+    repr): equal on the process that served a state and the one that healed from it."""
+    h = hashlib.blake2b(digest_size=8)
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _feed(h: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{t.dtype}{tuple(obj.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            h.update(repr(k).encode())
+            _feed(h, obj[k])
+    elif isinstance(obj, (list, tuple)):  # a tuple may come back as a list
+        h.update(b"[")
+        for v in obj:
+            _feed(h, v)
+        h.update(b"]")
+    else:
+        h.update(repr(obj).encode())
 
 
 def _is_loopback(host: str) -> bool:
@@ -108,13 +162,7 @@ class Replicas:
         rc = cfg.fault_tolerance.replicated
         lighthouse, self.group_id = rc.resolved()
         self.lighthouse, self.quorum_retries = lighthouse, rc.quorum_retries
-        if info.world_size != 1:
-            raise ConfigError(
-                "fault_tolerance.mode",
-                "replicated",
-                f"one process per replica group (this group has {info.world_size}): start one "
-                "imgtrain launch / torchrun with --nproc-per-node=1 per replica group",
-            )
+        self.info, self.dist_cfg = info, cfg.distributed
         self.policy = rc.missing_group_policy
         self.num_groups = rc.num_groups
         self._state_dict, self._load_state_dict, self._emit = state_dict, load_state_dict, emit
@@ -127,6 +175,7 @@ class Replicas:
                 "store_addr": host if _is_loopback(addr) else addr,
                 "store_port": int(os.environ["MASTER_PORT"]),
             }
+            _forget_dead_manager(info)
         else:  # a plain process: a store of its own
             self._store = torch.distributed.TCPStore(host, 0, is_master=True, wait_for_workers=False)
             store_kw = {"store_addr": host, "store_port": self._store.port}
@@ -149,8 +198,8 @@ class Replicas:
             quorum_timeout=timedelta(seconds=rc.quorum_timeout),
             connect_timeout=timedelta(seconds=rc.connect_timeout),
             quorum_retries=rc.quorum_retries,
-            rank=0,
-            world_size=1,
+            rank=info.rank,
+            world_size=info.world_size,
             lighthouse_addr=lighthouse,
             replica_id=f"imgtrain_g{self.group_id}",  # the trailing digits are the group id (MembersGloo)
             heartbeat_interval=timedelta(seconds=rc.heartbeat_interval),
@@ -169,10 +218,14 @@ class Replicas:
         self._joined = False  # this step's quorum is done (reset by should_commit)
         self._stale = True  # the batches planned so far are not this step's any more
         self._healed_bytes: int | None = None
+        self._healed_digest = ""
+        self._served: tuple[int, str] | None = None  # (step, digest) of the state last served to a peer
         log.info(
-            "replicated mode: replica group %d of %d, lighthouse %s, min replicas %d, missing groups: %s",
+            "replicated mode: replica group %d of %d (%d processes), lighthouse %s, min replicas %d, "
+            "missing groups: %s",
             self.group_id,
             self.num_groups,
+            info.world_size,
             lighthouse,
             rc.min_replicas,
             self.policy,
@@ -181,12 +234,22 @@ class Replicas:
     # ------------------------------------------------------------------ composition hooks
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        return FaultTolerantDDP(self.manager, model)
+        if self.info.world_size == 1:
+            return FaultTolerantDDP(self.manager, model)
+        return GroupFaultTolerantDDP(
+            self.manager,
+            model,
+            torch.distributed.group.WORLD,  # the group's own processes (its torchrun job)
+            device_ids=[self.info.local_rank] if self.info.device.type == "cuda" else None,
+            bucket_cap_mb=self.dist_cfg.bucket_cap_mb,
+            gradient_as_bucket_view=self.dist_cfg.gradient_as_bucket_view,
+        )
 
     def attach(self, sampler: ShardedBatchSampler) -> None:
-        """The sampler cuts global micro-batches of num_groups x batch_size and keeps this group's share."""
-        sampler.world_size = self.num_groups
-        sampler.rank = self.group_id
+        """The sampler cuts global micro-batches of num_groups x processes per group x batch_size and keeps
+        this process's share."""
+        sampler.world_size = self.num_groups * self.info.world_size
+        sampler.rank = self.group_id * self.info.world_size + self.info.rank
         sampler.share = self._share
 
     def resume_at(self, step: int) -> None:
@@ -196,7 +259,8 @@ class Replicas:
 
     @property
     def participants(self) -> int:
-        """Replica groups whose gradients the all-reduce averages in this step."""
+        """Replica groups whose gradients the all-reduce averages in this step (each group's gradient is
+        the sum over its processes)."""
         return max(1, len(self.members))
 
     def plan_holds(self) -> bool:
@@ -260,7 +324,16 @@ class Replicas:
     # ------------------------------------------------------------------ internals
 
     def _share(self, gbatch: list[int]) -> list[int]:
-        return step_share(gbatch, self.policy, self.num_groups, self.group_id, self.members, self.rank)
+        return process_share(
+            gbatch,
+            self.policy,
+            self.num_groups,
+            self.group_id,
+            self.members,
+            self.rank,
+            self.info.rank,
+            self.info.world_size,
+        )
 
     def _join(self) -> None:
         if self._joined:
@@ -278,7 +351,18 @@ class Replicas:
                 "is where its restart resumes (or heals from a live peer)"
             ) from None
         healed = self._healed_bytes is not None
-        members = self.pg.members or (self.group_id,)
+        if self._served is not None:
+            step, digest = self._served
+            self._served = None
+            self._emit(
+                {
+                    "event": "heal_served",
+                    "step": step,
+                    "replica_group": self.group_id,
+                    "state_digest": digest,
+                }
+            )
+        members = self.pg.groups or (self.group_id,)
         self._joined = True
         if members != self.members:
             self._stale = True
@@ -296,6 +380,7 @@ class Replicas:
                     "heal_seconds": seconds,
                     "heal_bytes": self._healed_bytes,
                     "heals": self.heals,
+                    "state_digest": self._healed_digest,
                 }
             )
             log.warning(
@@ -345,8 +430,23 @@ class Replicas:
         # A copy on the same device that a peer can fetch while this group trains on: forward passes update
         # BatchNorm buffers in place, and the healed group must get the state of the step boundary it is told
         # about.
-        return snapshot(self._state_dict(), device=None)
+        state = snapshot(self._state_dict(), device=None)
+        self._served = (self.manager.current_step(), state_digest(state))
+        return state
 
     def _heal(self, state: dict[str, Any]) -> None:
         self._load_state_dict(state)
         self._healed_bytes = _nbytes(state)
+        self._healed_digest = state_digest(state)
+
+
+def _forget_dead_manager(info: DistInfo) -> None:
+    """torchrun keeps one store for the whole job and hands it, unprefixed, to a restarted worker group:
+    torchft's keys naming the group's manager server are still there from the processes it just killed, and
+    a rank other than 0 would read that dead address instead of waiting for the new one. Rank 0 removes them
+    before any rank builds its Manager (process_group.py has the same problem with torch's own keys)."""
+    if info.world_size == 1:
+        return  # rank 0 writes the keys before it reads them
+    if info.rank == 0:
+        forget_manager_address(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+    barrier(info)
