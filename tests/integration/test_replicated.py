@@ -524,3 +524,19 @@ def test_kill9_one_process_of_a_group_its_launcher_restarts_the_group_which_heal
         assert served and served[-1]["state_digest"] == healed["state_digest"], (rank, healed, served)
     assert_same_weights_after(tmp_path, [g0, g1], heal["step"])
     assert_steps_never_go_back(tmp_path, 0)
+
+
+def test_a_group_of_another_size_is_refused_naming_the_process_count_and_the_others_go_on(tmp_path, groups):
+    g0 = groups(0)  # one process
+    pid0 = g0.proc.pid
+    wait_for(lambda: last_step(tmp_path, 0) >= 5, WAIT, "group 0 to train", poll=0.05)
+    g1 = groups(1, processes=2)  # behind group 0: it heals from it, and sees the other size
+    assert g1.wait(WAIT) != 0
+    assert (
+        "config key '--nproc-per-node': got 2, expected 1 (replica group 1 heals from a live group of 1"
+        in (g1.output)
+    ), g1.output[-4000:]
+    at = last_step(tmp_path, 0)
+    wait_for(lambda: last_step(tmp_path, 0) >= at + 10, WAIT, "group 0 to train on", poll=0.05)
+    assert_no_restart(g0, pid0)
+    assert_steps_never_go_back(tmp_path, 0)

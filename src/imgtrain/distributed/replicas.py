@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from imgtrain.checkpoint import snapshot
-from imgtrain.config import Config
+from imgtrain.config import Config, ConfigError
 from imgtrain.data.sampler import ShardedBatchSampler, split_evenly
 from imgtrain.distributed.process_group import DistInfo, barrier
 from imgtrain.errors import ImgtrainError, QuorumError
@@ -435,6 +435,16 @@ class Replicas:
         return state
 
     def _heal(self, state: dict[str, Any]) -> None:
+        # Groups of different sizes cannot train together (the global batch counts every group's processes,
+        # and rank r pairs with rank r): the group that joins, which heals, is the one refused.
+        peer = (state.get("run") or {}).get("world_size")
+        if peer is not None and int(peer) != self.info.world_size:
+            raise ConfigError(
+                "--nproc-per-node",
+                self.info.world_size,
+                f"{peer} (replica group {self.group_id} heals from a live group of {peer} processes): every "
+                "replica group of a job runs the same number of processes",
+            )
         self._load_state_dict(state)
         self._healed_bytes = _nbytes(state)
         self._healed_digest = state_digest(state)
