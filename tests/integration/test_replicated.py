@@ -479,7 +479,7 @@ def test_two_groups_of_two_processes_train_what_one_job_of_four_processes_trains
     g0, g1 = groups(0, *both, processes=2), groups(1, *both, processes=2)
     for g in (g0, g1):
         assert g.wait(WAIT) == 0, g.output[-4000:]
-    assert "2 processes" in g0.output
+    assert "global batch 32 = 8 per process x 2 processes x 2 replica groups x 1 accumulation" in g0.output
     weights = [torch.load(p / "model.pt", weights_only=True)["model"] for p in (ref, *_group_dirs(tmp_path))]
     expected, group0, group1 = weights
     assert group0.keys() == group1.keys() == expected.keys()
