@@ -1,7 +1,7 @@
 """Replicated mode (torchft) with real processes on loopback: two replica groups and a lighthouse.
 
-Each group is one `imgtrain train` process (fault_tolerance.mode=replicated, its own group id); the
-lighthouse runs with a 1 s heartbeat timeout. Faults are real signals. What a user sees is checked: the
+Each group is one `imgtrain train` process (fault_tolerance.mode=replicated, its own group id), or a
+torchrun of two; the lighthouse runs with a 1 s heartbeat timeout. Faults are real signals. What a user sees is checked: the
 survivor's process never restarts and its step never goes back; the returning group heals from the
 survivor (a "heal" record) and from then on holds the same weights bit for bit; a step that a fault broke
 is dropped (a "step_dropped" record) and redone, never half-applied.
@@ -32,7 +32,7 @@ import torch
 
 from imgtrain.checkpoint import MANIFEST, STATE_FILE
 
-from conftest import TINY, Run, free_port, make_image_folder, wait_for
+from conftest import TINY, Run, free_port, make_image_folder, read_jsonl, run_cli, torchrun_cmd, wait_for
 from elastic_nodes import hosts_for_test
 
 pytest.importorskip("torchft", reason="replicated mode needs torchft (the ft extra)")
@@ -136,11 +136,16 @@ def group_command(tmp_path: Path, data_dir: Path, lighthouse: str, group: int, *
 
 @pytest.fixture
 def groups(tmp_path, data_dir, lighthouse):
-    """``groups(g, *extra)`` starts replica group g (an `imgtrain train` process); all are killed at the end."""
+    """``groups(g, *extra)`` starts replica group g: an `imgtrain train` process, or with ``processes`` > 1
+    a torchrun of that many (restarted up to ``max_restarts`` times); all are killed at the end."""
     started: list[Run] = []
 
-    def start(group: int, *extra: str, name: str | None = None) -> Run:
+    def start(
+        group: int, *extra: str, name: str | None = None, processes: int = 1, max_restarts: int = 0
+    ) -> Run:
         cmd = group_command(tmp_path, data_dir, lighthouse.address, group, *extra)
+        if processes > 1:  # the same `train` arguments under torchrun
+            cmd = torchrun_cmd(processes, cmd[cmd.index("train") :], [f"--max-restarts={max_restarts}"])
         run = Run(cmd, tmp_path / "run", name or f"group{group}")
         started.append(run)
         return run
@@ -200,6 +205,14 @@ def assert_steps_never_go_back(tmp_path: Path, group: int) -> None:
 def assert_no_restart(run: Run, pid: int) -> None:
     assert run.proc.pid == pid and run.proc.poll() is None, run.output[-3000:]
     assert run.output.count("imgtrain: world size") == 1  # set up once: the process never started over
+
+
+def rank_records(tmp_path: Path, group: int, rank: int, event: str) -> list[dict]:
+    """The records of one process of a group (each process logs every record to its own rank log)."""
+    path = tmp_path / "run" / f"group-{group}" / "logs" / f"rank{rank}.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    fields = [json.loads(ln).get("fields", {}) for ln in lines if ln.endswith("}")]
+    return [f for f in fields if f.get("event") == event]
 
 
 def published_steps(tmp_path: Path, group: int) -> set[int]:
@@ -601,4 +614,85 @@ def test_partition_the_group_with_the_lighthouse_goes_on_and_the_cut_off_group_r
     assert_no_restart(g1, pid1)
     assert "Traceback" not in g0.output
     assert_same_weights_after(tmp_path, [g0, g1], heal["step"])
+    assert_steps_never_go_back(tmp_path, 0)
+
+
+def test_two_groups_of_two_processes_train_what_one_job_of_four_processes_trains(tmp_path, groups, data_dir):
+    """2 replica groups x 2 processes against restart mode's plain DDP over 4 processes, the same global
+    batch of 32: every process trains the same samples in every step, and the gradient is the mean over all
+    32, so the weights agree to float rounding (the sums run in another order). min_replicas=2: a step
+    commits only with both groups in it, as all four processes are in every step of the reference."""
+    steps = 8  # past the end of the first epoch (5 steps of 32 samples)
+    same = [f"data.root={data_dir}", "training.epochs=100000", f"training.max_steps={steps}"]
+    ref = tmp_path / "ref"
+    launch = ["launch", "--standalone", "--nproc-per-node=4", "-m", "imgtrain", "train"]
+    run_cli([*launch, *TINY, *same, f"output_dir={ref}"], timeout=WAIT)
+    both = [f"training.max_steps={steps}", "fault_tolerance.replicated.min_replicas=2"]
+    g0, g1 = groups(0, *both, processes=2), groups(1, *both, processes=2)
+    for g in (g0, g1):
+        assert g.wait(WAIT) == 0, g.output[-4000:]
+    assert "global batch 32 = 8 per process x 2 processes x 2 replica groups x 1 accumulation" in g0.output
+    weights = [torch.load(p / "model.pt", weights_only=True)["model"] for p in (ref, *_group_dirs(tmp_path))]
+    expected, group0, group1 = weights
+    assert group0.keys() == group1.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(group0[k], group1[k]), f"{k} differs between the groups"
+        assert torch.allclose(group0[k].float(), expected[k].float(), rtol=1e-4, atol=1e-6), (
+            k,
+            (group0[k].float() - expected[k].float()).abs().max(),
+        )
+    # Each group logs the mean loss over its half of a step's samples: their mean is the reference's loss.
+    ref_loss = {r["step"]: r["loss"] for r in read_jsonl(ref / "metrics.jsonl") if r.get("event") == "train"}
+    losses = [{r["step"]: r["loss"] for r in records(tmp_path, g, "train")} for g in (0, 1)]
+    assert sorted(ref_loss) == sorted(losses[0]) == sorted(losses[1]) == list(range(1, steps + 1))
+    for step, loss in ref_loss.items():
+        assert (losses[0][step] + losses[1][step]) / 2 == pytest.approx(loss, rel=1e-5), step
+
+
+def _group_dirs(tmp_path: Path) -> list[Path]:
+    return [tmp_path / "run" / f"group-{g}" for g in (0, 1)]
+
+
+def test_kill9_one_process_of_a_group_its_launcher_restarts_the_group_which_heals_rank_by_rank(
+    tmp_path, groups
+):
+    g0 = groups(0, processes=2)
+    # One restart: the restarted processes must form the group at their first try (a stale manager address
+    # left in torchrun's store by the killed ones would cost another).
+    g1 = groups(1, processes=2, max_restarts=1)
+    wait_both_in_quorum(tmp_path, [g0, g1])
+    workers0 = sorted(p.pid for p in g0.workers())
+    assert len(workers0) == 2
+    heals = len(records(tmp_path, 1, "heal"))  # group 1 may have healed at its start
+    killed_at = last_step(tmp_path, 0)
+    g1.worker_with_rank(1).kill()
+    heal = wait_for_heal(tmp_path, g1, heals)
+    assert heal["step"] > killed_at  # from group 0's live state, not group 1's older checkpoint
+    assert g1.output.count("imgtrain: world size") == 2  # torchrun restarted group 1's two processes
+    # Group 0 went on with the same processes, never set up again, and never went back a step.
+    assert sorted(p.pid for p in g0.workers()) == workers0
+    assert g0.output.count("imgtrain: world size") == 1
+    # Each process of group 1 got the state of the same rank of group 0 at the heal's step, bit for bit.
+    for rank in (0, 1):
+        healed = rank_records(tmp_path, 1, rank, "heal")[-1]
+        assert healed["step"] == heal["step"]
+        served = [r for r in rank_records(tmp_path, 0, rank, "heal_served") if r["step"] == heal["step"]]
+        assert served and served[-1]["state_digest"] == healed["state_digest"], (rank, healed, served)
+    assert_same_weights_after(tmp_path, [g0, g1], heal["step"])
+    assert_steps_never_go_back(tmp_path, 0)
+
+
+def test_a_group_of_another_size_is_refused_naming_the_process_count_and_the_others_go_on(tmp_path, groups):
+    g0 = groups(0)  # one process
+    pid0 = g0.proc.pid
+    wait_for(lambda: last_step(tmp_path, 0) >= 5, WAIT, "group 0 to train", poll=0.05)
+    g1 = groups(1, processes=2)  # behind group 0: it heals from it, and sees the other size
+    assert g1.wait(WAIT) != 0
+    assert (
+        "config key '--nproc-per-node': got 2, expected 1 (replica group 1 heals from a live group of 1"
+        in (g1.output)
+    ), g1.output[-4000:]
+    at = last_step(tmp_path, 0)
+    wait_for(lambda: last_step(tmp_path, 0) >= at + 10, WAIT, "group 0 to train on", poll=0.05)
+    assert_no_restart(g0, pid0)
     assert_steps_never_go_back(tmp_path, 0)

@@ -6,6 +6,7 @@ import ipaddress
 import os
 
 import pytest
+import torch
 
 from imgtrain.config import ConfigError, load_config
 from imgtrain.data.sampler import ShardedBatchSampler
@@ -236,3 +237,85 @@ def test_the_checkpoint_server_advertises_the_given_address():
             assert port and t.address() == f"http://{host}:{port}/checkpoint/"
         finally:
             t.shutdown(wait=False)
+
+
+# A replica group of several processes: the group's share of a step is split again over its processes.
+
+
+def _process_shares(
+    policy: str, groups: int, processes: int, members: tuple[int, ...], gbatch: list[int]
+) -> dict[tuple[int, int], list[int]]:
+    return {
+        (g, p): replicas.process_share(gbatch, policy, groups, g, members, members.index(g), p, processes)
+        for g in members
+        for p in range(processes)
+    }
+
+
+@pytest.mark.parametrize("size", [24, 23, 13, 5])  # a full global micro-batch of 3 groups x 2 x 4, short ones
+@pytest.mark.parametrize("policy", ["redistribute", "drop"])
+def test_groups_of_several_processes_train_every_sample_of_a_step_once(size, policy):
+    gbatch = list(range(100, 100 + size))
+    shares = _process_shares(policy, 3, 2, (0, 1, 2), gbatch)
+    assert sorted(i for s in shares.values() for i in s) == gbatch
+    assert max(map(len, shares.values())) - min(map(len, shares.values())) <= 1
+
+
+def test_all_present_process_share_is_what_one_job_of_every_process_trains():
+    """3 groups x 2 processes train, step by step, what ranks 0..5 of one 6-process job train: the global
+    micro-batch is num_groups x processes x batch_size, and process p of group g is rank 2g + p of it."""
+    for g in range(3):
+        for p in range(2):
+            plain = ShardedBatchSampler(60, 4, rank=2 * g + p, world_size=6, seed=1)
+            shared = ShardedBatchSampler(60, 4, rank=0, world_size=6, seed=1)
+            shared.share = lambda gb, g=g, p=p: replicas.process_share(gb, "drop", 3, g, (0, 1, 2), g, p, 2)
+            assert [[r.index for r in refs] for refs, _ in plain.plan()] == [
+                [r.index for r in refs] for refs, _ in shared.plan()
+            ]
+
+
+def test_redistribute_spreads_a_missing_groups_share_over_every_process_present():
+    gbatch = list(range(24))  # 3 groups x 2 processes x 4
+    shares = _process_shares("redistribute", 3, 2, (0, 2), gbatch)
+    assert sorted(i for s in shares.values() for i in s) == gbatch
+    assert {len(s) for s in shares.values()} == {6}  # each of the 4 processes present trains 6, not 4
+    assert replicas.trained_count(24, "redistribute", 3, (0, 2)) == 24
+
+
+def test_drop_skips_a_missing_groups_share_whatever_its_processes():
+    gbatch = list(range(24))
+    shares = _process_shares("drop", 3, 2, (0, 2), gbatch)
+    assert shares == {
+        (0, 0): [0, 1, 2, 3],
+        (0, 1): [4, 5, 6, 7],
+        (2, 0): [16, 17, 18, 19],
+        (2, 1): [20, 21, 22, 23],
+    }
+    assert replicas.trained_count(24, "drop", 3, (0, 2)) == 16  # the gradient's denominator
+
+
+def test_quorum_members_map_back_to_replica_group_ids():
+    """torchft hands each process the members as global ranks (group id x processes per group + its own
+    rank in the group); the drop policy needs the group ids."""
+    from datetime import timedelta
+
+    from imgtrain.internals.torchft import MembersGloo
+
+    pg = MembersGloo(timeout=timedelta(seconds=1))
+    pg.members, pg.group_world_size = (1, 5), 2  # rank 1 of groups 0 and 2
+    assert pg.groups == (0, 2)
+    pg.members, pg.group_world_size = (0, 2), 1
+    assert pg.groups == (0, 2)
+
+
+def test_state_digest_survives_the_transfer_and_sees_one_changed_value(tmp_path):
+    state = {
+        "model": {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.zeros(2)},
+        "rng": {"torch": torch.ByteTensor([1, 2, 3]), "python": (3, (1, 2), None)},
+        "progress": {"step": 7, "epoch": 1},
+    }
+    torch.save(state, tmp_path / "s.pt")
+    received = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert replicas.state_digest(received) == replicas.state_digest(state)
+    received["model"]["w"][1, 2] += 1e-6
+    assert replicas.state_digest(received) != replicas.state_digest(state)

@@ -1,18 +1,22 @@
 """Replicated mode (``fault_tolerance.mode: replicated``): replica groups under torchft.
 
-Each replica group (one ``imgtrain launch``/torchrun, one process) runs a torchft ``Manager``. Before
-every step the Manager asks the lighthouse for a quorum of the live groups; the gradient all-reduce runs
-over a reconfigurable Gloo group of exactly those; after the backward pass the groups vote whether the
-step commits (no peer died or froze inside it). A dead group's peers go on without restarting; a group
+Each replica group (one ``imgtrain launch``/torchrun of one or more processes, e.g. a node's GPUs) runs a
+torchft ``Manager`` in each process (the group's rank 0 hosts its manager server). Before every step the
+Manager asks the lighthouse for a quorum of the live groups; each gradient bucket is summed over the
+group's own processes and then all-reduced over a reconfigurable Gloo group of exactly those groups (rank r
+with rank r of each); after the backward pass every process of every group votes whether the step commits
+(no peer died or froze inside it). A dead group's peers go on without restarting; a group
 that comes back (or was frozen and fell behind) fetches the live state from a peer before its first step:
 the Trainer's own ``state_dict()``, so model, optimizer, schedule, scaler, EMA, counters and the data
-position arrive together.
+position arrive together; each process fetches from the same rank of the peer, so rank-local state (RNG
+streams) heals per rank.
 
 Exact data: a step's global sample set is a function of (epoch, position) through imgtrain's resumable
-sampler (``num_groups x batch_size`` samples per global micro-batch). Which of them a group trains is
-decided after the quorum, by :func:`step_share`: under ``redistribute`` the groups present split the whole
-set (the global batch is kept), under ``drop`` each present group trains its own slice and the slices of
-the missing groups are skipped and counted. A step that does not commit is redone from the same samples.
+sampler (``num_groups x processes per group x batch_size`` samples per global micro-batch). Which of them a
+group trains is decided after the quorum, by :func:`step_share`: under ``redistribute`` the groups present
+split the whole set (the global batch is kept), under ``drop`` each present group trains its own slice and
+the slices of the missing groups are skipped and counted; :func:`process_share` splits a group's share over
+its processes. A step that does not commit is redone from the same samples.
 docs/fault_tolerance.md ("Replicated mode") states the guarantees.
 """
 
@@ -23,6 +27,7 @@ import logging
 import os
 import socket
 import time
+import zlib
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -35,7 +40,7 @@ from torch import nn
 from imgtrain.checkpoint import snapshot
 from imgtrain.config import Config, ConfigError
 from imgtrain.data.sampler import ShardedBatchSampler, split_evenly
-from imgtrain.distributed.process_group import DistInfo
+from imgtrain.distributed.process_group import DistInfo, barrier
 from imgtrain.distributed.rendezvous import is_wildcard, tcp_store_on
 from imgtrain.errors import ImgtrainError, QuorumError
 
@@ -54,6 +59,23 @@ def step_share(
     return split_evenly(gbatch, num_groups)[group_id]
 
 
+def process_share(
+    gbatch: list[int],
+    policy: str,
+    num_groups: int,
+    group_id: int,
+    members: tuple[int, ...],
+    rank: int,
+    process: int,
+    processes: int,
+) -> list[int]:
+    """This process's samples of one global micro-batch: its group's :func:`step_share`, split evenly
+    over the group's ``processes`` (``process`` is this one's rank in the group). With every group present
+    and a full batch, group g's process p trains exactly what rank g x processes + p would train in one job
+    of num_groups x processes ranks."""
+    return split_evenly(step_share(gbatch, policy, num_groups, group_id, members, rank), processes)[process]
+
+
 def trained_count(size: int, policy: str, num_groups: int, members: tuple[int, ...]) -> int:
     """Samples of a global micro-batch of ``size`` that the members train (the gradient's denominator)."""
     if policy == "redistribute":
@@ -70,6 +92,29 @@ def _nbytes(obj: Any) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(_nbytes(v) for v in obj)
     return 0
+
+
+def state_digest(obj: Any) -> str:
+    """A short checksum of a state dict's contents (every tensor's dtype, shape and bytes, every other
+    value's repr): equal on the process that served a state and the one that healed from it. CRC-32, not a
+    cryptographic hash: it runs on the serving group's step (about 30 ms per 100 MB)."""
+    return f"{_crc(obj, 0):08x}"
+
+
+def _crc(obj: Any, crc: int) -> int:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        crc = zlib.crc32(f"{t.dtype}{tuple(obj.shape)}".encode(), crc)
+        return zlib.crc32(t.view(torch.uint8).numpy(), crc)
+    if isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            crc = _crc(obj[k], zlib.crc32(repr(k).encode(), crc))
+        return crc
+    if isinstance(obj, (list, tuple)):  # a tuple may come back as a list
+        for v in obj:
+            crc = _crc(v, zlib.crc32(b",", crc))
+        return zlib.crc32(b"]", crc)
+    return zlib.crc32(repr(obj).encode(), crc)
 
 
 def _is_loopback(host: str) -> bool:
@@ -174,13 +219,7 @@ class Replicas:
         from imgtrain.internals.torchft import MembersGloo, WeightsOnlyHTTPTransport, manager_on
 
         self.lighthouse, self.quorum_retries = lighthouse, rc.quorum_retries
-        if info.world_size != 1:
-            raise ConfigError(
-                "fault_tolerance.mode",
-                "replicated",
-                f"one process per replica group (this group has {info.world_size}): start one "
-                "imgtrain launch / torchrun with --nproc-per-node=1 per replica group",
-            )
+        self.info, self.dist_cfg = info, cfg.distributed
         self.policy = rc.missing_group_policy
         self.num_groups = rc.num_groups
         self._state_dict, self._load_state_dict, self._emit = state_dict, load_state_dict, emit
@@ -198,6 +237,7 @@ class Replicas:
                 "store_addr": host if rc.advertise_address or _is_loopback(addr) else addr,
                 "store_port": int(os.environ["MASTER_PORT"]),
             }
+            _forget_dead_manager(info)
         else:  # a plain process: a store of its own
             self._store, _ = tcp_store_on(self.bind, 0, timeout=timedelta(seconds=rc.timeout))
             store_kw = {"store_addr": host, "store_port": self._store.port}
@@ -221,8 +261,8 @@ class Replicas:
             quorum_timeout=timedelta(seconds=rc.quorum_timeout),
             connect_timeout=timedelta(seconds=rc.connect_timeout),
             quorum_retries=rc.quorum_retries,
-            rank=0,
-            world_size=1,
+            rank=info.rank,
+            world_size=info.world_size,
             lighthouse_addr=lighthouse,
             replica_id=f"imgtrain_g{self.group_id}",  # the trailing digits are the group id (MembersGloo)
             heartbeat_interval=timedelta(seconds=rc.heartbeat_interval),
@@ -242,10 +282,14 @@ class Replicas:
         self._joined = False  # this step's quorum is done (reset by should_commit)
         self._stale = True  # the batches planned so far are not this step's any more
         self._healed_bytes: int | None = None
+        self._healed_digest = ""
+        self._served: tuple[int, str] | None = None  # (step, digest) of the state last served to a peer
         log.info(
-            "replicated mode: replica group %d of %d, lighthouse %s, min replicas %d, missing groups: %s",
+            "replicated mode: replica group %d of %d (%d processes), lighthouse %s, min replicas %d, "
+            "missing groups: %s",
             self.group_id,
             self.num_groups,
+            info.world_size,
             lighthouse,
             rc.min_replicas,
             self.policy,
@@ -254,14 +298,24 @@ class Replicas:
     # ------------------------------------------------------------------ composition hooks
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        from imgtrain.internals.torchft import FaultTolerantDDP
+        from imgtrain.internals.torchft import FaultTolerantDDP, GroupFaultTolerantDDP
 
-        return FaultTolerantDDP(self.manager, model)
+        if self.info.world_size == 1:
+            return FaultTolerantDDP(self.manager, model)
+        return GroupFaultTolerantDDP(
+            self.manager,
+            model,
+            torch.distributed.group.WORLD,  # the group's own processes (its torchrun job)
+            device_ids=[self.info.local_rank] if self.info.device.type == "cuda" else None,
+            bucket_cap_mb=self.dist_cfg.bucket_cap_mb,
+            gradient_as_bucket_view=self.dist_cfg.gradient_as_bucket_view,
+        )
 
     def attach(self, sampler: ShardedBatchSampler) -> None:
-        """The sampler cuts global micro-batches of num_groups x batch_size and keeps this group's share."""
-        sampler.world_size = self.num_groups
-        sampler.rank = self.group_id
+        """The sampler cuts global micro-batches of num_groups x processes per group x batch_size and keeps
+        this process's share."""
+        sampler.world_size = self.num_groups * self.info.world_size
+        sampler.rank = self.group_id * self.info.world_size + self.info.rank
         sampler.share = self._share
 
     def resume_at(self, step: int) -> None:
@@ -271,7 +325,8 @@ class Replicas:
 
     @property
     def participants(self) -> int:
-        """Replica groups whose gradients the all-reduce averages in this step."""
+        """Replica groups whose gradients the all-reduce averages in this step (each group's gradient is
+        the sum over its processes)."""
         return max(1, len(self.members))
 
     def plan_holds(self) -> bool:
@@ -335,7 +390,16 @@ class Replicas:
     # ------------------------------------------------------------------ internals
 
     def _share(self, gbatch: list[int]) -> list[int]:
-        return step_share(gbatch, self.policy, self.num_groups, self.group_id, self.members, self.rank)
+        return process_share(
+            gbatch,
+            self.policy,
+            self.num_groups,
+            self.group_id,
+            self.members,
+            self.rank,
+            self.info.rank,
+            self.info.world_size,
+        )
 
     def _join(self) -> None:
         if self._joined:
@@ -353,7 +417,18 @@ class Replicas:
                 "is where its restart resumes (or heals from a live peer)"
             ) from None
         healed = self._healed_bytes is not None
-        members = self.pg.members or (self.group_id,)
+        if self._served is not None:
+            step, digest = self._served
+            self._served = None
+            self._emit(
+                {
+                    "event": "heal_served",
+                    "step": step,
+                    "replica_group": self.group_id,
+                    "state_digest": digest,
+                }
+            )
+        members = self.pg.groups or (self.group_id,)
         self._joined = True
         if members != self.members:
             self._stale = True
@@ -371,6 +446,7 @@ class Replicas:
                     "heal_seconds": seconds,
                     "heal_bytes": self._healed_bytes,
                     "heals": self.heals,
+                    "state_digest": self._healed_digest,
                 }
             )
             log.warning(
@@ -420,8 +496,35 @@ class Replicas:
         # A copy on the same device that a peer can fetch while this group trains on: forward passes update
         # BatchNorm buffers in place, and the healed group must get the state of the step boundary it is told
         # about.
-        return snapshot(self._state_dict(), device=None)
+        state = snapshot(self._state_dict(), device=None)
+        self._served = (self.manager.current_step(), state_digest(state))
+        return state
 
     def _heal(self, state: dict[str, Any]) -> None:
+        # Groups of different sizes cannot train together (the global batch counts every group's processes,
+        # and rank r pairs with rank r): the group that joins, which heals, is the one refused.
+        peer = (state.get("run") or {}).get("world_size")
+        if peer is not None and int(peer) != self.info.world_size:
+            raise ConfigError(
+                "--nproc-per-node",
+                self.info.world_size,
+                f"{peer} (replica group {self.group_id} heals from a live group of {peer} processes): every "
+                "replica group of a job runs the same number of processes",
+            )
         self._load_state_dict(state)
         self._healed_bytes = _nbytes(state)
+        self._healed_digest = state_digest(state)
+
+
+def _forget_dead_manager(info: DistInfo) -> None:
+    """torchrun keeps one store for the whole job and hands it, unprefixed, to a restarted worker group:
+    torchft's keys naming the group's manager server are still there from the processes it just killed, and
+    a rank other than 0 would read that dead address instead of waiting for the new one. Rank 0 removes them
+    before any rank builds its Manager (process_group.py has the same problem with torch's own keys)."""
+    if info.world_size == 1:
+        return  # rank 0 writes the keys before it reads them
+    if info.rank == 0:
+        from imgtrain.internals.torchft import forget_manager_address
+
+        forget_manager_address(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+    barrier(info)

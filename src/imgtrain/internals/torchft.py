@@ -17,8 +17,11 @@ torchft 0.2.0 binds its two servers to every interface and takes no address: ``M
 built, so :func:`manager_on` and :class:`WeightsOnlyHTTPTransport` substitute a factory bound to one
 address for exactly that call (the port torchft chose, ``TORCHFT_MANAGER_PORT`` included, is kept).
 
-Also here: the quorum's members (for the drop policy) and a weights-only checkpoint transport. This module
-is the one place that touches torchft's private symbols; tests/unit/test_internals.py names each one
+The same hook serves a replica group of several processes (:class:`GroupFaultTolerantDDP`), after the
+gradient is summed inside the group.
+
+Also here: the removal of a restarted group's stale manager address, the quorum's members (for the drop
+policy) and a weights-only checkpoint transport. This module is the one place that touches torchft's private symbols; tests/unit/test_internals.py names each one
 when an upgrade changes it.
 """
 
@@ -32,10 +35,12 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 import torchft.manager
+from torch import nn
 from torchft import DistributedDataParallel, Manager, ProcessGroupGloo
 from torchft.checkpointing import http_transport
 from torchft.checkpointing._serialization import _streaming_load
 from torchft.checkpointing.http_transport import HTTPTransport
+from torchft.manager import MANAGER_ADDR_KEY, REPLICA_ID_KEY
 
 from imgtrain.distributed.rendezvous import host_port
 
@@ -45,7 +50,8 @@ PRIVATE_SYMBOL = (
     "torchft.checkpointing.http_transport.HTTPTransport._load_from_address, "
     "torchft.checkpointing._serialization._streaming_load, "
     "torchft.manager.ManagerServer (looked up by Manager.__init__, bind=[::]:<port>), "
-    "torchft.checkpointing.http_transport._IPv6HTTPServer (looked up by HTTPTransport.__init__)"
+    "torchft.checkpointing.http_transport._IPv6HTTPServer (looked up by HTTPTransport.__init__), "
+    "torchft.manager.MANAGER_ADDR_KEY and REPLICA_ID_KEY (read by Manager.__init__ from the group's store)"
 )
 
 
@@ -66,20 +72,53 @@ class FaultTolerantDDP(DistributedDataParallel):
         return fut._fut if hasattr(fut, "_fut") else fut
 
 
+class GroupFaultTolerantDDP(nn.parallel.DistributedDataParallel):
+    """DDP for a replica group of several processes: each gradient bucket is summed over the group's own
+    process group (torchrun's), then averaged over the live replica groups through the Manager (rank r
+    with rank r of every other group). The gradient is the sum over the group's processes divided by the
+    number of groups in the quorum: the trainer's loss scale (groups present / samples trained) makes it
+    the exact mean over every sample the quorum trained.
+
+    ``find_unused_parameters=True`` for the reason torchft's own wrapper gives: it keeps the reducer from
+    rebuilding its buckets after the first step, so that a group that (re)started later has the same
+    buckets as its peers in the cross-group all-reduce."""
+
+    def __init__(self, manager, module: nn.Module, process_group, **kwargs) -> None:
+        super().__init__(module, process_group=process_group, find_unused_parameters=True, **kwargs)
+        self.register_comm_hook((process_group, manager), self._group_then_replicas_hook)
+
+    @staticmethod
+    def _group_then_replicas_hook(state, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        group, manager = state
+        # Always, even after a peer group failed in this step: every process of the group runs the same
+        # sequence of in-group collectives. A failure here (a process of this group died) escapes: the
+        # group's launcher restarts all of its processes.
+        dist.all_reduce(bucket.buffer(), group=group)
+        return FaultTolerantDDP._comm_hook(manager, bucket)
+
+
 class MembersGloo(ProcessGroupGloo):
     """torchft's reconfigurable Gloo group that also keeps the members and id of the current quorum.
 
-    The Manager passes them as ``global_ranks`` (each replica id's trailing digits x the group's world
-    size + rank; imgtrain names replica ``g`` ``imgtrain_g<g>`` with one process per group, so they are
-    the replica group ids): the ``drop`` policy needs to know whose share of a step is missing."""
+    The Manager passes them as ``global_ranks``: each member's replica id's trailing digits (imgtrain names
+    replica group ``g`` ``imgtrain_g<g>``) x the group's world size + this process's rank in its group;
+    :attr:`groups` turns them back into replica group ids. The ``drop`` policy needs to know whose share
+    of a step is missing."""
 
     members: tuple[int, ...] = ()
     quorum_id: int = -1
+    group_world_size: int = 1
+
+    @property
+    def groups(self) -> tuple[int, ...]:
+        """The replica group ids of the quorum's members."""
+        return tuple(sorted({m // self.group_world_size for m in self.members}))
 
     def configure(self, store_addr, replica_id, rank, world_size, quorum_id=None, group_rank=None,
                   group_world_size=None, global_ranks=None) -> None:  # fmt: skip
         self.members = tuple(sorted(global_ranks)) if global_ranks is not None else ()
         self.quorum_id = -1 if quorum_id is None else quorum_id
+        self.group_world_size = group_world_size or 1
         super().configure(
             store_addr, replica_id, rank, world_size, quorum_id, group_rank, group_world_size, global_ranks
         )
@@ -129,3 +168,11 @@ class WeightsOnlyHTTPTransport(HTTPTransport):
     def _load_from_address(cls, address: str, timeout: timedelta) -> object:
         with urllib.request.urlopen(address, timeout=timeout.total_seconds()) as f:
             return _streaming_load(f, weights_only=True)
+
+
+def forget_manager_address(host: str, port: int) -> None:
+    """Removes from a replica group's store the keys under which its rank 0's Manager publishes the
+    group's manager server: every other rank's Manager reads them (and waits while they are absent)."""
+    store = dist.TCPStore(host, port, is_master=False, wait_for_workers=False)
+    for key in (MANAGER_ADDR_KEY, REPLICA_ID_KEY):
+        store.delete_key(key)

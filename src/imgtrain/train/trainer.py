@@ -207,13 +207,14 @@ class Trainer:
         )
         log.info(
             "imgtrain: world size %d (%s), device %s, global batch %d = %d per process x %d "
-            "processes x %d accumulation steps, peak LR %.4g",
+            "processes%s x %d accumulation steps, peak LR %.4g",
             info.world_size,
             info.backend or "no process group",
             info.device,
             self.global_batch,
             cfg.training.batch_size,
             info.world_size,
+            "" if self.replicas is None else f" x {self.replicas.num_groups} replica groups",
             self.accumulation,
             self.peak_lr,
             extra={
