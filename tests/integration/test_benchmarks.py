@@ -170,6 +170,37 @@ def test_ft_benchmarks_cli_schedule_and_projection(tmp_path, monkeypatch):
     assert ft_recovery.project(trials)["rows"][0]["replicated_goodput"] is None
 
 
+def test_ft_chaos_goodput_is_against_the_modes_fault_free_speed(tmp_path, monkeypatch):
+    """Two groups log the same steps every 0.25 s (0.2 s of it inside the step): a run without faults
+    scores 1.0 (the per-step step_s median alone said 0.8); a 30 s stall costs its share of the wall
+    time."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import types
+
+    import ft_chaos
+
+    t0 = 1000.0
+    times = [t0 + 0.25 * k for k in range(2401)]  # 600 s
+    stalled = [t if t <= t0 + 60 else t + 30 for t in times[:2281]]  # 30 s stall, same end
+    for name, series in (("even", times), ("stalled", stalled)):
+        runs = []
+        for g in range(2):
+            run = tmp_path / name / f"rg{g}"
+            run.mkdir(parents=True)
+            lines = [
+                {"time": t, "event": "train", "step": k + 1, "step_s": 0.2} for k, t in enumerate(series)
+            ]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+            runs.append(run)
+        chaos = types.SimpleNamespace(runs=runs, mode="replicated")
+        r = ft_chaos.outcome(chaos, t0, t0 + 600)
+        assert r["fault_free_s_per_step"] == 0.25 and r["steps_redone"] == 0
+        if name == "even":
+            assert r["goodput"] == 1.0 and r["goodput_step_s"] == round(2401 * 0.2 / 600, 4)
+        else:
+            assert r["steps_advanced"] == 2281 and r["goodput"] == 0.95  # 2280 steps x 0.25 s / 600 s
+
+
 def test_compression_benchmark(tmp_path):
     r = run_script(
         "compression",

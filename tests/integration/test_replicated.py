@@ -32,7 +32,17 @@ import torch
 
 from imgtrain.checkpoint import MANIFEST, STATE_FILE
 
-from conftest import TINY, Run, free_port, make_image_folder, read_jsonl, run_cli, torchrun_cmd, wait_for
+from conftest import (
+    TINY,
+    Run,
+    free_port,
+    make_image_folder,
+    read_jsonl,
+    run_cli,
+    subprocess_env,
+    torchrun_cmd,
+    wait_for,
+)
 from elastic_nodes import hosts_for_test
 
 pytest.importorskip("torchft", reason="replicated mode needs torchft (the ft extra)")
@@ -696,3 +706,70 @@ def test_a_group_of_another_size_is_refused_naming_the_process_count_and_the_oth
     wait_for(lambda: last_step(tmp_path, 0) >= at + 10, WAIT, "group 0 to train on", poll=0.05)
     assert_no_restart(g0, pid0)
     assert_steps_never_go_back(tmp_path, 0)
+
+
+# One replica group driven through imgtrain's Replicas on a one-layer model: argv is the lighthouse, the
+# group id and "fail" (this group's step breaks before its all-reduce: it sends nothing) or "wait" (its
+# peer's step: it waits inside the all-reduce for the failed group). One JSON line per outcome.
+_ONE_GROUP = """
+import json, sys, time, torch
+from imgtrain.config import load_config
+from imgtrain.distributed.process_group import DistInfo
+from imgtrain.distributed.replicas import Replicas
+
+lighthouse, group, role = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+cfg = load_config(overrides=[
+    "fault_tolerance.mode=replicated", f"fault_tolerance.replicated.lighthouse={lighthouse}",
+    f"fault_tolerance.replicated.group_id={group}", "fault_tolerance.replicated.collective_timeout=60",
+    "fault_tolerance.replicated.timeout=60",
+])
+info = DistInfo(0, 0, 1, torch.device("cpu"), None, "local", 0)
+model = torch.nn.Linear(64, 1)
+replicas = Replicas(cfg, info, lambda: {"model": model.state_dict()},
+                    lambda s: model.load_state_dict(s["model"]), lambda r: None)
+ddp = replicas.wrap(model)
+broken = None
+for _ in range(2000):
+    replicas.plan_holds()
+    t0 = time.monotonic()
+    if broken is None and replicas.members == (0, 1) and role == "fail":
+        replicas.manager.report_error(RuntimeError("this group's step broke"))
+    ddp(torch.ones(2, 64)).sum().backward()
+    committed = replicas.should_commit()
+    model.zero_grad()
+    if broken is None and replicas.members == (0, 1):
+        broken = {"committed": committed, "seconds": time.monotonic() - t0}
+        print(json.dumps(broken), flush=True)
+    elif broken is not None and committed:
+        print(json.dumps({"next_commit": list(replicas.members)}), flush=True)
+        break
+replicas.close()
+"""
+
+
+def test_a_group_whose_step_failed_releases_a_peer_waiting_on_it_at_once(tmp_path, lighthouse):
+    """Group 1's step fails before its all-reduce (as when the peer it exchanges with died) while group 0
+    waits in that all-reduce for group 1's data. Group 1 closes its gradient group when its vote fails,
+    so group 0's step fails in seconds, not after the 60 s collective timeout; then both commit again."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _ONE_GROUP, lighthouse.address, str(g), role],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=subprocess_env(),
+        )
+        for g, role in ((0, "wait"), (1, "fail"))
+    ]
+    try:
+        outs = [p.communicate(timeout=WAIT)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    results = [[json.loads(ln) for ln in out.splitlines() if ln.startswith("{")] for out in outs]
+    for out, res in zip(outs, results, strict=True):
+        assert len(res) == 2, out[-3000:]
+    (waited, next0), (failed, next1) = results
+    assert not failed["committed"] and not waited["committed"]
+    assert waited["seconds"] < 20, waited  # without the release: the collective timeout, 60 s
+    assert next0 == next1 == {"next_commit": [0, 1]}

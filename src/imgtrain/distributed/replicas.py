@@ -350,6 +350,12 @@ class Replicas:
         self.committed = self.manager.should_commit()
         self._joined = False
         if not self.committed:
+            if self.manager.errored() is not None:
+                # A peer may still wait inside this step's all-reduce for data from this group rather
+                # than from the one that failed: closing the gradient group's connections fails that
+                # wait now instead of after collective_timeout. The lighthouse gives the next quorum a
+                # new id after a failed vote, so the Manager builds a new group there.
+                self.pg.abort(errored=False)
             self._stale = True
             self.steps_dropped += 1
             self._emit(
