@@ -39,6 +39,7 @@ import sys
 import threading
 import traceback
 
+from imgtrain.fault import stop_signals_blocked
 from imgtrain.internals import forkserver
 
 # What a worker imports before its first step; what it imports later is small (python -X importtime).
@@ -324,9 +325,13 @@ def main(argv: list[str] | None = None) -> int:
     elif known and method == "fork":
         _set_env("OMP_NUM_THREADS", omp_threads)  # what torchrun sets, here before torch reads it
 
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import record
-    from torch.distributed.launcher.api import elastic_launch
+    # Ctrl-C (or SIGTERM) during torch's import would land in a C extension's initialisation (numpy's,
+    # torch's), which may swallow the KeyboardInterrupt (the launcher then starts its workers as if nothing
+    # happened) or turn it into an ImportError. Held until the imports are done, then taken as usual.
+    with stop_signals_blocked():
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+        from torch.distributed.elastic.multiprocessing.errors import record
+        from torch.distributed.launcher.api import elastic_launch
 
     _format_agent_tracebacks_lightly()
 
