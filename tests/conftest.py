@@ -34,11 +34,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         folder = item.path.relative_to(TESTS).parts[0] if item.path.is_relative_to(TESTS) else None
         if folder in ("checks", "integration"):
             item.add_marker(folder)
-        if folder == "integration":
-            # Under `-n 2 --dist loadgroup` (README's command) one worker runs the integration tests one at a
-            # time, as their process counts and time bounds assume; the other runs the unit tests and the
-            # validators meanwhile.
-            item.add_marker(pytest.mark.xdist_group("integration"))
 
 
 # Tiny, fast, deterministic settings for CLI runs in tests.
