@@ -212,10 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(sys.argv[1:] if argv is None else argv)
     except KeyboardInterrupt:
-        # Ctrl-C before the command installed its own handling (training saves and exits 130; the launcher
-        # stops its workers first): torch's imports alone take seconds, and nothing was saved or started
-        # yet that could be lost. README's exit code, no traceback.
-        print("imgtrain: interrupted (SIGINT) while starting", file=sys.stderr)
+        # Ctrl-C where the command has no handling of its own (training saves and exits 130 by itself; the
+        # launcher stops its workers first): during torch's imports (seconds), or in eval or find-batch-size,
+        # which save nothing. README's exit code, no traceback.
+        print("imgtrain: interrupted (SIGINT)", file=sys.stderr)
         return 130
 
 

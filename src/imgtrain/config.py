@@ -466,8 +466,8 @@ class ReplicatedConfig:
     group_id: int | None = None
     """This replica group's id, 0 .. num_groups - 1; null: the environment variable REPLICA_GROUP_ID."""
     num_groups: int = 2
-    """Replica groups of the full job: each step's global batch is num_groups x training.batch_size
-    (x accumulation), shared between the groups present."""
+    """Replica groups of the full job: each step's global batch is num_groups x processes per group x
+    training.batch_size (x accumulation), shared between the groups present."""
     min_replicas: int = 1
     """Fewest replica groups that may commit a step; with fewer the step is not committed and retried."""
     missing_group_policy: Literal["redistribute", "drop"] = "redistribute"
@@ -490,7 +490,8 @@ class ReplicatedConfig:
     bind: str | None = None
     """The one address of this machine that the group's own servers listen on: torchft's manager, the
     checkpoint server a healing peer fetches from, and (outside torchrun) the group's store. null: the
-    address this machine's host name resolves to, the name torchft tells the other groups to connect to.
+    address that ``advertise_address`` (unset: this machine's host name) resolves to, where the other groups
+    connect. An address this machine cannot listen on exits 2 naming this key.
     0.0.0.0 or :: (every interface) only when set so, behind a firewall (docs/security.md)."""
     advertise_address: str | None = None
     """The address (or host name) at which the other replica groups reach this one: handed to them for

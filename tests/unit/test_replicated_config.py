@@ -188,6 +188,15 @@ def test_bind_that_does_not_resolve_names_the_key():
     assert ei.value.key == "fault_tolerance.replicated.bind" and "no-such-host.invalid" in str(ei.value)
 
 
+def test_bind_on_an_address_this_machine_does_not_hold_names_the_key():
+    """A typo'd bind (here a documentation address, TEST-NET-1) is a config error at start, not a traceback
+    from whichever server tries to listen on it first."""
+    with pytest.raises(ConfigError) as ei:
+        replicas.bind_address("192.0.2.77", "http://127.0.0.1:29510")
+    assert ei.value.key == "fault_tolerance.replicated.bind" and "192.0.2.77" in str(ei.value)
+    assert "cannot listen on" in str(ei.value)
+
+
 def test_importing_replicated_mode_leaves_rust_log_alone(monkeypatch):
     """RUST_LOG=warn is torchft's default only while torchft is imported for training: neither importing
     imgtrain's replicated mode nor that import leaves it in the environment children inherit."""

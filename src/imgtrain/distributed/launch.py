@@ -325,38 +325,38 @@ def main(argv: list[str] | None = None) -> int:
     elif known and method == "fork":
         _set_env("OMP_NUM_THREADS", omp_threads)  # what torchrun sets, here before torch reads it
 
-    # Ctrl-C (or SIGTERM) during torch's import would land in a C extension's initialisation (numpy's,
-    # torch's), which may swallow the KeyboardInterrupt (the launcher then starts its workers as if nothing
-    # happened) or turn it into an ImportError. Held until the imports are done, then taken as usual.
-    with stop_signals_blocked():
-        from torch.distributed.elastic.multiprocessing.api import SignalException
-        from torch.distributed.elastic.multiprocessing.errors import record
-        from torch.distributed.launcher.api import elastic_launch
+    try:  # the fork server started above goes with this process, whatever stops it
+        # Ctrl-C (or SIGTERM) during torch's import would land in a C extension's initialisation (numpy's,
+        # torch's), which may swallow the KeyboardInterrupt (the launcher then starts its workers as if nothing
+        # happened) or turn it into an ImportError. Held until the imports are done, then taken as usual.
+        with stop_signals_blocked():
+            from torch.distributed.elastic.multiprocessing.api import SignalException
+            from torch.distributed.elastic.multiprocessing.errors import record
+            from torch.distributed.launcher.api import elastic_launch
 
-    _format_agent_tracebacks_lightly()
+        _format_agent_tracebacks_lightly()
 
-    @record
-    def launch() -> int:
-        config, entrypoint, args = resolve(argv)
-        # Workers forked from the agent get the exact value; a fork server started above has the guess.
-        _set_env(MAX_WORLD_SIZE_ENV, str(config.max_nodes * config.nproc_per_node))
-        if callable(entrypoint) and config.start_method == "forkserver":
-            # A no-op unless torchrun changed OMP_NUM_THREADS or the world size was not known before resolve().
-            start_forkserver(os.environ.get("OMP_NUM_THREADS"))
-        else:
-            forkserver.kill()
-        if callable(entrypoint) and config.start_method == "fork":
-            preload_in_background()
-        try:
-            elastic_launch(config=config, entrypoint=entrypoint)(*args)
-        except SignalException as e:
-            # The agent turns SIGTERM/SIGINT/... into this exception once it has stopped its workers (which
-            # saved and exited 143/130; its log said "Received ... death signal"). Not an error of the
-            # launcher: it exits as a process stopped by that signal is reported, without a traceback.
-            return 128 + int(e.sigval)
-        return 0
+        @record
+        def launch() -> int:
+            config, entrypoint, args = resolve(argv)
+            # Workers forked from the agent get the exact value; a fork server started above has the guess.
+            _set_env(MAX_WORLD_SIZE_ENV, str(config.max_nodes * config.nproc_per_node))
+            if callable(entrypoint) and config.start_method == "forkserver":
+                # A no-op unless torchrun changed OMP_NUM_THREADS or the world size was not known before resolve().
+                start_forkserver(os.environ.get("OMP_NUM_THREADS"))
+            else:
+                forkserver.kill()
+            if callable(entrypoint) and config.start_method == "fork":
+                preload_in_background()
+            try:
+                elastic_launch(config=config, entrypoint=entrypoint)(*args)
+            except SignalException as e:
+                # The agent turns SIGTERM/SIGINT/... into this exception once it has stopped its workers (which
+                # saved and exited 143/130; its log said "Received ... death signal"). Not an error of the
+                # launcher: it exits as a process stopped by that signal is reported, without a traceback.
+                return 128 + int(e.sigval)
+            return 0
 
-    try:
         return launch()
     finally:
         forkserver.kill()

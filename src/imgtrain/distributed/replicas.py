@@ -152,6 +152,17 @@ def bind_address(
                 f"an address of this machine that the other replica groups reach: its name {name} "
                 f"resolves to {addr} (loopback) and the lighthouse {lighthouse} is on another machine",
             )
+    # A typo'd or foreign address would otherwise fail later, inside the store, torchft's Rust server or the
+    # HTTP server, each with its own traceback.
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((addr, 0))
+    except OSError as e:
+        raise ConfigError(
+            key,
+            bind,
+            f"an address of this machine ({name} is {addr}, which it cannot listen on: {e.strerror})",
+        ) from None
     return addr
 
 
