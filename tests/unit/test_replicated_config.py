@@ -188,6 +188,14 @@ def test_bind_that_does_not_resolve_names_the_key():
     assert ei.value.key == "fault_tolerance.replicated.bind" and "no-such-host.invalid" in str(ei.value)
 
 
+def test_a_replica_group_spanning_nodes_is_refused_naming_the_mode():
+    replicas.check_one_node(4, {"LOCAL_WORLD_SIZE": "4"})  # one node of 4 processes
+    replicas.check_one_node(1, {})  # a plain process
+    with pytest.raises(ConfigError) as ei:
+        replicas.check_one_node(8, {"LOCAL_WORLD_SIZE": "4"})  # 2 nodes of 4
+    assert ei.value.key == "fault_tolerance.mode" and "one node per replica group" in str(ei.value)
+
+
 def test_bind_on_an_address_this_machine_does_not_hold_names_the_key():
     """A typo'd bind (here a documentation address, TEST-NET-1) is a config error at start, not a traceback
     from whichever server tries to listen on it first."""

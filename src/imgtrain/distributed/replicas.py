@@ -166,6 +166,20 @@ def bind_address(
     return addr
 
 
+def check_one_node(world_size: int, environ=os.environ) -> None:
+    """A replica group is the processes of one node. Across nodes, its rank 0 would hand the other groups
+    the store address of its own node, and ranks elsewhere would look for the group's store at their own
+    advertised address: neither holds torchrun's store. Refused rather than left to hang."""
+    local = int(environ.get("LOCAL_WORLD_SIZE", world_size))
+    if local != world_size:
+        raise ConfigError(
+            "fault_tolerance.mode",
+            "replicated",
+            f"one node per replica group (this group has {world_size} processes, {local} on this node): "
+            "start one imgtrain launch / torchrun per node, each its own replica group",
+        )
+
+
 def _import_torchft() -> None:
     """torchft's Rust half reads RUST_LOG once, when torchft is first imported, and by default logs every
     quorum and every commit (a line per step and group): imported under RUST_LOG=warn unless the user set
@@ -230,6 +244,7 @@ class Replicas:
         from imgtrain.internals.torchft import MembersGloo, WeightsOnlyHTTPTransport, manager_on
 
         self.lighthouse, self.quorum_retries = lighthouse, rc.quorum_retries
+        check_one_node(info.world_size)
         self.info, self.dist_cfg = info, cfg.distributed
         self.policy = rc.missing_group_policy
         self.num_groups = rc.num_groups
