@@ -227,7 +227,10 @@ def test_an_advertised_address_picks_the_interface_gloo_uses(monkeypatch):
     loopback = next(
         n for n, addrs in psutil.net_if_addrs().items() if any(a.address == "127.0.0.1" for a in addrs)
     )
-    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    # Set (empty, which _gloo_on treats as unset) rather than deleted: monkeypatch records nothing for
+    # deleting an absent variable, and the value _gloo_on writes would then outlive the test and send every
+    # later test's Gloo to the loopback interface.
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "")
     replicas._gloo_on("127.0.0.1")
     assert replicas.os.environ["GLOO_SOCKET_IFNAME"] == loopback
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")
