@@ -119,32 +119,37 @@ def test_killed_launcher_leaves_no_process_and_its_worker_saves(tmp_path, start_
     assert max(e["step"] for e in events(out, "train")) == stopped
 
 
-@pytest.mark.parametrize(("sig", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
-def test_launcher_stopped_by_a_signal_exits_with_its_code_quietly(tmp_path, sig, code):
-    """torchrun's agent turns the signal into an exception once it has stopped its workers; `imgtrain launch`
-    exits as a process stopped by that signal (README's exit codes), without a traceback."""
-    import signal
-
-    cmd = [
-        sys.executable,
-        "-m",
-        "imgtrain",
-        "launch",
-        "--standalone",
-        "--nproc-per-node=1",
-        f"--log-dir={tmp_path}",
-        "--no-python",
-        "sleep",
-        "600",
-    ]
-    agent = subprocess.Popen(
-        cmd,
+def _launch_sleep(tmp_path) -> subprocess.Popen:
+    """`imgtrain launch` of one worker that sleeps (not Python: only the launcher's handling is under test),
+    in a session of its own so that a signal reaches the launcher alone."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "imgtrain",
+            "launch",
+            "--standalone",
+            "--nproc-per-node=1",
+            f"--log-dir={tmp_path}",
+            "--no-python",
+            "sleep",
+            "600",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env=subprocess_env(),
         start_new_session=True,
     )
+
+
+@pytest.mark.parametrize(("sig", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_launcher_stopped_by_a_signal_exits_with_its_code_quietly(tmp_path, sig, code):
+    """torchrun's agent turns the signal into an exception once it has stopped its workers; `imgtrain launch`
+    exits as a process stopped by that signal (README's exit codes), without a traceback."""
+    import signal
+
+    agent = _launch_sleep(tmp_path)
     try:
         # Signal once the agent runs its worker (its handlers are installed by then). Not any child: starting,
         # the agent runs others (ldconfig, for the CUDA libraries' lookup) before it has handlers.
@@ -178,25 +183,7 @@ def test_ctrl_c_while_the_launcher_starts_exits_130_quietly(tmp_path):
     ends it with README's 130 and one line, not a KeyboardInterrupt traceback."""
     import signal
 
-    agent = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "imgtrain",
-            "launch",
-            "--standalone",
-            "--nproc-per-node=1",
-            f"--log-dir={tmp_path}",
-            "--no-python",
-            "sleep",
-            "600",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=subprocess_env(),
-        start_new_session=True,
-    )
+    agent = _launch_sleep(tmp_path)
     try:
         # torch's shared library is mapped at the start of its import, a second or more before the agent
         # could have a worker.

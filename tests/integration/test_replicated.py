@@ -195,6 +195,19 @@ def wait_both_in_quorum(tmp_path: Path, runs: list[Run]) -> None:
     )
 
 
+def restart_group1_and_check_it_heals(tmp_path: Path, start, g0: Run, pid0: int, before: int) -> None:
+    """Group 1 (killed) started again by ``start()``: it heals from group 0 past ``before`` (its first
+    process's heal at its start does not count), group 0 never restarts and never goes back, and from the
+    heal on both hold the same weights bit for bit."""
+    heals = len(records(tmp_path, 1, "heal"))
+    g1b = start()
+    heal = wait_for_heal(tmp_path, g1b, heals)
+    assert heal["heal_bytes"] > 0 and heal["step"] > before
+    assert_no_restart(g0, pid0)
+    assert_same_weights_after(tmp_path, [g0, g1b], heal["step"])
+    assert_steps_never_go_back(tmp_path, 0)
+
+
 def wait_for_heal(tmp_path: Path, run: Run, heals_before: int) -> dict:
     """Group 1's next heal record (``run`` is its process): it fetched the live state from group 0."""
     wait_for(
@@ -300,13 +313,7 @@ def test_kill9_outside_the_allreduce_survivor_goes_on_and_restarted_group_heals_
     wait_for(lambda: last_step(tmp_path, 0) >= before + 20, WAIT, "group 0 to train on alone", poll=0.05)
     assert_no_restart(g0, pid0)
     # Restart group 1: it resumes from its own checkpoint, is behind, heals from group 0 and trains with it.
-    heals = len(records(tmp_path, 1, "heal"))  # the first process healed too, at its start
-    g1b = groups(1, name="group1-restarted")
-    heal = wait_for_heal(tmp_path, g1b, heals)
-    assert heal["heal_bytes"] > 0 and heal["step"] > before
-    assert_no_restart(g0, pid0)
-    assert_same_weights_after(tmp_path, [g0, g1b], heal["step"])
-    assert_steps_never_go_back(tmp_path, 0)
+    restart_group1_and_check_it_heals(tmp_path, lambda: groups(1, name="group1-restarted"), g0, pid0, before)
     assert records(tmp_path, 0, "samples_dropped") == []  # redistribute: group 1's share was trained
 
 
@@ -578,13 +585,7 @@ def test_groups_on_two_hosts_heal_across_them_bit_exact(tmp_path, network):
         poll=0.05,
     )
     before = last_step(tmp_path, 0)
-    heals = len(records(tmp_path, 1, "heal"))
-    g1b = start(1, name="group1-restarted")
-    heal = wait_for_heal(tmp_path, g1b, heals)
-    assert heal["heal_bytes"] > 0 and heal["step"] > before
-    assert_no_restart(g0, pid0)
-    assert_same_weights_after(tmp_path, [g0, g1b], heal["step"])
-    assert_steps_never_go_back(tmp_path, 0)
+    restart_group1_and_check_it_heals(tmp_path, lambda: start(1, name="group1-restarted"), g0, pid0, before)
 
 
 def test_partition_the_group_with_the_lighthouse_goes_on_and_the_cut_off_group_rejoins_and_heals(
