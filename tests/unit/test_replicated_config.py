@@ -54,6 +54,11 @@ def test_restart_stays_the_default_mode():
             "no scheme, no port",
         ),
         (
+            "fault_tolerance.replicated.advertise_address=0.0.0.0",
+            "fault_tolerance.replicated.advertise_address",
+            "not 0.0.0.0 or ::",
+        ),
+        (
             "fault_tolerance.replicated.collective_timeout=0",
             "fault_tolerance.replicated.collective_timeout",
             "> 0",
@@ -65,6 +70,45 @@ def test_replicated_rejects_what_it_cannot_run_naming_the_key(override, key, exp
         load_config(None, [*REPLICATED, override])
     assert ei.value.key == key
     assert expected in str(ei.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "host"),
+    [
+        ("10.0.0.7", "10.0.0.7"),
+        ("fd00::7", "fd00::7"),
+        ('"[fd00::7]"', "fd00::7"),  # quoted: YAML reads a bare [x] as a list
+        ("node-3", "node-3"),
+        ("imgtrain-1.replicas.default.svc.cluster.local", "imgtrain-1.replicas.default.svc.cluster.local"),
+    ],
+)
+def test_bind_and_advertise_address_take_ipv4_ipv6_with_or_without_brackets_and_host_names(value, host):
+    from imgtrain.config import bare_host
+
+    for key in ("bind", "advertise_address"):
+        rc = load_config(
+            None, [*REPLICATED, f"fault_tolerance.replicated.{key}={value}"]
+        ).fault_tolerance.replicated
+        assert bare_host(getattr(rc, key)) == host
+
+
+@pytest.mark.parametrize(
+    "value", ["10.0.0.256", '"[10.0.0.7]"', '"[node-3]"', "node-3:29500", "[fd00::7]:80", "-node"]
+)
+@pytest.mark.parametrize("key", ["bind", "advertise_address"])
+def test_a_bad_host_exits_2_naming_the_key(key, value, tmp_path, capsys):
+    from imgtrain import cli
+
+    out = tmp_path / "run"
+    assert (
+        cli.main(
+            ["train", "--output-dir", str(out), *REPLICATED, f"fault_tolerance.replicated.{key}={value}"]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert f"fault_tolerance.replicated.{key}" in err and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_compression_and_fp16_stay_allowed_in_restart_mode():
@@ -170,6 +214,10 @@ def test_bind_defaults_to_the_address_of_the_host_name_peers_are_told(monkeypatc
     assert ipaddress.ip_address(replicas.bind_address(None, "http://127.0.0.1:29510")).is_loopback
     assert replicas.bind_address("127.0.0.1", "http://192.0.2.9:29510") == "127.0.0.1"  # what was asked
     assert replicas.bind_address("::1", "http://192.0.2.9:29510") == "::1"
+    assert replicas.bind_address("[::1]", "http://192.0.2.9:29510") == "::1"
+    assert replicas.bind_address(None, "http://127.0.0.1:29510", "[::1]") == "::1"  # the advertised address
+    # bind wins over the address the advertised name resolves to
+    assert replicas.bind_address("127.0.0.2", "http://127.0.0.1:29510", "localhost") == "127.0.0.2"
 
 
 def test_bind_default_refuses_loopback_when_the_lighthouse_is_elsewhere(monkeypatch):

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from imgtrain.checkpoint import snapshot
-from imgtrain.config import Config, ConfigError
+from imgtrain.config import Config, ConfigError, bare_host
 from imgtrain.data.sampler import ShardedBatchSampler, split_evenly
 from imgtrain.distributed.process_group import DistInfo, barrier
 from imgtrain.distributed.rendezvous import is_wildcard, tcp_store_on
@@ -134,8 +134,10 @@ def bind_address(
     key: str = "fault_tolerance.replicated.bind",
 ) -> str:
     """The IP address a group's own servers listen on: ``bind``, else the address that the name the group
-    advertises (``advertise_address``, by default the host name) resolves to: where the other groups connect."""
+    advertises (``advertise_address``, by default the host name) resolves to: where the other groups connect.
+    Either may be an IPv6 address in [brackets] (validated by the config: :func:`bare_host`)."""
     name = bind or advertised or socket.gethostname()
+    name = bare_host(name) or name
     try:
         addr = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)[0][4][0]
     except OSError as e:
