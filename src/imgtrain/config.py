@@ -503,9 +503,10 @@ class ReplicatedConfig:
     0.0.0.0 or :: (every interface) only when set so, behind a firewall (docs/security.md)."""
     advertise_address: str | None = None
     """The address (or host name) at which the other replica groups reach this one: handed to them for
-    this group's store, torchft manager and checkpoint server, and the address its Gloo all-reduce uses
-    (the interface holding it, unless GLOO_SOCKET_IFNAME is set). null: this host's name, which must then
-    resolve to a reachable address on every other group's host."""
+    this group's store, torchft manager and checkpoint server, and the address its Gloo all-reduce listens
+    on (unless GLOO_SOCKET_IFNAME is set; one this host cannot listen on exits 2 naming this key). null:
+    this host's name, which must then resolve to a reachable address on every other group's host. IPv4,
+    IPv6 with or without [brackets] (quoted in YAML), or a host name; as for ``bind``."""
 
     def validate(self, p: str) -> None:
         _at_least(self, p, "num_groups", 1)

@@ -267,26 +267,52 @@ def test_importing_replicated_mode_leaves_rust_log_alone(monkeypatch):
     assert os.environ["RUST_LOG"] == "info"  # the user's own value stays
 
 
-def test_an_advertised_address_picks_the_interface_gloo_uses(monkeypatch):
-    """Gloo would otherwise use whatever the host name resolves to; one GLOO_SOCKET_IFNAME set wins; an
-    address that is not this host's is rejected naming the key."""
-    import psutil
+def test_an_advertised_address_is_where_the_gradient_groups_gloo_listens(monkeypatch):
+    """The Gloo device of the group torchft reconfigures for each quorum is built on the advertised address
+    (127.0.0.2: neither the host name nor any interface's first address is it), and the environment, which
+    every child inherits, is left as it was. GLOO_SOCKET_IFNAME set by the user wins; an address that is not
+    this host's exits 2 naming the key."""
+    import threading
+    from datetime import timedelta
 
-    loopback = next(
-        n for n, addrs in psutil.net_if_addrs().items() if any(a.address == "127.0.0.1" for a in addrs)
-    )
-    # Set (empty, which _gloo_on treats as unset) rather than deleted: monkeypatch records nothing for
-    # deleting an absent variable, and the value _gloo_on writes would then outlive the test and send every
-    # later test's Gloo to the loopback interface.
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "")
-    replicas._gloo_on("127.0.0.1")
-    assert replicas.os.environ["GLOO_SOCKET_IFNAME"] == loopback
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")
-    replicas._gloo_on("127.0.0.1")
-    assert replicas.os.environ["GLOO_SOCKET_IFNAME"] == "eth7"
-    monkeypatch.delenv("GLOO_SOCKET_IFNAME")
+    import psutil
+    import torch.distributed as dist
+
+    from imgtrain.internals.torchft import MembersGloo
+
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    environ = dict(os.environ)
+    assert replicas._gloo_address(None) is None  # Gloo's default device: the host name's address
+    assert replicas._gloo_address("127.0.0.2", {"GLOO_SOCKET_IFNAME": "eth7"}) is None  # the user's interface
+    assert replicas._gloo_address("[::1]") == "::1"
+    address = replicas._gloo_address("127.0.0.2")
+    assert address == "127.0.0.2"
+
+    def listening() -> set:
+        return {c.laddr for c in psutil.Process().net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    before = listening()
+    pgs = [MembersGloo(timeout=timedelta(seconds=30), address=address) for _ in range(2)]
+    joins = [
+        threading.Thread(target=pg.configure, args=(f"127.0.0.1:{store.port}/q1", f"imgtrain_g{r}", r, 2))
+        for r, pg in enumerate(pgs)
+    ]
+    for t in joins:
+        t.start()
+    for t in joins:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in joins), "the two ranks did not connect"
+    new = listening() - before
+    assert new and {a.ip for a in new} == {"127.0.0.2"}, new
+    tensors = [torch.full((3,), float(r + 1)) for r in range(2)]
+    works = [pg.allreduce([t], dist.ReduceOp.SUM) for pg, t in zip(pgs, tensors, strict=True)]
+    for w in works:
+        w.wait()
+    assert all(t.tolist() == [3.0] * 3 for t in tensors)
+    assert dict(os.environ) == environ
     with pytest.raises(ConfigError) as ei:
-        replicas._gloo_on("192.0.2.1")  # TEST-NET-1: no host has it
+        replicas._gloo_address("203.0.113.1")  # TEST-NET-3: no host has it
     assert ei.value.key == "fault_tolerance.replicated.advertise_address" and "interfaces" in str(ei.value)
 
 
