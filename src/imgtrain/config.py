@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from imgtrain import model_names, registry
+from imgtrain.distributed.rendezvous import is_wildcard
 from imgtrain.errors import ConfigError, expected_one_of
 
 
@@ -31,13 +32,20 @@ def _check(cond: bool, key: str, value: Any, expected: str) -> None:
         raise ConfigError(key, value, expected)
 
 
-def _is_host(value: str) -> bool:
-    """An IP address or a host name, without a port."""
+_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?"
+
+
+def bare_host(value: str) -> str | None:
+    """``value`` as a host for socket calls, or None when it is not one: an IPv4 address, an IPv6 address
+    with or without [brackets] (returned without them), or a host name. No scheme, no port, no path. A
+    dotted name whose last label is a number (``10.0.0.256``) is a mistyped address, not a name."""
+    bare = value[1:-1] if value.startswith("[") and value.endswith("]") else value
     try:
-        ipaddress.ip_address(value.strip("[]"))
-        return True
+        ip = ipaddress.ip_address(bare)
     except ValueError:
-        return re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", value) is not None
+        named = re.fullmatch(rf"{_LABEL}(\.{_LABEL})*\.?", value) is not None
+        return value if named and not value.rstrip(".").rsplit(".", 1)[-1].isdigit() else None
+    return bare if bare == value or ip.version == 6 else None
 
 
 def _at_least(section: Any, p: str, name: str, low: int, optional: bool = False) -> None:
@@ -495,9 +503,10 @@ class ReplicatedConfig:
     0.0.0.0 or :: (every interface) only when set so, behind a firewall (docs/security.md)."""
     advertise_address: str | None = None
     """The address (or host name) at which the other replica groups reach this one: handed to them for
-    this group's store, torchft manager and checkpoint server, and the address its Gloo all-reduce uses
-    (the interface holding it, unless GLOO_SOCKET_IFNAME is set). null: this host's name, which must then
-    resolve to a reachable address on every other group's host."""
+    this group's store, torchft manager and checkpoint server, and the address its Gloo all-reduce listens
+    on (unless GLOO_SOCKET_IFNAME is set; one this host cannot listen on exits 2 naming this key). null:
+    this host's name, which must then resolve to a reachable address on every other group's host. IPv4,
+    IPv6 with or without [brackets] (quoted in YAML), or a host name; as for ``bind``."""
 
     def validate(self, p: str) -> None:
         _at_least(self, p, "num_groups", 1)
@@ -523,18 +532,18 @@ class ReplicatedConfig:
                 self.group_id,
                 f"an integer in [0, num_groups={self.num_groups})",
             )
-        _check(
-            self.bind is None or _is_host(self.bind),
-            f"{p}.bind",
-            self.bind,
-            "null or one address of this machine (an IP address or a host name, no port)",
-        )
+        for key, expected in (
+            ("bind", "null or one address of this machine (an IP address or a host name, no port)"),
+            ("advertise_address", "null, a host name or an IP address (no scheme, no port)"),
+        ):
+            value = getattr(self, key)
+            _check(value is None or bare_host(value) is not None, f"{p}.{key}", value, expected)
         if self.advertise_address is not None:
             _check(
-                re.fullmatch(r"[\w.-]+|\[?[0-9A-Fa-f:.]+\]?", self.advertise_address) is not None,
+                not is_wildcard(self.advertise_address),
                 f"{p}.advertise_address",
                 self.advertise_address,
-                "a host name or an IP address (no scheme, no port)",
+                "an address the other groups connect to, not 0.0.0.0 or :: (that is for bind)",
             )
         if self.lighthouse is not None:
             _check(

@@ -270,11 +270,19 @@ def assert_same_weights_after(tmp_path: Path, runs: list[Run], step: int) -> Non
 
 def test_a_group_listens_only_on_its_bind_address_and_its_peer_heals_there(tmp_path, groups):
     """Every TCP socket a replica group's processes listen on (its store, torchft's manager, the checkpoint
-    server a peer heals from, Gloo) is on the group's one address, none on every interface; group 0 gets
-    it by default (its host name's address), group 1 from fault_tolerance.replicated.bind. The groups
-    still find each other there: they train in one quorum and one heals from the other."""
+    server a peer heals from, Gloo) is on the group's one address, none on every interface. Group 0 gets
+    it by default (its host name's address); group 1 listens on 127.0.0.2 (fault_tolerance.replicated.bind),
+    which it advertises (advertise_address: the peers must be told where it listens) and where its Gloo
+    device is built. The groups still find each other there: they train in one quorum and one heals from
+    the other."""
     address = socket.getaddrinfo(socket.gethostname(), None, type=socket.SOCK_STREAM)[0][4][0]
-    g0, g1 = groups(0), groups(1, f"fault_tolerance.replicated.bind={address}")
+    assert address != "127.0.0.2"
+    g0 = groups(0)
+    g1 = groups(
+        1,
+        "fault_tolerance.replicated.bind=127.0.0.2",
+        "fault_tolerance.replicated.advertise_address=127.0.0.2",
+    )
     wait_both_in_quorum(tmp_path, [g0, g1])
     wait_for(
         lambda: records(tmp_path, 0, "heal") or records(tmp_path, 1, "heal"),
@@ -282,13 +290,13 @@ def test_a_group_listens_only_on_its_bind_address_and_its_peer_heals_there(tmp_p
         "a group to heal from its peer's checkpoint server",
         poll=0.05,
     )
-    for run in (g0, g1):
+    for run, expected in ((g0, address), (g1, "127.0.0.2")):
         tree = [psutil.Process(run.proc.pid), *psutil.Process(run.proc.pid).children(recursive=True)]
         listening = [
             c.laddr for p in tree for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN
         ]
         assert len(listening) >= 4, listening  # the store, the manager, the checkpoint server, Gloo
-        assert {a.ip for a in listening} == {address}, listening
+        assert {a.ip for a in listening} == {expected}, (run.log_path.name, listening)
         # torchft's Rust half logs at warn (a line per step at info) unless the user sets RUST_LOG.
         if "RUST_LOG" not in os.environ:
             assert not re.search(r"\[INFO\] \[torchft::", run.output), run.output[-3000:]

@@ -145,6 +145,29 @@ def test_torchft_private_symbols_the_adapter_reads():
     )
 
 
+def test_torchft_gloo_group_is_built_as_members_gloo_mirrors_it():
+    """MembersGloo._create_pg (the Gloo backend on the advertised address) repeats the rest of torchft's
+    ``ProcessGroupGloo._create_pg``; what it builds is tested in test_replicated_config.py. A change to
+    torchft's (a new step, another way to build the backend) fails here until the override follows it."""
+    torchft_internals = pytest.importorskip("imgtrain.internals.torchft", reason="torchft not installed")
+    import hashlib
+    import inspect
+    import textwrap
+
+    from torchft.process_group import ProcessGroupGloo, ProcessGroupWrapper
+
+    configure = canary(torchft_internals, lambda: inspect.getsource(ProcessGroupWrapper.configure))
+    assert "self._pg = self._create_pg(store, rank, world_size)" in configure, private_symbol_changed(
+        torchft_internals, "ProcessGroupWrapper.configure no longer builds its group with _create_pg"
+    )
+    source = textwrap.dedent(
+        canary(torchft_internals, lambda: inspect.getsource(ProcessGroupGloo._create_pg))
+    )
+    assert hashlib.sha256(source.encode()).hexdigest()[:16] == "6b661f9f3f1e09e3", private_symbol_changed(
+        torchft_internals, f"ProcessGroupGloo._create_pg is now:\n{source}"
+    )
+
+
 def test_torchft_servers_listen_on_the_one_address_given():
     """torchft 0.2.0 binds its manager and checkpoint servers to every interface; through the adapter both
     listen on the address given (torchft looks the server classes up by name while it builds them)."""

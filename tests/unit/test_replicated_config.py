@@ -54,6 +54,11 @@ def test_restart_stays_the_default_mode():
             "no scheme, no port",
         ),
         (
+            "fault_tolerance.replicated.advertise_address=0.0.0.0",
+            "fault_tolerance.replicated.advertise_address",
+            "not 0.0.0.0 or ::",
+        ),
+        (
             "fault_tolerance.replicated.collective_timeout=0",
             "fault_tolerance.replicated.collective_timeout",
             "> 0",
@@ -65,6 +70,45 @@ def test_replicated_rejects_what_it_cannot_run_naming_the_key(override, key, exp
         load_config(None, [*REPLICATED, override])
     assert ei.value.key == key
     assert expected in str(ei.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "host"),
+    [
+        ("10.0.0.7", "10.0.0.7"),
+        ("fd00::7", "fd00::7"),
+        ('"[fd00::7]"', "fd00::7"),  # quoted: YAML reads a bare [x] as a list
+        ("node-3", "node-3"),
+        ("imgtrain-1.replicas.default.svc.cluster.local", "imgtrain-1.replicas.default.svc.cluster.local"),
+    ],
+)
+def test_bind_and_advertise_address_take_ipv4_ipv6_with_or_without_brackets_and_host_names(value, host):
+    from imgtrain.config import bare_host
+
+    for key in ("bind", "advertise_address"):
+        rc = load_config(
+            None, [*REPLICATED, f"fault_tolerance.replicated.{key}={value}"]
+        ).fault_tolerance.replicated
+        assert bare_host(getattr(rc, key)) == host
+
+
+@pytest.mark.parametrize(
+    "value", ["10.0.0.256", '"[10.0.0.7]"', '"[node-3]"', "node-3:29500", "[fd00::7]:80", "-node"]
+)
+@pytest.mark.parametrize("key", ["bind", "advertise_address"])
+def test_a_bad_host_exits_2_naming_the_key(key, value, tmp_path, capsys):
+    from imgtrain import cli
+
+    out = tmp_path / "run"
+    assert (
+        cli.main(
+            ["train", "--output-dir", str(out), *REPLICATED, f"fault_tolerance.replicated.{key}={value}"]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert f"fault_tolerance.replicated.{key}" in err and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_compression_and_fp16_stay_allowed_in_restart_mode():
@@ -170,6 +214,10 @@ def test_bind_defaults_to_the_address_of_the_host_name_peers_are_told(monkeypatc
     assert ipaddress.ip_address(replicas.bind_address(None, "http://127.0.0.1:29510")).is_loopback
     assert replicas.bind_address("127.0.0.1", "http://192.0.2.9:29510") == "127.0.0.1"  # what was asked
     assert replicas.bind_address("::1", "http://192.0.2.9:29510") == "::1"
+    assert replicas.bind_address("[::1]", "http://192.0.2.9:29510") == "::1"
+    assert replicas.bind_address(None, "http://127.0.0.1:29510", "[::1]") == "::1"  # the advertised address
+    # bind wins over the address the advertised name resolves to
+    assert replicas.bind_address("127.0.0.2", "http://127.0.0.1:29510", "localhost") == "127.0.0.2"
 
 
 def test_bind_default_refuses_loopback_when_the_lighthouse_is_elsewhere(monkeypatch):
@@ -219,26 +267,52 @@ def test_importing_replicated_mode_leaves_rust_log_alone(monkeypatch):
     assert os.environ["RUST_LOG"] == "info"  # the user's own value stays
 
 
-def test_an_advertised_address_picks_the_interface_gloo_uses(monkeypatch):
-    """Gloo would otherwise use whatever the host name resolves to; one GLOO_SOCKET_IFNAME set wins; an
-    address that is not this host's is rejected naming the key."""
-    import psutil
+def test_an_advertised_address_is_where_the_gradient_groups_gloo_listens(monkeypatch):
+    """The Gloo device of the group torchft reconfigures for each quorum is built on the advertised address
+    (127.0.0.2: neither the host name nor any interface's first address is it), and the environment, which
+    every child inherits, is left as it was. GLOO_SOCKET_IFNAME set by the user wins; an address that is not
+    this host's exits 2 naming the key."""
+    import threading
+    from datetime import timedelta
 
-    loopback = next(
-        n for n, addrs in psutil.net_if_addrs().items() if any(a.address == "127.0.0.1" for a in addrs)
-    )
-    # Set (empty, which _gloo_on treats as unset) rather than deleted: monkeypatch records nothing for
-    # deleting an absent variable, and the value _gloo_on writes would then outlive the test and send every
-    # later test's Gloo to the loopback interface.
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "")
-    replicas._gloo_on("127.0.0.1")
-    assert replicas.os.environ["GLOO_SOCKET_IFNAME"] == loopback
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")
-    replicas._gloo_on("127.0.0.1")
-    assert replicas.os.environ["GLOO_SOCKET_IFNAME"] == "eth7"
-    monkeypatch.delenv("GLOO_SOCKET_IFNAME")
+    import psutil
+    import torch.distributed as dist
+
+    from imgtrain.internals.torchft import MembersGloo
+
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    environ = dict(os.environ)
+    assert replicas._gloo_address(None) is None  # Gloo's default device: the host name's address
+    assert replicas._gloo_address("127.0.0.2", {"GLOO_SOCKET_IFNAME": "eth7"}) is None  # the user's interface
+    assert replicas._gloo_address("[::1]") == "::1"
+    address = replicas._gloo_address("127.0.0.2")
+    assert address == "127.0.0.2"
+
+    def listening() -> set:
+        return {c.laddr for c in psutil.Process().net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    before = listening()
+    pgs = [MembersGloo(timeout=timedelta(seconds=30), address=address) for _ in range(2)]
+    joins = [
+        threading.Thread(target=pg.configure, args=(f"127.0.0.1:{store.port}/q1", f"imgtrain_g{r}", r, 2))
+        for r, pg in enumerate(pgs)
+    ]
+    for t in joins:
+        t.start()
+    for t in joins:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in joins), "the two ranks did not connect"
+    new = listening() - before
+    assert new and {a.ip for a in new} == {"127.0.0.2"}, new
+    tensors = [torch.full((3,), float(r + 1)) for r in range(2)]
+    works = [pg.allreduce([t], dist.ReduceOp.SUM) for pg, t in zip(pgs, tensors, strict=True)]
+    for w in works:
+        w.wait()
+    assert all(t.tolist() == [3.0] * 3 for t in tensors)
+    assert dict(os.environ) == environ
     with pytest.raises(ConfigError) as ei:
-        replicas._gloo_on("192.0.2.1")  # TEST-NET-1: no host has it
+        replicas._gloo_address("203.0.113.1")  # TEST-NET-3: no host has it
     assert ei.value.key == "fault_tolerance.replicated.advertise_address" and "interfaces" in str(ei.value)
 
 

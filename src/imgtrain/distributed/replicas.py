@@ -33,19 +33,17 @@ from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-import psutil
 import torch
 from torch import nn
 
 from imgtrain.checkpoint import snapshot
-from imgtrain.config import Config, ConfigError
+from imgtrain.config import Config, ConfigError, bare_host
 from imgtrain.data.sampler import ShardedBatchSampler, split_evenly
 from imgtrain.distributed.process_group import DistInfo, barrier
 from imgtrain.distributed.rendezvous import is_wildcard, tcp_store_on
 from imgtrain.errors import ImgtrainError, QuorumError
 
 log = logging.getLogger(__name__)
-_IP = (socket.AF_INET, socket.AF_INET6)
 
 
 def step_share(
@@ -134,8 +132,10 @@ def bind_address(
     key: str = "fault_tolerance.replicated.bind",
 ) -> str:
     """The IP address a group's own servers listen on: ``bind``, else the address that the name the group
-    advertises (``advertise_address``, by default the host name) resolves to: where the other groups connect."""
+    advertises (``advertise_address``, by default the host name) resolves to: where the other groups connect.
+    Either may be an IPv6 address in [brackets] (validated by the config: :func:`bare_host`)."""
     name = bind or advertised or socket.gethostname()
+    name = bare_host(name) or name
     try:
         addr = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)[0][4][0]
     except OSError as e:
@@ -154,16 +154,22 @@ def bind_address(
             )
     # A typo'd or foreign address would otherwise fail later, inside the store, torchft's Rust server or the
     # HTTP server, each with its own traceback.
+    refused = _cannot_listen_on(addr)
+    if refused:
+        raise ConfigError(
+            key, bind, f"an address of this machine ({name} is {addr}, which it cannot listen on: {refused})"
+        )
+    return addr
+
+
+def _cannot_listen_on(addr: str) -> str | None:
+    """Why this host cannot listen on the IP address ``addr`` (not one of its interfaces'), or None."""
     try:
         with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM) as probe:
             probe.bind((addr, 0))
     except OSError as e:
-        raise ConfigError(
-            key,
-            bind,
-            f"an address of this machine ({name} is {addr}, which it cannot listen on: {e.strerror})",
-        ) from None
-    return addr
+        return e.strerror or str(e)
+    return None
 
 
 def check_one_node(world_size: int, environ=os.environ) -> None:
@@ -195,26 +201,24 @@ def _import_torchft() -> None:
         del os.environ["RUST_LOG"]
 
 
-def _gloo_on(address: str) -> None:
-    """Gloo's all-reduce listens on, and hands its peers, the address of GLOO_SOCKET_IFNAME's interface, or
-    else whatever the host name resolves to (often 127.0.0.1): with an advertised address, the interface
-    that holds it. torchft's Gloo group takes no device, so the variable is the way in; one set wins."""
-    if os.environ.get("GLOO_SOCKET_IFNAME"):
-        return
+def _gloo_address(advertised: str | None, environ=os.environ) -> str | None:
+    """The IP address the gradient group's Gloo device listens on and hands its peers (MembersGloo): the
+    advertised one, which must be an address of this host; None, Gloo's own default (the interface
+    GLOO_SOCKET_IFNAME names, else whatever the host name resolves to, often 127.0.0.1), without one or when
+    the user set GLOO_SOCKET_IFNAME, which wins."""
+    if not advertised or environ.get("GLOO_SOCKET_IFNAME"):
+        return None
     key = "fault_tolerance.replicated.advertise_address"
     try:
-        ips = {
-            ipaddress.ip_address(a[4][0].split("%")[0]) for a in socket.getaddrinfo(address.strip("[]"), None)
-        }
+        found = socket.getaddrinfo(bare_host(advertised) or advertised, None, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
-        raise ConfigError(key, address, f"an address of this host (it does not resolve: {e})") from None
-    for name, addrs in psutil.net_if_addrs().items():
-        if any(ipaddress.ip_address(a.address.split("%")[0]) in ips for a in addrs if a.family in _IP):
-            os.environ["GLOO_SOCKET_IFNAME"] = name
-            return
+        raise ConfigError(key, advertised, f"an address of this host (it does not resolve: {e})") from None
+    for addr in (a[4][0] for a in found):
+        if _cannot_listen_on(addr) is None:
+            return addr
     raise ConfigError(
         key,
-        address,
+        advertised,
         "an address of one of this host's interfaces (or set GLOO_SOCKET_IFNAME to the one to use)",
     )
 
@@ -251,9 +255,8 @@ class Replicas:
         self._state_dict, self._load_state_dict, self._emit = state_dict, load_state_dict, emit
         # The quorum hands this group's store address to its peers (they build the gradient process group
         # on it), and torchft its manager's and checkpoint server's: each must be one they reach.
-        host = rc.advertise_address or socket.gethostname()
-        if rc.advertise_address:
-            _gloo_on(rc.advertise_address)
+        host = (rc.advertise_address and bare_host(rc.advertise_address)) or socket.gethostname()
+        gloo = _gloo_address(rc.advertise_address)
         self.bind = bind_address(rc.bind, lighthouse, host)
         if is_wildcard(self.bind):
             log.warning("replica group %d listens on every interface (%s)", self.group_id, rc.bind)
@@ -273,7 +276,7 @@ class Replicas:
         # ... and a peer's failure, which it handles (the step is voted down), with a full traceback.
         for name in ("torchft.manager", "torchft.process_group", "torchft.checkpointing.http_transport"):
             logging.getLogger(name).addFilter(_without_traceback)
-        self.pg = MembersGloo(timeout=timedelta(seconds=rc.collective_timeout))
+        self.pg = MembersGloo(timeout=timedelta(seconds=rc.collective_timeout), address=gloo)
         self.manager = manager_on(
             self.bind,
             pg=self.pg,
@@ -292,7 +295,7 @@ class Replicas:
             lighthouse_addr=lighthouse,
             replica_id=f"imgtrain_g{self.group_id}",  # the trailing digits are the group id (MembersGloo)
             heartbeat_interval=timedelta(seconds=rc.heartbeat_interval),
-            hostname=host,
+            hostname=f"[{host}]" if ":" in host else host,  # torchft's Rust writes http://{hostname}:{port}
             checkpoint_transport=WeightsOnlyHTTPTransport(
                 timeout=timedelta(seconds=rc.timeout), num_chunks=0, host=self.bind, advertise=host
             ),

@@ -15,7 +15,17 @@ torchft 0.2.0 binds its two servers to every interface and takes no address: ``M
 ``ManagerServer`` with ``bind="[::]:<port>"``, and ``HTTPTransport.__init__`` its checkpoint server with
 ``_IPv6HTTPServer(("", 0), ...)`` (dual stack). Both names are looked up in their module while the object is
 built, so :func:`manager_on` and :class:`WeightsOnlyHTTPTransport` substitute a factory bound to one
-address for exactly that call (the port torchft chose, ``TORCHFT_MANAGER_PORT`` included, is kept).
+address for exactly that call (the port torchft chose, ``TORCHFT_MANAGER_PORT`` included, is kept;
+:func:`_substituted` says why that swap is safe).
+
+Where the gradient group's Gloo listens:
+
+torchft's reconfigurable ``ProcessGroupGloo._create_pg`` builds torch's Gloo backend from a timeout alone,
+so Gloo takes its default device: GLOO_SOCKET_IFNAME's interface, else whatever the host name resolves to
+(127.0.0.1 on many hosts, which no peer reaches). :class:`MembersGloo` given an ``address`` overrides
+``_create_pg`` to build the backend from options whose one device is that address, and otherwise does what
+torchft's does (a canary compares torchft's source with the one this mirrors). Setting GLOO_SOCKET_IFNAME
+instead would be process-wide state that every child process inherits.
 
 The same hook serves a replica group of several processes (:class:`GroupFaultTolerantDDP`), after the
 gradient is summed inside the group.
@@ -26,11 +36,13 @@ when an upgrade changes it.
 """
 
 # No `from __future__ import annotations`: DDP's register_comm_hook checks the hook's evaluated annotations.
+import contextlib
 import socket
+import types
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from datetime import timedelta
-from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -51,7 +63,9 @@ PRIVATE_SYMBOL = (
     "torchft.checkpointing._serialization._streaming_load, "
     "torchft.manager.ManagerServer (looked up by Manager.__init__, bind=[::]:<port>), "
     "torchft.checkpointing.http_transport._IPv6HTTPServer (looked up by HTTPTransport.__init__), "
-    "torchft.manager.MANAGER_ADDR_KEY and REPLICA_ID_KEY (read by Manager.__init__ from the group's store)"
+    "torchft.manager.MANAGER_ADDR_KEY and REPLICA_ID_KEY (read by Manager.__init__ from the group's store), "
+    "torchft.process_group.ProcessGroupGloo._create_pg (called by ProcessGroupWrapper.configure; mirrored by "
+    "MembersGloo._create_pg)"
 )
 
 
@@ -109,6 +123,12 @@ class MembersGloo(ProcessGroupGloo):
     quorum_id: int = -1
     group_world_size: int = 1
 
+    def __init__(self, timeout: timedelta, address: str | None = None) -> None:
+        """``address``: the IP address of this host that Gloo listens on and hands its peers; None: Gloo's
+        default (GLOO_SOCKET_IFNAME's interface, else the host name's address)."""
+        super().__init__(timeout=timeout)
+        self.address = address
+
     @property
     def groups(self) -> tuple[int, ...]:
         """The replica group ids of the quorum's members."""
@@ -123,6 +143,48 @@ class MembersGloo(ProcessGroupGloo):
             store_addr, replica_id, rank, world_size, quorum_id, group_rank, group_world_size, global_ranks
         )
 
+    def _create_pg(self, store: dist.Store, rank: int, world_size: int) -> dist.ProcessGroup:
+        """torchft's ``_create_pg`` with the Gloo backend built on a device at ``address`` (as
+        ``torch.distributed.new_group`` builds one from options) instead of Gloo's default device; the rest
+        as torchft does it."""
+        if self.address is None:
+            return super()._create_pg(store, rank, world_size)
+        options = dist.ProcessGroupGloo._Options()
+        options._timeout = self._timeout
+        options._devices = [dist.ProcessGroupGloo.create_device(hostname=self.address)]
+        backend = dist.ProcessGroupGloo(store, rank, world_size, options)
+        backend._set_sequence_number_for_group()
+        if self._global_ranks:
+            backend.options.global_ranks_in_group = self._global_ranks
+        if self._group_rank and self._group_world_size:
+            backend.options.group_name = (
+                f"torchft_quorum_{self._quorum_id}_rank_{self._group_rank % self._group_world_size}"
+            )
+        pg = dist.ProcessGroup(store, rank, world_size)
+        pg._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
+        for device in ["cpu"] + [d for d in ("cuda", "xpu") if getattr(torch, d).is_available()]:
+            pg._register_backend(torch.device(device), dist.ProcessGroup.BackendType.GLOO, backend)
+        return pg
+
+
+@contextlib.contextmanager
+def _substituted(module: types.ModuleType, name: str, value: object) -> Iterator[None]:
+    """``module.<name>`` is ``value`` inside the block, and what it was again after it.
+
+    torchft 0.2.0 offers no way in: ``Manager.__init__`` builds its ``ManagerServer`` and
+    ``HTTPTransport.__init__`` its ``_IPv6HTTPServer`` inline, with the wildcard address written into the
+    call, and both start serving before they return (binding elsewhere afterwards would already have
+    listened on every interface). Swapping the module global is safe as imgtrain does it: torchft reads
+    these two names only in those constructors, and imgtrain builds one Manager and one transport per
+    process, in the thread that builds the Trainer, so no other thread builds one meanwhile. Code that
+    builds torchft Managers or transports from several threads at once must not use these adapters."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
 
 def manager_on(host: str, **kwargs) -> Manager:
     """``torchft.Manager(**kwargs)`` whose ManagerServer listens on ``host`` (one IP address) instead of
@@ -132,7 +194,7 @@ def manager_on(host: str, **kwargs) -> Manager:
     def bound(*args, bind: str, **server_kwargs):
         return server(*args, bind=host_port(host, int(bind.rsplit(":", 1)[1])), **server_kwargs)
 
-    with mock.patch.object(torchft.manager, "ManagerServer", bound):
+    with _substituted(torchft.manager, "ManagerServer", bound):
         return Manager(**kwargs)
 
 
@@ -153,7 +215,7 @@ class WeightsOnlyHTTPTransport(HTTPTransport):
         def bound(address: tuple[str, int], handler):
             return Server((host, address[1]), handler)
 
-        with mock.patch.object(http_transport, "_IPv6HTTPServer", bound):
+        with _substituted(http_transport, "_IPv6HTTPServer", bound):
             super().__init__(timeout=timeout, num_chunks=num_chunks)
 
     def address(self) -> str:
