@@ -21,6 +21,9 @@ EXIT_NO_QUORUM = 6
 EXIT_HANG = 75  # distinct, non-zero: torchrun restarts the group, the logs say why
 EXIT_SIGINT = 130  # 128 + the signal's number, as a shell reports it
 EXIT_SIGTERM = 143
+# The expected errors' codes (ImgtrainError's subclasses). `imgtrain launch` exits with a failed worker's
+# code when it is one of these, so that a scheduler's policy can tell a config error from a crash.
+EXPECTED_ERROR_CODES = (EXIT_CONFIG, EXIT_DATA, EXIT_CHECKPOINT, EXIT_DIVERGED, EXIT_NO_QUORUM)
 
 # code -> meaning, as the README's table states it (tests/unit/test_errors.py holds the two equal).
 EXIT_CODES: dict[int, str] = {
@@ -28,7 +31,8 @@ EXIT_CODES: dict[int, str] = {
     EXIT_FAILURE: (
         "any other error, with its traceback (a bug); `find-batch-size` when not even batch 1 fits; "
         "`profile-summary` without traces; `monitor` (without `--once`) when the run failed or diverged; "
-        "`imgtrain launch` / `torchrun` when a worker failed (each worker's own code is in its log)"
+        "`torchrun` when a worker failed, `imgtrain launch` when it failed with another code than 2-6 (a crash, "
+        "75, a signal; each worker's own code is in its log)"
     ),
     EXIT_CONFIG: "bad command line or config (the message names the key)",
     EXIT_DATA: (

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from imgtrain.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_NO_QUORUM
+
 from conftest import K8S_DIR, REPO, render
 
 pytestmark = [pytest.mark.slow]
@@ -458,6 +460,8 @@ def test_indexed_job_lets_torchrun_restart_and_reaches_pod_zero(rendered):
     rules = spec["podFailurePolicy"]["rules"]
     disruption = {"type": "DisruptionTarget", "status": "True"}
     assert any(r["action"] == "Ignore" and disruption in r.get("onPodConditions", []) for r in rules)
+    # A config error (2, passed on by `imgtrain launch`) fails the same way on every node and every retry.
+    assert any(r["action"] == "FailJob" and EXIT_CONFIG in r["onExitCodes"]["values"] for r in rules)
     assert spec["backoffLimit"] >= spec["completions"]
 
 
@@ -533,7 +537,10 @@ def test_replicated_overlay_runs_one_replica_group_per_index_restarted_alone(ren
     disruption = {"type": "DisruptionTarget", "status": "True"}
     assert any(r["action"] == "Ignore" and disruption in r.get("onPodConditions", []) for r in rules)
     assert not [r for r in rules if r["action"] == "FailJob"]
-    assert any(r["action"] == "FailIndex" and 2 in r["onExitCodes"]["values"] for r in rules)
+    # `imgtrain launch` passes a worker's config error on as 2: it fails only that index; a crash (1) and
+    # no quorum (6: the lighthouse may come back) use up the index's retries instead.
+    fail_index = {c for r in rules if r["action"] == "FailIndex" for c in r["onExitCodes"]["values"]}
+    assert EXIT_CONFIG in fail_index and not fail_index & {EXIT_FAILURE, EXIT_NO_QUORUM}
     pod = spec["template"]["spec"]
     assert pod["restartPolicy"] == "Never"
     # torchft advertises the host name: with the FQDN, the headless Service resolves it in every pod.

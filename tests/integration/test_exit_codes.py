@@ -61,3 +61,13 @@ def test_an_empty_class_folder_exits_3_naming_it_before_creating_the_run(tmp_pat
     line = _one_error_line(proc.stderr, "imgtrain: data error")
     assert "class_9" in line and "data.allow_empty_classes" in line
     assert not out.exists()
+
+
+def test_a_config_error_under_imgtrain_launch_ends_the_launcher_with_2_in_one_line(tmp_path):
+    """The worker's table code reaches the scheduler (a Kubernetes FailIndex on exit 2), not torchrun's 1:
+    the worker's one line, one line of the launcher naming the rank, no traceback (not even the agent's)."""
+    launch = ["launch", "--standalone", "--nproc-per-node=1", f"--log-dir={tmp_path}", "-m", "imgtrain"]
+    proc = run_cli([*launch, "train", "training.epochs=three"], check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "training.epochs" in _one_error_line(proc.stderr, "imgtrain: error: config key")
+    assert "worker rank 0 exited 2" in _one_error_line(proc.stderr, "imgtrain launch:")

@@ -4,6 +4,7 @@ logs, and a killed agent that leaves nothing behind (its fork server exits, its 
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -147,8 +148,6 @@ def _launch_sleep(tmp_path) -> subprocess.Popen:
 def test_launcher_stopped_by_a_signal_exits_with_its_code_quietly(tmp_path, sig, code):
     """torchrun's agent turns the signal into an exception once it has stopped its workers; `imgtrain launch`
     exits as a process stopped by that signal (README's exit codes), without a traceback."""
-    import signal
-
     agent = _launch_sleep(tmp_path)
     try:
         # Signal once the agent runs its worker (its handlers are installed by then). Not any child: starting,
@@ -181,8 +180,6 @@ def test_launcher_stopped_by_a_signal_exits_with_its_code_quietly(tmp_path, sig,
 def test_ctrl_c_while_the_launcher_starts_exits_130_quietly(tmp_path):
     """Ctrl-C while `imgtrain launch` is still importing torch (seconds, before any handler or worker exists)
     ends it with README's 130 and one line, not a KeyboardInterrupt traceback."""
-    import signal
-
     agent = _launch_sleep(tmp_path)
     try:
         # torch's shared library is mapped at the start of its import, a second or more before the agent
@@ -199,3 +196,85 @@ def test_ctrl_c_while_the_launcher_starts_exits_130_quietly(tmp_path):
     assert rc == 130, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     assert "imgtrain: interrupted" in output or "death signal" in output, output[-3000:]
+
+
+# An agent as torchrun's (and `imgtrain launch`'s, fork start method) runs its workers: the store's server in
+# this process, the workers forked by torch's start_processes (parent-death signal SIGINT), each with
+# python's SIGINT handling (as launch.run_worker gives it), joining the process group through the agent's
+# store as rank 1 or 2 of 3 once the file argv[1] exists. Prints "started PORT PID PID".
+_AGENT = """
+import os, signal, sys, time
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from imgtrain.config import DistributedConfig
+from imgtrain.distributed.process_group import init_distributed
+
+def worker(local_rank, port, go):
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank + 1),
+                      WORLD_SIZE="3", LOCAL_RANK=str(local_rank), TORCHELASTIC_USE_AGENT_STORE="True")
+    while not os.path.exists(go):
+        time.sleep(0.01)
+    init_distributed(DistributedConfig(backend="gloo"))
+
+store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+workers = mp.start_processes(worker, args=(store.port, sys.argv[1]), nprocs=2, join=False, start_method="fork")
+print("started", store.port, *workers.pids(), flush=True)
+time.sleep(600)
+"""
+
+
+def _connected_to(p: psutil.Process, port: int) -> bool:
+    try:
+        return any(c.raddr and c.raddr.port == port for c in p.net_connections("tcp"))
+    except psutil.Error:
+        return False
+
+
+def test_workers_joining_the_process_group_exit_when_their_agent_is_killed(tmp_path):
+    """kill -9 of the agent while its workers wait in its store: every worker is gone within seconds, each
+    saying why in one line. Before, they waited out distributed.init_timeout (30 min): the agent's death
+    signal cannot interrupt a store call, and the store's listening socket, inherited by every forked
+    worker, still takes connections that nobody serves. The agent is stopped before the workers connect, so
+    that their connections wait in that socket's queue, as when a launcher is killed while its workers
+    start (a timed-out test's `kill -9`)."""
+    out, go = tmp_path / "agent.log", tmp_path / "go"
+    with open(out, "w") as log:
+        agent = subprocess.Popen(
+            [sys.executable, "-c", _AGENT, str(go)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=subprocess_env(),
+            start_new_session=True,
+        )
+    workers: list[psutil.Process] = []
+    try:
+        started = wait_for(
+            lambda: (
+                re.search(r"^started (\d+) (\d+) (\d+)$", out.read_text(), re.MULTILINE)
+                or agent.poll() is not None
+            ),
+            60,
+            "the agent to start its workers",
+        )
+        assert agent.poll() is None, out.read_text()[-3000:]
+        port, *pids = (int(g) for g in started.groups())
+        workers = [psutil.Process(pid) for pid in pids]
+        agent.send_signal(signal.SIGSTOP)
+        go.touch()
+        wait_for(
+            lambda: all(_connected_to(p, port) for p in workers), 60, "the workers to connect to the store"
+        )
+        agent.kill()
+        agent.wait(timeout=30)
+        wait_for(lambda: not any(_alive(p) for p in workers), 10, "the orphaned workers to exit")
+    finally:  # nothing left behind, whatever failed
+        if agent.poll() is None:
+            agent.kill()
+        for p in workers:
+            if _alive(p):
+                p.kill()
+    text = out.read_text()
+    for rank in (1, 2):
+        assert f"imgtrain: rank {rank}: its launcher (parent process {agent.pid}) died" in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]

@@ -38,7 +38,6 @@ from conftest import (
     free_port,
     make_image_folder,
     read_jsonl,
-    run_cli,
     subprocess_env,
     torchrun_cmd,
     wait_for,
@@ -636,7 +635,9 @@ def test_partition_the_group_with_the_lighthouse_goes_on_and_the_cut_off_group_r
     assert_steps_never_go_back(tmp_path, 0)
 
 
-def test_two_groups_of_two_processes_train_what_one_job_of_four_processes_trains(tmp_path, groups, data_dir):
+def test_two_groups_of_two_processes_train_what_one_job_of_four_processes_trains(
+    tmp_path, groups, data_dir, runs
+):
     """2 replica groups x 2 processes against restart mode's plain DDP over 4 processes, the same global
     batch of 32: every process trains the same samples in every step, and the gradient is the mean over all
     32, so the weights agree to float rounding (the sums run in another order). min_replicas=2: a step
@@ -644,8 +645,12 @@ def test_two_groups_of_two_processes_train_what_one_job_of_four_processes_trains
     steps = 8  # past the end of the first epoch (5 steps of 32 samples)
     same = [f"data.root={data_dir}", "training.epochs=100000", f"training.max_steps={steps}"]
     ref = tmp_path / "ref"
-    launch = ["launch", "--standalone", "--nproc-per-node=4", "-m", "imgtrain", "train"]
-    run_cli([*launch, *TINY, *same, f"output_dir={ref}"], timeout=WAIT)
+    launch = [sys.executable, "-m", "imgtrain", "launch", "--standalone", "--nproc-per-node=4"]
+    # A Run: if it fails or times out, the fixture kills its workers too, not only the launcher.
+    reference = runs(
+        [*launch, "-m", "imgtrain", "train", *TINY, *same, f"output_dir={ref}"], ref, "reference"
+    )
+    assert reference.wait(WAIT) == 0, reference.output[-4000:]
     both = [f"training.max_steps={steps}", "fault_tolerance.replicated.min_replicas=2"]
     g0, g1 = groups(0, *both, processes=2), groups(1, *both, processes=2)
     for g in (g0, g1):

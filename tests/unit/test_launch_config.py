@@ -149,3 +149,30 @@ def test_worker_exits_with_imgtrains_exit_codes(monkeypatch, capsys):
         assert e.value.code == code
     # The traceback, as python prints it.
     assert "RuntimeError: boom in the trainer" in capsys.readouterr().err
+
+
+def _failed(tmp_path, *failures: tuple[int, int, int]):
+    """torchrun's ChildFailedError for failures (rank, exit code, second of the failure)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    by_rank = {}
+    for rank, code, second in failures:
+        by_rank[rank] = ProcessFailure(
+            local_rank=rank, pid=1000 + rank, exitcode=code, error_file=str(tmp_path / "none.json")
+        )
+        by_rank[rank].timestamp = second
+    return ChildFailedError("imgtrain", by_rank)
+
+
+def test_launcher_passes_on_an_expected_error_code_of_the_first_failure(tmp_path):
+    """`imgtrain launch` exits with a failed worker's code 2-6 (README's exit codes), 1 for anything else;
+    when ranks fail with different codes, the first failure's, the root cause torchrun's summary names."""
+    for code in (2, 3, 4, 5, 6):
+        assert launch.passed_on_exit_code(_failed(tmp_path, (0, code, 100))) == (0, code)
+    for code in (1, 75, 130, 143, -9):  # a crash, the watchdog, signals: torchrun's exit 1
+        assert launch.passed_on_exit_code(_failed(tmp_path, (0, code, 100))) is None
+    # Rank 3's config error came first; rank 1 then crashed.
+    assert launch.passed_on_exit_code(_failed(tmp_path, (1, 1, 101), (3, 2, 100))) == (3, 2)
+    assert launch.passed_on_exit_code(_failed(tmp_path, (1, 2, 101), (3, 1, 100))) is None
+    # In the same second (torchrun records seconds): the lowest local rank, first in its summary.
+    assert launch.passed_on_exit_code(_failed(tmp_path, (0, 4, 100), (1, 2, 100))) == (0, 4)

@@ -39,6 +39,7 @@ import sys
 import threading
 import traceback
 
+from imgtrain.errors import EXIT_CODES, EXPECTED_ERROR_CODES
 from imgtrain.fault import stop_signals_blocked
 from imgtrain.internals import forkserver
 
@@ -292,14 +293,30 @@ def _drop_inherited_agent_state() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def passed_on_exit_code(failed) -> tuple[int, int] | None:
+    """(rank, code) that `imgtrain launch` exits with for failed workers (a ChildFailedError): the first
+    failure's, the one torchrun's summary names as its root cause (the earliest; among failures recorded in
+    the same second, the lowest local rank), when that code is an expected error's (2-6). None for any other
+    code (a crash's traceback, the watchdog's 75, a signal): the launcher then exits 1 as torchrun does.
+    Only the first failure counts, whatever the other ranks' codes: it is what ended the group (the agent
+    stops the others), and a later rank's code is often a consequence of it."""
+    rank, first = failed.get_first_failure()
+    return (rank, first.exitcode) if first.exitcode in EXPECTED_ERROR_CODES else None
+
+
 class _TracebackAsText(logging.Filter):
     """torch's log formatter imports torch._dynamo (2-3 s) to format a record's exception, and the agent logs
     a worker's failure with one (a function's failure, not a command's), right before it restarts the
-    workers. The same text, formatted here without that import."""
+    workers. The same text, formatted here without that import. A worker that exited with a code (its own
+    message, or its traceback, is in its output) comes with the traceback of the agent's wait loop, which
+    says nothing about the worker: that one is dropped, the record's line names the code."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info:
-            record.exc_text = record.exc_text or logging.Formatter().formatException(record.exc_info)
+            from torch.multiprocessing import ProcessExitedException  # imported by the agent already
+
+            if not isinstance(record.exc_info[1], ProcessExitedException):
+                record.exc_text = record.exc_text or logging.Formatter().formatException(record.exc_info)
             record.exc_info = None
         return True
 
@@ -312,7 +329,9 @@ def _format_agent_tracebacks_lightly() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`imgtrain launch ...`: exits as torchrun does (1, with torchrun's failure summary, if a worker failed),
-    except when stopped by a signal: 128 + the signal (143 for SIGTERM, 130 for SIGINT), no traceback."""
+    except when a worker failed with an expected error's code (2-6: that code and one line, see
+    :func:`passed_on_exit_code`) and when stopped by a signal: 128 + the signal (143 for SIGTERM, 130 for
+    SIGINT). Neither prints a traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
     # Before torch is imported here: the server's imports overlap this process's own.
     known, omp_threads = expected_omp_threads(argv)
@@ -331,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         # happened) or turn it into an ImportError. Held until the imports are done, then taken as usual.
         with stop_signals_blocked():
             from torch.distributed.elastic.multiprocessing.api import SignalException
-            from torch.distributed.elastic.multiprocessing.errors import record
+            from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
             from torch.distributed.launcher.api import elastic_launch
 
         _format_agent_tracebacks_lightly()
@@ -355,6 +374,20 @@ def main(argv: list[str] | None = None) -> int:
                 # saved and exited 143/130; its log said "Received ... death signal"). Not an error of the
                 # launcher: it exits as a process stopped by that signal is reported, without a traceback.
                 return 128 + int(e.sigval)
+            except ChildFailedError as e:
+                # imgtrain's workers only (another program's codes do not follow imgtrain's table): a config
+                # error (2) must reach the scheduler as 2, not as torchrun's 1, so that a policy such as
+                # Kubernetes' FailIndex on exit 2 can tell it from a crash.
+                passed = passed_on_exit_code(e) if callable(entrypoint) else None
+                if passed is None:
+                    raise  # torchrun's failure summary and exit 1
+                rank, code = passed
+                print(
+                    f"imgtrain launch: worker rank {rank} exited {code} ({EXIT_CODES[code].split(' (')[0]}; "
+                    "its own error line says more); exiting with its code",
+                    file=sys.stderr,
+                )
+                return code
             return 0
 
         return launch()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from imgtrain.config import DistributedConfig
-from imgtrain.errors import ConfigError
+from imgtrain.errors import EXIT_SIGINT, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +71,21 @@ def init_distributed(cfg: DistributedConfig) -> DistInfo:
     use_pg = "MASTER_ADDR" in os.environ and world_size >= 1 and "RANK" in os.environ
     if use_pg and not dist.is_initialized():
         timeout = datetime.timedelta(seconds=cfg.init_timeout)
-        store_kw = {}
-        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            store_kw = {
-                "store": _fresh_agent_store_namespace(rank, world_size, timeout),
-                "rank": rank,
-                "world_size": world_size,
-            }
-        dist.init_process_group(
-            backend=backend,
-            timeout=timeout,
-            device_id=device if backend == "nccl" else None,
-            **store_kw,
-        )
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        with _exit_if_agent_dies(rank) if agent_store else contextlib.nullcontext():
+            store_kw = {}
+            if agent_store:
+                store_kw = {
+                    "store": _fresh_agent_store_namespace(rank, world_size, timeout),
+                    "rank": rank,
+                    "world_size": world_size,
+                }
+            dist.init_process_group(
+                backend=backend,
+                timeout=timeout,
+                device_id=device if backend == "nccl" else None,
+                **store_kw,
+            )
     return DistInfo(
         rank=rank,
         local_rank=local_rank,
@@ -91,6 +95,41 @@ def init_distributed(cfg: DistributedConfig) -> DistInfo:
         node=socket.gethostname(),
         restart_count=restart_count,
     )
+
+
+@contextlib.contextmanager
+def _exit_if_agent_dies(rank: int, poll: float = 0.1):
+    """While this worker joins the process group through its agent's store: exit at once, with one line,
+    if the agent (this process's parent: torchrun's agent, `imgtrain launch`'s agent or its fork server,
+    which exits with the agent) dies.
+
+    The agent's death signal (SIGINT) does not end that wait: Python runs a signal handler only once the
+    store call it interrupts returns, and a store call waits up to ``init_timeout`` (30 min). Nor does the
+    store fail it: every worker forked from the agent that hosts the store holds a copy of the store's
+    listening socket (docs/fault_tolerance.md says why the copies stay), so a connection the agent had not
+    accepted yet when it died (or one made after) is still taken by the kernel, and the client's first
+    request waits for a reply that nobody sends. Watched from a thread: getppid() changes when the parent
+    dies (the orphan is handed to init or a subreaper)."""
+    parent = os.getppid()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(poll):
+            if os.getppid() != parent:
+                os.write(
+                    2,
+                    f"imgtrain: rank {rank}: its launcher (parent process {parent}) died while this process "
+                    "joined the process group; exiting\n".encode(),
+                )
+                os._exit(EXIT_SIGINT)  # the agent's death signal, as a worker that could take it exits
+
+    watcher = threading.Thread(target=watch, name="imgtrain-agent-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
 
 
 def _fresh_agent_store_namespace(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
