@@ -174,5 +174,10 @@ def forget_manager_address(host: str, port: int) -> None:
     """Removes from a replica group's store the keys under which its rank 0's Manager publishes the
     group's manager server: every other rank's Manager reads them (and waits while they are absent)."""
     store = dist.TCPStore(host, port, is_master=False, wait_for_workers=False)
-    for key in (MANAGER_ADDR_KEY, REPLICA_ID_KEY):
-        store.delete_key(key)
+    try:
+        for key in (MANAGER_ADDR_KEY, REPLICA_ID_KEY):
+            store.delete_key(key)
+    finally:
+        # TCPStore has no close(): its connection ends with the object. Dropped here, not whenever a
+        # failure's traceback lets go of this frame (the Manager opens its own client right after).
+        del store
