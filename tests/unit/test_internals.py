@@ -137,8 +137,13 @@ def test_torchft_private_symbols_the_adapter_reads():
 
     holder = type("Holder", (), {})()
     assert hasattr(canary(torchft_internals, lambda: manager._ManagedFuture(weakref.ref(holder))), "_fut")
-    # MembersGloo reads replica group ids from the quorum's global ranks: replica id "imgtrain_g<id>".
-    assert canary(torchft_internals, lambda: manager.extract_trailing_digits("imgtrain_g12")) == 12
+    # MembersGloo reads each member's group id and process count from the quorum's global ranks: the
+    # trailing digits of its replica id, without the uuid torchft appends after a colon.
+    rid = torchft_internals.replica_id(12, 2)
+    assert canary(torchft_internals, lambda: manager.extract_trailing_digits(rid)) == 12 * 10**6 + 2
+    assert 'extract_trailing_digits(replica_id.split(":")[0])' in __import__("inspect").getsource(
+        manager.Manager._async_quorum
+    ), private_symbol_changed(torchft_internals, "Manager._async_quorum no longer builds global_ranks so")
     http = __import__("torchft.checkpointing.http_transport", fromlist=["HTTPTransport"])
     assert isinstance(
         canary(torchft_internals, lambda: vars(http.HTTPTransport)["_load_from_address"]), classmethod

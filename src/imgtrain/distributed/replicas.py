@@ -241,7 +241,7 @@ class Replicas:
         rc = cfg.fault_tolerance.replicated
         lighthouse, self.group_id = rc.resolved()
         _import_torchft()
-        from imgtrain.internals.torchft import MembersGloo, WeightsOnlyHTTPTransport, manager_on
+        from imgtrain.internals.torchft import MembersGloo, WeightsOnlyHTTPTransport, manager_on, replica_id
 
         self.lighthouse, self.quorum_retries = lighthouse, rc.quorum_retries
         check_one_node(info.world_size)
@@ -290,7 +290,7 @@ class Replicas:
             rank=info.rank,
             world_size=info.world_size,
             lighthouse_addr=lighthouse,
-            replica_id=f"imgtrain_g{self.group_id}",  # the trailing digits are the group id (MembersGloo)
+            replica_id=replica_id(self.group_id, info.world_size),  # decoded by MembersGloo
             heartbeat_interval=timedelta(seconds=rc.heartbeat_interval),
             hostname=host,
             checkpoint_transport=WeightsOnlyHTTPTransport(
@@ -298,10 +298,14 @@ class Replicas:
             ),
             **store_kw,
         )
+        # The current quorum, all from the one list torchft hands the gradient group (MembersGloo): the
+        # members' group ids in torchft's order (one per member group), this group's position among them.
         self.members: tuple[int, ...] = ()
         self.rank = 0
         self.quorum_id = -1
         self.committed = True
+        self._first_commit_quorum: int | None = None  # the quorum of this process's first committed step
+        self._healed_into = -1  # the quorum this process last healed to join
         self.heals = 0
         self.steps_dropped = 0
         self.samples_dropped = 0
@@ -352,7 +356,7 @@ class Replicas:
     @property
     def participants(self) -> int:
         """Replica groups whose gradients the all-reduce averages in this step (each group's gradient is
-        the sum over its processes)."""
+        the sum over its processes): torchft's divisor, the length of the same list as :attr:`members`."""
         return max(1, len(self.members))
 
     def plan_holds(self) -> bool:
@@ -375,7 +379,11 @@ class Replicas:
         too few groups are present. Then the optimizer must not step; the step is redone."""
         self.committed = self.manager.should_commit()
         self._joined = False
-        if not self.committed:
+        if self.committed:
+            if self._first_commit_quorum is None:
+                self._first_commit_quorum = self.quorum_id
+            self._check_one_group_per_id()
+        else:
             if self.manager.errored() is not None:
                 # A peer may still wait inside this step's all-reduce for data from this group rather
                 # than from the one that failed: closing the gradient group's connections fails that
@@ -460,14 +468,24 @@ class Replicas:
                     "state_digest": digest,
                 }
             )
-        members = self.pg.groups or (self.group_id,)
+        quorum = self.pg.quorum
+        members, rank = quorum.groups or (self.group_id,), quorum.rank if quorum.groups else 0
+        # torchft divides the gradient by its num_participants(): the share and the loss scale must count
+        # the same members, and this group must be where the share's rank says.
+        if (self.manager.num_participants(), self.manager.participating_rank()) != (len(members), rank):
+            raise RuntimeError(
+                f"torchft's quorum ({self.manager.num_participants()} participants, this group at "
+                f"{self.manager.participating_rank()}) disagrees with the members handed to its process group "
+                f"({members}, this group at {rank}): update src/imgtrain/internals/torchft.py"
+            )
         self._joined = True
         if members != self.members:
             self._stale = True
-        self.members = members
-        self.rank = self.manager.participating_rank() or 0
+        self.members, self.rank = members, rank
+        self._check_sizes(quorum.sizes)
         if healed:
             self._stale = True
+            self._healed_into = quorum.quorum_id
             self.heals += 1
             seconds = time.perf_counter() - t0
             self._emit(
@@ -488,11 +506,11 @@ class Replicas:
                 seconds,
                 self._healed_bytes,
             )
-        if self.pg.quorum_id != self.quorum_id:
-            self._on_new_quorum()
+        if quorum.quorum_id != self.quorum_id:
+            self._on_new_quorum(quorum.quorum_id)
 
-    def _on_new_quorum(self) -> None:
-        self.quorum_id = self.pg.quorum_id
+    def _on_new_quorum(self, quorum_id: int) -> None:
+        self.quorum_id = quorum_id
         missing = sorted(set(range(self.num_groups)) - set(self.members))
         record = {
             "event": "quorum",
@@ -546,6 +564,36 @@ class Replicas:
         self._load_state_dict(state)
         self._healed_bytes = _nbytes(state)
         self._healed_digest = state_digest(state)
+
+    def _check_sizes(self, sizes: tuple[int, ...]) -> None:
+        """Every member's process count comes with the quorum (:func:`imgtrain.internals.torchft.replica_id`):
+        a group that has not committed a step yet refuses a quorum with groups of another size, so groups
+        started together are compared too, and not only a group that heals. A group already training goes
+        on: the newcomer refuses itself."""
+        other = next((n for n in sizes if n != self.info.world_size), None)
+        if other is None or self._first_commit_quorum is not None:
+            return
+        raise ConfigError(
+            "--nproc-per-node",
+            self.info.world_size,
+            f"{other} (replica group {self.group_id} is in a quorum with groups of "
+            f"{sorted(set(sizes))} processes): every replica group of a job runs the same number of processes",
+        )
+
+    def _check_one_group_per_id(self) -> None:
+        """After a committed step: another live group under this group's id. (A group that just died can
+        still be in a quorum under the same id, as torchft's replica ids differ per start, but no step with
+        it commits.) The group that joined in this quorum (its first committed step, or a heal) stops; one
+        that was training goes on."""
+        twins = self.members.count(self.group_id)
+        if twins < 2 or self.quorum_id not in (self._first_commit_quorum, self._healed_into):
+            return
+        raise ConfigError(
+            "fault_tolerance.replicated.group_id",
+            self.group_id,
+            f"an id no other live replica group of the job uses ({twins} live groups run as replica group "
+            f"{self.group_id}; the key, or REPLICA_GROUP_ID when it is unset, must differ per group)",
+        )
 
 
 def _forget_dead_manager(info: DistInfo) -> None:
