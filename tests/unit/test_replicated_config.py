@@ -529,6 +529,23 @@ def test_a_group_of_another_size_joining_stops_itself_and_the_training_group_goe
             r.plan_holds()
 
 
+@pytest.mark.parametrize("on", [False, True])
+def test_heal_records_carry_a_state_digest_only_when_asked(replica_groups, on):
+    extra = [f"fault_tolerance.replicated.state_digest={str(on).lower()}"]
+    g0, g1 = replica_groups(0, 2, 1, 0, *extra), replica_groups(1, 2, 1, 0, *extra)
+    g0.manager.serve, g1.manager.heal_from = True, {"model": {"w": torch.arange(4.0)}}
+    for r in (g0, g1):
+        r.plan_holds()
+    (served,), (healed,) = (
+        [x for x in recs if x["event"] in ("heal", "heal_served")] for recs in replica_groups.records.values()
+    )
+    assert (served["event"], healed["event"]) == ("heal_served", "heal")
+    if on:
+        assert served["state_digest"] == healed["state_digest"]
+    else:
+        assert "state_digest" not in served and "state_digest" not in healed
+
+
 def test_state_digest_survives_the_transfer_and_sees_one_changed_value(tmp_path):
     state = {
         "model": {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.zeros(2)},

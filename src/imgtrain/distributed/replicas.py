@@ -97,7 +97,8 @@ def _nbytes(obj: Any) -> int:
 def state_digest(obj: Any) -> str:
     """A short checksum of a state dict's contents (every tensor's dtype, shape and bytes, every other
     value's repr): equal on the process that served a state and the one that healed from it. CRC-32, not a
-    cryptographic hash: it runs on the serving group's step (about 30 ms per 100 MB)."""
+    cryptographic hash, and only with ``fault_tolerance.replicated.state_digest``: it runs on the serving
+    group's step (about 30 ms per 100 MB)."""
     return f"{_crc(obj, 0):08x}"
 
 
@@ -248,6 +249,7 @@ class Replicas:
         self.info, self.dist_cfg = info, cfg.distributed
         self.policy = rc.missing_group_policy
         self.num_groups = rc.num_groups
+        self.digests = rc.state_digest
         self._state_dict, self._load_state_dict, self._emit = state_dict, load_state_dict, emit
         # The quorum hands this group's store address to its peers (they build the gradient process group
         # on it), and torchft its manager's and checkpoint server's: each must be one they reach.
@@ -312,8 +314,8 @@ class Replicas:
         self._joined = False  # this step's quorum is done (reset by should_commit)
         self._stale = True  # the batches planned so far are not this step's any more
         self._healed_bytes: int | None = None
-        self._healed_digest = ""
-        self._served: tuple[int, str] | None = None  # (step, digest) of the state last served to a peer
+        self._healed_digest: str | None = None
+        self._served: tuple[int, str | None] | None = None  # (step, digest) of the state served last
         log.info(
             "replicated mode: replica group %d of %d (%d processes), lighthouse %s, min replicas %d, "
             "missing groups: %s",
@@ -461,12 +463,8 @@ class Replicas:
             step, digest = self._served
             self._served = None
             self._emit(
-                {
-                    "event": "heal_served",
-                    "step": step,
-                    "replica_group": self.group_id,
-                    "state_digest": digest,
-                }
+                {"event": "heal_served", "step": step, "replica_group": self.group_id}
+                | ({"state_digest": digest} if digest is not None else {})
             )
         quorum = self.pg.quorum
         members, rank = quorum.groups or (self.group_id,), quorum.rank if quorum.groups else 0
@@ -496,8 +494,8 @@ class Replicas:
                     "heal_seconds": seconds,
                     "heal_bytes": self._healed_bytes,
                     "heals": self.heals,
-                    "state_digest": self._healed_digest,
                 }
+                | ({"state_digest": self._healed_digest} if self._healed_digest is not None else {})
             )
             log.warning(
                 "replica group %d healed from a live peer: step %d, %.2f s, %d bytes",
@@ -547,7 +545,7 @@ class Replicas:
         # BatchNorm buffers in place, and the healed group must get the state of the step boundary it is told
         # about.
         state = snapshot(self._state_dict(), device=None)
-        self._served = (self.manager.current_step(), state_digest(state))
+        self._served = (self.manager.current_step(), state_digest(state) if self.digests else None)
         return state
 
     def _heal(self, state: dict[str, Any]) -> None:
@@ -563,7 +561,7 @@ class Replicas:
             )
         self._load_state_dict(state)
         self._healed_bytes = _nbytes(state)
-        self._healed_digest = state_digest(state)
+        self._healed_digest = state_digest(state) if self.digests else None
 
     def _check_sizes(self, sizes: tuple[int, ...]) -> None:
         """Every member's process count comes with the quorum (:func:`imgtrain.internals.torchft.replica_id`):
