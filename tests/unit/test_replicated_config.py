@@ -356,14 +356,19 @@ class _Lighthouse:
         self.ids: list[str] = []  # the live members' replica ids
         self.starts: dict[str, str] = {}  # a group's replica id -> its current start's (rank 0's, uuid added)
         self.quorum_id = 0
-        self._last: list[str] = []
+        self._last: list[str] | None = None
+        self.failed_vote = False
 
     def quorum(self) -> tuple[int, list[str]]:
-        """The members, sorted as strings, and an id that changes with them."""
+        """The members, sorted as strings, and an id that changes with them or after a failed vote."""
         ids = sorted(self.ids)
-        if ids != self._last:
-            self.quorum_id, self._last = self.quorum_id + 1, ids
+        if ids != self._last or self.failed_vote:
+            self.quorum_id, self._last, self.failed_vote = self.quorum_id + 1, ids, False
         return self.quorum_id, ids
+
+    def restart(self) -> None:
+        """Killed and started again: it counts quorum ids from 1 again."""
+        self.quorum_id, self._last = 0, None
 
     def start(self, replica_id: str, rank: int) -> str:
         if rank == 0:
@@ -379,12 +384,14 @@ class _Manager:
         self.replica_id = lighthouse.start(replica_id, rank)
         self.quorum_id = -1
         self.commit = True
+        self.error: Exception | None = None
         self.heal_from: dict | None = None  # a peer's state to load at the next quorum
         self.serve = False  # a peer heals from this group at the next quorum
 
     def start_quorum(self):
         from torchft.manager import extract_trailing_digits
 
+        self.error = None
         quorum_id, ids = self.lighthouse.quorum()
         self.rank, self.size = ids.index(self.replica_id), len(ids)
         if quorum_id != self.quorum_id:  # the process group is configured again
@@ -405,10 +412,15 @@ class _Manager:
         return self.size
 
     def should_commit(self):
-        return self.commit
+        vote = self.commit and self.error is None
+        self.lighthouse.failed_vote |= not vote
+        return vote
+
+    def report_error(self, e: Exception) -> None:
+        self.error = e
 
     def errored(self):
-        return None
+        return self.error
 
     def current_step(self):
         return 3
@@ -509,6 +521,25 @@ def test_a_dead_group_still_in_a_quorum_under_the_id_of_its_restart_is_no_twin(r
         r.plan_holds()
         r.manager.commit = True
         assert r.members == (0, 1) and r.should_commit()
+
+
+def test_a_quorum_under_a_reused_id_with_other_members_is_not_committed_and_the_next_one_is(replica_groups):
+    """torchft configures its process group only when the quorum id changes; a restarted lighthouse counts
+    from 1 again, so group 0 can get a quorum of itself alone under the id of its last quorum of two. torchft
+    would divide by 1 while the members its group holds say 2: that step is dropped, not committed, and the
+    next quorum (a new id after the failed vote) is set up afresh."""
+    g0, g1 = replica_groups(0, 2), replica_groups(1, 2)
+    for r in (g0, g1):
+        r.plan_holds()
+    assert g0.should_commit() and g0.quorum_id == 1
+    replica_groups.lighthouse.restart()
+    replica_groups.lighthouse.ids.remove(g1.manager.replica_id)  # not back yet
+    g0.plan_holds()
+    assert g0.manager.num_participants() == 1 and g0.members == (0, 1)  # the old group's members
+    assert not g0.should_commit()
+    g0.plan_holds()
+    assert (g0.members, g0.participants, g0.quorum_id) == ((0,), 1, 2)
+    assert g0.should_commit()
 
 
 def test_groups_of_different_sizes_starting_together_are_refused_naming_the_process_count(replica_groups):

@@ -468,13 +468,23 @@ class Replicas:
             )
         quorum = self.pg.quorum
         members, rank = quorum.groups or (self.group_id,), quorum.rank if quorum.groups else 0
-        # torchft divides the gradient by its num_participants(): the share and the loss scale must count
-        # the same members, and this group must be where the share's rank says.
-        if (self.manager.num_participants(), self.manager.participating_rank()) != (len(members), rank):
-            raise RuntimeError(
-                f"torchft's quorum ({self.manager.num_participants()} participants, this group at "
-                f"{self.manager.participating_rank()}) disagrees with the members handed to its process group "
-                f"({members}, this group at {rank}): update src/imgtrain/internals/torchft.py"
+        torchft_says = (self.manager.num_participants(), self.manager.participating_rank())
+        if torchft_says != (len(members), rank):
+            # torchft divides the gradient by its num_participants() but configures its process group (and
+            # so the members here) only when the quorum id changes, and a restarted lighthouse counts ids
+            # from 1 again: a quorum of other members can come under the id of the last one. Its step is
+            # voted down and redone; the failed vote gives the next quorum a new id, configured afresh.
+            self.manager.report_error(
+                RuntimeError(
+                    f"quorum {quorum.quorum_id} of {torchft_says[0]} groups (this one at {torchft_says[1]}) "
+                    f"came with the process group of groups {list(members)} (this one at {rank})"
+                )
+            )
+            log.warning(
+                "replica group %d: quorum %d has other members than its process group (a restarted "
+                "lighthouse reused the id): this step is dropped and the group set up again",
+                self.group_id,
+                quorum.quorum_id,
             )
         self._joined = True
         if members != self.members:
