@@ -16,6 +16,7 @@ The tests wait on events (records in each group's metrics.jsonl); timeouts are g
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -258,6 +259,9 @@ def assert_same_weights_after(tmp_path: Path, runs: list[Run], step: int) -> Non
 
     wait_for(common, WAIT, f"both groups to save a checkpoint after step {step}", poll=0.05)
     for r in runs:
+        for worker in r.workers():  # a torchrun's workers too: killing the launcher alone orphans them
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
         r.proc.kill()
         r.proc.wait(timeout=30)
     steps = sorted(common())
