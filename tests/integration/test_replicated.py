@@ -16,6 +16,7 @@ The tests wait on events (records in each group's metrics.jsonl); timeouts are g
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -202,6 +203,7 @@ def restart_group1_and_check_it_heals(tmp_path: Path, start, g0: Run, pid0: int,
     g1b = start()
     heal = wait_for_heal(tmp_path, g1b, heals)
     assert heal["heal_bytes"] > 0 and heal["step"] > before
+    assert "state_digest" not in heal  # fault_tolerance.replicated.state_digest is off by default
     assert_no_restart(g0, pid0)
     assert_same_weights_after(tmp_path, [g0, g1b], heal["step"])
     assert_steps_never_go_back(tmp_path, 0)
@@ -256,6 +258,9 @@ def assert_same_weights_after(tmp_path: Path, runs: list[Run], step: int) -> Non
 
     wait_for(common, WAIT, f"both groups to save a checkpoint after step {step}", poll=0.05)
     for r in runs:
+        for worker in r.workers():  # a torchrun's workers too: killing the launcher alone orphans them
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
         r.proc.kill()
         r.proc.wait(timeout=30)
     steps = sorted(common())
@@ -680,10 +685,11 @@ def _group_dirs(tmp_path: Path) -> list[Path]:
 def test_kill9_one_process_of_a_group_its_launcher_restarts_the_group_which_heals_rank_by_rank(
     tmp_path, groups
 ):
-    g0 = groups(0, processes=2)
+    digest = "fault_tolerance.replicated.state_digest=true"  # off by default: it costs the serving group
+    g0 = groups(0, digest, processes=2)
     # One restart: the restarted processes must form the group at their first try (a stale manager address
     # left in torchrun's store by the killed ones would cost another).
-    g1 = groups(1, processes=2, max_restarts=1)
+    g1 = groups(1, digest, processes=2, max_restarts=1)
     wait_both_in_quorum(tmp_path, [g0, g1])
     workers0 = sorted(p.pid for p in g0.workers())
     assert len(workers0) == 2

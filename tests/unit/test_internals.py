@@ -137,8 +137,13 @@ def test_torchft_private_symbols_the_adapter_reads():
 
     holder = type("Holder", (), {})()
     assert hasattr(canary(torchft_internals, lambda: manager._ManagedFuture(weakref.ref(holder))), "_fut")
-    # MembersGloo reads replica group ids from the quorum's global ranks: replica id "imgtrain_g<id>".
-    assert canary(torchft_internals, lambda: manager.extract_trailing_digits("imgtrain_g12")) == 12
+    # MembersGloo reads each member's group id and process count from the quorum's global ranks: the
+    # trailing digits of its replica id, without the uuid torchft appends after a colon.
+    rid = torchft_internals.replica_id(12, 2)
+    assert canary(torchft_internals, lambda: manager.extract_trailing_digits(rid)) == 12 * 10**6 + 2
+    assert 'extract_trailing_digits(replica_id.split(":")[0])' in __import__("inspect").getsource(
+        manager.Manager._async_quorum
+    ), private_symbol_changed(torchft_internals, "Manager._async_quorum no longer builds global_ranks so")
     http = __import__("torchft.checkpointing.http_transport", fromlist=["HTTPTransport"])
     assert isinstance(
         canary(torchft_internals, lambda: vars(http.HTTPTransport)["_load_from_address"]), classmethod
@@ -215,3 +220,36 @@ def test_torchft_servers_listen_on_the_one_address_given():
     finally:
         manager.shutdown(wait=False)
         lighthouse.shutdown()
+
+
+def test_a_restarted_groups_stale_manager_address_is_removed_and_the_client_closed(monkeypatch):
+    """torchft's Manager of a rank other than 0 reads its group's manager server address from the group's
+    store (MANAGER_ADDR_KEY, REPLICA_ID_KEY); a restarted group's rank 0 removes the dead one's keys first,
+    through a store client that is closed once it is done, even when the removal fails."""
+    torchft_internals = pytest.importorskip("imgtrain.internals.torchft", reason="torchft not installed")
+    import torch.distributed as dist
+    from torchft import manager
+
+    keys = [canary(torchft_internals, lambda: manager.MANAGER_ADDR_KEY), manager.REPLICA_ID_KEY]
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+
+    def clients() -> int:  # this process's connections to the store
+        tcp = psutil.Process().net_connections("tcp")
+        return sum(1 for c in tcp if c.raddr and c.raddr.port == store.port)
+
+    before = clients()
+    for key in keys:
+        store.set(key, "http://dead-peer:1")
+    torchft_internals.forget_manager_address("127.0.0.1", store.port)
+    assert not store.check(keys[:1]) and not store.check(keys[1:])
+    assert clients() == before
+
+    class Failing(dist.TCPStore):  # the connection breaks after it was made
+        def delete_key(self, key):
+            del self  # fails as torch's C++ method does: with no frame of its own that holds the store
+            raise RuntimeError("connection reset by peer")
+
+    monkeypatch.setattr(dist, "TCPStore", Failing)
+    with pytest.raises(RuntimeError, match="connection reset") as failure:
+        torchft_internals.forget_manager_address("127.0.0.1", store.port)
+    assert failure.tb is not None and clients() == before  # the error's traceback holds the call's frame

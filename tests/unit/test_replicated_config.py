@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import types
+import uuid
 
 import pytest
 import torch
@@ -32,6 +34,11 @@ def test_restart_stays_the_default_mode():
         ("training.compile=true", "training.compile", "false with fault_tolerance.mode=replicated"),
         ("distributed.static_graph=true", "distributed.static_graph", "false with"),
         ("fault_tolerance.replicated.group_id=2", "fault_tolerance.replicated.group_id", "[0, num_groups=2)"),
+        (
+            "fault_tolerance.replicated.num_groups=1000001",
+            "fault_tolerance.replicated.num_groups",
+            "1000000]",
+        ),
         (
             "fault_tolerance.replicated.min_replicas=3",
             "fault_tolerance.replicated.min_replicas",
@@ -388,18 +395,260 @@ def test_drop_skips_a_missing_groups_share_whatever_its_processes():
     assert replicas.trained_count(24, "drop", 3, (0, 2)) == 16  # the gradient's denominator
 
 
-def test_quorum_members_map_back_to_replica_group_ids():
-    """torchft hands each process the members as global ranks (group id x processes per group + its own
-    rank in the group); the drop policy needs the group ids."""
+def test_quorum_members_and_sizes_come_back_from_the_replica_ids_in_torchfts_order(monkeypatch):
+    """torchft hands each process of group g the members as global ranks (each member's replica id's trailing
+    digits x g's process count + the process's rank in g), in the order of the replica ids as strings, and
+    g's position there; the group ids and process counts come back from them, order kept."""
     from datetime import timedelta
 
-    from imgtrain.internals.torchft import MembersGloo
+    from torchft import ProcessGroupGloo
+    from torchft.manager import extract_trailing_digits
 
+    from imgtrain.internals.torchft import MembersGloo, replica_id
+
+    monkeypatch.setattr(ProcessGroupGloo, "configure", lambda self, *a, **k: None)  # no Gloo group built
     pg = MembersGloo(timeout=timedelta(seconds=1))
-    pg.members, pg.group_world_size = (1, 5), 2  # rank 1 of groups 0 and 2
-    assert pg.groups == (0, 2)
-    pg.members, pg.group_world_size = (0, 2), 1
-    assert pg.groups == (0, 2)
+    ids = sorted(
+        f"{replica_id(g, n)}:{u}" for g, n, u in [(2, 2, "a"), (0, 2, "b"), (10, 1, "c"), (2, 2, "d")]
+    )
+    ranks = [extract_trailing_digits(i.split(":")[0]) * 2 + 1 for i in ids]  # rank 1 of a group of 2
+    pg.configure("store", ids[1], 1, len(ids), 7, 1, 2, ranks)
+    assert pg.quorum.groups == (0, 2, 2, 10)  # the numeric order, a group id used twice kept twice
+    assert pg.quorum.sizes == (2, 2, 2, 1)
+    assert (pg.quorum.rank, pg.quorum.quorum_id) == (1, 7)
+
+
+# Replicas against torchft's quorum semantics without processes: a fake Manager forms each quorum as torchft
+# 0.2.0 does (the Rust side sorts the members by replica id, a string, each with a per-start uuid; the
+# Python side configures the process group with this group's position and the members' trailing digits,
+# and answers participating_rank() and num_participants() from the same quorum). The process group is
+# imgtrain's MembersGloo, without its Gloo group.
+
+
+class _Lighthouse:
+    def __init__(self):
+        self.ids: list[str] = []  # the live members' replica ids
+        self.starts: dict[str, str] = {}  # a group's replica id -> its current start's (rank 0's, uuid added)
+        self.quorum_id = 0
+        self._last: list[str] | None = None
+        self.failed_vote = False
+
+    def quorum(self) -> tuple[int, list[str]]:
+        """The members, sorted as strings, and an id that changes with them or after a failed vote."""
+        ids = sorted(self.ids)
+        if ids != self._last or self.failed_vote:
+            self.quorum_id, self._last, self.failed_vote = self.quorum_id + 1, ids, False
+        return self.quorum_id, ids
+
+    def restart(self) -> None:
+        """Killed and started again: it counts quorum ids from 1 again."""
+        self.quorum_id, self._last = 0, None
+
+    def start(self, replica_id: str, rank: int) -> str:
+        if rank == 0:
+            self.starts[replica_id] = f"{replica_id}:{uuid.uuid4()}"
+            self.ids.append(self.starts[replica_id])
+        return self.starts[replica_id]
+
+
+class _Manager:
+    def __init__(self, lighthouse, pg, replica_id, rank, world_size, load_state_dict, state_dict, **_):
+        self.lighthouse, self.pg, self.group_rank, self.group_world_size = lighthouse, pg, rank, world_size
+        self.load_state_dict, self.state_dict = load_state_dict, state_dict
+        self.replica_id = lighthouse.start(replica_id, rank)
+        self.quorum_id = -1
+        self.commit = True
+        self.error: Exception | None = None
+        self.heal_from: dict | None = None  # a peer's state to load at the next quorum
+        self.serve = False  # a peer heals from this group at the next quorum
+
+    def start_quorum(self):
+        from torchft.manager import extract_trailing_digits
+
+        self.error = None
+        quorum_id, ids = self.lighthouse.quorum()
+        self.rank, self.size = ids.index(self.replica_id), len(ids)
+        if quorum_id != self.quorum_id:  # the process group is configured again
+            self.quorum_id = quorum_id
+            g, n = self.group_rank, self.group_world_size
+            ranks = [extract_trailing_digits(i.split(":")[0]) * n + g for i in ids]
+            self.pg.configure("store", self.replica_id, self.rank, self.size, quorum_id, g, n, ranks)
+        if self.serve:
+            self.state_dict()
+        if self.heal_from is not None:
+            self.load_state_dict(self.heal_from)
+        self.serve, self.heal_from = False, None
+
+    def participating_rank(self):
+        return self.rank
+
+    def num_participants(self):
+        return self.size
+
+    def should_commit(self):
+        vote = self.commit and self.error is None
+        self.lighthouse.failed_vote |= not vote
+        return vote
+
+    def report_error(self, e: Exception) -> None:
+        self.error = e
+
+    def errored(self):
+        return self.error
+
+    def current_step(self):
+        return 3
+
+
+@pytest.fixture
+def replica_groups(monkeypatch):
+    """``start(group, num_groups, processes=1, process=0, *overrides)``: a Replicas on the fake Manager;
+    ``records`` holds what each emitted."""
+    from imgtrain.distributed.process_group import DistInfo
+    from imgtrain.internals import torchft as torchft_internals
+
+    lighthouse = _Lighthouse()
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torchft_internals, "manager_on", lambda host, **kw: _Manager(lighthouse, **kw))
+    monkeypatch.setattr(torchft_internals, "WeightsOnlyHTTPTransport", lambda **kw: None)
+    monkeypatch.setattr(replicas, "tcp_store_on", lambda *a, **k: (types.SimpleNamespace(port=1), None))
+    monkeypatch.setattr(torchft_internals.ProcessGroupGloo, "configure", lambda self, *a, **k: None)
+    records: dict[tuple[int, int, int], list[dict]] = {}
+
+    def start(group: int, num_groups: int, processes: int = 1, process: int = 0, *overrides: str):
+        cfg = load_config(
+            None,
+            [
+                *REPLICATED,
+                "fault_tolerance.replicated.lighthouse=http://127.0.0.1:29510",
+                "fault_tolerance.replicated.bind=127.0.0.1",
+                f"fault_tolerance.replicated.group_id={group}",
+                f"fault_tolerance.replicated.num_groups={num_groups}",
+                *overrides,
+            ],
+        )
+        info = DistInfo(process, process, processes, torch.device("cpu"), None, "local", 0)
+        out = records.setdefault((group, process, len(records)), [])
+        model = {"w": torch.arange(4.0)}
+        return replicas.Replicas(cfg, info, lambda: {"model": model}, lambda s: None, out.append)
+
+    start.records = records
+    start.lighthouse = lighthouse
+    return start
+
+
+def test_eleven_or_more_groups_train_what_the_ranks_of_one_job_train(replica_groups):
+    """12 groups of 2 processes: torchft orders members by replica id as a string ("g10" before "g2" unless
+    the ids are padded); process p of group g must still train rank 2g + p's samples, and every process
+    divides by the 12 groups torchft divides by."""
+    procs = {(g, p): replica_groups(g, 12, 2, p) for g in range(12) for p in range(2)}
+    for (g, p), r in procs.items():
+        assert r.plan_holds() is False  # a new quorum: the plan is made after it
+        assert r.participants == r.manager.num_participants() == 12
+        assert r.members == tuple(range(12))
+        plain = ShardedBatchSampler(24 * 2 * 3, 2, rank=2 * g + p, world_size=24, seed=1)
+        shared = ShardedBatchSampler(24 * 2 * 3, 2, rank=0, world_size=1, seed=1)
+        r.attach(shared)
+        assert (shared.rank, shared.world_size) == (2 * g + p, 24)
+        assert [[s.index for s in refs] for refs, _ in shared.plan()] == [
+            [s.index for s in refs] for refs, _ in plain.plan()
+        ], (g, p)
+
+
+def test_two_groups_under_one_id_count_twice_and_the_one_that_joined_stops_naming_the_key(replica_groups):
+    g0, g1 = replica_groups(0, 2), replica_groups(1, 2)
+    for r in (g0, g1):
+        r.plan_holds()
+    for r in (g0, g1):
+        assert r.should_commit()
+    twin = replica_groups(1, 2)  # started by mistake under the id of a live group
+    gbatch = list(range(12))
+    shares = []
+    for r in (g0, g1, twin):
+        r.plan_holds()
+        # torchft averages over 3 participants: the loss scale and the split of the batch count 3 too.
+        assert r.participants == r.manager.num_participants() == 3
+        shares.append(replicas.process_share(gbatch, r.policy, 2, r.group_id, r.members, r.rank, 0, 1))
+    assert sorted(i for s in shares for i in s) == gbatch  # disjoint: each sample trained once
+    assert g0.should_commit() and g1.should_commit()  # the groups that were training go on
+    with pytest.raises(
+        ConfigError, match=r"'fault_tolerance\.replicated\.group_id': got 1, .*REPLICA_GROUP_ID"
+    ):
+        twin.should_commit()
+
+
+def test_a_dead_group_still_in_a_quorum_under_the_id_of_its_restart_is_no_twin(replica_groups):
+    """A killed group's replica id can still be in the quorum its restart joins (it asked for the quorum
+    before it died): that step cannot commit, and the restart is not taken for a second group."""
+    g0, g1 = replica_groups(0, 2), replica_groups(1, 2)
+    for r in (g0, g1):
+        r.plan_holds()
+        r.should_commit()
+    restarted = replica_groups(1, 2)  # g1 died; the lighthouse still counts it for one quorum
+    for r in (g0, restarted):
+        r.plan_holds()
+        r.manager.commit = False  # the dead member never joins the all-reduce
+        assert not r.should_commit()
+    replica_groups.lighthouse.ids.remove(g1.manager.replica_id)  # its heartbeats expired
+    for r in (g0, restarted):
+        r.plan_holds()
+        r.manager.commit = True
+        assert r.members == (0, 1) and r.should_commit()
+
+
+def test_a_quorum_under_a_reused_id_with_other_members_is_not_committed_and_the_next_one_is(replica_groups):
+    """torchft configures its process group only when the quorum id changes; a restarted lighthouse counts
+    from 1 again, so group 0 can get a quorum of itself alone under the id of its last quorum of two. torchft
+    would divide by 1 while the members its group holds say 2: that step is dropped, not committed, and the
+    next quorum (a new id after the failed vote) is set up afresh."""
+    g0, g1 = replica_groups(0, 2), replica_groups(1, 2)
+    for r in (g0, g1):
+        r.plan_holds()
+    assert g0.should_commit() and g0.quorum_id == 1
+    replica_groups.lighthouse.restart()
+    replica_groups.lighthouse.ids.remove(g1.manager.replica_id)  # not back yet
+    g0.plan_holds()
+    assert g0.manager.num_participants() == 1 and g0.members == (0, 1)  # the old group's members
+    assert not g0.should_commit()
+    g0.plan_holds()
+    assert (g0.members, g0.participants, g0.quorum_id) == ((0,), 1, 2)
+    assert g0.should_commit()
+
+
+def test_groups_of_different_sizes_starting_together_are_refused_naming_the_process_count(replica_groups):
+    starting = [replica_groups(0, 2, 1, 0), replica_groups(1, 2, 2, 0), replica_groups(1, 2, 2, 1)]
+    for r in starting:  # no heal compares them: they start from the same step
+        with pytest.raises(ConfigError, match=r"'--nproc-per-node': got [12], expected [12] \(replica group"):
+            r.plan_holds()
+
+
+def test_a_group_of_another_size_joining_stops_itself_and_the_training_group_goes_on(replica_groups):
+    g0 = replica_groups(0, 2)
+    g0.plan_holds()
+    assert g0.should_commit()
+    newcomer = [replica_groups(1, 2, 2, p) for p in range(2)]
+    g0.plan_holds()  # a quorum with a group of 2 processes: not g0's to refuse
+    for r in newcomer:
+        with pytest.raises(ConfigError, match=r"'--nproc-per-node': got 2, expected 1 "):
+            r.plan_holds()
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_heal_records_carry_a_state_digest_only_when_asked(replica_groups, on):
+    extra = [f"fault_tolerance.replicated.state_digest={str(on).lower()}"]
+    g0, g1 = replica_groups(0, 2, 1, 0, *extra), replica_groups(1, 2, 1, 0, *extra)
+    g0.manager.serve, g1.manager.heal_from = True, {"model": {"w": torch.arange(4.0)}}
+    for r in (g0, g1):
+        r.plan_holds()
+    (served,), (healed,) = (
+        [x for x in recs if x["event"] in ("heal", "heal_served")] for recs in replica_groups.records.values()
+    )
+    assert (served["event"], healed["event"]) == ("heal_served", "heal")
+    if on:
+        assert served["state_digest"] == healed["state_digest"]
+    else:
+        assert "state_digest" not in served and "state_digest" not in healed
 
 
 def test_state_digest_survives_the_transfer_and_sees_one_changed_value(tmp_path):

@@ -95,7 +95,8 @@ def _nbytes(obj: Any) -> int:
 def state_digest(obj: Any) -> str:
     """A short checksum of a state dict's contents (every tensor's dtype, shape and bytes, every other
     value's repr): equal on the process that served a state and the one that healed from it. CRC-32, not a
-    cryptographic hash: it runs on the serving group's step (about 30 ms per 100 MB)."""
+    cryptographic hash, and only with ``fault_tolerance.replicated.state_digest``: it runs on the serving
+    group's step (about 30 ms per 100 MB)."""
     return f"{_crc(obj, 0):08x}"
 
 
@@ -245,13 +246,14 @@ class Replicas:
         rc = cfg.fault_tolerance.replicated
         lighthouse, self.group_id = rc.resolved()
         _import_torchft()
-        from imgtrain.internals.torchft import MembersGloo, WeightsOnlyHTTPTransport, manager_on
+        from imgtrain.internals.torchft import MembersGloo, WeightsOnlyHTTPTransport, manager_on, replica_id
 
         self.lighthouse, self.quorum_retries = lighthouse, rc.quorum_retries
         check_one_node(info.world_size)
         self.info, self.dist_cfg = info, cfg.distributed
         self.policy = rc.missing_group_policy
         self.num_groups = rc.num_groups
+        self.digests = rc.state_digest
         self._state_dict, self._load_state_dict, self._emit = state_dict, load_state_dict, emit
         # The quorum hands this group's store address to its peers (they build the gradient process group
         # on it), and torchft its manager's and checkpoint server's: each must be one they reach.
@@ -293,7 +295,7 @@ class Replicas:
             rank=info.rank,
             world_size=info.world_size,
             lighthouse_addr=lighthouse,
-            replica_id=f"imgtrain_g{self.group_id}",  # the trailing digits are the group id (MembersGloo)
+            replica_id=replica_id(self.group_id, info.world_size),  # decoded by MembersGloo
             heartbeat_interval=timedelta(seconds=rc.heartbeat_interval),
             hostname=f"[{host}]" if ":" in host else host,  # torchft's Rust writes http://{hostname}:{port}
             checkpoint_transport=WeightsOnlyHTTPTransport(
@@ -301,18 +303,22 @@ class Replicas:
             ),
             **store_kw,
         )
+        # The current quorum, all from the one list torchft hands the gradient group (MembersGloo): the
+        # members' group ids in torchft's order (one per member group), this group's position among them.
         self.members: tuple[int, ...] = ()
         self.rank = 0
         self.quorum_id = -1
         self.committed = True
+        self._first_commit_quorum: int | None = None  # the quorum of this process's first committed step
+        self._healed_into = -1  # the quorum this process last healed to join
         self.heals = 0
         self.steps_dropped = 0
         self.samples_dropped = 0
         self._joined = False  # this step's quorum is done (reset by should_commit)
         self._stale = True  # the batches planned so far are not this step's any more
         self._healed_bytes: int | None = None
-        self._healed_digest = ""
-        self._served: tuple[int, str] | None = None  # (step, digest) of the state last served to a peer
+        self._healed_digest: str | None = None
+        self._served: tuple[int, str | None] | None = None  # (step, digest) of the state served last
         log.info(
             "replicated mode: replica group %d of %d (%d processes), lighthouse %s, min replicas %d, "
             "missing groups: %s",
@@ -355,7 +361,7 @@ class Replicas:
     @property
     def participants(self) -> int:
         """Replica groups whose gradients the all-reduce averages in this step (each group's gradient is
-        the sum over its processes)."""
+        the sum over its processes): torchft's divisor, the length of the same list as :attr:`members`."""
         return max(1, len(self.members))
 
     def plan_holds(self) -> bool:
@@ -378,7 +384,11 @@ class Replicas:
         too few groups are present. Then the optimizer must not step; the step is redone."""
         self.committed = self.manager.should_commit()
         self._joined = False
-        if not self.committed:
+        if self.committed:
+            if self._first_commit_quorum is None:
+                self._first_commit_quorum = self.quorum_id
+            self._check_one_group_per_id()
+        else:
             if self.manager.errored() is not None:
                 # A peer may still wait inside this step's all-reduce for data from this group rather
                 # than from the one that failed: closing the gradient group's connections fails that
@@ -456,21 +466,37 @@ class Replicas:
             step, digest = self._served
             self._served = None
             self._emit(
-                {
-                    "event": "heal_served",
-                    "step": step,
-                    "replica_group": self.group_id,
-                    "state_digest": digest,
-                }
+                {"event": "heal_served", "step": step, "replica_group": self.group_id}
+                | ({"state_digest": digest} if digest is not None else {})
             )
-        members = self.pg.groups or (self.group_id,)
+        quorum = self.pg.quorum
+        members, rank = quorum.groups or (self.group_id,), quorum.rank if quorum.groups else 0
+        torchft_says = (self.manager.num_participants(), self.manager.participating_rank())
+        if torchft_says != (len(members), rank):
+            # torchft divides the gradient by its num_participants() but configures its process group (and
+            # so the members here) only when the quorum id changes, and a restarted lighthouse counts ids
+            # from 1 again: a quorum of other members can come under the id of the last one. Its step is
+            # voted down and redone; the failed vote gives the next quorum a new id, configured afresh.
+            self.manager.report_error(
+                RuntimeError(
+                    f"quorum {quorum.quorum_id} of {torchft_says[0]} groups (this one at {torchft_says[1]}) "
+                    f"came with the process group of groups {list(members)} (this one at {rank})"
+                )
+            )
+            log.warning(
+                "replica group %d: quorum %d has other members than its process group (a restarted "
+                "lighthouse reused the id): this step is dropped and the group set up again",
+                self.group_id,
+                quorum.quorum_id,
+            )
         self._joined = True
         if members != self.members:
             self._stale = True
-        self.members = members
-        self.rank = self.manager.participating_rank() or 0
+        self.members, self.rank = members, rank
+        self._check_sizes(quorum.sizes)
         if healed:
             self._stale = True
+            self._healed_into = quorum.quorum_id
             self.heals += 1
             seconds = time.perf_counter() - t0
             self._emit(
@@ -481,8 +507,8 @@ class Replicas:
                     "heal_seconds": seconds,
                     "heal_bytes": self._healed_bytes,
                     "heals": self.heals,
-                    "state_digest": self._healed_digest,
                 }
+                | ({"state_digest": self._healed_digest} if self._healed_digest is not None else {})
             )
             log.warning(
                 "replica group %d healed from a live peer: step %d, %.2f s, %d bytes",
@@ -491,11 +517,11 @@ class Replicas:
                 seconds,
                 self._healed_bytes,
             )
-        if self.pg.quorum_id != self.quorum_id:
-            self._on_new_quorum()
+        if quorum.quorum_id != self.quorum_id:
+            self._on_new_quorum(quorum.quorum_id)
 
-    def _on_new_quorum(self) -> None:
-        self.quorum_id = self.pg.quorum_id
+    def _on_new_quorum(self, quorum_id: int) -> None:
+        self.quorum_id = quorum_id
         missing = sorted(set(range(self.num_groups)) - set(self.members))
         record = {
             "event": "quorum",
@@ -532,7 +558,7 @@ class Replicas:
         # BatchNorm buffers in place, and the healed group must get the state of the step boundary it is told
         # about.
         state = snapshot(self._state_dict(), device=None)
-        self._served = (self.manager.current_step(), state_digest(state))
+        self._served = (self.manager.current_step(), state_digest(state) if self.digests else None)
         return state
 
     def _heal(self, state: dict[str, Any]) -> None:
@@ -548,7 +574,37 @@ class Replicas:
             )
         self._load_state_dict(state)
         self._healed_bytes = _nbytes(state)
-        self._healed_digest = state_digest(state)
+        self._healed_digest = state_digest(state) if self.digests else None
+
+    def _check_sizes(self, sizes: tuple[int, ...]) -> None:
+        """Every member's process count comes with the quorum (:func:`imgtrain.internals.torchft.replica_id`):
+        a group that has not committed a step yet refuses a quorum with groups of another size, so groups
+        started together are compared too, and not only a group that heals. A group already training goes
+        on: the newcomer refuses itself."""
+        other = next((n for n in sizes if n != self.info.world_size), None)
+        if other is None or self._first_commit_quorum is not None:
+            return
+        raise ConfigError(
+            "--nproc-per-node",
+            self.info.world_size,
+            f"{other} (replica group {self.group_id} is in a quorum with groups of "
+            f"{sorted(set(sizes))} processes): every replica group of a job runs the same number of processes",
+        )
+
+    def _check_one_group_per_id(self) -> None:
+        """After a committed step: another live group under this group's id. (A group that just died can
+        still be in a quorum under the same id, as torchft's replica ids differ per start, but no step with
+        it commits.) The group that joined in this quorum (its first committed step, or a heal) stops; one
+        that was training goes on."""
+        twins = self.members.count(self.group_id)
+        if twins < 2 or self.quorum_id not in (self._first_commit_quorum, self._healed_into):
+            return
+        raise ConfigError(
+            "fault_tolerance.replicated.group_id",
+            self.group_id,
+            f"an id no other live replica group of the job uses ({twins} live groups run as replica group "
+            f"{self.group_id}; the key, or REPLICA_GROUP_ID when it is unset, must differ per group)",
+        )
 
 
 def _forget_dead_manager(info: DistInfo) -> None:

@@ -30,8 +30,9 @@ instead would be process-wide state that every child process inherits.
 The same hook serves a replica group of several processes (:class:`GroupFaultTolerantDDP`), after the
 gradient is summed inside the group.
 
-Also here: the removal of a restarted group's stale manager address, the quorum's members (for the drop
-policy) and a weights-only checkpoint transport. This module is the one place that touches torchft's private symbols; tests/unit/test_internals.py names each one
+Also here: the removal of a restarted group's stale manager address, the quorum's members and their sizes
+(one list for the gradient's divisor, the data share and the checks on group ids and sizes) and a
+weights-only checkpoint transport. This module is the one place that touches torchft's private symbols; tests/unit/test_internals.py names each one
 when an upgrade changes it.
 """
 
@@ -42,6 +43,7 @@ import types
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -54,11 +56,13 @@ from torchft.checkpointing._serialization import _streaming_load
 from torchft.checkpointing.http_transport import HTTPTransport
 from torchft.manager import MANAGER_ADDR_KEY, REPLICA_ID_KEY
 
+from imgtrain.config import MAX_REPLICA_GROUPS
 from imgtrain.distributed.rendezvous import host_port
 
 PRIVATE_SYMBOL = (
     "torchft.ddp.DistributedDataParallel._comm_hook, torchft.manager._ManagedFuture._fut, "
-    "torchft.manager.extract_trailing_digits (global_ranks of ProcessGroup.configure), "
+    "torchft.manager.extract_trailing_digits (global_ranks of ProcessGroup.configure, in the order of the "
+    "quorum's replica ids as strings, whose position is configure's rank and Manager.participating_rank()), "
     "torchft.checkpointing.http_transport.HTTPTransport._load_from_address, "
     "torchft.checkpointing._serialization._streaming_load, "
     "torchft.manager.ManagerServer (looked up by Manager.__init__, bind=[::]:<port>), "
@@ -111,17 +115,43 @@ class GroupFaultTolerantDDP(nn.parallel.DistributedDataParallel):
         return FaultTolerantDDP._comm_hook(manager, bucket)
 
 
-class MembersGloo(ProcessGroupGloo):
-    """torchft's reconfigurable Gloo group that also keeps the members and id of the current quorum.
+# A replica id's trailing digits are the group id, then the group's process count, each in this many digits:
+# torchft orders the quorum by replica id as a string, which is then the order of the group ids, and hands
+# every process each member's trailing digits (``global_ranks``), so that each one also learns every
+# member's size from the very first quorum.
+_DIGITS = len(str(MAX_REPLICA_GROUPS - 1))
+MAX_GROUPS = 10**_DIGITS  # also the bound of a group's process count
 
-    The Manager passes them as ``global_ranks``: each member's replica id's trailing digits (imgtrain names
-    replica group ``g`` ``imgtrain_g<g>``) x the group's world size + this process's rank in its group;
-    :attr:`groups` turns them back into replica group ids. The ``drop`` policy needs to know whose share
-    of a step is missing."""
 
-    members: tuple[int, ...] = ()
+def replica_id(group: int, processes: int) -> str:
+    """torchft's replica id of replica group ``group`` of ``processes`` processes (torchft appends a
+    per-start uuid): "imgtrain_g" + the group id and the process count, each zero-padded."""
+    if not (0 <= group < MAX_GROUPS and 0 < processes < MAX_GROUPS):
+        raise ValueError(f"replica group {group} of {processes} processes: both must be below {MAX_GROUPS}")
+    return f"imgtrain_g{group:0{_DIGITS}d}{processes:0{_DIGITS}d}"
+
+
+@dataclass(frozen=True)
+class QuorumView:
+    """One quorum as torchft handed it to the gradient process group: the members' replica group ids and
+    process counts in torchft's order (one entry per member, so a group id used twice appears twice), and
+    this group's position among them. torchft's Manager derives its ``participating_rank()`` and
+    ``num_participants()`` (the gradient's divisor) from the same list."""
+
     quorum_id: int = -1
-    group_world_size: int = 1
+    rank: int = 0
+    groups: tuple[int, ...] = ()
+    sizes: tuple[int, ...] = ()
+
+
+class MembersGloo(ProcessGroupGloo):
+    """torchft's reconfigurable Gloo group that also keeps the current quorum (:class:`QuorumView`).
+
+    The Manager passes each member as ``global_ranks``: its replica id's trailing digits (:func:`replica_id`)
+    x this group's process count + this process's rank in its group, in the quorum's order, and this
+    group's position in that order as ``rank``."""
+
+    quorum: QuorumView = QuorumView()
 
     def __init__(self, timeout: timedelta, address: str | None = None) -> None:
         """``address``: the IP address of this host that Gloo listens on and hands its peers; None: Gloo's
@@ -129,16 +159,15 @@ class MembersGloo(ProcessGroupGloo):
         super().__init__(timeout=timeout)
         self.address = address
 
-    @property
-    def groups(self) -> tuple[int, ...]:
-        """The replica group ids of the quorum's members."""
-        return tuple(sorted({m // self.group_world_size for m in self.members}))
-
     def configure(self, store_addr, replica_id, rank, world_size, quorum_id=None, group_rank=None,
                   group_world_size=None, global_ranks=None) -> None:  # fmt: skip
-        self.members = tuple(sorted(global_ranks)) if global_ranks is not None else ()
-        self.quorum_id = -1 if quorum_id is None else quorum_id
-        self.group_world_size = group_world_size or 1
+        digits = [m // (group_world_size or 1) for m in global_ranks or ()]
+        self.quorum = QuorumView(
+            quorum_id=-1 if quorum_id is None else quorum_id,
+            rank=rank,
+            groups=tuple(d // MAX_GROUPS for d in digits),
+            sizes=tuple(d % MAX_GROUPS for d in digits),
+        )
         super().configure(
             store_addr, replica_id, rank, world_size, quorum_id, group_rank, group_world_size, global_ranks
         )
@@ -236,5 +265,10 @@ def forget_manager_address(host: str, port: int) -> None:
     """Removes from a replica group's store the keys under which its rank 0's Manager publishes the
     group's manager server: every other rank's Manager reads them (and waits while they are absent)."""
     store = dist.TCPStore(host, port, is_master=False, wait_for_workers=False)
-    for key in (MANAGER_ADDR_KEY, REPLICA_ID_KEY):
-        store.delete_key(key)
+    try:
+        for key in (MANAGER_ADDR_KEY, REPLICA_ID_KEY):
+            store.delete_key(key)
+    finally:
+        # TCPStore has no close(): its connection ends with the object. Dropped here, not whenever a
+        # failure's traceback lets go of this frame (the Manager opens its own client right after).
+        del store
