@@ -40,7 +40,7 @@ import threading
 import traceback
 
 from imgtrain.errors import EXIT_CODES, EXPECTED_ERROR_CODES
-from imgtrain.fault import stop_signals_blocked
+from imgtrain.fault import STOP_SIGNALS, stop_signals_blocked
 from imgtrain.internals import forkserver
 
 # What a worker imports before its first step; what it imports later is small (python -X importtime).
@@ -327,12 +327,55 @@ def _format_agent_tracebacks_lightly() -> None:
             handler.addFilter(_TracebackAsText())
 
 
+class StoppedWhileStarting(BaseException):
+    """SIGTERM/SIGINT before torchrun's agent has taken the signals (it does when it starts the workers).
+
+    Not an Exception: the start-up code's ``except Exception`` (torchrun's rendezvous has several) must not
+    swallow it, and the agent's ``finally`` blocks still close the rendezvous and its store."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stopped_while_starting(signum: int, frame) -> None:
+    raise StoppedWhileStarting(signum)
+
+
+@contextlib.contextmanager
+def _stop_signals_taken():
+    """SIGTERM/SIGINT stop the start, whatever this process inherited.
+
+    A process started in the background by a non-interactive shell (a script's ``cmd &``, a CI runner started
+    so) inherits SIGINT ignored, and python then leaves it ignored: Ctrl-C or ``kill -INT`` during the
+    start did nothing, and the launcher went on to start its workers (while torchrun's agent, once started,
+    takes SIGINT whatever it inherited). SIGTERM would kill it silently, without the exit code 143."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _stopped_while_starting) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`imgtrain launch ...`: exits as torchrun does (1, with torchrun's failure summary, if a worker failed),
     except when a worker failed with an expected error's code (2-6: that code and one line, see
-    :func:`passed_on_exit_code`) and when stopped by a signal: 128 + the signal (143 for SIGTERM, 130 for
-    SIGINT). Neither prints a traceback."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    :func:`passed_on_exit_code`) and when stopped by a signal, at any moment from its start: 128 + the signal
+    (143 for SIGTERM, 130 for SIGINT). Neither prints a traceback."""
+    try:
+        with _stop_signals_taken():
+            return _main(sys.argv[1:] if argv is None else list(argv))
+    except StoppedWhileStarting as e:
+        name = signal.Signals(e.signum).name
+        print(f"imgtrain launch: stopped by {name} while starting; no worker had started", file=sys.stderr)
+        return 128 + e.signum
+
+
+def _main(argv: list[str]) -> int:
     # Before torch is imported here: the server's imports overlap this process's own.
     known, omp_threads = expected_omp_threads(argv)
     method = expected_start_method(argv)
@@ -346,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:  # the fork server started above goes with this process, whatever stops it
         # Ctrl-C (or SIGTERM) during torch's import would land in a C extension's initialisation (numpy's,
-        # torch's), which may swallow the KeyboardInterrupt (the launcher then starts its workers as if nothing
+        # torch's), which may swallow the exception (the launcher then starts its workers as if nothing
         # happened) or turn it into an ImportError. Held until the imports are done, then taken as usual.
         with stop_signals_blocked():
             from torch.distributed.elastic.multiprocessing.api import SignalException
