@@ -83,7 +83,7 @@ fi
 # it is this host's launcher: launch_training.sh itself, or the agent it exec'd in local mode.
 is_launcher() {
   local args
-  args=$(ps -o args= -p "$1" 2>/dev/null) || return 1
+  args=$(ps -ww -o args= -p "$1" 2>/dev/null) || return 1  # -ww: a long path is not cut at 80 columns
   [[ "$args" =~ (^|[[:space:]/])launch_training\.sh([[:space:]]|$) || "$args" =~ (^|[[:space:]/])torchrun([[:space:]]|$) \
      || "$args" == *"-m imgtrain launch"* ]]
 }

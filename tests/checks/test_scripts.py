@@ -135,10 +135,13 @@ def _fake_launcher(run_dir: Path) -> subprocess.Popen:
     return subprocess.Popen(["bash", str(script)])
 
 
-def test_cleanup_stops_the_recorded_launcher_before_pruning(tmp_path):
+def test_cleanup_stops_the_recorded_launcher_before_pruning(tmp_path, monkeypatch):
     import socket
 
-    run_dir = tmp_path / "run"
+    # A terminal width in the environment (as some shells export it) and a command line longer than it:
+    # the launcher is still recognised by its full command line, not the part ps would print.
+    monkeypatch.setenv("COLUMNS", "80")
+    run_dir = tmp_path / ("a-run-directory-with-a-rather-long-name-" * 3)
     launcher = _fake_launcher(run_dir)
     (run_dir / "logs" / "launcher.pid").write_text(f"{launcher.pid}\n{socket.gethostname()}\n")
     try:
