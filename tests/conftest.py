@@ -28,12 +28,36 @@ REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
 
+# Integration tests that use what the whole machine shares: network namespaces and veth links under fixed
+# names and subnets, and `ip netns list` compared before and after. pyproject runs the suite on two
+# pytest-xdist workers; these files go to one of them, one test at a time.
+HOST_WIDE = {
+    "integration/test_elastic.py",
+    "integration/test_emulated_network.py",
+    "integration/test_launch_scripts.py",
+    "integration/test_launcher_processes.py",
+    "integration/test_rendezvous_spof.py",
+    "integration/test_replicated.py",
+}
+
+
+def _relative(item: pytest.Item) -> str:
+    return item.path.relative_to(TESTS).as_posix()
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The folder is the kind: `-m checks` / `-m integration` select tests/checks / tests/integration."""
+    """The folder is the kind: `-m checks` / `-m integration` select tests/checks / tests/integration.
+    Each file is one xdist group (its module fixtures, such as reference runs, are made once), and the
+    files of HOST_WIDE are one group together, collected first: the longest group starts on one worker
+    while the other takes the rest file by file (a group scheduled last would leave one worker idle)."""
+    items.sort(key=lambda item: not item.path.is_relative_to(TESTS) or _relative(item) not in HOST_WIDE)
     for item in items:
-        folder = item.path.relative_to(TESTS).parts[0] if item.path.is_relative_to(TESTS) else None
+        relative = _relative(item) if item.path.is_relative_to(TESTS) else None
+        folder = relative.split("/")[0] if relative else None
         if folder in ("checks", "integration"):
             item.add_marker(folder)
+        if relative:
+            item.add_marker(pytest.mark.xdist_group("host-wide" if relative in HOST_WIDE else relative))
 
 
 # Tiny, fast, deterministic settings for CLI runs in tests.
