@@ -251,9 +251,7 @@ class WeightsOnlyHTTPTransport(HTTPTransport):
         url = urllib.parse.urlsplit(super().address())
         if not self.advertise:
             return url.geturl()
-        host = self.advertise.strip("[]")
-        host = f"[{host}]" if ":" in host else host
-        return url._replace(netloc=f"{host}:{url.port}").geturl()
+        return url._replace(netloc=host_port(self.advertise, url.port)).geturl()
 
     @classmethod
     def _load_from_address(cls, address: str, timeout: timedelta) -> object:
