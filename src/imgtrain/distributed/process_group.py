@@ -70,6 +70,7 @@ def init_distributed(cfg: DistributedConfig) -> DistInfo:
         device = torch.device("cpu")
     use_pg = "MASTER_ADDR" in os.environ and world_size >= 1 and "RANK" in os.environ
     if use_pg and not dist.is_initialized():
+        _import_group_binding_modules()
         timeout = datetime.timedelta(seconds=cfg.init_timeout)
         agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
         with _exit_if_agent_dies(rank) if agent_store else contextlib.nullcontext():
@@ -95,6 +96,19 @@ def init_distributed(cfg: DistributedConfig) -> DistInfo:
         node=socket.gethostname(),
         restart_count=restart_count,
     )
+
+
+def _import_group_binding_modules() -> None:
+    """Import, while no process group exists, the torch modules that capture the default group on import.
+
+    ``torch.distributed.nn.functional`` writes ``group=group.WORLD`` into its functions' default arguments,
+    and DDP's constructor imports it (through FSDP's sharded tensors). Imported after
+    ``init_process_group``, it would hold the default group for the life of the interpreter:
+    ``destroy_process_group`` could not free it, and its Gloo worker threads would live into interpreter
+    finalization, where one that releases a tensor aborts the process ("terminate called without an
+    active exception", exit -6 after a finished run). imgtrain's own imports load the module earlier
+    today; importing it here keeps that so whatever the import order."""
+    import torch.distributed.nn.functional  # noqa: F401
 
 
 @contextlib.contextmanager

@@ -109,13 +109,16 @@ class Trainer:
         self.timeline["process_group_ready"] = time.time()
         self.timeline["setup_start"] = t0
         self.run_id = resolve_run_id(cfg.monitoring.run_id, self.output_dir)
+        # The log handlers outlive the trainer (they are the root logger's): they hold its progress, not the
+        # trainer, whose model and process group must go when it closes (see close()).
+        progress = self.progress
         configure_logging(
             self.info.rank,
             self.info.is_main,
             self.run_id,
             self.output_dir,
             cfg.monitoring.log_format,
-            step_fn=lambda: self.progress.step,
+            step_fn=lambda: progress.step,
         )
         self.notifier = Notifier(cfg.monitoring.notify, self.run_id, enabled=self.info.is_main)
         info = self.info
@@ -1019,6 +1022,9 @@ class Trainer:
         if self.metrics_processor is not None:
             self.metrics_processor.close()
         if self.info is not None:
+            # DDP's reducer holds the process group: dropped first, the group is freed by
+            # destroy_distributed, its Gloo threads joined now rather than during interpreter exit.
+            self.model = self.model_without_ddp
             D.destroy_distributed(self.info)
 
 

@@ -53,5 +53,5 @@ def create_compression(
     nothing is registered and nothing is sent)."""
     comp: Compression = COMPRESSION[cfg.compression](ddp_model, cfg, world_size, backend)
     if backend is not None:
-        comp.register()
+        comp.register(ddp_model)
     return comp

@@ -51,7 +51,9 @@ class Compression:
     method = "none"
 
     def __init__(self, ddp_model: nn.Module, cfg: DistributedConfig, world_size: int, backend: str | None):
-        self.ddp_model = ddp_model
+        # Not ddp_model itself: DDP's reducer holds this object as its hook state, and a reference back
+        # would be a cycle through C++ that the garbage collector cannot see, keeping the DDP module and
+        # its process group alive until interpreter exit.
         self.cfg = cfg
         self.world_size = world_size
         self.backend = backend
@@ -61,7 +63,7 @@ class Compression:
         self.counter = CommCounter(world_size)
         self._fp32_bytes = sum(p.numel() * p.element_size() for _, p in self.params)
 
-    def register(self) -> None:
+    def register(self, ddp_model: nn.Module) -> None:
         pass
 
     def expected_bytes_per_step(self) -> int:

@@ -24,8 +24,8 @@ class _CastCompression(Compression):
             default_hooks.fp16_compress_hook if method == "fp16" else default_hooks.bf16_compress_hook
         )
 
-    def register(self) -> None:
-        self.ddp_model.register_comm_hook(self, _cast_hook)
+    def register(self, ddp_model: torch.nn.Module) -> None:
+        ddp_model.register_comm_hook(self, _cast_hook)
 
     def expected_bytes_per_step(self) -> int:
         return sum(p.numel() for _, p in self.params) * torch.finfo(self.dtype).bits // 8

@@ -197,8 +197,8 @@ class OneBitCompression(Compression):
         self._layouts: dict[tuple[str, ...], _OneBitLayout] = {}
         self.numpy_ops: bool | None = None  # None: NumPy's bit packing on CPU tensors; False: torch's
 
-    def register(self) -> None:
-        self.ddp_model.register_comm_hook(self, _onebit_hook)
+    def register(self, ddp_model: torch.nn.Module) -> None:
+        ddp_model.register_comm_hook(self, _onebit_hook)
 
     def _message_bytes(self, numels: list[int]) -> int:
         padded = sum(-(-n // self.chunk) * self.chunk for n in numels)

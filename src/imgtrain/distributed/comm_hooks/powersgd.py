@@ -91,8 +91,8 @@ class PowerSGDCompression(Compression):
         self.layouts: dict[int, _BucketLayout] = {}  # bucket index -> layout the state there belongs to
         self.pending: dict[str, dict[str, torch.Tensor]] = {"error": {}, "q": {}}  # by parameter name
 
-    def register(self) -> None:
-        self.ddp_model.register_comm_hook(self, _powersgd_hook)
+    def register(self, ddp_model: torch.nn.Module) -> None:
+        ddp_model.register_comm_hook(self, _powersgd_hook)
 
     def expected_bytes_per_step(self) -> int:
         c = self.cfg.powersgd
