@@ -6,7 +6,8 @@ run could die with SIGABRT ("terminate called without an active exception"), whi
 failed job (seen in CI on tests/integration/test_slow_checkpoint.py). Three things held the group: torch's
 ``torch.distributed.nn.functional``, imported by DDP's constructor after ``init_process_group``, binds the
 default group into its functions' default arguments; the compression object (DDP's hook state) held the
-DDP module, a cycle through C++; and the root logger's filter held the trainer.
+DDP module, a cycle through C++; the root logger's filter held the trainer; and in replicated mode torchft's
+manager held its Gloo group until ``shutdown()``.
 
 Each case trains in a fresh interpreter, as a torchrun worker does (a module imported earlier by this test
 process would hide the first cause): one process in a real Gloo process group, the model wrapped in DDP."""
@@ -14,6 +15,7 @@ process would hide the first cause): one process in a real Gloo process group, t
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import textwrap
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, free_port, subprocess_env
+from conftest import TINY, free_port, subprocess_env, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -52,31 +54,16 @@ _CHECK = textwrap.dedent(
         ddp = type(trainer.model).__name__
     finally:
         trainer.close()
+    after = group_threads(before)  # close() itself ends them, while the trainer object still exists
     ref = weakref.ref(trainer)
     del trainer
     gc.collect()
-    print(json.dumps({"ddp": ddp, "during": during, "after": group_threads(before), "kept": ref() is not None}))
+    print(json.dumps({"ddp": ddp, "during": during, "after": after, "kept": ref() is not None}))
     """
 )
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="threads are listed from Linux's /proc")
-@pytest.mark.parametrize("compression", ["none", "powersgd"])
-def test_a_closed_trainer_leaves_no_process_group_thread(tmp_path, image_folder, compression):
-    overrides = [
-        f"output_dir={tmp_path / 'run'}",
-        f"data.root={image_folder}",
-        *TINY,
-        "training.batch_size=4",
-        "training.epochs=1",
-        "training.max_steps=2",
-        "distributed.backend=gloo",
-        f"distributed.compression={compression}",
-    ]
-    env = subprocess_env()
-    env.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
-    )
+def _check(overrides: list[str], env: dict[str, str], wrapper: str = "DistributedDataParallel") -> dict:
     proc = subprocess.run(
         [sys.executable, "-c", _CHECK, json.dumps(overrides)],
         capture_output=True,
@@ -86,7 +73,76 @@ def test_a_closed_trainer_leaves_no_process_group_thread(tmp_path, image_folder,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert seen["ddp"] == "DistributedDataParallel"
+    assert seen["ddp"] == wrapper  # the model was wrapped as it is under torchrun / in replicated mode
     assert "pt_gloo_runloop" in seen["during"]  # the check sees the group's threads while it lives
+    return seen
+
+
+def _run_overrides(tmp_path: Path, image_folder: Path) -> list[str]:
+    return [
+        f"output_dir={tmp_path / 'run'}",
+        f"data.root={image_folder}",
+        *TINY,
+        "training.batch_size=4",
+        "training.epochs=1",
+        "training.max_steps=2",
+    ]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="threads are listed from Linux's /proc")
+@pytest.mark.parametrize("compression", ["none", "powersgd"])
+def test_a_closed_trainer_leaves_no_process_group_thread(tmp_path, image_folder, compression):
+    env = subprocess_env()
+    env.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
+    )
+    seen = _check(
+        [
+            *_run_overrides(tmp_path, image_folder),
+            "distributed.backend=gloo",
+            f"distributed.compression={compression}",
+        ],
+        env,
+    )
     assert seen["after"] == [], f"process-group threads left after close(): {seen['after']}"
     assert not seen["kept"], "something global still holds the closed trainer"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="threads are listed from Linux's /proc")
+def test_a_closed_replicated_trainer_leaves_no_gloo_thread(tmp_path, image_folder):
+    """Replicated mode: torchft's gradient group across replica groups (one group here, with a lighthouse)."""
+    port = free_port()
+    lighthouse = subprocess.Popen(
+        [sys.executable, "-m", "imgtrain", "lighthouse", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: _accepts(port), 60, "the lighthouse to listen", poll=0.05)
+        seen = _check(
+            [
+                *_run_overrides(tmp_path, image_folder),
+                "fault_tolerance.mode=replicated",
+                f"fault_tolerance.replicated.lighthouse=http://127.0.0.1:{port}",
+                "fault_tolerance.replicated.group_id=0",
+                "fault_tolerance.replicated.num_groups=1",
+            ],
+            subprocess_env(),
+            wrapper="FaultTolerantDDP",
+        )
+    finally:
+        lighthouse.kill()
+        lighthouse.wait(timeout=30)
+    # torchft's manager keeps its store and its own (Rust) threads; Gloo's, which release tensors, are gone.
+    assert [n for n in seen["after"] if "gloo" in n] == [], (
+        f"Gloo threads left after close(): {seen['after']}"
+    )
+    assert not seen["kept"], "something global still holds the closed trainer"
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False

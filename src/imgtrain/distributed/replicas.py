@@ -431,6 +431,9 @@ class Replicas:
 
     def close(self) -> None:
         self.manager.shutdown(wait=False)
+        # torchft's shutdown() drops its Gloo group, whose worker threads then end now, while the interpreter
+        # runs (left to interpreter exit, one releasing a tensor aborts the process: docs/fault_tolerance.md).
+        self.pg.shutdown()
 
     # ------------------------------------------------------------------ internals
 
