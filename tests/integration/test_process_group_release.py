@@ -3,14 +3,12 @@ store connection, and nothing global keeps the trainer (its model, its DDP reduc
 
 Left alive into interpreter exit, those threads raced the interpreter's teardown: a rank of a finished
 run could die with SIGABRT ("terminate called without an active exception"), which torchrun reports as a
-failed job (seen in CI on tests/integration/test_slow_checkpoint.py). Three things held the group: torch's
-``torch.distributed.nn.functional``, imported by DDP's constructor after ``init_process_group``, binds the
-default group into its functions' default arguments; the compression object (DDP's hook state) held the
-DDP module, a cycle through C++; the root logger's filter held the trainer; and in replicated mode torchft's
-manager held its Gloo group until ``shutdown()``.
+failed job (seen in CI on tests/integration/test_slow_checkpoint.py). What held the group: the root
+logger's filter held the trainer; the compression object (DDP's hook state) held the DDP module, a cycle
+through C++; in replicated mode, torchft's ProcessGroupGloo held the torch group until its ``shutdown()``.
 
-Each case trains in a fresh interpreter, as a torchrun worker does (a module imported earlier by this test
-process would hide the first cause): one process in a real Gloo process group, the model wrapped in DDP."""
+Each case trains in a fresh interpreter, as a torchrun worker does: one process in a real Gloo process
+group, the model wrapped in DDP (or torchft's wrapper)."""
 
 from __future__ import annotations
 
@@ -29,7 +27,7 @@ pytestmark = pytest.mark.integration
 
 _CHECK = textwrap.dedent(
     """
-    import gc, json, os, sys, weakref
+    import gc, json, os, sys, time, weakref
 
     def group_threads(before):
         names = []
@@ -54,7 +52,11 @@ _CHECK = textwrap.dedent(
         ddp = type(trainer.model).__name__
     finally:
         trainer.close()
-    after = group_threads(before)  # close() itself ends them, while the trainer object still exists
+    # close() itself ends them, while the trainer object still exists (a joined thread's /proc entry may
+    # linger a moment: a few seconds' grace)
+    deadline = time.monotonic() + 5
+    while (after := group_threads(before)) and time.monotonic() < deadline:
+        time.sleep(0.05)
     ref = weakref.ref(trainer)
     del trainer
     gc.collect()
@@ -74,7 +76,8 @@ def _check(overrides: list[str], env: dict[str, str], wrapper: str = "Distribute
     assert proc.returncode == 0, proc.stderr[-4000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen["ddp"] == wrapper  # the model was wrapped as it is under torchrun / in replicated mode
-    assert "pt_gloo_runloop" in seen["during"]  # the check sees the group's threads while it lives
+    # the check sees the group's threads while it lives: Gloo's workers and its transport loop
+    assert {"pt_gloo_runloop", "gloo_tcp_loop"} <= set(seen["during"])
     return seen
 
 
@@ -104,6 +107,9 @@ def test_a_closed_trainer_leaves_no_process_group_thread(tmp_path, image_folder,
         ],
         env,
     )
+    assert (
+        "pt_tcpstore_uv" in seen["during"]
+    )  # rank 0 hosts the group's store here (torchrun's agent does there)
     assert seen["after"] == [], f"process-group threads left after close(): {seen['after']}"
     assert not seen["kept"], "something global still holds the closed trainer"
 

@@ -106,8 +106,9 @@ def _import_group_binding_modules() -> None:
     ``init_process_group``, it would hold the default group for the life of the interpreter:
     ``destroy_process_group`` could not free it, and its Gloo worker threads would live into interpreter
     finalization, where one that releases a tensor aborts the process ("terminate called without an
-    active exception", exit -6 after a finished run). imgtrain's own imports load the module earlier
-    today; importing it here keeps that so whatever the import order."""
+    active exception", exit -6 after a finished run). Defensive: imgtrain's own imports load the module
+    earlier today (so it did not hold the group in the abort seen in CI); importing it here keeps that so
+    whatever the import order."""
     import torch.distributed.nn.functional  # noqa: F401
 
 

@@ -431,8 +431,9 @@ class Replicas:
 
     def close(self) -> None:
         self.manager.shutdown(wait=False)
-        # torchft's shutdown() drops its Gloo group, whose worker threads then end now, while the interpreter
-        # runs (left to interpreter exit, one releasing a tensor aborts the process: docs/fault_tolerance.md).
+        # The Manager's shutdown leaves the group to us: torchft's ProcessGroupGloo.shutdown() drops the torch
+        # Gloo group it wraps, whose worker threads then end now, while the interpreter runs (left to
+        # interpreter exit, one releasing a tensor aborts the process: docs/fault_tolerance.md).
         self.pg.shutdown()
 
     # ------------------------------------------------------------------ internals

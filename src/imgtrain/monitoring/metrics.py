@@ -257,6 +257,7 @@ class PrometheusMetrics(MetricsSink):
 
     def close(self) -> None:
         self.timer.close()
+        self.group = None  # the trainer destroys it next: held here, its Gloo threads would outlive that
         if self.finished and self.pc.linger_s > 0:
             log.info(
                 "run finished: serving the final metrics for %.0fs (monitoring.prometheus.linger_s)",

@@ -1022,9 +1022,11 @@ class Trainer:
         if self.metrics_processor is not None:
             self.metrics_processor.close()
         if self.info is not None:
-            # DDP's reducer holds the process group: dropped first, the group is freed by
-            # destroy_distributed, its Gloo threads joined now rather than during interpreter exit.
+            # DDP's reducer holds the process group (and NCCL runs' control group is a Gloo one): dropped
+            # first, the groups are freed by destroy_distributed, their Gloo threads joined now rather than
+            # during interpreter exit.
             self.model = self.model_without_ddp
+            self.control_group = None
             D.destroy_distributed(self.info)
 
 
