@@ -254,11 +254,12 @@ time.sleep(600)
 """
 
 
-def _connected_to(p: psutil.Process, port: int) -> bool:
+def _store_connections(p: psutil.Process, port: int) -> set:
+    """This process's TCP connections to the store, by local address."""
     try:
-        return any(c.raddr and c.raddr.port == port for c in p.net_connections("tcp"))
+        return {c.laddr for c in p.net_connections("tcp") if c.raddr and c.raddr.port == port}
     except psutil.Error:
-        return False
+        return set()
 
 
 def test_workers_joining_the_process_group_exit_when_their_agent_is_killed(tmp_path):
@@ -290,10 +291,15 @@ def test_workers_joining_the_process_group_exit_when_their_agent_is_killed(tmp_p
         assert agent.poll() is None, out.read_text()[-3000:]
         port, *pids = (int(g) for g in started.groups())
         workers = [psutil.Process(pid) for pid in pids]
+        # A fork inherits the agent's own client connection to its store: only a connection beyond it is the
+        # worker's (killed earlier, a worker still waiting for `go` gets torch's parent-death SIGINT instead).
+        inherited = {p.pid: _store_connections(p, port) for p in workers}
         agent.send_signal(signal.SIGSTOP)
         go.touch()
         wait_for(
-            lambda: all(_connected_to(p, port) for p in workers), 60, "the workers to connect to the store"
+            lambda: all(_store_connections(p, port) - inherited[p.pid] for p in workers),
+            60,
+            "the workers to connect to the store",
         )
         agent.kill()
         agent.wait(timeout=30)
